@@ -1,0 +1,153 @@
+//! Builds the application from [`Settings`], binds, and runs until stopped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::domain::MaxMembers;
+use crate::http::{self, AppState};
+use crate::service::{ChatService, GroupCommit};
+use crate::shard::{Shard, ShardSet};
+
+/// A bound, ready-to-run service.
+pub struct App {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shards: Arc<ShardSet>,
+}
+
+impl App {
+    /// Builds the shards (lazily connected), checks their InnoDB settings, and
+    /// binds the listener.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let shards = build_shards(settings)?;
+        check_innodb(&shards, settings.startup.require_safe_innodb).await?;
+        let default_max = MaxMembers::parse(i64::from(settings.defaults.max_members))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let service = ChatService::new(
+            shards.clone(),
+            GroupCommit::new(settings.group_commit.clone()),
+            default_max,
+        );
+        let router = http::router(AppState {
+            service: Arc::new(service),
+        });
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+        Ok(Self {
+            listener,
+            router,
+            shards,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn shards(&self) -> &Arc<ShardSet> {
+        &self.shards
+    }
+
+    /// Serves until `shutdown` completes, then lets requests in flight finish.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One [`Shard`] per configured shard, plus the routing table.
+pub fn build_shards(settings: &Settings) -> anyhow::Result<Arc<ShardSet>> {
+    let router = settings.router()?;
+    let shards = settings
+        .shards
+        .iter()
+        .map(|s| Shard::new(s, &settings.pool).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Arc::new(ShardSet::new(shards, router)))
+}
+
+/// The InnoDB settings chatshard relies on, as read from a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InnodbSettings {
+    pub autoinc_lock_mode: i64,
+    pub flush_log_at_trx_commit: i64,
+}
+
+impl InnodbSettings {
+    pub fn is_safe(self) -> bool {
+        self.autoinc_lock_mode == 2 && self.flush_log_at_trx_commit == 1
+    }
+}
+
+/// Reads `@@innodb_autoinc_lock_mode` and `@@innodb_flush_log_at_trx_commit`.
+pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::ShardError> {
+    shard
+        .read(|conn| {
+            Box::pin(async move {
+                let (a, f): (i64, i64) = sqlx::query_as(
+                    "SELECT CAST(@@innodb_autoinc_lock_mode AS SIGNED), \
+                     CAST(@@innodb_flush_log_at_trx_commit AS SIGNED)",
+                )
+                .fetch_one(conn)
+                .await?;
+                Ok(InnodbSettings {
+                    autoinc_lock_mode: a,
+                    flush_log_at_trx_commit: f,
+                })
+            })
+        })
+        .await
+}
+
+/// Warns about (or, when `require` is set, refuses) shards whose InnoDB settings
+/// would take the AUTO-INC table lock or lose commits. A shard that cannot be
+/// reached is reported and does not stop the start: the service must come up
+/// with one shard down.
+pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()> {
+    let mut unsafe_shards = Vec::new();
+    for shard in shards.all() {
+        match read_innodb(shard).await {
+            Ok(s) if s.is_safe() => {
+                tracing::info!(
+                    shard = shard.name(),
+                    "innodb_autoinc_lock_mode=2, innodb_flush_log_at_trx_commit=1"
+                );
+            }
+            Ok(s) => {
+                tracing::warn!(
+                    shard = shard.name(),
+                    address = shard.address(),
+                    innodb_autoinc_lock_mode = s.autoinc_lock_mode,
+                    innodb_flush_log_at_trx_commit = s.flush_log_at_trx_commit,
+                    "shard should run innodb_autoinc_lock_mode=2 (no table-level AUTO-INC lock under \
+                     concurrent inserts) and innodb_flush_log_at_trx_commit=1 (no lost commits); see docs/operations.md"
+                );
+                unsafe_shards.push(format!(
+                    "{} (innodb_autoinc_lock_mode={}, innodb_flush_log_at_trx_commit={})",
+                    shard.name(),
+                    s.autoinc_lock_mode,
+                    s.flush_log_at_trx_commit
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(shard = shard.name(), error = %crate::service::error_chain(&e), "cannot check InnoDB settings: shard unreachable");
+            }
+        }
+    }
+    if require && !unsafe_shards.is_empty() {
+        anyhow::bail!(
+            "refusing to start (startup.require_safe_innodb = true): {}",
+            unsafe_shards.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The command line: parse, set up logging, dispatch. Nothing else.
+//!
+//! - `chatshard serve [--config FILE] [--listen ADDR]`: run the service.
+//! - `chatshard serve --dev [--shards N]`: start N local MariaDB shards, migrate
+//!   them, run the service; Ctrl-C or SIGTERM stops both.
+//! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
+//! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, App};
+use crate::config::Settings;
+use crate::dev::DevShards;
+use crate::domain::ChatId;
+use crate::migrate;
+use crate::service::repair;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chatshard",
+    version,
+    about = "Sharded chat store with per-shard isolation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the REST API.
+    Serve(ServeArgs),
+    /// Apply the schema migrations to every shard.
+    Migrate(MigrateArgs),
+    /// Recompute member counts from member rows and fix those that differ.
+    RepairCounts(RepairArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The TOML configuration file.
+    #[arg(long, env = "CHATSHARD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Start local MariaDB shards (data under --data-dir) instead of using the
+    /// configured ones.
+    #[arg(long)]
+    dev: bool,
+    /// Number of local shards with --dev.
+    #[arg(long, default_value_t = 4)]
+    shards: usize,
+    /// Where --dev keeps its shards' data.
+    #[arg(long, default_value = ".chatshard")]
+    data_dir: PathBuf,
+    /// Address to listen on (overrides the configuration).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Only print each shard's applied version.
+    #[arg(long)]
+    status: bool,
+}
+
+#[derive(Debug, Args)]
+struct RepairArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Repair only this chat.
+    #[arg(long)]
+    chat: Option<String>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CHATSHARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) if args.dev => serve_dev(args).await,
+        Command::Serve(args) => {
+            let mut settings = load(&args.config)?;
+            if let Some(listen) = args.listen {
+                settings.listen = listen;
+            }
+            serve(&settings).await
+        }
+        Command::Migrate(args) => {
+            let settings = load(&args.config)?;
+            let mut failed = false;
+            for shard in &settings.shards {
+                let result = if args.status {
+                    migrate::shard_status(shard).await
+                } else {
+                    migrate::migrate_shard(shard).await
+                };
+                match result {
+                    Ok(schema) => println!("{schema}"),
+                    Err(e) => {
+                        failed = true;
+                        println!("{}: error: {e:#}", shard.name);
+                    }
+                }
+            }
+            if failed {
+                anyhow::bail!("some shards failed");
+            }
+            Ok(())
+        }
+        Command::RepairCounts(args) => {
+            let settings = load(&args.config)?;
+            let chat = args
+                .chat
+                .as_deref()
+                .map(ChatId::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--chat: {e}"))?;
+            let shards = app::build_shards(&settings)?;
+            let fixes = repair::repair_counts(&shards, chat.as_ref()).await?;
+            for fix in &fixes {
+                let stored = fix.stored.map_or("missing".to_owned(), |n| n.to_string());
+                println!(
+                    "{} {}: member_count {stored} -> {} (JOINED rows)",
+                    fix.shard, fix.chat_id, fix.actual
+                );
+            }
+            println!("{} count(s) fixed", fixes.len());
+            Ok(())
+        }
+    }
+}
+
+/// The configuration file: `--config`, `CHATSHARD_CONFIG`, or
+/// `config/chatshard.toml` when it exists.
+fn config_path(arg: &ConfigArg) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &arg.config {
+        return Ok(path.clone());
+    }
+    let default = Path::new("config/chatshard.toml");
+    if default.exists() {
+        return Ok(default.to_path_buf());
+    }
+    anyhow::bail!(
+        "no configuration: pass --config FILE or set CHATSHARD_CONFIG \
+         (start from config/chatshard.example.toml), or run `chatshard serve --dev`"
+    )
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<Settings> {
+    Ok(Settings::load(&config_path(arg)?)?)
+}
+
+async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let app = App::build(settings).await?;
+    let addr = app.local_addr()?;
+    tracing::info!(%addr, shards = settings.shards.len(), "chatshard listening");
+    println!("chatshard listening on http://{addr}");
+    app.run(shutdown_signal()).await
+}
+
+async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
+    let mut settings = match &args.config.config {
+        Some(path) => Settings::load_without_shards(path)?,
+        None => Settings::from_toml_unvalidated("", std::env::vars())?,
+    };
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    println!(
+        "starting {} local MariaDB shards under {} ...",
+        args.shards,
+        args.data_dir.display()
+    );
+    let (mut servers, shards) = DevShards::start(&args.data_dir, args.shards).await?;
+    settings.shards = shards;
+    let result = async {
+        for shard in &settings.shards {
+            let schema = migrate::migrate_shard(shard).await?;
+            println!("  {schema}");
+        }
+        serve(&settings).await
+    }
+    .await;
+    println!("stopping the local shards ...");
+    servers.stop().await;
+    result
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,454 @@
+//! Static configuration: a TOML file plus environment overrides, validated on load.
+//!
+//! Loading lists every problem at once (not just the first) so an operator can fix
+//! a file in one pass. Environment overrides:
+//!
+//! - `CHATSHARD__<SECTION>__<KEY>=value` sets any key, e.g.
+//!   `CHATSHARD__POOL__MAX_WAIT_MS=100` or `CHATSHARD__LISTEN=0.0.0.0:8080`
+//!   (numbers and booleans are recognised, everything else is a string);
+//! - `CHATSHARD_SHARD_<NAME>_URL` replaces the URL of the shard named `<name>`
+//!   (upper-cased, `-` as `_`), so credentials need not live in the file.
+//!
+//! Only `app` and `cli` read this module's types; lower layers receive the typed
+//! pieces they need (`PoolSettings` for a shard, and so on).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::MaxMembers;
+use crate::routing::{BucketRange, Router};
+
+/// The whole static configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub defaults: ChatDefaults,
+    #[serde(default)]
+    pub pool: PoolSettings,
+    #[serde(default)]
+    pub group_commit: GroupCommitSettings,
+    #[serde(default)]
+    pub startup: StartupSettings,
+    #[serde(default)]
+    pub shards: Vec<ShardSettings>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// Defaults for new chats.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatDefaults {
+    /// `maxMembers` of a chat created without one.
+    pub max_members: u32,
+}
+
+impl Default for ChatDefaults {
+    fn default() -> Self {
+        Self {
+            max_members: 10_000,
+        }
+    }
+}
+
+/// The bulkhead of each shard: how much work one shard may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Connections (and so operations in flight) per shard.
+    pub max_concurrent: usize,
+    /// Callers allowed to wait for a connection; one more is refused at once.
+    pub max_waiting: usize,
+    /// How long a caller may wait for a connection before it is refused.
+    pub max_wait_ms: u64,
+    /// Time allowed to open a new connection.
+    pub connect_timeout_ms: u64,
+    /// Deadline of one shard operation (a query, or a whole write transaction).
+    pub operation_timeout_ms: u64,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 16,
+            max_waiting: 64,
+            max_wait_ms: 50,
+            connect_timeout_ms: 1000,
+            operation_timeout_ms: 1000,
+        }
+    }
+}
+
+impl PoolSettings {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn operation_timeout(&self) -> Duration {
+        Duration::from_millis(self.operation_timeout_ms)
+    }
+}
+
+/// Group commit: writes to one chat are folded into one transaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupCommitSettings {
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Most writes queued for one chat; one more is refused with `chat_busy`.
+    pub max_pending_per_chat: usize,
+}
+
+impl Default for GroupCommitSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 256,
+            max_pending_per_chat: 4096,
+        }
+    }
+}
+
+/// Checks made when `serve` starts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StartupSettings {
+    /// Refuse to start (instead of warning) when a shard does not run with
+    /// `innodb_autoinc_lock_mode=2` and `innodb_flush_log_at_trx_commit=1`.
+    pub require_safe_innodb: bool,
+}
+
+/// One MySQL shard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSettings {
+    /// A stable name, used in logs, metrics and the `shard` field of a chat.
+    pub name: String,
+    /// `mysql://user:password@host:port/database`.
+    pub url: String,
+    /// Bucket ranges this shard owns, e.g. `["0-511"]`.
+    pub buckets: Vec<String>,
+}
+
+impl ShardSettings {
+    /// The URL without its password, for logs and the admin view.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// Drops the password from a `scheme://user:password@host/...` URL.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparseable url>".to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A configuration that failed to load or validate; lists every problem.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Settings {
+    /// Reads a TOML file, applies the process environment, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text, applies the given environment, validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let settings = Self::from_toml_unvalidated(text, env)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses TOML text and applies the environment, without the checks that
+    /// need shards (for `serve --dev`, which adds its own shards).
+    pub fn from_toml_unvalidated(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError(vec![format!("not valid TOML: {e}")]))?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        apply_key_overrides(&mut table, &env)?;
+        let mut settings: Settings = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(vec![e.message().to_owned()]))?;
+        settings.apply_shard_url_overrides(&env);
+        Ok(settings)
+    }
+
+    /// Reads a file for `serve --dev`: its shards are replaced by local ones.
+    pub fn load_without_shards(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+        let mut settings = Self::from_toml_unvalidated(&text, std::env::vars())?;
+        settings.shards.clear();
+        Ok(settings)
+    }
+
+    fn apply_shard_url_overrides(&mut self, env: &[(String, String)]) {
+        for shard in &mut self.shards {
+            let key = format!(
+                "CHATSHARD_SHARD_{}_URL",
+                shard.name.to_uppercase().replace('-', "_")
+            );
+            if let Some((_, url)) = env.iter().find(|(k, _)| *k == key) {
+                shard.url = url.clone();
+            }
+        }
+    }
+
+    /// Checks everything a running service relies on; lists every problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.shards.is_empty() {
+            problems.push("at least one [[shards]] entry is required".to_owned());
+        }
+        let mut names = std::collections::HashSet::new();
+        for shard in &self.shards {
+            if shard.name.is_empty()
+                || !shard
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "shard name {:?} must be non-empty and use only A-Z, a-z, 0-9, '-' and '_'",
+                    shard.name
+                ));
+            }
+            if !names.insert(shard.name.as_str()) {
+                problems.push(format!("shard name {:?} is used twice", shard.name));
+            }
+            if !shard.url.starts_with("mysql://") && !shard.url.starts_with("mariadb://") {
+                problems.push(format!(
+                    "shard {:?}: url must start with mysql:// (got {})",
+                    shard.name,
+                    shard.redacted_url()
+                ));
+            }
+        }
+        match self.bucket_ranges() {
+            Ok(ranges) => {
+                if !self.shards.is_empty()
+                    && let Err(mut p) = Router::new(&ranges)
+                {
+                    problems.append(&mut p);
+                }
+            }
+            Err(mut p) => problems.append(&mut p),
+        }
+        if MaxMembers::parse(i64::from(self.defaults.max_members)).is_err() {
+            problems.push(format!(
+                "defaults.max_members must be between 1 and {}",
+                MaxMembers::MAX
+            ));
+        }
+        let pool = &self.pool;
+        for (name, value) in [
+            ("pool.max_concurrent", pool.max_concurrent as u64),
+            ("pool.max_wait_ms", pool.max_wait_ms),
+            ("pool.connect_timeout_ms", pool.connect_timeout_ms),
+            ("pool.operation_timeout_ms", pool.operation_timeout_ms),
+            ("group_commit.max_batch", self.group_commit.max_batch as u64),
+            (
+                "group_commit.max_pending_per_chat",
+                self.group_commit.max_pending_per_chat as u64,
+            ),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.group_commit.max_batch > 1000 {
+            // Each write binds up to 6 values per statement; 1000 keeps every
+            // statement far below MySQL's 65,535 placeholders.
+            problems.push("group_commit.max_batch must be at most 1000".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// Every shard's parsed bucket ranges, in shard order.
+    pub fn bucket_ranges(&self) -> Result<Vec<Vec<BucketRange>>, Vec<String>> {
+        let mut problems = Vec::new();
+        let ranges = self
+            .shards
+            .iter()
+            .map(|s| {
+                s.buckets
+                    .iter()
+                    .filter_map(|r| {
+                        BucketRange::parse(r)
+                            .map_err(|e| problems.push(format!("shard {:?}: {e}", s.name)))
+                            .ok()
+                    })
+                    .collect()
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(ranges)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The routing table; only valid settings reach here.
+    pub fn router(&self) -> Result<Router, ConfigError> {
+        let ranges = self.bucket_ranges().map_err(ConfigError)?;
+        Router::new(&ranges).map_err(ConfigError)
+    }
+}
+
+/// Applies `CHATSHARD__A__B=value` overrides to the parsed table.
+fn apply_key_overrides(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (key, raw) in env {
+        let Some(path) = key.strip_prefix("CHATSHARD__") else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+        if parts.iter().any(String::is_empty) {
+            problems.push(format!("environment variable {key}: empty path segment"));
+            continue;
+        }
+        if let Err(p) = set_path(table, &parts, parse_env_value(raw)) {
+            problems.push(format!("environment variable {key}: {p}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".to_owned()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(inner) => set_path(inner, rest, value),
+            _ => Err(format!("{first} is not a section")),
+        },
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_SHARDS: &str = r#"
+        [[shards]]
+        name = "a"
+        url = "mysql://root:secret@127.0.0.1:3307/chatshard"
+        buckets = ["0-511"]
+
+        [[shards]]
+        name = "b-2"
+        url = "mysql://root@127.0.0.1:3308/chatshard"
+        buckets = ["512-1023"]
+    "#;
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let text = include_str!("../config/chatshard.example.toml");
+        let settings = Settings::from_toml(text, []).unwrap();
+        assert!(!settings.shards.is_empty());
+    }
+
+    #[test]
+    fn defaults_apply_and_env_overrides_win() {
+        let env = [
+            ("CHATSHARD__POOL__MAX_WAIT_MS".to_owned(), "75".to_owned()),
+            ("CHATSHARD__LISTEN".to_owned(), "0.0.0.0:9000".to_owned()),
+            (
+                "CHATSHARD_SHARD_B_2_URL".to_owned(),
+                "mysql://u:p@db:3306/x".to_owned(),
+            ),
+        ];
+        let s = Settings::from_toml(TWO_SHARDS, env).unwrap();
+        assert_eq!(s.pool.max_wait_ms, 75);
+        assert_eq!(s.pool.max_concurrent, 16);
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.shards[1].url, "mysql://u:p@db:3306/x");
+        assert_eq!(
+            s.shards[0].redacted_url(),
+            "mysql://root@127.0.0.1:3307/chatshard"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = r#"
+            [pool]
+            max_concurrent = 0
+            [[shards]]
+            name = "bad name"
+            url = "postgres://x"
+            buckets = ["0-100", "x"]
+        "#;
+        let err = Settings::from_toml(text, []).unwrap_err();
+        let all = err.0.join("\n");
+        assert!(all.contains("shard name"), "{all}");
+        assert!(all.contains("url must start with mysql://"), "{all}");
+        assert!(all.contains("\"x\" is not a bucket number"), "{all}");
+        assert!(all.contains("pool.max_concurrent"), "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_and_uncovered_buckets_are_rejected() {
+        let err = Settings::from_toml("colour = 1\n", []).unwrap_err();
+        assert!(err.0[0].contains("colour"), "{err}");
+        let text = TWO_SHARDS.replace("512-1023", "512-1000");
+        let err = Settings::from_toml(&text, []).unwrap_err();
+        assert!(err.to_string().contains("not assigned"), "{err}");
+    }
+}

@@ -1,0 +1,77 @@
+//! `/v1/chats/{chatId}` and its member count.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use super::extract::{ChatPath, OptionalJsonBody};
+use super::model::{Chat, ChatIdParam, CreateChatRequest, MemberCount};
+use super::problem::Problem;
+use super::{AppState, status_for};
+use crate::domain::MaxMembers;
+
+/// Create a chat, or get the existing one.
+#[utoipa::path(
+    put, path = "/v1/chats/{chatId}", tag = "chats", params(ChatIdParam),
+    request_body(content = Option<CreateChatRequest>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = Chat),
+        (status = 200, description = "The chat existed (maxMembers is applied when given)", body = Chat),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn put_chat(
+    State(state): State<AppState>,
+    ChatPath(chat): ChatPath,
+    OptionalJsonBody(body): OptionalJsonBody<CreateChatRequest>,
+) -> Result<(StatusCode, Json<Chat>), Problem> {
+    let max_members = body
+        .and_then(|b| b.max_members)
+        .map(MaxMembers::parse)
+        .transpose()
+        .map_err(|e| Problem::invalid(e.0))?;
+    let (chat, created) = state.service.create_chat(&chat, max_members).await?;
+    Ok((status_for(created), Json(chat.into())))
+}
+
+/// Get a chat.
+#[utoipa::path(
+    get, path = "/v1/chats/{chatId}", tag = "chats", params(ChatIdParam),
+    responses(
+        (status = 200, description = "The chat", body = Chat),
+        (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid chatId", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_chat(
+    State(state): State<AppState>,
+    ChatPath(chat): ChatPath,
+) -> Result<Json<Chat>, Problem> {
+    Ok(Json(state.service.get_chat(&chat).await?.into()))
+}
+
+/// Get a chat's member count (one key lookup, never a scan).
+#[utoipa::path(
+    get, path = "/v1/chats/{chatId}/member-count", tag = "members", params(ChatIdParam),
+    responses(
+        (status = 200, description = "The count", body = MemberCount),
+        (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid chatId", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_member_count(
+    State(state): State<AppState>,
+    ChatPath(chat): ChatPath,
+) -> Result<Json<MemberCount>, Problem> {
+    let member_count = state.service.member_count(&chat).await?;
+    Ok(Json(MemberCount {
+        chat_id: chat.to_string(),
+        member_count,
+    }))
+}

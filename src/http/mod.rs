@@ -1,0 +1,133 @@
+//! The REST API: router, handlers, extractors, problem+json.
+//!
+//! The only place that knows status codes. Handlers parse input into domain types
+//! (through [`extract`]), call one use case of [`crate::service`], and map the
+//! result; errors become [`problem::Problem`] answers in one place. The OpenAPI
+//! 3.1 document is generated from the handlers' annotations and served at
+//! `/openapi.json`.
+
+pub mod chats;
+pub mod extract;
+pub mod members;
+pub mod messages;
+pub mod model;
+pub mod problem;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use self::model::{Health, Readiness, ShardReadiness};
+use self::problem::{Code, Problem};
+use crate::service::{ChatService, Created, error_chain};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<ChatService>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "chatshard",
+        description = "Chat membership, member counts, messages and per-chat event logs over sharded MySQL. \
+                       Errors are RFC 9457 application/problem+json with a stable `code`."
+    ),
+    tags(
+        (name = "chats"), (name = "members"), (name = "messages"), (name = "events"), (name = "operations")
+    )
+)]
+struct ApiDoc;
+
+/// The application's router and its OpenAPI document.
+pub fn router(state: AppState) -> Router {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(chats::put_chat, chats::get_chat))
+        .routes(routes!(chats::get_member_count))
+        .routes(routes!(members::join, members::list_members))
+        .routes(routes!(members::get_member, members::leave))
+        .routes(routes!(messages::post_message))
+        .routes(routes!(messages::get_events))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .split_for_parts();
+    let api = Arc::new(api);
+    router
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(api.as_ref().clone()) }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// 201 for something made by this request, 200 for something already there.
+fn status_for(created: Created) -> StatusCode {
+    match created {
+        Created::New => StatusCode::CREATED,
+        Created::Existing => StatusCode::OK,
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(Code::NotFound, "no route matches this path")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        Code::MethodNotAllowed,
+        "this path does not support this method",
+    )
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
+}
+
+/// Ready while at least one shard answers; lists every shard.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "At least one shard serves", body = Readiness),
+        (status = 503, description = "No shard serves", body = Readiness),
+    )
+)]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let shards = state.service.shards().all();
+    let checks = shards.iter().map(|shard| async move {
+        let result = shard.ping().await;
+        ShardReadiness {
+            name: shard.name().to_owned(),
+            address: shard.address().to_owned(),
+            ready: result.is_ok(),
+            error: result.err().map(|e| error_chain(&e)),
+        }
+    });
+    let shards: Vec<ShardReadiness> = futures_util::future::join_all(checks).await;
+    let up = shards.iter().filter(|s| s.ready).count();
+    let (status, word) = match up {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        n if n == shards.len() => (StatusCode::OK, "ready"),
+        _ => (StatusCode::OK, "degraded"),
+    };
+    (
+        status,
+        Json(Readiness {
+            status: word.to_owned(),
+            shards,
+        }),
+    )
+}

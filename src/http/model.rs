@@ -1,0 +1,272 @@
+//! The JSON shapes of the API (camelCase, RFC 3339 UTC timestamps) and their
+//! OpenAPI schemas.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::service;
+
+/// Body of `PUT /v1/chats/{chatId}`; the body itself may be omitted.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateChatRequest {
+    /// Most members the chat may hold (1..100000); the configured default when
+    /// absent. Given for an existing chat, it replaces the current limit.
+    #[schema(minimum = 1, maximum = 100000)]
+    pub max_members: Option<i64>,
+}
+
+/// Body of `POST /v1/chats/{chatId}/members`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub user_id: String,
+}
+
+/// Body of `POST /v1/chats/{chatId}/messages`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostMessageRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub sender_id: String,
+    /// The sender's idempotency key for this message.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub client_message_id: String,
+    #[schema(min_length = 1, max_length = 4000)]
+    pub text: String,
+}
+
+/// A chat.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Chat {
+    pub chat_id: String,
+    /// The shard that stores the chat.
+    pub shard: String,
+    pub member_count: u32,
+    pub max_members: u32,
+    /// The chat's latest event revision (0 before the first event).
+    pub revision: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<service::Chat> for Chat {
+    fn from(c: service::Chat) -> Self {
+        Self {
+            chat_id: c.chat_id.to_string(),
+            shard: c.shard,
+            member_count: c.member_count,
+            max_members: c.max_members,
+            revision: c.revision,
+            created_at: c.created_at,
+        }
+    }
+}
+
+/// Membership state.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MemberState {
+    Joined,
+    Left,
+}
+
+/// A chat member.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub chat_id: String,
+    pub user_id: String,
+    /// Stable id of the membership; kept across leave and re-join.
+    pub member_id: u64,
+    pub state: MemberState,
+    /// When the member last joined.
+    pub joined_at: DateTime<Utc>,
+}
+
+impl From<service::Member> for Member {
+    fn from(m: service::Member) -> Self {
+        Self {
+            chat_id: m.chat_id.to_string(),
+            user_id: m.user_id,
+            member_id: m.member_id,
+            state: match m.state {
+                crate::domain::MemberState::Joined => MemberState::Joined,
+                crate::domain::MemberState::Left => MemberState::Left,
+            },
+            joined_at: m.joined_at,
+        }
+    }
+}
+
+/// A page of JOINED members.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberPage {
+    pub members: Vec<Member>,
+    /// Pass as `after` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The member count of a chat.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberCount {
+    pub chat_id: String,
+    pub member_count: u32,
+}
+
+/// A message.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub chat_id: String,
+    pub message_id: u64,
+    /// The revision of the MESSAGE_SENT event of this message.
+    pub revision: u64,
+    pub sender_id: String,
+    pub client_message_id: String,
+    pub text: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<service::Message> for Message {
+    fn from(m: service::Message) -> Self {
+        Self {
+            chat_id: m.chat_id.to_string(),
+            message_id: m.message_id,
+            revision: m.revision,
+            sender_id: m.sender_id,
+            client_message_id: m.client_message_id,
+            text: m.text,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// What an event records.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventType {
+    MessageSent,
+    MemberJoined,
+    MemberLeft,
+}
+
+/// One entry of a chat's event log.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub revision: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub user_id: String,
+    /// Present on MESSAGE_SENT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<u64>,
+    /// Present on MESSAGE_SENT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<service::Event> for Event {
+    fn from(e: service::Event) -> Self {
+        Self {
+            revision: e.revision,
+            kind: match e.kind {
+                crate::domain::EventType::MessageSent => EventType::MessageSent,
+                crate::domain::EventType::MemberJoined => EventType::MemberJoined,
+                crate::domain::EventType::MemberLeft => EventType::MemberLeft,
+            },
+            user_id: e.user_id,
+            message_id: e.message_id,
+            text: e.text,
+            created_at: e.created_at,
+        }
+    }
+}
+
+/// A page of events, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// The chat's latest revision when the page was read.
+    pub latest_revision: u64,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` while the process serves.
+    pub status: String,
+}
+
+/// One shard in `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardReadiness {
+    pub name: String,
+    pub address: String,
+    pub ready: bool,
+    /// Why the shard is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /readyz`: ready while at least one shard serves.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    /// `ready`, `degraded` (some shards down) or `unavailable` (all down).
+    pub status: String,
+    pub shards: Vec<ShardReadiness>,
+}
+
+/// Path of the chat routes (documentation only; parsing is in `extract`).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path, names("chatId"))]
+#[allow(dead_code)]
+pub struct ChatIdParam(
+    /// The chat's id.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    String,
+);
+
+/// Path of the member routes (documentation only).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path, names("chatId", "userId"))]
+#[allow(dead_code)]
+pub struct MemberIdParams(
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)] String,
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)] String,
+);
+
+/// `?after=&limit=` of the members page (documentation only).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct MemberPageParams {
+    /// `nextCursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,18}$")]
+    after: Option<String>,
+    /// Page size, 1..500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+}
+
+/// `?after=&limit=` of the events page (documentation only).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventPageParams {
+    /// Return events with a revision above this one (default 0).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
+    after: Option<i64>,
+    /// Page size, 1..500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+}

@@ -1,0 +1,286 @@
+//! RFC 9457 problem details: the one place errors become HTTP responses.
+//!
+//! Every error answer is `application/problem+json` with `type`, `title`,
+//! `status`, `detail` and a stable machine-readable `code` from [`Code`]. The
+//! mapping from [`ServiceError`] matches every variant explicitly, so a new
+//! variant cannot compile without a status. Throttling and unavailability
+//! answers carry `Retry-After`. Internal errors are logged here, once, with
+//! their cause; their `detail` never contains SQL or driver text.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::service::ServiceError;
+
+/// The media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The catalogue of error codes (docs/api.md lists the same table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidRequest,
+    MalformedJson,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    NotFound,
+    MethodNotAllowed,
+    ChatNotFound,
+    MemberNotFound,
+    ChatFull,
+    NotAMember,
+    IdempotencyKeyReused,
+    ChatBusy,
+    ShardBusy,
+    ShardTimeout,
+    ShardUnavailable,
+    ShardReadOnly,
+    OutcomeUnknown,
+    Internal,
+}
+
+impl Code {
+    /// Every code, for the documentation test.
+    pub const ALL: [Code; 18] = [
+        Code::InvalidRequest,
+        Code::MalformedJson,
+        Code::UnsupportedMediaType,
+        Code::PayloadTooLarge,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::ChatNotFound,
+        Code::MemberNotFound,
+        Code::ChatFull,
+        Code::NotAMember,
+        Code::IdempotencyKeyReused,
+        Code::ChatBusy,
+        Code::ShardBusy,
+        Code::ShardTimeout,
+        Code::ShardUnavailable,
+        Code::ShardReadOnly,
+        Code::OutcomeUnknown,
+        Code::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::MalformedJson => "malformed_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::ChatNotFound => "chat_not_found",
+            Self::MemberNotFound => "member_not_found",
+            Self::ChatFull => "chat_full",
+            Self::NotAMember => "not_a_member",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::ChatBusy => "chat_busy",
+            Self::ShardBusy => "shard_busy",
+            Self::ShardTimeout => "shard_timeout",
+            Self::ShardUnavailable => "shard_unavailable",
+            Self::ShardReadOnly => "shard_read_only",
+            Self::OutcomeUnknown => "outcome_unknown",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidRequest | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::MalformedJson => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound | Self::ChatNotFound | Self::MemberNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ChatFull => StatusCode::CONFLICT,
+            Self::NotAMember => StatusCode::FORBIDDEN,
+            Self::ChatBusy
+            | Self::ShardBusy
+            | Self::ShardTimeout
+            | Self::ShardUnavailable
+            | Self::ShardReadOnly
+            | Self::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "The request is not valid",
+            Self::MalformedJson => "The body is not well-formed JSON",
+            Self::UnsupportedMediaType => "The body must be application/json",
+            Self::PayloadTooLarge => "The body is too large",
+            Self::NotFound => "No such resource",
+            Self::MethodNotAllowed => "Method not allowed on this resource",
+            Self::ChatNotFound => "Chat not found",
+            Self::MemberNotFound => "Member not found",
+            Self::ChatFull => "The chat is full",
+            Self::NotAMember => "The sender is not a member of the chat",
+            Self::IdempotencyKeyReused => "The idempotency key was used for a different request",
+            Self::ChatBusy => "Too many writes are queued for this chat",
+            Self::ShardBusy => "The chat's shard is busy",
+            Self::ShardTimeout => "The chat's shard did not answer in time",
+            Self::ShardUnavailable => "The chat's shard is unavailable",
+            Self::ShardReadOnly => "The chat's shard accepts no writes",
+            Self::OutcomeUnknown => "The outcome of the write is unknown",
+            Self::Internal => "Internal error",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for retryable codes.
+    pub fn retry_after(self) -> Option<u32> {
+        match self.status() {
+            StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// An RFC 9457 problem details body.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `urn:chatshard:problem:<code>`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// A short summary of the problem type.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// A stable machine-readable code (see the error catalogue).
+    pub code: String,
+    #[serde(skip)]
+    #[schema(ignore)]
+    retry_after: Option<u32>,
+}
+
+impl Problem {
+    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+        Self {
+            type_: format!("urn:chatshard:problem:{}", code.as_str()),
+            title: code.title().to_owned(),
+            status: code.status().as_u16(),
+            detail: detail.into(),
+            code: code.as_str().to_owned(),
+            retry_after: code.retry_after(),
+        }
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(Code::InvalidRequest, detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry_after = self.retry_after;
+        let mut response = (status, axum::Json(self)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<ServiceError> for Problem {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::ChatNotFound => Self::new(Code::ChatNotFound, "no chat has this chatId"),
+            ServiceError::MemberNotFound => Self::new(
+                Code::MemberNotFound,
+                "this user has never been a member of the chat",
+            ),
+            ServiceError::ChatFull { max_members } => Self::new(
+                Code::ChatFull,
+                format!("the chat already has its maximum of {max_members} members"),
+            ),
+            ServiceError::NotAMember => Self::new(
+                Code::NotAMember,
+                "the sender must be a JOINED member of the chat",
+            ),
+            ServiceError::IdempotencyKeyReused => Self::new(
+                Code::IdempotencyKeyReused,
+                "this clientMessageId was already used by this sender for a different text",
+            ),
+            ServiceError::ChatBusy => Self::new(
+                Code::ChatBusy,
+                "too many writes are queued for this chat; retry after the delay given",
+            ),
+            ServiceError::ShardBusy { shard } => Self::new(
+                Code::ShardBusy,
+                format!("shard {shard} has no free capacity; retry shortly"),
+            ),
+            ServiceError::ShardTimeout { shard } => Self::new(
+                Code::ShardTimeout,
+                format!("shard {shard} did not answer within its deadline"),
+            ),
+            ServiceError::ShardUnavailable { shard } => Self::new(
+                Code::ShardUnavailable,
+                format!("shard {shard} cannot be reached"),
+            ),
+            ServiceError::ShardReadOnly { shard } => Self::new(
+                Code::ShardReadOnly,
+                format!("shard {shard} is read-only; reads still work, writes do not"),
+            ),
+            ServiceError::OutcomeUnknown { shard } => Self::new(
+                Code::OutcomeUnknown,
+                format!(
+                    "the connection to shard {shard} failed while committing; \
+                     the write may or may not be applied: retry it unchanged, it will not apply twice"
+                ),
+            ),
+            ServiceError::Internal(cause) => {
+                tracing::error!(error = %cause, "internal error");
+                Self::new(
+                    Code::Internal,
+                    "an internal error occurred; it has been logged",
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_a_distinct_name_and_an_error_status() {
+        let mut names = std::collections::HashSet::new();
+        for code in Code::ALL {
+            assert!(names.insert(code.as_str()));
+            assert!(code.status().is_client_error() || code.status().is_server_error());
+            assert_eq!(
+                code.retry_after().is_some(),
+                code.status() == StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+    }
+
+    #[test]
+    fn the_catalogue_in_the_docs_lists_every_code() {
+        let docs = include_str!("../../docs/api.md");
+        for code in Code::ALL {
+            assert!(
+                docs.contains(&format!("`{}`", code.as_str())),
+                "docs/api.md lacks {}",
+                code.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let p = Problem::from(ServiceError::Internal(
+            "SELECT secret FROM x: syntax".into(),
+        ));
+        assert_eq!(p.status, 500);
+        assert!(!p.detail.contains("SELECT"));
+    }
+}

@@ -1,0 +1,45 @@
+//! chatshard: a storage-resilience layer for group-chat servers.
+//!
+//! Chat servers call chatshard over REST for chat membership, member counts,
+//! messages and per-chat event logs. Every request is routed by `chatId` to one
+//! of several MySQL shards, and every shard is reached only through its own
+//! bounded pool, so that one hot chat or one slow shard cannot take the service
+//! down.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (`serve`, `migrate`, `repair-counts`); parses
+//!   arguments and dispatches, nothing else.
+//! - [`app`]: builds the application from [`config::Settings`], binds and runs
+//!   until stopped.
+//! - [`config`]: the TOML file plus environment overrides, validated on load.
+//! - [`domain`]: newtypes parsed once at the edge (`ChatId`, `UserId`, ...).
+//! - [`routing`]: `chatId -> bucket -> shard`, a frozen hash.
+//! - [`shard`]: one [`shard::Shard`] = a bounded pool (the bulkhead) plus a
+//!   deadline per operation; the only place that knows there are N databases.
+//! - [`storage`]: the SQL, one function per statement; the only place SQL lives.
+//! - [`service`]: the use cases (join, leave, post, fetch...), including the
+//!   per-chat group commit that folds many writes into one transaction.
+//! - [`http`]: the axum router, handlers, extractors and the
+//!   `application/problem+json` mapping; the only place that knows status codes.
+//! - [`migrate`]: applies `migrations/` to every shard and reports versions.
+//! - [`localdb`]: starts and stops local `mariadbd` processes for `serve --dev`
+//!   and for the test suite.
+//! - [`dev`]: `serve --dev`: local shards, settings for them.
+//!
+//! Dependencies point one way: `http -> service -> shard -> storage`; `domain` is
+//! shared; only `app` and `cli` read configuration and hand typed settings down.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod domain;
+pub mod http;
+pub mod localdb;
+pub mod migrate;
+pub mod routing;
+pub mod service;
+pub mod shard;
+pub mod storage;

@@ -1,0 +1,678 @@
+//! Local, throw-away or dev-mode MariaDB servers (`mariadbd` child processes).
+//!
+//! Used by `chatshard serve --dev` (persistent data dirs under `.chatshard/`, clean
+//! SIGTERM shutdown) and by integration / fault-injection tests (temp data dirs that are
+//! SIGKILLed and removed when the test process exits, even on panic or SIGKILL).
+//!
+//! Invariants:
+//! * every server has its **own data dir and its own 127.0.0.1 port**, and is started with
+//!   `--no-defaults`, so `/etc/mysql` configs and the system server (port 3306, its socket,
+//!   its data dir) never interfere; after connecting we check `@@datadir` to be sure the
+//!   port is served by *our* server;
+//! * a data dir is either absent, empty or fully initialised: `mariadb-install-db` runs into
+//!   `DIR.tmp-init` which is renamed to `DIR` only on success;
+//! * a server never outlives its owner: a tiny `sh` watchdog holds the read end of a pipe
+//!   whose write end only we hold; when our process dies for any reason the pipe closes and
+//!   the watchdog applies [`OnExit`]. The watchdog is disarmed as soon as we reap the server
+//!   ourselves, so it can never signal a reused pid.
+//!
+//! What it must not do: touch the system server or its files, use `unsafe`/libc (signals
+//! are sent with the `kill` command), or sleep for a fixed time as synchronisation (all
+//! waits are bounded polls on an observable condition).
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
+use sqlx::{Connection as _, Row as _};
+use tracing::{info, warn};
+
+/// Database created (if missing) on every start (the literal is repeated in `wait_ready`
+/// because `sqlx::query` wants a `&'static str` literal, not built SQL).
+pub const DEFAULT_DATABASE: &str = "chatshard";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Drop cannot report errors, so it waits less; the watchdog finishes the job if needed.
+const DROP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(25);
+const INSTALL_HINT: &str =
+    "install the mariadb-server package, e.g. `sudo apt-get install -y mariadb-server`";
+
+/// What happens to the server when the [`LocalMariaDb`] is dropped or our process dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// SIGTERM (clean InnoDB shutdown), keep the data dir (dev mode).
+    Shutdown,
+    /// SIGKILL and `rm -rf` the data dir (tests).
+    KillAndRemove,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalMariaDbOptions {
+    pub data_dir: PathBuf,
+    /// 0 = pick a free 127.0.0.1 port (kept across [`LocalMariaDb::restart`]).
+    pub port: u16,
+    pub on_exit: OnExit,
+    /// Appended to the `mariadbd` command line (not passed to `mariadb-install-db`).
+    pub extra_args: Vec<String>,
+}
+
+impl LocalMariaDbOptions {
+    /// Persistent dev-mode server in `data_dir`, on `port` (0 = any).
+    pub fn dev(data_dir: impl Into<PathBuf>, port: u16) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            port,
+            on_exit: OnExit::Shutdown,
+            extra_args: vec![],
+        }
+    }
+
+    /// Test server in a fresh `$TMPDIR/chatshard-test-<pid>-<n>`, removed on exit.
+    pub fn temp() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("chatshard-test-{}-{n}", std::process::id()));
+        Self {
+            data_dir: dir,
+            port: 0,
+            on_exit: OnExit::KillAndRemove,
+            extra_args: vec![],
+        }
+    }
+}
+
+/// Paths of the MariaDB programs we run.
+#[derive(Debug, Clone)]
+pub struct MariaDbBinaries {
+    pub mariadbd: PathBuf,
+    pub install_db: PathBuf,
+}
+
+/// A running (or stopped/killed, restartable) local `mariadbd`.
+#[derive(Debug)]
+pub struct LocalMariaDb {
+    data_dir: PathBuf,
+    socket: PathBuf,
+    port: u16,
+    on_exit: OnExit,
+    extra_args: Vec<String>,
+    mariadbd: PathBuf,
+    /// `None` once the process has been reaped (after stop/kill or a crash).
+    server: Option<Child>,
+    /// Holds the write end of the watchdog's stdin; armed iff `server` is `Some`.
+    watchdog: Option<Child>,
+    pid: u32,
+    /// Set once `data_dir` is known to be a MariaDB data dir: only then may Drop remove it
+    /// (never a pre-existing non-empty dir that init refused to touch).
+    owns_dir: bool,
+}
+
+impl LocalMariaDb {
+    /// Initialises `data_dir` if needed, starts `mariadbd` and waits until root can log in
+    /// over TCP, then ensures the `chatshard` database exists.
+    pub async fn start(opts: LocalMariaDbOptions) -> Result<Self> {
+        let bins = tokio::task::spawn_blocking(ensure_binaries).await??;
+        let data_dir = std::path::absolute(&opts.data_dir)?;
+        let mut db = Self {
+            socket: socket_path(&data_dir),
+            data_dir,
+            port: opts.port,
+            on_exit: opts.on_exit,
+            extra_args: opts.extra_args,
+            mariadbd: bins.mariadbd,
+            server: None,
+            watchdog: None,
+            pid: 0,
+            owns_dir: false,
+        };
+        // From here on, an error drops `db`, which cleans up according to `on_exit`.
+        db.init_data_dir(&bins.install_db).await?;
+        for attempt in 1.. {
+            db.port = if opts.port == 0 {
+                free_port()?
+            } else {
+                opts.port
+            };
+            let log_offset = db.spawn_server()?;
+            let res = db.wait_ready(log_offset).await;
+            // A picked port can be grabbed by someone else before mariadbd binds it: retry.
+            let port_race = res.is_err()
+                && opts.port == 0
+                && attempt < 3
+                && db.server.is_none()
+                && db.log_since(log_offset).contains("Address already in use");
+            if !port_race {
+                return res.map(|()| db);
+            }
+            warn!(
+                port = db.port,
+                "port taken before mariadbd bound it, retrying"
+            );
+        }
+        unreachable!("the retry loop always returns")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Pid of the current (or last) `mariadbd` process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Unix socket of the server (inside the data dir unless that path is too long).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `mysql://root@127.0.0.1:{port}/{database}` (root has no password).
+    pub fn url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Convenience: a fresh TCP connection as root to `database`.
+    pub async fn connect(&self, database: &str) -> Result<MySqlConnection> {
+        Ok(MySqlConnection::connect(&self.url(database)).await?)
+    }
+
+    /// SIGTERM (resuming it if suspended) and wait for a clean exit; keeps the data.
+    pub async fn stop(&mut self) -> Result<()> {
+        if self.poll_exit()? {
+            return Ok(());
+        }
+        signal(self.pid, "TERM")?;
+        signal(self.pid, "CONT")?; // a SIGSTOPped server would never see the SIGTERM
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !self.poll_exit()? {
+            if Instant::now() > deadline {
+                bail!(
+                    "mariadbd (pid {}) did not exit within {STOP_TIMEOUT:?} of SIGTERM",
+                    self.pid
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        info!(pid = self.pid, port = self.port, "mariadbd stopped");
+        Ok(())
+    }
+
+    /// SIGKILL (works on suspended processes too) and reap it; the data dir stays.
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(mut child) = self.server.take() else {
+            return Ok(());
+        };
+        if signal(self.pid, "KILL").is_err() {
+            child.kill()?; // fallback so that the wait below cannot hang
+        }
+        let waited = child.wait();
+        self.disarm_watchdog();
+        waited.map(drop).context("waiting for the killed mariadbd")
+    }
+
+    /// SIGSTOP: the server keeps its sockets open but answers nothing.
+    pub fn suspend(&self) -> Result<()> {
+        self.running()?;
+        signal(self.pid, "STOP")
+    }
+
+    /// SIGCONT after [`Self::suspend`].
+    pub fn resume(&self) -> Result<()> {
+        self.running()?;
+        signal(self.pid, "CONT")
+    }
+
+    /// Start again on the same port and data dir after [`Self::stop`], [`Self::kill`] or a
+    /// crash; waits until it accepts connections (InnoDB crash recovery included).
+    pub async fn restart(&mut self) -> Result<()> {
+        if !self.poll_exit()? {
+            bail!(
+                "mariadbd (pid {}) is still running; stop() or kill() it first",
+                self.pid
+            );
+        }
+        let log_offset = self.spawn_server()?;
+        self.wait_ready(log_offset).await
+    }
+
+    fn running(&self) -> Result<()> {
+        match self.server {
+            Some(_) => Ok(()),
+            None => bail!("mariadbd is not running"),
+        }
+    }
+
+    /// Reaps the server if it has exited (then disarms the watchdog): `true` = not running.
+    fn poll_exit(&mut self) -> Result<bool> {
+        let Some(child) = self.server.as_mut() else {
+            return Ok(true);
+        };
+        let Some(status) = child.try_wait()? else {
+            return Ok(false);
+        };
+        info!(pid = self.pid, %status, "mariadbd exited");
+        self.server = None;
+        self.disarm_watchdog();
+        Ok(true)
+    }
+
+    fn disarm_watchdog(&mut self) {
+        // Kill it *before* its stdin closes (which would trigger it), then reap it.
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+
+    async fn init_data_dir(&mut self, install_db: &Path) -> Result<()> {
+        let dir = &self.data_dir;
+        if dir.join("mysql").is_dir() {
+            self.owns_dir = true;
+            return Ok(());
+        }
+        if dir.exists() {
+            // Only an empty dir may be initialised; anything else is someone's data.
+            fs::remove_dir(dir).with_context(|| {
+                format!(
+                    "{} exists but is neither empty nor a MariaDB data dir",
+                    dir.display()
+                )
+            })?;
+        }
+        let tmp = tmp_init_path(dir);
+        let _ = fs::remove_dir_all(&tmp); // leftover of an interrupted init
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut cmd = tokio::process::Command::new(install_db);
+        cmd.arg("--no-defaults")
+            .arg(flag("--datadir=", &tmp))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            // Same InnoDB sizes as the server, so the first start need not resize the redo log.
+            .args([
+                "--innodb-log-file-size=48M",
+                "--innodb-buffer-pool-size=64M",
+            ])
+            .args(root_user_arg())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        info!(dir = %dir.display(), "initialising MariaDB data dir");
+        let out = cmd
+            .output()
+            .await
+            .with_context(|| format!("running {}", install_db.display()))?;
+        if !out.status.success() {
+            let _ = fs::remove_dir_all(&tmp);
+            bail!(
+                "{} failed ({}):\n{}{}",
+                install_db.display(),
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stdout), 20),
+                tail(&String::from_utf8_lossy(&out.stderr), 20)
+            );
+        }
+        fs::rename(&tmp, dir)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        self.owns_dir = true;
+        Ok(())
+    }
+
+    fn server_args(&self) -> Vec<OsString> {
+        let d = &self.data_dir;
+        let mut args: Vec<OsString> = vec![
+            "--no-defaults".into(), // must be first
+            flag("--datadir=", d),
+            format!("--port={}", self.port).into(),
+            "--bind-address=127.0.0.1".into(),
+            flag("--socket=", &self.socket),
+            flag("--pid-file=", &d.join("mariadbd.pid")),
+            flag("--log-error=", &d.join("error.log")),
+        ];
+        args.extend(
+            [
+                "--innodb-autoinc-lock-mode=2",
+                "--innodb-flush-log-at-trx-commit=1",
+                "--skip-name-resolve",
+                "--max-connections=500",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-log-file-size=48M",
+                "--skip-log-bin",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_bin",
+                "--default-time-zone=+00:00",
+            ]
+            .map(OsString::from),
+        );
+        args.extend(root_user_arg().map(OsString::from));
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args
+    }
+
+    /// Spawns mariadbd plus its watchdog; returns the error-log offset of this run.
+    fn spawn_server(&mut self) -> Result<u64> {
+        ensure_port_free(self.port)?;
+        let log = self.data_dir.join("error.log");
+        let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        // Early failures (bad flags) go to stderr before --log-error takes over: same file.
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(&self.mariadbd)
+            .args(self.server_args())
+            .stdin(Stdio::null())
+            .stdout(stderr.try_clone()?)
+            .stderr(stderr)
+            // Own process group: a terminal Ctrl-C reaches only us; we decide how it stops.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.mariadbd.display()))?;
+        self.pid = child.id();
+        self.server = Some(child);
+        info!(pid = self.pid, port = self.port, dir = %self.data_dir.display(), "mariadbd spawned");
+        self.watchdog = Some(self.spawn_watchdog()?);
+        Ok(offset)
+    }
+
+    /// `read` returns when the pipe closes, i.e. when our process is gone (std pipes are
+    /// close-on-exec, so no other child holds the write end).
+    fn spawn_watchdog(&self) -> Result<Child> {
+        // A zombie counts as gone (its files are closed; PID 1 may reap it only seconds
+        // later), and waits are bounded in case nobody reaps it at all.
+        let gone = r#"gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt $2 ] && ! grep -qs '^State:.*Z' /proc/$1/status; do sleep 0.05; i=$((i+1)); done; }"#;
+        let action = match self.on_exit {
+            OnExit::KillAndRemove => r#"kill -KILL "$1"; gone "$1" 100; rm -rf "$2" "$3""#,
+            OnExit::Shutdown => r#"kill -TERM "$1"; kill -CONT "$1"; gone "$1" 1200"#,
+        };
+        let script = format!("{gone}; read _; {action}");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script, "sh", &self.pid.to_string()])
+            .arg(&self.data_dir)
+            .arg(&self.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        cmd.spawn().context("spawning the mariadbd watchdog (sh)")
+    }
+
+    async fn wait_ready(&mut self, log_offset: u64) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let want_dir = fs::canonicalize(&self.data_dir)?;
+        let mut last_err = String::from("not reachable yet");
+        loop {
+            if self.poll_exit()? {
+                bail!(
+                    "mariadbd (pid {}, port {}) exited during startup; error.log:\n{}",
+                    self.pid,
+                    self.port,
+                    tail(&self.log_since(log_offset), 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mariadbd on port {} not ready after {START_TIMEOUT:?}: {last_err}",
+                    self.port
+                );
+            }
+            match self.probe(&want_dir).await {
+                Ok(()) => break,
+                Err(e) if is_access_denied(&e) => {
+                    // install-db normally creates root@127.0.0.1 without password; if not,
+                    // fix it through the unix socket (root@localhost) and try again.
+                    last_err = format!("{e:#}");
+                    if let Err(fix) = self.allow_root_over_tcp().await {
+                        last_err = format!("{last_err}; fixing via socket: {fix:#}");
+                    }
+                }
+                Err(e) => last_err = format!("{e:#}"),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let mut conn = self.connect("").await?;
+        sqlx::query("CREATE DATABASE IF NOT EXISTS `chatshard`")
+            .execute(&mut conn)
+            .await?;
+        info!(pid = self.pid, port = self.port, "mariadbd ready");
+        Ok(())
+    }
+
+    /// TCP connect (cheap) then a real login + ping, then check it is *our* server.
+    async fn probe(&self, want_dir: &Path) -> Result<()> {
+        let step = Duration::from_secs(5);
+        tokio::time::timeout(
+            step,
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port)),
+        )
+        .await??;
+        let mut conn = tokio::time::timeout(step, self.connect("")).await??;
+        tokio::time::timeout(step, conn.ping()).await??;
+        let row = sqlx::query("SELECT @@datadir").fetch_one(&mut conn).await?;
+        let dir: String = row.try_get(0)?;
+        if Path::new(dir.trim_end_matches('/')) != want_dir {
+            bail!(
+                "port {} is served by another MariaDB (datadir {dir})",
+                self.port
+            );
+        }
+        Ok(())
+    }
+
+    async fn allow_root_over_tcp(&self) -> Result<()> {
+        let opts = MySqlConnectOptions::new()
+            .socket(&self.socket)
+            .username("root");
+        let mut conn = MySqlConnection::connect_with(&opts).await?;
+        for sql in [
+            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'",
+            "ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY ''",
+            "GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION",
+        ] {
+            sqlx::query(sql).execute(&mut conn).await?;
+        }
+        warn!(
+            port = self.port,
+            "re-created root@127.0.0.1 with an empty password"
+        );
+        Ok(())
+    }
+
+    fn log_since(&self, offset: u64) -> String {
+        let log = fs::read(self.data_dir.join("error.log")).unwrap_or_default();
+        String::from_utf8_lossy(log.get(offset as usize..).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for LocalMariaDb {
+    fn drop(&mut self) {
+        match self.on_exit {
+            OnExit::KillAndRemove => {
+                if let Err(e) = self.kill() {
+                    warn!(pid = self.pid, "killing mariadbd: {e:#}");
+                }
+                if self.owns_dir {
+                    let _ = fs::remove_dir_all(&self.data_dir);
+                }
+                let _ = fs::remove_dir_all(tmp_init_path(&self.data_dir));
+                let _ = fs::remove_file(&self.socket);
+            }
+            OnExit::Shutdown => {
+                if matches!(self.poll_exit(), Ok(true)) {
+                    return;
+                }
+                let _ = signal(self.pid, "TERM");
+                let _ = signal(self.pid, "CONT");
+                let deadline = Instant::now() + DROP_STOP_TIMEOUT;
+                while !matches!(self.poll_exit(), Ok(true) | Err(_)) && Instant::now() < deadline {
+                    std::thread::sleep(POLL);
+                }
+                if self.server.is_some() {
+                    // Still shutting down: dropping the watchdog closes its pipe, and it
+                    // keeps waiting for the server after we are gone.
+                    warn!(
+                        pid = self.pid,
+                        "mariadbd still shutting down; leaving it to the watchdog"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Finds `mariadbd`; installs `mariadb-server` with apt-get if missing and we are root.
+pub fn ensure_mariadbd() -> Result<PathBuf> {
+    Ok(ensure_binaries()?.mariadbd)
+}
+
+/// Like [`ensure_mariadbd`], also locating `mariadb-install-db` (or `mysql_install_db`).
+pub fn ensure_binaries() -> Result<MariaDbBinaries> {
+    if let Some(b) = find_binaries() {
+        return Ok(b);
+    }
+    // Parallel tests must not run apt-get concurrently.
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(b) = find_binaries() {
+        return Ok(b);
+    }
+    if is_root() && find_program(&["apt-get"]).is_some() {
+        warn!("mariadbd not found; installing mariadb-server with apt-get");
+        let run = |args: &[&str]| -> Result<()> {
+            let status = Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()?;
+            if !status.success() {
+                bail!("`apt-get {}` failed ({status})", args.join(" "));
+            }
+            Ok(())
+        };
+        run(&["update"])?;
+        run(&["install", "-y", "mariadb-server"])?;
+    }
+    find_binaries()
+        .ok_or_else(|| anyhow!("mariadbd / mariadb-install-db not found: {INSTALL_HINT}"))
+}
+
+fn find_binaries() -> Option<MariaDbBinaries> {
+    Some(MariaDbBinaries {
+        mariadbd: find_program(&["mariadbd"])?,
+        install_db: find_program(&["mariadb-install-db", "mysql_install_db"])?,
+    })
+}
+
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = [
+        "/usr/sbin",
+        "/usr/libexec",
+        "/usr/local/mysql/bin",
+        "/usr/local/mysql/scripts",
+        "/usr/bin",
+    ];
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .collect();
+    names
+        .iter()
+        .flat_map(|n| dirs.iter().map(move |d| d.join(n)))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// mariadbd refuses to run as root without `--user=root`.
+fn root_user_arg() -> Option<&'static str> {
+    is_root().then_some("--user=root")
+}
+
+fn is_root() -> bool {
+    // Effective uid is the 2nd field of "Uid:" in /proc/self/status; `id -u` as fallback.
+    let from_proc = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(2).map(|uid| uid == "0")
+    });
+    from_proc.unwrap_or_else(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    })
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let out = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .output()
+        .context("running kill")?;
+    if !out.status.success() {
+        bail!(
+            "kill -s {sig} {pid} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Refuse to start next to another listener (e.g. the system server on 3306).
+fn ensure_port_free(port: u16) -> Result<()> {
+    TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .with_context(|| format!("127.0.0.1:{port} is already in use"))
+}
+
+/// Unix socket paths are limited to ~107 bytes: fall back to a short, unique /tmp path.
+fn socket_path(data_dir: &Path) -> PathBuf {
+    let p = data_dir.join("mysqld.sock");
+    if p.as_os_str().len() <= 100 {
+        return p;
+    }
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    PathBuf::from(format!("/tmp/chatshard-{}-{n}.sock", std::process::id()))
+}
+
+fn tmp_init_path(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".tmp-init");
+    s.into()
+}
+
+fn flag(name: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(name);
+    s.push(path);
+    s
+}
+
+/// 1045 = access denied (wrong password); 1130 = no account matches host 127.0.0.1.
+fn is_access_denied(e: &anyhow::Error) -> bool {
+    let Some(sqlx::Error::Database(d)) = e.downcast_ref::<sqlx::Error>() else {
+        return false;
+    };
+    d.try_downcast_ref::<MySqlDatabaseError>()
+        .is_some_and(|d| matches!(d.number(), 1045 | 1130))
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    let mut out = all[all.len().saturating_sub(lines)..].join("\n");
+    out.push('\n');
+    out
+}

@@ -1,0 +1,237 @@
+//! One group-commit transaction: lock, read, plan, write, commit.
+//!
+//! The transaction always starts by locking the chat row (and its count row), so
+//! the writers of one chat are serialised across all chatshard instances, and
+//! every read after it sees the latest committed state. It then reads the rows of
+//! the users and idempotency keys involved, lets [`plan`] decide everything in
+//! memory, and issues a fixed number of statements however many writes the batch
+//! holds: multi-row inserts for members, messages and events, one `UPDATE` per
+//! target state, one revision bump and one count adjustment.
+
+use std::collections::HashMap;
+
+use chrono::NaiveDateTime;
+use sqlx::{Connection, MySqlConnection};
+
+use super::plan::{self, ChatBefore, MemberBefore, MessageBefore, Planned, Rejection, WriteOp};
+use super::{Member, Message};
+use crate::domain::{ChatId, ClientMessageId, MemberState, UserId};
+use crate::shard::OpError;
+use crate::storage::{self, chats, events, members, messages};
+
+/// The answer to one write of a batch.
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    Joined { member: Member, created: bool },
+    Left,
+    Posted { message: Message, created: bool },
+    Rejected(Rejection),
+}
+
+/// Runs one batch in one transaction. Business refusals are per-operation
+/// outcomes; an `Err` means the whole batch was not applied (or, for
+/// [`OpError::Commit`], may have been).
+pub async fn commit_batch(
+    conn: &mut MySqlConnection,
+    chat: &ChatId,
+    ops: &[WriteOp],
+    now: NaiveDateTime,
+) -> Result<Vec<WriteOutcome>, OpError> {
+    let mut tx = conn.begin().await?;
+    let chat_id = chat.as_str();
+    let Some(row) = chats::lock(&mut tx, chat_id).await? else {
+        tx.rollback().await?;
+        return Ok(vec![
+            WriteOutcome::Rejected(Rejection::ChatNotFound);
+            ops.len()
+        ]);
+    };
+    let before = ChatBefore {
+        revision: row.revision,
+        max_members: row.max_members,
+        member_count: row.member_count,
+    };
+
+    let mut users: Vec<&str> = ops.iter().map(|op| op.user().as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let member_rows = members::lock_many(&mut tx, chat_id, &users).await?;
+    let members_before = member_map(&member_rows);
+
+    let mut keys: Vec<(&str, &str)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Post {
+                sender,
+                client_message_id,
+                ..
+            } => Some((sender.as_str(), client_message_id.as_str())),
+            _ => None,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let existing = messages::find_by_keys(&mut tx, chat_id, &keys).await?;
+    let messages_before: HashMap<(UserId, ClientMessageId), MessageBefore> = existing
+        .iter()
+        .filter_map(|m| {
+            Some((
+                message_key(&m.sender_id, &m.client_message_id)?,
+                MessageBefore {
+                    text: m.body.clone(),
+                },
+            ))
+        })
+        .collect();
+
+    let plan = plan::plan(Some(&before), &members_before, &messages_before, ops, now);
+
+    let new_members: Vec<members::NewMember<'_>> = plan
+        .new_members
+        .iter()
+        .map(|m| members::NewMember {
+            user_id: m.user.as_str(),
+            state: m.state.code(),
+            joined_at: m.joined_at,
+            left_at: (m.state == MemberState::Left).then_some(now),
+        })
+        .collect();
+    members::insert_many(&mut tx, chat_id, &new_members, now).await?;
+    members::mark_joined(&mut tx, &plan.to_joined, now).await?;
+    members::mark_left(&mut tx, &plan.to_left, now).await?;
+
+    let new_messages: Vec<messages::NewMessage<'_>> = plan
+        .new_messages
+        .iter()
+        .map(|m| messages::NewMessage {
+            sender_id: m.sender.as_str(),
+            client_message_id: m.client_message_id.as_str(),
+            revision: m.revision,
+            body: &m.text,
+        })
+        .collect();
+    messages::insert_many(&mut tx, chat_id, &new_messages, now).await?;
+    // Ids of a multi-row insert are read back by key: with
+    // innodb_autoinc_lock_mode=2 they need not be consecutive.
+    let all_messages = if new_messages.is_empty() {
+        existing
+    } else {
+        messages::find_by_keys(&mut tx, chat_id, &keys).await?
+    };
+    let message_rows: HashMap<(&str, &str), &messages::MessageRow> = all_messages
+        .iter()
+        .map(|m| ((m.sender_id.as_str(), m.client_message_id.as_str()), m))
+        .collect();
+
+    let new_events: Vec<events::NewEvent<'_>> = plan
+        .events
+        .iter()
+        .map(|e| events::NewEvent {
+            revision: e.revision,
+            event_type: e.kind.code(),
+            user_id: e.user.as_str(),
+            message_id: e
+                .message
+                .as_ref()
+                .and_then(|(s, k)| message_rows.get(&(s.as_str(), k.as_str())))
+                .map(|m| m.id),
+        })
+        .collect();
+    events::append(&mut tx, chat_id, &new_events, now).await?;
+    if !new_events.is_empty() {
+        chats::advance_revision(&mut tx, chat_id, new_events.len() as u64).await?;
+    }
+    if plan.count_delta != 0 {
+        let changed = chats::adjust_member_count(&mut tx, chat_id, plan.count_delta).await?;
+        if changed != 1 {
+            // Only possible if the stored count was already wrong; refuse to
+            // make it worse. `chatshard repair-counts` fixes the row.
+            return Err(OpError::Sql(sqlx::Error::Protocol(format!(
+                "member count of chat {chat_id} could not be adjusted by {}",
+                plan.count_delta
+            ))));
+        }
+    }
+    let ids_after: HashMap<String, u64> = if plan.new_members.is_empty() {
+        member_rows
+            .iter()
+            .map(|m| (m.user_id.clone(), m.id))
+            .collect()
+    } else {
+        members::lock_many(&mut tx, chat_id, &users)
+            .await?
+            .into_iter()
+            .map(|m| (m.user_id, m.id))
+            .collect()
+    };
+    tx.commit().await.map_err(OpError::Commit)?;
+
+    Ok(plan
+        .outcomes
+        .into_iter()
+        .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
+        .collect())
+}
+
+fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {
+    rows.iter()
+        .filter_map(|m| {
+            Some((
+                UserId::parse(&m.user_id).ok()?,
+                MemberBefore {
+                    id: m.id,
+                    state: MemberState::from_code(m.state)?,
+                    joined_at: m.joined_at,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn message_key(sender: &str, client_id: &str) -> Option<(UserId, ClientMessageId)> {
+    Some((
+        UserId::parse(sender).ok()?,
+        ClientMessageId::parse(client_id).ok()?,
+    ))
+}
+
+fn outcome(
+    chat: &ChatId,
+    planned: Planned,
+    ids: &HashMap<String, u64>,
+    messages: &HashMap<(&str, &str), &messages::MessageRow>,
+) -> WriteOutcome {
+    match planned {
+        Planned::Joined {
+            user,
+            created,
+            joined_at,
+        } => match ids.get(user.as_str()) {
+            Some(id) => WriteOutcome::Joined {
+                member: Member {
+                    chat_id: chat.clone(),
+                    member_id: *id,
+                    user_id: user.to_string(),
+                    state: MemberState::Joined,
+                    joined_at: storage::utc(joined_at),
+                },
+                created,
+            },
+            // Cannot happen: the row was written in this transaction.
+            None => WriteOutcome::Rejected(Rejection::MemberNotFound),
+        },
+        Planned::Left => WriteOutcome::Left,
+        Planned::Posted {
+            sender,
+            client_message_id,
+            created,
+        } => match messages.get(&(sender.as_str(), client_message_id.as_str())) {
+            Some(row) => WriteOutcome::Posted {
+                message: Message::from_row(chat, row),
+                created,
+            },
+            None => WriteOutcome::Rejected(Rejection::NotAMember),
+        },
+        Planned::Rejected(r) => WriteOutcome::Rejected(r),
+    }
+}

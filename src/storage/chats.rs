@@ -1,0 +1,137 @@
+//! `chat` and `chat_member_count`.
+
+use chrono::NaiveDateTime;
+use sqlx::MySqlConnection;
+
+/// A chat with its member count.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChatRow {
+    pub chat_id: String,
+    pub max_members: u32,
+    pub revision: u64,
+    pub created_at: NaiveDateTime,
+    pub member_count: u32,
+}
+
+const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count \
+     FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?";
+
+/// Reads a chat without locking it.
+pub async fn get(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatRow>> {
+    sqlx::query_as(SELECT_CHAT)
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Reads and locks a chat and its count row until the transaction ends. Every
+/// write transaction of a chat starts here, so writers of one chat run one at a
+/// time and see each other's committed work.
+pub async fn lock(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatRow>> {
+    sqlx::query_as(
+        "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count \
+         FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ? \
+         FOR UPDATE",
+    )
+    .bind(chat_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Inserts a new chat and its zero count. Fails with a unique violation when the
+/// chat exists.
+pub async fn insert(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    max_members: u32,
+    now: NaiveDateTime,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO chat (chat_id, max_members, revision, created_at) VALUES (?, ?, 0, ?)",
+    )
+    .bind(chat_id)
+    .bind(max_members)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("INSERT INTO chat_member_count (chat_id, member_count) VALUES (?, 0)")
+        .bind(chat_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Sets a locked chat's member limit.
+pub async fn set_max_members(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    max_members: u32,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat SET max_members = ? WHERE chat_id = ?")
+        .bind(max_members)
+        .bind(chat_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Reads the member count: one primary-key lookup, never `COUNT(*)`.
+pub async fn member_count(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<u32>> {
+    sqlx::query_scalar("SELECT member_count FROM chat_member_count WHERE chat_id = ?")
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Reads a chat's latest revision.
+pub async fn revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<u64>> {
+    sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Advances a locked chat's revision by `n` (the events just appended).
+pub async fn advance_revision(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    n: u64,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat SET revision = revision + ? WHERE chat_id = ?")
+        .bind(n)
+        .bind(chat_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds `delta` to a locked chat's member count, in the same transaction as the
+/// membership changes it accounts for. The `WHERE` guard refuses to go below
+/// zero; a count that does not change the row is reported as an error by the
+/// caller.
+pub async fn adjust_member_count(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    delta: i64,
+) -> sqlx::Result<u64> {
+    let result = if delta >= 0 {
+        sqlx::query(
+            "UPDATE chat_member_count SET member_count = member_count + ? WHERE chat_id = ?",
+        )
+        .bind(delta.unsigned_abs())
+        .bind(chat_id)
+        .execute(conn)
+        .await?
+    } else {
+        sqlx::query(
+            "UPDATE chat_member_count SET member_count = member_count - ? \
+             WHERE chat_id = ? AND member_count >= ?",
+        )
+        .bind(delta.unsigned_abs())
+        .bind(chat_id)
+        .bind(delta.unsigned_abs())
+        .execute(conn)
+        .await?
+    };
+    Ok(result.rows_affected())
+}

@@ -1,0 +1,256 @@
+//! The shared harness: three real `mariadbd` shards started once per test binary
+//! (temp data dirs, killed and removed when the process exits, even after a
+//! panic), migrated once; every test builds its own app on port 0 and uses its
+//! own chat ids.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chatshard::app::App;
+use chatshard::config::{Settings, ShardSettings};
+use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
+use chatshard::routing::BucketRange;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, MySqlConnection};
+
+pub const SHARDS: usize = 3;
+
+struct Cluster {
+    // Held for the life of the process; the watchdogs clean up at exit.
+    _servers: Vec<LocalMariaDb>,
+    shards: Vec<ShardSettings>,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        // Started on a runtime of its own: each test has its own runtime, and
+        // the servers outlive every one of them.
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async {
+                let starts = (0..SHARDS).map(|_| LocalMariaDb::start(LocalMariaDbOptions::temp()));
+                let servers: Vec<LocalMariaDb> = futures::future::join_all(starts)
+                    .await
+                    .into_iter()
+                    .collect::<anyhow::Result<_>>()
+                    .expect("start test shards");
+                let shards: Vec<ShardSettings> = servers
+                    .iter()
+                    .zip(BucketRange::even_split(SHARDS))
+                    .enumerate()
+                    .map(|(i, (s, range))| ShardSettings {
+                        name: format!("shard-{i}"),
+                        url: s.url(DEFAULT_DATABASE),
+                        buckets: vec![range.to_string()],
+                    })
+                    .collect();
+                for shard in &shards {
+                    chatshard::migrate::migrate_shard(shard)
+                        .await
+                        .expect("migrate");
+                }
+                Cluster {
+                    _servers: servers,
+                    shards,
+                }
+            })
+        })
+        .join()
+        .expect("cluster start thread")
+    })
+}
+
+/// Settings for the shared shards, with every other value at its default.
+pub fn settings() -> Settings {
+    let mut s = Settings::from_toml_unvalidated("listen = \"127.0.0.1:0\"", []).expect("settings");
+    s.shards = cluster().shards.clone();
+    s
+}
+
+/// A unique id for this process (tests share the shards).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = settings();
+        configure(&mut settings);
+        let app = App::build(&settings).await.expect("build app");
+        let addr = app.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let _ = app.run(std::future::pending()).await;
+        });
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            settings,
+            _server: server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.http.get(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn put_chat(&self, chat: &str, body: Option<Value>) -> Response {
+        let mut req = self.http.put(self.url(&format!("/v1/chats/{chat}")));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Creates a chat and asserts 201.
+    pub async fn new_chat(&self, prefix: &str) -> String {
+        let chat = unique(prefix);
+        let r = self.put_chat(&chat, None).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "create {chat}");
+        chat
+    }
+
+    pub async fn join(&self, chat: &str, user: &str) -> Response {
+        self.http
+            .post(self.url(&format!("/v1/chats/{chat}/members")))
+            .json(&json!({ "userId": user }))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn leave(&self, chat: &str, user: &str) -> Response {
+        self.http
+            .delete(self.url(&format!("/v1/chats/{chat}/members/{user}")))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn post(&self, chat: &str, sender: &str, key: &str, text: &str) -> Response {
+        self.http
+            .post(self.url(&format!("/v1/chats/{chat}/messages")))
+            .json(&json!({ "senderId": sender, "clientMessageId": key, "text": text }))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn count(&self, chat: &str) -> u64 {
+        let r = self.get(&format!("/v1/chats/{chat}/member-count")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.expect("json")["memberCount"]
+            .as_u64()
+            .expect("count")
+    }
+
+    /// All events of a chat, following pages.
+    pub async fn all_events(&self, chat: &str) -> Vec<Value> {
+        let mut after = 0;
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .get(&format!("/v1/chats/{chat}/events?after={after}&limit=500"))
+                .await;
+            assert_eq!(r.status(), StatusCode::OK);
+            let page: Value = r.json().await.expect("json");
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                return out;
+            }
+            after = events
+                .last()
+                .and_then(|e| e["revision"].as_u64())
+                .expect("revision");
+            out.extend(events);
+        }
+    }
+
+    /// The index of the shard that stores a chat, from the API.
+    pub async fn shard_of(&self, chat: &str) -> usize {
+        let r = self.get(&format!("/v1/chats/{chat}")).await;
+        let body: Value = r.json().await.expect("json");
+        let name = body["shard"].as_str().expect("shard").to_owned();
+        self.settings
+            .shards
+            .iter()
+            .position(|s| s.name == name)
+            .expect("known shard")
+    }
+
+    /// A direct connection to a shard, for asserting on rows.
+    pub async fn db(&self, shard: usize) -> MySqlConnection {
+        MySqlConnection::connect(&self.settings.shards[shard].url)
+            .await
+            .expect("connect")
+    }
+
+    /// (member_count, JOINED rows) of a chat, read from its shard.
+    pub async fn count_and_rows(&self, chat: &str) -> (i64, i64) {
+        let mut db = self.db(self.shard_of(chat).await).await;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT CAST(member_count AS SIGNED) FROM chat_member_count WHERE chat_id = ?",
+        )
+        .bind(chat)
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
+        let rows: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
+                .bind(chat)
+                .fetch_one(&mut db)
+                .await
+                .expect("rows");
+        (count, rows)
+    }
+}
+
+/// Asserts a problem+json answer with the given status and code.
+pub async fn assert_problem(r: Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status().as_u16(), status, "status");
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(ct, "application/problem+json", "content type");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert!(
+        body["type"].as_str().is_some_and(|t| t.ends_with(code)),
+        "{body}"
+    );
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    body
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, real MariaDB shards started once for it.
+
+mod chats;
+mod concurrency;
+mod helpers;
+mod members;
+mod messages;
+mod repair;
+mod routing;
+mod schemathesis;
+mod validation;

@@ -1,0 +1,90 @@
+//! Property-based API testing with schemathesis (PyPI) against `/openapi.json`:
+//! no 5xx, every status and body as documented, invalid input refused.
+//!
+//! schemathesis is installed on first use into a virtualenv under the cargo
+//! target dir (kept between runs); `CHATSHARD_SCHEMATHESIS` may name an
+//! existing executable instead.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::helpers::TestApp;
+
+const VERSION: &str = "4.32.5";
+
+fn schemathesis() -> PathBuf {
+    if let Ok(path) = std::env::var("CHATSHARD_SCHEMATHESIS") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("schemathesis-{VERSION}"));
+    let exe = venv.join("bin").join("schemathesis");
+    if exe.exists() {
+        return exe;
+    }
+    let status = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(
+        status.success(),
+        "python3 -m venv failed: install python3-venv"
+    );
+    let status = Command::new(venv.join("bin").join("pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("schemathesis=={VERSION}"),
+        ])
+        .status()
+        .expect("pip install schemathesis");
+    assert!(status.success(), "pip install schemathesis failed");
+    exe
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
+    let exe = tokio::task::spawn_blocking(schemathesis).await.unwrap();
+    let app = TestApp::spawn().await;
+    // Some real data, so that generated requests also hit existing chats.
+    for chat in ["a", "b", "0", "A", "_", "-"] {
+        app.put_chat(chat, None).await;
+        app.join(chat, "a").await;
+    }
+    let schema = app.url("/openapi.json");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(exe)
+            // schemathesis keeps a cache in its working directory.
+            .current_dir(env!("CARGO_TARGET_TMPDIR"))
+            .args([
+                "run",
+                &schema,
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,\
+                 response_schema_conformance,negative_data_rejection",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-examples",
+                "40",
+                "--seed",
+                "1",
+                // One worker: hypothesis' source inspection is not thread-safe on
+                // CPython 3.11 ("AST constructor recursion depth mismatch").
+                "--workers",
+                "1",
+                "--no-color",
+            ])
+            .output()
+            .expect("run schemathesis")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "schemathesis failed:\n{stdout}\n{stderr}"
+    );
+}
