@@ -195,7 +195,7 @@ impl Shard {
         match tokio::time::timeout(self.deadline, op(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                let err = self.classify(access, err);
+                let err = self.classify(err);
                 if !matches!(
                     err,
                     ShardError::Database { .. } | ShardError::ReadOnly { .. }
@@ -247,7 +247,7 @@ impl Shard {
         }
     }
 
-    fn classify(&self, access: Access, err: OpError) -> ShardError {
+    fn classify(&self, err: OpError) -> ShardError {
         let shard = self.name.clone();
         match err {
             OpError::Commit(e) if is_connection_error(&e) => ShardError::OutcomeUnknown {
@@ -260,7 +260,6 @@ impl Shard {
                 } else if is_connection_error(&e) {
                     // Before COMMIT was sent, a lost connection rolls the
                     // transaction back: nothing was applied.
-                    let _ = access;
                     ShardError::Unavailable { shard, source: e }
                 } else {
                     ShardError::Database { shard, source: e }
