@@ -45,9 +45,7 @@ fn spike(c: &mut Criterion) {
     group.sample_size(10);
     static CHAT: AtomicU64 = AtomicU64::new(0);
     for (name, max_batch) in [("group_commit", 256), ("one_commit_per_join", 1)] {
-        let shards = rt
-            .block_on(async { build_shards(&settings) })
-            .expect("shards");
+        let shards = build_shards(&settings).expect("shards");
         let commits = GroupCommit::new(GroupCommitSettings {
             max_batch,
             max_pending_per_chat: JOINS * 2,

@@ -5,7 +5,7 @@
 //! SIGKILLed and removed when the test process exits, even on panic or SIGKILL).
 //!
 //! Invariants:
-//! * every server has its **own data dir and its own 127.0.0.1 port**, and is started with
+//! * every server has its **own data dir, tmpdir (`DIR.tmpdir`) and 127.0.0.1 port**, and is started with
 //!   `--no-defaults`, so `/etc/mysql` configs and the system server (port 3306, its socket,
 //!   its data dir) never interfere; after connecting we check `@@datadir` to be sure the
 //!   port is served by *our* server;
@@ -299,9 +299,12 @@ impl LocalMariaDb {
         if let Some(parent) = dir.parent() {
             fs::create_dir_all(parent)?;
         }
+        let scratch = scratch_path(dir);
+        fs::create_dir_all(&scratch)?;
         let mut cmd = tokio::process::Command::new(install_db);
         cmd.arg("--no-defaults")
             .arg(flag("--datadir=", &tmp))
+            .arg(flag("--tmpdir=", &scratch))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             // Same InnoDB sizes as the server, so the first start need not resize the redo log.
             .args([
@@ -340,6 +343,7 @@ impl LocalMariaDb {
             format!("--port={}", self.port).into(),
             "--bind-address=127.0.0.1".into(),
             flag("--socket=", &self.socket),
+            flag("--tmpdir=", &scratch_path(d)),
             flag("--pid-file=", &d.join("mariadbd.pid")),
             flag("--log-error=", &d.join("error.log")),
         ];
@@ -366,6 +370,7 @@ impl LocalMariaDb {
     /// Spawns mariadbd plus its watchdog; returns the error-log offset of this run.
     fn spawn_server(&mut self) -> Result<u64> {
         ensure_port_free(self.port)?;
+        fs::create_dir_all(scratch_path(&self.data_dir))?;
         let log = self.data_dir.join("error.log");
         let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         // Early failures (bad flags) go to stderr before --log-error takes over: same file.
@@ -396,7 +401,7 @@ impl LocalMariaDb {
         // later), and waits are bounded in case nobody reaps it at all.
         let gone = r#"gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt $2 ] && ! grep -qs '^State:.*Z' /proc/$1/status; do sleep 0.05; i=$((i+1)); done; }"#;
         let action = match self.on_exit {
-            OnExit::KillAndRemove => r#"kill -KILL "$1"; gone "$1" 100; rm -rf "$2" "$3""#,
+            OnExit::KillAndRemove => r#"kill -KILL "$1"; gone "$1" 100; rm -rf "$2" "$3" "$4""#,
             OnExit::Shutdown => r#"kill -TERM "$1"; kill -CONT "$1"; gone "$1" 1200"#,
         };
         let script = format!("{gone}; read _; {action}");
@@ -404,6 +409,7 @@ impl LocalMariaDb {
         cmd.args(["-c", &script, "sh", &self.pid.to_string()])
             .arg(&self.data_dir)
             .arg(&self.socket)
+            .arg(scratch_path(&self.data_dir))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -509,6 +515,7 @@ impl Drop for LocalMariaDb {
                     let _ = fs::remove_dir_all(&self.data_dir);
                 }
                 let _ = fs::remove_dir_all(tmp_init_path(&self.data_dir));
+                let _ = fs::remove_dir_all(scratch_path(&self.data_dir));
                 let _ = fs::remove_file(&self.socket);
             }
             OnExit::Shutdown => {
@@ -647,6 +654,16 @@ fn socket_path(data_dir: &Path) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     PathBuf::from(format!("/tmp/chatshard-{}-{n}.sock", std::process::id()))
+}
+
+/// The server's own `--tmpdir`, beside its data dir. Never a shared /tmp: a starting
+/// mariadbd deletes every `#sql*` file in its tmpdir, including the temporary tables
+/// of another server that is bootstrapping there at the same moment. Not inside the
+/// data dir either, where every directory is taken for a database.
+fn scratch_path(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".tmpdir");
+    s.into()
 }
 
 fn tmp_init_path(dir: &Path) -> PathBuf {

@@ -1,7 +1,7 @@
 //! Smoke test of `chatshard::localdb` against a real `mariadbd`: settings, durability
 //! across SIGKILL + restart, SIGSTOP/SIGCONT, clean stop, and cleanup on drop.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chatshard::localdb::{LocalMariaDb, LocalMariaDbOptions};
@@ -59,6 +59,12 @@ async fn start_kill_restart_suspend_drop() {
         .await,
         1
     );
+    // Its own tmpdir: a server starting in a shared /tmp deletes other servers' temp tables.
+    let tmpdir: String = sqlx::query_scalar("SELECT @@tmpdir")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(tmpdir, format!("{}.tmpdir", dir.display()));
     let sql = "SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = 'chatshard'";
     assert_eq!(scalar_i64(&mut conn, sql).await, 1);
     sqlx::query("CREATE TABLE t (id BIGINT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(32) NOT NULL)")
@@ -113,6 +119,12 @@ async fn start_kill_restart_suspend_drop() {
     drop(db);
     wait_gone(pid);
     assert!(!dir.exists(), "data dir {} not removed", dir.display());
+    let scratch = PathBuf::from(format!("{}.tmpdir", dir.display()));
+    assert!(
+        !scratch.exists(),
+        "tmpdir {} not removed",
+        scratch.display()
+    );
     eprintln!("smoke test took {:?}", t0.elapsed());
 }
 

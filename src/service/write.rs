@@ -164,13 +164,16 @@ pub async fn commit_batch(
             .map(|m| (m.user_id, m.id))
             .collect()
     };
-    tx.commit().await.map_err(OpError::Commit)?;
-
-    Ok(plan
+    // Answers are built before COMMIT: a row the plan relies on that cannot be
+    // read back is a bug, and must roll the batch back rather than commit it
+    // with a wrong answer.
+    let outcomes = plan
         .outcomes
         .into_iter()
         .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
-        .collect())
+        .collect::<Result<Vec<_>, OpError>>()?;
+    tx.commit().await.map_err(OpError::Commit)?;
+    Ok(outcomes)
 }
 
 fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {
@@ -200,8 +203,13 @@ fn outcome(
     planned: Planned,
     ids: &HashMap<String, u64>,
     messages: &HashMap<(&str, &str), &messages::MessageRow>,
-) -> WriteOutcome {
-    match planned {
+) -> Result<WriteOutcome, OpError> {
+    let missing = |what: &str| {
+        OpError::Sql(sqlx::Error::Protocol(format!(
+            "{what} written in this batch cannot be read back"
+        )))
+    };
+    Ok(match planned {
         Planned::Joined {
             user,
             created,
@@ -217,8 +225,7 @@ fn outcome(
                 },
                 created,
             },
-            // Cannot happen: the row was written in this transaction.
-            None => WriteOutcome::Rejected(Rejection::MemberNotFound),
+            None => return Err(missing("a member row")),
         },
         Planned::Left => WriteOutcome::Left,
         Planned::Posted {
@@ -230,8 +237,8 @@ fn outcome(
                 message: Message::from_row(chat, row),
                 created,
             },
-            None => WriteOutcome::Rejected(Rejection::NotAMember),
+            None => return Err(missing("a message")),
         },
         Planned::Rejected(r) => WriteOutcome::Rejected(r),
-    }
+    })
 }
