@@ -8,7 +8,7 @@ use crate::config::Settings;
 use crate::domain::MaxMembers;
 use crate::http::{self, AppState};
 use crate::service::{ChatService, GroupCommit};
-use crate::shard::{Shard, ShardSet};
+use crate::shard::{InnodbSettings, Shard, ShardSet};
 
 /// A bound, ready-to-run service.
 pub struct App {
@@ -31,8 +31,15 @@ impl App {
             GroupCommit::new(settings.group_commit.clone()),
             default_max,
         );
+        let admin_token = Some(settings.admin.token.as_str())
+            .filter(|t| !t.is_empty())
+            .map(Arc::from);
+        if admin_token.is_none() {
+            tracing::info!("no admin token configured: the admin API is off");
+        }
         let router = http::router(AppState {
             service: Arc::new(service),
+            admin_token,
         });
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
@@ -70,28 +77,15 @@ pub fn build_shards(settings: &Settings) -> anyhow::Result<Arc<ShardSet>> {
     let shards = settings
         .shards
         .iter()
-        .map(|s| Shard::new(s, &settings.pool).map(Arc::new))
+        .map(|s| Shard::new(s, &settings.pool, &settings.breaker).map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Arc::new(ShardSet::new(shards, router)))
-}
-
-/// The InnoDB settings chatshard relies on, as read from a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InnodbSettings {
-    pub autoinc_lock_mode: i64,
-    pub flush_log_at_trx_commit: i64,
-}
-
-impl InnodbSettings {
-    pub fn is_safe(self) -> bool {
-        self.autoinc_lock_mode == 2 && self.flush_log_at_trx_commit == 1
-    }
 }
 
 /// Reads `@@innodb_autoinc_lock_mode` and `@@innodb_flush_log_at_trx_commit`.
 pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::ShardError> {
     shard
-        .read(|conn| {
+        .read(None, |conn| {
             Box::pin(async move {
                 let (a, f): (i64, i64) = sqlx::query_as(
                     "SELECT CAST(@@innodb_autoinc_lock_mode AS SIGNED), \
@@ -115,7 +109,11 @@ pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::
 pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()> {
     let mut unsafe_shards = Vec::new();
     for shard in shards.all() {
-        match read_innodb(shard).await {
+        let read = read_innodb(shard).await;
+        if let Ok(s) = &read {
+            shard.set_innodb(*s);
+        }
+        match read {
             Ok(s) if s.is_safe() => {
                 tracing::info!(
                     shard = shard.name(),

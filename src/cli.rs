@@ -211,6 +211,13 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
+    if settings.admin.token.is_empty() {
+        settings.admin.token = generate_token();
+    }
+    println!(
+        "admin token (Authorization: Bearer ...): {}",
+        settings.admin.token
+    );
     println!(
         "starting {} local MariaDB shards under {} ...",
         args.shards,
@@ -229,6 +236,15 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     println!("stopping the local shards ...");
     servers.stop().await;
     result
+}
+
+/// A random admin token for `serve --dev`: 32 hex characters.
+fn generate_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -35,7 +35,11 @@ pub struct Settings {
     #[serde(default)]
     pub group_commit: GroupCommitSettings,
     #[serde(default)]
+    pub breaker: BreakerSettings,
+    #[serde(default)]
     pub startup: StartupSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
     #[serde(default)]
     pub shards: Vec<ShardSettings>,
 }
@@ -74,6 +78,10 @@ pub struct PoolSettings {
     pub connect_timeout_ms: u64,
     /// Deadline of one shard operation (a query, or a whole write transaction).
     pub operation_timeout_ms: u64,
+    /// The largest share (0 < share <= 1) of `max_concurrent` (and of
+    /// `max_waiting`) that one chat may hold, so the other chats of the shard
+    /// always keep the rest.
+    pub chat_share: f64,
 }
 
 impl Default for PoolSettings {
@@ -84,6 +92,7 @@ impl Default for PoolSettings {
             max_wait_ms: 50,
             connect_timeout_ms: 1000,
             operation_timeout_ms: 1000,
+            chat_share: 0.5,
         }
     }
 }
@@ -97,6 +106,69 @@ impl PoolSettings {
     }
     pub fn operation_timeout(&self) -> Duration {
         Duration::from_millis(self.operation_timeout_ms)
+    }
+    /// Operations one chat may have in flight on its shard (at least 1).
+    pub fn per_chat_concurrent(&self) -> usize {
+        ((self.max_concurrent as f64 * self.chat_share).floor() as usize).max(1)
+    }
+    /// Callers of one chat that may wait for one of its slots.
+    pub fn per_chat_waiting(&self) -> usize {
+        (self.max_waiting as f64 * self.chat_share).floor() as usize
+    }
+}
+
+/// The circuit breaker of every shard (see `shard::breaker` for what counts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Open after this many counted failures in a row.
+    pub consecutive_failures: u32,
+    /// Open when more than this fraction of calls failed over the window...
+    pub failure_rate: f64,
+    /// ...once at least this many calls were seen in it.
+    pub min_requests: u32,
+    /// The window of the failure rate.
+    pub window_secs: u64,
+    /// How long the breaker stays open before it probes the shard.
+    pub open_ms: u64,
+    /// Calls let through at a time while half-open.
+    pub half_open_probes: usize,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window_secs: 10,
+            open_ms: 2000,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// The admin API (`/v1/admin/...`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Bearer token of the admin API; `CHATSHARD_ADMIN_TOKEN` overrides it.
+    /// Empty: the admin API is off.
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "<none>"
+                } else {
+                    "<set>"
+                },
+            )
+            .finish()
     }
 }
 
@@ -199,6 +271,9 @@ impl Settings {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError(vec![e.message().to_owned()]))?;
         settings.apply_shard_url_overrides(&env);
+        if let Some((_, token)) = env.iter().find(|(k, _)| k == "CHATSHARD_ADMIN_TOKEN") {
+            settings.admin.token = token.clone();
+        }
         Ok(settings)
     }
 
@@ -284,6 +359,32 @@ impl Settings {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
             }
+        }
+        if !(self.pool.chat_share > 0.0 && self.pool.chat_share <= 1.0) {
+            problems.push("pool.chat_share must be greater than 0 and at most 1".to_owned());
+        }
+        let b = &self.breaker;
+        if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) {
+            problems.push("breaker.failure_rate must be greater than 0 and at most 1".to_owned());
+        }
+        for (name, value) in [
+            (
+                "breaker.consecutive_failures",
+                u64::from(b.consecutive_failures),
+            ),
+            ("breaker.window_secs", b.window_secs),
+            ("breaker.open_ms", b.open_ms),
+            ("breaker.half_open_probes", b.half_open_probes as u64),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            problems.push(
+                "admin.token must be at least 16 characters (or empty to turn the admin API off)"
+                    .to_owned(),
+            );
         }
         if self.group_commit.max_batch > 1000 {
             // Each write binds up to 6 values per statement; 1000 keeps every

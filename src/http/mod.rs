@@ -6,6 +6,7 @@
 //! 3.1 document is generated from the handlers' annotations and served at
 //! `/openapi.json`.
 
+pub mod admin;
 pub mod chats;
 pub mod extract;
 pub mod members;
@@ -31,6 +32,8 @@ use crate::service::{ChatService, Created, error_chain};
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<ChatService>,
+    /// The admin bearer token; `None` turns the admin API off.
+    pub admin_token: Option<Arc<str>>,
 }
 
 #[derive(OpenApi)]
@@ -41,10 +44,26 @@ pub struct AppState {
                        Errors are RFC 9457 application/problem+json with a stable `code`."
     ),
     tags(
-        (name = "chats"), (name = "members"), (name = "messages"), (name = "events"), (name = "operations")
-    )
+        (name = "chats"), (name = "members"), (name = "messages"), (name = "events"), (name = "operations"),
+        (name = "admin")
+    ),
+    modifiers(&AdminSecurity)
 )]
 struct ApiDoc;
+
+/// Declares the admin bearer token in the OpenAPI document.
+struct AdminSecurity;
+
+impl utoipa::Modify for AdminSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// The application's router and its OpenAPI document.
 pub fn router(state: AppState) -> Router {
@@ -57,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(messages::get_events))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(admin::shards))
         .split_for_parts();
     let api = Arc::new(api);
     router
@@ -113,6 +133,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             name: shard.name().to_owned(),
             address: shard.address().to_owned(),
             ready: result.is_ok(),
+            breaker: shard.breaker().state().as_str().to_owned(),
             error: result.err().map(|e| error_chain(&e)),
         }
     });

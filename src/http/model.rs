@@ -212,6 +212,8 @@ pub struct ShardReadiness {
     pub name: String,
     pub address: String,
     pub ready: bool,
+    /// The shard's circuit breaker: `closed`, `open` or `half_open`.
+    pub breaker: String,
     /// Why the shard is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

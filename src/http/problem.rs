@@ -26,6 +26,8 @@ pub enum Code {
     PayloadTooLarge,
     NotFound,
     MethodNotAllowed,
+    Unauthorized,
+    AdminDisabled,
     ChatNotFound,
     MemberNotFound,
     ChatFull,
@@ -42,13 +44,15 @@ pub enum Code {
 
 impl Code {
     /// Every code, for the documentation test.
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 20] = [
         Code::InvalidRequest,
         Code::MalformedJson,
         Code::UnsupportedMediaType,
         Code::PayloadTooLarge,
         Code::NotFound,
         Code::MethodNotAllowed,
+        Code::Unauthorized,
+        Code::AdminDisabled,
         Code::ChatNotFound,
         Code::MemberNotFound,
         Code::ChatFull,
@@ -71,6 +75,8 @@ impl Code {
             Self::PayloadTooLarge => "payload_too_large",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::AdminDisabled => "admin_disabled",
             Self::ChatNotFound => "chat_not_found",
             Self::MemberNotFound => "member_not_found",
             Self::ChatFull => "chat_full",
@@ -94,6 +100,8 @@ impl Code {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound | Self::ChatNotFound | Self::MemberNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::AdminDisabled => StatusCode::FORBIDDEN,
             Self::ChatFull => StatusCode::CONFLICT,
             Self::NotAMember => StatusCode::FORBIDDEN,
             Self::ChatBusy
@@ -114,6 +122,8 @@ impl Code {
             Self::PayloadTooLarge => "The body is too large",
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
+            Self::Unauthorized => "Missing or wrong admin token",
+            Self::AdminDisabled => "The admin API is off",
             Self::ChatNotFound => "Chat not found",
             Self::MemberNotFound => "Member not found",
             Self::ChatFull => "The chat is full",
@@ -169,6 +179,12 @@ impl Problem {
         }
     }
 
+    /// Replaces the default `Retry-After` of the code.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(u32::try_from(secs.max(1)).unwrap_or(u32::MAX));
+        self
+    }
+
     pub fn invalid(detail: impl Into<String>) -> Self {
         Self::new(Code::InvalidRequest, detail)
     }
@@ -183,6 +199,9 @@ impl IntoResponse for Problem {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -220,10 +239,16 @@ impl From<ServiceError> for Problem {
                 Code::ShardTimeout,
                 format!("shard {shard} did not answer within its deadline"),
             ),
-            ServiceError::ShardUnavailable { shard } => Self::new(
+            ServiceError::ShardUnavailable {
+                shard,
+                retry_after_secs,
+            } => Self::new(
                 Code::ShardUnavailable,
-                format!("shard {shard} cannot be reached"),
-            ),
+                format!(
+                    "shard {shard} cannot be reached, or is known broken (circuit breaker open)"
+                ),
+            )
+            .with_retry_after(retry_after_secs),
             ServiceError::ShardReadOnly { shard } => Self::new(
                 Code::ShardReadOnly,
                 format!("shard {shard} is read-only; reads still work, writes do not"),

@@ -151,7 +151,7 @@ async fn commit(
         let (chat_for_op, ops_for_op) = (chat.clone(), ops.clone());
         let now = super::now();
         let result = shard
-            .write(move |conn| {
+            .write(Some(chat), move |conn| {
                 Box::pin(
                     async move { write::commit_batch(conn, &chat_for_op, &ops_for_op, now).await },
                 )

@@ -47,7 +47,10 @@ pub enum ServiceError {
     #[error("shard {shard} did not answer in time")]
     ShardTimeout { shard: String },
     #[error("shard {shard} is unavailable")]
-    ShardUnavailable { shard: String },
+    ShardUnavailable {
+        shard: String,
+        retry_after_secs: u64,
+    },
     #[error("shard {shard} is read-only")]
     ShardReadOnly { shard: String },
     #[error("the outcome of the write on shard {shard} is unknown")]
@@ -60,9 +63,19 @@ impl From<ShardError> for ServiceError {
     fn from(e: ShardError) -> Self {
         let shard = e.shard().to_owned();
         match e {
+            ShardError::Open {
+                retry_after_secs, ..
+            } => Self::ShardUnavailable {
+                shard,
+                retry_after_secs,
+            },
+            ShardError::ChatBusy { .. } => Self::ChatBusy,
             ShardError::Busy { .. } => Self::ShardBusy { shard },
             ShardError::Timeout { .. } => Self::ShardTimeout { shard },
-            ShardError::Unavailable { .. } => Self::ShardUnavailable { shard },
+            ShardError::Unavailable { .. } => Self::ShardUnavailable {
+                shard,
+                retry_after_secs: 1,
+            },
             ShardError::ReadOnly { .. } => Self::ShardReadOnly { shard },
             ShardError::OutcomeUnknown { .. } => Self::OutcomeUnknown { shard },
             ShardError::Database { source, .. } => Self::Internal(format!(
@@ -226,7 +239,9 @@ impl ChatService {
         let shard = self.shard(chat);
         let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
         let (row, created) = shard
-            .write(move |conn| Box::pin(create_or_update(conn, id, max, default)))
+            .write(Some(chat), move |conn| {
+                Box::pin(create_or_update(conn, id, max, default))
+            })
             .await?;
         Ok((self.to_chat(chat, row), created))
     }
@@ -235,7 +250,9 @@ impl ChatService {
         let id = chat.to_string();
         let row = self
             .shard(chat)
-            .read(move |conn| Box::pin(async move { Ok(chats::get(conn, &id).await?) }))
+            .read(Some(chat), move |conn| {
+                Box::pin(async move { Ok(chats::get(conn, &id).await?) })
+            })
             .await?
             .ok_or(ServiceError::ChatNotFound)?;
         Ok(self.to_chat(chat, row))
@@ -310,7 +327,7 @@ impl ChatService {
         let (id, uid) = (chat.to_string(), user.to_string());
         let found = self
             .shard(chat)
-            .read(move |conn| {
+            .read(Some(chat), move |conn| {
                 Box::pin(async move {
                     match members::get(conn, &id, &uid).await? {
                         Some(row) => Ok(Ok(row)),
@@ -338,7 +355,7 @@ impl ChatService {
         let n = limit.get();
         let rows = self
             .shard(chat)
-            .read(move |conn| {
+            .read(Some(chat), move |conn| {
                 Box::pin(async move {
                     // One row more than asked tells whether another page exists.
                     let rows = members::page_joined(conn, &id, after.0, n + 1).await?;
@@ -371,7 +388,9 @@ impl ChatService {
     pub async fn member_count(&self, chat: &ChatId) -> Result<u32, ServiceError> {
         let id = chat.to_string();
         self.shard(chat)
-            .read(move |conn| Box::pin(async move { Ok(chats::member_count(conn, &id).await?) }))
+            .read(Some(chat), move |conn| {
+                Box::pin(async move { Ok(chats::member_count(conn, &id).await?) })
+            })
             .await?
             .ok_or(ServiceError::ChatNotFound)
     }
@@ -387,7 +406,7 @@ impl ChatService {
         let n = limit.get();
         let (rows, latest) = self
             .shard(chat)
-            .read(move |conn| {
+            .read(Some(chat), move |conn| {
                 Box::pin(async move {
                     // Events first, then the revision: the revision read is never
                     // below the last event returned.

@@ -1,37 +1,49 @@
 //! Shard access: the only place that knows there are N databases.
 //!
-//! A [`Shard`] is one MySQL server reached through its own bulkhead: a deadpool
-//! pool of at most `max_concurrent` connections, in front of which an admission
-//! semaphore of `max_concurrent + max_waiting` permits bounds the callers that may
-//! wait (deadpool itself does not bound its waiters). Every operation runs under a
-//! deadline. The order of protections, in [`Shard::run`]:
+//! A [`Shard`] is one MySQL server behind its own protections. The order, in
+//! [`Shard::run`], each step cheaper than the next and each refusing at once
+//! rather than queueing without bound:
 //!
-//! 1. admission: a caller that finds `max_waiting` others already waiting is
-//!    refused at once (`ShardError::Busy`): nothing queues without bound;
-//! 2. the pool: a connection within `max_wait`, or `ShardError::Busy`;
-//! 3. the deadline around the database work: a hung server costs a caller at
+//! 1. the circuit breaker ([`breaker`]): while the shard is known broken, refuse
+//!    without touching the network or taking any slot (`ShardError::Open`);
+//! 2. the chat's share ([`share`]): one chat holds at most `chat_share` of the
+//!    shard's slots, so a hot chat cannot starve the shard's other chats
+//!    (`ShardError::ChatBusy`);
+//! 3. admission: at most `max_concurrent + max_waiting` callers in flight or
+//!    waiting; one more is refused at once (`ShardError::Busy`) since deadpool
+//!    does not bound its waiters;
+//! 4. the pool (deadpool, the bulkhead): a connection within what is left of
+//!    `max_wait`, or `ShardError::Busy`;
+//! 5. the deadline around the database work: a hung server costs a caller at
 //!    most `operation_timeout`, and the connection, whose state is then unknown,
 //!    is discarded rather than returned to the pool.
 //!
+//! The outcome then feeds the breaker: see [`breaker`] for what counts.
 //! Bound each queue in exactly one place: there is no other pool beneath this one.
 
+pub mod breaker;
 mod manager;
+pub mod share;
+pub mod stats;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use deadpool::managed::{Object, Pool, PoolError, TimeoutType};
+use deadpool::managed::{Object, Pool, PoolError, TimeoutType, Timeouts};
 use sqlx::MySqlConnection;
 use sqlx::mysql::MySqlConnectOptions;
 use tokio::sync::Semaphore;
 
-use crate::config::{PoolSettings, ShardSettings};
+use crate::config::{BreakerSettings, PoolSettings, ShardSettings};
 use crate::domain::ChatId;
 use crate::routing::Router;
 
+pub use breaker::{Breaker, BreakerState};
 pub use manager::MySqlManager;
+use share::ChatShares;
+use stats::ShardStats;
 
 /// A future borrowing a connection, as handed to [`Shard::read`] / [`Shard::write`].
 pub type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -39,6 +51,15 @@ pub type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 /// Why a shard operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
+    /// The circuit breaker is open: the shard is known broken.
+    #[error("shard {shard} is unavailable (circuit breaker open)")]
+    Open {
+        shard: String,
+        retry_after_secs: u64,
+    },
+    /// The chat already holds its share of the shard.
+    #[error("chat holds its whole share of shard {shard}")]
+    ChatBusy { shard: String },
     /// The bulkhead is full: too many callers in flight and waiting.
     #[error("shard {shard} is busy")]
     Busy { shard: String },
@@ -75,12 +96,27 @@ impl ShardError {
     /// The shard the error came from.
     pub fn shard(&self) -> &str {
         match self {
-            Self::Busy { shard }
+            Self::Open { shard, .. }
+            | Self::ChatBusy { shard }
+            | Self::Busy { shard }
             | Self::Timeout { shard, .. }
             | Self::Unavailable { shard, .. }
             | Self::ReadOnly { shard, .. }
             | Self::OutcomeUnknown { shard, .. }
             | Self::Database { shard, .. } => shard,
+        }
+    }
+
+    /// Whether the breaker counts this as a failure of the shard (connection
+    /// class, deadline overrun, unknown outcome); see [`breaker`].
+    pub fn counts_against_shard(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Unavailable { .. } | Self::OutcomeUnknown { .. } => true,
+            Self::Open { .. }
+            | Self::ChatBusy { .. }
+            | Self::Busy { .. }
+            | Self::ReadOnly { .. }
+            | Self::Database { .. } => false,
         }
     }
 }
@@ -107,13 +143,31 @@ enum Access {
     Write,
 }
 
-/// One MySQL shard behind its bulkhead.
+/// The InnoDB settings chatshard relies on, as read from a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InnodbSettings {
+    pub autoinc_lock_mode: i64,
+    pub flush_log_at_trx_commit: i64,
+}
+
+impl InnodbSettings {
+    pub fn is_safe(self) -> bool {
+        self.autoinc_lock_mode == 2 && self.flush_log_at_trx_commit == 1
+    }
+}
+
+/// One MySQL shard behind its breaker and bulkhead.
 pub struct Shard {
     name: String,
     address: String,
     pool: Pool<MySqlManager>,
+    breaker: Breaker,
+    shares: Arc<ChatShares>,
     admission: Arc<Semaphore>,
-    deadline: Duration,
+    settings: PoolSettings,
+    stats: ShardStats,
+    innodb: Mutex<Option<InnodbSettings>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -127,14 +181,17 @@ impl std::fmt::Debug for Shard {
 
 impl Shard {
     /// Builds the shard's pool; connects lazily.
-    pub fn new(settings: &ShardSettings, pool: &PoolSettings) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: &ShardSettings,
+        pool: &PoolSettings,
+        breaker: &BreakerSettings,
+    ) -> anyhow::Result<Self> {
         let options: MySqlConnectOptions = settings
             .url
             .parse()
             .map_err(|e| anyhow::anyhow!("shard {}: invalid url: {e}", settings.name))?;
         let address = format!("{}:{}", options.get_host(), options.get_port());
-        let manager = MySqlManager::new(options);
-        let built = Pool::builder(manager)
+        let built = Pool::builder(MySqlManager::new(options))
             .max_size(pool.max_concurrent)
             .wait_timeout(Some(pool.max_wait()))
             .create_timeout(Some(pool.connect_timeout()))
@@ -146,8 +203,12 @@ impl Shard {
             name: settings.name.clone(),
             address,
             pool: built,
+            breaker: Breaker::new(&settings.name, breaker),
+            shares: ChatShares::new(pool.per_chat_concurrent(), pool.per_chat_waiting()),
             admission: Arc::new(Semaphore::new(pool.max_concurrent + pool.max_waiting)),
-            deadline: pool.operation_timeout(),
+            settings: pool.clone(),
+            stats: ShardStats::default(),
+            innodb: Mutex::new(None),
         })
     }
 
@@ -160,39 +221,121 @@ impl Shard {
         &self.address
     }
 
-    /// Runs a read. A timeout or lost connection means nothing was changed.
-    pub async fn read<T, F>(&self, op: F) -> Result<T, ShardError>
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Callers holding an admission permit: in flight plus waiting.
+    pub fn admitted(&self) -> usize {
+        (self.settings.max_concurrent + self.settings.max_waiting)
+            - self.admission.available_permits()
+    }
+
+    /// The InnoDB settings last read from the shard.
+    pub fn innodb(&self) -> Option<InnodbSettings> {
+        *self.innodb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_innodb(&self, settings: InnodbSettings) {
+        *self.innodb.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
+    }
+
+    /// Runs a read for `chat` (or for the shard itself when `None`). A timeout
+    /// or lost connection means nothing was changed.
+    pub async fn read<T, F>(&self, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Read, op).await
+        self.run(Access::Read, chat, op).await
     }
 
     /// Runs a write transaction. A timeout, or a lost connection during COMMIT,
     /// is reported as [`ShardError::OutcomeUnknown`]: every write of chatshard is
     /// idempotent by a unique key, so the caller may retry it safely.
-    pub async fn write<T, F>(&self, op: F) -> Result<T, ShardError>
+    pub async fn write<T, F>(&self, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Write, op).await
+        self.run(Access::Write, chat, op).await
     }
 
     /// The order of protections; see the module docs.
-    async fn run<T, F>(&self, access: Access, op: F) -> Result<T, ShardError>
+    async fn run<T, F>(&self, access: Access, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        // 1. Admission: refuse at once rather than queue without bound.
+        let wait_until = Instant::now() + self.settings.max_wait();
+        // 1. The breaker: a broken shard costs its callers nothing.
+        let Some(_probe) = self.breaker.admit() else {
+            self.stats
+                .rejected_open
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ShardError::Open {
+                shard: self.name.clone(),
+                retry_after_secs: self.breaker.retry_after_secs(),
+            });
+        };
+        // 2. The chat's share of the shard.
+        let _chat_slot = match chat {
+            Some(chat) => Some(
+                self.shares
+                    .acquire(chat, self.settings.max_wait())
+                    .await
+                    .map_err(|_| {
+                        self.stats
+                            .rejected_chat_busy
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        ShardError::ChatBusy {
+                            shard: self.name.clone(),
+                        }
+                    })?,
+            ),
+            None => None,
+        };
+        let result = self.run_admitted(access, wait_until, op).await;
+        self.record(&result);
+        result
+    }
+
+    /// Steps 3 to 5, once the breaker and the chat's share let the caller in.
+    async fn run_admitted<T, F>(
+        &self,
+        access: Access,
+        wait_until: Instant,
+        op: F,
+    ) -> Result<T, ShardError>
+    where
+        F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
+    {
+        // 3. Admission: refuse at once rather than queue without bound.
         let _permit = self
             .admission
             .clone()
             .try_acquire_owned()
             .map_err(|_| self.busy())?;
-        // 2. The pool: a connection within `max_wait`.
-        let mut conn = self.pool.get().await.map_err(|e| self.pool_error(e))?;
-        // 3. The deadline around the database work.
-        match tokio::time::timeout(self.deadline, op(&mut conn)).await {
+        // 4. The pool, within what is left of the caller's bounded wait.
+        let timeouts = Timeouts {
+            wait: Some(wait_until.saturating_duration_since(Instant::now())),
+            create: Some(self.settings.connect_timeout()),
+            recycle: Some(self.settings.connect_timeout()),
+        };
+        let mut conn = self
+            .pool
+            .timeout_get(&timeouts)
+            .await
+            .map_err(|e| self.pool_error(e))?;
+        let _in_flight = self.stats.start();
+        // 5. The deadline around the database work.
+        let deadline = self.settings.operation_timeout();
+        match tokio::time::timeout(deadline, op(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 let err = self.classify(err);
@@ -210,18 +353,41 @@ impl Shard {
                 Err(match access {
                     Access::Read => ShardError::Timeout {
                         shard: self.name.clone(),
-                        deadline: self.deadline,
+                        deadline,
                     },
                     Access::Write => ShardError::OutcomeUnknown {
                         shard: self.name.clone(),
-                        cause: format!("no answer within {:?}", self.deadline),
+                        cause: format!("no answer within {deadline:?}"),
                     },
                 })
             }
         }
     }
 
+    /// Feeds an outcome to the breaker and the stats.
+    fn record<T>(&self, result: &Result<T, ShardError>) {
+        match result {
+            Ok(_) => {
+                self.breaker.record_success();
+                self.stats.record_ok();
+            }
+            Err(e) if e.counts_against_shard() => {
+                let reason = crate::service::error_chain(e);
+                self.breaker.record_failure(&reason);
+                self.stats.record_failure(reason);
+            }
+            Err(e @ (ShardError::ReadOnly { .. } | ShardError::Database { .. })) => {
+                // The shard answered: not its outage, but worth showing.
+                self.stats.record_failure(crate::service::error_chain(e));
+            }
+            Err(_) => {}
+        }
+    }
+
     fn busy(&self) -> ShardError {
+        self.stats
+            .rejected_busy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ShardError::Busy {
             shard: self.name.clone(),
         }
@@ -232,7 +398,7 @@ impl Shard {
             PoolError::Timeout(TimeoutType::Wait) => self.busy(),
             PoolError::Timeout(_) => ShardError::Timeout {
                 shard: self.name.clone(),
-                deadline: self.deadline,
+                deadline: self.settings.connect_timeout(),
             },
             PoolError::Backend(source) => ShardError::Unavailable {
                 shard: self.name.clone(),
@@ -273,9 +439,9 @@ impl Shard {
         self.pool.status()
     }
 
-    /// Checks that the shard answers, through the bulkhead.
+    /// Checks that the shard answers, through the breaker and the bulkhead.
     pub async fn ping(&self) -> Result<(), ShardError> {
-        self.read(|c| {
+        self.read(None, |c| {
             Box::pin(async move {
                 sqlx::Connection::ping(c).await?;
                 Ok(())

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real MariaDB shards started once for it.
 
+mod admin;
 mod chats;
 mod concurrency;
 mod helpers;

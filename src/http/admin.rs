@@ -1,0 +1,188 @@
+//! `/v1/admin/...`: the operator's view, behind a bearer token.
+//!
+//! With no token configured the admin API is off (403 `admin_disabled`), never
+//! open. The token is compared in constant time. Nothing here shows user
+//! content.
+
+use axum::Json;
+use axum::extract::{FromRef, FromRequestParts, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::problem::{Code, Problem};
+use crate::shard::{BreakerState, Shard, stats::RECENT_SECS};
+
+/// Proof that the request carried the admin token.
+pub struct Admin;
+
+impl<S> FromRequestParts<S> for Admin
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let state = AppState::from_ref(state);
+        let Some(expected) = state.admin_token.as_deref() else {
+            return Err(Problem::new(
+                Code::AdminDisabled,
+                "the admin API is off: configure admin.token or CHATSHARD_ADMIN_TOKEN",
+            ));
+        };
+        let given = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(Admin)
+        } else {
+            Err(Problem::new(
+                Code::Unauthorized,
+                "send the admin token as Authorization: Bearer <token>",
+            ))
+        }
+    }
+}
+
+/// The circuit breaker of a shard.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerView {
+    /// `CLOSED`, `OPEN` or `HALF_OPEN`.
+    #[schema(value_type = String)]
+    pub state: BreakerState,
+    pub since: DateTime<Utc>,
+}
+
+/// Calls over the last seconds.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentView {
+    pub window_secs: u64,
+    pub calls: u64,
+    /// Failed calls / calls (counted failures, read-only and database errors).
+    pub failure_rate: f64,
+}
+
+/// The last failure seen on a shard.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastError {
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+/// Calls refused by each protection since start.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedView {
+    pub breaker_open: u64,
+    pub shard_busy: u64,
+    pub chat_busy: u64,
+}
+
+/// One shard as the operator sees it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardView {
+    pub name: String,
+    pub address: String,
+    pub breaker: BreakerView,
+    /// Operations running on the shard now.
+    pub in_flight: usize,
+    /// Callers waiting for a connection now.
+    pub waiting: usize,
+    /// `pool.max_concurrent`.
+    pub capacity: usize,
+    /// `pool.max_waiting`.
+    pub waiting_capacity: usize,
+    /// Slots one chat may hold.
+    pub per_chat_capacity: usize,
+    /// Open connections.
+    pub pool_size: usize,
+    /// Open connections not in use.
+    pub pool_idle: usize,
+    pub recent: RecentView,
+    pub last_error: Option<LastError>,
+    pub rejected: RejectedView,
+    /// `@@innodb_autoinc_lock_mode` as read at start-up (null if unknown).
+    pub autoinc_lock_mode: Option<i64>,
+    /// `@@innodb_flush_log_at_trx_commit` as read at start-up (null if unknown).
+    pub flush_log_at_trx_commit: Option<i64>,
+}
+
+/// `GET /v1/admin/shards`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShardsView {
+    pub shards: Vec<ShardView>,
+}
+
+fn view(shard: &Shard) -> ShardView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let status = shard.status();
+    let settings = shard.settings();
+    let stats = shard.stats();
+    let in_flight = stats.in_flight();
+    let (calls, failure_rate) = stats.recent();
+    let innodb = shard.innodb();
+    ShardView {
+        name: shard.name().to_owned(),
+        address: shard.address().to_owned(),
+        breaker: BreakerView {
+            state: shard.breaker().state(),
+            since: shard.breaker().since(),
+        },
+        in_flight,
+        waiting: shard.admitted().saturating_sub(in_flight),
+        capacity: settings.max_concurrent,
+        waiting_capacity: settings.max_waiting,
+        per_chat_capacity: settings.per_chat_concurrent(),
+        pool_size: status.size,
+        pool_idle: status.available,
+        recent: RecentView {
+            window_secs: RECENT_SECS,
+            calls,
+            failure_rate,
+        },
+        last_error: stats
+            .last_failure()
+            .map(|(at, message)| LastError { at, message }),
+        rejected: RejectedView {
+            breaker_open: stats.rejected_open.load(Relaxed),
+            shard_busy: stats.rejected_busy.load(Relaxed),
+            chat_busy: stats.rejected_chat_busy.load(Relaxed),
+        },
+        autoinc_lock_mode: innodb.map(|i| i.autoinc_lock_mode),
+        flush_log_at_trx_commit: innodb.map(|i| i.flush_log_at_trx_commit),
+    }
+}
+
+/// Every shard's breaker, bulkhead and recent health.
+#[utoipa::path(
+    get, path = "/v1/admin/shards", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every shard", body = ShardsView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn shards(_: Admin, State(state): State<AppState>) -> Json<ShardsView> {
+    Json(ShardsView {
+        shards: state
+            .service
+            .shards()
+            .all()
+            .iter()
+            .map(|s| view(s))
+            .collect(),
+    })
+}
