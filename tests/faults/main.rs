@@ -1,0 +1,406 @@
+//! Fault injection against real MariaDB processes: each scenario runs a steady
+//! mixed load over chats on every shard, breaks one shard (or floods one chat),
+//! repairs it, and asserts that the other shards never noticed, that callers of
+//! the broken shard were answered fast, that the breaker closed again, and that
+//! nothing acknowledged was lost.
+
+mod harness;
+mod proxy;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::{Connection, MySqlConnection};
+
+use harness::{Cluster, Load, SERIAL, assert_healthy};
+use proxy::Mode;
+
+/// The shard every scenario breaks.
+const BROKEN: usize = 1;
+/// How long the load runs before, during and after a fault: measurement
+/// windows, not synchronisation.
+const WINDOW: Duration = Duration::from_millis(1500);
+
+/// A fault that the breaker must see: open, fail fast, close after repair.
+async fn breaker_scenario<I, R>(name: &str, inject: I, remove: R)
+where
+    I: AsyncFnOnce(&mut Cluster),
+    R: AsyncFnOnce(&mut Cluster),
+{
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start().await;
+    let load = Load::start(&cluster);
+    tokio::time::sleep(WINDOW).await;
+
+    let fault_start = Instant::now();
+    inject(&mut cluster).await;
+    let opened_after = cluster
+        .wait_breaker(BROKEN, "OPEN", Duration::from_secs(10))
+        .await;
+    let fail_fast = cluster.assert_fail_fast(BROKEN).await;
+    tokio::time::sleep(WINDOW).await;
+    remove(&mut cluster).await;
+    let fault_end = Instant::now();
+
+    let closed_after = cluster
+        .wait_breaker(BROKEN, "CLOSED", Duration::from_secs(15))
+        .await;
+    let write_ok_after = cluster.wait_write_ok(BROKEN, Duration::from_secs(10)).await;
+    tokio::time::sleep(WINDOW).await;
+    let (samples, acked) = load.stop().await;
+
+    let report = assert_healthy(&samples, |s| s.shard == BROKEN, (fault_start, fault_end));
+    cluster.assert_consistent(&acked).await;
+    eprintln!(
+        "[{name}] healthy p99 before {:?}, during {:?} (ratio {:.2}) over {} requests; \
+         breaker open after {opened_after:?}; fail-fast worst {fail_fast:?}; \
+         closed {closed_after:?} and a write succeeded {write_ok_after:?} after repair",
+        report.baseline_p99,
+        report.fault_p99,
+        report.fault_p99.as_secs_f64() / report.baseline_p99.as_secs_f64().max(1e-9),
+        report.healthy_requests,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_shard_killed_then_restarted() {
+    breaker_scenario(
+        "kill",
+        async |c| c.servers[BROKEN].kill().expect("SIGKILL"),
+        async |c| c.servers[BROKEN].restart().await.expect("restart"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_shard_hung_then_resumed() {
+    breaker_scenario(
+        "stop",
+        async |c| c.servers[BROKEN].suspend().expect("SIGSTOP"),
+        async |c| c.servers[BROKEN].resume().expect("SIGCONT"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_shard_slower_than_the_deadline() {
+    breaker_scenario(
+        "slow",
+        async |c| c.proxies[BROKEN].set(Mode::Delay(Duration::from_millis(800))),
+        async |c| c.proxies[BROKEN].set(Mode::Pass),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4a_connections_reset() {
+    breaker_scenario(
+        "reset",
+        async |c| c.proxies[BROKEN].set(Mode::Reset),
+        async |c| c.proxies[BROKEN].set(Mode::Pass),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4b_connections_black_holed() {
+    breaker_scenario(
+        "blackhole",
+        async |c| c.proxies[BROKEN].set(Mode::Blackhole),
+        async |c| c.proxies[BROKEN].set(Mode::Pass),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_shard_out_of_connections() {
+    breaker_scenario(
+        "max_connections",
+        async |c| {
+            let mut root = c.servers[BROKEN].connect("chatshard").await.expect("root");
+            for sql in [
+                "CREATE USER IF NOT EXISTS 'hog'@'127.0.0.1'",
+                "SET GLOBAL max_connections = 40",
+            ] {
+                sqlx::query(sql).execute(&mut root).await.expect("setup");
+            }
+            // Another client takes every connection the server has left...
+            let url = format!("mysql://hog@127.0.0.1:{}/", c.servers[BROKEN].port());
+            let mut hogs = Vec::new();
+            let refused = loop {
+                match MySqlConnection::connect(&url).await {
+                    Ok(conn) => hogs.push(conn),
+                    Err(e) => break e.to_string(),
+                }
+                assert!(hogs.len() < 100, "max_connections not reached");
+            };
+            assert!(refused.contains("1040") || refused.to_lowercase().contains("too many"), "{refused}");
+            // ...and chatshard's open connections are killed, so it must reconnect.
+            let ids: Vec<u64> = sqlx::query_scalar(
+                "SELECT CAST(id AS UNSIGNED) FROM information_schema.processlist WHERE user = 'chatshard'",
+            )
+            .fetch_all(&mut root)
+            .await
+            .expect("processlist");
+            for id in ids {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL CONNECTION {id}")))
+                    .execute(&mut root)
+                    .await;
+            }
+            HOGS.with_hogs(hogs, root);
+        },
+        async |c| {
+            let (hogs, mut root) = HOGS.take();
+            drop(hogs);
+            sqlx::query("SET GLOBAL max_connections = 500")
+                .execute(&mut root)
+                .await
+                .expect("restore");
+            let _ = c;
+        },
+    )
+    .await;
+}
+
+/// Holds scenario 6's hog connections between its inject and remove steps.
+struct Hogs(std::sync::Mutex<Option<(Vec<MySqlConnection>, MySqlConnection)>>);
+
+static HOGS: Hogs = Hogs(std::sync::Mutex::new(None));
+
+impl Hogs {
+    fn with_hogs(&self, hogs: Vec<MySqlConnection>, root: MySqlConnection) {
+        *self.0.lock().expect("hogs") = Some((hogs, root));
+    }
+
+    fn take(&self) -> (Vec<MySqlConnection>, MySqlConnection) {
+        self.0.lock().expect("hogs").take().expect("hogs were set")
+    }
+}
+
+/// A read-only shard: writes fail with a clear code, reads keep working, and
+/// the breaker does not open (reads must not be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_shard_read_only() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let load = Load::start(&cluster);
+    tokio::time::sleep(WINDOW).await;
+
+    let mut root = cluster.servers[BROKEN]
+        .connect("chatshard")
+        .await
+        .expect("root");
+    let fault_start = Instant::now();
+    sqlx::query("SET GLOBAL read_only = 1")
+        .execute(&mut root)
+        .await
+        .expect("read_only");
+    tokio::time::sleep(2 * WINDOW).await;
+    let breaker_during = cluster.breaker(BROKEN).await;
+    sqlx::query("SET GLOBAL read_only = 0")
+        .execute(&mut root)
+        .await
+        .expect("read_write");
+    let fault_end = Instant::now();
+    cluster.wait_write_ok(BROKEN, Duration::from_secs(5)).await;
+    tokio::time::sleep(WINDOW).await;
+    let (samples, acked) = load.stop().await;
+
+    assert_eq!(
+        breaker_during, "CLOSED",
+        "a read-only shard must not open the breaker"
+    );
+    let during: Vec<_> = samples
+        .iter()
+        .filter(|s| s.shard == BROKEN && s.at >= fault_start && s.at < fault_end)
+        .collect();
+    let (writes, reads): (Vec<_>, Vec<_>) = during.iter().partition(|s| s.write);
+    assert!(
+        !reads.is_empty() && reads.iter().all(|s: &&&harness::Sample| s.status == 200),
+        "reads must keep working"
+    );
+    // A write racing the switch may still succeed; the others fail clearly.
+    let refused: Vec<_> = writes
+        .iter()
+        .filter(|s| s.status != 201 && s.status != 200)
+        .collect();
+    assert!(!refused.is_empty(), "no write was refused while read-only");
+    assert!(
+        refused
+            .iter()
+            .all(|s| s.status == 503 && s.code == "shard_read_only"),
+        "{:?}",
+        refused
+            .iter()
+            .map(|s| (&s.status, &s.code))
+            .collect::<Vec<_>>()
+    );
+    let report = assert_healthy(&samples, |s| s.shard == BROKEN, (fault_start, fault_end));
+    cluster.assert_consistent(&acked).await;
+    eprintln!(
+        "[read_only] healthy p99 before {:?}, during {:?}; {} reads ok and {} writes refused with shard_read_only on the read-only shard",
+        report.baseline_p99,
+        report.fault_p99,
+        reads.len(),
+        refused.len()
+    );
+}
+
+/// One chat floods its shard with work: it gets its share and `chat_busy` past
+/// it, while the other chats of the same shard, and the other shards, keep
+/// succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_hot_chat_takes_only_its_share() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let hot = cluster.chats[BROKEN][0].clone();
+    // Enough history that every fetch of the hot chat reads real pages.
+    let join = cluster
+        .http
+        .post(cluster.url(&format!("/v1/chats/{hot}/members")))
+        .json(&serde_json::json!({ "userId": "star" }))
+        .send()
+        .await
+        .expect("join");
+    assert!(join.status().is_success());
+    let text = "x".repeat(100);
+    for i in 0..200 {
+        let r = cluster
+            .http
+            .post(cluster.url(&format!("/v1/chats/{hot}/messages")))
+            .json(&serde_json::json!({ "senderId": "star", "clientMessageId": format!("h{i}"), "text": text }))
+            .send()
+            .await
+            .expect("post");
+        assert!(r.status().is_success());
+    }
+
+    let load = Load::start(&cluster);
+    tokio::time::sleep(WINDOW).await;
+    let fault_start = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..64)
+        .map(|_| {
+            let (http, url, stop) = (
+                cluster.http.clone(),
+                cluster.url(&format!("/v1/chats/{hot}/events?after=0&limit=50")),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let Ok(r) = http.get(&url).send().await else {
+                        continue;
+                    };
+                    let status = r.status().as_u16();
+                    let code = if status == 200 {
+                        // Read the body; the page itself is not needed.
+                        let _ = r.bytes().await;
+                        String::new()
+                    } else {
+                        r.json::<Value>()
+                            .await
+                            .map(|b| b["code"].as_str().unwrap_or("").to_owned())
+                            .unwrap_or_default()
+                    };
+                    if status != 200 {
+                        // A refused client backs off a little (far less than
+                        // the Retry-After it was given) and comes straight back.
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    statuses.push((status, code));
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(2 * WINDOW).await;
+    let breaker_during = cluster.breaker(BROKEN).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut flood_results = Vec::new();
+    for f in flood {
+        flood_results.extend(f.await.expect("flood"));
+    }
+    let fault_end = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let (samples, acked) = load.stop().await;
+
+    assert_eq!(
+        breaker_during, "CLOSED",
+        "a hot chat must not open its shard's breaker"
+    );
+    let served = flood_results.iter().filter(|(s, _)| *s == 200).count();
+    let chat_busy = flood_results
+        .iter()
+        .filter(|(_, c)| c == "chat_busy")
+        .count();
+    assert!(
+        served > 0,
+        "the hot chat must still be served within its share"
+    );
+    assert!(
+        chat_busy > 0,
+        "the hot chat never hit its share: the flood was too small to test it"
+    );
+    assert!(
+        flood_results
+            .iter()
+            .all(|(s, c)| *s == 200 || c == "chat_busy"),
+        "the hot chat got other errors: {:?}",
+        flood_results
+            .iter()
+            .filter(|(s, _)| *s != 200)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    // Every request of every other chat, including the other chats of the hot
+    // chat's own shard, succeeded.
+    let others: Vec<_> = samples.iter().filter(|s| s.chat != hot).collect();
+    assert!(
+        others.iter().all(|s| (200..300).contains(&s.status)),
+        "another chat failed during the flood"
+    );
+    // The flood also loads this process's two cores (client and server share
+    // them), which slows every request alike; what the hot chat must not do is
+    // take its shard from the other chats there. So the other chats of its shard
+    // are compared with the chats of the untouched shards, in the same window.
+    let during = |s: &&&harness::Sample| s.at >= fault_start && s.at < fault_end;
+    let same_shard: Vec<&harness::Sample> = others
+        .iter()
+        .filter(during)
+        .filter(|s| s.shard == BROKEN)
+        .copied()
+        .collect();
+    let other_shards: Vec<&harness::Sample> = others
+        .iter()
+        .filter(during)
+        .filter(|s| s.shard != BROKEN)
+        .copied()
+        .collect();
+    assert!(same_shard.len() >= 20 && other_shards.len() >= 20);
+    let (p_same, p_other) = (harness::p99(&same_shard), harness::p99(&other_shards));
+    let limit = 2 * p_other.max(std::time::Duration::from_millis(10));
+    assert!(
+        p_same <= limit,
+        "other chats of the hot chat's shard: p99 {p_same:?} > {limit:?} (untouched shards: {p_other:?})"
+    );
+    let before: Vec<&harness::Sample> = others
+        .iter()
+        .filter(|s| s.at < fault_start)
+        .copied()
+        .collect();
+    let report = harness::Report {
+        baseline_p99: harness::p99(&before),
+        fault_p99: p_same,
+        healthy_requests: others.len(),
+    };
+    cluster.assert_consistent(&acked).await;
+    eprintln!(
+        "[hot_chat] other chats p99 before {:?}; during the flood: other chats of the hot shard {:?}, chats of untouched shards {p_other:?} (ratio {:.2}); \
+         the hot chat: {served} fetches served, {chat_busy} answered chat_busy; {} requests of other chats of its shard all succeeded",
+        report.baseline_p99,
+        report.fault_p99,
+        p_same.as_secs_f64() / p_other.as_secs_f64().max(1e-9),
+        same_shard.len()
+    );
+}
