@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chatshard::app::build_shards;
 use chatshard::config::{GroupCommitSettings, Settings, ShardSettings};
 use chatshard::domain::{ChatId, MaxMembers, UserId};
+use chatshard::live::{Live, LiveConfig};
 use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
 use chatshard::routing::bucket_of;
+use chatshard::service::ChatService;
 use chatshard::service::plan::{ChatBefore, WriteOp, plan};
-use chatshard::service::{ChatService, GroupCommit};
+use chatshard::throttle::{SystemClock, Throttle};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 const JOINS: usize = 400;
@@ -46,14 +48,18 @@ fn spike(c: &mut Criterion) {
     static CHAT: AtomicU64 = AtomicU64::new(0);
     for (name, max_batch) in [("group_commit", 256), ("one_commit_per_join", 1)] {
         let shards = build_shards(&settings).expect("shards");
-        let commits = GroupCommit::new(GroupCommitSettings {
-            max_batch,
-            max_pending_per_chat: JOINS * 2,
-        });
+        // Join throttling off: this measures the write path itself.
+        let mut live = LiveConfig::default();
+        live.join_throttle.enabled = false;
         let service = Arc::new(ChatService::new(
             shards,
-            commits,
+            GroupCommitSettings {
+                max_batch,
+                max_pending_per_chat: JOINS * 2,
+            },
             MaxMembers::parse(100_000).expect("max"),
+            Live::new(live),
+            Throttle::new(Arc::new(SystemClock::default()), &settings.throttle),
         ));
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.to_async(&rt).iter(|| {

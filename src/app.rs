@@ -2,19 +2,24 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::domain::MaxMembers;
 use crate::http::{self, AppState};
-use crate::service::{ChatService, GroupCommit};
+use crate::live::Live;
+use crate::service::ChatService;
 use crate::shard::{InnodbSettings, Shard, ShardSet};
+use crate::throttle::{SystemClock, Throttle};
 
 /// A bound, ready-to-run service.
 pub struct App {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shards: Arc<ShardSet>,
+    live: Arc<Live>,
 }
 
 impl App {
@@ -26,10 +31,14 @@ impl App {
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
         let default_max = MaxMembers::parse(i64::from(settings.defaults.max_members))
             .map_err(|e| anyhow::anyhow!(e))?;
+        let live = Live::new(settings.live());
+        let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
         let service = ChatService::new(
             shards.clone(),
-            GroupCommit::new(settings.group_commit.clone()),
+            settings.group_commit.clone(),
             default_max,
+            live.clone(),
+            throttle,
         );
         let admin_token = Some(settings.admin.token.as_str())
             .filter(|t| !t.is_empty())
@@ -48,7 +57,31 @@ impl App {
             listener,
             router,
             shards,
+            live,
         })
+    }
+
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    /// Reloads the live section whenever `path` changes (polled every
+    /// `every`); an invalid file is logged and ignored.
+    pub fn watch_config(&self, path: PathBuf, every: Duration) {
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            let mut seen = modified(&path);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let now = modified(&path);
+                if now != seen {
+                    seen = now;
+                    reload_live(&live, &path);
+                }
+            }
+        });
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -68,6 +101,30 @@ impl App {
             .with_graceful_shutdown(shutdown)
             .await?;
         Ok(())
+    }
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reads the live section of the file at `path` into `live`; a file that does
+/// not parse, or a live section that is not valid, is logged and ignored.
+pub fn reload_live(live: &Live, path: &Path) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the configuration file; the live configuration stays");
+            return;
+        }
+    };
+    match Settings::from_toml_unvalidated(&text, std::env::vars()) {
+        Ok(settings) => {
+            let _ = live.update(settings.live(), "configuration file");
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "configuration file rejected; the live configuration stays");
+        }
     }
 }
 

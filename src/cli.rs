@@ -124,11 +124,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) if args.dev => serve_dev(args).await,
         Command::Serve(args) => {
-            let mut settings = load(&args.config)?;
+            let path = config_path(&args.config)?;
+            let mut settings = Settings::load(&path)?;
             if let Some(listen) = args.listen {
                 settings.listen = listen;
             }
-            serve(&settings).await
+            serve(&settings, Some(path)).await
         }
         Command::Migrate(args) => {
             let settings = load(&args.config)?;
@@ -195,8 +196,25 @@ fn load(arg: &ConfigArg) -> anyhow::Result<Settings> {
     Ok(Settings::load(&config_path(arg)?)?)
 }
 
-async fn serve(settings: &Settings) -> anyhow::Result<()> {
+/// How often the configuration file is checked for changes.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
+    if let Some(path) = config {
+        // The live section follows the file: checked every second, and at once
+        // on SIGHUP.
+        app.watch_config(path.clone(), CONFIG_POLL);
+        let live = app.live().clone();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    app::reload_live(&live, &path);
+                }
+            });
+        }
+    }
     let addr = app.local_addr()?;
     tracing::info!(%addr, shards = settings.shards.len(), "chatshard listening");
     println!("chatshard listening on http://{addr}");
@@ -230,7 +248,7 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
             let schema = migrate::migrate_shard(shard).await?;
             println!("  {schema}");
         }
-        serve(&settings).await
+        serve(&settings, args.config.config.clone()).await
     }
     .await;
     println!("stopping the local shards ...");

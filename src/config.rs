@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::MaxMembers;
+use crate::live::{HotChatConfig, JoinThrottleConfig, LiveConfig};
 use crate::routing::{BucketRange, Router};
 
 /// The whole static configuration.
@@ -40,6 +41,14 @@ pub struct Settings {
     pub startup: StartupSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub throttle: ThrottleSettings,
+    /// Live: hot-chat detection and fetch throttling (changeable at run time).
+    #[serde(default)]
+    pub hot_chat: HotChatConfig,
+    /// Live: join throttling (changeable at run time).
+    #[serde(default)]
+    pub join_throttle: JoinThrottleConfig,
     #[serde(default)]
     pub shards: Vec<ShardSettings>,
 }
@@ -144,6 +153,25 @@ impl Default for BreakerSettings {
             window_secs: 10,
             open_ms: 2000,
             half_open_probes: 1,
+        }
+    }
+}
+
+/// Sizes of the in-process throttling state (fixed at start).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleSettings {
+    /// Chats whose join window and hot-chat bucket are tracked at once (each).
+    pub tracked_chats: u64,
+    /// Bytes of event pages kept for hot chats.
+    pub page_cache_bytes: u64,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            tracked_chats: 100_000,
+            page_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -386,6 +414,10 @@ impl Settings {
                     .to_owned(),
             );
         }
+        problems.extend(self.live().problems());
+        if self.throttle.tracked_chats == 0 {
+            problems.push("throttle.tracked_chats must be greater than 0".to_owned());
+        }
         if self.group_commit.max_batch > 1000 {
             // Each write binds up to 6 values per statement; 1000 keeps every
             // statement far below MySQL's 65,535 placeholders.
@@ -395,6 +427,14 @@ impl Settings {
             Ok(())
         } else {
             Err(ConfigError(problems))
+        }
+    }
+
+    /// The live section of the file.
+    pub fn live(&self) -> LiveConfig {
+        LiveConfig {
+            hot_chat: self.hot_chat.clone(),
+            join_throttle: self.join_throttle.clone(),
         }
     }
 

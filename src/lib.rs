@@ -13,6 +13,8 @@
 //! - [`app`]: builds the application from [`config::Settings`], binds and runs
 //!   until stopped.
 //! - [`config`]: the TOML file plus environment overrides, validated on load.
+//! - [`live`]: the live section (hot chats, join throttle), swapped atomically
+//!   without a restart.
 //! - [`domain`]: newtypes parsed once at the edge (`ChatId`, `UserId`, ...).
 //! - [`routing`]: `chatId -> bucket -> shard`, a frozen hash.
 //! - [`shard`]: one [`shard::Shard`] = a bounded pool (the bulkhead) plus a
@@ -20,6 +22,8 @@
 //! - [`storage`]: the SQL, one function per statement; the only place SQL lives.
 //! - [`service`]: the use cases (join, leave, post, fetch...), including the
 //!   per-chat group commit that folds many writes into one transaction.
+//! - [`throttle`]: join throttling, hot-chat detection, fetch coalescing; local,
+//!   in-process, bounded caches.
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
 //! - [`migrate`]: applies `migrations/` to every shard and reports versions.
@@ -37,9 +41,11 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod http;
+pub mod live;
 pub mod localdb;
 pub mod migrate;
 pub mod routing;
 pub mod service;
 pub mod shard;
 pub mod storage;
+pub mod throttle;

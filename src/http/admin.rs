@@ -14,8 +14,11 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::extract::JsonBody;
 use super::problem::{Code, Problem};
+use crate::live::LiveConfig;
 use crate::shard::{BreakerState, Shard, stats::RECENT_SECS};
+use crate::throttle::Decisions;
 
 /// Proof that the request carried the admin token.
 pub struct Admin;
@@ -184,5 +187,143 @@ pub async fn shards(_: Admin, State(state): State<AppState>) -> Json<ShardsView>
             .iter()
             .map(|s| view(s))
             .collect(),
+    })
+}
+
+/// The live configuration and its version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigView {
+    /// Grows with every accepted change.
+    pub version: u64,
+    pub config: LiveConfig,
+}
+
+fn config_view(state: &AppState) -> ConfigView {
+    let snapshot = state.service.live().load();
+    ConfigView {
+        version: snapshot.version,
+        config: snapshot.config.clone(),
+    }
+}
+
+/// The live configuration.
+#[utoipa::path(
+    get, path = "/v1/admin/config", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The live configuration", body = ConfigView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_config(_: Admin, State(state): State<AppState>) -> Json<ConfigView> {
+    Json(config_view(&state))
+}
+
+/// Replaces the live configuration (fields left out take their defaults).
+#[utoipa::path(
+    put, path = "/v1/admin/config", tag = "admin",
+    security(("admin_token" = [])),
+    request_body(content = LiveConfig, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted (the version grows when anything changed)", body = ConfigView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_config (every problem in `errors`; the old config stays) or invalid_request", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn put_config(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonBody(config): JsonBody<LiveConfig>,
+) -> Result<Json<ConfigView>, Problem> {
+    state
+        .service
+        .live()
+        .update(config, "admin API")
+        .map_err(|errors| {
+            Problem::new(
+                Code::InvalidConfig,
+                "the configuration was rejected; the previous one stays",
+            )
+            .with_errors(errors)
+        })?;
+    Ok(Json(config_view(&state)))
+}
+
+/// A hot chat.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HotChatView {
+    pub chat_id: String,
+    /// When the mark expires unless the chat stays hot.
+    pub hot_until: DateTime<Utc>,
+    /// Recent events per second on this instance.
+    pub events_per_second: f64,
+}
+
+/// Throttling decisions since start, by kind.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionsView {
+    pub joins_throttled: u64,
+    pub joins_throttled_dry_run: u64,
+    pub fetches_throttled: u64,
+    pub fetches_throttled_dry_run: u64,
+    pub hot_chats_marked: u64,
+    /// Event fetches asked for, and the queries they cost (the rest were
+    /// coalesced or served from a kept page).
+    pub fetches: u64,
+    pub fetch_queries: u64,
+}
+
+/// `GET /v1/admin/hot-chats`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HotChatsView {
+    pub hot_chats: Vec<HotChatView>,
+    pub decisions: DecisionsView,
+}
+
+/// Chats hot now on this instance, and the throttling decisions so far.
+#[utoipa::path(
+    get, path = "/v1/admin/hot-chats", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Hot chats", body = HotChatsView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChatsView> {
+    let throttle = state.service.throttle();
+    let now = Utc::now();
+    let d = &throttle.decisions;
+    Json(HotChatsView {
+        hot_chats: throttle
+            .hot
+            .hot_chats()
+            .into_iter()
+            .map(|h| HotChatView {
+                chat_id: h.chat.to_string(),
+                hot_until: now
+                    + chrono::Duration::milliseconds(
+                        i64::try_from(h.expires_in_ms).unwrap_or(i64::MAX),
+                    ),
+                events_per_second: h.events_per_second,
+            })
+            .collect(),
+        decisions: DecisionsView {
+            joins_throttled: Decisions::get(&d.joins_throttled),
+            joins_throttled_dry_run: Decisions::get(&d.joins_throttled_dry_run),
+            fetches_throttled: Decisions::get(&d.fetches_throttled),
+            fetches_throttled_dry_run: Decisions::get(&d.fetches_throttled_dry_run),
+            hot_chats_marked: Decisions::get(&d.hot_chats_marked),
+            fetches: Decisions::get(&d.fetches),
+            fetch_queries: Decisions::get(&d.fetch_queries),
+        },
     })
 }

@@ -25,6 +25,7 @@ use crate::domain::{MemberCursor, PageLimit, UserId};
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "join_throttled", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Busy, unavailable or outcome unknown", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -49,6 +49,7 @@ pub async fn post_message(
         (status = 400, description = "Undecodable query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid id, revision or limit", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "fetch_throttled (the chat is hot)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -61,7 +62,7 @@ pub async fn get_events(
     let limit = PageLimit::parse(query.limit.as_deref()).map_err(|e| Problem::invalid(e.0))?;
     let page = state.service.events(&chat, after, limit).await?;
     Ok(Json(EventPage {
-        events: page.events.into_iter().map(Into::into).collect(),
+        events: page.events.iter().cloned().map(Into::into).collect(),
         latest_revision: page.latest_revision,
     }))
 }

@@ -77,6 +77,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(admin::shards))
+        .routes(routes!(admin::get_config, admin::put_config))
+        .routes(routes!(admin::hot_chats))
         .split_for_parts();
     let api = Arc::new(api);
     router

@@ -34,6 +34,9 @@ pub enum Code {
     NotAMember,
     IdempotencyKeyReused,
     ChatBusy,
+    JoinThrottled,
+    FetchThrottled,
+    InvalidConfig,
     ShardBusy,
     ShardTimeout,
     ShardUnavailable,
@@ -44,7 +47,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for the documentation test.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 23] = [
         Code::InvalidRequest,
         Code::MalformedJson,
         Code::UnsupportedMediaType,
@@ -59,6 +62,9 @@ impl Code {
         Code::NotAMember,
         Code::IdempotencyKeyReused,
         Code::ChatBusy,
+        Code::JoinThrottled,
+        Code::FetchThrottled,
+        Code::InvalidConfig,
         Code::ShardBusy,
         Code::ShardTimeout,
         Code::ShardUnavailable,
@@ -83,6 +89,9 @@ impl Code {
             Self::NotAMember => "not_a_member",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::ChatBusy => "chat_busy",
+            Self::JoinThrottled => "join_throttled",
+            Self::FetchThrottled => "fetch_throttled",
+            Self::InvalidConfig => "invalid_config",
             Self::ShardBusy => "shard_busy",
             Self::ShardTimeout => "shard_timeout",
             Self::ShardUnavailable => "shard_unavailable",
@@ -94,7 +103,10 @@ impl Code {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Self::InvalidRequest | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidRequest | Self::IdempotencyKeyReused | Self::InvalidConfig => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::JoinThrottled | Self::FetchThrottled => StatusCode::TOO_MANY_REQUESTS,
             Self::MalformedJson => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -129,7 +141,10 @@ impl Code {
             Self::ChatFull => "The chat is full",
             Self::NotAMember => "The sender is not a member of the chat",
             Self::IdempotencyKeyReused => "The idempotency key was used for a different request",
-            Self::ChatBusy => "Too many writes are queued for this chat",
+            Self::ChatBusy => "This chat holds its whole share of its shard",
+            Self::JoinThrottled => "Too many joins to this chat",
+            Self::FetchThrottled => "This chat is hot: event fetches are throttled",
+            Self::InvalidConfig => "The configuration is not valid",
             Self::ShardBusy => "The chat's shard is busy",
             Self::ShardTimeout => "The chat's shard did not answer in time",
             Self::ShardUnavailable => "The chat's shard is unavailable",
@@ -142,7 +157,7 @@ impl Code {
     /// Seconds a client should wait before retrying, for retryable codes.
     pub fn retry_after(self) -> Option<u32> {
         match self.status() {
-            StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => Some(1),
             _ => None,
         }
     }
@@ -155,13 +170,16 @@ pub struct Problem {
     #[serde(rename = "type")]
     pub type_: String,
     /// A short summary of the problem type.
-    pub title: String,
+    pub title: &'static str,
     /// The HTTP status code.
     pub status: u16,
     /// What went wrong with this request.
     pub detail: String,
     /// A stable machine-readable code (see the error catalogue).
-    pub code: String,
+    pub code: &'static str,
+    /// Every problem found, for `invalid_config`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
     #[serde(skip)]
     #[schema(ignore)]
     retry_after: Option<u32>,
@@ -171,12 +189,19 @@ impl Problem {
     pub fn new(code: Code, detail: impl Into<String>) -> Self {
         Self {
             type_: format!("urn:chatshard:problem:{}", code.as_str()),
-            title: code.title().to_owned(),
+            title: code.title(),
             status: code.status().as_u16(),
             detail: detail.into(),
-            code: code.as_str().to_owned(),
+            code: code.as_str(),
+            errors: Vec::new(),
             retry_after: code.retry_after(),
         }
+    }
+
+    /// Lists every problem found (RFC 9457 extension member `errors`).
+    pub fn with_errors(mut self, errors: Vec<String>) -> Self {
+        self.errors = errors;
+        self
     }
 
     /// Replaces the default `Retry-After` of the code.
@@ -229,8 +254,19 @@ impl From<ServiceError> for Problem {
             ),
             ServiceError::ChatBusy => Self::new(
                 Code::ChatBusy,
-                "too many writes are queued for this chat; retry after the delay given",
+                "this chat holds its whole share of its shard, or too many of its writes are queued; \
+                 retry after the delay given",
             ),
+            ServiceError::JoinThrottled { retry_after_secs } => Self::new(
+                Code::JoinThrottled,
+                "this chat accepts no more joins in the current window; retry after the delay given",
+            )
+            .with_retry_after(retry_after_secs),
+            ServiceError::FetchThrottled { retry_after_secs } => Self::new(
+                Code::FetchThrottled,
+                "this chat is hot and its event fetches are throttled; retry after the delay given",
+            )
+            .with_retry_after(retry_after_secs),
             ServiceError::ShardBusy { shard } => Self::new(
                 Code::ShardBusy,
                 format!("shard {shard} has no free capacity; retry shortly"),
@@ -284,6 +320,7 @@ mod tests {
             assert_eq!(
                 code.retry_after().is_some(),
                 code.status() == StatusCode::SERVICE_UNAVAILABLE
+                    || code.status() == StatusCode::TOO_MANY_REQUESTS
             );
         }
     }

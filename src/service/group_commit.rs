@@ -61,17 +61,23 @@ impl ChatQueue {
     }
 }
 
+/// Told of every batch: the chat and the events it appended (0 when the batch
+/// failed, since its outcome may still be unknown).
+pub type OnCommit = Box<dyn Fn(&ChatId, u64) + Send + Sync>;
+
 /// Per-chat write queues.
 pub struct GroupCommit {
     queues: DashMap<ChatId, Arc<ChatQueue>>,
     settings: GroupCommitSettings,
+    on_commit: OnCommit,
 }
 
 impl GroupCommit {
-    pub fn new(settings: GroupCommitSettings) -> Arc<Self> {
+    pub fn new(settings: GroupCommitSettings, on_commit: OnCommit) -> Arc<Self> {
         Arc::new(Self {
             queues: DashMap::new(),
             settings,
+            on_commit,
         })
     }
 
@@ -114,12 +120,14 @@ impl GroupCommit {
             };
             let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch.into_iter().unzip();
             match commit(&shard, &chat, ops).await {
-                Ok(outcomes) => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                Ok(committed) => {
+                    (self.on_commit)(&chat, committed.events);
+                    for (reply, outcome) in replies.into_iter().zip(committed.outcomes) {
                         let _ = reply.send(Ok(outcome));
                     }
                 }
                 Err(err) => {
+                    (self.on_commit)(&chat, 0);
                     let err = ServiceError::from(err);
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
@@ -144,7 +152,7 @@ async fn commit(
     shard: &Shard,
     chat: &ChatId,
     ops: Vec<WriteOp>,
-) -> Result<Vec<WriteOutcome>, ShardError> {
+) -> Result<write::Committed, ShardError> {
     let ops: Arc<[WriteOp]> = ops.into();
     let mut attempt = 1;
     loop {

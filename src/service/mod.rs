@@ -24,6 +24,14 @@ use crate::shard::{OpError, Shard, ShardError, ShardSet};
 use crate::storage::{self, chats, events, members, messages};
 
 pub use group_commit::GroupCommit;
+
+use std::time::Duration;
+
+use crate::config::GroupCommitSettings;
+use crate::live::Live;
+use crate::throttle::join::JoinDecision;
+use crate::throttle::pages::PageKey;
+use crate::throttle::{Decisions, Throttle};
 pub use plan::{Rejection, WriteOp};
 pub use write::WriteOutcome;
 
@@ -42,6 +50,10 @@ pub enum ServiceError {
     IdempotencyKeyReused,
     #[error("too many writes are queued for this chat")]
     ChatBusy,
+    #[error("too many joins to this chat")]
+    JoinThrottled { retry_after_secs: u64 },
+    #[error("this chat is hot: event fetches are throttled")]
+    FetchThrottled { retry_after_secs: u64 },
     #[error("shard {shard} is busy")]
     ShardBusy { shard: String },
     #[error("shard {shard} did not answer in time")]
@@ -206,23 +218,48 @@ pub struct ChatService {
     shards: Arc<ShardSet>,
     commits: Arc<GroupCommit>,
     default_max_members: MaxMembers,
+    live: Arc<Live>,
+    throttle: Arc<Throttle>,
 }
 
 impl ChatService {
     pub fn new(
         shards: Arc<ShardSet>,
-        commits: Arc<GroupCommit>,
+        group_commit: GroupCommitSettings,
         default_max_members: MaxMembers,
+        live: Arc<Live>,
+        throttle: Arc<Throttle>,
     ) -> Self {
+        // Every committed batch feeds the hot-chat detector and retires the
+        // chat's kept pages.
+        let on_commit: group_commit::OnCommit = {
+            let (live, throttle) = (live.clone(), throttle.clone());
+            Box::new(move |chat: &ChatId, events: u64| {
+                let rule = live.load().config.hot_chat_rule(chat);
+                throttle
+                    .hot
+                    .record_write(chat, events, rule, &throttle.decisions);
+            })
+        };
         Self {
             shards,
-            commits,
+            commits: GroupCommit::new(group_commit, on_commit),
             default_max_members,
+            live,
+            throttle,
         }
     }
 
     pub fn shards(&self) -> &Arc<ShardSet> {
         &self.shards
+    }
+
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     fn shard(&self, chat: &ChatId) -> &Arc<Shard> {
@@ -283,6 +320,15 @@ impl ChatService {
         chat: &ChatId,
         user: &UserId,
     ) -> Result<(Member, Created), ServiceError> {
+        // Decided before any database work: no network hop, no delay.
+        let rule = self.live.load().config.join_rule(chat);
+        let decision = self
+            .throttle
+            .joins
+            .check(chat, rule, &self.throttle.decisions);
+        if let JoinDecision::Throttle { retry_after_secs } = decision {
+            return Err(ServiceError::JoinThrottled { retry_after_secs });
+        }
         match self
             .write(chat, WriteOp::Join { user: user.clone() })
             .await?
@@ -396,7 +442,60 @@ impl ChatService {
     }
 
     /// Events after `after`, oldest first, with the chat's latest revision.
+    ///
+    /// A hot chat's fetches may be throttled (`throttleRate` of them, unless
+    /// the rule is a dry run); concurrent identical fetches share one query, and
+    /// a hot chat's pages are kept for `cacheMillis` or until this instance
+    /// writes to the chat.
     pub async fn events(
+        &self,
+        chat: &ChatId,
+        after: Revision,
+        limit: PageLimit,
+    ) -> Result<Arc<EventPage>, ServiceError> {
+        let decisions = &self.throttle.decisions;
+        Decisions::bump(&decisions.fetches);
+        let rule = self.live.load().config.hot_chat_rule(chat);
+        let heat = self.throttle.hot.heat(chat);
+        let hot = rule.enabled && heat.hot;
+        if hot && rule.throttle_rate > 0.0 && rand::random::<f64>() < rule.throttle_rate {
+            // Jittered, so throttled clients do not all come back at once.
+            let retry_after_secs = rand::random_range(1..=3);
+            if rule.dry_run {
+                Decisions::bump(&decisions.fetches_throttled_dry_run);
+                tracing::debug!(chat_id = %chat, "event fetch would be throttled (dry run)");
+            } else {
+                Decisions::bump(&decisions.fetches_throttled);
+                return Err(ServiceError::FetchThrottled { retry_after_secs });
+            }
+        }
+        let key = PageKey {
+            chat: chat.clone(),
+            after: after.0,
+            limit: limit.get(),
+            generation: heat.generation,
+        };
+        let ttl = if hot {
+            Duration::from_millis(rule.cache_millis)
+        } else {
+            Duration::ZERO
+        };
+        self.throttle
+            .pages
+            .get_or_load(key, ttl, async {
+                Decisions::bump(&decisions.fetch_queries);
+                let page = self.load_events(chat, after, limit).await?;
+                let weight = page
+                    .events
+                    .iter()
+                    .map(|e| 64 + e.text.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+                Ok((page, u32::try_from(weight).unwrap_or(u32::MAX)))
+            })
+            .await
+    }
+
+    async fn load_events(
         &self,
         chat: &ChatId,
         after: Revision,

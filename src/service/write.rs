@@ -28,6 +28,15 @@ pub enum WriteOutcome {
     Rejected(Rejection),
 }
 
+/// What one committed batch did.
+#[derive(Debug)]
+pub struct Committed {
+    /// One per operation, in order.
+    pub outcomes: Vec<WriteOutcome>,
+    /// Events appended to the chat's log.
+    pub events: u64,
+}
+
 /// Runs one batch in one transaction. Business refusals are per-operation
 /// outcomes; an `Err` means the whole batch was not applied (or, for
 /// [`OpError::Commit`], may have been).
@@ -36,15 +45,15 @@ pub async fn commit_batch(
     chat: &ChatId,
     ops: &[WriteOp],
     now: NaiveDateTime,
-) -> Result<Vec<WriteOutcome>, OpError> {
+) -> Result<Committed, OpError> {
     let mut tx = conn.begin().await?;
     let chat_id = chat.as_str();
     let Some(row) = chats::lock(&mut tx, chat_id).await? else {
         tx.rollback().await?;
-        return Ok(vec![
-            WriteOutcome::Rejected(Rejection::ChatNotFound);
-            ops.len()
-        ]);
+        return Ok(Committed {
+            outcomes: vec![WriteOutcome::Rejected(Rejection::ChatNotFound); ops.len()],
+            events: 0,
+        });
     };
     let before = ChatBefore {
         revision: row.revision,
@@ -173,7 +182,10 @@ pub async fn commit_batch(
         .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
         .collect::<Result<Vec<_>, OpError>>()?;
     tx.commit().await.map_err(OpError::Commit)?;
-    Ok(outcomes)
+    Ok(Committed {
+        outcomes,
+        events: new_events.len() as u64,
+    })
 }
 
 fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {

@@ -88,6 +88,7 @@ pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub settings: Settings,
+    pub live: std::sync::Arc<chatshard::live::Live>,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -97,10 +98,29 @@ impl TestApp {
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start(configure, None).await
+    }
+
+    /// An app whose live section follows `path` (checked every 20 ms).
+    pub async fn spawn_watching(
+        path: std::path::PathBuf,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
+        Self::start(configure, Some(path)).await
+    }
+
+    async fn start(
+        configure: impl FnOnce(&mut Settings),
+        watch: Option<std::path::PathBuf>,
+    ) -> Self {
         let mut settings = settings();
         configure(&mut settings);
         let app = App::build(&settings).await.expect("build app");
         let addr = app.local_addr().expect("addr");
+        let live = app.live().clone();
+        if let Some(path) = watch {
+            app.watch_config(path, std::time::Duration::from_millis(20));
+        }
         let server = tokio::spawn(async move {
             let _ = app.run(std::future::pending()).await;
         });
@@ -108,6 +128,7 @@ impl TestApp {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             settings,
+            live,
             _server: server,
         }
     }
@@ -134,6 +155,13 @@ impl TestApp {
         let r = self.put_chat(&chat, None).await;
         assert_eq!(r.status(), StatusCode::CREATED, "create {chat}");
         chat
+    }
+
+    /// A request with the admin token (tests that use it set `admin.token`).
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(&self.settings.admin.token)
     }
 
     pub async fn join(&self, chat: &str, user: &str) -> Response {

@@ -4,6 +4,7 @@ mod admin;
 mod chats;
 mod concurrency;
 mod helpers;
+mod hot;
 mod members;
 mod messages;
 mod repair;

@@ -1,0 +1,362 @@
+//! Live configuration: the settings that change without a restart.
+//!
+//! The live section (`hot_chat`, `join_throttle`) is validated as a whole and
+//! swapped atomically: the request path reads the current snapshot with one
+//! atomic load and never takes a lock, and a rejected update (through
+//! `PUT /v1/admin/config` or an edited file) leaves the previous snapshot in
+//! place. Every accepted change increments the version.
+//!
+//! Field names are camelCase in JSON; the TOML file also accepts snake_case.
+//! Per-chat overrides replace any subset of a section's fields for one chat.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::ChatId;
+
+/// Hot-chat detection and event-fetch throttling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HotChatConfig {
+    /// Detect hot chats at all.
+    pub enabled: bool,
+    /// Record throttling decisions (log, counters) but serve every fetch.
+    #[serde(alias = "dry_run")]
+    pub dry_run: bool,
+    /// The bucket refills `threshold` tokens every `durationSeconds`.
+    #[serde(alias = "duration_seconds")]
+    pub duration_seconds: u64,
+    /// Events (messages, joins, leaves) per `durationSeconds` before a chat is hot.
+    pub threshold: u64,
+    /// How long a chat stays hot once marked.
+    #[serde(alias = "expire_seconds")]
+    pub expire_seconds: u64,
+    /// Fraction (0..=1) of a hot chat's event fetches answered 429 `fetch_throttled`.
+    #[serde(alias = "throttle_rate")]
+    pub throttle_rate: f64,
+    /// How long a hot chat's fetched pages are kept (0 = coalescing only).
+    #[serde(alias = "cache_millis")]
+    pub cache_millis: u64,
+    /// Per-chat replacements of any of the fields above.
+    #[schema(value_type = Object)]
+    pub overrides: HashMap<String, HotChatOverride>,
+}
+
+impl Default for HotChatConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            duration_seconds: 10,
+            threshold: 1000,
+            expire_seconds: 60,
+            throttle_rate: 0.5,
+            cache_millis: 500,
+            overrides: HashMap::new(),
+        }
+    }
+}
+
+/// Per-chat replacement of hot-chat fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HotChatOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(alias = "dry_run", skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+    #[serde(alias = "duration_seconds", skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u64>,
+    #[serde(alias = "expire_seconds", skip_serializing_if = "Option::is_none")]
+    pub expire_seconds: Option<u64>,
+    #[serde(alias = "throttle_rate", skip_serializing_if = "Option::is_none")]
+    pub throttle_rate: Option<f64>,
+    #[serde(alias = "cache_millis", skip_serializing_if = "Option::is_none")]
+    pub cache_millis: Option<u64>,
+}
+
+/// Join throttling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct JoinThrottleConfig {
+    pub enabled: bool,
+    /// Record throttling decisions but admit every join.
+    #[serde(alias = "dry_run")]
+    pub dry_run: bool,
+    /// Joins accepted per chat per window, on this instance.
+    pub limit: u64,
+    #[serde(alias = "window_seconds")]
+    pub window_seconds: u64,
+    /// Per-chat replacements of any of the fields above.
+    #[schema(value_type = Object)]
+    pub overrides: HashMap<String, JoinThrottleOverride>,
+}
+
+impl Default for JoinThrottleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            limit: 500,
+            window_seconds: 1,
+            overrides: HashMap::new(),
+        }
+    }
+}
+
+/// Per-chat replacement of join-throttle fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinThrottleOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(alias = "dry_run", skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(alias = "window_seconds", skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+}
+
+/// The live section as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LiveConfig {
+    #[serde(alias = "hot_chat")]
+    pub hot_chat: HotChatConfig,
+    #[serde(alias = "join_throttle")]
+    pub join_throttle: JoinThrottleConfig,
+}
+
+/// The effective hot-chat settings of one chat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HotChatRule {
+    pub enabled: bool,
+    pub dry_run: bool,
+    pub duration_seconds: u64,
+    pub threshold: u64,
+    pub expire_seconds: u64,
+    pub throttle_rate: f64,
+    pub cache_millis: u64,
+}
+
+/// The effective join-throttle settings of one chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinRule {
+    pub enabled: bool,
+    pub dry_run: bool,
+    pub limit: u64,
+    pub window_seconds: u64,
+}
+
+impl LiveConfig {
+    pub fn hot_chat_rule(&self, chat: &ChatId) -> HotChatRule {
+        let c = &self.hot_chat;
+        let o = c.overrides.get(chat.as_str()).cloned().unwrap_or_default();
+        HotChatRule {
+            enabled: o.enabled.unwrap_or(c.enabled),
+            dry_run: o.dry_run.unwrap_or(c.dry_run),
+            duration_seconds: o.duration_seconds.unwrap_or(c.duration_seconds),
+            threshold: o.threshold.unwrap_or(c.threshold),
+            expire_seconds: o.expire_seconds.unwrap_or(c.expire_seconds),
+            throttle_rate: o.throttle_rate.unwrap_or(c.throttle_rate),
+            cache_millis: o.cache_millis.unwrap_or(c.cache_millis),
+        }
+    }
+
+    pub fn join_rule(&self, chat: &ChatId) -> JoinRule {
+        let c = &self.join_throttle;
+        let o = c.overrides.get(chat.as_str()).cloned().unwrap_or_default();
+        JoinRule {
+            enabled: o.enabled.unwrap_or(c.enabled),
+            dry_run: o.dry_run.unwrap_or(c.dry_run),
+            limit: o.limit.unwrap_or(c.limit),
+            window_seconds: o.window_seconds.unwrap_or(c.window_seconds),
+        }
+    }
+
+    /// Every problem of the section, each naming its field (an override is
+    /// checked for the fields it sets).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let h = &self.hot_chat;
+        check_hot_chat(
+            "hotChat",
+            &HotChatOverride {
+                enabled: None,
+                dry_run: None,
+                duration_seconds: Some(h.duration_seconds),
+                threshold: Some(h.threshold),
+                expire_seconds: Some(h.expire_seconds),
+                throttle_rate: Some(h.throttle_rate),
+                cache_millis: Some(h.cache_millis),
+            },
+            &mut p,
+        );
+        for (chat, o) in &h.overrides {
+            let at = format!("hotChat.overrides.{chat}");
+            if ChatId::parse(chat).is_err() {
+                p.push(format!("{at}: not a valid chatId"));
+            }
+            check_hot_chat(&at, o, &mut p);
+        }
+        let j = &self.join_throttle;
+        check_join(
+            "joinThrottle",
+            Some(j.limit),
+            Some(j.window_seconds),
+            &mut p,
+        );
+        for (chat, o) in &j.overrides {
+            let at = format!("joinThrottle.overrides.{chat}");
+            if ChatId::parse(chat).is_err() {
+                p.push(format!("{at}: not a valid chatId"));
+            }
+            check_join(&at, o.limit, o.window_seconds, &mut p);
+        }
+        p
+    }
+}
+
+fn check_hot_chat(at: &str, v: &HotChatOverride, p: &mut Vec<String>) {
+    if v.duration_seconds.is_some_and(|d| !(1..=3600).contains(&d)) {
+        p.push(format!("{at}.durationSeconds must be between 1 and 3600"));
+    }
+    if v.threshold == Some(0) {
+        p.push(format!("{at}.threshold must be greater than 0"));
+    }
+    if v.expire_seconds.is_some_and(|e| !(1..=86_400).contains(&e)) {
+        p.push(format!("{at}.expireSeconds must be between 1 and 86400"));
+    }
+    if v.throttle_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+        p.push(format!("{at}.throttleRate must be between 0 and 1"));
+    }
+    if v.cache_millis.is_some_and(|c| c > 60_000) {
+        p.push(format!("{at}.cacheMillis must be at most 60000"));
+    }
+}
+
+fn check_join(at: &str, limit: Option<u64>, window: Option<u64>, p: &mut Vec<String>) {
+    if limit == Some(0) {
+        p.push(format!("{at}.limit must be greater than 0"));
+    }
+    if window.is_some_and(|w| !(1..=3600).contains(&w)) {
+        p.push(format!("{at}.windowSeconds must be between 1 and 3600"));
+    }
+}
+
+/// A live snapshot and its version.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub config: LiveConfig,
+}
+
+/// The live configuration of this instance.
+#[derive(Debug)]
+pub struct Live {
+    current: ArcSwap<Snapshot>,
+    versions: AtomicU64,
+}
+
+impl Live {
+    /// Starts at version 1; the initial config must already be valid.
+    pub fn new(config: LiveConfig) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(Snapshot { version: 1, config }),
+            versions: AtomicU64::new(1),
+        })
+    }
+
+    /// The current snapshot: one atomic load, no lock.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Validates and swaps in a new config; on error the old one stays.
+    pub fn update(&self, config: LiveConfig, source: &str) -> Result<Arc<Snapshot>, Vec<String>> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            tracing::warn!(source, problems = ?problems, "live configuration rejected; the previous one stays");
+            return Err(problems);
+        }
+        if self.current.load().config == config {
+            return Ok(self.load());
+        }
+        let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
+        let next = Arc::new(Snapshot { version, config });
+        self.current.store(next.clone());
+        tracing::info!(source, version, "live configuration changed");
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_overrides_apply_per_chat() {
+        let mut c = LiveConfig::default();
+        assert!(c.problems().is_empty());
+        c.join_throttle.overrides.insert(
+            "vip".into(),
+            JoinThrottleOverride {
+                limit: Some(5),
+                ..Default::default()
+            },
+        );
+        let vip = ChatId::parse("vip").unwrap();
+        let other = ChatId::parse("other").unwrap();
+        assert_eq!(c.join_rule(&vip).limit, 5);
+        assert_eq!(
+            c.join_rule(&vip).window_seconds,
+            c.join_throttle.window_seconds
+        );
+        assert_eq!(c.join_rule(&other).limit, c.join_throttle.limit);
+    }
+
+    #[test]
+    fn every_problem_is_listed_and_the_old_config_stays() {
+        let live = Live::new(LiveConfig::default());
+        let mut bad = LiveConfig::default();
+        bad.hot_chat.throttle_rate = 1.5;
+        bad.hot_chat.threshold = 0;
+        bad.join_throttle.limit = 0;
+        bad.join_throttle
+            .overrides
+            .insert("bad id!".into(), JoinThrottleOverride::default());
+        let problems = live.update(bad, "test").unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(live.load().version, 1);
+        assert_eq!(live.load().config, LiveConfig::default());
+
+        let mut good = LiveConfig::default();
+        good.hot_chat.dry_run = true;
+        assert_eq!(live.update(good.clone(), "test").unwrap().version, 2);
+        // The same config again is no change.
+        assert_eq!(live.update(good, "test").unwrap().version, 2);
+    }
+
+    #[test]
+    fn toml_takes_snake_case_and_json_camel_case() {
+        let from_toml: LiveConfig =
+            toml::from_str("[hot_chat]\ndry_run = true\n[join_throttle]\nwindow_seconds = 5\n")
+                .unwrap();
+        assert!(from_toml.hot_chat.dry_run);
+        assert_eq!(from_toml.join_throttle.window_seconds, 5);
+        let from_json: LiveConfig = serde_json::from_str(
+            r#"{"hotChat":{"dryRun":true},"joinThrottle":{"windowSeconds":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(from_json, from_toml);
+        assert!(serde_json::from_str::<LiveConfig>(r#"{"hotChat":{"colour":1}}"#).is_err());
+    }
+}

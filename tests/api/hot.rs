@@ -1,0 +1,334 @@
+//! Hot-chat protection through the API: join throttling, hot marking, fetch
+//! throttling, coalescing, and live configuration.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_problem};
+
+const TOKEN: &str = "hot-chat-tests-admin-token";
+
+async fn app() -> TestApp {
+    TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await
+}
+
+async fn put_config(app: &TestApp, config: Value) -> reqwest::Response {
+    app.admin(Method::PUT, "/v1/admin/config")
+        .json(&config)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn hot_view(app: &TestApp) -> Value {
+    app.admin(Method::GET, "/v1/admin/hot-chats")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_past_a_chats_limit_are_throttled_and_leaves_never() {
+    let app = app().await;
+    let chat = app.new_chat("jt").await;
+    let other = app.new_chat("jt-other").await;
+    let r = put_config(
+        &app,
+        json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 3, "windowSeconds": 60}}}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    for u in ["a", "b", "c"] {
+        assert_eq!(app.join(&chat, u).await.status(), StatusCode::CREATED);
+    }
+    let r = app.join(&chat, "d").await;
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_problem(r, 429, "join_throttled").await;
+    // Already-joined users count like joins: decided before the database.
+    assert_problem(app.join(&chat, "a").await, 429, "join_throttled").await;
+    assert_eq!(app.leave(&chat, "a").await.status(), StatusCode::NO_CONTENT);
+    // Other chats keep the default limit.
+    for u in ["a", "b", "c", "d", "e"] {
+        assert_eq!(app.join(&other, u).await.status(), StatusCode::CREATED);
+    }
+    assert_eq!(hot_view(&app).await["decisions"]["joinsThrottled"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_limit_is_admitted_under_concurrency() {
+    let app = app().await;
+    let chat = app.new_chat("jt-many").await;
+    put_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 100, "windowSeconds": 3600}}}})).await;
+    let statuses = join_all((0..1000).map(|i| {
+        let (app, chat) = (&app, &chat);
+        async move { app.join(chat, &format!("u{i}")).await.status() }
+    }))
+    .await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    let throttled = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((created, throttled), (100, 900));
+    assert_eq!(app.count_and_rows(&chat).await, (100, 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_admits_and_counts() {
+    let app = app().await;
+    let chat = app.new_chat("jt-dry").await;
+    put_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 2, "windowSeconds": 3600, "dryRun": true}}}})).await;
+    for i in 0..5 {
+        assert_eq!(
+            app.join(&chat, &format!("u{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let d = &hot_view(&app).await["decisions"];
+    assert_eq!(
+        (
+            d["joinsThrottled"].as_u64(),
+            d["joinsThrottledDryRun"].as_u64()
+        ),
+        (Some(0), Some(3))
+    );
+}
+
+/// Makes `chat` hot on `app` with the given rule, through its own writes.
+async fn make_hot(app: &TestApp, chat: &str, rule: Value) {
+    put_config(app, json!({"hotChat": {"overrides": {chat: rule}}})).await;
+    app.join(chat, "star").await;
+    for i in 0..5 {
+        app.post(chat, "star", &format!("warm-{i}"), "hello").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_chat_is_marked_hot_and_its_fetches_throttled_at_the_rate() {
+    let app = app().await;
+    let chat = app.new_chat("hot").await;
+    let calm = app.new_chat("calm").await;
+    make_hot(&app, &chat, json!({"threshold": 5, "durationSeconds": 60, "expireSeconds": 60, "throttleRate": 0.3, "cacheMillis": 0})).await;
+    let view = hot_view(&app).await;
+    let listed = view["hotChats"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{view}");
+    assert_eq!(listed[0]["chatId"], chat.as_str());
+    assert!(listed[0]["hotUntil"].is_string());
+    assert_eq!(view["decisions"]["hotChatsMarked"], 1);
+
+    let mut throttled = 0;
+    for _ in 0..400 {
+        let r = app.get(&format!("/v1/chats/{chat}/events")).await;
+        match r.status().as_u16() {
+            200 => {}
+            429 => {
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=3).contains(&retry));
+                assert_problem(r, 429, "fetch_throttled").await;
+                throttled += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // 30% of 400 = 120; a binomial spread of +-4.5 sigma is about +-41.
+    assert!(
+        (79..=161).contains(&throttled),
+        "{throttled} of 400 throttled"
+    );
+    // A calm chat is never throttled.
+    for _ in 0..50 {
+        assert_eq!(
+            app.get(&format!("/v1/chats/{calm}/events")).await.status(),
+            200
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_hot_chat_serves_every_fetch() {
+    let app = app().await;
+    let chat = app.new_chat("hot-dry").await;
+    make_hot(
+        &app,
+        &chat,
+        json!({"threshold": 5, "throttleRate": 1.0, "dryRun": true, "cacheMillis": 0}),
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            app.get(&format!("/v1/chats/{chat}/events")).await.status(),
+            200
+        );
+    }
+    let d = &hot_view(&app).await["decisions"];
+    assert_eq!(d["fetchesThrottled"], 0);
+    assert_eq!(d["fetchesThrottledDryRun"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_identical_fetches_of_a_hot_chat_cost_at_most_two_queries() {
+    let app = app().await;
+    let chat = app.new_chat("coalesce").await;
+    make_hot(
+        &app,
+        &chat,
+        json!({"threshold": 5, "throttleRate": 0.0, "cacheMillis": 10000}),
+    )
+    .await;
+    // One new message, then every member fetches what follows their last revision.
+    let before: Value = app
+        .get(&format!("/v1/chats/{chat}/events"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let last = before["latestRevision"].as_u64().unwrap();
+    app.post(&chat, "star", "news", "breaking").await;
+    let queries_before = hot_view(&app).await["decisions"]["fetchQueries"]
+        .as_u64()
+        .unwrap();
+    let pages = join_all((0..1000).map(|_| {
+        let (app, chat) = (&app, &chat);
+        async move {
+            let r = app
+                .get(&format!("/v1/chats/{chat}/events?after={last}"))
+                .await;
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    }))
+    .await;
+    let queries = hot_view(&app).await["decisions"]["fetchQueries"]
+        .as_u64()
+        .unwrap()
+        - queries_before;
+    assert!(queries <= 2, "{queries} queries for 1000 identical fetches");
+    for page in &pages {
+        let events = page["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["revision"].as_u64(), Some(last + 1));
+        assert_eq!(events[0]["text"], "breaking");
+    }
+    // A write on this instance retires the kept page: the next fetch sees it.
+    app.post(&chat, "star", "more", "more news").await;
+    let page: Value = app
+        .get(&format!("/v1/chats/{chat}/events?after={last}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+    eprintln!("coalescing: 1000 concurrent identical fetches cost {queries} query(ies)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
+    let app = app().await;
+    let r = app
+        .admin(Method::GET, "/v1/admin/config")
+        .send()
+        .await
+        .unwrap();
+    let v1: Value = r.json().await.unwrap();
+    assert_eq!(v1["version"], 1);
+    assert_eq!(
+        v1["config"]["joinThrottle"]["limit"],
+        app.settings.join_throttle.limit
+    );
+
+    let r = put_config(
+        &app,
+        json!({"hotChat": {"throttleRate": 2.0, "threshold": 0}, "joinThrottle": {"limit": 0}}),
+    )
+    .await;
+    let body = assert_problem(r, 422, "invalid_config").await;
+    assert_eq!(body["errors"].as_array().unwrap().len(), 3, "{body}");
+    let now: Value = app
+        .admin(Method::GET, "/v1/admin/config")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(now, v1);
+
+    let r = put_config(&app, json!({"hotChat": {"dryRun": true}})).await;
+    let v2: Value = r.json().await.unwrap();
+    assert_eq!(v2["version"], 2);
+    assert_eq!(v2["config"]["hotChat"]["dryRun"], true);
+    assert_problem(
+        put_config(&app, json!({"hotChat": {"colour": 1}})).await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    let r = app
+        .http
+        .put(app.url("/v1/admin/config"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_config_follows_the_file_and_ignores_an_invalid_one() {
+    let dir = std::env::temp_dir().join(format!("chatshard-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("chatshard.toml");
+    std::fs::write(&path, "[join_throttle]\nlimit = 500\n").unwrap();
+    let app = TestApp::spawn_watching(path.clone(), |s| s.admin.token = TOKEN.to_owned()).await;
+    let version = || async {
+        let v: Value = app
+            .admin(Method::GET, "/v1/admin/config")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    // An edit is noticed (polled with a deadline).
+    std::fs::write(&path, "[join_throttle]\nlimit = 7\ndry_run = true\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let v = version().await;
+        if v["config"]["joinThrottle"]["limit"] == 7 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the file change was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    };
+    assert!(v["version"].as_u64().unwrap() >= 2);
+    assert_eq!(v["config"]["joinThrottle"]["dryRun"], true);
+    // An invalid file is logged and ignored: the live config stays.
+    std::fs::write(&path, "[join_throttle]\nlimit = 0\n").unwrap();
+    chatshard::app::reload_live(&app.live, &path);
+    std::fs::write(&path, "this is not toml [").unwrap();
+    chatshard::app::reload_live(&app.live, &path);
+    let after = version().await;
+    assert_eq!(after["version"], v["version"]);
+    assert_eq!(after["config"]["joinThrottle"]["limit"], 7);
+    let _ = std::fs::remove_dir_all(&dir);
+}
