@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::domain::MaxMembers;
 use crate::http::{self, AppState};
 use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::service::ChatService;
 use crate::shard::{InnodbSettings, Shard, ShardSet};
 use crate::throttle::{SystemClock, Throttle};
@@ -20,6 +21,7 @@ pub struct App {
     router: axum::Router,
     shards: Arc<ShardSet>,
     live: Arc<Live>,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -27,12 +29,14 @@ impl App {
     /// binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        let shards = build_shards(settings)?;
+        let metrics = Metrics::new(settings.telemetry.otlp().as_deref())?;
+        let shards = build_shards_measured(settings, &metrics.shard_operation)?;
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
         let default_max = MaxMembers::parse(i64::from(settings.defaults.max_members))
             .map_err(|e| anyhow::anyhow!(e))?;
         let live = Live::new(settings.live());
         let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
+        metrics.observe(&shards, &throttle);
         let service = ChatService::new(
             shards.clone(),
             settings.group_commit.clone(),
@@ -49,6 +53,8 @@ impl App {
         let router = http::router(AppState {
             service: Arc::new(service),
             admin_token,
+            metrics: metrics.clone(),
+            chat_id_in_telemetry: settings.telemetry.chat_id,
         });
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
@@ -58,6 +64,7 @@ impl App {
             router,
             shards,
             live,
+            metrics,
         })
     }
 
@@ -100,6 +107,9 @@ impl App {
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await?;
+        // Flushes the OTLP metric exporter, if any (blocking).
+        let metrics = self.metrics;
+        let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
         Ok(())
     }
 }
@@ -130,11 +140,31 @@ pub fn reload_live(live: &Live, path: &Path) {
 
 /// One [`Shard`] per configured shard, plus the routing table.
 pub fn build_shards(settings: &Settings) -> anyhow::Result<Arc<ShardSet>> {
+    // Outside `serve` (repair, benches) operations are not measured.
+    let noop = opentelemetry::global::meter("chatshard")
+        .f64_histogram("unused")
+        .build();
+    build_shards_measured(settings, &noop)
+}
+
+/// [`build_shards`], recording each operation's duration in `operation_seconds`.
+pub fn build_shards_measured(
+    settings: &Settings,
+    operation_seconds: &opentelemetry::metrics::Histogram<f64>,
+) -> anyhow::Result<Arc<ShardSet>> {
     let router = settings.router()?;
     let shards = settings
         .shards
         .iter()
-        .map(|s| Shard::new(s, &settings.pool, &settings.breaker).map(Arc::new))
+        .map(|s| {
+            Shard::new(
+                s,
+                &settings.pool,
+                &settings.breaker,
+                operation_seconds.clone(),
+            )
+            .map(Arc::new)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Arc::new(ShardSet::new(shards, router)))
 }
@@ -142,7 +172,7 @@ pub fn build_shards(settings: &Settings) -> anyhow::Result<Arc<ShardSet>> {
 /// Reads `@@innodb_autoinc_lock_mode` and `@@innodb_flush_log_at_trx_commit`.
 pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::ShardError> {
     shard
-        .read(None, |conn| {
+        .read(None, "read_innodb_settings", |conn| {
             Box::pin(async move {
                 let (a, f): (i64, i64) = sqlx::query_as(
                     "SELECT CAST(@@innodb_autoinc_lock_mode AS SIGNED), \

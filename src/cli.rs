@@ -18,6 +18,7 @@ use crate::dev::DevShards;
 use crate::domain::ChatId;
 use crate::migrate;
 use crate::service::repair;
+use crate::telemetry::{self, TelemetrySettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,7 +88,6 @@ struct RepairArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -107,19 +107,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("CHATSHARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) if args.dev => serve_dev(args).await,
@@ -129,9 +116,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = args.listen {
                 settings.listen = listen;
             }
-            serve(&settings, Some(path)).await
+            let telemetry = telemetry::init(&settings.telemetry)?;
+            let result = serve(&settings, Some(path)).await;
+            telemetry.shutdown().await;
+            result
         }
         Command::Migrate(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
             let settings = load(&args.config)?;
             let mut failed = false;
             for shard in &settings.shards {
@@ -154,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::RepairCounts(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
             let settings = load(&args.config)?;
             let chat = args
                 .chat
@@ -229,6 +221,7 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
+    let telemetry = telemetry::init(&settings.telemetry)?;
     if settings.admin.token.is_empty() {
         settings.admin.token = generate_token();
     }
@@ -253,6 +246,7 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     .await;
     println!("stopping the local shards ...");
     servers.stop().await;
+    telemetry.shutdown().await;
     result
 }
 

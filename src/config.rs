@@ -43,6 +43,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub throttle: ThrottleSettings,
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySettings,
     /// Live: hot-chat detection and fetch throttling (changeable at run time).
     #[serde(default)]
     pub hot_chat: HotChatConfig,

@@ -24,6 +24,8 @@
 //!   per-chat group commit that folds many writes into one transaction.
 //! - [`throttle`]: join throttling, hot-chat detection, fetch coalescing; local,
 //!   in-process, bounded caches.
+//! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces over OTLP, and
+//!   metrics (Prometheus text on `/metrics`, OTLP when configured).
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
 //! - [`migrate`]: applies `migrations/` to every shard and reports versions.
@@ -43,9 +45,11 @@ pub mod domain;
 pub mod http;
 pub mod live;
 pub mod localdb;
+pub mod metrics;
 pub mod migrate;
 pub mod routing;
 pub mod service;
 pub mod shard;
 pub mod storage;
+pub mod telemetry;
 pub mod throttle;

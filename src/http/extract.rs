@@ -4,12 +4,13 @@
 //! their media type, size and shape here, so handlers only ever see valid input.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Query, RawPathParams, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::problem::{Code, Problem};
 use crate::domain::{ChatId, UserId};
 
@@ -123,24 +124,44 @@ async fn raw_params<S: Send + Sync>(
         .map_err(|_| Problem::invalid("the path is not valid UTF-8 once percent-decoded"))
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for ChatPath {
+/// Puts the chat on the request's server span (hashed unless configured raw).
+fn record_chat<S>(state: &S, chat: &ChatId)
+where
+    AppState: FromRef<S>,
+{
+    let mode = AppState::from_ref(state).chat_id_in_telemetry;
+    tracing::Span::current().record(
+        "chatshard.chat_id",
+        crate::telemetry::chat_id_attribute(chat.as_str(), mode),
+    );
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ChatPath
+where
+    AppState: FromRef<S>,
+{
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         let params = raw_params(parts, state).await?;
         let chat =
             ChatId::parse(path_param(&params, "chatId")?).map_err(|e| Problem::invalid(e.0))?;
+        record_chat(state, &chat);
         Ok(Self(chat))
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
+impl<S: Send + Sync> FromRequestParts<S> for MemberPath
+where
+    AppState: FromRef<S>,
+{
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         let params = raw_params(parts, state).await?;
         let chat =
             ChatId::parse(path_param(&params, "chatId")?).map_err(|e| Problem::invalid(e.0))?;
+        record_chat(state, &chat);
         let user =
             UserId::parse(path_param(&params, "userId")?).map_err(|e| Problem::invalid(e.0))?;
         Ok(Self(chat, user))

@@ -13,6 +13,7 @@ pub mod members;
 pub mod messages;
 pub mod model;
 pub mod problem;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub service: Arc<ChatService>,
     /// The admin bearer token; `None` turns the admin API off.
     pub admin_token: Option<Arc<str>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub chat_id_in_telemetry: crate::telemetry::ChatIdInTelemetry,
 }
 
 #[derive(OpenApi)]
@@ -86,6 +89,11 @@ pub fn router(state: AppState) -> Router {
             "/openapi.json",
             get(move || async move { Json(api.as_ref().clone()) }),
         )
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            trace::trace_request,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
@@ -98,6 +106,17 @@ fn status_for(created: Created) -> StatusCode {
         Created::New => StatusCode::CREATED,
         Created::Existing => StatusCode::OK,
     }
+}
+
+/// Prometheus text exposition of every metric.
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
 }
 
 async fn not_found() -> Problem {

@@ -217,6 +217,8 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
+        // The request's server span carries the stable code of its error.
+        tracing::Span::current().record("error.type", self.code);
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry_after = self.retry_after;
         let mut response = (status, axum::Json(self)).into_response();

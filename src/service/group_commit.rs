@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use dashmap::DashMap;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::ServiceError;
 use super::plan::WriteOp;
@@ -61,23 +62,17 @@ impl ChatQueue {
     }
 }
 
-/// Told of every batch: the chat and the events it appended (0 when the batch
-/// failed, since its outcome may still be unknown).
-pub type OnCommit = Box<dyn Fn(&ChatId, u64) + Send + Sync>;
-
 /// Per-chat write queues.
 pub struct GroupCommit {
     queues: DashMap<ChatId, Arc<ChatQueue>>,
     settings: GroupCommitSettings,
-    on_commit: OnCommit,
 }
 
 impl GroupCommit {
-    pub fn new(settings: GroupCommitSettings, on_commit: OnCommit) -> Arc<Self> {
+    pub fn new(settings: GroupCommitSettings) -> Arc<Self> {
         Arc::new(Self {
             queues: DashMap::new(),
             settings,
-            on_commit,
         })
     }
 
@@ -99,7 +94,12 @@ impl GroupCommit {
             !std::mem::replace(&mut state.flushing, true)
         };
         if start_flusher {
-            tokio::spawn(self.clone().flush(shard.clone(), chat.clone(), queue));
+            // The batch's spans hang under the request that started the flusher.
+            tokio::spawn(
+                self.clone()
+                    .flush(shard.clone(), chat.clone(), queue)
+                    .instrument(tracing::Span::current()),
+            );
         }
         answer.await.map_err(|_| {
             ServiceError::Internal("the write was dropped before it was answered".into())
@@ -121,13 +121,11 @@ impl GroupCommit {
             let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch.into_iter().unzip();
             match commit(&shard, &chat, ops).await {
                 Ok(committed) => {
-                    (self.on_commit)(&chat, committed.events);
                     for (reply, outcome) in replies.into_iter().zip(committed.outcomes) {
                         let _ = reply.send(Ok(outcome));
                     }
                 }
                 Err(err) => {
-                    (self.on_commit)(&chat, 0);
                     let err = ServiceError::from(err);
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
@@ -159,7 +157,7 @@ async fn commit(
         let (chat_for_op, ops_for_op) = (chat.clone(), ops.clone());
         let now = super::now();
         let result = shard
-            .write(Some(chat), move |conn| {
+            .write(Some(chat), "commit_batch", move |conn| {
                 Box::pin(
                     async move { write::commit_batch(conn, &chat_for_op, &ops_for_op, now).await },
                 )

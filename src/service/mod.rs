@@ -230,20 +230,9 @@ impl ChatService {
         live: Arc<Live>,
         throttle: Arc<Throttle>,
     ) -> Self {
-        // Every committed batch feeds the hot-chat detector and retires the
-        // chat's kept pages.
-        let on_commit: group_commit::OnCommit = {
-            let (live, throttle) = (live.clone(), throttle.clone());
-            Box::new(move |chat: &ChatId, events: u64| {
-                let rule = live.load().config.hot_chat_rule(chat);
-                throttle
-                    .hot
-                    .record_write(chat, events, rule, &throttle.decisions);
-            })
-        };
         Self {
             shards,
-            commits: GroupCommit::new(group_commit, on_commit),
+            commits: GroupCommit::new(group_commit),
             default_max_members,
             live,
             throttle,
@@ -263,7 +252,9 @@ impl ChatService {
     }
 
     fn shard(&self, chat: &ChatId) -> &Arc<Shard> {
-        self.shards.for_chat(chat)
+        let shard = self.shards.for_chat(chat);
+        tracing::Span::current().record("chatshard.shard", shard.name());
+        shard
     }
 
     /// Creates a chat, or returns the existing one. A given `max_members` is
@@ -276,7 +267,7 @@ impl ChatService {
         let shard = self.shard(chat);
         let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
         let (row, created) = shard
-            .write(Some(chat), move |conn| {
+            .write(Some(chat), "create_chat", move |conn| {
                 Box::pin(create_or_update(conn, id, max, default))
             })
             .await?;
@@ -287,7 +278,7 @@ impl ChatService {
         let id = chat.to_string();
         let row = self
             .shard(chat)
-            .read(Some(chat), move |conn| {
+            .read(Some(chat), "get_chat", move |conn| {
                 Box::pin(async move { Ok(chats::get(conn, &id).await?) })
             })
             .await?
@@ -307,7 +298,16 @@ impl ChatService {
     }
 
     async fn write(&self, chat: &ChatId, op: WriteOp) -> Result<WriteOutcome, ServiceError> {
-        match self.commits.submit(self.shard(chat), chat, op).await? {
+        let result = self.commits.submit(self.shard(chat), chat, op).await;
+        // Feeds the hot-chat detector (in this request's span, so a chat marked
+        // hot shows on the request that tipped it) and retires the chat's kept
+        // pages; a failed write may still have been applied, so it retires them too.
+        let events = result.as_ref().map_or(0, WriteOutcome::events);
+        let rule = self.live.load().config.hot_chat_rule(chat);
+        self.throttle
+            .hot
+            .record_write(chat, events, rule, &self.throttle.decisions);
+        match result? {
             WriteOutcome::Rejected(r) => Err(r.into()),
             other => Ok(other),
         }
@@ -344,7 +344,7 @@ impl ChatService {
             .write(chat, WriteOp::Leave { user: user.clone() })
             .await?
         {
-            WriteOutcome::Left => Ok(()),
+            WriteOutcome::Left { .. } => Ok(()),
             other => Err(unexpected(other)),
         }
     }
@@ -373,7 +373,7 @@ impl ChatService {
         let (id, uid) = (chat.to_string(), user.to_string());
         let found = self
             .shard(chat)
-            .read(Some(chat), move |conn| {
+            .read(Some(chat), "get_member", move |conn| {
                 Box::pin(async move {
                     match members::get(conn, &id, &uid).await? {
                         Some(row) => Ok(Ok(row)),
@@ -401,7 +401,7 @@ impl ChatService {
         let n = limit.get();
         let rows = self
             .shard(chat)
-            .read(Some(chat), move |conn| {
+            .read(Some(chat), "list_members", move |conn| {
                 Box::pin(async move {
                     // One row more than asked tells whether another page exists.
                     let rows = members::page_joined(conn, &id, after.0, n + 1).await?;
@@ -434,7 +434,7 @@ impl ChatService {
     pub async fn member_count(&self, chat: &ChatId) -> Result<u32, ServiceError> {
         let id = chat.to_string();
         self.shard(chat)
-            .read(Some(chat), move |conn| {
+            .read(Some(chat), "member_count", move |conn| {
                 Box::pin(async move { Ok(chats::member_count(conn, &id).await?) })
             })
             .await?
@@ -463,9 +463,17 @@ impl ChatService {
             let retry_after_secs = rand::random_range(1..=3);
             if rule.dry_run {
                 Decisions::bump(&decisions.fetches_throttled_dry_run);
-                tracing::debug!(chat_id = %chat, "event fetch would be throttled (dry run)");
+                tracing::debug!(
+                    throttle_rate = rule.throttle_rate,
+                    "fetch_throttled_dry_run"
+                );
             } else {
                 Decisions::bump(&decisions.fetches_throttled);
+                tracing::debug!(
+                    throttle_rate = rule.throttle_rate,
+                    retry_after_secs,
+                    "fetch_throttled"
+                );
                 return Err(ServiceError::FetchThrottled { retry_after_secs });
             }
         }
@@ -505,7 +513,7 @@ impl ChatService {
         let n = limit.get();
         let (rows, latest) = self
             .shard(chat)
-            .read(Some(chat), move |conn| {
+            .read(Some(chat), "fetch_events", move |conn| {
                 Box::pin(async move {
                     // Events first, then the revision: the revision read is never
                     // below the last event returned.

@@ -85,8 +85,10 @@ pub enum Planned {
         created: bool,
         joined_at: NaiveDateTime,
     },
-    /// The user is LEFT (now, or already).
-    Left,
+    /// The user is LEFT; `now` when this write made it so.
+    Left {
+        now: bool,
+    },
     /// The message exists; `created` when this write stored it.
     Posted {
         sender: UserId,
@@ -215,7 +217,7 @@ pub fn plan(
             }
             WriteOp::Leave { .. } => match sim.state {
                 None => Planned::Rejected(Rejection::MemberNotFound),
-                Some(MemberState::Left) => Planned::Left,
+                Some(MemberState::Left) => Planned::Left { now: false },
                 Some(MemberState::Joined) => {
                     sim.state = Some(MemberState::Left);
                     sim.touched = true;
@@ -227,7 +229,7 @@ pub fn plan(
                         user,
                         message: None,
                     });
-                    Planned::Left
+                    Planned::Left { now: true }
                 }
             },
             WriteOp::Post {

@@ -41,7 +41,7 @@ pub async fn repair_counts(
         loop {
             let from = after.clone();
             let ids = shard
-                .read(None, move |conn| {
+                .read(None, "repair_list_chats", move |conn| {
                     Box::pin(async move { Ok(sql::chat_ids_after(conn, &from, PAGE).await?) })
                 })
                 .await?;
@@ -62,7 +62,7 @@ pub async fn repair_counts(
 async fn repair_chat(shard: &Shard, chat_id: String) -> Result<Option<CountFix>, ShardError> {
     let name = shard.name().to_owned();
     shard
-        .write(None, move |conn| {
+        .write(None, "repair_count", move |conn| {
             Box::pin(async move {
                 use sqlx::Connection;
                 let mut tx = conn.begin().await?;

@@ -22,9 +22,18 @@ use crate::storage::{self, chats, events, members, messages};
 /// The answer to one write of a batch.
 #[derive(Debug, Clone)]
 pub enum WriteOutcome {
-    Joined { member: Member, created: bool },
-    Left,
-    Posted { message: Message, created: bool },
+    Joined {
+        member: Member,
+        created: bool,
+    },
+    /// `now` when this write made the user leave (an event was appended).
+    Left {
+        now: bool,
+    },
+    Posted {
+        message: Message,
+        created: bool,
+    },
     Rejected(Rejection),
 }
 
@@ -33,8 +42,6 @@ pub enum WriteOutcome {
 pub struct Committed {
     /// One per operation, in order.
     pub outcomes: Vec<WriteOutcome>,
-    /// Events appended to the chat's log.
-    pub events: u64,
 }
 
 /// Runs one batch in one transaction. Business refusals are per-operation
@@ -52,7 +59,6 @@ pub async fn commit_batch(
         tx.rollback().await?;
         return Ok(Committed {
             outcomes: vec![WriteOutcome::Rejected(Rejection::ChatNotFound); ops.len()],
-            events: 0,
         });
     };
     let before = ChatBefore {
@@ -182,10 +188,18 @@ pub async fn commit_batch(
         .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
         .collect::<Result<Vec<_>, OpError>>()?;
     tx.commit().await.map_err(OpError::Commit)?;
-    Ok(Committed {
-        outcomes,
-        events: new_events.len() as u64,
-    })
+    Ok(Committed { outcomes })
+}
+
+impl WriteOutcome {
+    /// Events this write appended to the chat's log.
+    pub fn events(&self) -> u64 {
+        match self {
+            Self::Joined { created, .. } | Self::Posted { created, .. } => u64::from(*created),
+            Self::Left { now } => u64::from(*now),
+            Self::Rejected(_) => 0,
+        }
+    }
 }
 
 fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {
@@ -239,7 +253,7 @@ fn outcome(
             },
             None => return Err(missing("a member row")),
         },
-        Planned::Left => WriteOutcome::Left,
+        Planned::Left { now } => WriteOutcome::Left { now },
         Planned::Posted {
             sender,
             client_message_id,

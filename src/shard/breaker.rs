@@ -94,15 +94,18 @@ impl Mirror {
         match to {
             BreakerState::Open => tracing::warn!(
                 shard = %self.shard, from = from.as_str(), to = to.as_str(), reason = %reason,
-                "circuit breaker opened: calls to this shard are refused at once"
+                detail = "calls to this shard are refused at once",
+                "breaker_opened"
             ),
             BreakerState::HalfOpen => tracing::info!(
                 shard = %self.shard, from = from.as_str(), to = to.as_str(),
-                "circuit breaker half-open: probing the shard"
+                detail = "probing the shard",
+                "breaker_half_open"
             ),
             BreakerState::Closed => tracing::info!(
                 shard = %self.shard, from = from.as_str(), to = to.as_str(),
-                "circuit breaker closed: the shard answers again"
+                detail = "the shard answers again",
+                "breaker_closed"
             ),
         }
     }

@@ -35,6 +35,7 @@ use deadpool::managed::{Object, Pool, PoolError, TimeoutType, Timeouts};
 use sqlx::MySqlConnection;
 use sqlx::mysql::MySqlConnectOptions;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use crate::config::{BreakerSettings, PoolSettings, ShardSettings};
 use crate::domain::ChatId;
@@ -107,6 +108,20 @@ impl ShardError {
         }
     }
 
+    /// A stable name of the error, for telemetry.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Open { .. } => "breaker_open",
+            Self::ChatBusy { .. } => "chat_busy",
+            Self::Busy { .. } => "shard_busy",
+            Self::Timeout { .. } => "timeout",
+            Self::Unavailable { .. } => "unavailable",
+            Self::ReadOnly { .. } => "read_only",
+            Self::OutcomeUnknown { .. } => "outcome_unknown",
+            Self::Database { .. } => "database",
+        }
+    }
+
     /// Whether the breaker counts this as a failure of the shard (connection
     /// class, deadline overrun, unknown outcome); see [`breaker`].
     pub fn counts_against_shard(&self) -> bool {
@@ -161,6 +176,10 @@ impl InnodbSettings {
 pub struct Shard {
     name: String,
     address: String,
+    host: String,
+    port: u16,
+    database: String,
+    operation_seconds: opentelemetry::metrics::Histogram<f64>,
     pool: Pool<MySqlManager>,
     breaker: Breaker,
     shares: Arc<ChatShares>,
@@ -185,12 +204,15 @@ impl Shard {
         settings: &ShardSettings,
         pool: &PoolSettings,
         breaker: &BreakerSettings,
+        operation_seconds: opentelemetry::metrics::Histogram<f64>,
     ) -> anyhow::Result<Self> {
         let options: MySqlConnectOptions = settings
             .url
             .parse()
             .map_err(|e| anyhow::anyhow!("shard {}: invalid url: {e}", settings.name))?;
-        let address = format!("{}:{}", options.get_host(), options.get_port());
+        let (host, port) = (options.get_host().to_owned(), options.get_port());
+        let database = options.get_database().unwrap_or_default().to_owned();
+        let address = format!("{host}:{port}");
         let built = Pool::builder(MySqlManager::new(options))
             .max_size(pool.max_concurrent)
             .wait_timeout(Some(pool.max_wait()))
@@ -202,6 +224,10 @@ impl Shard {
         Ok(Self {
             name: settings.name.clone(),
             address,
+            host,
+            port,
+            database,
+            operation_seconds,
             pool: built,
             breaker: Breaker::new(&settings.name, breaker),
             shares: ChatShares::new(pool.per_chat_concurrent(), pool.per_chat_waiting()),
@@ -250,34 +276,105 @@ impl Shard {
 
     /// Runs a read for `chat` (or for the shard itself when `None`). A timeout
     /// or lost connection means nothing was changed.
-    pub async fn read<T, F>(&self, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
+    pub async fn read<T, F>(
+        &self,
+        chat: Option<&ChatId>,
+        name: &'static str,
+        op: F,
+    ) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Read, chat, op).await
+        self.run(Access::Read, chat, name, op).await
     }
 
     /// Runs a write transaction. A timeout, or a lost connection during COMMIT,
     /// is reported as [`ShardError::OutcomeUnknown`]: every write of chatshard is
     /// idempotent by a unique key, so the caller may retry it safely.
-    pub async fn write<T, F>(&self, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
+    pub async fn write<T, F>(
+        &self,
+        chat: Option<&ChatId>,
+        name: &'static str,
+        op: F,
+    ) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Write, chat, op).await
+        self.run(Access::Write, chat, name, op).await
+    }
+
+    /// One client span per operation, following the database semantic
+    /// conventions, around the protections.
+    async fn run<T, F>(
+        &self,
+        access: Access,
+        chat: Option<&ChatId>,
+        name: &'static str,
+        op: F,
+    ) -> Result<T, ShardError>
+    where
+        F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
+    {
+        let span = tracing::info_span!(
+            "db",
+            otel.name = %format_args!("{name} {}", self.database),
+            otel.kind = "client",
+            db.system.name = "mysql",
+            db.namespace = %self.database,
+            db.operation.name = name,
+            server.address = %self.host,
+            server.port = self.port,
+            chatshard.shard = %self.name,
+            chatshard.breaker.state = self.breaker.state().as_str(),
+            chatshard.bulkhead.wait_ms = tracing::field::Empty,
+            chatshard.bulkhead.in_flight = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .protected(access, chat, op)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => {
+                span.record("error.type", e.code());
+                if e.counts_against_shard() || matches!(e, ShardError::Database { .. }) {
+                    span.record("otel.status_code", "ERROR");
+                }
+                e.code()
+            }
+        };
+        self.operation_seconds.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                opentelemetry::KeyValue::new("shard", self.name.clone()),
+                opentelemetry::KeyValue::new("operation", name),
+                opentelemetry::KeyValue::new("outcome", outcome),
+            ],
+        );
+        result
     }
 
     /// The order of protections; see the module docs.
-    async fn run<T, F>(&self, access: Access, chat: Option<&ChatId>, op: F) -> Result<T, ShardError>
+    async fn protected<T, F>(
+        &self,
+        access: Access,
+        chat: Option<&ChatId>,
+        op: F,
+    ) -> Result<T, ShardError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        let wait_until = Instant::now() + self.settings.max_wait();
+        let start = Instant::now();
+        let wait_until = start + self.settings.max_wait();
         // 1. The breaker: a broken shard costs its callers nothing.
         let Some(_probe) = self.breaker.admit() else {
             self.stats
                 .rejected_open
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(reason = "breaker_open", "bulkhead_rejected");
             return Err(ShardError::Open {
                 shard: self.name.clone(),
                 retry_after_secs: self.breaker.retry_after_secs(),
@@ -293,6 +390,7 @@ impl Shard {
                         self.stats
                             .rejected_chat_busy
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(reason = "chat_busy", "bulkhead_rejected");
                         ShardError::ChatBusy {
                             shard: self.name.clone(),
                         }
@@ -300,7 +398,7 @@ impl Shard {
             ),
             None => None,
         };
-        let result = self.run_admitted(access, wait_until, op).await;
+        let result = self.run_admitted(access, start, wait_until, op).await;
         self.record(&result);
         result
     }
@@ -309,6 +407,7 @@ impl Shard {
     async fn run_admitted<T, F>(
         &self,
         access: Access,
+        start: Instant,
         wait_until: Instant,
         op: F,
     ) -> Result<T, ShardError>
@@ -333,6 +432,15 @@ impl Shard {
             .await
             .map_err(|e| self.pool_error(e))?;
         let _in_flight = self.stats.start();
+        let span = tracing::Span::current();
+        span.record(
+            "chatshard.bulkhead.wait_ms",
+            start.elapsed().as_secs_f64() * 1000.0,
+        );
+        span.record(
+            "chatshard.bulkhead.in_flight",
+            self.stats.in_flight() as u64,
+        );
         // 5. The deadline around the database work.
         let deadline = self.settings.operation_timeout();
         match tokio::time::timeout(deadline, op(&mut conn)).await {
@@ -388,6 +496,7 @@ impl Shard {
         self.stats
             .rejected_busy
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(reason = "shard_busy", "bulkhead_rejected");
         ShardError::Busy {
             shard: self.name.clone(),
         }
@@ -441,7 +550,7 @@ impl Shard {
 
     /// Checks that the shard answers, through the breaker and the bulkhead.
     pub async fn ping(&self) -> Result<(), ShardError> {
-        self.read(None, |c| {
+        self.read(None, "ping", |c| {
             Box::pin(async move {
                 sqlx::Connection::ping(c).await?;
                 Ok(())

@@ -110,14 +110,25 @@ impl HotChats {
             b.hot_until_ms = now + rule.expire_seconds * 1000;
             if !was_hot {
                 Decisions::bump(&decisions.hot_chats_marked);
-                tracing::info!(
-                    chat_id = %chat,
-                    threshold = rule.threshold,
-                    duration_seconds = rule.duration_seconds,
-                    expire_seconds = rule.expire_seconds,
-                    dry_run = rule.dry_run,
-                    "hot chat marked"
-                );
+                // In the span of the write that emptied the bucket, which names
+                // the chat; the admin view lists it.
+                let (threshold, duration, expire) =
+                    (rule.threshold, rule.duration_seconds, rule.expire_seconds);
+                if rule.dry_run {
+                    tracing::info!(
+                        threshold,
+                        duration_seconds = duration,
+                        expire_seconds = expire,
+                        "hot_chat_marked_dry_run"
+                    );
+                } else {
+                    tracing::info!(
+                        threshold,
+                        duration_seconds = duration,
+                        expire_seconds = expire,
+                        "hot_chat_marked"
+                    );
+                }
             }
         }
     }

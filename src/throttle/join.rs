@@ -88,11 +88,20 @@ impl JoinThrottle {
         drop(w);
         if rule.dry_run {
             Decisions::bump(&decisions.joins_throttled_dry_run);
-            tracing::info!(chat_id = %chat, limit = rule.limit, window_seconds = rule.window_seconds, "join would be throttled (dry run)");
+            tracing::debug!(
+                limit = rule.limit,
+                window_seconds = rule.window_seconds,
+                "join_throttled_dry_run"
+            );
             JoinDecision::DryRunThrottle { retry_after_secs }
         } else {
             Decisions::bump(&decisions.joins_throttled);
-            tracing::debug!(chat_id = %chat, "join throttled");
+            tracing::debug!(
+                limit = rule.limit,
+                window_seconds = rule.window_seconds,
+                retry_after_secs,
+                "join_throttled"
+            );
             JoinDecision::Throttle { retry_after_secs }
         }
     }

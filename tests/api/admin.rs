@@ -62,3 +62,46 @@ async fn admin_shards_needs_the_token_and_shows_every_shard() {
     assert!(shards[home]["recent"]["calls"].as_u64().unwrap() >= 2);
     assert!(shards[home]["poolSize"].as_u64().unwrap() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_text() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("metrics").await;
+    app.join(&chat, "u").await;
+    app.get(&format!("/v1/chats/{chat}/events")).await;
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text().await.unwrap();
+    for shard in 0..SHARDS {
+        for series in [
+            "chatshard_shard_breaker_state{",
+            "chatshard_shard_in_flight{",
+            "chatshard_shard_waiting{",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(series) && l.contains(&format!("shard=\"shard-{shard}\"")));
+            assert!(line.is_some(), "no {series} for shard-{shard} in\n{text}");
+        }
+        assert!(text.contains("chatshard_shard_rejections_total{"), "{text}");
+    }
+    for name in [
+        "chatshard_shard_operation_duration_seconds_bucket{",
+        "http_server_request_duration_seconds_bucket{",
+        "chatshard_throttle_decisions_total{",
+        "chatshard_hot_chats",
+        "chatshard_fetches_coalesced_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    assert!(
+        text.contains("http_route=\"/v1/chats/{chatId}/members\""),
+        "{text}"
+    );
+}

@@ -19,7 +19,7 @@ use proxy::Mode;
 const BROKEN: usize = 1;
 /// How long the load runs before, during and after a fault: measurement
 /// windows, not synchronisation.
-const WINDOW: Duration = Duration::from_millis(1500);
+const WINDOW: Duration = Duration::from_millis(2500);
 
 /// A fault that the breaker must see: open, fail fast, close after repair.
 async fn breaker_scenario<I, R>(name: &str, inject: I, remove: R)
