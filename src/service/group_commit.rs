@@ -120,8 +120,8 @@ impl GroupCommit {
             };
             let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch.into_iter().unzip();
             match commit(&shard, &chat, ops).await {
-                Ok(committed) => {
-                    for (reply, outcome) in replies.into_iter().zip(committed.outcomes) {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         let _ = reply.send(Ok(outcome));
                     }
                 }
@@ -150,7 +150,7 @@ async fn commit(
     shard: &Shard,
     chat: &ChatId,
     ops: Vec<WriteOp>,
-) -> Result<write::Committed, ShardError> {
+) -> Result<Vec<WriteOutcome>, ShardError> {
     let ops: Arc<[WriteOp]> = ops.into();
     let mut attempt = 1;
     loop {

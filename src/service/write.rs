@@ -37,13 +37,6 @@ pub enum WriteOutcome {
     Rejected(Rejection),
 }
 
-/// What one committed batch did.
-#[derive(Debug)]
-pub struct Committed {
-    /// One per operation, in order.
-    pub outcomes: Vec<WriteOutcome>,
-}
-
 /// Runs one batch in one transaction. Business refusals are per-operation
 /// outcomes; an `Err` means the whole batch was not applied (or, for
 /// [`OpError::Commit`], may have been).
@@ -52,14 +45,15 @@ pub async fn commit_batch(
     chat: &ChatId,
     ops: &[WriteOp],
     now: NaiveDateTime,
-) -> Result<Committed, OpError> {
+) -> Result<Vec<WriteOutcome>, OpError> {
     let mut tx = conn.begin().await?;
     let chat_id = chat.as_str();
     let Some(row) = chats::lock(&mut tx, chat_id).await? else {
         tx.rollback().await?;
-        return Ok(Committed {
-            outcomes: vec![WriteOutcome::Rejected(Rejection::ChatNotFound); ops.len()],
-        });
+        return Ok(vec![
+            WriteOutcome::Rejected(Rejection::ChatNotFound);
+            ops.len()
+        ]);
     };
     let before = ChatBefore {
         revision: row.revision,
@@ -188,7 +182,7 @@ pub async fn commit_batch(
         .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
         .collect::<Result<Vec<_>, OpError>>()?;
     tx.commit().await.map_err(OpError::Commit)?;
-    Ok(Committed { outcomes })
+    Ok(outcomes)
 }
 
 impl WriteOutcome {
