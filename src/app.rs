@@ -72,17 +72,21 @@ impl App {
         &self.live
     }
 
-    /// Reloads the live section whenever `path` changes (polled every
-    /// `every`); an invalid file is logged and ignored.
+    /// Reloads the live section whenever the content of `path` changes (read
+    /// every `every`; a config file is small); an invalid file is logged and
+    /// ignored.
     pub fn watch_config(&self, path: PathBuf, every: Duration) {
         let live = self.live.clone();
+        // The file's content, not its mtime, decides: two edits within one
+        // timestamp tick (milliseconds on many filesystems) share an mtime.
+        // Read here, before the task starts, so no edit after this call is missed.
+        let mut seen = std::fs::read(&path).ok();
         tokio::spawn(async move {
-            let mut seen = modified(&path);
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let now = modified(&path);
+                let now = std::fs::read(&path).ok();
                 if now != seen {
                     seen = now;
                     reload_live(&live, &path);
@@ -112,10 +116,6 @@ impl App {
         let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
         Ok(())
     }
-}
-
-fn modified(path: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Reads the live section of the file at `path` into `live`; a file that does
