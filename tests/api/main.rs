@@ -3,6 +3,7 @@
 mod admin;
 mod chats;
 mod concurrency;
+mod deploy;
 mod helpers;
 mod hot;
 mod members;
