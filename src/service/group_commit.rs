@@ -38,6 +38,10 @@ const DEADLOCK_ATTEMPTS: usize = 3;
 
 type Reply = oneshot::Sender<Result<WriteOutcome, ServiceError>>;
 
+/// A queued write: what to do, whom to answer, and the span of the request
+/// that asked (a batch's database span hangs under its first request).
+type Queued = (WriteOp, Reply, tracing::Span);
+
 #[derive(Default)]
 struct ChatQueue {
     state: Mutex<QueueState>,
@@ -45,7 +49,7 @@ struct ChatQueue {
 
 #[derive(Default)]
 struct QueueState {
-    pending: VecDeque<(WriteOp, Reply)>,
+    pending: VecDeque<Queued>,
     flushing: bool,
 }
 
@@ -90,16 +94,15 @@ impl GroupCommit {
             if state.pending.len() >= self.settings.max_pending_per_chat {
                 return Err(ServiceError::ChatBusy);
             }
-            state.pending.push_back((op, reply));
+            state
+                .pending
+                .push_back((op, reply, tracing::Span::current()));
             !std::mem::replace(&mut state.flushing, true)
         };
         if start_flusher {
-            // The batch's spans hang under the request that started the flusher.
-            tokio::spawn(
-                self.clone()
-                    .flush(shard.clone(), chat.clone(), queue)
-                    .instrument(tracing::Span::current()),
-            );
+            // Not instrumented: the flusher outlives the request that started
+            // it, and each batch names its own parent below.
+            tokio::spawn(self.clone().flush(shard.clone(), chat.clone(), queue));
         }
         answer.await.map_err(|_| {
             ServiceError::Internal("the write was dropped before it was answered".into())
@@ -109,7 +112,7 @@ impl GroupCommit {
     /// Commits batches until the queue is empty, then retires the queue.
     async fn flush(self: Arc<Self>, shard: Arc<Shard>, chat: ChatId, queue: Arc<ChatQueue>) {
         loop {
-            let batch: Vec<(WriteOp, Reply)> = {
+            let batch: Vec<Queued> = {
                 let mut state = queue.lock();
                 if state.pending.is_empty() {
                     state.flushing = false;
@@ -118,8 +121,16 @@ impl GroupCommit {
                 let n = state.pending.len().min(self.settings.max_batch);
                 state.pending.drain(..n).collect()
             };
-            let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch.into_iter().unzip();
-            match commit(&shard, &chat, ops).await {
+            // The batch's database span is a child of its first request; the
+            // others are linked to it, so each request's trace shows the
+            // transaction that committed it.
+            let parent = batch[0].2.clone();
+            for (_, _, span) in &batch[1..] {
+                span.follows_from(&parent);
+            }
+            let (ops, replies): (Vec<WriteOp>, Vec<Reply>) =
+                batch.into_iter().map(|(op, reply, _)| (op, reply)).unzip();
+            match commit(&shard, &chat, ops).instrument(parent).await {
                 Ok(outcomes) => {
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         let _ = reply.send(Ok(outcome));
@@ -158,9 +169,11 @@ async fn commit(
         let now = super::now();
         let result = shard
             .write(Some(chat), "commit_batch", move |conn| {
-                Box::pin(
-                    async move { write::commit_batch(conn, &chat_for_op, &ops_for_op, now).await },
-                )
+                Box::pin(async move {
+                    // Runs inside the operation's database span.
+                    tracing::Span::current().record("db.operation.batch.size", ops_for_op.len());
+                    write::commit_batch(conn, &chat_for_op, &ops_for_op, now).await
+                })
             })
             .await;
         match result {

@@ -328,6 +328,7 @@ impl Shard {
             chatshard.breaker.state = self.breaker.state().as_str(),
             chatshard.bulkhead.wait_ms = tracing::field::Empty,
             chatshard.bulkhead.in_flight = tracing::field::Empty,
+            db.operation.batch.size = tracing::field::Empty,
             error.type = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
