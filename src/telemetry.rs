@@ -1,4 +1,5 @@
-//! Tracing: logs (text or JSON) and OpenTelemetry traces over OTLP.
+//! Tracing: logs (text or JSON, each line with the request's trace id) and
+//! OpenTelemetry traces over OTLP.
 //!
 //! Export is on when an endpoint is configured (`telemetry.otlp_endpoint`, or
 //! the standard `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
@@ -18,8 +19,11 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::Deserialize;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::{Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
@@ -110,48 +114,136 @@ impl TracingGuard {
     }
 }
 
-/// Installs logging (text, or JSON with `CHATSHARD_LOG_FORMAT=json`) and, when an
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line, with the current span's fields (among them
+    /// the request's `trace_id`) and the list of enclosing spans.
+    Json,
+}
+
+impl LogFormat {
+    /// `CHATSHARD_LOG_FORMAT=json` selects JSON; anything else is text.
+    pub fn from_env() -> Self {
+        if std::env::var("CHATSHARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+            Self::Json
+        } else {
+            Self::Text
+        }
+    }
+}
+
+/// Installs logging to stderr (format from `CHATSHARD_LOG_FORMAT`) and, when an
 /// endpoint is configured, the OpenTelemetry layer. Once per process.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TracingGuard> {
+    init_with_writer(
+        settings,
+        LogFormat::from_env(),
+        BoxMakeWriter::new(std::io::stderr),
+    )
+}
+
+/// [`init`] with the log format and destination given.
+pub fn init_with_writer(
+    settings: &TelemetrySettings,
+    format: LogFormat,
+    writer: BoxMakeWriter,
+) -> anyhow::Result<TracingGuard> {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let json = std::env::var("CHATSHARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
-        tracing_subscriber::fmt::layer()
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_filter(filter())
-            .boxed()
-    } else {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_filter(filter())
-            .boxed()
+            .boxed(),
+    };
+    let trace_filter = || {
+        Targets::new()
+            .with_default(LevelFilter::INFO)
+            .with_target("chatshard", LevelFilter::DEBUG)
     };
     let (traces, provider) = match settings.otlp() {
         Some(endpoint) => {
             let provider = tracer_provider(&endpoint)?;
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("chatshard"))
-                .with_filter(
-                    Targets::new()
-                        .with_default(LevelFilter::INFO)
-                        .with_target("chatshard", LevelFilter::DEBUG),
-                )
+                .with_filter(trace_filter())
                 .boxed();
             (Some(layer), Some(provider))
         }
         None => (None, None),
     };
+    let fresh = FreshFilterPass::new(filter(), provider.is_some().then(trace_filter));
     tracing_subscriber::registry()
         .with(logs)
         .with(traces)
+        .with(fresh)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install tracing: {e}"))?;
     Ok(TracingGuard { provider })
+}
+
+/// The outermost layer: it makes every callsite that a filter wants
+/// `Interest::sometimes`, never `always`, so that each span and event is
+/// preceded by its own filter pass.
+///
+/// Per-layer filters hand their verdict from `enabled` to `on_new_span` /
+/// `on_event` through a thread-local. A callsite whose interest is cached as
+/// `always` skips `enabled`, and then reads whatever the previous filter pass on
+/// that thread left there. `log_enabled!` through `tracing-log` leaves "disabled
+/// by every layer" behind (sqlx checks it after every query), so the next
+/// request span on that thread was silently dropped by both the log and the
+/// trace layer (tokio-rs/tracing#2519; the upstream fix proposed in #3572 does
+/// the same as this layer). Callsites that no filter wants stay `never`, so
+/// disabled events cost what they cost before.
+struct FreshFilterPass {
+    logs: EnvFilter,
+    traces: Option<Targets>,
+    max_level: Option<LevelFilter>,
+}
+
+impl FreshFilterPass {
+    fn new(logs: EnvFilter, traces: Option<Targets>) -> Self {
+        let max_level = std::cmp::max(
+            logs.max_level_hint(),
+            traces
+                .as_ref()
+                .and_then(<Targets as Filter<Registry>>::max_level_hint),
+        );
+        Self {
+            logs,
+            traces,
+            max_level,
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for FreshFilterPass {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        let logged = !<EnvFilter as Filter<S>>::callsite_enabled(&self.logs, meta).is_never();
+        let traced = self
+            .traces
+            .as_ref()
+            .is_some_and(|t| t.would_enable(meta.target(), meta.level()));
+        if logged || traced {
+            Interest::sometimes()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.max_level
+    }
 }
 
 fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {

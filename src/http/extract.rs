@@ -124,15 +124,21 @@ async fn raw_params<S: Send + Sync>(
         .map_err(|_| Problem::invalid("the path is not valid UTF-8 once percent-decoded"))
 }
 
-/// Puts the chat on the request's server span (hashed unless configured raw).
+/// Puts the chat (hashed unless configured raw) and the shard it routes to on
+/// the request's server span, before anything can refuse the request.
 fn record_chat<S>(state: &S, chat: &ChatId)
 where
     AppState: FromRef<S>,
 {
-    let mode = AppState::from_ref(state).chat_id_in_telemetry;
-    tracing::Span::current().record(
+    let state = AppState::from_ref(state);
+    let span = tracing::Span::current();
+    span.record(
         "chatshard.chat_id",
-        crate::telemetry::chat_id_attribute(chat.as_str(), mode),
+        crate::telemetry::chat_id_attribute(chat.as_str(), state.chat_id_in_telemetry),
+    );
+    span.record(
+        "chatshard.shard",
+        state.service.shards().for_chat(chat).name(),
     );
 }
 

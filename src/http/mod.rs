@@ -94,8 +94,15 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             trace::trace_request,
         ))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        // Unmatched paths and methods get a span and a request id too.
+        .fallback(axum::handler::Handler::layer(
+            not_found,
+            axum::middleware::from_fn_with_state(state.clone(), trace::trace_request),
+        ))
+        .method_not_allowed_fallback(axum::handler::Handler::layer(
+            method_not_allowed,
+            axum::middleware::from_fn_with_state(state.clone(), trace::trace_request),
+        ))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -1,10 +1,12 @@
 //! The server span of every request, and its metrics.
 //!
 //! An incoming W3C `traceparent` / `tracestate` makes the span a child of the
-//! caller's span. Every response carries `x-request-id`: the caller's trace id
-//! when it sent one, so a chat server can log the id and find the trace; a
-//! random id otherwise. (The span's own context is not read back here: with
-//! tracing-opentelemetry 0.34 doing so lost spans from the export.)
+//! caller's span. Every response carries `x-request-id` with the request's trace
+//! id (the caller's when it sent one), so a chat server can log it and find the
+//! trace; with export on, a W3C `traceresponse` names the server span too. The
+//! same id is the span's `trace_id` field, so every log line of the request
+//! carries it. With export off and no caller trace, the id is random: it still
+//! ties the response to the request's log lines.
 
 use std::time::Instant;
 
@@ -13,8 +15,10 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::KeyValue;
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_http::HeaderExtractor;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -26,9 +30,8 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = req.method().clone();
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
+    // W3C trace context, whatever global propagator is (or is not) installed.
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     let span = tracing::info_span!(
         "http",
         otel.name = %format_args!("{method} {route}"),
@@ -38,12 +41,22 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
         http.response.status_code = tracing::field::Empty,
         chatshard.chat_id = tracing::field::Empty,
         chatshard.shard = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    let parent_trace = parent.span().span_context().clone();
+    let caller = parent.span().span_context().clone();
     // Without the OpenTelemetry layer (export off) there is nothing to link.
     let _ = span.set_parent(parent);
+    let own = span.context().span().span_context().clone();
+    let trace_id = if own.is_valid() {
+        own.trace_id().to_string()
+    } else if caller.is_valid() {
+        caller.trace_id().to_string()
+    } else {
+        format!("{:032x}", rand::random::<u128>())
+    };
+    span.record("trace_id", trace_id.as_str());
     let started = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();
@@ -60,13 +73,19 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
         ],
     );
     let headers = response.headers_mut();
-    let trace_id = if parent_trace.is_valid() {
-        parent_trace.trace_id().to_string()
-    } else {
-        format!("{:032x}", rand::random::<u128>())
-    };
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
         headers.insert("x-request-id", v);
+    }
+    if own.is_valid() {
+        let traceresponse = format!(
+            "00-{}-{}-{:02x}",
+            own.trace_id(),
+            own.span_id(),
+            own.trace_flags().to_u8()
+        );
+        if let Ok(v) = HeaderValue::from_str(&traceresponse) {
+            headers.insert("traceresponse", v);
+        }
     }
     response
 }

@@ -252,9 +252,7 @@ impl ChatService {
     }
 
     fn shard(&self, chat: &ChatId) -> &Arc<Shard> {
-        let shard = self.shards.for_chat(chat);
-        tracing::Span::current().record("chatshard.shard", shard.name());
-        shard
+        self.shards.for_chat(chat)
     }
 
     /// Creates a chat, or returns the existing one. A given `max_members` is

@@ -105,3 +105,44 @@ async fn metrics_are_served_in_prometheus_text() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_carries_the_request_trace_id() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("reqid").await;
+    // No caller trace, no export: a fresh random id per request.
+    let a = app.get(&format!("/v1/chats/{chat}")).await;
+    let b = app.get(&format!("/v1/chats/{chat}/nope")).await;
+    let c = reqwest::Client::new()
+        .delete(app.url(&format!("/v1/chats/{chat}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((b.status().as_u16(), c.status().as_u16()), (404, 405));
+    let ids: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|r| match r.headers().get("x-request-id") {
+            Some(v) => v.to_str().unwrap().to_owned(),
+            None => panic!("no x-request-id on a {} answer", r.status()),
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert_ne!(ids[1], ids[2]);
+    // Without export there is no server span id to name.
+    assert!(a.headers().get("traceresponse").is_none());
+    // A caller's trace id comes back, on errors too.
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    for path in [format!("/v1/chats/{chat}"), "/v1/chats/bad%20id".to_owned()] {
+        let r = reqwest::Client::new()
+            .get(app.url(&path))
+            .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-request-id"], trace, "{path}");
+    }
+}
