@@ -29,7 +29,7 @@ impl App {
     /// binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        let metrics = Metrics::new(settings.telemetry.otlp().as_deref())?;
+        let metrics = Metrics::new(settings.telemetry.export()?.as_ref())?;
         let shards = build_shards_measured(settings, &metrics.shard_operation)?;
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
         let default_max = MaxMembers::parse(i64::from(settings.defaults.max_members))

@@ -40,10 +40,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// A Prometheus reader always; an OTLP reader when `otlp` is set (the
-    /// endpoint comes from the standard `OTEL_EXPORTER_OTLP_*` variables or
-    /// `otlp_endpoint`).
-    pub fn new(otlp_endpoint: Option<&str>) -> anyhow::Result<Arc<Self>> {
+    /// A Prometheus reader always; an OTLP reader when `otlp` is given.
+    pub fn new(otlp: Option<&crate::telemetry::OtlpExport>) -> anyhow::Result<Arc<Self>> {
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -52,14 +50,8 @@ impl Metrics {
         let mut builder = SdkMeterProvider::builder()
             .with_reader(prometheus)
             .with_resource(crate::telemetry::resource());
-        if let Some(endpoint) = otlp_endpoint {
-            let mut exporter = opentelemetry_otlp::MetricExporter::builder().with_http();
-            if !endpoint.is_empty() {
-                use opentelemetry_otlp::WithExportConfig;
-                exporter = exporter
-                    .with_endpoint(format!("{}/v1/metrics", endpoint.trim_end_matches('/')));
-            }
-            builder = builder.with_periodic_exporter(exporter.build()?);
+        if let Some(export) = otlp {
+            builder = builder.with_periodic_exporter(export.metric_exporter()?);
         }
         let provider = builder.build();
         let meter = provider.meter("chatshard");

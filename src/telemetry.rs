@@ -4,10 +4,10 @@
 //! Export is on when an endpoint is configured (`telemetry.otlp_endpoint`, or
 //! the standard `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
 //! variables); otherwise no OpenTelemetry layer is installed and tracing costs
-//! what plain logging costs. OTLP over HTTP/protobuf, batched on its own
-//! thread; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` apply.
-//! gRPC is selected with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` in a build with the
-//! `otlp-grpc` feature.
+//! what plain logging costs. OTLP over HTTP/protobuf by default, or gRPC
+//! (`telemetry.otlp_protocol` or `OTEL_EXPORTER_OTLP_PROTOCOL`; the `otlp-grpc`
+//! feature, on by default), batched on its own thread; `OTEL_SERVICE_NAME`,
+//! `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` apply.
 //!
 //! Spans (see docs/observability.md): one server span per request (the
 //! `http` middleware), a child span per shard operation (`shard`), and span
@@ -37,18 +37,65 @@ pub enum ChatIdInTelemetry {
     Raw,
 }
 
+/// The OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+impl OtlpProtocol {
+    fn parse(value: &str) -> anyhow::Result<Self> {
+        match value {
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            "grpc" => Ok(Self::Grpc),
+            other => anyhow::bail!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported: use \"http/protobuf\" or \"grpc\""
+            ),
+        }
+    }
+}
+
 /// `[telemetry]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
-    /// OTLP endpoint (e.g. `http://collector:4318`); empty: the OTEL_* variables
-    /// decide, and no variable means no export.
+    /// OTLP endpoint (e.g. `http://collector:4318` for HTTP, `:4317` for gRPC);
+    /// empty: the OTEL_* variables decide, and no variable means no export.
     pub otlp_endpoint: String,
+    /// `http/protobuf` or `grpc`; unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else
+    /// `http/protobuf`.
+    pub otlp_protocol: Option<OtlpProtocol>,
     /// `hashed` (default) or `raw`.
     pub chat_id: ChatIdInTelemetry,
 }
 
+/// Where and how traces and metrics are exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpExport {
+    /// Empty: the exporter reads the `OTEL_EXPORTER_OTLP_*` variables itself.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+}
+
 impl TelemetrySettings {
+    /// Export settings, or `None` when export is off.
+    pub fn export(&self) -> anyhow::Result<Option<OtlpExport>> {
+        let Some(endpoint) = self.otlp() else {
+            return Ok(None);
+        };
+        let protocol = match self.otlp_protocol {
+            Some(p) => p,
+            None => match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
+                Ok(v) if !v.is_empty() => OtlpProtocol::parse(&v)?,
+                _ => OtlpProtocol::HttpProtobuf,
+            },
+        };
+        Ok(Some(OtlpExport { endpoint, protocol }))
+    }
+
     /// The endpoint to export to, if export is on: `Some("")` means "from the
     /// OTEL_* variables".
     pub fn otlp(&self) -> Option<String> {
@@ -171,9 +218,9 @@ pub fn init_with_writer(
             .with_default(LevelFilter::INFO)
             .with_target("chatshard", LevelFilter::DEBUG)
     };
-    let (traces, provider) = match settings.otlp() {
-        Some(endpoint) => {
-            let provider = tracer_provider(&endpoint)?;
+    let (traces, provider) = match settings.export()? {
+        Some(export) => {
+            let provider = tracer_provider(&export)?;
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("chatshard"))
                 .with_filter(trace_filter())
@@ -246,45 +293,144 @@ impl<S: Subscriber> Layer<S> for FreshFilterPass {
     }
 }
 
-fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
-    use opentelemetry_otlp::WithExportConfig;
-    let grpc = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").is_ok_and(|p| p == "grpc");
-    let exporter = if grpc {
-        grpc_exporter(endpoint)?
-    } else {
-        let mut builder = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-        if !endpoint.is_empty() {
-            builder =
-                builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
-        }
-        builder.build()?
-    };
+fn tracer_provider(export: &OtlpExport) -> anyhow::Result<SdkTracerProvider> {
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(export.span_exporter()?)
         .with_resource(resource())
         .build())
 }
 
-#[cfg(feature = "otlp-grpc")]
-fn grpc_exporter(endpoint: &str) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    use opentelemetry_otlp::WithExportConfig;
-    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-    if !endpoint.is_empty() {
-        builder = builder.with_endpoint(endpoint);
+impl OtlpExport {
+    /// The endpoint for one signal: OTLP/HTTP puts each signal under its own
+    /// path of the base endpoint; gRPC takes the endpoint as it is.
+    fn signal_endpoint(&self, path: &str) -> Option<String> {
+        if self.endpoint.is_empty() {
+            return None;
+        }
+        let base = self.endpoint.trim_end_matches('/');
+        Some(match self.protocol {
+            OtlpProtocol::HttpProtobuf => format!("{base}/{path}"),
+            OtlpProtocol::Grpc => base.to_owned(),
+        })
     }
-    Ok(builder.build()?)
+
+    fn span_exporter(&self) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+        use opentelemetry_otlp::WithExportConfig;
+        let endpoint = self.signal_endpoint("v1/traces");
+        Ok(match self.protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(e) = endpoint {
+                    b = b.with_endpoint(e);
+                }
+                b.build()?
+            }
+            OtlpProtocol::Grpc => grpc::span_exporter(endpoint)?,
+        })
+    }
+
+    /// The OTLP exporter of the metrics (see [`crate::metrics`]).
+    pub fn metric_exporter(&self) -> anyhow::Result<opentelemetry_otlp::MetricExporter> {
+        use opentelemetry_otlp::WithExportConfig;
+        let endpoint = self.signal_endpoint("v1/metrics");
+        Ok(match self.protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(e) = endpoint {
+                    b = b.with_endpoint(e);
+                }
+                b.build()?
+            }
+            OtlpProtocol::Grpc => grpc::metric_exporter(endpoint)?,
+        })
+    }
+}
+
+#[cfg(feature = "otlp-grpc")]
+mod grpc {
+    use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
+
+    pub fn span_exporter(endpoint: Option<String>) -> anyhow::Result<SpanExporter> {
+        let mut b = SpanExporter::builder().with_tonic();
+        if let Some(e) = endpoint {
+            b = b.with_endpoint(e);
+        }
+        Ok(b.build()?)
+    }
+
+    pub fn metric_exporter(endpoint: Option<String>) -> anyhow::Result<MetricExporter> {
+        let mut b = MetricExporter::builder().with_tonic();
+        if let Some(e) = endpoint {
+            b = b.with_endpoint(e);
+        }
+        Ok(b.build()?)
+    }
 }
 
 #[cfg(not(feature = "otlp-grpc"))]
-fn grpc_exporter(_endpoint: &str) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs a build with `--features otlp-grpc`")
+mod grpc {
+    use opentelemetry_otlp::{MetricExporter, SpanExporter};
+
+    const MISSING: &str =
+        "OTLP over gRPC needs a build with the `otlp-grpc` feature (on by default)";
+
+    pub fn span_exporter(_endpoint: Option<String>) -> anyhow::Result<SpanExporter> {
+        anyhow::bail!(MISSING)
+    }
+
+    pub fn metric_exporter(_endpoint: Option<String>) -> anyhow::Result<MetricExporter> {
+        anyhow::bail!(MISSING)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn otlp_http_puts_each_signal_under_its_path_and_grpc_takes_the_endpoint() {
+        let http = OtlpExport {
+            endpoint: "http://collector:4318/".into(),
+            protocol: OtlpProtocol::HttpProtobuf,
+        };
+        assert_eq!(
+            http.signal_endpoint("v1/traces").as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        let grpc = OtlpExport {
+            endpoint: "http://collector:4317".into(),
+            protocol: OtlpProtocol::Grpc,
+        };
+        assert_eq!(
+            grpc.signal_endpoint("v1/metrics").as_deref(),
+            Some("http://collector:4317")
+        );
+        let from_env = OtlpExport {
+            endpoint: String::new(),
+            protocol: OtlpProtocol::Grpc,
+        };
+        assert_eq!(from_env.signal_endpoint("v1/traces"), None);
+        assert_eq!(OtlpProtocol::parse("grpc").ok(), Some(OtlpProtocol::Grpc));
+        assert!(OtlpProtocol::parse("http/json").is_err());
+    }
+
+    #[test]
+    fn the_configured_protocol_is_used_and_unknown_ones_are_refused() {
+        let settings: TelemetrySettings =
+            toml::from_str("otlp_endpoint = \"http://c:4317\"\notlp_protocol = \"grpc\"").unwrap();
+        assert_eq!(
+            settings.export().unwrap(),
+            Some(OtlpExport {
+                endpoint: "http://c:4317".into(),
+                protocol: OtlpProtocol::Grpc
+            })
+        );
+        assert!(toml::from_str::<TelemetrySettings>("otlp_protocol = \"http/json\"").is_err());
+    }
 
     #[test]
     fn chat_ids_are_hashed_unless_raw_is_asked_for() {
