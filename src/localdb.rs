@@ -80,9 +80,14 @@ impl LocalMariaDbOptions {
 
     /// Test server in a fresh `$TMPDIR/chatshard-test-<pid>-<n>`, removed on exit.
     pub fn temp() -> Self {
+        Self::temp_in(&std::env::temp_dir())
+    }
+
+    /// Test server in a fresh `<base>/chatshard-test-<pid>-<n>`, removed on exit.
+    pub fn temp_in(base: &Path) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("chatshard-test-{}-{n}", std::process::id()));
+        let dir = base.join(format!("chatshard-test-{}-{n}", std::process::id()));
         Self {
             data_dir: dir,
             port: 0,

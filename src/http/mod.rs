@@ -84,25 +84,17 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::hot_chats))
         .split_for_parts();
     let api = Arc::new(api);
+    let traced = || axum::middleware::from_fn_with_state(state.clone(), trace::trace_request);
     router
         .route(
             "/openapi.json",
             get(move || async move { Json(api.as_ref().clone()) }),
         )
         .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            trace::trace_request,
-        ))
+        .route_layer(traced())
         // Unmatched paths and methods get a span and a request id too.
-        .fallback(axum::handler::Handler::layer(
-            not_found,
-            axum::middleware::from_fn_with_state(state.clone(), trace::trace_request),
-        ))
-        .method_not_allowed_fallback(axum::handler::Handler::layer(
-            method_not_allowed,
-            axum::middleware::from_fn_with_state(state.clone(), trace::trace_request),
-        ))
+        .fallback(axum::handler::Handler::layer(not_found, traced()))
+        .method_not_allowed_fallback(axum::handler::Handler::layer(method_not_allowed, traced()))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .with_state(state)
 }
