@@ -541,14 +541,15 @@ mod tests {
     "#;
 
     #[test]
-    fn shipped_example_config_loads() {
+    fn shipped_example_config_loads() -> crate::TestResult {
         let text = include_str!("../config/chatshard.example.toml");
-        let settings = Settings::from_toml(text, []).unwrap();
+        let settings = Settings::from_toml(text, [])?;
         assert!(!settings.shards.is_empty());
+        Ok(())
     }
 
     #[test]
-    fn defaults_apply_and_env_overrides_win() {
+    fn defaults_apply_and_env_overrides_win() -> crate::TestResult {
         let env = [
             ("CHATSHARD__POOL__MAX_WAIT_MS".to_owned(), "75".to_owned()),
             ("CHATSHARD__LISTEN".to_owned(), "0.0.0.0:9000".to_owned()),
@@ -557,7 +558,7 @@ mod tests {
                 "mysql://u:p@db:3306/x".to_owned(),
             ),
         ];
-        let s = Settings::from_toml(TWO_SHARDS, env).unwrap();
+        let s = Settings::from_toml(TWO_SHARDS, env)?;
         assert_eq!(s.pool.max_wait_ms, 75);
         assert_eq!(s.pool.max_concurrent, 16);
         assert_eq!(s.listen.port(), 9000);
@@ -566,6 +567,7 @@ mod tests {
             s.shards[0].redacted_url(),
             "mysql://root@127.0.0.1:3307/chatshard"
         );
+        Ok(())
     }
 
     #[test]

@@ -53,3 +53,7 @@ pub mod shard;
 pub mod storage;
 pub mod telemetry;
 pub mod throttle;
+
+/// What unit tests return, so that they can use `?`.
+#[cfg(test)]
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;

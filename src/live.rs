@@ -303,7 +303,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_overrides_apply_per_chat() {
+    fn defaults_are_valid_and_overrides_apply_per_chat() -> crate::TestResult {
         let mut c = LiveConfig::default();
         assert!(c.problems().is_empty());
         c.join_throttle.overrides.insert(
@@ -313,18 +313,19 @@ mod tests {
                 ..Default::default()
             },
         );
-        let vip = ChatId::parse("vip").unwrap();
-        let other = ChatId::parse("other").unwrap();
+        let vip = ChatId::parse("vip")?;
+        let other = ChatId::parse("other")?;
         assert_eq!(c.join_rule(&vip).limit, 5);
         assert_eq!(
             c.join_rule(&vip).window_seconds,
             c.join_throttle.window_seconds
         );
         assert_eq!(c.join_rule(&other).limit, c.join_throttle.limit);
+        Ok(())
     }
 
     #[test]
-    fn every_problem_is_listed_and_the_old_config_stays() {
+    fn every_problem_is_listed_and_the_old_config_stays() -> crate::TestResult {
         let live = Live::new(LiveConfig::default());
         let mut bad = LiveConfig::default();
         bad.hot_chat.throttle_rate = 1.5;
@@ -340,23 +341,31 @@ mod tests {
 
         let mut good = LiveConfig::default();
         good.hot_chat.dry_run = true;
-        assert_eq!(live.update(good.clone(), "test").unwrap().version, 2);
+        assert_eq!(
+            live.update(good.clone(), "test")
+                .map_err(|p| p.join("; "))?
+                .version,
+            2
+        );
         // The same config again is no change.
-        assert_eq!(live.update(good, "test").unwrap().version, 2);
+        assert_eq!(
+            live.update(good, "test").map_err(|p| p.join("; "))?.version,
+            2
+        );
+        Ok(())
     }
 
     #[test]
-    fn toml_takes_snake_case_and_json_camel_case() {
+    fn toml_takes_snake_case_and_json_camel_case() -> crate::TestResult {
         let from_toml: LiveConfig =
-            toml::from_str("[hot_chat]\ndry_run = true\n[join_throttle]\nwindow_seconds = 5\n")
-                .unwrap();
+            toml::from_str("[hot_chat]\ndry_run = true\n[join_throttle]\nwindow_seconds = 5\n")?;
         assert!(from_toml.hot_chat.dry_run);
         assert_eq!(from_toml.join_throttle.window_seconds, 5);
         let from_json: LiveConfig = serde_json::from_str(
             r#"{"hotChat":{"dryRun":true},"joinThrottle":{"windowSeconds":5}}"#,
-        )
-        .unwrap();
+        )?;
         assert_eq!(from_json, from_toml);
         assert!(serde_json::from_str::<LiveConfig>(r#"{"hotChat":{"colour":1}}"#).is_err());
+        Ok(())
     }
 }

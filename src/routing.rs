@@ -161,9 +161,9 @@ mod tests {
     }
 
     #[test]
-    fn gaps_and_overlaps_are_reported() {
-        let a = vec![BucketRange::parse("0-600").unwrap()];
-        let b = vec![BucketRange::parse("500-1000").unwrap()];
+    fn gaps_and_overlaps_are_reported() -> crate::TestResult {
+        let a = vec![BucketRange::parse("0-600")?];
+        let b = vec![BucketRange::parse("500-1000")?];
         let problems = Router::new(&[a, b]).unwrap_err();
         assert!(problems.iter().any(|p| p.contains("bucket 500")));
         assert!(
@@ -174,6 +174,7 @@ mod tests {
         assert!(BucketRange::parse("5-1").is_err());
         assert!(BucketRange::parse("0-1024").is_err());
         assert!(BucketRange::parse("x").is_err());
+        Ok(())
     }
 
     proptest! {

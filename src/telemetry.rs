@@ -419,17 +419,18 @@ mod tests {
     }
 
     #[test]
-    fn the_configured_protocol_is_used_and_unknown_ones_are_refused() {
+    fn the_configured_protocol_is_used_and_unknown_ones_are_refused() -> crate::TestResult {
         let settings: TelemetrySettings =
-            toml::from_str("otlp_endpoint = \"http://c:4317\"\notlp_protocol = \"grpc\"").unwrap();
+            toml::from_str("otlp_endpoint = \"http://c:4317\"\notlp_protocol = \"grpc\"")?;
         assert_eq!(
-            settings.export().unwrap(),
+            settings.export()?,
             Some(OtlpExport {
                 endpoint: "http://c:4317".into(),
                 protocol: OtlpProtocol::Grpc
             })
         );
         assert!(toml::from_str::<TelemetrySettings>("otlp_protocol = \"http/json\"").is_err());
+        Ok(())
     }
 
     #[test]

@@ -206,11 +206,11 @@ mod tests {
     }
 
     #[test]
-    fn a_chat_is_hot_when_its_bucket_empties_and_cools_after_expiry() {
+    fn a_chat_is_hot_when_its_bucket_empties_and_cools_after_expiry() -> crate::TestResult {
         let clock = Arc::new(ManualClock::default());
         let hot = HotChats::new(clock.clone(), 1000);
         let d = Decisions::default();
-        let chat = ChatId::parse("c").unwrap();
+        let chat = ChatId::parse("c")?;
         for _ in 0..99 {
             hot.record_write(&chat, 1, rule(), &d);
         }
@@ -226,14 +226,15 @@ mod tests {
         clock.advance_ms(1);
         assert!(!hot.heat(&chat).hot);
         assert!(hot.hot_chats().is_empty());
+        Ok(())
     }
 
     #[test]
-    fn a_steady_rate_below_the_threshold_never_marks() {
+    fn a_steady_rate_below_the_threshold_never_marks() -> crate::TestResult {
         let clock = Arc::new(ManualClock::default());
         let hot = HotChats::new(clock.clone(), 1000);
         let d = Decisions::default();
-        let chat = ChatId::parse("c").unwrap();
+        let chat = ChatId::parse("c")?;
         // 9 events per second against 100 per 10 s: the bucket refills faster.
         for _ in 0..600 {
             clock.advance_ms(111);
@@ -243,14 +244,15 @@ mod tests {
         // A burst of 200 at once empties it.
         hot.record_write(&chat, 200, rule(), &d);
         assert!(hot.heat(&chat).hot);
+        Ok(())
     }
 
     #[test]
-    fn writes_advance_the_generation_and_disabled_rules_never_mark() {
+    fn writes_advance_the_generation_and_disabled_rules_never_mark() -> crate::TestResult {
         let clock = Arc::new(ManualClock::default());
         let hot = HotChats::new(clock, 1000);
         let d = Decisions::default();
-        let chat = ChatId::parse("c").unwrap();
+        let chat = ChatId::parse("c")?;
         let off = HotChatRule {
             enabled: false,
             ..rule()
@@ -261,5 +263,6 @@ mod tests {
         assert_eq!(heat.generation, 1);
         hot.record_write(&chat, 0, rule(), &d);
         assert_eq!(hot.heat(&chat).generation, 2);
+        Ok(())
     }
 }

@@ -134,9 +134,9 @@ mod tests {
     }
 
     #[test]
-    fn admits_the_limit_then_refuses_until_the_window_ends() {
+    fn admits_the_limit_then_refuses_until_the_window_ends() -> crate::TestResult {
         let (clock, t, d) = setup();
-        let chat = ChatId::parse("c").unwrap();
+        let chat = ChatId::parse("c")?;
         for _ in 0..3 {
             assert_eq!(t.check(&chat, rule(3, 10), &d), JoinDecision::Admit);
         }
@@ -164,12 +164,13 @@ mod tests {
         clock.advance_ms(1);
         assert_eq!(t.check(&chat, rule(3, 10), &d), JoinDecision::Admit);
         assert_eq!(Decisions::get(&d.joins_throttled), 3);
+        Ok(())
     }
 
     #[test]
-    fn chats_and_rules_are_independent() {
+    fn chats_and_rules_are_independent() -> crate::TestResult {
         let (_clock, t, d) = setup();
-        let (a, b) = (ChatId::parse("a").unwrap(), ChatId::parse("b").unwrap());
+        let (a, b) = (ChatId::parse("a")?, ChatId::parse("b")?);
         assert_eq!(t.check(&a, rule(1, 10), &d), JoinDecision::Admit);
         assert!(matches!(
             t.check(&a, rule(1, 10), &d),
@@ -183,12 +184,13 @@ mod tests {
             ..rule(1, 10)
         };
         assert_eq!(t.check(&b, off, &d), JoinDecision::Admit);
+        Ok(())
     }
 
     #[test]
-    fn dry_run_admits_but_reports_exactly_what_would_be_refused() {
+    fn dry_run_admits_but_reports_exactly_what_would_be_refused() -> crate::TestResult {
         let (_clock, t, d) = setup();
-        let chat = ChatId::parse("c").unwrap();
+        let chat = ChatId::parse("c")?;
         let dry = JoinRule {
             dry_run: true,
             ..rule(2, 10)
@@ -202,13 +204,14 @@ mod tests {
         );
         assert_eq!(Decisions::get(&d.joins_throttled_dry_run), 3);
         assert_eq!(Decisions::get(&d.joins_throttled), 0);
+        Ok(())
     }
 
     #[test]
-    fn admission_is_exact_under_concurrency() {
+    fn admission_is_exact_under_concurrency() -> crate::TestResult {
         let (_clock, t, d) = setup();
         let (t, d) = (Arc::new(t), Arc::new(d));
-        let chat = ChatId::parse("celebrity").unwrap();
+        let chat = ChatId::parse("celebrity")?;
         let admitted = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -223,5 +226,6 @@ mod tests {
         });
         assert_eq!(admitted.into_inner(), 100);
         assert_eq!(Decisions::get(&d.joins_throttled), 900);
+        Ok(())
     }
 }
