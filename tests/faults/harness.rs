@@ -171,6 +171,40 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Prometheus samples of `/metrics` whose name is `metric`: labels and value.
+    pub async fn metric(&self, metric: &str) -> Vec<(String, f64)> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(metric)?;
+                let (labels, value) = match rest.strip_prefix('{') {
+                    Some(r) => r.split_once("} ")?,
+                    None => ("", rest.strip_prefix(' ')?),
+                };
+                Some((labels.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The sum of `metric` over the samples whose labels contain every one of
+    /// `labels` (each `key="value"`).
+    pub async fn metric_sum(&self, metric: &str, labels: &[&str]) -> f64 {
+        self.metric(metric)
+            .await
+            .iter()
+            .filter(|(l, _)| labels.iter().all(|want| l.contains(want)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     pub async fn breaker(&self, shard: usize) -> String {
         self.admin_shards().await[shard]["breaker"]["state"]
             .as_str()

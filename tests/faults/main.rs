@@ -22,7 +22,9 @@ const BROKEN: usize = 1;
 const WINDOW: Duration = Duration::from_millis(2500);
 
 /// A fault that the breaker must see: open, fail fast, close after repair.
-async fn breaker_scenario<I, R>(name: &str, inject: I, remove: R)
+/// `outcomes`: the failure outcomes the broken shard's operations must show
+/// in the metrics (any of them), as docs/observability.md tells an SRE.
+async fn breaker_scenario<I, R>(name: &str, outcomes: &[&str], inject: I, remove: R)
 where
     I: AsyncFnOnce(&mut Cluster),
     R: AsyncFnOnce(&mut Cluster),
@@ -38,6 +40,7 @@ where
         .wait_breaker(BROKEN, "OPEN", Duration::from_secs(10))
         .await;
     let fail_fast = cluster.assert_fail_fast(BROKEN).await;
+    assert_telemetry_tells(&cluster, outcomes).await;
     tokio::time::sleep(WINDOW).await;
     remove(&mut cluster).await;
     let fault_end = Instant::now();
@@ -62,10 +65,51 @@ where
     );
 }
 
+/// From `/metrics` alone: the broken shard's breaker is open, its operations
+/// failed with one of `outcomes` before it opened, calls are now refused with
+/// `breaker_open`, and no other shard shows a failure.
+async fn assert_telemetry_tells(c: &Cluster, outcomes: &[&str]) {
+    let broken = format!("shard=\"shard-{BROKEN}\"");
+    let state = c
+        .metric_sum("chatshard_shard_breaker_state", &[&broken])
+        .await;
+    assert_eq!(state, 1.0, "breaker_state of the broken shard");
+    let op = "chatshard_shard_operation_duration_seconds_count";
+    let mut failed = 0.0;
+    for outcome in outcomes {
+        failed += c
+            .metric_sum(op, &[&broken, &format!("outcome=\"{outcome}\"")])
+            .await;
+    }
+    assert!(
+        failed > 0.0,
+        "no {outcomes:?} operations on the broken shard"
+    );
+    let refused = c
+        .metric_sum(op, &[&broken, "outcome=\"breaker_open\""])
+        .await;
+    let rejected = c
+        .metric_sum(
+            "chatshard_shard_rejections_total",
+            &[&broken, "reason=\"breaker_open\""],
+        )
+        .await;
+    assert!(refused > 0.0 && rejected > 0.0, "no breaker_open refusals");
+    for (labels, count) in c.metric(op).await {
+        if !labels.contains(&broken) && count > 0.0 {
+            assert!(
+                labels.contains("outcome=\"ok\""),
+                "a healthy shard shows a failure: {labels}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s1_shard_killed_then_restarted() {
     breaker_scenario(
         "kill",
+        &["unavailable", "outcome_unknown"],
         async |c| c.servers[BROKEN].kill().expect("SIGKILL"),
         async |c| c.servers[BROKEN].restart().await.expect("restart"),
     )
@@ -76,6 +120,7 @@ async fn s1_shard_killed_then_restarted() {
 async fn s2_shard_hung_then_resumed() {
     breaker_scenario(
         "stop",
+        &["timeout", "outcome_unknown"],
         async |c| c.servers[BROKEN].suspend().expect("SIGSTOP"),
         async |c| c.servers[BROKEN].resume().expect("SIGCONT"),
     )
@@ -86,6 +131,7 @@ async fn s2_shard_hung_then_resumed() {
 async fn s3_shard_slower_than_the_deadline() {
     breaker_scenario(
         "slow",
+        &["timeout", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Delay(Duration::from_millis(800))),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
     )
@@ -96,6 +142,7 @@ async fn s3_shard_slower_than_the_deadline() {
 async fn s4a_connections_reset() {
     breaker_scenario(
         "reset",
+        &["unavailable", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Reset),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
     )
@@ -106,6 +153,7 @@ async fn s4a_connections_reset() {
 async fn s4b_connections_black_holed() {
     breaker_scenario(
         "blackhole",
+        &["timeout", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Blackhole),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
     )
@@ -116,6 +164,7 @@ async fn s4b_connections_black_holed() {
 async fn s6_shard_out_of_connections() {
     breaker_scenario(
         "max_connections",
+        &["unavailable"],
         async |c| {
             let mut root = c.servers[BROKEN].connect("chatshard").await.expect("root");
             sqlx::query("CREATE USER IF NOT EXISTS 'hog'@'127.0.0.1'")
@@ -202,6 +251,19 @@ async fn s5_shard_read_only() {
         .expect("read_only");
     tokio::time::sleep(2 * WINDOW).await;
     let breaker_during = cluster.breaker(BROKEN).await;
+    // In the metrics: writes failed with `read_only`, the breaker stayed closed.
+    let broken = format!("shard=\"shard-{BROKEN}\"");
+    let read_only = cluster
+        .metric_sum(
+            "chatshard_shard_operation_duration_seconds_count",
+            &[&broken, "outcome=\"read_only\""],
+        )
+        .await;
+    assert!(read_only > 0.0, "no read_only outcome in the metrics");
+    let state = cluster
+        .metric_sum("chatshard_shard_breaker_state", &[&broken])
+        .await;
+    assert_eq!(state, 0.0, "breaker_state of the read-only shard");
     sqlx::query("SET GLOBAL read_only = 0")
         .execute(&mut root)
         .await
