@@ -12,11 +12,7 @@ use crate::helpers::{TestApp, unique};
 async fn concurrent_distinct_joins_are_all_counted() {
     let app = TestApp::spawn().await;
     let chat = app.new_chat("c-joins").await;
-    let statuses = join_all((0..200).map(|i| {
-        let (app, chat) = (&app, &chat);
-        async move { app.join(chat, &format!("u{i}")).await.status() }
-    }))
-    .await;
+    let statuses = app.join_many(&chat, 200).await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::CREATED),
         "{statuses:?}"
@@ -183,11 +179,7 @@ async fn max_members_holds_under_concurrent_joins() {
     let app = TestApp::spawn().await;
     let chat = unique("c-max");
     app.put_chat(&chat, Some(json!({ "maxMembers": 50 }))).await;
-    let statuses = join_all((0..200).map(|i| {
-        let (app, chat) = (&app, &chat);
-        async move { app.join(chat, &format!("u{i}")).await.status() }
-    }))
-    .await;
+    let statuses = app.join_many(&chat, 200).await;
     let created = statuses
         .iter()
         .filter(|s| **s == StatusCode::CREATED)

@@ -173,6 +173,14 @@ impl TestApp {
             .expect("request")
     }
 
+    /// Joins users `u0`..`u{n-1}` to `chat` all at once; the answers' statuses.
+    pub async fn join_many(&self, chat: &str, n: usize) -> Vec<reqwest::StatusCode> {
+        futures::future::join_all(
+            (0..n).map(|i| async move { self.join(chat, &format!("u{i}")).await.status() }),
+        )
+        .await
+    }
+
     pub async fn leave(&self, chat: &str, user: &str) -> Response {
         self.http
             .delete(self.url(&format!("/v1/chats/{chat}/members/{user}")))

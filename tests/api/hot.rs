@@ -23,6 +23,16 @@ async fn put_config(app: &TestApp, config: Value) -> reqwest::Response {
         .unwrap()
 }
 
+async fn get_config(app: &TestApp) -> Value {
+    app.admin(Method::GET, "/v1/admin/config")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn hot_view(app: &TestApp) -> Value {
     app.admin(Method::GET, "/v1/admin/hot-chats")
         .send()
@@ -70,11 +80,7 @@ async fn exactly_the_limit_is_admitted_under_concurrency() {
     let app = app().await;
     let chat = app.new_chat("jt-many").await;
     put_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 100, "windowSeconds": 3600}}}})).await;
-    let statuses = join_all((0..1000).map(|i| {
-        let (app, chat) = (&app, &chat);
-        async move { app.join(chat, &format!("u{i}")).await.status() }
-    }))
-    .await;
+    let statuses = app.join_many(&chat, 1000).await;
     let created = statuses
         .iter()
         .filter(|s| **s == StatusCode::CREATED)
@@ -242,12 +248,7 @@ async fn a_thousand_identical_fetches_of_a_hot_chat_cost_at_most_two_queries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
     let app = app().await;
-    let r = app
-        .admin(Method::GET, "/v1/admin/config")
-        .send()
-        .await
-        .unwrap();
-    let v1: Value = r.json().await.unwrap();
+    let v1 = get_config(&app).await;
     assert_eq!(v1["version"], 1);
     assert_eq!(
         v1["config"]["joinThrottle"]["limit"],
@@ -261,14 +262,7 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
     .await;
     let body = assert_problem(r, 422, "invalid_config").await;
     assert_eq!(body["errors"].as_array().unwrap().len(), 3, "{body}");
-    let now: Value = app
-        .admin(Method::GET, "/v1/admin/config")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = get_config(&app).await;
     assert_eq!(now, v1);
 
     let r = put_config(&app, json!({"hotChat": {"dryRun": true}})).await;
@@ -298,17 +292,7 @@ async fn live_config_follows_the_file_and_ignores_an_invalid_one() {
     let path = dir.join("chatshard.toml");
     std::fs::write(&path, "[join_throttle]\nlimit = 500\n").unwrap();
     let app = TestApp::spawn_watching(path.clone(), |s| s.admin.token = TOKEN.to_owned()).await;
-    let version = || async {
-        let v: Value = app
-            .admin(Method::GET, "/v1/admin/config")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v
-    };
+    let version = || get_config(&app);
     // An edit is noticed (polled with a deadline).
     std::fs::write(&path, "[join_throttle]\nlimit = 7\ndry_run = true\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
