@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chatshard::app::build_shards;
-use chatshard::config::{GroupCommitSettings, Settings, ShardSettings};
-use chatshard::domain::{ChatId, MaxMembers, UserId};
+use chatshard::app::{build_shards, service_settings};
+use chatshard::config::GroupCommitSettings;
+use chatshard::domain::{ChatId, UserId};
 use chatshard::live::{Live, LiveConfig};
-use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
+use chatshard::localdb::cluster::LocalCluster;
 use chatshard::routing::bucket_of;
 use chatshard::service::ChatService;
 use chatshard::service::plan::{ChatBefore, WriteOp, plan};
@@ -27,18 +27,10 @@ const JOINS: usize = 400;
 
 fn spike(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let server = rt
-        .block_on(LocalMariaDb::start(LocalMariaDbOptions::temp()))
+    let cluster = rt
+        .block_on(LocalCluster::start_temp(1))
         .expect("start MariaDB");
-    let shard = ShardSettings {
-        name: "bench".into(),
-        url: server.url(DEFAULT_DATABASE),
-        buckets: vec!["0-1023".into()],
-    };
-    rt.block_on(chatshard::migrate::migrate_shard(&shard))
-        .expect("migrate");
-    let mut settings = Settings::from_toml_unvalidated("", []).expect("settings");
-    settings.shards = vec![shard];
+    let mut settings = cluster.settings().expect("settings");
     settings.pool.max_waiting = JOINS;
     settings.pool.max_wait_ms = 10_000;
     settings.pool.operation_timeout_ms = 30_000;
@@ -51,13 +43,14 @@ fn spike(c: &mut Criterion) {
         // Join throttling off: this measures the write path itself.
         let mut live = LiveConfig::default();
         live.join_throttle.enabled = false;
+        settings.group_commit = GroupCommitSettings {
+            max_batch,
+            max_pending_per_chat: JOINS * 2,
+        };
+        settings.defaults.max_members = 100_000;
         let service = Arc::new(ChatService::new(
             shards,
-            GroupCommitSettings {
-                max_batch,
-                max_pending_per_chat: JOINS * 2,
-            },
-            MaxMembers::parse(100_000).expect("max"),
+            service_settings(&settings).expect("service settings"),
             Live::new(live),
             Throttle::new(Arc::new(SystemClock::default()), &settings.throttle),
         ));
@@ -84,7 +77,7 @@ fn spike(c: &mut Criterion) {
         });
     }
     group.finish();
-    drop(server);
+    drop(cluster);
 }
 
 fn cpu(c: &mut Criterion) {

@@ -11,8 +11,8 @@ use crate::domain::MaxMembers;
 use crate::http::{self, AppState};
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::service::ChatService;
-use crate::shard::{InnodbSettings, Shard, ShardSet};
+use crate::service::{ChatService, ServiceSettings};
+use crate::shard::{Instruments, Shard, ShardSet};
 use crate::throttle::{SystemClock, Throttle};
 
 /// A bound, ready-to-run service.
@@ -30,17 +30,14 @@ impl App {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
         let metrics = Metrics::new(settings.telemetry.export()?.as_ref())?;
-        let shards = build_shards_measured(settings, &metrics.shard_operation)?;
+        let shards = build_shards_measured(settings, metrics.shard_instruments())?;
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
-        let default_max = MaxMembers::parse(i64::from(settings.defaults.max_members))
-            .map_err(|e| anyhow::anyhow!(e))?;
         let live = Live::new(settings.live());
         let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
         metrics.observe(&shards, &throttle);
         let service = ChatService::new(
             shards.clone(),
-            settings.group_commit.clone(),
-            default_max,
+            service_settings(settings)?,
             live.clone(),
             throttle,
         );
@@ -113,7 +110,9 @@ impl App {
             .await?;
         // Flushes the OTLP metric exporter, if any (blocking).
         let metrics = self.metrics;
-        let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
+        if let Err(e) = tokio::task::spawn_blocking(move || metrics.shutdown()).await {
+            tracing::warn!(error = %e, "flushing metrics at shutdown failed");
+        }
         Ok(())
     }
 }
@@ -130,7 +129,8 @@ pub fn reload_live(live: &Live, path: &Path) {
     };
     match Settings::from_toml_unvalidated(&text, std::env::vars()) {
         Ok(settings) => {
-            let _ = live.update(settings.live(), "configuration file");
+            // A rejected section is logged by `update`, and the old one stays.
+            let _rejected = live.update(settings.live(), "configuration file");
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "configuration file rejected; the live configuration stays");
@@ -138,55 +138,36 @@ pub fn reload_live(live: &Live, path: &Path) {
     }
 }
 
+/// How the service is sized, from the settings.
+pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> {
+    Ok(ServiceSettings {
+        group_commit: settings.group_commit.clone(),
+        default_max_members: MaxMembers::parse(i64::from(settings.defaults.max_members))
+            .map_err(|e| anyhow::anyhow!(e))?,
+        page_cache_bytes: settings.throttle.page_cache_bytes,
+    })
+}
+
 /// One [`Shard`] per configured shard, plus the routing table.
 pub fn build_shards(settings: &Settings) -> anyhow::Result<Arc<ShardSet>> {
     // Outside `serve` (repair, benches) operations are not measured.
-    let noop = opentelemetry::global::meter("chatshard")
-        .f64_histogram("unused")
-        .build();
-    build_shards_measured(settings, &noop)
+    build_shards_measured(settings, Instruments::unmeasured())
 }
 
-/// [`build_shards`], recording each operation's duration in `operation_seconds`.
+/// [`build_shards`], recording each operation into `instruments`.
 pub fn build_shards_measured(
     settings: &Settings,
-    operation_seconds: &opentelemetry::metrics::Histogram<f64>,
+    instruments: Instruments,
 ) -> anyhow::Result<Arc<ShardSet>> {
     let router = settings.router()?;
     let shards = settings
         .shards
         .iter()
         .map(|s| {
-            Shard::new(
-                s,
-                &settings.pool,
-                &settings.breaker,
-                operation_seconds.clone(),
-            )
-            .map(Arc::new)
+            Shard::new(s, &settings.pool, &settings.breaker, instruments.clone()).map(Arc::new)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Arc::new(ShardSet::new(shards, router)))
-}
-
-/// Reads `@@innodb_autoinc_lock_mode` and `@@innodb_flush_log_at_trx_commit`.
-pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::ShardError> {
-    shard
-        .read(None, "read_innodb_settings", |conn| {
-            Box::pin(async move {
-                let (a, f): (i64, i64) = sqlx::query_as(
-                    "SELECT CAST(@@innodb_autoinc_lock_mode AS SIGNED), \
-                     CAST(@@innodb_flush_log_at_trx_commit AS SIGNED)",
-                )
-                .fetch_one(conn)
-                .await?;
-                Ok(InnodbSettings {
-                    autoinc_lock_mode: a,
-                    flush_log_at_trx_commit: f,
-                })
-            })
-        })
-        .await
+    Ok(Arc::new(ShardSet::new(shards, router)?))
 }
 
 /// Warns about (or, when `require` is set, refuses) shards whose InnoDB settings
@@ -196,11 +177,7 @@ pub async fn read_innodb(shard: &Shard) -> Result<InnodbSettings, crate::shard::
 pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()> {
     let mut unsafe_shards = Vec::new();
     for shard in shards.all() {
-        let read = read_innodb(shard).await;
-        if let Ok(s) = &read {
-            shard.set_innodb(*s);
-        }
-        match read {
+        match shard.read_innodb().await {
             Ok(s) if s.is_safe() => {
                 tracing::info!(
                     shard = shard.name(),
@@ -224,7 +201,7 @@ pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()
                 ));
             }
             Err(e) => {
-                tracing::warn!(shard = shard.name(), error = %crate::service::error_chain(&e), "cannot check InnoDB settings: shard unreachable");
+                tracing::warn!(shard = shard.name(), error = %crate::error::chain(&e), "cannot check InnoDB settings: shard unreachable");
             }
         }
     }

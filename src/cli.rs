@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{self, App};
 use crate::config::Settings;
-use crate::dev::DevShards;
 use crate::domain::ChatId;
+use crate::localdb::cluster::{LocalCluster, Location};
 use crate::migrate;
 use crate::service::repair;
 use crate::telemetry::{self, TelemetrySettings};
@@ -198,13 +198,17 @@ async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<(
         // on SIGHUP.
         app.watch_config(path.clone(), CONFIG_POLL);
         let live = app.live().clone();
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    app::reload_live(&live, &path);
-                }
-            });
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        app::reload_live(&live, &path);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGHUP; the file is still checked every second");
+            }
         }
     }
     let addr = app.local_addr()?;
@@ -223,29 +227,30 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     }
     let telemetry = telemetry::init(&settings.telemetry)?;
     if settings.admin.token.is_empty() {
+        // Printed only when generated here: a token the operator configured
+        // is theirs to know and must not end up in a terminal log.
         settings.admin.token = generate_token();
+        println!(
+            "admin token (Authorization: Bearer ...): {}",
+            settings.admin.token
+        );
+    } else {
+        println!("admin token: the one configured (admin.token or CHATSHARD_ADMIN_TOKEN)");
     }
-    println!(
-        "admin token (Authorization: Bearer ...): {}",
-        settings.admin.token
-    );
     println!(
         "starting {} local MariaDB shards under {} ...",
         args.shards,
         args.data_dir.display()
     );
-    let (mut servers, shards) = DevShards::start(&args.data_dir, args.shards).await?;
-    settings.shards = shards;
-    let result = async {
-        for shard in &settings.shards {
-            let schema = migrate::migrate_shard(shard).await?;
-            println!("  {schema}");
-        }
-        serve(&settings, args.config.config.clone()).await
+    let mut shards =
+        LocalCluster::start(args.shards, Location::Persistent(args.data_dir.clone())).await?;
+    for schema in shards.schemas() {
+        println!("  {schema}");
     }
-    .await;
+    settings.shards = shards.shard_settings().to_vec();
+    let result = serve(&settings, args.config.config.clone()).await;
     println!("stopping the local shards ...");
-    servers.stop().await;
+    shards.stop().await;
     telemetry.shutdown().await;
     result
 }
@@ -259,10 +264,12 @@ fn generate_token() -> String {
         .collect()
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on Ctrl-C or SIGTERM. A signal that cannot be watched is logged
+/// (the other one still stops the service).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot watch for Ctrl-C; SIGTERM still stops the service");
             std::future::pending::<()>().await;
         }
     };
@@ -271,7 +278,10 @@ pub async fn shutdown_signal() {
             Ok(mut s) => {
                 s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM; Ctrl-C still stops the service");
+                std::future::pending::<()>().await
+            }
         }
     };
     tokio::select! {

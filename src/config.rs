@@ -4,8 +4,9 @@
 //! a file in one pass. Environment overrides:
 //!
 //! - `CHATSHARD__<SECTION>__<KEY>=value` sets any key, e.g.
-//!   `CHATSHARD__POOL__MAX_WAIT_MS=100` or `CHATSHARD__LISTEN=0.0.0.0:8080`
-//!   (numbers and booleans are recognised, everything else is a string);
+//!   `CHATSHARD__POOL__MAX_WAIT_MS=100`, `CHATSHARD__POOL__CHAT_SHARE=0.25` or
+//!   `CHATSHARD__LISTEN=0.0.0.0:8080`; the value takes the type of the field it
+//!   sets (integer, float, bool, string, or a TOML array such as `["0-511"]`);
 //! - `CHATSHARD_SHARD_<NAME>_URL` replaces the URL of the shard named `<name>`
 //!   (upper-cased, `-` as `_`), so credentials need not live in the file.
 //!
@@ -16,14 +17,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::domain::MaxMembers;
 use crate::live::{HotChatConfig, JoinThrottleConfig, LiveConfig};
 use crate::routing::{BucketRange, Router};
 
 /// The whole static configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Address the HTTP API listens on.
@@ -60,7 +61,7 @@ fn default_listen() -> SocketAddr {
 }
 
 /// Defaults for new chats.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChatDefaults {
     /// `maxMembers` of a chat created without one.
@@ -76,7 +77,7 @@ impl Default for ChatDefaults {
 }
 
 /// The bulkhead of each shard: how much work one shard may hold.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSettings {
     /// Connections (and so operations in flight) per shard.
@@ -93,6 +94,11 @@ pub struct PoolSettings {
     /// `max_waiting`) that one chat may hold, so the other chats of the shard
     /// always keep the rest.
     pub chat_share: f64,
+    /// `innodb_lock_wait_timeout` (seconds) of chatshard's sessions; 0 keeps
+    /// the server's. Below `operation_timeout_ms`, a write stuck behind another
+    /// writer's row lock ends as one chat's contention (503 `chat_contended`)
+    /// instead of a deadline overrun that counts against the whole shard.
+    pub lock_wait_timeout_secs: u64,
 }
 
 impl Default for PoolSettings {
@@ -104,6 +110,7 @@ impl Default for PoolSettings {
             connect_timeout_ms: 1000,
             operation_timeout_ms: 1000,
             chat_share: 0.5,
+            lock_wait_timeout_secs: 0,
         }
     }
 }
@@ -129,7 +136,7 @@ impl PoolSettings {
 }
 
 /// The circuit breaker of every shard (see `shard::breaker` for what counts).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerSettings {
     /// Open after this many counted failures in a row.
@@ -160,7 +167,7 @@ impl Default for BreakerSettings {
 }
 
 /// Sizes of the in-process throttling state (fixed at start).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ThrottleSettings {
     /// Chats whose join window and hot-chat bucket are tracked at once (each).
@@ -179,7 +186,7 @@ impl Default for ThrottleSettings {
 }
 
 /// The admin API (`/v1/admin/...`).
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
     /// Bearer token of the admin API; `CHATSHARD_ADMIN_TOKEN` overrides it.
@@ -203,7 +210,7 @@ impl std::fmt::Debug for AdminSettings {
 }
 
 /// Group commit: writes to one chat are folded into one transaction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GroupCommitSettings {
     /// Most writes committed in one transaction.
@@ -222,7 +229,7 @@ impl Default for GroupCommitSettings {
 }
 
 /// Checks made when `serve` starts.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StartupSettings {
     /// Refuse to start (instead of warning) when a shard does not run with
@@ -231,7 +238,7 @@ pub struct StartupSettings {
 }
 
 /// One MySQL shard.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSettings {
     /// A stable name, used in logs, metrics and the `shard` field of a chat.
@@ -390,6 +397,14 @@ impl Settings {
                 problems.push(format!("{name} must be greater than 0"));
             }
         }
+        if self.pool.lock_wait_timeout_secs > 0
+            && self.pool.lock_wait_timeout_secs * 1000 >= self.pool.operation_timeout_ms
+        {
+            problems.push(
+                "pool.lock_wait_timeout_secs must be below pool.operation_timeout_ms (or 0)"
+                    .to_owned(),
+            );
+        }
         if !(self.pool.chat_share > 0.0 && self.pool.chat_share <= 1.0) {
             problems.push("pool.chat_share must be greater than 0 and at most 1".to_owned());
         }
@@ -472,10 +487,17 @@ impl Settings {
 }
 
 /// Applies `CHATSHARD__A__B=value` overrides to the parsed table.
+///
+/// An environment value is text; its type comes from the field it sets: the
+/// value already in the file, else the field's default. So `0.25` sets a float,
+/// `true` a bool, and a string setting keeps its text even when it looks like a
+/// number. A key that names no known field is inferred (integer, float, bool,
+/// else string) and then refused by the unknown-field check with the others.
 fn apply_key_overrides(
     table: &mut toml::Table,
     env: &[(String, String)],
 ) -> Result<(), ConfigError> {
+    let defaults = defaults_table();
     let mut problems = Vec::new();
     for (key, raw) in env {
         let Some(path) = key.strip_prefix("CHATSHARD__") else {
@@ -486,7 +508,15 @@ fn apply_key_overrides(
             problems.push(format!("environment variable {key}: empty path segment"));
             continue;
         }
-        if let Err(p) = set_path(table, &parts, parse_env_value(raw)) {
+        let target = lookup(table, &parts).or_else(|| lookup(&defaults, &parts));
+        let value = match typed_env_value(raw, target) {
+            Ok(value) => value,
+            Err(p) => {
+                problems.push(format!("environment variable {key}: {p}"));
+                continue;
+            }
+        };
+        if let Err(p) = set_path(table, &parts, value) {
             problems.push(format!("environment variable {key}: {p}"));
         }
     }
@@ -494,6 +524,33 @@ fn apply_key_overrides(
         Ok(())
     } else {
         Err(ConfigError(problems))
+    }
+}
+
+/// Every setting at its default, as TOML: the types environment values take.
+fn defaults_table() -> toml::Table {
+    toml::Table::new()
+        .try_into::<Settings>()
+        .ok()
+        .and_then(|defaults| toml::Table::try_from(defaults).ok())
+        .unwrap_or_default()
+}
+
+/// The value at `path`; a key matches whatever its case and underscores (the
+/// live sections are camelCase when serialized, snake_case in files).
+fn lookup<'t>(table: &'t toml::Table, path: &[String]) -> Option<&'t toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let folded = |k: &str| k.replace('_', "").to_lowercase();
+    let value = table.get(first).or_else(|| {
+        table
+            .iter()
+            .find(|(k, _)| folded(k) == folded(first))
+            .map(|(_, v)| v)
+    })?;
+    match (rest.is_empty(), value) {
+        (true, v) => Some(v),
+        (false, toml::Value::Table(inner)) => lookup(inner, rest),
+        (false, _) => None,
     }
 }
 
@@ -514,9 +571,42 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
     }
 }
 
-fn parse_env_value(raw: &str) -> toml::Value {
+/// The environment text `raw` as a value of the type of `target`.
+fn typed_env_value(raw: &str, target: Option<&toml::Value>) -> Result<toml::Value, String> {
+    use toml::Value;
+    let trimmed = raw.trim();
+    match target {
+        Some(Value::String(_)) => Ok(Value::String(raw.to_owned())),
+        Some(Value::Integer(_)) => trimmed
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("{raw:?} is not a whole number")),
+        Some(Value::Float(_)) => trimmed
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(Value::Float)
+            .ok_or_else(|| format!("{raw:?} is not a number")),
+        Some(Value::Boolean(_)) => trimmed
+            .parse::<bool>()
+            .map(Value::Boolean)
+            .map_err(|_| format!("{raw:?} is not true or false")),
+        Some(Value::Array(_)) => format!("v = {trimmed}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(toml::Value::is_array)
+            .ok_or_else(|| format!("{raw:?} is not a TOML array such as [\"0-511\"]")),
+        Some(Value::Table(_)) => Err("names a section, not a setting".to_owned()),
+        Some(Value::Datetime(_)) | None => Ok(infer_env_value(raw)),
+    }
+}
+
+fn infer_env_value(raw: &str) -> toml::Value {
     if let Ok(i) = raw.parse::<i64>() {
         toml::Value::Integer(i)
+    } else if let Some(f) = raw.parse::<f64>().ok().filter(|f| f.is_finite()) {
+        toml::Value::Float(f)
     } else if let Ok(b) = raw.parse::<bool>() {
         toml::Value::Boolean(b)
     } else {
@@ -568,6 +658,66 @@ mod tests {
             "mysql://root@127.0.0.1:3307/chatshard"
         );
         Ok(())
+    }
+
+    #[test]
+    fn env_values_take_the_type_of_the_field_they_set() -> crate::TestResult {
+        let text = format!("[admin]\ntoken = \"file-token-0123456789\"\n{TWO_SHARDS}");
+        let env = [
+            ("CHATSHARD__POOL__CHAT_SHARE", "0.25"),
+            ("CHATSHARD__BREAKER__FAILURE_RATE", "1"),
+            ("CHATSHARD__HOT_CHAT__THROTTLE_RATE", "0.75"),
+            ("CHATSHARD__HOT_CHAT__DRY_RUN", "true"),
+            // A string setting that looks like a number stays a string.
+            ("CHATSHARD__ADMIN__TOKEN", "12345678901234567890"),
+            ("CHATSHARD__TELEMETRY__OTLP_ENDPOINT", "4318"),
+            ("CHATSHARD__POOL__MAX_WAITING", "7"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let s = Settings::from_toml(&text, env)?;
+        assert_eq!(s.pool.chat_share, 0.25);
+        assert_eq!(s.breaker.failure_rate, 1.0);
+        assert_eq!(s.hot_chat.throttle_rate, 0.75);
+        assert!(s.hot_chat.dry_run);
+        assert_eq!(s.admin.token, "12345678901234567890");
+        assert_eq!(s.telemetry.otlp_endpoint, "4318");
+        assert_eq!(s.pool.max_waiting, 7);
+        Ok(())
+    }
+
+    #[test]
+    fn every_default_is_known_to_the_env_typing() {
+        let defaults = defaults_table();
+        let path = |p: &str| p.split('.').map(str::to_owned).collect::<Vec<_>>();
+        for key in [
+            "listen",
+            "pool.chat_share",
+            "hot_chat.dry_run",
+            "admin.token",
+            "shards",
+        ] {
+            assert!(lookup(&defaults, &path(key)).is_some(), "{key} missing");
+        }
+    }
+
+    #[test]
+    fn bad_env_values_are_listed_together() {
+        let env = [
+            ("CHATSHARD__POOL__CHAT_SHARE", "half"),
+            ("CHATSHARD__POOL__MAX_WAITING", "1.5"),
+            ("CHATSHARD__HOT_CHAT__DRY_RUN", "yes"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let err = Settings::from_toml(TWO_SHARDS, env).unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        assert!(
+            err.0
+                .iter()
+                .all(|p| p.starts_with("environment variable CHATSHARD__"))
+        );
+        let env = [("CHATSHARD__POOL__COLOUR".to_owned(), "1".to_owned())];
+        let err = Settings::from_toml(TWO_SHARDS, env).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]

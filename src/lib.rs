@@ -11,37 +11,41 @@
 //! - [`cli`]: the command line (`serve`, `migrate`, `repair-counts`); parses
 //!   arguments and dispatches, nothing else.
 //! - [`app`]: builds the application from [`config::Settings`], binds and runs
-//!   until stopped.
+//!   until stopped; the only place (with `cli`) that reads the configuration
+//!   and hands typed settings down.
 //! - [`config`]: the TOML file plus environment overrides, validated on load.
 //! - [`live`]: the live section (hot chats, join throttle), swapped atomically
 //!   without a restart.
 //! - [`domain`]: newtypes parsed once at the edge (`ChatId`, `UserId`, ...).
+//! - [`error`]: error helpers any layer may use (it depends on nothing).
 //! - [`routing`]: `chatId -> bucket -> shard`, a frozen hash.
-//! - [`shard`]: one [`shard::Shard`] = a bounded pool (the bulkhead) plus a
-//!   deadline per operation; the only place that knows there are N databases.
+//! - [`shard`]: one [`shard::Shard`] = circuit breaker + per-chat share +
+//!   bulkhead (admission and a bounded pool) + a deadline per operation; the
+//!   only place that knows there are N databases. Seen from outside through
+//!   [`shard::ShardStatus`] snapshots.
 //! - [`storage`]: the SQL, one function per statement; the only place SQL lives.
 //! - [`service`]: the use cases (join, leave, post, fetch...), including the
 //!   per-chat group commit that folds many writes into one transaction.
-//! - [`throttle`]: join throttling, hot-chat detection, fetch coalescing; local,
-//!   in-process, bounded caches.
+//! - [`throttle`]: join throttling, hot-chat detection, the fetch-throttling
+//!   decision, and generic coalescing caches; local, in-process, bounded.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces over OTLP, and
 //!   metrics (Prometheus text on `/metrics`, OTLP when configured).
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
 //! - [`migrate`]: applies `migrations/` to every shard and reports versions.
-//! - [`localdb`]: starts and stops local `mariadbd` processes for `serve --dev`
-//!   and for the test suite.
-//! - [`dev`]: `serve --dev`: local shards, settings for them.
+//! - [`localdb`]: local `mariadbd` processes, and [`localdb::cluster`], the one
+//!   kit that starts local shards for `serve --dev`, the tests and the benches.
 //!
-//! Dependencies point one way: `http -> service -> shard -> storage`; `domain` is
-//! shared; only `app` and `cli` read configuration and hand typed settings down.
+//! Dependencies point one way: `http -> service -> {throttle, shard} -> storage`;
+//! `domain`, `error`, `live` and `routing` are shared; only `app` and `cli` read
+//! configuration and hand typed settings down.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod dev;
 pub mod domain;
+pub mod error;
 pub mod http;
 pub mod live;
 pub mod localdb;

@@ -10,8 +10,7 @@
 //! Per-chat overrides replace any subset of a section's fields for one chat.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -263,7 +262,9 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Live {
     current: ArcSwap<Snapshot>,
-    versions: AtomicU64,
+    /// Serialises writers, so versions and contents only move forward; readers
+    /// never take it.
+    writer: Mutex<()>,
 }
 
 impl Live {
@@ -271,7 +272,7 @@ impl Live {
     pub fn new(config: LiveConfig) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot { version: 1, config }),
-            versions: AtomicU64::new(1),
+            writer: Mutex::new(()),
         })
     }
 
@@ -281,17 +282,27 @@ impl Live {
     }
 
     /// Validates and swaps in a new config; on error the old one stays.
+    ///
+    /// Writers take turns: each reads the current snapshot and stores its
+    /// successor under the writer lock, so the stored version is always the
+    /// highest ever returned and carries the content returned with it.
     pub fn update(&self, config: LiveConfig, source: &str) -> Result<Arc<Snapshot>, Vec<String>> {
         let problems = config.problems();
         if !problems.is_empty() {
             tracing::warn!(source, problems = ?problems, "live configuration rejected; the previous one stays");
             return Err(problems);
         }
-        if self.current.load().config == config {
-            return Ok(self.load());
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.load_full();
+        if current.config == config {
+            return Ok(current);
         }
-        let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
+        let version = current.version + 1;
         let next = Arc::new(Snapshot { version, config });
+        // Tests widen the window between choosing a version and publishing it,
+        // where unserialised writers used to overtake each other.
+        #[cfg(test)]
+        std::thread::yield_now();
         self.current.store(next.clone());
         tracing::info!(source, version, "live configuration changed");
         Ok(next)
@@ -351,6 +362,62 @@ mod tests {
         assert_eq!(
             live.update(good, "test").map_err(|p| p.join("; "))?.version,
             2
+        );
+        Ok(())
+    }
+
+    /// Many writers at once: whatever order they finish in, the snapshot left
+    /// current is the one with the highest version any of them was given, and
+    /// a reader never sees the version go backwards.
+    #[test]
+    fn concurrent_updates_never_move_the_version_backwards() -> crate::TestResult {
+        const WRITERS: u64 = 4;
+        const UPDATES: u64 = 2000;
+        let live = Live::new(LiveConfig::default());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let returned = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut last = 0;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let v = live.load().version;
+                    assert!(v >= last, "version went back from {last} to {v}");
+                    last = v;
+                }
+            });
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let live = &live;
+                    s.spawn(move || {
+                        (0..UPDATES)
+                            .map(|i| {
+                                let mut c = LiveConfig::default();
+                                c.join_throttle.limit = 1 + w * UPDATES + i;
+                                live.update(c, "test")
+                                    .map(|s| (s.version, s.config.join_throttle.limit))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let all: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+            done.store(true, std::sync::atomic::Ordering::Release);
+            reader.join().map_err(|_| "reader panicked")?;
+            Ok::<_, Box<dyn std::error::Error>>(all)
+        })?;
+        let mut highest = (0, 0);
+        for writer in returned {
+            for (version, limit) in writer
+                .map_err(|_| "writer panicked")?
+                .map_err(|p| p.join("; "))?
+            {
+                highest = highest.max((version, limit));
+            }
+        }
+        let current = live.load();
+        assert_eq!(current.version, 1 + WRITERS * UPDATES);
+        assert_eq!(
+            (current.version, current.config.join_throttle.limit),
+            highest
         );
         Ok(())
     }

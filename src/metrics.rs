@@ -4,17 +4,25 @@
 //! Gauges and counters of state that already exists (breaker state, in-flight,
 //! rejections, throttling decisions) are observed from it at collection time,
 //! so the request path pays nothing for them; only the two latency histograms
-//! are recorded as requests run. The catalogue is in docs/observability.md; a
-//! test checks that every metric the Grafana dashboard queries is exported.
+//! and the shard operation counter are recorded as requests run. Shards are
+//! read through their `ShardStatus` snapshot, never their internals. The
+//! catalogue is in docs/observability.md; a test checks that every metric the
+//! Grafana dashboard queries is exported.
+//!
+//! Every label value comes from a bounded set: shard names and operation names
+//! from the configuration and the code, outcomes and reasons from fixed lists,
+//! HTTP routes from the router's templates (`unmatched` otherwise) and methods
+//! from the standard ones (`_OTHER` otherwise, as the OpenTelemetry HTTP
+//! conventions say). Nothing a client sends can add a series.
 
 use std::sync::Arc;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::shard::{BreakerState, ShardSet};
+use crate::shard::{BreakerState, Instruments, ShardSet};
 use crate::throttle::{Decisions, Throttle};
 
 /// Latency buckets in seconds: 1 ms to 10 s.
@@ -27,10 +35,14 @@ pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     meter: Meter,
-    /// `chatshard.shard.operation.duration`: one shard operation, by outcome.
-    pub shard_operation: Histogram<f64>,
+    /// `chatshard.shard.operation.duration`: one shard operation that reached
+    /// the database, by outcome.
+    shard_operation: Histogram<f64>,
+    /// `chatshard.shard.operations`: every shard operation by outcome,
+    /// refusals included.
+    shard_operations: Counter<u64>,
     /// `http.server.request.duration`: by route, method and status.
-    pub http_request: Histogram<f64>,
+    http_request: Histogram<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,10 +70,15 @@ impl Metrics {
         let shard_operation = meter
             .f64_histogram("chatshard.shard.operation.duration")
             .with_description(
-                "Duration of one shard operation (a read, or one group-commit transaction)",
+                "Duration of one shard operation that reached the database (a read, or one \
+                 group-commit transaction); refused calls are not in it",
             )
             .with_unit("s")
             .with_boundaries(SECONDS.to_vec())
+            .build();
+        let shard_operations = meter
+            .u64_counter("chatshard.shard.operations")
+            .with_description("Shard operations by outcome, refusals included")
             .build();
         let http_request = meter
             .f64_histogram("http.server.request.duration")
@@ -74,66 +91,61 @@ impl Metrics {
             provider,
             meter,
             shard_operation,
+            shard_operations,
             http_request,
         }))
     }
 
+    /// What every shard records its operations into.
+    pub fn shard_instruments(&self) -> Instruments {
+        Instruments {
+            operation_seconds: self.shard_operation.clone(),
+            operations: self.shard_operations.clone(),
+        }
+    }
+
     /// Registers the observed instruments over the shards and the throttle.
     pub fn observe(&self, shards: &Arc<ShardSet>, throttle: &Arc<Throttle>) {
-        let s = shards.clone();
-        self.meter
-            .i64_observable_gauge("chatshard.shard.breaker.state")
-            .with_description("Circuit breaker state: 0 closed, 1 open, 2 half-open")
-            .with_callback(move |o| {
-                for shard in s.all() {
-                    let v = match shard.breaker().state() {
-                        BreakerState::Closed => 0,
-                        BreakerState::Open => 1,
-                        BreakerState::HalfOpen => 2,
-                    };
-                    o.observe(v, &[KeyValue::new("shard", shard.name().to_owned())]);
-                }
-            })
-            .build();
-        let s = shards.clone();
-        self.meter
-            .u64_observable_gauge("chatshard.shard.in_flight")
-            .with_description("Operations running on the shard")
-            .with_callback(move |o| {
-                for shard in s.all() {
-                    o.observe(
-                        shard.stats().in_flight() as u64,
-                        &[KeyValue::new("shard", shard.name().to_owned())],
-                    );
-                }
-            })
-            .build();
-        let s = shards.clone();
-        self.meter
-            .u64_observable_gauge("chatshard.shard.waiting")
-            .with_description("Callers waiting for a connection of the shard")
-            .with_callback(move |o| {
-                for shard in s.all() {
-                    let waiting = shard.admitted().saturating_sub(shard.stats().in_flight());
-                    o.observe(
-                        waiting as u64,
-                        &[KeyValue::new("shard", shard.name().to_owned())],
-                    );
-                }
-            })
-            .build();
+        self.observe_shards(
+            shards,
+            "chatshard.shard.breaker.state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            |s, o, shard| {
+                let v = match s.breaker {
+                    BreakerState::Closed => 0,
+                    BreakerState::Open => 1,
+                    BreakerState::HalfOpen => 2,
+                };
+                o.observe(v, &[shard]);
+            },
+        );
+        self.observe_shards(
+            shards,
+            "chatshard.shard.in_flight",
+            "Operations running on the shard",
+            |s, o, shard| {
+                o.observe(s.in_flight as i64, &[shard]);
+            },
+        );
+        self.observe_shards(
+            shards,
+            "chatshard.shard.waiting",
+            "Callers waiting for a connection of the shard",
+            |s, o, shard| {
+                o.observe(s.waiting as i64, &[shard]);
+            },
+        );
         let s = shards.clone();
         self.meter
             .u64_observable_counter("chatshard.shard.rejections")
             .with_description("Calls refused by the shard's protections, by reason")
             .with_callback(move |o| {
-                use std::sync::atomic::Ordering::Relaxed;
                 for shard in s.all() {
-                    let stats = shard.stats();
+                    let r = shard.status().rejected;
                     for (reason, n) in [
-                        ("breaker_open", stats.rejected_open.load(Relaxed)),
-                        ("shard_busy", stats.rejected_busy.load(Relaxed)),
-                        ("chat_busy", stats.rejected_chat_busy.load(Relaxed)),
+                        ("breaker_open", r.breaker_open),
+                        ("shard_busy", r.shard_busy),
+                        ("chat_busy", r.chat_busy),
                     ] {
                         o.observe(
                             n,
@@ -174,6 +186,11 @@ impl Metrics {
                         false,
                         Decisions::get(&d.hot_chats_marked),
                     ),
+                    (
+                        "hot_chat_marked",
+                        true,
+                        Decisions::get(&d.hot_chats_marked_dry_run),
+                    ),
                 ] {
                     o.observe(
                         n,
@@ -207,6 +224,54 @@ impl Metrics {
             .build();
     }
 
+    /// A gauge per shard, observed from its status at collection time.
+    fn observe_shards(
+        &self,
+        shards: &Arc<ShardSet>,
+        name: &'static str,
+        description: &'static str,
+        observe: impl Fn(
+            &crate::shard::ShardStatus,
+            &dyn opentelemetry::metrics::AsyncInstrument<i64>,
+            KeyValue,
+        ) + Send
+        + Sync
+        + 'static,
+    ) {
+        let shards = shards.clone();
+        self.meter
+            .i64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |o| {
+                for shard in shards.all() {
+                    observe(
+                        &shard.status(),
+                        o,
+                        KeyValue::new("shard", shard.name().to_owned()),
+                    );
+                }
+            })
+            .build();
+    }
+
+    /// Records one HTTP request; the method is a standard one or `_OTHER`.
+    pub fn record_http(
+        &self,
+        seconds: f64,
+        route: String,
+        method: &axum::http::Method,
+        status: u16,
+    ) {
+        self.http_request.record(
+            seconds,
+            &[
+                KeyValue::new("http.route", route),
+                KeyValue::new("http.request.method", method_label(method)),
+                KeyValue::new("http.response.status_code", i64::from(status)),
+            ],
+        );
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = Vec::new();
@@ -218,6 +283,39 @@ impl Metrics {
 
     /// Flushes and stops the OTLP reader, if any (blocking).
     pub fn shutdown(&self) {
-        let _ = self.provider.shutdown();
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "the metric exporter did not shut down cleanly");
+        }
+    }
+}
+
+/// The method as a metric label: one of the standard methods, else `_OTHER`,
+/// so made-up methods cannot grow the number of series.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_methods_share_one_label() -> crate::TestResult {
+        let zzz = axum::http::Method::from_bytes(b"ZZZ1")?;
+        assert_eq!(method_label(&zzz), "_OTHER");
+        assert_eq!(method_label(&axum::http::Method::PATCH), "PATCH");
+        Ok(())
     }
 }

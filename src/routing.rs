@@ -119,6 +119,11 @@ impl Router {
     pub fn shard_of(&self, chat: &ChatId) -> ShardIndex {
         self.table[usize::from(bucket_of(chat))]
     }
+
+    /// The highest shard index any bucket routes to.
+    pub fn highest_shard(&self) -> ShardIndex {
+        self.table.iter().copied().max().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]

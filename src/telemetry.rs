@@ -18,7 +18,7 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::subscriber::Interest;
 use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
@@ -28,7 +28,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 /// How chat ids appear in telemetry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChatIdInTelemetry {
     /// XXH3 of the id, in hex: correlatable, not readable.
@@ -38,7 +38,7 @@ pub enum ChatIdInTelemetry {
 }
 
 /// The OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum OtlpProtocol {
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
@@ -59,7 +59,7 @@ impl OtlpProtocol {
 }
 
 /// `[telemetry]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
     /// OTLP endpoint (e.g. `http://collector:4318` for HTTP, `:4317` for gRPC);
@@ -67,6 +67,7 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: String,
     /// `http/protobuf` or `grpc`; unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else
     /// `http/protobuf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_protocol: Option<OtlpProtocol>,
     /// `hashed` (default) or `raw`.
     pub chat_id: ChatIdInTelemetry,
@@ -140,18 +141,29 @@ impl TracingGuard {
     /// the async workers.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = provider.force_flush();
-                let _ = provider.shutdown();
+            let flushed = tokio::task::spawn_blocking(move || {
+                if let Err(e) = provider.force_flush() {
+                    tracing::warn!(error = %e, "traces could not be flushed at shutdown");
+                }
+                if let Err(e) = provider.shutdown() {
+                    tracing::warn!(error = %e, "the trace exporter did not shut down cleanly");
+                }
             })
             .await;
+            if let Err(e) = flushed {
+                tracing::warn!(error = %e, "flushing traces at shutdown failed");
+            }
         }
     }
 
     /// Exports what is buffered now (blocking work, run off the async workers).
     pub async fn flush(&self) {
         if let Some(provider) = self.provider.clone() {
-            let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+            match tokio::task::spawn_blocking(move || provider.force_flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "traces could not be flushed"),
+                Err(e) => tracing::warn!(error = %e, "flushing traces failed"),
+            }
         }
     }
 

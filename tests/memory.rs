@@ -10,13 +10,18 @@ use chatshard::domain::ChatId;
 use chatshard::live::LiveConfig;
 use chatshard::throttle::{ManualClock, Throttle};
 
+/// The process's resident memory; the test fails, rather than passing on a
+/// zero, where it cannot be read.
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
+    let status = std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status is readable (Linux)");
+    let kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .expect("VmRSS in /proc/self/status");
+    assert!(kb > 0, "VmRSS reads 0 kB");
+    kb * 1024
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use chatshard::app::App;
-use chatshard::config::{Settings, ShardSettings};
-use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
+use chatshard::config::ShardSettings;
+use chatshard::localdb::cluster::LocalCluster;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
@@ -151,7 +151,9 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     let (endpoint, received) = receiver().await;
-    let mut settings = Settings::from_toml_unvalidated("listen = \"127.0.0.1:0\"", []).unwrap();
+    // One real shard, and one whose port answers nothing (connections refused).
+    let cluster = LocalCluster::start_temp(1).await.unwrap();
+    let mut settings = cluster.settings().unwrap();
     settings.telemetry.otlp_endpoint = endpoint;
     let logs = LogBuffer::default();
     let tracing = chatshard::telemetry::init_with_writer(
@@ -162,30 +164,17 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     .unwrap();
     assert!(tracing.exporting());
 
-    // One real shard, and one whose port answers nothing (connections refused).
-    let server = LocalMariaDb::start(LocalMariaDbOptions::temp())
-        .await
-        .unwrap();
     let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    settings.shards = vec![
-        ShardSettings {
-            name: "shard-0".into(),
-            url: server.url(DEFAULT_DATABASE),
-            buckets: vec!["0-511".into()],
-        },
-        ShardSettings {
-            name: "shard-dead".into(),
-            url: format!("mysql://root@127.0.0.1:{dead_port}/chatshard"),
-            buckets: vec!["512-1023".into()],
-        },
-    ];
-    chatshard::migrate::migrate_shard(&settings.shards[0])
-        .await
-        .unwrap();
+    settings.shards[0].buckets = vec!["0-511".into()];
+    settings.shards.push(ShardSettings {
+        name: "shard-dead".into(),
+        url: format!("mysql://root@127.0.0.1:{dead_port}/chatshard"),
+        buckets: vec!["512-1023".into()],
+    });
     settings.admin.token = TOKEN.into();
     settings.breaker.consecutive_failures = 2;
     settings.breaker.open_ms = 60_000;
@@ -458,7 +447,10 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
         Some("commit_batch")
     );
     assert_eq!(attr_str(db, "server.address").as_deref(), Some("127.0.0.1"));
-    assert_eq!(attr_str(db, "server.port"), Some(server.port().to_string()));
+    assert_eq!(
+        attr_str(db, "server.port"),
+        Some(cluster.server(0).port().to_string())
+    );
     assert_eq!(
         attr_str(db, "chatshard.breaker.state").as_deref(),
         Some("closed")

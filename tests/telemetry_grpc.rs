@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatshard::telemetry::{OtlpProtocol, TelemetrySettings};
-use opentelemetry::KeyValue;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -90,9 +89,7 @@ async fn traces_and_metrics_reach_a_grpc_collector() {
     let metrics = chatshard::metrics::Metrics::new(Some(&export)).unwrap();
 
     tracing::info_span!("grpc_probe").in_scope(|| tracing::info!("grpc_event"));
-    metrics
-        .http_request
-        .record(0.004, &[KeyValue::new("http.route", "/probe")]);
+    metrics.record_http(0.004, "/probe".to_owned(), &axum::http::Method::GET, 200);
     // A graceful stop exports the metrics; traces are flushed by the guard.
     tokio::task::spawn_blocking(move || metrics.shutdown())
         .await

@@ -15,9 +15,10 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::extract::JsonBody;
+use super::model::BreakerStateView;
 use super::problem::{Code, Problem};
 use crate::live::LiveConfig;
-use crate::shard::{BreakerState, Shard, stats::RECENT_SECS};
+use crate::shard::{RECENT_SECS, ShardStatus};
 use crate::throttle::Decisions;
 
 /// Proof that the request carried the admin token.
@@ -59,9 +60,7 @@ where
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BreakerView {
-    /// `CLOSED`, `OPEN` or `HALF_OPEN`.
-    #[schema(value_type = String)]
-    pub state: BreakerState,
+    pub state: BreakerStateView,
     pub since: DateTime<Utc>,
 }
 
@@ -71,11 +70,12 @@ pub struct BreakerView {
 pub struct RecentView {
     pub window_secs: u64,
     pub calls: u64,
-    /// Failed calls / calls (counted failures, read-only and database errors).
+    /// Failed calls / calls (counted failures, read-only, contention and
+    /// database errors).
     pub failure_rate: f64,
 }
 
-/// The last failure seen on a shard.
+/// The last failure seen on a shard, with its cause chain.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastError {
@@ -128,43 +128,38 @@ pub struct ShardsView {
     pub shards: Vec<ShardView>,
 }
 
-fn view(shard: &Shard) -> ShardView {
-    use std::sync::atomic::Ordering::Relaxed;
-    let status = shard.status();
-    let settings = shard.settings();
-    let stats = shard.stats();
-    let in_flight = stats.in_flight();
-    let (calls, failure_rate) = stats.recent();
-    let innodb = shard.innodb();
-    ShardView {
-        name: shard.name().to_owned(),
-        address: shard.address().to_owned(),
-        breaker: BreakerView {
-            state: shard.breaker().state(),
-            since: shard.breaker().since(),
-        },
-        in_flight,
-        waiting: shard.admitted().saturating_sub(in_flight),
-        capacity: settings.max_concurrent,
-        waiting_capacity: settings.max_waiting,
-        per_chat_capacity: settings.per_chat_concurrent(),
-        pool_size: status.size,
-        pool_idle: status.available,
-        recent: RecentView {
-            window_secs: RECENT_SECS,
-            calls,
-            failure_rate,
-        },
-        last_error: stats
-            .last_failure()
-            .map(|(at, message)| LastError { at, message }),
-        rejected: RejectedView {
-            breaker_open: stats.rejected_open.load(Relaxed),
-            shard_busy: stats.rejected_busy.load(Relaxed),
-            chat_busy: stats.rejected_chat_busy.load(Relaxed),
-        },
-        autoinc_lock_mode: innodb.map(|i| i.autoinc_lock_mode),
-        flush_log_at_trx_commit: innodb.map(|i| i.flush_log_at_trx_commit),
+impl From<ShardStatus> for ShardView {
+    fn from(s: ShardStatus) -> Self {
+        Self {
+            name: s.name,
+            address: s.address,
+            breaker: BreakerView {
+                state: s.breaker.into(),
+                since: s.breaker_since,
+            },
+            in_flight: s.in_flight,
+            waiting: s.waiting,
+            capacity: s.capacity,
+            waiting_capacity: s.waiting_capacity,
+            per_chat_capacity: s.per_chat_capacity,
+            pool_size: s.pool_size,
+            pool_idle: s.pool_idle,
+            recent: RecentView {
+                window_secs: RECENT_SECS,
+                calls: s.recent_calls,
+                failure_rate: s.recent_failure_rate,
+            },
+            last_error: s
+                .last_failure
+                .map(|(at, message)| LastError { at, message }),
+            rejected: RejectedView {
+                breaker_open: s.rejected.breaker_open,
+                shard_busy: s.rejected.shard_busy,
+                chat_busy: s.rejected.chat_busy,
+            },
+            autoinc_lock_mode: s.innodb.map(|i| i.autoinc_lock_mode),
+            flush_log_at_trx_commit: s.innodb.map(|i| i.flush_log_at_trx_commit),
+        }
     }
 }
 
@@ -185,7 +180,7 @@ pub async fn shards(_: Admin, State(state): State<AppState>) -> Json<ShardsView>
             .shards()
             .all()
             .iter()
-            .map(|s| view(s))
+            .map(|s| s.status().into())
             .collect(),
     })
 }
@@ -274,6 +269,7 @@ pub struct DecisionsView {
     pub fetches_throttled: u64,
     pub fetches_throttled_dry_run: u64,
     pub hot_chats_marked: u64,
+    pub hot_chats_marked_dry_run: u64,
     /// Event fetches asked for, and the queries they cost (the rest were
     /// coalesced or served from a kept page).
     pub fetches: u64,
@@ -322,6 +318,7 @@ pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChats
             fetches_throttled: Decisions::get(&d.fetches_throttled),
             fetches_throttled_dry_run: Decisions::get(&d.fetches_throttled_dry_run),
             hot_chats_marked: Decisions::get(&d.hot_chats_marked),
+            hot_chats_marked_dry_run: Decisions::get(&d.hot_chats_marked_dry_run),
             fetches: Decisions::get(&d.fetches),
             fetch_queries: Decisions::get(&d.fetch_queries),
         },

@@ -7,7 +7,6 @@ use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Query, RawPathParams, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -71,10 +70,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
                 "the body must be sent with Content-Type: application/json",
             ));
         }
-        serde_json::from_slice(&bytes)
-            .map(|v| Self(Some(v)))
-            .map_err(json_problem)
+        parse_json(&bytes).map(|v| Self(Some(v)))
     }
+}
+
+/// Parses a JSON body into `T`. A body of the wrong shape is described by the
+/// place it went wrong (`maxMembers`, `hotChat.threshold`) and what was
+/// expected there, never by quoting what the caller sent.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        json_problem(&path, e.into_inner())
+    })?;
+    de.end().map_err(|e| json_problem(".", e))?;
+    Ok(value)
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -88,17 +98,71 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn json_problem(e: serde_json::Error) -> Problem {
+fn json_problem(path: &str, e: serde_json::Error) -> Problem {
     use serde_json::error::Category;
+    let (line, column) = (e.line(), e.column());
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => Problem::new(
             Code::MalformedJson,
-            format!("the body is not valid JSON: {e}"),
+            format!("the body is not valid JSON (line {line}, column {column})"),
         ),
         Category::Data => {
-            Problem::invalid(format!("the body does not have the expected shape: {e}"))
+            let at = if path == "." {
+                "the body".to_owned()
+            } else {
+                format!("`{path}`")
+            };
+            Problem::invalid(format!(
+                "{} (line {line}, column {column})",
+                shape_problem(&at, &e)
+            ))
         }
     }
+}
+
+/// What is wrong with a value of the wrong shape, in words that repeat only
+/// the API's own names (field names, expected types), never the caller's input.
+fn shape_problem(at: &str, e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let expected = message
+        .rsplit_once(", expected ")
+        .map(|(_, rest)| strip_position(rest));
+    if let Some(field) = backticked(&message, "missing field `") {
+        format!("{at} lacks the required field `{field}`")
+    } else if message.starts_with("unknown field") {
+        format!("{} has a field the API does not define", parent(at))
+    } else if let Some(field) = backticked(&message, "duplicate field `") {
+        format!("{at} has the field `{field}` twice")
+    } else if message.starts_with("invalid type") {
+        format!(
+            "{at} has the wrong type; expected {}",
+            expected.unwrap_or("another type")
+        )
+    } else if message.starts_with("invalid value") || message.starts_with("invalid length") {
+        format!(
+            "{at} is out of range; expected {}",
+            expected.unwrap_or("another value")
+        )
+    } else {
+        format!("{at} is not valid")
+    }
+}
+
+/// The place holding an unknown field: the path names the unknown field itself
+/// last, and that name is the caller's input.
+fn parent(at: &str) -> String {
+    match at.trim_matches('`').rsplit_once('.') {
+        Some((parent, _)) => format!("`{parent}`"),
+        None => "the body".to_owned(),
+    }
+}
+
+fn backticked<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
+    message.strip_prefix(prefix)?.split('`').next()
+}
+
+fn strip_position(s: &str) -> &str {
+    s.rsplit_once(" at line ").map_or(s, |(head, _)| head)
 }
 
 /// `{chatId}` from the path, validated.
@@ -175,7 +239,8 @@ where
 }
 
 /// `?after=&limit=` as raw strings; each use case parses them into its types.
-#[derive(Debug, Default, Deserialize)]
+/// Other parameters are ignored; one given twice is refused.
+#[derive(Debug, Default)]
 pub struct PageQuery {
     pub after: Option<String>,
     pub limit: Option<String>,
@@ -185,18 +250,71 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
-        Query::<PageQuery>::from_request_parts(parts, state)
+        let Query(pairs) = Query::<Vec<(String, String)>>::from_request_parts(parts, state)
             .await
-            .map(|Query(q)| q)
-            .map_err(|e| {
-                Problem::invalid(format!("the query string is not valid: {}", e.body_text()))
-            })
+            .map_err(|_| Problem::invalid("the query string cannot be decoded"))?;
+        let mut query = Self::default();
+        for (name, value) in pairs {
+            let (slot, name) = match name.as_str() {
+                "after" => (&mut query.after, "after"),
+                "limit" => (&mut query.limit, "limit"),
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(Problem::invalid(format!(
+                    "the query parameter `{name}` is given more than once"
+                )));
+            }
+        }
+        Ok(query)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Body {
+        user_id: String,
+        max_members: Option<u32>,
+    }
+
+    fn detail(body: &str) -> String {
+        match parse_json::<Body>(body.as_bytes()) {
+            Ok(b) => panic!("accepted {b:?}"),
+            Err(p) => p.detail,
+        }
+    }
+
+    #[test]
+    fn shape_errors_never_quote_the_input() {
+        for (body, says) in [
+            (
+                r#"{"userId": "a", "maxMembers": "SECRET-1"}"#,
+                "`maxMembers` has the wrong type; expected u32",
+            ),
+            (
+                r#"{"userId": "a", "SECRET-2": 1}"#,
+                "the body has a field the API does not define",
+            ),
+            (
+                r#"{"userId": "a", "maxMembers": -7}"#,
+                "`maxMembers` is out of range",
+            ),
+            (
+                r#"{"maxMembers": 1}"#,
+                "the body lacks the required field `userId`",
+            ),
+            (r#"{"userId": "SECRET-4"} SECRET-5"#, "not valid JSON"),
+        ] {
+            let d = detail(body);
+            assert!(d.contains(says), "{body}: {d}");
+            assert!(!d.contains("SECRET") && !d.contains("-7"), "{body}: {d}");
+        }
+    }
 
     #[test]
     fn json_media_types() {

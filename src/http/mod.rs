@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use self::model::{Health, Readiness, ShardReadiness};
 use self::problem::{Code, Problem};
-use crate::service::{ChatService, Created, error_chain};
+use crate::service::{ChatService, Created};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -153,8 +153,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             name: shard.name().to_owned(),
             address: shard.address().to_owned(),
             ready: result.is_ok(),
-            breaker: shard.breaker().state().as_str().to_owned(),
-            error: result.err().map(|e| error_chain(&e)),
+            breaker: shard.breaker_state().into(),
+            error: result.err().map(|e| crate::error::chain(&e)),
         }
     });
     let shards: Vec<ShardReadiness> = futures_util::future::join_all(checks).await;

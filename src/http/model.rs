@@ -212,11 +212,31 @@ pub struct ShardReadiness {
     pub name: String,
     pub address: String,
     pub ready: bool,
-    /// The shard's circuit breaker: `closed`, `open` or `half_open`.
-    pub breaker: String,
+    /// The shard's circuit breaker.
+    pub breaker: BreakerStateView,
     /// Why the shard is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A circuit breaker's state, as `/readyz` and the admin view show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BreakerStateView {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl From<crate::shard::BreakerState> for BreakerStateView {
+    fn from(s: crate::shard::BreakerState) -> Self {
+        use crate::shard::BreakerState;
+        match s {
+            BreakerState::Closed => Self::Closed,
+            BreakerState::Open => Self::Open,
+            BreakerState::HalfOpen => Self::HalfOpen,
+        }
+    }
 }
 
 /// `GET /readyz`: ready while at least one shard serves.

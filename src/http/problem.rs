@@ -17,90 +17,59 @@ use crate::service::ServiceError;
 /// The media type of every error answer.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// The catalogue of error codes (docs/api.md lists the same table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    InvalidRequest,
-    MalformedJson,
-    UnsupportedMediaType,
-    PayloadTooLarge,
-    NotFound,
-    MethodNotAllowed,
-    Unauthorized,
-    AdminDisabled,
-    ChatNotFound,
-    MemberNotFound,
-    ChatFull,
-    NotAMember,
-    IdempotencyKeyReused,
-    ChatBusy,
-    JoinThrottled,
-    FetchThrottled,
-    InvalidConfig,
-    ShardBusy,
-    ShardTimeout,
-    ShardUnavailable,
-    ShardReadOnly,
-    OutcomeUnknown,
-    Internal,
+/// Declares [`Code`] with its wire name, and [`Code::ALL`] from the same list,
+/// so a new code cannot be left out of the catalogue (or its test).
+macro_rules! codes {
+    ($($variant:ident => $name:literal,)+) => {
+        /// The catalogue of error codes (docs/api.md lists the same table).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Code {
+            $($variant,)+
+        }
+
+        impl Code {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)+];
+
+            /// The stable machine-readable name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    InvalidRequest => "invalid_request",
+    MalformedJson => "malformed_json",
+    UnsupportedMediaType => "unsupported_media_type",
+    PayloadTooLarge => "payload_too_large",
+    NotFound => "not_found",
+    MethodNotAllowed => "method_not_allowed",
+    Unauthorized => "unauthorized",
+    AdminDisabled => "admin_disabled",
+    ChatNotFound => "chat_not_found",
+    MemberNotFound => "member_not_found",
+    ChatFull => "chat_full",
+    NotAMember => "not_a_member",
+    IdempotencyKeyReused => "idempotency_key_reused",
+    ChatBusy => "chat_busy",
+    ChatQueueFull => "chat_queue_full",
+    ChatContended => "chat_contended",
+    JoinThrottled => "join_throttled",
+    FetchThrottled => "fetch_throttled",
+    InvalidConfig => "invalid_config",
+    ShardBusy => "shard_busy",
+    ShardTimeout => "shard_timeout",
+    ShardUnavailable => "shard_unavailable",
+    ShardReadOnly => "shard_read_only",
+    OutcomeUnknown => "outcome_unknown",
+    Internal => "internal",
 }
 
 impl Code {
-    /// Every code, for the documentation test.
-    pub const ALL: [Code; 23] = [
-        Code::InvalidRequest,
-        Code::MalformedJson,
-        Code::UnsupportedMediaType,
-        Code::PayloadTooLarge,
-        Code::NotFound,
-        Code::MethodNotAllowed,
-        Code::Unauthorized,
-        Code::AdminDisabled,
-        Code::ChatNotFound,
-        Code::MemberNotFound,
-        Code::ChatFull,
-        Code::NotAMember,
-        Code::IdempotencyKeyReused,
-        Code::ChatBusy,
-        Code::JoinThrottled,
-        Code::FetchThrottled,
-        Code::InvalidConfig,
-        Code::ShardBusy,
-        Code::ShardTimeout,
-        Code::ShardUnavailable,
-        Code::ShardReadOnly,
-        Code::OutcomeUnknown,
-        Code::Internal,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidRequest => "invalid_request",
-            Self::MalformedJson => "malformed_json",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::PayloadTooLarge => "payload_too_large",
-            Self::NotFound => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Unauthorized => "unauthorized",
-            Self::AdminDisabled => "admin_disabled",
-            Self::ChatNotFound => "chat_not_found",
-            Self::MemberNotFound => "member_not_found",
-            Self::ChatFull => "chat_full",
-            Self::NotAMember => "not_a_member",
-            Self::IdempotencyKeyReused => "idempotency_key_reused",
-            Self::ChatBusy => "chat_busy",
-            Self::JoinThrottled => "join_throttled",
-            Self::FetchThrottled => "fetch_throttled",
-            Self::InvalidConfig => "invalid_config",
-            Self::ShardBusy => "shard_busy",
-            Self::ShardTimeout => "shard_timeout",
-            Self::ShardUnavailable => "shard_unavailable",
-            Self::ShardReadOnly => "shard_read_only",
-            Self::OutcomeUnknown => "outcome_unknown",
-            Self::Internal => "internal",
-        }
-    }
-
     pub fn status(self) -> StatusCode {
         match self {
             Self::InvalidRequest | Self::IdempotencyKeyReused | Self::InvalidConfig => {
@@ -117,6 +86,8 @@ impl Code {
             Self::ChatFull => StatusCode::CONFLICT,
             Self::NotAMember => StatusCode::FORBIDDEN,
             Self::ChatBusy
+            | Self::ChatQueueFull
+            | Self::ChatContended
             | Self::ShardBusy
             | Self::ShardTimeout
             | Self::ShardUnavailable
@@ -142,6 +113,8 @@ impl Code {
             Self::NotAMember => "The sender is not a member of the chat",
             Self::IdempotencyKeyReused => "The idempotency key was used for a different request",
             Self::ChatBusy => "This chat holds its whole share of its shard",
+            Self::ChatQueueFull => "Too many writes to this chat are queued",
+            Self::ChatContended => "Writes to this chat are waiting for each other",
             Self::JoinThrottled => "Too many joins to this chat",
             Self::FetchThrottled => "This chat is hot: event fetches are throttled",
             Self::InvalidConfig => "The configuration is not valid",
@@ -254,10 +227,23 @@ impl From<ServiceError> for Problem {
                 Code::IdempotencyKeyReused,
                 "this clientMessageId was already used by this sender for a different text",
             ),
-            ServiceError::ChatBusy => Self::new(
+            ServiceError::ChatBusy { shard } => Self::new(
                 Code::ChatBusy,
-                "this chat holds its whole share of its shard, or too many of its writes are queued; \
-                 retry after the delay given",
+                format!(
+                    "this chat holds its whole share of shard {shard}'s connections and waiting \
+                     places; retry after the delay given"
+                ),
+            ),
+            ServiceError::ChatQueueFull => Self::new(
+                Code::ChatQueueFull,
+                "too many writes to this chat are queued on this instance; retry after the delay given",
+            ),
+            ServiceError::ChatContended { shard } => Self::new(
+                Code::ChatContended,
+                format!(
+                    "writes to this chat on shard {shard} waited too long for each other's row \
+                     locks; nothing was applied: retry after the delay given"
+                ),
             ),
             ServiceError::JoinThrottled { retry_after_secs } => Self::new(
                 Code::JoinThrottled,
@@ -298,8 +284,11 @@ impl From<ServiceError> for Problem {
                      the write may or may not be applied: retry it unchanged, it will not apply twice"
                 ),
             ),
-            ServiceError::Internal(cause) => {
-                tracing::error!(error = %cause, "internal error");
+            ServiceError::Internal(fault) => {
+                // One fault can answer a whole batch of requests: log it once.
+                if fault.first_report() {
+                    tracing::error!(error = %crate::error::chain(&fault), "internal error");
+                }
                 Self::new(
                     Code::Internal,
                     "an internal error occurred; it has been logged",
@@ -316,7 +305,7 @@ mod tests {
     #[test]
     fn every_code_has_a_distinct_name_and_an_error_status() {
         let mut names = std::collections::HashSet::new();
-        for code in Code::ALL {
+        for &code in Code::ALL {
             assert!(names.insert(code.as_str()));
             assert!(code.status().is_client_error() || code.status().is_server_error());
             assert_eq!(
@@ -330,7 +319,7 @@ mod tests {
     #[test]
     fn the_catalogue_in_the_docs_lists_every_code() {
         let docs = include_str!("../../docs/api.md");
-        for code in Code::ALL {
+        for &code in Code::ALL {
             assert!(
                 docs.contains(&format!("`{}`", code.as_str())),
                 "docs/api.md lacks {}",
@@ -341,9 +330,9 @@ mod tests {
 
     #[test]
     fn internal_errors_hide_their_cause() {
-        let p = Problem::from(ServiceError::Internal(
-            "SELECT secret FROM x: syntax".into(),
-        ));
+        let p = Problem::from(ServiceError::Internal(crate::service::Fault::new(
+            "SELECT secret FROM x: syntax",
+        )));
         assert_eq!(p.status, 500);
         assert!(!p.detail.contains("SELECT"));
     }

@@ -14,7 +14,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
-use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_http::HeaderExtractor;
@@ -30,13 +29,14 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = req.method().clone();
+    let method_label = crate::metrics::method_label(&method);
     // W3C trace context, whatever global propagator is (or is not) installed.
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     let span = tracing::info_span!(
         "http",
-        otel.name = %format_args!("{method} {route}"),
+        otel.name = %format_args!("{method_label} {route}"),
         otel.kind = "server",
-        http.request.method = %method,
+        http.request.method = method_label,
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
         chatshard.chat_id = tracing::field::Empty,
@@ -64,14 +64,9 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
-    state.metrics.http_request.record(
-        started.elapsed().as_secs_f64(),
-        &[
-            KeyValue::new("http.route", route),
-            KeyValue::new("http.request.method", method.to_string()),
-            KeyValue::new("http.response.status_code", i64::from(status)),
-        ],
-    );
+    state
+        .metrics
+        .record_http(started.elapsed().as_secs_f64(), route, &method, status);
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
         headers.insert("x-request-id", v);

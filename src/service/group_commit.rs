@@ -13,11 +13,15 @@
 //!   its shard for writes on this instance (a hot chat cannot drain the
 //!   bulkhead with writes);
 //! - the queue of a chat is bounded (`max_pending_per_chat`); one more write is
-//!   refused at once with `chat_busy`;
+//!   refused at once with `chat_queue_full`;
 //! - the flusher is a spawned task: a caller that goes away does not cancel a
 //!   batch other callers wait on (its own write may still commit; every write is
 //!   idempotent, so a retry is safe);
-//! - a batch that hits a deadlock is rolled back whole and run again.
+//! - a batch that hits a deadlock is rolled back whole and run again; one that
+//!   keeps hitting them is answered `chat_contended` (the chat's trouble, never
+//!   counted against the shard);
+//! - a failed batch answers all its writes with one shared error, which is
+//!   therefore logged once, not once per write.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -92,7 +96,7 @@ impl GroupCommit {
         let start_flusher = {
             let mut state = queue.lock();
             if state.pending.len() >= self.settings.max_pending_per_chat {
-                return Err(ServiceError::ChatBusy);
+                return Err(ServiceError::ChatQueueFull);
             }
             state
                 .pending
@@ -104,9 +108,9 @@ impl GroupCommit {
             // it, and each batch names its own parent below.
             tokio::spawn(self.clone().flush(shard.clone(), chat.clone(), queue));
         }
-        answer.await.map_err(|_| {
-            ServiceError::Internal("the write was dropped before it was answered".into())
-        })?
+        answer
+            .await
+            .map_err(|_| ServiceError::internal("the write was dropped before it was answered"))?
     }
 
     /// Commits batches until the queue is empty, then retires the queue.
@@ -177,7 +181,7 @@ async fn commit(
             })
             .await;
         match result {
-            Err(ShardError::Database { ref source, .. })
+            Err(ShardError::Contended { ref source, .. })
                 if is_deadlock(source) && attempt < DEADLOCK_ATTEMPTS =>
             {
                 attempt += 1;

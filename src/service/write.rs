@@ -17,7 +17,7 @@ use super::plan::{self, ChatBefore, MemberBefore, MessageBefore, Planned, Reject
 use super::{Member, Message};
 use crate::domain::{ChatId, ClientMessageId, MemberState, UserId};
 use crate::shard::OpError;
-use crate::storage::{self, chats, events, members, messages};
+use crate::storage::{self, UnreadableRow, chats, events, members, messages};
 
 /// The answer to one write of a batch.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ pub async fn commit_batch(
     users.sort_unstable();
     users.dedup();
     let member_rows = members::lock_many(&mut tx, chat_id, &users).await?;
-    let members_before = member_map(&member_rows);
+    let members_before = member_map(chat_id, &member_rows)?;
 
     let mut keys: Vec<(&str, &str)> = ops
         .iter()
@@ -83,15 +83,15 @@ pub async fn commit_batch(
     let existing = messages::find_by_keys(&mut tx, chat_id, &keys).await?;
     let messages_before: HashMap<(UserId, ClientMessageId), MessageBefore> = existing
         .iter()
-        .filter_map(|m| {
-            Some((
-                message_key(&m.sender_id, &m.client_message_id)?,
+        .map(|m| {
+            Ok((
+                message_key(chat_id, m)?,
                 MessageBefore {
                     text: m.body.clone(),
                 },
             ))
         })
-        .collect();
+        .collect::<Result<_, UnreadableRow>>()?;
 
     let plan = plan::plan(Some(&before), &members_before, &messages_before, ops, now);
 
@@ -155,10 +155,10 @@ pub async fn commit_batch(
         if changed != 1 {
             // Only possible if the stored count was already wrong; refuse to
             // make it worse. `chatshard repair-counts` fixes the row.
-            return Err(OpError::Sql(sqlx::Error::Protocol(format!(
+            return Err(OpError::invariant(format!(
                 "member count of chat {chat_id} could not be adjusted by {}",
                 plan.count_delta
-            ))));
+            )));
         }
     }
     let ids_after: HashMap<String, u64> = if plan.new_members.is_empty() {
@@ -196,14 +196,30 @@ impl WriteOutcome {
     }
 }
 
-fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {
+/// The member rows as the planner sees them; a row this version cannot read
+/// fails the batch rather than being taken for a user who never joined.
+fn member_map(
+    chat_id: &str,
+    rows: &[members::MemberRow],
+) -> Result<HashMap<UserId, MemberBefore>, UnreadableRow> {
     rows.iter()
-        .filter_map(|m| {
-            Some((
-                UserId::parse(&m.user_id).ok()?,
+        .map(|m| {
+            let unreadable = |column: &'static str, value: String| UnreadableRow {
+                table: "chat_member",
+                chat_id: chat_id.to_owned(),
+                key: format!("id {}", m.id),
+                column,
+                value,
+            };
+            let user = UserId::parse(&m.user_id)
+                .map_err(|_| unreadable("user_id", "(not a valid userId)".to_owned()))?;
+            let state = MemberState::from_code(m.state)
+                .ok_or_else(|| unreadable("state", m.state.to_string()))?;
+            Ok((
+                user,
                 MemberBefore {
                     id: m.id,
-                    state: MemberState::from_code(m.state)?,
+                    state,
                     joined_at: m.joined_at,
                 },
             ))
@@ -211,10 +227,21 @@ fn member_map(rows: &[members::MemberRow]) -> HashMap<UserId, MemberBefore> {
         .collect()
 }
 
-fn message_key(sender: &str, client_id: &str) -> Option<(UserId, ClientMessageId)> {
-    Some((
-        UserId::parse(sender).ok()?,
-        ClientMessageId::parse(client_id).ok()?,
+fn message_key(
+    chat_id: &str,
+    m: &messages::MessageRow,
+) -> Result<(UserId, ClientMessageId), UnreadableRow> {
+    let unreadable = |column: &'static str| UnreadableRow {
+        table: "chat_message",
+        chat_id: chat_id.to_owned(),
+        key: format!("id {}", m.id),
+        column,
+        value: "(not a valid identifier)".to_owned(),
+    };
+    Ok((
+        UserId::parse(&m.sender_id).map_err(|_| unreadable("sender_id"))?,
+        ClientMessageId::parse(&m.client_message_id)
+            .map_err(|_| unreadable("client_message_id"))?,
     ))
 }
 
@@ -225,9 +252,7 @@ fn outcome(
     messages: &HashMap<(&str, &str), &messages::MessageRow>,
 ) -> Result<WriteOutcome, OpError> {
     let missing = |what: &str| {
-        OpError::Sql(sqlx::Error::Protocol(format!(
-            "{what} written in this batch cannot be read back"
-        )))
+        OpError::invariant(format!("{what} written in this batch cannot be read back"))
     };
     Ok(match planned {
         Planned::Joined {

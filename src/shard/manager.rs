@@ -1,6 +1,8 @@
 //! A deadpool manager for sqlx MySQL connections.
 //!
-//! Every new connection runs in READ COMMITTED: chatshard's write transactions
+//! Every new connection runs in READ COMMITTED (and, when configured, with a
+//! shorter `innodb_lock_wait_timeout`; see `pool.lock_wait_timeout_secs`):
+//! chatshard's write transactions
 //! take explicit locks (`SELECT ... FOR UPDATE` on the chat row) and change
 //! counters only with atomic `UPDATE ... SET x = x + ?`, so they need no snapshot,
 //! and READ COMMITTED avoids the gap locks that REPEATABLE READ would take on the
@@ -23,11 +25,16 @@ const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct MySqlManager {
     options: MySqlConnectOptions,
+    /// `innodb_lock_wait_timeout` of each session; 0 keeps the server's.
+    lock_wait_timeout_secs: u64,
 }
 
 impl MySqlManager {
-    pub fn new(options: MySqlConnectOptions) -> Self {
-        Self { options }
+    pub fn new(options: MySqlConnectOptions, lock_wait_timeout_secs: u64) -> Self {
+        Self {
+            options,
+            lock_wait_timeout_secs,
+        }
     }
 }
 
@@ -37,9 +44,7 @@ impl Manager for MySqlManager {
 
     async fn create(&self) -> Result<MySqlConnection, sqlx::Error> {
         let mut conn = MySqlConnection::connect_with(&self.options).await?;
-        sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .execute(&mut conn)
-            .await?;
+        crate::storage::server::prepare_session(&mut conn, self.lock_wait_timeout_secs).await?;
         Ok(conn)
     }
 

@@ -7,8 +7,8 @@
 //! 1. the circuit breaker ([`breaker`]): while the shard is known broken, refuse
 //!    without touching the network or taking any slot (`ShardError::Open`);
 //! 2. the chat's share ([`share`]): one chat holds at most `chat_share` of the
-//!    shard's slots, so a hot chat cannot starve the shard's other chats
-//!    (`ShardError::ChatBusy`);
+//!    shard's slots and waiting places, so a hot chat cannot starve the
+//!    shard's other chats (`ShardError::ChatBusy`);
 //! 3. admission: at most `max_concurrent + max_waiting` callers in flight or
 //!    waiting; one more is refused at once (`ShardError::Busy`) since deadpool
 //!    does not bound its waiters;
@@ -18,20 +18,29 @@
 //!    most `operation_timeout`, and the connection, whose state is then unknown,
 //!    is discarded rather than returned to the pool.
 //!
-//! The outcome then feeds the breaker: see [`breaker`] for what counts.
-//! Bound each queue in exactly one place: there is no other pool beneath this one.
+//! The outcome then feeds the breaker: see [`breaker`] for what counts, and
+//! [`error`] for how a driver error is classified (the shard's failure, one
+//! chat's contention, or neither). Bound each queue in exactly one place: there
+//! is no other pool beneath this one.
+//!
+//! Outside this module the shard is seen through [`ShardStatus`] snapshots and
+//! the [`Instruments`] it records into; its counters and pool stay private.
 
-pub mod breaker;
+mod breaker;
+pub mod error;
 mod manager;
-pub mod share;
-pub mod stats;
+mod set;
+mod share;
+mod stats;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use deadpool::managed::{Object, Pool, PoolError, TimeoutType, Timeouts};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
 use sqlx::MySqlConnection;
 use sqlx::mysql::MySqlConnectOptions;
 use tokio::sync::Semaphore;
@@ -39,115 +48,42 @@ use tracing::Instrument as _;
 
 use crate::config::{BreakerSettings, PoolSettings, ShardSettings};
 use crate::domain::ChatId;
-use crate::routing::Router;
 
-pub use breaker::{Breaker, BreakerState};
-pub use manager::MySqlManager;
+use breaker::Breaker;
+pub use breaker::BreakerState;
+pub use error::{
+    BadData, OUTCOMES, OpError, OutcomeCause, ShardError, is_connection_error, is_deadlock,
+    is_lock_contention, is_read_only_error,
+};
+use manager::MySqlManager;
+pub use set::ShardSet;
 use share::ChatShares;
-use stats::ShardStats;
+pub use stats::{RECENT_SECS, Rejections, ShardStatus};
+use stats::{Refusal, ShardStats};
 
 /// A future borrowing a connection, as handed to [`Shard::read`] / [`Shard::write`].
 pub type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
-/// Why a shard operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ShardError {
-    /// The circuit breaker is open: the shard is known broken.
-    #[error("shard {shard} is unavailable (circuit breaker open)")]
-    Open {
-        shard: String,
-        retry_after_secs: u64,
-    },
-    /// The chat already holds its share of the shard.
-    #[error("chat holds its whole share of shard {shard}")]
-    ChatBusy { shard: String },
-    /// The bulkhead is full: too many callers in flight and waiting.
-    #[error("shard {shard} is busy")]
-    Busy { shard: String },
-    /// The shard did not answer within the operation deadline.
-    #[error("shard {shard} did not answer within {deadline:?}")]
-    Timeout { shard: String, deadline: Duration },
-    /// No connection to the shard could be made or kept.
-    #[error("shard {shard} is unavailable")]
-    Unavailable {
-        shard: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    /// The shard refuses writes (`read_only`).
-    #[error("shard {shard} is read-only")]
-    ReadOnly {
-        shard: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    /// A write's outcome is unknown: the connection failed while committing.
-    #[error("the outcome of a write on shard {shard} is unknown")]
-    OutcomeUnknown { shard: String, cause: String },
-    /// Any other database error (a bug, or a schema that does not match).
-    #[error("database error on shard {shard}")]
-    Database {
-        shard: String,
-        #[source]
-        source: sqlx::Error,
-    },
+/// What every shard records its operations into.
+#[derive(Debug, Clone)]
+pub struct Instruments {
+    /// Duration of the operations that reached the database, by shard,
+    /// operation and outcome. Refusals are not in it: a refused call's
+    /// sub-millisecond answer would hide a hung shard's latency.
+    pub operation_seconds: Histogram<f64>,
+    /// Every operation by shard and outcome (one of [`OUTCOMES`]), refusals
+    /// included; each series exists from the start, at zero.
+    pub operations: Counter<u64>,
 }
 
-impl ShardError {
-    /// The shard the error came from.
-    pub fn shard(&self) -> &str {
-        match self {
-            Self::Open { shard, .. }
-            | Self::ChatBusy { shard }
-            | Self::Busy { shard }
-            | Self::Timeout { shard, .. }
-            | Self::Unavailable { shard, .. }
-            | Self::ReadOnly { shard, .. }
-            | Self::OutcomeUnknown { shard, .. }
-            | Self::Database { shard, .. } => shard,
+impl Instruments {
+    /// Instruments that record nothing (for commands other than `serve`).
+    pub fn unmeasured() -> Self {
+        let meter = opentelemetry::global::meter("chatshard-unmeasured");
+        Self {
+            operation_seconds: meter.f64_histogram("unmeasured").build(),
+            operations: meter.u64_counter("unmeasured").build(),
         }
-    }
-
-    /// A stable name of the error, for telemetry.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::Open { .. } => "breaker_open",
-            Self::ChatBusy { .. } => "chat_busy",
-            Self::Busy { .. } => "shard_busy",
-            Self::Timeout { .. } => "timeout",
-            Self::Unavailable { .. } => "unavailable",
-            Self::ReadOnly { .. } => "read_only",
-            Self::OutcomeUnknown { .. } => "outcome_unknown",
-            Self::Database { .. } => "database",
-        }
-    }
-
-    /// Whether the breaker counts this as a failure of the shard (connection
-    /// class, deadline overrun, unknown outcome); see [`breaker`].
-    pub fn counts_against_shard(&self) -> bool {
-        match self {
-            Self::Timeout { .. } | Self::Unavailable { .. } | Self::OutcomeUnknown { .. } => true,
-            Self::Open { .. }
-            | Self::ChatBusy { .. }
-            | Self::Busy { .. }
-            | Self::ReadOnly { .. }
-            | Self::Database { .. } => false,
-        }
-    }
-}
-
-/// An error raised inside an operation.
-#[derive(Debug)]
-pub enum OpError {
-    /// A statement failed.
-    Sql(sqlx::Error),
-    /// COMMIT itself failed: the transaction may or may not have been applied.
-    Commit(sqlx::Error),
-}
-
-impl From<sqlx::Error> for OpError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Sql(e)
     }
 }
 
@@ -179,7 +115,7 @@ pub struct Shard {
     host: String,
     port: u16,
     database: String,
-    operation_seconds: opentelemetry::metrics::Histogram<f64>,
+    instruments: Instruments,
     pool: Pool<MySqlManager>,
     breaker: Breaker,
     shares: Arc<ChatShares>,
@@ -204,7 +140,7 @@ impl Shard {
         settings: &ShardSettings,
         pool: &PoolSettings,
         breaker: &BreakerSettings,
-        operation_seconds: opentelemetry::metrics::Histogram<f64>,
+        instruments: Instruments,
     ) -> anyhow::Result<Self> {
         let options: MySqlConnectOptions = settings
             .url
@@ -213,7 +149,7 @@ impl Shard {
         let (host, port) = (options.get_host().to_owned(), options.get_port());
         let database = options.get_database().unwrap_or_default().to_owned();
         let address = format!("{host}:{port}");
-        let built = Pool::builder(MySqlManager::new(options))
+        let built = Pool::builder(MySqlManager::new(options, pool.lock_wait_timeout_secs))
             .max_size(pool.max_concurrent)
             .wait_timeout(Some(pool.max_wait()))
             .create_timeout(Some(pool.connect_timeout()))
@@ -221,13 +157,24 @@ impl Shard {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("shard {}: {e}", settings.name))?;
+        // Every outcome series exists from the start, so a rate over it sees
+        // its first increment.
+        for outcome in OUTCOMES {
+            instruments.operations.add(
+                0,
+                &[
+                    KeyValue::new("shard", settings.name.clone()),
+                    KeyValue::new("outcome", outcome),
+                ],
+            );
+        }
         Ok(Self {
             name: settings.name.clone(),
             address,
             host,
             port,
             database,
-            operation_seconds,
+            instruments,
             pool: built,
             breaker: Breaker::new(&settings.name, breaker),
             shares: ChatShares::new(pool.per_chat_concurrent(), pool.per_chat_waiting()),
@@ -247,31 +194,55 @@ impl Shard {
         &self.address
     }
 
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+    /// The breaker's state now.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
     }
 
-    pub fn stats(&self) -> &ShardStats {
-        &self.stats
+    /// Everything the admin view and the metrics show of the shard, now.
+    pub fn status(&self) -> ShardStatus {
+        let pool = self.pool.status();
+        let in_flight = self.stats.in_flight();
+        let admitted = (self.settings.max_concurrent + self.settings.max_waiting)
+            - self.admission.available_permits();
+        let (recent_calls, recent_failure_rate) = self.stats.recent();
+        ShardStatus {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            breaker: self.breaker.state(),
+            breaker_since: self.breaker.since(),
+            in_flight,
+            waiting: admitted.saturating_sub(in_flight),
+            capacity: self.settings.max_concurrent,
+            waiting_capacity: self.settings.max_waiting,
+            per_chat_capacity: self.settings.per_chat_concurrent(),
+            pool_size: pool.size,
+            pool_idle: pool.available,
+            recent_calls,
+            recent_failure_rate,
+            last_failure: self.stats.last_failure(),
+            rejected: self.stats.rejections(),
+            innodb: *self.innodb.lock().unwrap_or_else(PoisonError::into_inner),
+        }
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
-
-    /// Callers holding an admission permit: in flight plus waiting.
-    pub fn admitted(&self) -> usize {
-        (self.settings.max_concurrent + self.settings.max_waiting)
-            - self.admission.available_permits()
-    }
-
-    /// The InnoDB settings last read from the shard.
-    pub fn innodb(&self) -> Option<InnodbSettings> {
-        *self.innodb.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn set_innodb(&self, settings: InnodbSettings) {
+    /// Reads the shard's InnoDB settings (through the protections) and keeps
+    /// them for [`Self::status`].
+    pub async fn read_innodb(&self) -> Result<InnodbSettings, ShardError> {
+        let settings = self
+            .read(None, "read_innodb_settings", |conn| {
+                Box::pin(async move {
+                    let (autoinc_lock_mode, flush_log_at_trx_commit) =
+                        crate::storage::server::innodb_settings(conn).await?;
+                    Ok(InnodbSettings {
+                        autoinc_lock_mode,
+                        flush_log_at_trx_commit,
+                    })
+                })
+            })
+            .await?;
         *self.innodb.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
+        Ok(settings)
     }
 
     /// Runs a read for `chat` (or for the shard itself when `None`). A timeout
@@ -341,20 +312,28 @@ impl Shard {
             Ok(_) => "ok",
             Err(e) => {
                 span.record("error.type", e.code());
-                if e.counts_against_shard() || matches!(e, ShardError::Database { .. }) {
+                if e.counts_against_shard()
+                    || matches!(e, ShardError::Database { .. } | ShardError::BadData { .. })
+                {
                     span.record("otel.status_code", "ERROR");
                 }
                 e.code()
             }
         };
-        self.operation_seconds.record(
-            started.elapsed().as_secs_f64(),
-            &[
-                opentelemetry::KeyValue::new("shard", self.name.clone()),
-                opentelemetry::KeyValue::new("operation", name),
-                opentelemetry::KeyValue::new("outcome", outcome),
-            ],
-        );
+        let shard = KeyValue::new("shard", self.name.clone());
+        if !result.as_ref().is_err_and(ShardError::is_refusal) {
+            self.instruments.operation_seconds.record(
+                started.elapsed().as_secs_f64(),
+                &[
+                    shard.clone(),
+                    KeyValue::new("operation", name),
+                    KeyValue::new("outcome", outcome),
+                ],
+            );
+        }
+        self.instruments
+            .operations
+            .add(1, &[shard, KeyValue::new("outcome", outcome)]);
         result
     }
 
@@ -372,9 +351,7 @@ impl Shard {
         let wait_until = start + self.settings.max_wait();
         // 1. The breaker: a broken shard costs its callers nothing.
         let Some(_probe) = self.breaker.admit() else {
-            self.stats
-                .rejected_open
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.refused(Refusal::BreakerOpen);
             tracing::debug!(reason = "breaker_open", "bulkhead_rejected");
             return Err(ShardError::Open {
                 shard: self.name.clone(),
@@ -388,9 +365,7 @@ impl Shard {
                     .acquire(chat, self.settings.max_wait())
                     .await
                     .map_err(|_| {
-                        self.stats
-                            .rejected_chat_busy
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.stats.refused(Refusal::ChatBusy);
                         tracing::debug!(reason = "chat_busy", "bulkhead_rejected");
                         ShardError::ChatBusy {
                             shard: self.name.clone(),
@@ -447,10 +422,15 @@ impl Shard {
         match tokio::time::timeout(deadline, op(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                let err = self.classify(err);
+                let err = error::classify(&self.name, err);
+                // The shard answered these on a healthy connection; any other
+                // failure leaves the connection in doubt.
                 if !matches!(
                     err,
-                    ShardError::Database { .. } | ShardError::ReadOnly { .. }
+                    ShardError::Database { .. }
+                        | ShardError::ReadOnly { .. }
+                        | ShardError::Contended { .. }
+                        | ShardError::BadData { .. }
                 ) {
                     discard(conn);
                 }
@@ -466,7 +446,7 @@ impl Shard {
                     },
                     Access::Write => ShardError::OutcomeUnknown {
                         shard: self.name.clone(),
-                        cause: format!("no answer within {deadline:?}"),
+                        cause: OutcomeCause::Deadline(deadline),
                     },
                 })
             }
@@ -481,22 +461,25 @@ impl Shard {
                 self.stats.record_ok();
             }
             Err(e) if e.counts_against_shard() => {
-                let reason = crate::service::error_chain(e);
+                let reason = crate::error::chain(e);
                 self.breaker.record_failure(&reason);
                 self.stats.record_failure(reason);
             }
-            Err(e @ (ShardError::ReadOnly { .. } | ShardError::Database { .. })) => {
+            Err(
+                e @ (ShardError::ReadOnly { .. }
+                | ShardError::Database { .. }
+                | ShardError::Contended { .. }
+                | ShardError::BadData { .. }),
+            ) => {
                 // The shard answered: not its outage, but worth showing.
-                self.stats.record_failure(crate::service::error_chain(e));
+                self.stats.record_failure(crate::error::chain(e));
             }
             Err(_) => {}
         }
     }
 
     fn busy(&self) -> ShardError {
-        self.stats
-            .rejected_busy
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.refused(Refusal::ShardBusy);
         tracing::debug!(reason = "shard_busy", "bulkhead_rejected");
         ShardError::Busy {
             shard: self.name.clone(),
@@ -523,32 +506,6 @@ impl Shard {
         }
     }
 
-    fn classify(&self, err: OpError) -> ShardError {
-        let shard = self.name.clone();
-        match err {
-            OpError::Commit(e) if is_connection_error(&e) => ShardError::OutcomeUnknown {
-                shard,
-                cause: e.to_string(),
-            },
-            OpError::Commit(e) | OpError::Sql(e) => {
-                if is_read_only_error(&e) {
-                    ShardError::ReadOnly { shard, source: e }
-                } else if is_connection_error(&e) {
-                    // Before COMMIT was sent, a lost connection rolls the
-                    // transaction back: nothing was applied.
-                    ShardError::Unavailable { shard, source: e }
-                } else {
-                    ShardError::Database { shard, source: e }
-                }
-            }
-        }
-    }
-
-    /// Pool occupancy, for the readiness and admin views.
-    pub fn status(&self) -> deadpool::Status {
-        self.pool.status()
-    }
-
     /// Checks that the shard answers, through the breaker and the bulkhead.
     pub async fn ping(&self) -> Result<(), ShardError> {
         self.read(None, "ping", |c| {
@@ -566,65 +523,30 @@ fn discard(conn: Object<MySqlManager>) {
     drop(Object::take(conn));
 }
 
-/// Connection-class failures: the server or the network, not the request.
-pub fn is_connection_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        // Too many connections, server shutdown, lock wait timeout, query
-        // interrupted, connection killed (MariaDB), statement time exceeded (MySQL).
-        sqlx::Error::Database(db) => db_error_number(db.as_ref())
-            .is_some_and(|n| matches!(n, 1040 | 1053 | 1205 | 1317 | 1927 | 3024)),
-        _ => false,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// `ER_OPTION_PREVENTS_STATEMENT` (1290) and `ER_READ_ONLY_MODE` (1836).
-pub fn is_read_only_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            db_error_number(db.as_ref()).is_some_and(|n| matches!(n, 1290 | 1836))
-        }
-        _ => false,
-    }
-}
-
-/// `ER_LOCK_DEADLOCK` (1213): the whole transaction was rolled back and may be
-/// run again.
-pub fn is_deadlock(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => db_error_number(db.as_ref()) == Some(1213),
-        _ => false,
-    }
-}
-
-fn db_error_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
-    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .map(|e| e.number())
-}
-
-/// Every configured shard plus the routing table.
-#[derive(Debug)]
-pub struct ShardSet {
-    shards: Vec<Arc<Shard>>,
-    router: Router,
-}
-
-impl ShardSet {
-    pub fn new(shards: Vec<Arc<Shard>>, router: Router) -> Self {
-        Self { shards, router }
-    }
-
-    /// The shard that owns a chat.
-    pub fn for_chat(&self, chat: &ChatId) -> &Arc<Shard> {
-        &self.shards[self.router.shard_of(chat)]
-    }
-
-    pub fn all(&self) -> &[Arc<Shard>] {
-        &self.shards
+    #[test]
+    fn a_router_naming_a_missing_shard_is_refused() -> crate::TestResult {
+        let ranges = crate::routing::BucketRange::even_split(2)
+            .into_iter()
+            .map(|r| vec![r])
+            .collect::<Vec<_>>();
+        let router = crate::routing::Router::new(&ranges).map_err(|p| p.join("; "))?;
+        let settings = ShardSettings {
+            name: "only".into(),
+            url: "mysql://root@127.0.0.1:1/x".into(),
+            buckets: vec![],
+        };
+        let shard = Shard::new(
+            &settings,
+            &PoolSettings::default(),
+            &BreakerSettings::default(),
+            Instruments::unmeasured(),
+        )?;
+        let err = ShardSet::new(vec![Arc::new(shard)], router).unwrap_err();
+        assert!(err.to_string().contains("shard #1"), "{err}");
+        Ok(())
     }
 }

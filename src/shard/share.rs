@@ -110,7 +110,8 @@ impl ChatShares {
     }
 
     /// Chats with callers right now.
-    pub fn active_chats(&self) -> usize {
+    #[cfg(test)]
+    fn active_chats(&self) -> usize {
         self.chats.len()
     }
 }

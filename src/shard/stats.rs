@@ -1,5 +1,7 @@
-//! What the admin view shows of a shard: in-flight work, recent failure rate,
-//! the last counted failure, and refusals by reason.
+//! What the admin view and the metrics see of a shard: in-flight work, recent
+//! failure rate, the last failure, and refusals by reason, counted here and
+//! read through one [`ShardStatus`] snapshot, so nothing outside `shard` reads
+//! its counters or its pool.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -19,14 +21,62 @@ struct Bucket {
 
 /// Counters of one shard.
 #[derive(Debug)]
-pub struct ShardStats {
+pub(crate) struct ShardStats {
     epoch: Instant,
     in_flight: AtomicUsize,
     buckets: Mutex<[Bucket; RECENT_SECS as usize]>,
     last_failure: Mutex<Option<(DateTime<Utc>, String)>>,
-    pub rejected_open: AtomicU64,
-    pub rejected_busy: AtomicU64,
-    pub rejected_chat_busy: AtomicU64,
+    rejected_open: AtomicU64,
+    rejected_busy: AtomicU64,
+    rejected_chat_busy: AtomicU64,
+}
+
+/// Calls refused by each protection since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rejections {
+    pub breaker_open: u64,
+    pub shard_busy: u64,
+    pub chat_busy: u64,
+}
+
+/// A refusal by one of the protections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    BreakerOpen,
+    ShardBusy,
+    ChatBusy,
+}
+
+/// A shard as the admin view and the metrics see it, read at one moment.
+#[derive(Debug, Clone)]
+pub struct ShardStatus {
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    pub breaker: super::BreakerState,
+    /// When the breaker last changed state.
+    pub breaker_since: DateTime<Utc>,
+    /// Operations running on the shard now.
+    pub in_flight: usize,
+    /// Callers admitted and waiting for a connection now.
+    pub waiting: usize,
+    /// `pool.max_concurrent`.
+    pub capacity: usize,
+    /// `pool.max_waiting`.
+    pub waiting_capacity: usize,
+    /// Slots one chat may hold.
+    pub per_chat_capacity: usize,
+    /// Open connections, and those of them not in use.
+    pub pool_size: usize,
+    pub pool_idle: usize,
+    /// Calls over the last [`RECENT_SECS`] seconds and the share that failed.
+    pub recent_calls: u64,
+    pub recent_failure_rate: f64,
+    /// The last failure (counted by the breaker or not), with its cause chain.
+    pub last_failure: Option<(DateTime<Utc>, String)>,
+    pub rejected: Rejections,
+    /// The InnoDB settings read at start-up, if the shard answered then.
+    pub innodb: Option<super::InnodbSettings>,
 }
 
 impl Default for ShardStats {
@@ -44,7 +94,7 @@ impl Default for ShardStats {
 }
 
 /// Counts one operation in flight while alive.
-pub struct InFlight<'a>(&'a AtomicUsize);
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -53,6 +103,23 @@ impl Drop for InFlight<'_> {
 }
 
 impl ShardStats {
+    pub fn refused(&self, why: Refusal) {
+        let counter = match why {
+            Refusal::BreakerOpen => &self.rejected_open,
+            Refusal::ShardBusy => &self.rejected_busy,
+            Refusal::ChatBusy => &self.rejected_chat_busy,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejections(&self) -> Rejections {
+        Rejections {
+            breaker_open: self.rejected_open.load(Ordering::Relaxed),
+            shard_busy: self.rejected_busy.load(Ordering::Relaxed),
+            chat_busy: self.rejected_chat_busy.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(&self.in_flight)

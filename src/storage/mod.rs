@@ -17,8 +17,26 @@ pub mod events;
 pub mod members;
 pub mod messages;
 pub mod repair;
+pub mod server;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+
+/// A stored row this version cannot read: a code it does not know, or an id
+/// that does not parse. Reported as an error naming the row, never skipped:
+/// skipping one would show a client a gap in revisions or a member who is not
+/// there.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{table} row {key} of chat {chat_id}: {column} = {value} is not a value this version knows"
+)]
+pub struct UnreadableRow {
+    pub table: &'static str,
+    pub chat_id: String,
+    /// The row's key within the chat (a revision, a user id, a member id).
+    pub key: String,
+    pub column: &'static str,
+    pub value: String,
+}
 
 /// Converts a stored `DATETIME(6)` (always UTC) back to a timestamp.
 pub fn utc(t: NaiveDateTime) -> DateTime<Utc> {

@@ -109,7 +109,11 @@ impl HotChats {
             let was_hot = b.hot_until_ms > now;
             b.hot_until_ms = now + rule.expire_seconds * 1000;
             if !was_hot {
-                Decisions::bump(&decisions.hot_chats_marked);
+                Decisions::bump(if rule.dry_run {
+                    &decisions.hot_chats_marked_dry_run
+                } else {
+                    &decisions.hot_chats_marked
+                });
                 // In the span of the write that emptied the bucket, which names
                 // the chat; the admin view lists it.
                 let (threshold, duration, expire) =

@@ -13,10 +13,16 @@
 //! - [`join`]: at most `limit` accepted joins per chat per window.
 //! - [`hot`]: a token bucket per chat fed by every appended event; an empty
 //!   bucket marks the chat hot for `expireSeconds`.
+//! - [`fetch`]: whether an event fetch of a hot chat is served or throttled,
+//!   and how long its page may be kept.
 //! - [`pages`]: concurrent identical event fetches share one query; a hot
 //!   chat's pages are kept briefly, until the next write on this instance.
+//!
+//! Nothing here knows what a page holds or where it comes from: the caches are
+//! generic, and the service owns the page cache of its event pages.
 
 pub mod clock;
+pub mod fetch;
 pub mod hot;
 pub mod join;
 pub mod pages;
@@ -33,6 +39,7 @@ pub struct Decisions {
     pub fetches_throttled: AtomicU64,
     pub fetches_throttled_dry_run: AtomicU64,
     pub hot_chats_marked: AtomicU64,
+    pub hot_chats_marked_dry_run: AtomicU64,
     /// Event fetches asked for.
     pub fetches: AtomicU64,
     /// Event-page queries sent to the shards.
@@ -53,7 +60,6 @@ impl Decisions {
 pub struct Throttle {
     pub joins: join::JoinThrottle,
     pub hot: hot::HotChats,
-    pub pages: pages::Pages<crate::service::EventPage>,
     pub decisions: Decisions,
 }
 
@@ -65,8 +71,25 @@ impl Throttle {
         std::sync::Arc::new(Self {
             joins: join::JoinThrottle::new(clock.clone(), settings.tracked_chats),
             hot: hot::HotChats::new(clock, settings.tracked_chats),
-            pages: pages::Pages::new(settings.page_cache_bytes),
             decisions: Decisions::default(),
         })
+    }
+
+    /// Decides one event fetch of `chat` under `rule` (see [`fetch`]).
+    pub fn check_fetch(
+        &self,
+        chat: &crate::domain::ChatId,
+        rule: crate::live::HotChatRule,
+    ) -> fetch::FetchDecision {
+        let heat = self.hot.heat(chat);
+        fetch::decide(
+            rule,
+            heat,
+            fetch::Draw {
+                throttle: rand::random::<f64>(),
+                retry_after_secs: rand::random_range(1..=3),
+            },
+            &self.decisions,
+        )
     }
 }

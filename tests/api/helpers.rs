@@ -1,73 +1,22 @@
-//! The shared harness: three real `mariadbd` shards started once per test binary
-//! (temp data dirs, killed and removed when the process exits, even after a
-//! panic), migrated once; every test builds its own app on port 0 and uses its
-//! own chat ids.
+//! The api binary's harness: three real `mariadbd` shards started once per test
+//! binary (`common::shared_cluster`), and a typed client of an app that every
+//! test builds on port 0; each test uses its own chat ids.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chatshard::app::App;
-use chatshard::config::{Settings, ShardSettings};
-use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
-use chatshard::routing::BucketRange;
+use chatshard::config::Settings;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, MySqlConnection};
 
+use crate::common;
+
 pub const SHARDS: usize = 3;
-
-struct Cluster {
-    // Held for the life of the process; the watchdogs clean up at exit.
-    _servers: Vec<LocalMariaDb>,
-    shards: Vec<ShardSettings>,
-}
-
-static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-
-fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(|| {
-        // Started on a runtime of its own: each test has its own runtime, and
-        // the servers outlive every one of them.
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async {
-                let starts = (0..SHARDS).map(|_| LocalMariaDb::start(LocalMariaDbOptions::temp()));
-                let servers: Vec<LocalMariaDb> = futures::future::join_all(starts)
-                    .await
-                    .into_iter()
-                    .collect::<anyhow::Result<_>>()
-                    .expect("start test shards");
-                let shards: Vec<ShardSettings> = servers
-                    .iter()
-                    .zip(BucketRange::even_split(SHARDS))
-                    .enumerate()
-                    .map(|(i, (s, range))| ShardSettings {
-                        name: format!("shard-{i}"),
-                        url: s.url(DEFAULT_DATABASE),
-                        buckets: vec![range.to_string()],
-                    })
-                    .collect();
-                for shard in &shards {
-                    chatshard::migrate::migrate_shard(shard)
-                        .await
-                        .expect("migrate");
-                }
-                Cluster {
-                    _servers: servers,
-                    shards,
-                }
-            })
-        })
-        .join()
-        .expect("cluster start thread")
-    })
-}
 
 /// Settings for the shared shards, with every other value at its default.
 pub fn settings() -> Settings {
-    let mut s = Settings::from_toml_unvalidated("listen = \"127.0.0.1:0\"", []).expect("settings");
-    s.shards = cluster().shards.clone();
-    s
+    common::shared_cluster(SHARDS).settings().expect("settings")
 }
 
 /// A unique id for this process (tests share the shards).
@@ -159,9 +108,18 @@ impl TestApp {
 
     /// A request with the admin token (tests that use it set `admin.token`).
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(&self.settings.admin.token)
+        common::admin(
+            &self.http,
+            &self.base,
+            &self.settings.admin.token,
+            method,
+            path,
+        )
+    }
+
+    /// `GET` of an admin route, asserting 200.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        common::admin_get(&self.http, &self.base, &self.settings.admin.token, path).await
     }
 
     pub async fn join(&self, chat: &str, user: &str) -> Response {
@@ -250,20 +208,7 @@ impl TestApp {
     /// (member_count, JOINED rows) of a chat, read from its shard.
     pub async fn count_and_rows(&self, chat: &str) -> (i64, i64) {
         let mut db = self.db(self.shard_of(chat).await).await;
-        let count: i64 = sqlx::query_scalar(
-            "SELECT CAST(member_count AS SIGNED) FROM chat_member_count WHERE chat_id = ?",
-        )
-        .bind(chat)
-        .fetch_one(&mut db)
-        .await
-        .expect("count");
-        let rows: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
-                .bind(chat)
-                .fetch_one(&mut db)
-                .await
-                .expect("rows");
-        (count, rows)
+        common::count_and_rows(&mut db, chat).await
     }
 }
 

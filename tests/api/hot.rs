@@ -23,24 +23,24 @@ async fn put_config(app: &TestApp, config: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// Sets the live config and asserts it was accepted.
+async fn set_config(app: &TestApp, config: Value) {
+    let r = put_config(app, config).await;
+    let status = r.status();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
 async fn get_config(app: &TestApp) -> Value {
-    app.admin(Method::GET, "/v1/admin/config")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.admin_get("/v1/admin/config").await
 }
 
 async fn hot_view(app: &TestApp) -> Value {
-    app.admin(Method::GET, "/v1/admin/hot-chats")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.admin_get("/v1/admin/hot-chats").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +79,7 @@ async fn joins_past_a_chats_limit_are_throttled_and_leaves_never() {
 async fn exactly_the_limit_is_admitted_under_concurrency() {
     let app = app().await;
     let chat = app.new_chat("jt-many").await;
-    put_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 100, "windowSeconds": 3600}}}})).await;
+    set_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 100, "windowSeconds": 3600}}}})).await;
     let statuses = app.join_many(&chat, 1000).await;
     let created = statuses
         .iter()
@@ -97,7 +97,7 @@ async fn exactly_the_limit_is_admitted_under_concurrency() {
 async fn dry_run_admits_and_counts() {
     let app = app().await;
     let chat = app.new_chat("jt-dry").await;
-    put_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 2, "windowSeconds": 3600, "dryRun": true}}}})).await;
+    set_config(&app, json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 2, "windowSeconds": 3600, "dryRun": true}}}})).await;
     for i in 0..5 {
         assert_eq!(
             app.join(&chat, &format!("u{i}")).await.status(),
@@ -116,10 +116,11 @@ async fn dry_run_admits_and_counts() {
 
 /// Makes `chat` hot on `app` with the given rule, through its own writes.
 async fn make_hot(app: &TestApp, chat: &str, rule: Value) {
-    put_config(app, json!({"hotChat": {"overrides": {chat: rule}}})).await;
-    app.join(chat, "star").await;
+    set_config(app, json!({"hotChat": {"overrides": {chat: rule}}})).await;
+    assert_eq!(app.join(chat, "star").await.status(), StatusCode::CREATED);
     for i in 0..5 {
-        app.post(chat, "star", &format!("warm-{i}"), "hello").await;
+        let r = app.post(chat, "star", &format!("warm-{i}"), "hello").await;
+        assert_eq!(r.status(), StatusCode::CREATED);
     }
 }
 

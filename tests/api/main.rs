@@ -1,8 +1,12 @@
 //! Integration tests: one binary, real MariaDB shards started once for it.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod admin;
 mod chats;
 mod concurrency;
+mod contention;
 mod deploy;
 mod helpers;
 mod hot;
@@ -11,4 +15,5 @@ mod messages;
 mod repair;
 mod routing;
 mod schemathesis;
+mod unreadable;
 mod validation;

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use chatshard::app::App;
 use chatshard::config::{Settings, ShardSettings};
-use chatshard::localdb::{DEFAULT_DATABASE, LocalMariaDb, LocalMariaDbOptions};
-use chatshard::routing::BucketRange;
+use chatshard::localdb::DEFAULT_DATABASE;
+use chatshard::localdb::cluster::{LocalCluster, Location};
 use serde_json::{Value, json};
 use sqlx::{Connection, MySqlConnection};
 
+use crate::common;
 use crate::proxy::Proxy;
 
 pub const SHARDS: usize = 3;
@@ -27,7 +28,7 @@ const APP_PASSWORD: &str = "chatshard-app";
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub struct Cluster {
-    pub servers: Vec<LocalMariaDb>,
+    pub shards: LocalCluster,
     pub proxies: Vec<Proxy>,
     pub base: String,
     pub http: reqwest::Client,
@@ -39,38 +40,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Self {
-        // In memory where the machine has it: these tests measure isolation,
-        // and fsync stalls caused by other processes on a shared disk would
-        // blur it. A SIGKILLed server still finds its files on restart.
-        let shm = std::path::Path::new("/dev/shm");
-        let options = || {
-            if shm.is_dir() {
-                LocalMariaDbOptions::temp_in(shm)
-            } else {
-                LocalMariaDbOptions::temp()
-            }
-        };
-        let starts = (0..SHARDS).map(|_| LocalMariaDb::start(options()));
-        let servers: Vec<LocalMariaDb> = futures::future::join_all(starts)
+        // In memory: these tests measure isolation, and fsync stalls caused by
+        // other processes on a shared disk would blur it. A SIGKILLed server
+        // still finds its files on restart.
+        let local = LocalCluster::start(SHARDS, Location::TempInMemory)
             .await
-            .into_iter()
-            .collect::<anyhow::Result<_>>()
             .expect("start shards");
         let mut proxies = Vec::new();
         let mut shards = Vec::new();
-        for (i, (server, range)) in servers
-            .iter()
-            .zip(BucketRange::even_split(SHARDS))
-            .enumerate()
-        {
-            let root = ShardSettings {
-                name: format!("shard-{i}"),
-                url: server.url(DEFAULT_DATABASE),
-                buckets: vec![range.to_string()],
-            };
-            chatshard::migrate::migrate_shard(&root)
-                .await
-                .expect("migrate");
+        for (server, root) in local.servers().iter().zip(local.shard_settings()) {
             let mut db = MySqlConnection::connect(&root.url).await.expect("root");
             for sql in [
                 format!(
@@ -89,12 +67,11 @@ impl Cluster {
                     "mysql://chatshard:{APP_PASSWORD}@127.0.0.1:{}/{DEFAULT_DATABASE}",
                     proxy.port
                 ),
-                ..root
+                ..root.clone()
             });
             proxies.push(proxy);
         }
-        let mut settings =
-            Settings::from_toml_unvalidated("listen = \"127.0.0.1:0\"", []).expect("settings");
+        let mut settings = local.settings().expect("settings");
         settings.shards = shards;
         settings.admin.token = ADMIN_TOKEN.to_owned();
         // Short deadlines and a short open state keep every scenario quick.
@@ -109,7 +86,7 @@ impl Cluster {
             let _ = app.run(std::future::pending()).await;
         });
         let mut cluster = Self {
-            servers,
+            shards: local,
             proxies,
             base: format!("http://{addr}"),
             http: reqwest::Client::builder()
@@ -158,51 +135,24 @@ impl Cluster {
     }
 
     pub async fn admin_shards(&self) -> Vec<Value> {
-        let r = self
-            .http
-            .get(self.url("/v1/admin/shards"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("admin");
-        r.json::<Value>().await.expect("json")["shards"]
+        common::admin_get(&self.http, &self.base, ADMIN_TOKEN, "/v1/admin/shards").await["shards"]
             .as_array()
             .cloned()
             .unwrap_or_default()
     }
 
-    /// Prometheus samples of `/metrics` whose name is `metric`: labels and value.
-    pub async fn metric(&self, metric: &str) -> Vec<(String, f64)> {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter_map(|line| {
-                let rest = line.strip_prefix(metric)?;
-                let (labels, value) = match rest.strip_prefix('{') {
-                    Some(r) => r.split_once("} ")?,
-                    None => ("", rest.strip_prefix(' ')?),
-                };
-                Some((labels.to_owned(), value.trim().parse().ok()?))
-            })
-            .collect()
-    }
-
     /// The sum of `metric` over the samples whose labels contain every one of
     /// `labels` (each `key="value"`).
     pub async fn metric_sum(&self, metric: &str, labels: &[&str]) -> f64 {
-        self.metric(metric)
-            .await
-            .iter()
-            .filter(|(l, _)| labels.iter().all(|want| l.contains(want)))
-            .map(|(_, v)| v)
-            .sum()
+        common::sum_where(
+            &common::metric_samples(&self.http, &self.base, metric).await,
+            labels,
+        )
+    }
+
+    /// Prometheus samples of `/metrics` whose name is `metric`.
+    pub async fn metric(&self, metric: &str) -> Vec<(String, f64)> {
+        common::metric_samples(&self.http, &self.base, metric).await
     }
 
     pub async fn breaker(&self, shard: usize) -> String {
@@ -282,26 +232,13 @@ impl Cluster {
 
     /// Every acknowledged write is stored; counts equal rows; revisions gapless.
     pub async fn assert_consistent(&self, acked: &Acked) {
-        for (i, server) in self.servers.iter().enumerate() {
+        for (i, server) in self.shards.servers().iter().enumerate() {
             let mut db = MySqlConnection::connect(&server.url(DEFAULT_DATABASE))
                 .await
                 .expect("root");
             for chat in &self.chats[i] {
-                let joined: Vec<String> = sqlx::query_scalar(
-                    "SELECT user_id FROM chat_member WHERE chat_id = ? AND state = 1",
-                )
-                .bind(chat)
-                .fetch_all(&mut db)
-                .await
-                .expect("members");
-                let count: i64 = sqlx::query_scalar(
-                    "SELECT CAST(member_count AS SIGNED) FROM chat_member_count WHERE chat_id = ?",
-                )
-                .bind(chat)
-                .fetch_one(&mut db)
-                .await
-                .expect("count");
-                assert_eq!(count, joined.len() as i64, "count of {chat}");
+                common::assert_chat_consistent(&mut db, chat).await;
+                let joined = common::joined_users(&mut db, chat).await;
                 for user in acked.joins.get(chat).into_iter().flatten() {
                     assert!(
                         joined.contains(user),
@@ -321,25 +258,6 @@ impl Cluster {
                         "acknowledged message {chat}/{key:?} lost"
                     );
                 }
-                let revisions: Vec<i64> =
-                    sqlx::query_scalar("SELECT CAST(revision AS SIGNED) FROM chat_event WHERE chat_id = ? ORDER BY revision")
-                        .bind(chat)
-                        .fetch_all(&mut db)
-                        .await
-                        .expect("events");
-                assert_eq!(
-                    revisions,
-                    (1..=revisions.len() as i64).collect::<Vec<_>>(),
-                    "gap in {chat}"
-                );
-                let latest: i64 = sqlx::query_scalar(
-                    "SELECT CAST(revision AS SIGNED) FROM chat WHERE chat_id = ?",
-                )
-                .bind(chat)
-                .fetch_one(&mut db)
-                .await
-                .expect("chat");
-                assert_eq!(latest, revisions.len() as i64, "revision of {chat}");
             }
         }
     }

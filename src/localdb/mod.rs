@@ -1,6 +1,6 @@
 //! Local, throw-away or dev-mode MariaDB servers (`mariadbd` child processes).
 //!
-//! Used by `chatshard serve --dev` (persistent data dirs under `.chatshard/`, clean
+//! Started through [`cluster::LocalCluster`] by `chatshard serve --dev` (persistent data dirs under `.chatshard/`, clean
 //! SIGTERM shutdown) and by integration / fault-injection tests (temp data dirs that are
 //! SIGKILLed and removed when the test process exits, even on panic or SIGKILL).
 //!
@@ -20,6 +20,8 @@
 //! are sent with the `kill` command), or sleep for a fixed time as synchronisation (all
 //! waits are bounded polls on an observable condition).
 #![forbid(unsafe_code)]
+
+pub mod cluster;
 
 use std::ffi::OsString;
 use std::fs;

@@ -1,0 +1,139 @@
+//! What every test binary shares: local shards started once per binary, admin
+//! requests, `/metrics` samples, and the checks of stored rows (count equals
+//! JOINED rows, revisions gapless). Each binary includes it with
+//! `#[path = "../common/mod.rs"] mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use chatshard::localdb::cluster::LocalCluster;
+use serde_json::Value;
+use sqlx::MySqlConnection;
+
+/// Shards started once for the whole test binary (temporary data dirs, killed
+/// and removed when the process exits, even after a panic).
+pub fn shared_cluster(shards: usize) -> &'static LocalCluster {
+    static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        // Started on a runtime of its own: each test has its own runtime, and
+        // the servers outlive every one of them.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(LocalCluster::start_temp(shards))
+                .expect("start test shards")
+        })
+        .join()
+        .expect("cluster start thread")
+    })
+}
+
+/// A request to the admin API with `token`.
+pub fn admin(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    http.request(method, format!("{base}{path}"))
+        .bearer_auth(token)
+}
+
+/// `GET` of an admin route, asserting 200; the JSON body.
+pub async fn admin_get(http: &reqwest::Client, base: &str, token: &str, path: &str) -> Value {
+    let r = admin(http, base, token, reqwest::Method::GET, path)
+        .send()
+        .await
+        .expect("admin request");
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.json().await.expect("admin json")
+}
+
+/// Prometheus samples of `/metrics` named `metric`: labels and value.
+pub async fn metric_samples(
+    http: &reqwest::Client,
+    base: &str,
+    metric: &str,
+) -> Vec<(String, f64)> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of the samples whose labels contain every one of `labels`
+/// (each `key="value"`).
+pub fn sum_where(samples: &[(String, f64)], labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(l, _)| labels.iter().all(|want| l.contains(want)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// (member_count, JOINED rows) of a chat, read from its shard.
+pub async fn count_and_rows(db: &mut MySqlConnection, chat: &str) -> (i64, i64) {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT CAST(member_count AS SIGNED) FROM chat_member_count WHERE chat_id = ?",
+    )
+    .bind(chat)
+    .fetch_one(&mut *db)
+    .await
+    .expect("count");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
+            .bind(chat)
+            .fetch_one(&mut *db)
+            .await
+            .expect("rows");
+    (count, rows)
+}
+
+/// The users JOINED to a chat, from its shard.
+pub async fn joined_users(db: &mut MySqlConnection, chat: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT user_id FROM chat_member WHERE chat_id = ? AND state = 1")
+        .bind(chat)
+        .fetch_all(&mut *db)
+        .await
+        .expect("members")
+}
+
+/// Asserts that a chat's stored count equals its JOINED rows and that its
+/// event revisions are 1, 2, ... up to the chat's revision, with no gap.
+pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
+    let (count, rows) = count_and_rows(db, chat).await;
+    assert_eq!(count, rows, "count of {chat}");
+    let revisions: Vec<i64> = sqlx::query_scalar(
+        "SELECT CAST(revision AS SIGNED) FROM chat_event WHERE chat_id = ? ORDER BY revision",
+    )
+    .bind(chat)
+    .fetch_all(&mut *db)
+    .await
+    .expect("events");
+    assert_eq!(
+        revisions,
+        (1..=revisions.len() as i64).collect::<Vec<_>>(),
+        "gap in {chat}"
+    );
+    let latest: i64 =
+        sqlx::query_scalar("SELECT CAST(revision AS SIGNED) FROM chat WHERE chat_id = ?")
+            .bind(chat)
+            .fetch_one(&mut *db)
+            .await
+            .expect("chat");
+    assert_eq!(latest, revisions.len() as i64, "revision of {chat}");
+}
