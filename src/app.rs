@@ -18,6 +18,7 @@ use crate::throttle::{SystemClock, Throttle};
 /// A bound, ready-to-run service.
 pub struct App {
     listener: tokio::net::TcpListener,
+    http: crate::config::HttpSettings,
     router: axum::Router,
     shards: Arc<ShardSet>,
     live: Arc<Live>,
@@ -52,12 +53,15 @@ impl App {
             admin_token,
             metrics: metrics.clone(),
             chat_id_in_telemetry: settings.telemetry.chat_id,
+            http: settings.http.clone(),
+            schemas: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         Ok(Self {
             listener,
+            http: settings.http.clone(),
             router,
             shards,
             live,
@@ -100,14 +104,13 @@ impl App {
         &self.shards
     }
 
-    /// Serves until `shutdown` completes, then lets requests in flight finish.
+    /// Serves until `shutdown` completes, then lets requests in flight finish
+    /// within `http.shutdown_grace_ms` and closes what is left.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        http::serve::serve(self.listener, self.router, self.http, shutdown).await;
         // Flushes the OTLP metric exporter, if any (blocking).
         let metrics = self.metrics;
         if let Err(e) = tokio::task::spawn_blocking(move || metrics.shutdown()).await {

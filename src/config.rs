@@ -31,6 +31,8 @@ pub struct Settings {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
     pub defaults: ChatDefaults,
     #[serde(default)]
     pub pool: PoolSettings,
@@ -58,6 +60,50 @@ pub struct Settings {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// What one client connection may hold, and for how long.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Time allowed for a request's headers; also how long an idle keep-alive
+    /// connection is kept waiting for its next request.
+    pub header_read_timeout_ms: u64,
+    /// Time allowed for a request's whole body (408 `request_timeout` past it).
+    pub body_read_timeout_ms: u64,
+    /// Open connections at most; one more is answered 503
+    /// `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// On shutdown, how long requests in flight may finish before every
+    /// connection still open is closed.
+    pub shutdown_grace_ms: u64,
+    /// The longest request target (path and query) accepted; longer ones get
+    /// 414 `uri_too_long`.
+    pub max_uri_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            shutdown_grace_ms: 5_000,
+            max_uri_bytes: 8_192,
+        }
+    }
+}
+
+impl HttpSettings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
 }
 
 /// Defaults for new chats.
@@ -383,6 +429,13 @@ impl Settings {
         }
         let pool = &self.pool;
         for (name, value) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
+            ("http.max_connections", self.http.max_connections as u64),
+            ("http.max_uri_bytes", self.http.max_uri_bytes as u64),
             ("pool.max_concurrent", pool.max_concurrent as u64),
             ("pool.max_wait_ms", pool.max_wait_ms),
             ("pool.connect_timeout_ms", pool.connect_timeout_ms),

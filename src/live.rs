@@ -29,20 +29,24 @@ pub struct HotChatConfig {
     pub dry_run: bool,
     /// The bucket refills `threshold` tokens every `durationSeconds`.
     #[serde(alias = "duration_seconds")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub duration_seconds: u64,
     /// Events (messages, joins, leaves) per `durationSeconds` before a chat is hot.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub threshold: u64,
     /// How long a chat stays hot once marked.
     #[serde(alias = "expire_seconds")]
+    #[schema(minimum = 1, maximum = 86_400)]
     pub expire_seconds: u64,
     /// Fraction (0..=1) of a hot chat's event fetches answered 429 `fetch_throttled`.
     #[serde(alias = "throttle_rate")]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub throttle_rate: f64,
     /// How long a hot chat's fetched pages are kept (0 = coalescing only).
     #[serde(alias = "cache_millis")]
+    #[schema(minimum = 0, maximum = 60_000)]
     pub cache_millis: u64,
-    /// Per-chat replacements of any of the fields above.
-    #[schema(value_type = Object)]
+    /// Per-chat replacements of any of the fields above, by chatId.
     pub overrides: HashMap<String, HotChatOverride>,
 }
 
@@ -70,14 +74,19 @@ pub struct HotChatOverride {
     #[serde(alias = "dry_run", skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
     #[serde(alias = "duration_seconds", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub duration_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub threshold: Option<u64>,
     #[serde(alias = "expire_seconds", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86_400)]
     pub expire_seconds: Option<u64>,
     #[serde(alias = "throttle_rate", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub throttle_rate: Option<f64>,
     #[serde(alias = "cache_millis", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 60_000)]
     pub cache_millis: Option<u64>,
 }
 
@@ -90,11 +99,12 @@ pub struct JoinThrottleConfig {
     #[serde(alias = "dry_run")]
     pub dry_run: bool,
     /// Joins accepted per chat per window, on this instance.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub limit: u64,
     #[serde(alias = "window_seconds")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub window_seconds: u64,
-    /// Per-chat replacements of any of the fields above.
-    #[schema(value_type = Object)]
+    /// Per-chat replacements of any of the fields above, by chatId.
     pub overrides: HashMap<String, JoinThrottleOverride>,
 }
 
@@ -119,8 +129,10 @@ pub struct JoinThrottleOverride {
     #[serde(alias = "dry_run", skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub limit: Option<u64>,
     #[serde(alias = "window_seconds", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub window_seconds: Option<u64>,
 }
 
@@ -224,12 +236,16 @@ impl LiveConfig {
     }
 }
 
+/// The largest `threshold` and `limit`: far above any real rate, and within
+/// what every JSON client can represent exactly.
+const MAX_COUNT: u64 = 1_000_000_000;
+
 fn check_hot_chat(at: &str, v: &HotChatOverride, p: &mut Vec<String>) {
     if v.duration_seconds.is_some_and(|d| !(1..=3600).contains(&d)) {
         p.push(format!("{at}.durationSeconds must be between 1 and 3600"));
     }
-    if v.threshold == Some(0) {
-        p.push(format!("{at}.threshold must be greater than 0"));
+    if v.threshold.is_some_and(|t| !(1..=MAX_COUNT).contains(&t)) {
+        p.push(format!("{at}.threshold must be between 1 and {MAX_COUNT}"));
     }
     if v.expire_seconds.is_some_and(|e| !(1..=86_400).contains(&e)) {
         p.push(format!("{at}.expireSeconds must be between 1 and 86400"));
@@ -243,12 +259,21 @@ fn check_hot_chat(at: &str, v: &HotChatOverride, p: &mut Vec<String>) {
 }
 
 fn check_join(at: &str, limit: Option<u64>, window: Option<u64>, p: &mut Vec<String>) {
-    if limit == Some(0) {
-        p.push(format!("{at}.limit must be greater than 0"));
+    if limit.is_some_and(|l| !(1..=MAX_COUNT).contains(&l)) {
+        p.push(format!("{at}.limit must be between 1 and {MAX_COUNT}"));
     }
     if window.is_some_and(|w| !(1..=3600).contains(&w)) {
         p.push(format!("{at}.windowSeconds must be between 1 and 3600"));
     }
+}
+
+/// Why an update was not applied.
+#[derive(Debug)]
+pub enum UpdateError<E> {
+    /// The next config could not be built.
+    Build(E),
+    /// It was built, and breaks these rules.
+    Invalid(Vec<String>),
 }
 
 /// A live snapshot and its version.
@@ -282,18 +307,34 @@ impl Live {
     }
 
     /// Validates and swaps in a new config; on error the old one stays.
-    ///
-    /// Writers take turns: each reads the current snapshot and stores its
-    /// successor under the writer lock, so the stored version is always the
-    /// highest ever returned and carries the content returned with it.
     pub fn update(&self, config: LiveConfig, source: &str) -> Result<Arc<Snapshot>, Vec<String>> {
+        self.update_with(source, |_| Ok::<_, std::convert::Infallible>(config))
+            .map_err(|e| match e {
+                UpdateError::Invalid(problems) => problems,
+                UpdateError::Build(never) => match never {},
+            })
+    }
+
+    /// Builds the next config from the current one (a merge patch, say) and
+    /// swaps it in if valid; on any error the current one stays.
+    ///
+    /// Writers take turns: each reads the current snapshot, builds and stores
+    /// its successor under the writer lock, so the stored version is always
+    /// the highest ever returned and carries the content returned with it, and
+    /// no concurrent change is lost between reading and writing.
+    pub fn update_with<E>(
+        &self,
+        source: &str,
+        build: impl FnOnce(&LiveConfig) -> Result<LiveConfig, E>,
+    ) -> Result<Arc<Snapshot>, UpdateError<E>> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.load_full();
+        let config = build(&current.config).map_err(UpdateError::Build)?;
         let problems = config.problems();
         if !problems.is_empty() {
             tracing::warn!(source, problems = ?problems, "live configuration rejected; the previous one stays");
-            return Err(problems);
+            return Err(UpdateError::Invalid(problems));
         }
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let current = self.current.load_full();
         if current.config == config {
             return Ok(current);
         }

@@ -212,15 +212,19 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     // `chat` is throttled for real and turns hot at its first write; `dry` is
     // throttled in dry run only.
     let configured = http
-        .put(format!("{base}/v1/admin/config"))
+        .patch(format!("{base}/v1/admin/config"))
         .bearer_auth(TOKEN)
-        .json(&json!({
-            "joinThrottle": {"overrides": {
-                chat.clone(): {"limit": 1, "windowSeconds": 3600},
-                dry.clone(): {"limit": 1, "windowSeconds": 3600, "dryRun": true}
-            }},
-            "hotChat": {"overrides": {chat.clone(): {"threshold": 1, "throttleRate": 1.0}}}
-        }))
+        .header("content-type", "application/merge-patch+json")
+        .body(
+            json!({
+                "joinThrottle": {"overrides": {
+                    chat.clone(): {"limit": 1, "windowSeconds": 3600},
+                    dry.clone(): {"limit": 1, "windowSeconds": 3600, "dryRun": true}
+                }},
+                "hotChat": {"overrides": {chat.clone(): {"threshold": 1, "throttleRate": 1.0}}}
+            })
+            .to_string(),
+        )
         .send()
         .await
         .unwrap();

@@ -14,10 +14,10 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::extract::JsonBody;
+use super::extract::{JsonValue, needs_body, shaped_as};
 use super::model::BreakerStateView;
 use super::problem::{Code, Problem};
-use crate::live::LiveConfig;
+use crate::live::{LiveConfig, UpdateError};
 use crate::shard::{RECENT_SECS, ShardStatus};
 use crate::throttle::Decisions;
 
@@ -43,7 +43,7 @@ where
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(Admin)
@@ -54,6 +54,15 @@ where
             ))
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 9110, section 11.1).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// The circuit breaker of a shard.
@@ -215,11 +224,14 @@ pub async fn get_config(_: Admin, State(state): State<AppState>) -> Json<ConfigV
     Json(config_view(&state))
 }
 
-/// Replaces the live configuration (fields left out take their defaults).
+/// Replaces the whole live configuration: every section and field is
+/// required (the body is what `GET` returns under `config`), so leaving one out
+/// is an error rather than a silent reset. To change some fields only, `PATCH`.
 #[utoipa::path(
     put, path = "/v1/admin/config", tag = "admin",
     security(("admin_token" = [])),
-    request_body(content = LiveConfig, content_type = "application/json"),
+    request_body(content = LiveConfig, content_type = "application/json",
+        description = "The whole live configuration (every field; see LiveConfigDocument)"),
     responses(
         (status = 200, description = "Accepted (the version grows when anything changed)", body = ConfigView),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
@@ -227,26 +239,108 @@ pub async fn get_config(_: Admin, State(state): State<AppState>) -> Json<ConfigV
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid_config (every problem in `errors`; the old config stays) or invalid_request", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_config: every problem in `errors`; the old config stays", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn put_config(
     _: Admin,
     State(state): State<AppState>,
-    JsonBody(config): JsonBody<LiveConfig>,
+    JsonValue(body): JsonValue,
 ) -> Result<Json<ConfigView>, Problem> {
-    state
-        .service
-        .live()
-        .update(config, "admin API")
-        .map_err(|errors| {
-            Problem::new(
-                Code::InvalidConfig,
-                "the configuration was rejected; the previous one stays",
-            )
-            .with_errors(errors)
-        })?;
-    Ok(Json(config_view(&state)))
+    let body = body.ok_or_else(needs_body)?;
+    let result = state.service.live().update_with("admin API", |_| {
+        shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", body)
+    });
+    config_answer(&state, result)
+}
+
+/// Changes some fields of the live configuration: an RFC 7396 JSON merge
+/// patch (`application/merge-patch+json`) applied to the current one; `null`
+/// removes a per-chat override. The result must be a valid configuration.
+#[utoipa::path(
+    patch, path = "/v1/admin/config", tag = "admin",
+    security(("admin_token" = [])),
+    request_body(content = LiveConfig, content_type = "application/merge-patch+json",
+        description = "The fields to change, shaped like the configuration; null removes an override"),
+    responses(
+        (status = 200, description = "Applied (the version grows when anything changed)", body = ConfigView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_config: every problem of the patched configuration in `errors`; the old config stays", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn patch_config(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonValue(patch): JsonValue,
+) -> Result<Json<ConfigView>, Problem> {
+    let patch = patch.ok_or_else(needs_body)?;
+    if !patch.is_object() {
+        return Err(invalid_config(vec![
+            "a merge patch of the configuration must be a JSON object".to_owned(),
+        ]));
+    }
+    let result = state.service.live().update_with("admin API", |current| {
+        let mut document = serde_json::to_value(current)
+            .map_err(|e| Problem::from(crate::service::ServiceError::internal(e)))?;
+        merge_patch(&mut document, patch);
+        shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", document)
+    });
+    config_answer(&state, result)
+}
+
+/// RFC 7396: members of `patch` replace those of `target`, objects merge
+/// recursively, and `null` removes a member.
+fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(patch) = patch else {
+        *target = patch;
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(fields) = target {
+        for (name, value) in patch {
+            if value.is_null() {
+                fields.remove(&name);
+            } else {
+                merge_patch(fields.entry(name).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+fn config_answer(
+    state: &AppState,
+    result: Result<std::sync::Arc<crate::live::Snapshot>, UpdateError<Problem>>,
+) -> Result<Json<ConfigView>, Problem> {
+    match result {
+        Ok(_) => Ok(Json(config_view(state))),
+        Err(UpdateError::Invalid(problems)) => Err(invalid_config(problems)),
+        // A body that does not fit the configuration's schema is an invalid
+        // configuration too: every problem is listed the same way.
+        Err(UpdateError::Build(p)) if p.code == Code::InvalidRequest.as_str() => {
+            let problems = if p.errors.is_empty() {
+                vec![p.detail]
+            } else {
+                p.errors
+            };
+            Err(invalid_config(problems))
+        }
+        Err(UpdateError::Build(p)) => Err(p),
+    }
+}
+
+fn invalid_config(problems: Vec<String>) -> Problem {
+    Problem::new(
+        Code::InvalidConfig,
+        "the configuration was rejected; the previous one stays",
+    )
+    .with_errors(problems)
 }
 
 /// A hot chat.
@@ -323,4 +417,18 @@ pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChats
             fetch_queries: Decisions::get(&d.fetch_queries),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer t0k", "bearer t0k", "BEARER  t0k"] {
+            assert_eq!(bearer_token(header), Some("t0k"), "{header}");
+        }
+        assert_eq!(bearer_token("Basic t0k"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
 }

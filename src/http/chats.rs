@@ -31,7 +31,7 @@ pub async fn put_chat(
 ) -> Result<(StatusCode, Json<Chat>), Problem> {
     let max_members = body
         .and_then(|b| b.max_members)
-        .map(MaxMembers::parse)
+        .map(|m| MaxMembers::parse(i64::from(m)))
         .transpose()
         .map_err(|e| Problem::invalid(e.0))?;
     let (chat, created) = state.service.create_chat(&chat, max_members).await?;

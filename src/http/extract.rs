@@ -8,36 +8,69 @@ use axum::extract::{FromRef, FromRequest, FromRequestParts, Query, RawPathParams
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::problem::{Code, Problem};
+use super::shape::Schemas;
 use crate::domain::{ChatId, UserId};
 
 /// The most a request body may hold.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// A JSON body: `application/json`, at most [`MAX_BODY_BYTES`], of shape `T`.
+/// A JSON body: `application/json`, at most [`MAX_BODY_BYTES`], read within
+/// `http.body_read_timeout_ms`, fitting the documented schema of `T` (see
+/// [`super::shape`]), then deserialized.
 pub struct JsonBody<T>(pub T);
 
-/// A JSON body that may be absent (no body at all); present, it is checked like
-/// [`JsonBody`].
+/// A JSON body that may be absent (no body at all, or an empty one); present,
+/// it is checked like [`JsonBody`].
 pub struct OptionalJsonBody<T>(pub Option<T>);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+/// A syntactically valid JSON body, not yet checked against any schema (for
+/// handlers that check it themselves, such as a merge patch).
+pub struct JsonValue(pub Option<Value>);
+
+impl<S: Send + Sync, T: DeserializeOwned + ToSchema> FromRequest<S> for JsonBody<T>
+where
+    AppState: FromRef<S>,
+{
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
         match OptionalJsonBody::<T>::from_request(req, state).await? {
             OptionalJsonBody(Some(value)) => Ok(Self(value)),
-            OptionalJsonBody(None) => Err(Problem::new(
-                Code::UnsupportedMediaType,
-                "this request needs a JSON body with Content-Type: application/json",
-            )),
+            OptionalJsonBody(None) => Err(needs_body()),
         }
     }
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T> {
+/// The refusal of a request whose JSON body is missing.
+pub fn needs_body() -> Problem {
+    Problem::new(
+        Code::UnsupportedMediaType,
+        "this request needs a JSON body with Content-Type: application/json",
+    )
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + ToSchema> FromRequest<S> for OptionalJsonBody<T>
+where
+    AppState: FromRef<S>,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        let app = AppState::from_ref(state);
+        let JsonValue(value) = JsonValue::from_request(req, state).await?;
+        value.map(|v| shaped(&app.schemas, v)).transpose().map(Self)
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonValue
+where
+    AppState: FromRef<S>,
+{
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
@@ -45,7 +78,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
             .headers()
             .get(CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("").to_owned());
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        // The whole body within one deadline: a client that sends half a body
+        // and stops holds nothing for longer.
+        let deadline = AppState::from_ref(state).http.body_read_timeout();
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                Problem::new(
+                    Code::RequestTimeout,
+                    format!("the body did not arrive within {} ms", deadline.as_millis()),
+                )
+            })?;
+        let bytes = read.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 Problem::new(
                     Code::PayloadTooLarge,
@@ -55,36 +99,53 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
                 Problem::invalid("the body could not be read")
             }
         })?;
-        let Some(content_type) = content_type else {
-            if bytes.is_empty() {
-                return Ok(Self(None));
-            }
-            return Err(Problem::new(
-                Code::UnsupportedMediaType,
-                "the body must be sent with Content-Type: application/json",
-            ));
-        };
-        if !is_json(&content_type) {
+        if bytes.is_empty() {
+            // No body, whatever the Content-Type says: an optional body that a
+            // client sends empty is absent.
+            return Ok(Self(None));
+        }
+        if !content_type.as_deref().is_some_and(is_json) {
             return Err(Problem::new(
                 Code::UnsupportedMediaType,
                 "the body must be sent with Content-Type: application/json",
             ));
         }
-        parse_json(&bytes).map(|v| Self(Some(v)))
+        serde_json::from_slice(&bytes)
+            .map(|v| Self(Some(v)))
+            .map_err(syntax_problem)
     }
 }
 
-/// Parses a JSON body into `T`. A body of the wrong shape is described by the
-/// place it went wrong (`maxMembers`, `hotChat.threshold`) and what was
-/// expected there, never by quoting what the caller sent.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+/// Checks `value` against the documented schema of `T`, then deserializes it.
+/// Every misfit is listed (the first in `detail`, all in `errors`); a value of
+/// the wrong shape is described by the place it is at and what was expected
+/// there, never by quoting what the caller sent.
+pub fn shaped<T: DeserializeOwned + ToSchema>(
+    schemas: &Schemas,
+    value: Value,
+) -> Result<T, Problem> {
+    shaped_as(schemas, &T::name(), value)
+}
+
+/// [`shaped`] against the component schema `schema` (a variant of `T`'s).
+pub fn shaped_as<T: DeserializeOwned>(
+    schemas: &Schemas,
+    schema: &str,
+    value: Value,
+) -> Result<T, Problem> {
+    let problems = schemas.check(schema, &value);
+    if let Some(first) = problems.first() {
+        return Err(Problem::invalid(first.clone()).with_errors(problems));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        json_problem(&path, e.into_inner())
-    })?;
-    de.end().map_err(|e| json_problem(".", e))?;
-    Ok(value)
+        let at = if path == "." {
+            "the body".to_owned()
+        } else {
+            format!("`{path}`")
+        };
+        Problem::invalid(shape_problem(&at, e.inner()))
+    })
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -98,26 +159,15 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn json_problem(path: &str, e: serde_json::Error) -> Problem {
-    use serde_json::error::Category;
-    let (line, column) = (e.line(), e.column());
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => Problem::new(
-            Code::MalformedJson,
-            format!("the body is not valid JSON (line {line}, column {column})"),
+fn syntax_problem(e: serde_json::Error) -> Problem {
+    Problem::new(
+        Code::MalformedJson,
+        format!(
+            "the body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
         ),
-        Category::Data => {
-            let at = if path == "." {
-                "the body".to_owned()
-            } else {
-                format!("`{path}`")
-            };
-            Problem::invalid(format!(
-                "{} (line {line}, column {column})",
-                shape_problem(&at, &e)
-            ))
-        }
-    }
+    )
 }
 
 /// What is wrong with a value of the wrong shape, in words that repeat only
@@ -274,16 +324,28 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
 mod tests {
     use super::*;
 
-    #[derive(Debug, serde::Deserialize)]
+    #[derive(Debug, serde::Deserialize, ToSchema)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     #[allow(dead_code)]
     struct Body {
         user_id: String,
+        #[schema(minimum = 1, maximum = 100)]
         max_members: Option<u32>,
     }
 
+    #[derive(utoipa::OpenApi)]
+    #[openapi(components(schemas(Body)))]
+    struct Doc;
+
     fn detail(body: &str) -> String {
-        match parse_json::<Body>(body.as_bytes()) {
+        use utoipa::OpenApi as _;
+        let document = serde_json::to_value(Doc::openapi()).unwrap_or_default();
+        let schemas = Schemas::from_document(&document);
+        let value: Value = match serde_json::from_str(body) {
+            Ok(v) => v,
+            Err(e) => return syntax_problem(e).detail,
+        };
+        match shaped::<Body>(&schemas, value) {
             Ok(b) => panic!("accepted {b:?}"),
             Err(p) => p.detail,
         }
@@ -294,7 +356,7 @@ mod tests {
         for (body, says) in [
             (
                 r#"{"userId": "a", "maxMembers": "SECRET-1"}"#,
-                "`maxMembers` has the wrong type; expected u32",
+                "`maxMembers` must be a whole number or null",
             ),
             (
                 r#"{"userId": "a", "SECRET-2": 1}"#,
@@ -302,12 +364,13 @@ mod tests {
             ),
             (
                 r#"{"userId": "a", "maxMembers": -7}"#,
-                "`maxMembers` is out of range",
+                "`maxMembers` must be at least 1",
             ),
             (
                 r#"{"maxMembers": 1}"#,
                 "the body lacks the required field `userId`",
             ),
+            (r#"["SECRET-3"]"#, "the body must be an object"),
             (r#"{"userId": "SECRET-4"} SECRET-5"#, "not valid JSON"),
         ] {
             let d = detail(body);

@@ -8,11 +8,14 @@
 
 pub mod admin;
 pub mod chats;
+mod document;
 pub mod extract;
 pub mod members;
 pub mod messages;
 pub mod model;
 pub mod problem;
+pub mod serve;
+pub mod shape;
 pub mod trace;
 
 use std::sync::Arc;
@@ -37,6 +40,11 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub chat_id_in_telemetry: crate::telemetry::ChatIdInTelemetry,
+    /// Connection and request limits (body read timeout, longest URI).
+    pub http: crate::config::HttpSettings,
+    /// The schemas of the served OpenAPI document, which request bodies are
+    /// checked against (set by [`router`]).
+    pub schemas: Arc<shape::Schemas>,
 }
 
 #[derive(OpenApi)]
@@ -46,6 +54,7 @@ pub struct AppState {
         description = "Chat membership, member counts, messages and per-chat event logs over sharded MySQL. \
                        Errors are RFC 9457 application/problem+json with a stable `code`."
     ),
+    servers((url = "/", description = "The chatshard instance that serves this document")),
     tags(
         (name = "chats"), (name = "members"), (name = "messages"), (name = "events"), (name = "operations"),
         (name = "admin")
@@ -68,8 +77,8 @@ impl utoipa::Modify for AdminSecurity {
     }
 }
 
-/// The application's router and its OpenAPI document.
-pub fn router(state: AppState) -> Router {
+/// The routes, with the OpenAPI document their annotations describe.
+fn routes() -> (Router<AppState>, serde_json::Value) {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chats::put_chat, chats::get_chat))
         .routes(routes!(chats::get_member_count))
@@ -80,15 +89,31 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(admin::shards))
-        .routes(routes!(admin::get_config, admin::put_config))
+        .routes(routes!(
+            admin::get_config,
+            admin::put_config,
+            admin::patch_config
+        ))
         .routes(routes!(admin::hot_chats))
         .split_for_parts();
-    let api = Arc::new(api);
+    (router, document::finish(api))
+}
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi_document() -> serde_json::Value {
+    routes().1
+}
+
+/// The application's router and its OpenAPI document.
+pub fn router(mut state: AppState) -> Router {
+    let (router, document) = routes();
+    let document = Arc::new(document);
+    state.schemas = Arc::new(shape::Schemas::from_document(&document));
     let traced = || axum::middleware::from_fn_with_state(state.clone(), trace::trace_request);
     router
         .route(
             "/openapi.json",
-            get(move || async move { Json(api.as_ref().clone()) }),
+            get(move || async move { Json(document.as_ref().clone()) }),
         )
         .route("/metrics", get(metrics))
         .route_layer(traced())
@@ -130,7 +155,10 @@ async fn method_not_allowed() -> Problem {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process serves", body = Health))
+)]
 async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),

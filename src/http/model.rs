@@ -10,16 +10,18 @@ use crate::service;
 /// Body of `PUT /v1/chats/{chatId}`; the body itself may be omitted.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(examples(json!({"maxMembers": 5000})))]
 pub struct CreateChatRequest {
     /// Most members the chat may hold (1..100000); the configured default when
     /// absent. Given for an existing chat, it replaces the current limit.
     #[schema(minimum = 1, maximum = 100000)]
-    pub max_members: Option<i64>,
+    pub max_members: Option<u32>,
 }
 
 /// Body of `POST /v1/chats/{chatId}/members`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(examples(json!({"userId": "alice"})))]
 pub struct JoinRequest {
     #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub user_id: String,
@@ -28,6 +30,7 @@ pub struct JoinRequest {
 /// Body of `POST /v1/chats/{chatId}/messages`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(examples(json!({"senderId": "alice", "clientMessageId": "m-1", "text": "hello"})))]
 pub struct PostMessageRequest {
     #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub sender_id: String,
@@ -41,6 +44,7 @@ pub struct PostMessageRequest {
 /// A chat.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"chatId": "general", "shard": "shard-3", "memberCount": 1, "maxMembers": 5000, "revision": 2, "createdAt": "2026-11-30T12:00:00.000000Z"})))]
 pub struct Chat {
     pub chat_id: String,
     /// The shard that stores the chat.
@@ -76,6 +80,7 @@ pub enum MemberState {
 /// A chat member.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"chatId": "general", "userId": "alice", "memberId": 1, "state": "JOINED", "joinedAt": "2026-11-30T12:00:01.000000Z"})))]
 pub struct Member {
     pub chat_id: String,
     pub user_id: String,
@@ -104,6 +109,7 @@ impl From<service::Member> for Member {
 /// A page of JOINED members.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"members": [{"chatId": "general", "userId": "alice", "memberId": 1, "state": "JOINED", "joinedAt": "2026-11-30T12:00:01.000000Z"}], "nextCursor": null})))]
 pub struct MemberPage {
     pub members: Vec<Member>,
     /// Pass as `after` to get the next page; `null` on the last page.
@@ -113,6 +119,7 @@ pub struct MemberPage {
 /// The member count of a chat.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"chatId": "general", "memberCount": 1})))]
 pub struct MemberCount {
     pub chat_id: String,
     pub member_count: u32,
@@ -121,6 +128,7 @@ pub struct MemberCount {
 /// A message.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"chatId": "general", "messageId": 1, "revision": 2, "senderId": "alice", "clientMessageId": "m-1", "text": "hello", "createdAt": "2026-11-30T12:00:02.000000Z"})))]
 pub struct Message {
     pub chat_id: String,
     pub message_id: u64,
@@ -158,6 +166,7 @@ pub enum EventType {
 /// One entry of a chat's event log.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"revision": 2, "type": "MESSAGE_SENT", "userId": "alice", "messageId": 1, "text": "hello", "createdAt": "2026-11-30T12:00:02.000000Z"})))]
 pub struct Event {
     pub revision: u64,
     #[serde(rename = "type")]
@@ -192,6 +201,7 @@ impl From<service::Event> for Event {
 /// A page of events, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"events": [{"revision": 1, "type": "MEMBER_JOINED", "userId": "alice", "createdAt": "2026-11-30T12:00:01.000000Z"}, {"revision": 2, "type": "MESSAGE_SENT", "userId": "alice", "messageId": 1, "text": "hello", "createdAt": "2026-11-30T12:00:02.000000Z"}], "latestRevision": 2})))]
 pub struct EventPage {
     pub events: Vec<Event>,
     /// The chat's latest revision when the page was read.
@@ -200,6 +210,7 @@ pub struct EventPage {
 
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"status": "ok"})))]
 pub struct Health {
     /// Always `ok` while the process serves.
     pub status: String,
@@ -242,6 +253,7 @@ impl From<crate::shard::BreakerState> for BreakerStateView {
 /// `GET /readyz`: ready while at least one shard serves.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"status": "ready", "shards": [{"name": "shard-0", "address": "127.0.0.1:3307", "ready": true, "breaker": "CLOSED"}]})))]
 pub struct Readiness {
     /// `ready`, `degraded` (some shards down) or `unavailable` (all down).
     pub status: String,

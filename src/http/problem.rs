@@ -46,6 +46,9 @@ codes! {
     MalformedJson => "malformed_json",
     UnsupportedMediaType => "unsupported_media_type",
     PayloadTooLarge => "payload_too_large",
+    UriTooLong => "uri_too_long",
+    RequestTimeout => "request_timeout",
+    TooManyConnections => "too_many_connections",
     NotFound => "not_found",
     MethodNotAllowed => "method_not_allowed",
     Unauthorized => "unauthorized",
@@ -79,6 +82,8 @@ impl Code {
             Self::MalformedJson => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound | Self::ChatNotFound | Self::MemberNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -88,6 +93,7 @@ impl Code {
             Self::ChatBusy
             | Self::ChatQueueFull
             | Self::ChatContended
+            | Self::TooManyConnections
             | Self::ShardBusy
             | Self::ShardTimeout
             | Self::ShardUnavailable
@@ -103,6 +109,9 @@ impl Code {
             Self::MalformedJson => "The body is not well-formed JSON",
             Self::UnsupportedMediaType => "The body must be application/json",
             Self::PayloadTooLarge => "The body is too large",
+            Self::UriTooLong => "The request target is too long",
+            Self::RequestTimeout => "The request was not received in time",
+            Self::TooManyConnections => "This instance holds its maximum of connections",
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Unauthorized => "Missing or wrong admin token",
@@ -138,6 +147,7 @@ impl Code {
 
 /// An RFC 9457 problem details body.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(examples(json!({"type": "urn:chatshard:problem:chat_not_found", "title": "Chat not found", "status": 404, "detail": "no chat has this chatId", "code": "chat_not_found"})))]
 pub struct Problem {
     /// A URI naming the problem type: `urn:chatshard:problem:<code>`.
     #[serde(rename = "type")]

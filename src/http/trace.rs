@@ -22,6 +22,8 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
+use super::problem::{Code, Problem};
+use axum::response::IntoResponse as _;
 
 pub async fn trace_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
@@ -58,7 +60,19 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
     };
     span.record("trace_id", trace_id.as_str());
     let started = Instant::now();
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut response = if too_long(&req, state.http.max_uri_bytes) {
+        let _in_span = span.enter();
+        Problem::new(
+            Code::UriTooLong,
+            format!(
+                "the request target must be at most {} bytes",
+                state.http.max_uri_bytes
+            ),
+        )
+        .into_response()
+    } else {
+        next.run(req).instrument(span.clone()).await
+    };
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
     if status >= 500 {
@@ -83,4 +97,9 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
         }
     }
     response
+}
+
+/// Whether the request target (path and query) is over `limit` bytes.
+fn too_long(req: &Request, limit: usize) -> bool {
+    req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > limit
 }

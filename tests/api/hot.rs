@@ -15,6 +15,17 @@ async fn app() -> TestApp {
     TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await
 }
 
+/// A merge patch of the live config.
+async fn patch_config(app: &TestApp, patch: Value) -> reqwest::Response {
+    app.admin(Method::PATCH, "/v1/admin/config")
+        .header("content-type", "application/merge-patch+json")
+        .body(patch.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A whole new live config.
 async fn put_config(app: &TestApp, config: Value) -> reqwest::Response {
     app.admin(Method::PUT, "/v1/admin/config")
         .json(&config)
@@ -23,9 +34,9 @@ async fn put_config(app: &TestApp, config: Value) -> reqwest::Response {
         .unwrap()
 }
 
-/// Sets the live config and asserts it was accepted.
+/// Patches the live config and asserts it was accepted.
 async fn set_config(app: &TestApp, config: Value) {
-    let r = put_config(app, config).await;
+    let r = patch_config(app, config).await;
     let status = r.status();
     assert_eq!(
         status,
@@ -48,12 +59,11 @@ async fn joins_past_a_chats_limit_are_throttled_and_leaves_never() {
     let app = app().await;
     let chat = app.new_chat("jt").await;
     let other = app.new_chat("jt-other").await;
-    let r = put_config(
+    set_config(
         &app,
         json!({"joinThrottle": {"overrides": {chat.clone(): {"limit": 3, "windowSeconds": 60}}}}),
     )
     .await;
-    assert_eq!(r.status(), 200);
     for u in ["a", "b", "c"] {
         assert_eq!(app.join(&chat, u).await.status(), StatusCode::CREATED);
     }
@@ -256,7 +266,7 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
         app.settings.join_throttle.limit
     );
 
-    let r = put_config(
+    let r = patch_config(
         &app,
         json!({"hotChat": {"throttleRate": 2.0, "threshold": 0}, "joinThrottle": {"limit": 0}}),
     )
@@ -266,16 +276,45 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
     let now = get_config(&app).await;
     assert_eq!(now, v1);
 
-    let r = put_config(&app, json!({"hotChat": {"dryRun": true}})).await;
+    let r = patch_config(&app, json!({"hotChat": {"dryRun": true}})).await;
     let v2: Value = r.json().await.unwrap();
     assert_eq!(v2["version"], 2);
     assert_eq!(v2["config"]["hotChat"]["dryRun"], true);
-    assert_problem(
-        put_config(&app, json!({"hotChat": {"colour": 1}})).await,
-        422,
-        "invalid_request",
-    )
-    .await;
+    // The patch changed one field: the others kept their values.
+    assert_eq!(
+        v2["config"]["joinThrottle"], v1["config"]["joinThrottle"],
+        "{v2}"
+    );
+    for bad in [
+        json!({"hotChat": {"colour": 1}}),
+        // snake_case is the TOML file's spelling, not the API's.
+        json!({"hotChat": {"dry_run": true}}),
+        json!({"joinThrottle": {"limit": 9223372036854775808_u64}}),
+    ] {
+        assert_problem(patch_config(&app, bad).await, 422, "invalid_config").await;
+    }
+    // A JSON array is not a configuration, nor a patch of one.
+    for body in [json!([]), json!(["x"])] {
+        assert_problem(put_config(&app, body.clone()).await, 422, "invalid_config").await;
+        assert_problem(patch_config(&app, body).await, 422, "invalid_config").await;
+    }
+    // PUT replaces the whole document: a section left out is an error, not
+    // a reset to defaults.
+    let r = put_config(&app, json!({"hotChat": v2["config"]["hotChat"].clone()})).await;
+    let body = assert_problem(r, 422, "invalid_config").await;
+    assert_eq!(
+        body["errors"],
+        json!(["the body lacks the required field `joinThrottle`"])
+    );
+    assert_eq!(get_config(&app).await["version"], 2);
+    // The whole document, as GET returns it, is accepted back.
+    let mut whole = v2["config"].clone();
+    whole["hotChat"]["dryRun"] = json!(false);
+    let r = put_config(&app, whole).await;
+    assert_eq!(r.status(), 200);
+    let v3: Value = r.json().await.unwrap();
+    assert_eq!(v3["version"], 3);
+    assert_eq!(v3["config"], v1["config"]);
     let r = app
         .http
         .put(app.url("/v1/admin/config"))

@@ -1,0 +1,151 @@
+//! The served OpenAPI document, as its users consume it: checked by
+//! openapi-spec-validator (PyPI), turned into a Python client by
+//! openapi-python-client (PyPI), and the README's curl session replayed through
+//! that generated client (tests/openapi/readme_session.py) against a real app.
+//!
+//! Both tools are installed on first use into one virtualenv under the cargo
+//! target dir (kept between runs); each run writes the document and the
+//! generated client into a fresh directory, removed when the test passes and
+//! kept (its path is in the failure message) when it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tokio::process::Command;
+
+use crate::helpers::{TestApp, unique};
+
+const SPEC_VALIDATOR: &str = "0.9.0";
+const PYTHON_CLIENT: &str = "0.29.1";
+/// The generated package's name: the directory it is written to.
+const PACKAGE: &str = "chatshard_client";
+
+/// The virtualenv with both tools; created and filled once.
+async fn tools() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("openapi-tools-{SPEC_VALIDATOR}-{PYTHON_CLIENT}"));
+    let installed = venv.join(".installed");
+    if installed.exists() {
+        return venv;
+    }
+    let out = run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).await;
+    assert!(
+        out.status.success(),
+        "python3 -m venv failed (install python3-venv):\n{}",
+        text(&out)
+    );
+    let out = run(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("openapi-spec-validator=={SPEC_VALIDATOR}"),
+        &format!("openapi-python-client=={PYTHON_CLIENT}"),
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "pip install openapi-spec-validator openapi-python-client failed:\n{}",
+        text(&out)
+    );
+    std::fs::write(&installed, "").expect("mark the virtualenv as installed");
+    venv
+}
+
+async fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A directory for one run: removed on drop unless the test is failing.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// `PATH` with the virtualenv's `bin` first: openapi-python-client runs the
+/// `ruff` installed beside it on the generated code, and warns without it.
+fn path_with(bin: &Path) -> std::ffi::OsString {
+    let mut paths = vec![bin.to_path_buf()];
+    if let Some(path) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(paths).expect("PATH")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_is_valid_and_a_generated_client_runs_the_readme_session() {
+    let venv = tools().await;
+    let bin = venv.join("bin");
+    let app = TestApp::spawn().await;
+
+    let dir = RunDir(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("openapi-run")));
+    std::fs::create_dir_all(&dir.0).expect("create run dir");
+    let r = app.get("/openapi.json").await;
+    assert_eq!(r.status().as_u16(), 200, "GET /openapi.json");
+    let spec = dir.0.join("openapi.json");
+    std::fs::write(&spec, r.bytes().await.expect("body")).expect("write openapi.json");
+    let kept = format!("(document and client kept in {})", dir.0.display());
+
+    // 1. The document is valid OpenAPI (the version is detected from `openapi`: 3.1).
+    let out = run(Command::new(bin.join("openapi-spec-validator"))
+        .args(["--validation-errors", "all"])
+        .arg(&spec))
+    .await;
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator {SPEC_VALIDATOR} rejects /openapi.json {kept}:\n{}",
+        text(&out)
+    );
+
+    // 2. A client is generated from it, with no warning (a warning means
+    //    "some pieces may be missing" from the client).
+    let package = dir.0.join(PACKAGE);
+    let out = run(Command::new(bin.join("openapi-python-client"))
+        .env("PATH", path_with(&bin))
+        .current_dir(&dir.0)
+        .args(["generate", "--meta", "none", "--fail-on-warning", "--path"])
+        .arg(&spec)
+        .arg("--output-path")
+        .arg(&package))
+    .await;
+    assert!(
+        out.status.success() && package.join("__init__.py").exists(),
+        "openapi-python-client {PYTHON_CLIENT} cannot generate a client from /openapi.json {kept}:\n{}",
+        text(&out)
+    );
+
+    // 3. The README's curl session through the generated client.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/openapi/readme_session.py"
+    );
+    let out = run(Command::new(bin.join("python"))
+        .env("PYTHONPATH", &dir.0)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg(script)
+        .args(["--base-url", &app.base])
+        .args(["--chat-id", &unique("readme")])
+        .args(["--missing-chat-id", &unique("readme-missing")]))
+    .await;
+    assert!(
+        out.status.success(),
+        "the README session through the generated client failed {kept}:\n{}",
+        text(&out)
+    );
+}
