@@ -1,9 +1,12 @@
 //! docker/ cannot run here (no Docker engine), so its files are checked: they
 //! parse, every file the compose file mounts exists, published ports are unique,
+//! Prometheus gets its alerting rules where docker/prometheus.yml names them,
 //! the image runs as a non-root user, chatshard's config there is valid, and
-//! every metric the Grafana dashboard queries is one `/metrics` really exports.
+//! every metric the Grafana dashboard or an alerting rule reads is one
+//! `/metrics` really exports, with the labels and values it selects.
+//! (tests/prometheus.rs runs the same queries in a real Prometheus.)
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use serde_json::Value;
@@ -110,6 +113,7 @@ fn collector_prometheus_grafana_and_chatshard_configs_are_valid() {
         .unwrap()
         .to_owned();
     assert_eq!(target, "chatshard:8080");
+    assert_eq!(prometheus["scrape_configs"][0]["job_name"], "chatshard");
     yaml("grafana/provisioning/datasources/prometheus.yaml");
     yaml("grafana/provisioning/dashboards/chatshard.yaml");
     let settings = chatshard::config::Settings::from_toml(&docker("chatshard.toml"), [])
@@ -118,44 +122,337 @@ fn collector_prometheus_grafana_and_chatshard_configs_are_valid() {
     assert_eq!(settings.shards.len(), 2);
 }
 
-/// The metric names a PromQL expression reads.
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut current = String::new();
-    for c in expr.chars().chain(std::iter::once(' ')) {
-        if c.is_ascii_alphanumeric() || c == '_' {
-            current.push(c);
-        } else {
-            if current.starts_with("chatshard_") || current.starts_with("http_server_") {
-                names.push(std::mem::take(&mut current));
+/// The alerting rules: every rule names its alert, its expression, a severity,
+/// a summary, a description and a runbook; and Prometheus gets each rule file
+/// that docker/prometheus.yml names, at the path it names (relative to the
+/// config file), mounted from the same relative path in the repository, so
+/// that `promtool check config docker/prometheus.yml` checks what runs.
+#[test]
+fn alert_rules_parse_and_compose_mounts_them() {
+    let prometheus = yaml("prometheus.yml");
+    let rule_files: Vec<&str> = prometheus["rule_files"]
+        .as_sequence()
+        .expect("rule_files in docker/prometheus.yml")
+        .iter()
+        .map(|f| f.as_str().expect("rule file"))
+        .collect();
+    assert!(
+        rule_files.contains(&"prometheus/alerts.yml"),
+        "{rule_files:?}"
+    );
+    let compose = yaml("compose.yaml");
+    let mounts: Vec<(&str, &str)> = compose["services"]["prometheus"]["volumes"]
+        .as_sequence()
+        .expect("prometheus volumes")
+        .iter()
+        .filter_map(|v| {
+            let mut parts = v.as_str().expect("volume").split(':');
+            Some((parts.next()?, parts.next()?))
+        })
+        .collect();
+    let config_dir = mounts
+        .iter()
+        .find(|(source, _)| *source == "./prometheus.yml")
+        .and_then(|(_, target)| target.rsplit_once('/'))
+        .map(|(dir, _)| dir)
+        .expect("compose mounts ./prometheus.yml into prometheus");
+    for file in &rule_files {
+        let wanted = (format!("./{file}"), format!("{config_dir}/{file}"));
+        assert!(
+            mounts
+                .iter()
+                .any(|(s, t)| (*s, *t) == (wanted.0.as_str(), wanted.1.as_str())),
+            "compose does not mount {} at {} for prometheus: {mounts:?}",
+            wanted.0,
+            wanted.1
+        );
+        let rules = yaml(file);
+        let groups = rules["groups"].as_sequence().expect("groups");
+        assert!(!groups.is_empty(), "docker/{file}: no group");
+        for group in groups {
+            let list = group["rules"].as_sequence().expect("rules");
+            assert!(
+                !list.is_empty(),
+                "docker/{file}: empty group {:?}",
+                group["name"]
+            );
+            for rule in list {
+                let name = rule["alert"].as_str().expect("every rule is an alert");
+                assert!(
+                    rule["expr"].as_str().is_some_and(|e| !e.trim().is_empty()),
+                    "{name}: expr"
+                );
+                assert!(
+                    ["critical", "warning", "info"]
+                        .contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+                    "{name}: severity"
+                );
+                for key in ["summary", "description", "runbook_url"] {
+                    assert!(
+                        rule["annotations"][key]
+                            .as_str()
+                            .is_some_and(|a| !a.trim().is_empty()),
+                        "{name}: annotation {key}"
+                    );
+                }
             }
-            current.clear();
         }
     }
-    names
+}
+
+/// Every query of the dashboard and of the alerting rules, named.
+fn queries() -> Vec<(String, String)> {
+    fn panels(list: &Value, out: &mut Vec<(String, String)>) {
+        for panel in list.as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                out.push((
+                    format!("panel {:?}", panel["title"]),
+                    target["expr"].as_str().expect("expr").to_owned(),
+                ));
+            }
+            // A row keeps its collapsed panels inside.
+            panels(&panel["panels"], out);
+        }
+    }
+    let dashboard: Value =
+        serde_json::from_str(&docker("grafana/dashboards/chatshard.json")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    panels(&dashboard["panels"], &mut out);
+    let rules = yaml("prometheus/alerts.yml");
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            out.push((
+                format!("alert {:?}", rule["alert"].as_str().unwrap_or("")),
+                rule["expr"].as_str().expect("expr").to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+/// A label matcher of a selector: label, operator, value.
+type Matcher = (String, String, String);
+
+/// The selectors of chatshard's metrics (and of Prometheus's own `up`) in a
+/// PromQL expression: the metric name and its label matchers. Quoted strings
+/// are skipped, so a label value never reads as a metric.
+fn selectors(expr: &str) -> Vec<(String, Vec<Matcher>)> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' || c == '`' {
+            i = skip_string(&chars, i);
+            continue;
+        }
+        if !(c.is_ascii_alphabetic() || c == '_') {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len()
+            && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+        {
+            i += 1;
+        }
+        let name: String = chars[start..i].iter().collect();
+        if !(name.starts_with("chatshard_") || name.starts_with("http_server_") || name == "up") {
+            continue;
+        }
+        let mut matchers = Vec::new();
+        let mut j = i;
+        while j < chars.len() && chars[j].is_whitespace() {
+            j += 1;
+        }
+        if chars.get(j) == Some(&'{') {
+            j += 1;
+            loop {
+                while j < chars.len() && (chars[j].is_whitespace() || chars[j] == ',') {
+                    j += 1;
+                }
+                if j >= chars.len() || chars[j] == '}' {
+                    break;
+                }
+                let label_start = j;
+                while j < chars.len() && (chars[j].is_ascii_alphanumeric() || chars[j] == '_') {
+                    j += 1;
+                }
+                let label: String = chars[label_start..j].iter().collect();
+                while j < chars.len() && chars[j].is_whitespace() {
+                    j += 1;
+                }
+                let op_start = j;
+                while j < chars.len() && matches!(chars[j], '=' | '!' | '~') {
+                    j += 1;
+                }
+                let op: String = chars[op_start..j].iter().collect();
+                while j < chars.len() && chars[j].is_whitespace() {
+                    j += 1;
+                }
+                let end = skip_string(&chars, j);
+                assert!(
+                    !label.is_empty() && end > j + 1,
+                    "cannot read the matchers of {name} in {expr}"
+                );
+                let value: String = chars[j + 1..end - 1].iter().collect();
+                matchers.push((label, op, value.replace("\\\\", "\\")));
+                j = end;
+            }
+            i = j + 1;
+        }
+        out.push((name, matchers));
+    }
+    out
+}
+
+/// The index just past the quoted string that starts at `i`.
+fn skip_string(chars: &[char], i: usize) -> usize {
+    let quote = chars[i];
+    let mut j = i + 1;
+    while j < chars.len() && chars[j] != quote {
+        if chars[j] == '\\' {
+            j += 1;
+        }
+        j += 1;
+    }
+    j + 1
+}
+
+/// Prometheus text exposition: every sample's name and labels.
+fn exposition(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            let mut labels = BTreeMap::new();
+            if line[name_end..].starts_with('{') {
+                let chars: Vec<char> = line[name_end + 1..].chars().collect();
+                let mut j = 0;
+                while j < chars.len() && chars[j] != '}' {
+                    let eq = j + chars[j..].iter().position(|c| *c == '=').expect("label =");
+                    let key: String = chars[j..eq].iter().collect();
+                    let end = skip_string(&chars, eq + 1);
+                    labels.insert(
+                        key.trim_start_matches(',').trim().to_owned(),
+                        chars[eq + 2..end - 1].iter().collect(),
+                    );
+                    j = end;
+                    if chars.get(j) == Some(&',') {
+                        j += 1;
+                    }
+                }
+            }
+            (line[..name_end].to_owned(), labels)
+        })
+        .collect()
+}
+
+#[test]
+fn selectors_and_exposition_are_read_as_prometheus_does() {
+    assert_eq!(
+        selectors(
+            r#"sum by (shard) (rate(chatshard_x_total{job="chatshard", outcome=~"a|b", r!~"/m[.]json"}[$__rate_interval])) / chatshard_y"#
+        ),
+        [
+            (
+                "chatshard_x_total".to_owned(),
+                vec![
+                    ("job".into(), "=".into(), "chatshard".into()),
+                    ("outcome".into(), "=~".into(), "a|b".into()),
+                    ("r".into(), "!~".into(), "/m[.]json".into()),
+                ]
+            ),
+            ("chatshard_y".to_owned(), vec![]),
+        ]
+    );
+    assert_eq!(
+        selectors(r#"up{job="chatshard"} == 0"#),
+        [(
+            "up".to_owned(),
+            vec![("job".into(), "=".into(), "chatshard".into())]
+        )]
+    );
+    let samples = exposition("# TYPE a counter\na_total{shard=\"s-0\",outcome=\"ok\"} 3\nb 1\n");
+    assert_eq!(samples[0].0, "a_total");
+    assert_eq!(samples[0].1["outcome"], "ok");
+    assert_eq!(samples[1], ("b".to_owned(), BTreeMap::new()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_metric_is_exported() {
-    let dashboard: Value =
-        serde_json::from_str(&docker("grafana/dashboards/chatshard.json")).expect("dashboard JSON");
+async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     let app = TestApp::spawn().await;
     // Traffic, so the histograms have series.
     let chat = app.new_chat("dash").await;
     app.join(&chat, "u").await;
-    let exported = app.get("/metrics").await.text().await.unwrap();
+    let samples = exposition(&app.get("/metrics").await.text().await.unwrap());
+    let prometheus = yaml("prometheus.yml");
+    let jobs: Vec<&str> = prometheus["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .filter_map(|c| c["job_name"].as_str())
+        .collect();
     let mut checked = 0;
-    for panel in dashboard["panels"].as_array().expect("panels") {
-        for target in panel["targets"].as_array().expect("targets") {
-            for name in metric_names(target["expr"].as_str().expect("expr")) {
-                assert!(
-                    exported.lines().any(|l| l.starts_with(&name)),
-                    "panel {:?} queries {name}, which /metrics does not export",
-                    panel["title"]
-                );
-                checked += 1;
+    for (what, expr) in queries() {
+        let found = selectors(&expr);
+        assert!(
+            !found.is_empty(),
+            "{what} reads no chatshard metric: {expr}"
+        );
+        for (name, matchers) in found {
+            // Prometheus's own: only its job is checked.
+            let own = name == "up";
+            let series: Vec<&BTreeMap<String, String>> = samples
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, labels)| labels)
+                .collect();
+            assert!(
+                own || !series.is_empty(),
+                "{what} reads {name}, which /metrics does not export"
+            );
+            for (label, op, value) in matchers {
+                match label.as_str() {
+                    // Added by Prometheus when it scrapes.
+                    "job" => assert!(
+                        op != "=" || jobs.contains(&value.as_str()),
+                        "{what} reads job {value:?}, which docker/prometheus.yml does not scrape"
+                    ),
+                    _ if own => {}
+                    "instance" => {}
+                    _ => {
+                        let values: HashSet<&str> = series
+                            .iter()
+                            .filter_map(|l| l.get(&label).map(String::as_str))
+                            .collect();
+                        assert!(
+                            !values.is_empty(),
+                            "{what} selects {name} by {label}, a label /metrics does not give it"
+                        );
+                        // An exact value, or an alternation of plain words:
+                        // each must be a value /metrics exports.
+                        let wanted: Vec<&str> = match op.as_str() {
+                            "=" => vec![value.as_str()],
+                            "=~" if value
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '|') =>
+                            {
+                                value.split('|').collect()
+                            }
+                            _ => vec![],
+                        };
+                        for v in wanted {
+                            assert!(
+                                values.contains(v),
+                                "{what} selects {name}{{{label}{op}{value:?}}}: /metrics has no {label}={v:?} (it has {values:?})"
+                            );
+                        }
+                    }
+                }
             }
+            checked += 1;
         }
     }
-    assert!(checked >= 8, "{checked} metric references checked");
+    assert!(checked >= 20, "{checked} metric references checked");
 }
