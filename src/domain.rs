@@ -15,6 +15,9 @@ pub struct DomainError(pub String);
 /// The largest length of any identifier.
 pub const MAX_ID_LEN: usize = 64;
 
+/// What every identifier matches, as the OpenAPI document writes it.
+pub const ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
 fn parse_id(kind: &str, raw: &str) -> Result<String, DomainError> {
     if raw.is_empty() || raw.len() > MAX_ID_LEN {
         return Err(DomainError(format!(

@@ -17,6 +17,7 @@ use super::AppState;
 use super::extract::{JsonValue, needs_body, shaped_as};
 use super::model::BreakerStateView;
 use super::problem::{Code, Problem};
+use super::shape::Schemas;
 use crate::live::{LiveConfig, UpdateError};
 use crate::shard::{RECENT_SECS, ShardStatus};
 use crate::throttle::Decisions;
@@ -277,11 +278,11 @@ pub async fn patch_config(
     State(state): State<AppState>,
     JsonValue(patch): JsonValue,
 ) -> Result<Json<ConfigView>, Problem> {
-    let patch = patch.ok_or_else(needs_body)?;
-    if !patch.is_object() {
-        return Err(invalid_config(vec![
-            "a merge patch of the configuration must be a JSON object".to_owned(),
-        ]));
+    let mut patch = patch.ok_or_else(needs_body)?;
+    Schemas::normalize(&mut patch);
+    let problems = state.schemas.check("LiveConfigPatch", &patch);
+    if !problems.is_empty() {
+        return Err(invalid_config(problems));
     }
     let result = state.service.live().update_with("admin API", |current| {
         let mut document = serde_json::to_value(current)
@@ -368,6 +369,8 @@ pub struct DecisionsView {
     /// coalesced or served from a kept page).
     pub fetches: u64,
     pub fetch_queries: u64,
+    /// Fetches served by another's query or a kept page.
+    pub fetches_coalesced: u64,
 }
 
 /// `GET /v1/admin/hot-chats`.
@@ -415,6 +418,7 @@ pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChats
             hot_chats_marked_dry_run: Decisions::get(&d.hot_chats_marked_dry_run),
             fetches: Decisions::get(&d.fetches),
             fetch_queries: Decisions::get(&d.fetch_queries),
+            fetches_coalesced: Decisions::get(&d.fetches_coalesced),
         },
     })
 }

@@ -8,8 +8,10 @@
 //! - `PUT /v1/chats/{chatId}` takes an optional body (utoipa writes an
 //!   optional body as `oneOf [T, null]`, which a generated client cannot omit);
 //! - `PUT /v1/admin/config` replaces the whole live configuration, so its body
-//!   is `LiveConfigDocument`: `LiveConfig` with every field required (the
-//!   server checks bodies against this same document, see `shape`).
+//!   is `LiveConfigDocument`: `LiveConfig` with every field required;
+//!   `PATCH` takes `LiveConfigPatch`, a merge patch of it (the server checks
+//!   bodies against this same document, see `shape`);
+//! - override maps are keyed by chat id (`propertyNames` with its pattern).
 
 use serde_json::{Value, json};
 
@@ -21,11 +23,26 @@ pub fn finish(api: utoipa::openapi::OpenApi) -> Value {
         tracing::error!(error = %e, "the OpenAPI document cannot be serialized");
         Value::Null
     });
-    let complete = shape::add_complete_variant(&mut document, "LiveConfig");
-    if let Some(body) =
-        document.pointer_mut("/paths/~1v1~1admin~1config/put/requestBody/content/application~1json")
-    {
-        body["schema"] = json!({ "$ref": format!("#/components/schemas/{complete}") });
+    // Overrides are keyed by chat id.
+    for config in ["HotChatConfig", "JoinThrottleConfig"] {
+        if let Some(overrides) = document.pointer_mut(&format!(
+            "/components/schemas/{config}/properties/overrides"
+        )) {
+            overrides["propertyNames"] =
+                json!({"type": "string", "pattern": crate::domain::ID_PATTERN});
+        }
+    }
+    let complete = shape::add_variant(&mut document, "LiveConfig", shape::Variant::Complete);
+    let patch = shape::add_variant(&mut document, "LiveConfig", shape::Variant::Patch);
+    for (method, media, schema) in [
+        ("put", "application~1json", &complete),
+        ("patch", "application~1merge-patch+json", &patch),
+    ] {
+        if let Some(body) = document.pointer_mut(&format!(
+            "/paths/~1v1~1admin~1config/{method}/requestBody/content/{media}"
+        )) {
+            body["schema"] = json!({ "$ref": format!("#/components/schemas/{schema}") });
+        }
     }
     if let Some(body) = document.pointer_mut("/paths/~1v1~1chats~1{chatId}/put/requestBody") {
         body["required"] = Value::Bool(false);

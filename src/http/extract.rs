@@ -131,8 +131,9 @@ pub fn shaped<T: DeserializeOwned + ToSchema>(
 pub fn shaped_as<T: DeserializeOwned>(
     schemas: &Schemas,
     schema: &str,
-    value: Value,
+    mut value: Value,
 ) -> Result<T, Problem> {
+    Schemas::normalize(&mut value);
     let problems = schemas.check(schema, &value);
     if let Some(first) = problems.first() {
         return Err(Problem::invalid(first.clone()).with_errors(problems));

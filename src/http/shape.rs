@@ -6,53 +6,120 @@
 //! for the TOML file, and any integer that fits the Rust type. The check walks
 //! the body beside the schema of its type (the subset of JSON Schema that
 //! utoipa emits: `$ref`, `type`, `properties`, `required`,
-//! `additionalProperties`, `items`, `enum`, `minimum`/`maximum`,
-//! `minLength`/`maxLength`, `oneOf`/`anyOf`/`allOf`) and lists every place that
-//! does not fit. Messages name the place and what the document expects there,
-//! never the value sent.
+//! `additionalProperties`, `propertyNames`, `items`, `enum`,
+//! `minimum`/`maximum`, `minLength`/`maxLength`, `pattern`,
+//! `oneOf`/`anyOf`/`allOf`) and lists every place that does not fit. Messages
+//! name the place and what the document expects there, never the value sent.
+//! As in JSON Schema, `5.0` is an integer; such numbers are stored as integers
+//! before deserialization, so serde agrees.
 
+use std::collections::HashMap;
+
+use regex::Regex;
 use serde_json::{Map, Value};
 
-/// The component schemas of the served document.
+/// The component schemas of the served document, with their patterns compiled.
 #[derive(Debug, Clone, Default)]
-pub struct Schemas(Map<String, Value>);
+pub struct Schemas {
+    schemas: Map<String, Value>,
+    patterns: HashMap<String, Regex>,
+}
 
 impl Schemas {
     /// The `components.schemas` of an OpenAPI document.
     pub fn from_document(document: &Value) -> Self {
-        Self(
-            document
-                .pointer("/components/schemas")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default(),
-        )
+        let schemas = document
+            .pointer("/components/schemas")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let mut patterns = HashMap::new();
+        let mut todo: Vec<&Value> = schemas.values().collect();
+        while let Some(v) = todo.pop() {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::String(p)) = o.get("pattern") {
+                        match Regex::new(p) {
+                            Ok(re) => {
+                                patterns.insert(p.clone(), re);
+                            }
+                            Err(e) => {
+                                tracing::warn!(pattern = %p, error = %e, "a pattern of the OpenAPI document does not compile; it is not checked");
+                            }
+                        }
+                    }
+                    todo.extend(o.values());
+                }
+                Value::Array(a) => todo.extend(a),
+                _ => {}
+            }
+        }
+        Self { schemas, patterns }
+    }
+
+    /// Stores every number with no fractional part as an integer (JSON Schema
+    /// counts `5.0` as an integer; serde's integer types do not).
+    pub fn normalize(value: &mut Value) {
+        match value {
+            Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+                if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                    *value = if f < 0.0 {
+                        Value::from(f as i64)
+                    } else {
+                        Value::from(f as u64)
+                    };
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(Self::normalize),
+            Value::Object(fields) => fields.values_mut().for_each(Self::normalize),
+            _ => {}
+        }
     }
 
     /// Every place where `value` does not fit the component schema `name`
     /// (nothing when the document has no such schema).
     pub fn check(&self, name: &str, value: &Value) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Some(schema) = self.0.get(name) {
+        if let Some(schema) = self.schemas.get(name) {
             Walk { schemas: self }.walk(schema, value, "", &mut problems, 0);
         }
         problems
     }
 }
 
-/// Adds to `document` a copy of the component schema `name`, named
-/// `{name}Document`, in which every field is required, and so are the fields
-/// of every object it nests through its properties (through `$ref`s, which
-/// get `Document` copies of their own). Map entries (`additionalProperties`)
-/// keep their own schemas: they are partial by design. Returns the new name.
-/// A body that replaces a whole document is checked against this copy, so
-/// that leaving a field out is an error instead of a silent reset.
-pub fn add_complete_variant(document: &mut Value, name: &str) -> String {
+/// A variant of a component schema, added to the document beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `{name}Document`: every field required, and so are the fields of every
+    /// object it nests through its properties. Map entries
+    /// (`additionalProperties`) keep their own schemas: partial by design. A
+    /// body that replaces a whole document is checked against it, so leaving
+    /// a field out is an error instead of a silent reset.
+    Complete,
+    /// `{name}Patch`: an RFC 7396 merge patch of it: no field required, and a
+    /// map entry may be `null` (which removes it).
+    Patch,
+}
+
+impl Variant {
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Complete => "Document",
+            Self::Patch => "Patch",
+        }
+    }
+}
+
+/// Adds to `document` the `variant` of the component schema `name` (and of
+/// every schema it nests through its properties, through `$ref`s); returns
+/// the new schema's name.
+pub fn add_variant(document: &mut Value, name: &str, variant: Variant) -> String {
+    let new_name = format!("{name}{}", variant.suffix());
     let Some(components) = document
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)
     else {
-        return name.to_owned();
+        return new_name;
     };
     let mut todo = vec![name.to_owned()];
     let mut done = Vec::new();
@@ -60,18 +127,18 @@ pub fn add_complete_variant(document: &mut Value, name: &str) -> String {
         let Some(mut schema) = components.get(&current).cloned() else {
             continue;
         };
-        require_all(&mut schema, &mut todo, &done);
-        components.insert(format!("{current}Document"), schema);
+        rewrite(&mut schema, variant, &mut todo, &done);
+        components.insert(format!("{current}{}", variant.suffix()), schema);
         done.push(current);
     }
-    format!("{name}Document")
+    new_name
 }
 
-fn require_all(schema: &mut Value, todo: &mut Vec<String>, done: &[String]) {
+fn rewrite(schema: &mut Value, variant: Variant, todo: &mut Vec<String>, done: &[String]) {
     for key in ["allOf", "oneOf", "anyOf"] {
         if let Some(parts) = schema.get_mut(key).and_then(Value::as_array_mut) {
             for part in parts {
-                require_all(part, todo, done);
+                rewrite(part, variant, todo, done);
             }
         }
     }
@@ -84,17 +151,31 @@ fn require_all(schema: &mut Value, todo: &mut Vec<String>, done: &[String]) {
         if !done.contains(&target) && !todo.contains(&target) {
             todo.push(target.clone());
         }
-        schema["$ref"] = Value::String(format!("#/components/schemas/{target}Document"));
+        schema["$ref"] =
+            Value::String(format!("#/components/schemas/{target}{}", variant.suffix()));
         return;
+    }
+    if variant == Variant::Patch
+        && let Some(entry) = schema.get_mut("additionalProperties")
+        && entry.is_object()
+    {
+        *entry = serde_json::json!({"anyOf": [entry.take(), {"type": "null"}]});
     }
     let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
         return;
     };
     let names: Vec<Value> = properties.keys().cloned().map(Value::String).collect();
     for property in properties.values_mut() {
-        require_all(property, todo, done);
+        rewrite(property, variant, todo, done);
     }
-    schema["required"] = Value::Array(names);
+    match variant {
+        Variant::Complete => schema["required"] = Value::Array(names),
+        Variant::Patch => {
+            if let Some(o) = schema.as_object_mut() {
+                o.remove("required");
+            }
+        }
+    }
 }
 
 struct Walk<'s> {
@@ -107,7 +188,7 @@ impl Walk<'_> {
             .get("$ref")
             .and_then(Value::as_str)
             .and_then(|r| r.strip_prefix("#/components/schemas/"))
-            .and_then(|name| self.schemas.0.get(name))
+            .and_then(|name| self.schemas.schemas.get(name))
             .unwrap_or(schema)
     }
 
@@ -166,8 +247,20 @@ impl Walk<'_> {
                 }
             }
             Value::Number(n) => check_range(schema, n, at, out),
-            Value::String(s) => check_length(schema, s, at, out),
+            Value::String(s) => {
+                check_length(schema, s, at, out);
+                self.check_pattern(schema, s, at, out);
+            }
             Value::Null | Value::Bool(_) => {}
+        }
+    }
+
+    fn check_pattern(&self, schema: &Value, s: &str, at: &str, out: &mut Vec<String>) {
+        if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+            && let Some(re) = self.schemas.patterns.get(pattern)
+            && !re.is_match(s)
+        {
+            out.push(format!("{} must match {pattern}", place(at)));
         }
     }
 
@@ -192,8 +285,25 @@ impl Walk<'_> {
             }
         }
         let additional = schema.get("additionalProperties");
+        let key_pattern = schema
+            .get("propertyNames")
+            .and_then(|n| n.get("pattern"))
+            .and_then(Value::as_str);
         let mut unknown = false;
         for (name, v) in fields {
+            if let Some(pattern) = key_pattern
+                && properties.is_none_or(|p| !p.contains_key(name))
+                && self
+                    .schemas
+                    .patterns
+                    .get(pattern)
+                    .is_some_and(|re| !re.is_match(name))
+            {
+                out.push(format!(
+                    "{} has a key that does not match {pattern}",
+                    place(at)
+                ));
+            }
             match properties.and_then(|p| p.get(name)) {
                 Some(s) => self.walk(s, v, &join(at, name), out, depth + 1),
                 None => match additional {
@@ -387,7 +497,7 @@ mod tests {
             "Inner": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
             "Entry": {"type": "object", "properties": {"x": {"type": "integer"}}}
         }}});
-        let name = add_complete_variant(&mut document, "Outer");
+        let name = add_variant(&mut document, "Outer", Variant::Complete);
         let s = Schemas::from_document(&document);
         let partial = json!({"inner": {"a": 1}, "map": {"k": {}}});
         assert!(s.check("Outer", &partial).is_empty());
@@ -398,6 +508,35 @@ mod tests {
         assert!(
             s.check(&name, &json!({"inner": {"a": 1, "b": 2}, "map": {"k": {}}}))
                 .is_empty()
+        );
+        let patch = add_variant(&mut document, "Outer", Variant::Patch);
+        let s = Schemas::from_document(&document);
+        assert!(s.check(&patch, &json!({"map": {"k": null}})).is_empty());
+        let removal = json!({"inner": {"a": 1, "b": 2}, "map": {"k": null}});
+        assert_eq!(s.check(&name, &removal).len(), 1);
+    }
+
+    #[test]
+    fn integral_floats_are_integers_and_patterns_are_checked() {
+        let s = Schemas::from_document(&json!({"components": {"schemas": {
+            "Obj": {"type": "object", "properties": {
+                "n": {"type": "integer"},
+                "id": {"type": "string", "pattern": "^[a-z]{1,3}$"},
+                "m": {"type": "object", "propertyNames": {"type": "string", "pattern": "^[a-z]{1,3}$"},
+                      "additionalProperties": {"type": "integer"}}
+            }}
+        }}}));
+        let mut v = json!({"n": 65.0, "id": "abc", "m": {"ok": 1}});
+        Schemas::normalize(&mut v);
+        assert_eq!(v["n"], json!(65));
+        assert!(s.check("Obj", &v).is_empty());
+        let bad = json!({"id": "ABCD", "m": {"SECRET": 1}});
+        let p = s.check("Obj", &bad);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter()
+                .all(|m| !m.contains("SECRET") && !m.contains("ABCD")),
+            "{p:?}"
         );
     }
 }

@@ -6,6 +6,7 @@
 //! chat.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{ChatService, Event, EventPage, ServiceError};
 use crate::domain::{ChatId, PageLimit, Revision};
@@ -35,8 +36,13 @@ impl ChatService {
             limit: limit.get(),
             generation,
         };
-        self.pages
-            .get_or_load(key, keep, async {
+        // Whether this call ran the query, or was served by another's (a
+        // concurrent identical fetch, or a kept page).
+        let queried = AtomicBool::new(false);
+        let page = self
+            .pages
+            .get_or_load::<ServiceError, _>(key, keep, async {
+                queried.store(true, Ordering::Relaxed);
                 Decisions::bump(&self.throttle.decisions.fetch_queries);
                 let page = self.load_events(chat, after, limit).await?;
                 let weight = page
@@ -46,7 +52,11 @@ impl ChatService {
                     .sum::<usize>();
                 Ok((page, u32::try_from(weight).unwrap_or(u32::MAX)))
             })
-            .await
+            .await?;
+        if !queried.load(Ordering::Relaxed) {
+            Decisions::bump(&self.throttle.decisions.fetches_coalesced);
+        }
+        Ok(page)
     }
 
     async fn load_events(

@@ -44,6 +44,9 @@ pub struct Decisions {
     pub fetches: AtomicU64,
     /// Event-page queries sent to the shards.
     pub fetch_queries: AtomicU64,
+    /// Event fetches served without a query of their own (a concurrent
+    /// identical fetch's, or a kept page).
+    pub fetches_coalesced: AtomicU64,
 }
 
 impl Decisions {
