@@ -1,0 +1,158 @@
+//! `chatshard-load`: drives a running chatshard over HTTP (and, for the
+//! baselines, a shard directly over SQL) and reports what it measured.
+//!
+//! Bounded by time and clients, and sent only to the addresses given. A live
+//! progress line on stderr, HDR latency histograms, a final table on stdout,
+//! and `--json FILE` with every figure (per-second throughput and p99
+//! timelines included, with the moments of injected events).
+//!
+//! ```sh
+//! chatshard-load --url http://127.0.0.1:8080 --admin-token $TOKEN join-spike --clients 64 --seconds 10
+//! chatshard-load --url http://127.0.0.1:8080 quiet --shard-url mysql://root@127.0.0.1:3307/chatshard
+//! chatshard-load direct-sql --shard-url mysql://root@127.0.0.1:3307/chatshard --clients 16
+//! ```
+#![forbid(unsafe_code)]
+
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use report::Recorder;
+use scenarios::Target;
+
+#[derive(Debug, Parser)]
+#[command(name = "chatshard-load", about = "Load scenarios against chatshard")]
+struct Cli {
+    /// The chatshard instance.
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// The admin token (lets a scenario set a chat's throttle).
+    #[arg(long, env = "CHATSHARD_ADMIN_TOKEN", global = true)]
+    admin_token: Option<String>,
+    /// Write every figure to this file as JSON.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// C clients join new users to one chat as fast as they are admitted.
+    JoinSpike {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Leave the chat's join throttle on (off by default: this measures
+        /// the write path; needs --admin-token to take effect).
+        #[arg(long)]
+        throttle: bool,
+    },
+    /// One client, sequential joins and count reads on quiet chats; then the
+    /// same directly with sqlx when --shard-url is given.
+    Quiet {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// A shard to run the direct baseline against.
+        #[arg(long)]
+        shard_url: Option<String>,
+    },
+    /// The shard without chatshard: one transaction per join on one chat with
+    /// C connections, then `--batch` joins per transaction.
+    DirectSql {
+        #[arg(long)]
+        shard_url: String,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn seconds(s: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        s > 0.0 && s <= 3600.0,
+        "--seconds must be above 0 and at most 3600"
+    );
+    Ok(Duration::from_secs_f64(s))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let target = Target {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build()?,
+        base: cli.url.trim_end_matches('/').to_owned(),
+        admin_token: cli.admin_token.clone(),
+    };
+    let recorder = Recorder::new();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let progress = tokio::spawn(report::progress(recorder.clone(), cli.quiet, done_rx));
+    let result = match cli.scenario {
+        Scenario::JoinSpike {
+            clients,
+            seconds: s,
+            throttle,
+        } => {
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            scenarios::join_spike(&target, &recorder, clients, seconds(s)?, throttle).await
+        }
+        Scenario::Quiet {
+            seconds: s,
+            shard_url,
+        } => scenarios::quiet(&target, shard_url.as_deref(), &recorder, seconds(s)?).await,
+        Scenario::DirectSql {
+            shard_url,
+            clients,
+            seconds: s,
+            batch,
+        } => {
+            anyhow::ensure!((1..=512).contains(&clients), "--clients must be 1 to 512");
+            anyhow::ensure!((1..=1000).contains(&batch), "--batch must be 1 to 1000");
+            scenarios::direct_sql(&shard_url, &recorder, clients, seconds(s)?, batch).await
+        }
+    };
+    let _ = done_tx.send(true);
+    let _ = progress.await;
+    let scenario = result?;
+    print!("{}", recorder.table());
+    if let Some(path) = cli.json {
+        let report = recorder.to_json(scenario);
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+        eprintln!("figures written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! The scenarios. Each is bounded by a duration (and the clients it runs),
+//! sends traffic only to the addresses it is given, and records into a
+//! [`Recorder`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatshard::domain::{EventType, MemberState};
+use chatshard::storage::{chats, events, members};
+use serde_json::{Value, json};
+use sqlx::{Connection, MySqlConnection};
+use tokio::sync::Mutex;
+
+use crate::report::Recorder;
+
+/// A chatshard instance over HTTP.
+#[derive(Clone)]
+pub struct Target {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub admin_token: Option<String>,
+}
+
+/// Members a chat of a run takes before the run moves to a fresh chat (below
+/// chatshard's largest `maxMembers`, 100,000).
+const MEMBERS_PER_CHAT: u64 = 90_000;
+
+/// A unique name for this run.
+pub fn run_id(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() % 1_000_000_000_000)
+        .unwrap_or(0);
+    format!("{prefix}-{nanos}")
+}
+
+impl Target {
+    /// Creates a chat that holds up to 100,000 members.
+    pub async fn create_chat(&self, chat: &str) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .put(format!("{}/v1/chats/{chat}", self.base))
+            .json(&json!({"maxMembers": 100_000}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "creating chat {chat}: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Turns the join throttle of `chat` on or off (needs the admin token).
+    pub async fn set_join_throttle(&self, chat: &str, enabled: bool) -> anyhow::Result<()> {
+        let Some(token) = &self.admin_token else {
+            anyhow::bail!("--admin-token is needed to set the join throttle of a chat");
+        };
+        let patch = json!({"joinThrottle": {"overrides": {chat: {"enabled": enabled}}}});
+        let r = self
+            .http
+            .patch(format!("{}/v1/admin/config", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/merge-patch+json")
+            .body(patch.to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "setting the join throttle: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// One request; its answer as `status` or `status/code`, and whether it
+    /// is a success.
+    async fn call(&self, request: reqwest::RequestBuilder) -> (String, bool) {
+        match request.send().await {
+            Ok(r) => {
+                let status = r.status();
+                if status.is_success() {
+                    // Read the body: the request is done when its answer is.
+                    let _ = r.bytes().await;
+                    (status.as_u16().to_string(), true)
+                } else {
+                    let code = r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["code"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    (format!("{}/{code}", status.as_u16()), false)
+                }
+            }
+            Err(e) if e.is_timeout() => ("error/timeout".to_owned(), false),
+            Err(e) if e.is_connect() => ("error/connect".to_owned(), false),
+            Err(_) => ("error/other".to_owned(), false),
+        }
+    }
+}
+
+/// `join-spike`: `clients` clients join new users to one chat as fast as they
+/// are admitted, for `duration`.
+pub async fn join_spike(
+    target: &Target,
+    recorder: &Recorder,
+    clients: usize,
+    duration: Duration,
+    throttle: bool,
+) -> anyhow::Result<Value> {
+    let run = run_id("spike");
+    let chats = Arc::new(ChatRotation::new(target.clone(), run.clone()));
+    let first = chats.current().await?;
+    if target.admin_token.is_some() {
+        target.set_join_throttle(&first, throttle).await?;
+    }
+    let users = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    recorder.mark("spike start");
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (target, recorder, chats, users) = (
+                target.clone(),
+                recorder.clone(),
+                chats.clone(),
+                users.clone(),
+            );
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let n = users.fetch_add(1, Ordering::Relaxed);
+                    let chat = match chats.for_member(n, throttle).await {
+                        Ok(chat) => chat,
+                        Err(e) => return Err(e),
+                    };
+                    let started = Instant::now();
+                    let request = target
+                        .http
+                        .post(format!("{}/v1/chats/{chat}/members", target.base))
+                        .json(&json!({"userId": format!("u{n}")}));
+                    let (answer, ok) = target.call(request).await;
+                    recorder.record("join", started.elapsed(), &answer, ok);
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(json!({
+        "name": "join-spike",
+        "clients": clients,
+        "durationSeconds": duration.as_secs_f64(),
+        "joinThrottle": if target.admin_token.is_some() { json!(throttle) } else { json!("as configured") },
+        "chats": chats.created().await,
+    }))
+}
+
+/// The chats of a spike: a fresh one every [`MEMBERS_PER_CHAT`] members.
+struct ChatRotation {
+    target: Target,
+    run: String,
+    chats: Mutex<Vec<String>>,
+}
+
+impl ChatRotation {
+    fn new(target: Target, run: String) -> Self {
+        Self {
+            target,
+            run,
+            chats: Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn current(&self) -> anyhow::Result<String> {
+        self.for_member(0, true).await
+    }
+
+    async fn for_member(&self, n: u64, throttle: bool) -> anyhow::Result<String> {
+        let index = (n / MEMBERS_PER_CHAT) as usize;
+        let mut chats = self.chats.lock().await;
+        while chats.len() <= index {
+            let chat = format!("{}-{}", self.run, chats.len());
+            self.target.create_chat(&chat).await?;
+            if !chats.is_empty() && self.target.admin_token.is_some() {
+                self.target.set_join_throttle(&chat, throttle).await?;
+            }
+            chats.push(chat);
+        }
+        Ok(chats[index].clone())
+    }
+
+    async fn created(&self) -> usize {
+        self.chats.lock().await.len()
+    }
+}
+
+/// `direct-sql`: what the shard itself sustains for one chat without
+/// chatshard: `clients` connections, each committing one transaction per
+/// join with the same statements a group-commit batch of one runs (lock the
+/// chat row, insert the member, append the event, bump revision and count),
+/// and then the batched ceiling: `batch` joins per transaction.
+pub async fn direct_sql(
+    shard_url: &str,
+    recorder: &Recorder,
+    clients: usize,
+    duration: Duration,
+    batch: usize,
+) -> anyhow::Result<Value> {
+    let mut setup = MySqlConnection::connect(shard_url).await?;
+    let mut results = Vec::new();
+    for (kind, per_txn) in [("direct_join", 1), ("direct_batched", batch.max(1))] {
+        let run = run_id(kind);
+        let chat = run.clone();
+        chats::insert(&mut setup, &chat, 1_000_000, now()).await?;
+        let users = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        recorder.mark(&format!("{kind} start"));
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (recorder, users, chat, url) = (
+                    recorder.clone(),
+                    users.clone(),
+                    chat.clone(),
+                    shard_url.to_owned(),
+                );
+                tokio::spawn(async move {
+                    let mut conn = MySqlConnection::connect(&url).await?;
+                    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .execute(&mut conn)
+                        .await?;
+                    while Instant::now() < deadline {
+                        let first = users.fetch_add(per_txn as u64, Ordering::Relaxed);
+                        let names: Vec<String> = (first..first + per_txn as u64)
+                            .map(|n| format!("u{n}"))
+                            .collect();
+                        let started = Instant::now();
+                        let result = join_in_one_transaction(&mut conn, &chat, &names).await;
+                        let took = started.elapsed();
+                        match result {
+                            Ok(()) => {
+                                for _ in &names {
+                                    recorder.record(kind, took, "committed", true);
+                                }
+                            }
+                            Err(e) => recorder.record(kind, took, &sql_answer(&e), false),
+                        }
+                    }
+                    Ok::<(), anyhow::Error>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        results.push(json!({"kind": kind, "chat": chat, "joinsPerTransaction": per_txn}));
+    }
+    Ok(json!({
+        "name": "direct-sql",
+        "clients": clients,
+        "durationSeconds": duration.as_secs_f64(),
+        "runs": results,
+    }))
+}
+
+fn sql_answer(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => format!("sql/{}", db.code().unwrap_or_default()),
+        _ => "sql/error".to_owned(),
+    }
+}
+
+fn now() -> chrono::NaiveDateTime {
+    chatshard::service::now()
+}
+
+/// Joins `users` to `chat` in one transaction, with chatshard's own
+/// statements (one multi-row insert per table, one revision bump, one count
+/// adjustment).
+async fn join_in_one_transaction(
+    conn: &mut MySqlConnection,
+    chat: &str,
+    users: &[String],
+) -> sqlx::Result<()> {
+    let mut tx = conn.begin().await?;
+    let row = chats::lock(&mut tx, chat)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    let at = now();
+    let new: Vec<members::NewMember<'_>> = users
+        .iter()
+        .map(|u| members::NewMember {
+            user_id: u,
+            state: MemberState::Joined.code(),
+            joined_at: at,
+            left_at: None,
+        })
+        .collect();
+    members::insert_many(&mut tx, chat, &new, at).await?;
+    let appended: Vec<events::NewEvent<'_>> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| events::NewEvent {
+            revision: row.revision + 1 + i as u64,
+            event_type: EventType::MemberJoined.code(),
+            user_id: u,
+            message_id: None,
+        })
+        .collect();
+    events::append(&mut tx, chat, &appended, at).await?;
+    chats::advance_revision(&mut tx, chat, users.len() as u64).await?;
+    chats::adjust_member_count(&mut tx, chat, users.len() as i64).await?;
+    tx.commit().await
+}
+
+/// `quiet`: one client, sequential joins and count reads on quiet chats
+/// through chatshard, then the same operations done directly with sqlx in one
+/// transaction (what a chat server would do without chatshard), for
+/// `duration` each.
+pub async fn quiet(
+    target: &Target,
+    shard_url: Option<&str>,
+    recorder: &Recorder,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let run = run_id("quiet");
+    let chats: Vec<String> = (0..20).map(|i| format!("{run}-{i}")).collect();
+    for chat in &chats {
+        target.create_chat(chat).await?;
+    }
+    recorder.mark("through chatshard");
+    let deadline = Instant::now() + duration;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let chat = &chats[(n % chats.len() as u64) as usize];
+        let started = Instant::now();
+        let request = target
+            .http
+            .post(format!("{}/v1/chats/{chat}/members", target.base))
+            .json(&json!({"userId": format!("q{n}")}));
+        let (answer, ok) = target.call(request).await;
+        recorder.record("quiet_join", started.elapsed(), &answer, ok);
+        let started = Instant::now();
+        let request = target
+            .http
+            .get(format!("{}/v1/chats/{chat}/member-count", target.base));
+        let (answer, ok) = target.call(request).await;
+        recorder.record("quiet_count", started.elapsed(), &answer, ok);
+        n += 1;
+    }
+    if let Some(url) = shard_url {
+        let mut conn = MySqlConnection::connect(url).await?;
+        sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut conn)
+            .await?;
+        let direct: Vec<String> = (0..20).map(|i| format!("{run}-direct-{i}")).collect();
+        for chat in &direct {
+            chats::insert(&mut conn, chat, 100_000, now()).await?;
+        }
+        recorder.mark("direct sqlx");
+        let deadline = Instant::now() + duration;
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            let chat = &direct[(n % direct.len() as u64) as usize];
+            let started = Instant::now();
+            let result = join_in_one_transaction(&mut conn, chat, &[format!("q{n}")]).await;
+            let answer = result
+                .as_ref()
+                .map_or_else(sql_answer, |()| "committed".to_owned());
+            recorder.record("direct_join", started.elapsed(), &answer, result.is_ok());
+            let started = Instant::now();
+            let result = chats::member_count(&mut conn, chat).await;
+            let answer = result
+                .as_ref()
+                .map_or_else(sql_answer, |_| "read".to_owned());
+            recorder.record("direct_count", started.elapsed(), &answer, result.is_ok());
+            n += 1;
+        }
+    }
+    Ok(json!({
+        "name": "quiet",
+        "durationSeconds": duration.as_secs_f64(),
+        "direct": shard_url.is_some(),
+    }))
+}

@@ -1,0 +1,119 @@
+//! The load tool keeps working: a short run of each scenario against a real
+//! service and shard, asserting only that it runs and reports its figures
+//! (real runs are not timed tests; their figures are in docs/benchmarks.md).
+//!
+//! Its own test binary: it runs the built `chatshard-load` binary.
+
+use std::process::Command;
+
+use chatshard::app::App;
+use chatshard::localdb::cluster::LocalCluster;
+use serde_json::Value;
+
+const TOKEN: &str = "load-smoke-admin-token";
+
+fn run(args: &[&str], json: &std::path::Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatshard-load"))
+        .args(args)
+        .arg("--quiet")
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("run chatshard-load");
+    assert!(
+        out.status.success(),
+        "chatshard-load {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("p99 ms"), "no final table: {table}");
+    serde_json::from_slice(&std::fs::read(json).expect("json report")).expect("json")
+}
+
+fn ok(report: &Value, kind: &str) -> u64 {
+    report["kinds"][kind]["ok"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_reports() {
+    let cluster = LocalCluster::start_temp(1).await.expect("shard");
+    let mut settings = cluster.settings().expect("settings");
+    settings.admin.token = TOKEN.to_owned();
+    let app = App::build(&settings).await.expect("app");
+    let url = format!("http://{}", app.local_addr().expect("addr"));
+    tokio::spawn(async move { app.run(std::future::pending()).await });
+    let shard_url = cluster.shard_settings()[0].url.clone();
+    let dir = std::env::temp_dir().join(format!("chatshard-load-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+
+    let reports = tokio::task::spawn_blocking(move || {
+        let spike = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "join-spike",
+                "--clients",
+                "4",
+                "--seconds",
+                "1",
+            ],
+            &dir.join("spike.json"),
+        );
+        let quiet = run(
+            &[
+                "--url",
+                &url,
+                "quiet",
+                "--seconds",
+                "0.5",
+                "--shard-url",
+                &shard_url,
+            ],
+            &dir.join("quiet.json"),
+        );
+        let direct = run(
+            &[
+                "direct-sql",
+                "--shard-url",
+                &shard_url,
+                "--clients",
+                "2",
+                "--seconds",
+                "0.5",
+                "--batch",
+                "8",
+            ],
+            &dir.join("direct.json"),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        (spike, quiet, direct)
+    })
+    .await
+    .expect("runs");
+    let (spike, quiet, direct) = reports;
+    assert!(ok(&spike, "join") > 0, "{spike}");
+    assert_eq!(spike["scenario"]["joinThrottle"], false);
+    assert!(
+        spike["kinds"]["join"]["latencyMs"]["p99"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    assert!(
+        !spike["kinds"]["join"]["okPerSecondTimeline"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(spike["marks"][0]["what"], "spike start");
+    for kind in ["quiet_join", "quiet_count", "direct_join", "direct_count"] {
+        assert!(ok(&quiet, kind) > 0, "{kind}: {quiet}");
+    }
+    for kind in ["direct_join", "direct_batched"] {
+        assert!(ok(&direct, kind) > 0, "{kind}: {direct}");
+    }
+    drop(cluster);
+}
