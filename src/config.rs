@@ -47,6 +47,8 @@ pub struct Settings {
     #[serde(default)]
     pub throttle: ThrottleSettings,
     #[serde(default)]
+    pub tail: TailSettings,
+    #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySettings,
     /// Live: hot-chat detection and fetch throttling (changeable at run time).
     #[serde(default)]
@@ -227,6 +229,30 @@ impl Default for ThrottleSettings {
         Self {
             tracked_chats: 100_000,
             page_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The in-memory tails of chats with readers (fixed at start).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TailSettings {
+    /// Chats that keep a tail at once.
+    pub chats: u64,
+    /// Recent events kept per chat.
+    pub events_per_chat: usize,
+    /// How long the tail's knowledge is trusted before one read refreshes it:
+    /// the longest a write made through another instance stays unseen by
+    /// this instance's polls and long-polls.
+    pub refresh_ms: u64,
+}
+
+impl Default for TailSettings {
+    fn default() -> Self {
+        Self {
+            chats: 10_000,
+            events_per_chat: 1024,
+            refresh_ms: 1000,
         }
     }
 }
@@ -436,6 +462,9 @@ impl Settings {
             ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
             ("http.max_connections", self.http.max_connections as u64),
             ("http.max_uri_bytes", self.http.max_uri_bytes as u64),
+            ("tail.chats", self.tail.chats),
+            ("tail.events_per_chat", self.tail.events_per_chat as u64),
+            ("tail.refresh_ms", self.tail.refresh_ms),
             ("pool.max_concurrent", pool.max_concurrent as u64),
             ("pool.max_wait_ms", pool.max_wait_ms),
             ("pool.connect_timeout_ms", pool.connect_timeout_ms),

@@ -166,6 +166,33 @@ impl PageLimit {
     pub fn get(self) -> u32 {
         self.0
     }
+
+    /// The largest page.
+    pub fn largest() -> Self {
+        Self(Self::MAX)
+    }
+}
+
+/// How long a long-poll may wait: `waitMs`, 0 to 30,000 (0 answers at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait(pub std::time::Duration);
+
+impl Wait {
+    pub const MAX_MS: u64 = 30_000;
+
+    /// Parses the raw query value; `None` means 0.
+    pub fn parse(raw: Option<&str>) -> Result<Self, DomainError> {
+        let Some(raw) = raw else {
+            return Ok(Self(std::time::Duration::ZERO));
+        };
+        match raw.parse::<u64>() {
+            Ok(ms) if ms <= Self::MAX_MS => Ok(Self(std::time::Duration::from_millis(ms))),
+            _ => Err(DomainError(format!(
+                "waitMs must be an integer between 0 and {}",
+                Self::MAX_MS
+            ))),
+        }
+    }
 }
 
 /// An event revision: 0 means "before the first event".

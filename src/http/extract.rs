@@ -289,12 +289,13 @@ where
     }
 }
 
-/// `?after=&limit=` as raw strings; each use case parses them into its types.
+/// `?after=&limit=&waitMs=` as raw strings; each use case parses them into its types.
 /// Other parameters are ignored; one given twice is refused.
 #[derive(Debug, Default)]
 pub struct PageQuery {
     pub after: Option<String>,
     pub limit: Option<String>,
+    pub wait_ms: Option<String>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
@@ -309,6 +310,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
             let (slot, name) = match name.as_str() {
                 "after" => (&mut query.after, "after"),
                 "limit" => (&mut query.limit, "limit"),
+                "waitMs" => (&mut query.wait_ms, "waitMs"),
                 _ => continue,
             };
             if slot.replace(value).is_some() {

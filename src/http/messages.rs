@@ -8,7 +8,7 @@ use super::extract::{ChatPath, JsonBody, PageQuery};
 use super::model::{ChatIdParam, EventPage, EventPageParams, Message, PostMessageRequest};
 use super::problem::Problem;
 use super::{AppState, status_for};
-use crate::domain::{ClientMessageId, MessageText, PageLimit, Revision, UserId};
+use crate::domain::{ClientMessageId, MessageText, PageLimit, Revision, UserId, Wait};
 
 /// Post a message; idempotent by `(senderId, clientMessageId)`.
 #[utoipa::path(
@@ -41,7 +41,8 @@ pub async fn post_message(
     Ok((status_for(created), Json(message.into())))
 }
 
-/// Fetch the chat's events after a revision, oldest first.
+/// Fetch the chat's events after a revision, oldest first; with `waitMs`, wait
+/// up to that long for one (long-poll).
 #[utoipa::path(
     get, path = "/v1/chats/{chatId}/events", tag = "events", params(ChatIdParam, EventPageParams),
     responses(
@@ -60,7 +61,8 @@ pub async fn get_events(
 ) -> Result<Json<EventPage>, Problem> {
     let after = Revision::parse_after(query.after.as_deref()).map_err(|e| Problem::invalid(e.0))?;
     let limit = PageLimit::parse(query.limit.as_deref()).map_err(|e| Problem::invalid(e.0))?;
-    let page = state.service.events(&chat, after, limit).await?;
+    let Wait(wait) = Wait::parse(query.wait_ms.as_deref()).map_err(|e| Problem::invalid(e.0))?;
+    let page = state.service.events(&chat, after, limit, wait).await?;
     Ok(Json(EventPage {
         events: page.events.iter().cloned().map(Into::into).collect(),
         latest_revision: page.latest_revision,

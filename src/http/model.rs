@@ -303,4 +303,8 @@ pub struct EventPageParams {
     /// Page size, 1..500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// Long-poll: when no event follows `after`, wait up to this many
+    /// milliseconds for one, then answer an empty page (default 0: at once).
+    #[param(rename = "waitMs", minimum = 0, maximum = 30000)]
+    wait_ms: Option<u32>,
 }

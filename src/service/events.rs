@@ -1,13 +1,23 @@
-//! Event fetches: `GET /v1/chats/{chatId}/events`.
+//! Event fetches: `GET /v1/chats/{chatId}/events`, polls and long-polls.
 //!
-//! A hot chat's fetches may be throttled (the decision is the throttle's, see
-//! `throttle::fetch`); concurrent identical fetches share one query, and a hot
-//! chat's pages are kept for `cacheMillis` or until this instance writes to the
-//! chat.
+//! A fetch is answered from the chat's in-memory [`tail`](super::tail) when
+//! the tail covers it: the events this instance committed are there without a
+//! read, and what other instances wrote is picked up by one shared refresh of
+//! the tail at most every `tail.refresh_ms`. A long-poll (`wait` > 0) with
+//! nothing to return waits for the tail to move (a commit here, or a refresh
+//! that found new events) until `wait` passes, then answers an empty page with
+//! the latest revision. A fetch older than the tail reads the log, with the
+//! coalescing and short-lived pages of hot chats.
+//!
+//! A plain poll of a hot chat may be throttled (the decision is the
+//! throttle's, see `throttle::fetch`); a long-poll is a subscriber and never
+//! is: waiting is what it is told to do instead of polling.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use super::tail::Answer;
 use super::{ChatService, Event, EventPage, ServiceError};
 use crate::domain::{ChatId, PageLimit, Revision};
 use crate::storage::{chats, events};
@@ -15,21 +25,103 @@ use crate::throttle::Decisions;
 use crate::throttle::fetch::FetchDecision;
 use crate::throttle::pages::PageKey;
 
+/// The longest a long-poll may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
 impl ChatService {
-    /// Events after `after`, oldest first, with the chat's latest revision.
+    /// Events after `after`, oldest first, with the chat's latest revision;
+    /// with `wait` > 0, waits up to `wait` for one when there is none yet.
     pub async fn events(
         &self,
         chat: &ChatId,
         after: Revision,
         limit: PageLimit,
+        wait: Duration,
     ) -> Result<Arc<EventPage>, ServiceError> {
         let rule = self.live.load().config.hot_chat_rule(chat);
-        let (keep, generation) = match self.throttle.check_fetch(chat, rule) {
+        let decision = if wait.is_zero() {
+            self.throttle.check_fetch(chat, rule)
+        } else {
+            Decisions::bump(&self.throttle.decisions.fetches);
+            FetchDecision::Serve {
+                keep: Duration::ZERO,
+                generation: self.throttle.hot.heat(chat).generation,
+            }
+        };
+        let (keep, generation) = match decision {
             FetchDecision::Throttle { retry_after_secs } => {
                 return Err(ServiceError::FetchThrottled { retry_after_secs });
             }
             FetchDecision::Serve { keep, generation } => (keep, generation),
         };
+        let deadline = Instant::now() + wait.min(MAX_WAIT);
+        let tail = self.tails.get(chat);
+        let mut refreshed = false;
+        loop {
+            // Subscribed before reading, so a commit between the read and the
+            // wait still wakes this caller.
+            let mut moved = tail.subscribe();
+            moved.borrow_and_update();
+            match tail.read(after.0, limit.get() as usize) {
+                Answer::Events { events, latest } => {
+                    let now = Instant::now();
+                    if !events.is_empty() || now >= deadline {
+                        if !refreshed {
+                            Decisions::bump(&self.throttle.decisions.fetches_coalesced);
+                        }
+                        return Ok(Arc::new(EventPage {
+                            events,
+                            latest_revision: latest,
+                        }));
+                    }
+                    // Nothing yet: wait for the tail to move, or for the time
+                    // after which it must be refreshed (writes of other
+                    // instances), or for the deadline.
+                    let nap = (deadline - now).min(self.tails_refresh());
+                    let _ = tokio::time::timeout(nap, moved.changed()).await;
+                    refreshed = false;
+                }
+                Answer::TooOld => {
+                    return self
+                        .events_from_log(chat, after, limit, keep, generation)
+                        .await;
+                }
+                Answer::Stale if refreshed => {
+                    // Even a refresh cannot vouch: this caller is further
+                    // behind than one page.
+                    return self
+                        .events_from_log(chat, after, limit, keep, generation)
+                        .await;
+                }
+                Answer::Stale => {
+                    tail.refresh(after.0, |from| async move {
+                        Decisions::bump(&self.throttle.decisions.fetch_queries);
+                        let page = self
+                            .load_events(chat, Revision(from), PageLimit::largest())
+                            .await?;
+                        Ok::<_, ServiceError>((page.events, page.latest_revision))
+                    })
+                    .await?;
+                    refreshed = true;
+                }
+            }
+        }
+    }
+
+    fn tails_refresh(&self) -> Duration {
+        self.tails.refresh()
+    }
+
+    /// A page read from the log: concurrent identical fetches share one query,
+    /// and a hot chat's page is kept for `keep` under the chat's generation.
+    async fn events_from_log(
+        &self,
+        chat: &ChatId,
+        after: Revision,
+        limit: PageLimit,
+        keep: Duration,
+        generation: u64,
+    ) -> Result<Arc<EventPage>, ServiceError> {
         let key = PageKey {
             chat: chat.clone(),
             after: after.0,

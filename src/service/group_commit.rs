@@ -32,7 +32,8 @@ use tracing::Instrument as _;
 
 use super::ServiceError;
 use super::plan::WriteOp;
-use super::write::{self, WriteOutcome};
+use super::tail::Tails;
+use super::write::{self, Committed, WriteOutcome};
 use crate::config::GroupCommitSettings;
 use crate::domain::ChatId;
 use crate::shard::{Shard, ShardError, is_deadlock};
@@ -74,13 +75,17 @@ impl ChatQueue {
 pub struct GroupCommit {
     queues: DashMap<ChatId, Arc<ChatQueue>>,
     settings: GroupCommitSettings,
+    /// Told of every committed batch's events, so readers on this instance
+    /// learn of them without a read.
+    tails: Arc<Tails>,
 }
 
 impl GroupCommit {
-    pub fn new(settings: GroupCommitSettings) -> Arc<Self> {
+    pub fn new(settings: GroupCommitSettings, tails: Arc<Tails>) -> Arc<Self> {
         Arc::new(Self {
             queues: DashMap::new(),
             settings,
+            tails,
         })
     }
 
@@ -135,7 +140,10 @@ impl GroupCommit {
             let (ops, replies): (Vec<WriteOp>, Vec<Reply>) =
                 batch.into_iter().map(|(op, reply, _)| (op, reply)).unzip();
             match commit(&shard, &chat, ops).instrument(parent).await {
-                Ok(outcomes) => {
+                Ok(Committed { outcomes, events }) => {
+                    // Before the answers: a writer that then reads finds its
+                    // own events in the tail.
+                    self.tails.committed(&chat, &events);
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         let _ = reply.send(Ok(outcome));
                     }
@@ -161,11 +169,7 @@ impl GroupCommit {
     }
 }
 
-async fn commit(
-    shard: &Shard,
-    chat: &ChatId,
-    ops: Vec<WriteOp>,
-) -> Result<Vec<WriteOutcome>, ShardError> {
+async fn commit(shard: &Shard, chat: &ChatId, ops: Vec<WriteOp>) -> Result<Committed, ShardError> {
     let ops: Arc<[WriteOp]> = ops.into();
     let mut attempt = 1;
     loop {

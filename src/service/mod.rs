@@ -19,6 +19,7 @@ pub mod model;
 pub mod plan;
 pub mod read;
 pub mod repair;
+pub mod tail;
 mod write;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct ChatService {
     throttle: Arc<Throttle>,
     /// Event pages being loaded (coalesced) or kept for hot chats.
     pages: Pages<EventPage>,
+    /// The recent events of chats with readers.
+    tails: Arc<tail::Tails>,
 }
 
 /// How the service is sized (fixed at start).
@@ -57,6 +60,8 @@ pub struct ServiceSettings {
     pub default_max_members: MaxMembers,
     /// Bytes of event pages kept for hot chats.
     pub page_cache_bytes: u64,
+    /// The in-memory tails of chats with readers.
+    pub tail: tail::TailSettings,
 }
 
 impl ChatService {
@@ -66,13 +71,15 @@ impl ChatService {
         live: Arc<Live>,
         throttle: Arc<Throttle>,
     ) -> Self {
+        let tails = Arc::new(tail::Tails::new(settings.tail));
         Self {
             shards,
-            commits: GroupCommit::new(settings.group_commit),
+            commits: GroupCommit::new(settings.group_commit, tails.clone()),
             default_max_members: settings.default_max_members,
             live,
             throttle,
             pages: Pages::new(settings.page_cache_bytes),
+            tails,
         }
     }
 
@@ -86,6 +93,11 @@ impl ChatService {
 
     pub fn throttle(&self) -> &Arc<Throttle> {
         &self.throttle
+    }
+
+    /// Chats with an in-memory tail on this instance.
+    pub fn tails(&self) -> u64 {
+        self.tails.len()
     }
 
     pub(super) fn shard(&self, chat: &ChatId) -> &Arc<Shard> {

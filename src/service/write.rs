@@ -14,7 +14,7 @@ use chrono::NaiveDateTime;
 use sqlx::{Connection, MySqlConnection};
 
 use super::plan::{self, ChatBefore, MemberBefore, MessageBefore, Planned, Rejection, WriteOp};
-use super::{Member, Message};
+use super::{Event, Member, Message};
 use crate::domain::{ChatId, ClientMessageId, MemberState, UserId};
 use crate::shard::OpError;
 use crate::storage::{self, UnreadableRow, chats, events, members, messages};
@@ -37,6 +37,15 @@ pub enum WriteOutcome {
     Rejected(Rejection),
 }
 
+/// What one committed batch did: each write's answer (in the order of the
+/// batch) and the events it appended (in revision order), as the log now holds
+/// them, so that readers on this instance learn of them without a read.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    pub outcomes: Vec<WriteOutcome>,
+    pub events: Vec<Event>,
+}
+
 /// Runs one batch in one transaction. Business refusals are per-operation
 /// outcomes; an `Err` means the whole batch was not applied (or, for
 /// [`OpError::Commit`], may have been).
@@ -45,15 +54,15 @@ pub async fn commit_batch(
     chat: &ChatId,
     ops: &[WriteOp],
     now: NaiveDateTime,
-) -> Result<Vec<WriteOutcome>, OpError> {
+) -> Result<Committed, OpError> {
     let mut tx = conn.begin().await?;
     let chat_id = chat.as_str();
     let Some(row) = chats::lock(&mut tx, chat_id).await? else {
         tx.rollback().await?;
-        return Ok(vec![
-            WriteOutcome::Rejected(Rejection::ChatNotFound);
-            ops.len()
-        ]);
+        return Ok(Committed {
+            outcomes: vec![WriteOutcome::Rejected(Rejection::ChatNotFound); ops.len()],
+            events: Vec::new(),
+        });
     };
     let before = ChatBefore {
         revision: row.revision,
@@ -147,6 +156,23 @@ pub async fn commit_batch(
         })
         .collect();
     events::append(&mut tx, chat_id, &new_events, now).await?;
+    let appended: Vec<Event> = plan
+        .events
+        .iter()
+        .zip(&new_events)
+        .map(|(planned, stored)| Event {
+            revision: planned.revision,
+            kind: planned.kind,
+            user_id: planned.user.to_string(),
+            message_id: stored.message_id,
+            text: planned
+                .message
+                .as_ref()
+                .and_then(|(s, k)| message_rows.get(&(s.as_str(), k.as_str())))
+                .map(|m| m.body.clone()),
+            created_at: storage::utc(now),
+        })
+        .collect();
     if !new_events.is_empty() {
         chats::advance_revision(&mut tx, chat_id, new_events.len() as u64).await?;
     }
@@ -182,7 +208,10 @@ pub async fn commit_batch(
         .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
         .collect::<Result<Vec<_>, OpError>>()?;
     tx.commit().await.map_err(OpError::Commit)?;
-    Ok(outcomes)
+    Ok(Committed {
+        outcomes,
+        events: appended,
+    })
 }
 
 impl WriteOutcome {

@@ -11,6 +11,7 @@ mod deploy;
 mod hardening;
 mod helpers;
 mod hot;
+mod longpoll;
 mod members;
 mod messages;
 mod openapi;

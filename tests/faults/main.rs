@@ -365,13 +365,14 @@ async fn s7_hot_chat_takes_only_its_share() {
     tokio::time::sleep(WINDOW).await;
     let fault_start = Instant::now();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Distinct fetches (each task its own `after`): identical ones would be
-    // coalesced into one query and never reach the chat's share.
+    // Member pages, each task its own page size: every one is a read of the
+    // shard (event fetches are answered from the chat's in-memory tail, and
+    // identical ones would be coalesced), so the flood reaches the chat's share.
     let flood: Vec<_> = (0..64)
         .map(|task| {
             let (http, url, stop) = (
                 cluster.http.clone(),
-                cluster.url(&format!("/v1/chats/{hot}/events?after={task}&limit=50")),
+                cluster.url(&format!("/v1/chats/{hot}/members?limit={}", 10 + task)),
                 stop.clone(),
             );
             tokio::spawn(async move {

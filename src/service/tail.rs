@@ -1,0 +1,308 @@
+//! The tail of a chat's event log, kept in memory on this instance for the
+//! chats that have readers, so that polls and long-polls of a hot chat cost
+//! its shard a bounded number of reads instead of one per poll.
+//!
+//! - A tail holds the chat's most recent events, contiguous in revision, up to
+//!   `tail.events_per_chat` of them, and the latest revision known.
+//! - A batch this instance commits appends its events straight from the
+//!   batch's outcome: no read. A batch that does not follow on from the tail
+//!   (another instance wrote in between) restarts the tail at that batch, so
+//!   the tail never has a gap.
+//! - What the tail cannot vouch for (writes of other instances, before any
+//!   notice of them exists) is refreshed by one read of what follows the tail,
+//!   shared by every caller of the chat, at most once per `tail.refresh_ms`.
+//! - Waiters (long-polls) are woken when the latest known revision moves.
+//! - Tails are created by readers and dropped when nobody read them for a
+//!   minute, and their number is bounded (`tail.chats`).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use tokio::sync::watch;
+
+use super::Event;
+use crate::domain::ChatId;
+
+/// How many chats keep a tail, and how much of it.
+#[derive(Debug, Clone)]
+pub struct TailSettings {
+    /// Chats with a tail at once.
+    pub chats: u64,
+    /// Events kept per chat.
+    pub events_per_chat: usize,
+    /// How long what the tail knows is trusted before one read refreshes it
+    /// (the longest a write of another instance stays unseen here).
+    pub refresh: Duration,
+}
+
+/// The tails of this instance.
+pub struct Tails {
+    cache: Cache<ChatId, Arc<Tail>>,
+    settings: TailSettings,
+}
+
+impl Tails {
+    pub fn new(settings: TailSettings) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(settings.chats)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
+            settings,
+        }
+    }
+
+    /// The chat's tail, created empty if it has none.
+    pub fn get(&self, chat: &ChatId) -> Arc<Tail> {
+        self.cache.get_with_by_ref(chat, || {
+            Arc::new(Tail {
+                state: Mutex::new(State::default()),
+                latest: watch::channel(0).0,
+                fill: tokio::sync::Mutex::new(()),
+                capacity: self.settings.events_per_chat,
+                refresh: self.settings.refresh,
+            })
+        })
+    }
+
+    /// Feeds a batch this instance committed to the chat's tail, if it has one.
+    pub fn committed(&self, chat: &ChatId, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        if let Some(tail) = self.cache.get(chat) {
+            tail.append(events, None);
+        }
+    }
+
+    /// How long a tail is trusted before it is refreshed.
+    pub fn refresh(&self) -> Duration {
+        self.settings.refresh
+    }
+
+    /// Chats with a tail now.
+    pub fn len(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One chat's tail.
+pub struct Tail {
+    state: Mutex<State>,
+    /// The latest revision known; waiters watch it.
+    latest: watch::Sender<u64>,
+    /// Held by the one caller that refreshes the tail; the others wait for it
+    /// and then find the tail fresh.
+    fill: tokio::sync::Mutex<()>,
+    capacity: usize,
+    refresh: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Contiguous revisions, oldest first.
+    events: VecDeque<Event>,
+    /// The revision the ring starts after: it holds `(base, base + len]`.
+    base: u64,
+    /// Whether `base` is known at all (a fresh tail knows nothing).
+    known: bool,
+    /// When the tail last matched the log (a read, or a local commit seen
+    /// while fresh).
+    refreshed: Option<Instant>,
+}
+
+/// What a tail can say about the events after a revision.
+#[derive(Debug)]
+pub enum Answer {
+    /// The events after it (at most the limit asked), and the latest revision.
+    Events { events: Vec<Event>, latest: u64 },
+    /// The revision is older than what the tail holds: read the log.
+    TooOld,
+    /// The tail knows nothing recent enough to vouch for: refresh it first.
+    Stale,
+}
+
+impl Tail {
+    /// The events after `after`, if the tail can vouch for them.
+    pub fn read(&self, after: u64, limit: usize) -> Answer {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = state
+            .refreshed
+            .is_some_and(|at| at.elapsed() < self.refresh);
+        if !state.known || !fresh {
+            return Answer::Stale;
+        }
+        let end = state.base + state.events.len() as u64;
+        if after < state.base {
+            return Answer::TooOld;
+        }
+        let skip = (after.min(end) - state.base) as usize;
+        Answer::Events {
+            events: state
+                .events
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .cloned()
+                .collect(),
+            latest: end,
+        }
+    }
+
+    /// A receiver that changes when the latest known revision moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
+    /// Appends events that follow on from what the tail holds; a batch that
+    /// does not restarts the tail at it. `read` says whether the events come
+    /// from a read of the log that reached its end at `latest` (which makes the
+    /// tail fresh); a local commit only keeps an already fresh tail fresh.
+    fn append(&self, events: &[Event], read: Option<u64>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let end = state.base + state.events.len() as u64;
+        match events.first() {
+            Some(first) if !state.known || first.revision != end + 1 => {
+                if first.revision <= end && state.known {
+                    // Already held (a read that overlaps a local commit).
+                    let skip = (end + 1 - first.revision) as usize;
+                    let rest = events.get(skip..).unwrap_or_default();
+                    state.events.extend(rest.iter().cloned());
+                } else {
+                    // A gap: another instance wrote in between. Restart here.
+                    state.events.clear();
+                    state.events.extend(events.iter().cloned());
+                    state.base = first.revision - 1;
+                    state.known = true;
+                    if read.is_none() {
+                        // The tail no longer matches the log before this batch.
+                        state.refreshed = None;
+                    }
+                }
+            }
+            Some(_) => state.events.extend(events.iter().cloned()),
+            None => {}
+        }
+        if let Some(latest) = read {
+            if events.is_empty() && !state.known {
+                // A fresh tail, and nothing after what its reader has.
+                state.base = latest;
+                state.known = true;
+            }
+            state.refreshed = Some(Instant::now());
+        }
+        while state.events.len() > self.capacity {
+            state.events.pop_front();
+            state.base += 1;
+        }
+        let end = state.base + state.events.len() as u64;
+        drop(state);
+        self.latest.send_if_modified(|latest| {
+            let moved = end > *latest;
+            *latest = (*latest).max(end);
+            moved
+        });
+    }
+
+    /// Refreshes the tail with one `read(after)` of what follows it (or of
+    /// what follows `from` when the tail knows nothing), unless another caller
+    /// refreshed it meanwhile. `read` returns the events after a revision
+    /// (oldest first, one page) and the chat's latest revision. A page that
+    /// does not reach the latest revision leaves the tail stale: its readers
+    /// are too far behind for it and read the log.
+    pub async fn refresh<F, Fut, E>(&self, from: u64, read: F) -> Result<(), E>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(Vec<Event>, u64), E>>,
+    {
+        let _one = self.fill.lock().await;
+        let after = {
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let fresh = state
+                .refreshed
+                .is_some_and(|at| at.elapsed() < self.refresh);
+            if state.known && fresh {
+                return Ok(());
+            }
+            if state.known {
+                state.base + state.events.len() as u64
+            } else {
+                from
+            }
+        };
+        let (events, latest) = read(after).await?;
+        if events.last().map_or(after, |e| e.revision) >= latest {
+            self.append(&events, Some(latest));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventType;
+
+    fn ev(revision: u64) -> Event {
+        Event {
+            revision,
+            kind: EventType::MemberJoined,
+            user_id: format!("u{revision}"),
+            message_id: None,
+            text: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn tail(capacity: usize) -> Tail {
+        Tail {
+            state: Mutex::new(State::default()),
+            latest: watch::channel(0).0,
+            fill: tokio::sync::Mutex::new(()),
+            capacity,
+            refresh: Duration::from_secs(60),
+        }
+    }
+
+    fn revisions(answer: Answer) -> Vec<u64> {
+        match answer {
+            Answer::Events { events, .. } => events.iter().map(|e| e.revision).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_tail_is_filled_once_then_fed_by_commits() -> crate::TestResult {
+        let t = tail(4);
+        assert!(matches!(t.read(0, 10), Answer::Stale));
+        t.refresh(0, |after| async move {
+            assert_eq!(after, 0);
+            Ok::<_, ()>(((1..=2).map(ev).collect(), 2))
+        })
+        .await
+        .map_err(|()| "read")?;
+        assert_eq!(revisions(t.read(0, 10)), [1, 2]);
+        t.append(&[ev(3), ev(4), ev(5)], None);
+        // Bounded: the oldest fell out, and asking for it means the log.
+        assert_eq!(revisions(t.read(1, 10)), [2, 3, 4, 5]);
+        assert!(matches!(t.read(0, 10), Answer::TooOld));
+        assert_eq!(revisions(t.read(5, 10)), Vec::<u64>::new());
+        assert_eq!(*t.subscribe().borrow(), 5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_after_a_gap_restarts_the_tail_and_makes_it_stale() {
+        let t = tail(10);
+        t.append(&[ev(1), ev(2)], Some(2));
+        // Revisions 3..=4 were written elsewhere.
+        t.append(&[ev(5)], None);
+        assert!(matches!(t.read(2, 10), Answer::Stale));
+    }
+}

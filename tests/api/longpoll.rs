@@ -1,0 +1,201 @@
+//! Long-poll (`waitMs`) and the in-memory tail behind it: woken by a commit,
+//! an empty page when the wait ends, every revision exactly once and in order
+//! under concurrent writers, and many waiters of one chat costing its shard
+//! at most one read per published event.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, assert_problem};
+
+const TOKEN: &str = "long-poll-tests-admin-token";
+
+async fn poll(app: &TestApp, chat: &str, after: u64, wait_ms: u64) -> Value {
+    let r = app
+        .get(&format!(
+            "/v1/chats/{chat}/events?after={after}&limit=500&waitMs={wait_ms}"
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.expect("json")
+}
+
+fn revisions(page: &Value) -> Vec<u64> {
+    page["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["revision"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_is_answered_by_the_next_commit_or_the_end_of_its_wait() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("lp").await;
+    assert_eq!(app.join(&chat, "ann").await.status(), StatusCode::CREATED);
+
+    // Nothing after revision 1: the wait ends with an empty page.
+    let started = Instant::now();
+    let page = poll(&app, &chat, 1, 300).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(revisions(&page), Vec::<u64>::new());
+    assert_eq!(page["latestRevision"], 1);
+
+    // A waiter gets the message posted while it waits, long before its wait
+    // of 20 s ends.
+    let waiter = {
+        let (base, chat) = (app.base.clone(), chat.clone());
+        tokio::spawn(async move {
+            reqwest::get(format!(
+                "{base}/v1/chats/{chat}/events?after=1&waitMs=20000"
+            ))
+            .await
+            .expect("poll")
+            .json::<Value>()
+            .await
+            .expect("json")
+        })
+    };
+    assert_eq!(
+        app.post(&chat, "ann", "m1", "hello").await.status(),
+        StatusCode::CREATED
+    );
+    let page = tokio::time::timeout(Duration::from_secs(15), waiter)
+        .await
+        .expect("the waiter was answered before its wait ended")
+        .expect("task");
+    assert_eq!(revisions(&page), [2]);
+    assert_eq!(page["events"][0]["text"], "hello");
+    assert_eq!(page["latestRevision"], 2);
+
+    for bad in ["30001", "-1", "soon"] {
+        let r = app
+            .get(&format!("/v1/chats/{chat}/events?after=0&waitMs={bad}"))
+            .await;
+        assert_problem(r, 422, "invalid_request").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_pollers_see_every_revision_once_and_in_order_under_concurrent_writers() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("lp-order").await;
+    const WRITERS: usize = 4;
+    const POSTS: usize = 40;
+    for w in 0..WRITERS {
+        assert_eq!(
+            app.join(&chat, &format!("w{w}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let total = (WRITERS * (POSTS + 1)) as u64;
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (base, chat) = (app.base.clone(), chat.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut seen = Vec::new();
+                let mut after = 0;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while after < total {
+                    assert!(Instant::now() < deadline, "stuck after {after}");
+                    let page: Value = http
+                        .get(format!(
+                            "{base}/v1/chats/{chat}/events?after={after}&limit=7&waitMs=5000"
+                        ))
+                        .send()
+                        .await
+                        .expect("poll")
+                        .json()
+                        .await
+                        .expect("json");
+                    let got = revisions(&page);
+                    if let Some(last) = got.last() {
+                        after = *last;
+                    }
+                    seen.extend(got);
+                }
+                seen
+            })
+        })
+        .collect();
+    let writers = (0..WRITERS).map(|w| {
+        let app = &app;
+        let chat = chat.clone();
+        async move {
+            for i in 0..POSTS {
+                let r = app
+                    .post(&chat, &format!("w{w}"), &format!("k{i}"), "x")
+                    .await;
+                assert_eq!(r.status(), StatusCode::CREATED);
+            }
+        }
+    });
+    join_all(writers).await;
+    for reader in readers {
+        let seen = reader.await.expect("reader");
+        assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_of_one_chat_cost_at_most_one_read_per_event() {
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        // No periodic refresh during the test: every read it counts is one
+        // the waiters caused.
+        s.tail.refresh_ms = 120_000;
+    })
+    .await;
+    let chat = app.new_chat("lp-reads").await;
+    assert_eq!(app.join(&chat, "host").await.status(), StatusCode::CREATED);
+    const WAITERS: usize = 20;
+    const EVENTS: u64 = 10;
+    let queries = || async {
+        app.admin_get("/v1/admin/hot-chats").await["decisions"]["fetchQueries"]
+            .as_u64()
+            .expect("fetchQueries")
+    };
+    let before = queries().await;
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (base, chat) = (app.base.clone(), chat.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut after = 1;
+                while after < 1 + EVENTS {
+                    let page: Value = http
+                        .get(format!(
+                            "{base}/v1/chats/{chat}/events?after={after}&waitMs=10000"
+                        ))
+                        .send()
+                        .await
+                        .expect("poll")
+                        .json()
+                        .await
+                        .expect("json");
+                    if let Some(last) = revisions(&page).last() {
+                        after = *last;
+                    }
+                }
+            })
+        })
+        .collect();
+    for i in 0..EVENTS {
+        let r = app.post(&chat, "host", &format!("e{i}"), "news").await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("every waiter saw every event")
+            .expect("waiter");
+    }
+    let reads = queries().await - before;
+    eprintln!("{WAITERS} waiters, {EVENTS} events: {reads} event read(s) on the shard");
+    assert!(reads <= EVENTS, "{reads} reads for {EVENTS} events");
+}
