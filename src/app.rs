@@ -18,6 +18,8 @@ use crate::throttle::{SystemClock, Throttle};
 /// A bound, ready-to-run service.
 pub struct App {
     listener: tokio::net::TcpListener,
+    /// Tells streams the instance is shutting down.
+    closing: tokio::sync::watch::Sender<bool>,
     http: crate::config::HttpSettings,
     router: axum::Router,
     shards: Arc<ShardSet>,
@@ -48,6 +50,10 @@ impl App {
         if admin_token.is_none() {
             tracing::info!("no admin token configured: the admin API is off");
         }
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let subscribers = Arc::new(http::stream::Subscribers::default());
+        let open = subscribers.clone();
+        metrics.observe_streams(move || open.open());
         let router = http::router(AppState {
             service: Arc::new(service),
             admin_token,
@@ -55,12 +61,15 @@ impl App {
             chat_id_in_telemetry: settings.telemetry.chat_id,
             http: settings.http.clone(),
             schemas: Default::default(),
+            subscribers,
+            closing: closing_rx,
         });
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         Ok(Self {
             listener,
+            closing,
             http: settings.http.clone(),
             router,
             shards,
@@ -110,6 +119,12 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let closing = self.closing;
+        let shutdown = async move {
+            shutdown.await;
+            // Streams end with a final event before connections are drained.
+            closing.send_replace(true);
+        };
         http::serve::serve(self.listener, self.router, self.http, shutdown).await;
         // Flushes the OTLP metric exporter, if any (blocking).
         let metrics = self.metrics;

@@ -56,6 +56,9 @@ pub struct Settings {
     /// Live: join throttling (changeable at run time).
     #[serde(default)]
     pub join_throttle: JoinThrottleConfig,
+    /// Live: event streams (changeable at run time).
+    #[serde(default)]
+    pub streams: crate::live::StreamsConfig,
     #[serde(default)]
     pub shards: Vec<ShardSettings>,
 }
@@ -534,6 +537,7 @@ impl Settings {
         LiveConfig {
             hot_chat: self.hot_chat.clone(),
             join_throttle: self.join_throttle.clone(),
+            streams: self.streams.clone(),
         }
     }
 

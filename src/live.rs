@@ -136,6 +136,35 @@ pub struct JoinThrottleOverride {
     pub window_seconds: Option<u64>,
 }
 
+/// Event streams (SSE) of this instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Open streams at most on this instance; one more is refused with 503
+    /// `too_many_subscribers`.
+    #[serde(alias = "max_subscribers")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_subscribers: u64,
+    /// Open streams of one chat at most on this instance.
+    #[serde(alias = "max_per_chat")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_per_chat: u64,
+    /// Seconds between keep-alive comments on an idle stream.
+    #[serde(alias = "keep_alive_seconds")]
+    #[schema(minimum = 1, maximum = 300)]
+    pub keep_alive_seconds: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 20_000,
+            max_per_chat: 10_000,
+            keep_alive_seconds: 15,
+        }
+    }
+}
+
 /// The live section as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -144,6 +173,7 @@ pub struct LiveConfig {
     pub hot_chat: HotChatConfig,
     #[serde(alias = "join_throttle")]
     pub join_throttle: JoinThrottleConfig,
+    pub streams: StreamsConfig,
 }
 
 /// The effective hot-chat settings of one chat.
@@ -197,6 +227,16 @@ impl LiveConfig {
     /// checked for the fields it sets).
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        let st = &self.streams;
+        for (name, value, max) in [
+            ("streams.maxSubscribers", st.max_subscribers, 1_000_000),
+            ("streams.maxPerChat", st.max_per_chat, 1_000_000),
+            ("streams.keepAliveSeconds", st.keep_alive_seconds, 300),
+        ] {
+            if !(1..=max).contains(&value) {
+                p.push(format!("{name} must be between 1 and {max}"));
+            }
+        }
         let h = &self.hot_chat;
         check_hot_chat(
             "hotChat",

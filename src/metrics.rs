@@ -44,6 +44,14 @@ pub struct Metrics {
     shard_operations: Counter<u64>,
     /// `http.server.request.duration`: by route, method and status.
     http_request: Histogram<f64>,
+    /// `chatshard.stream.events`: events written to streams.
+    stream_events: Counter<u64>,
+    /// `chatshard.stream.ends`: streams ended, by reason.
+    stream_ends: Counter<u64>,
+    /// `chatshard.stream.delivery_lag`: commit to the event handed to a stream.
+    stream_lag: Histogram<f64>,
+    /// `chatshard.stream.refusals`: streams refused by a limit.
+    stream_refusals: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,6 +95,34 @@ impl Metrics {
             .with_unit("s")
             .with_boundaries(SECONDS.to_vec())
             .build();
+        let stream_events = meter
+            .u64_counter("chatshard.stream.events")
+            .with_description("Events written to event streams (SSE)")
+            .build();
+        let stream_ends = meter
+            .u64_counter("chatshard.stream.ends")
+            .with_description(
+                "Event streams ended, by reason: client (went away), shutdown, chat_not_found, error",
+            )
+            .build();
+        let stream_refusals = meter
+            .u64_counter("chatshard.stream.refusals")
+            .with_description("Event streams refused by a limit: instance or chat")
+            .build();
+        let stream_lag = meter
+            .f64_histogram("chatshard.stream.delivery_lag")
+            .with_description(
+                "Time from an event's commit to its hand-over to a stream (the socket write follows)",
+            )
+            .with_unit("s")
+            .with_boundaries(SECONDS.to_vec())
+            .build();
+        for reason in ["client", "shutdown", "chat_not_found", "error"] {
+            stream_ends.add(0, &[KeyValue::new("reason", reason)]);
+        }
+        for limit in ["instance", "chat"] {
+            stream_refusals.add(0, &[KeyValue::new("limit", limit)]);
+        }
         Ok(Arc::new(Self {
             registry,
             provider,
@@ -94,6 +130,10 @@ impl Metrics {
             shard_operation,
             shard_operations,
             http_request,
+            stream_events,
+            stream_ends,
+            stream_lag,
+            stream_refusals,
         }))
     }
 
@@ -246,6 +286,32 @@ impl Metrics {
                     );
                 }
             })
+            .build();
+    }
+
+    /// One event handed to a stream, `lag` after its commit.
+    pub fn stream_event(&self, lag: f64) {
+        self.stream_events.add(1, &[]);
+        self.stream_lag.record(lag.max(0.0), &[]);
+    }
+
+    /// A stream ended for `reason` (a fixed set, see the instrument).
+    pub fn stream_ended(&self, reason: &'static str) {
+        self.stream_ends.add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// A stream refused by the `limit` of the instance or of the chat.
+    pub fn stream_refused(&self, limit: &'static str) {
+        self.stream_refusals
+            .add(1, &[KeyValue::new("limit", limit)]);
+    }
+
+    /// Registers the gauge of open streams.
+    pub fn observe_streams(&self, open: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.meter
+            .u64_observable_gauge("chatshard.streams.open")
+            .with_description("Event streams open on this instance")
+            .with_callback(move |o| o.observe(open(), &[]))
             .build();
     }
 

@@ -16,6 +16,7 @@ pub mod model;
 pub mod problem;
 pub mod serve;
 pub mod shape;
+pub mod stream;
 pub mod trace;
 
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct AppState {
     /// The schemas of the served OpenAPI document, which request bodies are
     /// checked against (set by [`router`]).
     pub schemas: Arc<shape::Schemas>,
+    /// The open event streams.
+    pub subscribers: Arc<stream::Subscribers>,
+    /// Becomes true when the instance starts shutting down: streams end.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(OpenApi)]
@@ -86,6 +91,7 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(members::get_member, members::leave))
         .routes(routes!(messages::post_message))
         .routes(routes!(messages::get_events))
+        .routes(routes!(stream::chat_stream))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(admin::shards))

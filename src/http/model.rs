@@ -308,3 +308,14 @@ pub struct EventPageParams {
     #[param(rename = "waitMs", minimum = 0, maximum = 30000)]
     wait_ms: Option<u32>,
 }
+
+/// `?after=` of an event stream (documentation only).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventStreamParams {
+    /// Stream the events with a revision above this one (default 0);
+    /// `Last-Event-ID` wins over it.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
+    after: Option<i64>,
+}

@@ -49,6 +49,7 @@ codes! {
     UriTooLong => "uri_too_long",
     RequestTimeout => "request_timeout",
     TooManyConnections => "too_many_connections",
+    TooManySubscribers => "too_many_subscribers",
     NotFound => "not_found",
     MethodNotAllowed => "method_not_allowed",
     Unauthorized => "unauthorized",
@@ -94,6 +95,7 @@ impl Code {
             | Self::ChatQueueFull
             | Self::ChatContended
             | Self::TooManyConnections
+            | Self::TooManySubscribers
             | Self::ShardBusy
             | Self::ShardTimeout
             | Self::ShardUnavailable
@@ -112,6 +114,7 @@ impl Code {
             Self::UriTooLong => "The request target is too long",
             Self::RequestTimeout => "The request was not received in time",
             Self::TooManyConnections => "This instance holds its maximum of connections",
+            Self::TooManySubscribers => "This instance holds its maximum of event streams",
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Unauthorized => "Missing or wrong admin token",

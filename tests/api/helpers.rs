@@ -38,7 +38,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub settings: Settings,
     pub live: std::sync::Arc<chatshard::live::Live>,
-    _server: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl TestApp {
@@ -70,16 +71,30 @@ impl TestApp {
         if let Some(path) = watch {
             app.watch_config(path, std::time::Duration::from_millis(20));
         }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let _ = app.run(std::future::pending()).await;
+            let _ = app
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
         });
         Self {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             settings,
             live,
-            _server: server,
+            server,
+            stop: Some(stop),
         }
+    }
+
+    /// Shuts the app down as Ctrl-C would and waits until it stopped.
+    pub async fn shut_down(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -137,6 +152,31 @@ impl TestApp {
             (0..n).map(|i| async move { self.join(chat, &format!("u{i}")).await.status() }),
         )
         .await
+    }
+
+    /// Joins `writers` users `w0`.. to `chat`; the revisions they will have
+    /// written once [`Self::post_concurrently`] is done.
+    pub async fn join_writers(&self, chat: &str, writers: usize, posts: usize) -> u64 {
+        for w in 0..writers {
+            assert_eq!(
+                self.join(chat, &format!("w{w}")).await.status(),
+                StatusCode::CREATED
+            );
+        }
+        (writers * (posts + 1)) as u64
+    }
+
+    /// `writers` concurrent writers each post `posts` messages to `chat`.
+    pub async fn post_concurrently(&self, chat: &str, writers: usize, posts: usize) {
+        futures::future::join_all((0..writers).map(|w| async move {
+            for i in 0..posts {
+                let r = self
+                    .post(chat, &format!("w{w}"), &format!("k{i}"), "x")
+                    .await;
+                assert_eq!(r.status(), StatusCode::CREATED);
+            }
+        }))
+        .await;
     }
 
     pub async fn leave(&self, chat: &str, user: &str) -> Response {

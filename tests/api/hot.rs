@@ -304,7 +304,10 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
     let body = assert_problem(r, 422, "invalid_config").await;
     assert_eq!(
         body["errors"],
-        json!(["the body lacks the required field `joinThrottle`"])
+        json!([
+            "the body lacks the required field `joinThrottle`",
+            "the body lacks the required field `streams`"
+        ])
     );
     assert_eq!(get_config(&app).await["version"], 2);
     // The whole document, as GET returns it, is accepted back.

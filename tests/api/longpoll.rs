@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -86,13 +85,7 @@ async fn long_pollers_see_every_revision_once_and_in_order_under_concurrent_writ
     let chat = app.new_chat("lp-order").await;
     const WRITERS: usize = 4;
     const POSTS: usize = 40;
-    for w in 0..WRITERS {
-        assert_eq!(
-            app.join(&chat, &format!("w{w}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
-    let total = (WRITERS * (POSTS + 1)) as u64;
+    let total = app.join_writers(&chat, WRITERS, POSTS).await;
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let (base, chat) = (app.base.clone(), chat.clone());
@@ -123,19 +116,7 @@ async fn long_pollers_see_every_revision_once_and_in_order_under_concurrent_writ
             })
         })
         .collect();
-    let writers = (0..WRITERS).map(|w| {
-        let app = &app;
-        let chat = chat.clone();
-        async move {
-            for i in 0..POSTS {
-                let r = app
-                    .post(&chat, &format!("w{w}"), &format!("k{i}"), "x")
-                    .await;
-                assert_eq!(r.status(), StatusCode::CREATED);
-            }
-        }
-    });
-    join_all(writers).await;
+    app.post_concurrently(&chat, WRITERS, POSTS).await;
     for reader in readers {
         let seen = reader.await.expect("reader");
         assert_eq!(seen, (1..=total).collect::<Vec<_>>());

@@ -18,5 +18,6 @@ mod openapi;
 mod repair;
 mod routing;
 mod schemathesis;
+mod stream;
 mod unreadable;
 mod validation;

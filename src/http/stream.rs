@@ -1,0 +1,280 @@
+//! `GET /v1/chats/{chatId}/events/stream`: a chat's events as server-sent
+//! events.
+//!
+//! Each event is one SSE message with `id: <revision>`, so a reconnect with
+//! `Last-Event-ID` resumes exactly after the last one received (it wins over
+//! `?after=`). The stream follows the chat through the same path as a
+//! long-poll (the chat's in-memory tail; one shared read per refresh however
+//! many subscribers), one page at a time: a subscriber that does not read
+//! holds one page, never more, and when it reads again it is caught up from
+//! the tail, or from the log if it fell behind the tail. It never skips a
+//! revision.
+//!
+//! - Idle streams get a keep-alive comment every `streams.keepAliveSeconds`.
+//! - While the chat's shard is broken the stream stays open and delivers again
+//!   when the shard is back.
+//! - On shutdown every stream ends with a `shutdown` event (reconnect with
+//!   `Last-Event-ID` to another instance); a chat that does not exist ends it
+//!   with an `error` event.
+//! - At most `streams.maxSubscribers` streams per instance and
+//!   `streams.maxPerChat` per chat; past them 503 `too_many_subscribers`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use super::AppState;
+use super::extract::{ChatPath, PageQuery};
+use super::model::{ChatIdParam, EventStreamParams};
+use super::problem::{Code, Problem};
+use crate::domain::{ChatId, PageLimit, Revision};
+use crate::service::{Event, ServiceError};
+
+/// The open streams of this instance, in total and per chat.
+#[derive(Debug, Default)]
+pub struct Subscribers {
+    total: AtomicU64,
+    per_chat: DashMap<ChatId, u64>,
+}
+
+/// One open stream; dropping it closes its place.
+pub struct Subscription {
+    registry: Arc<Subscribers>,
+    chat: ChatId,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.registry.total.fetch_sub(1, Ordering::AcqRel);
+        self.registry.per_chat.remove_if_mut(&self.chat, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+impl Subscribers {
+    /// Open streams now.
+    pub fn open(&self) -> u64 {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Takes a place for a stream of `chat`, or says which limit refused it.
+    fn subscribe(
+        self: &Arc<Self>,
+        chat: &ChatId,
+        max_total: u64,
+        max_per_chat: u64,
+    ) -> Result<Subscription, &'static str> {
+        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        if total > max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("instance");
+        }
+        let mut n = self.per_chat.entry(chat.clone()).or_insert(0);
+        if *n >= max_per_chat {
+            drop(n);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("chat");
+        }
+        *n += 1;
+        Ok(Subscription {
+            registry: self.clone(),
+            chat: chat.clone(),
+        })
+    }
+}
+
+/// The events of one chat as server-sent events.
+#[utoipa::path(
+    get, path = "/v1/chats/{chatId}/events/stream", tag = "events",
+    params(ChatIdParam, EventStreamParams,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$", description = "The revision last received: the stream resumes after it (wins over `after`; empty means none)")),
+    responses(
+        (status = 200, description = "The stream: one message per event, `id` = its revision, data = the Event as JSON; `shutdown` and `error` events end it", content_type = "text/event-stream", body = String),
+        (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid id or revision", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "too_many_subscribers, or the shard is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn chat_stream(
+    State(state): State<AppState>,
+    ChatPath(chat): ChatPath,
+    headers: HeaderMap,
+    query: PageQuery,
+) -> Result<Response, Problem> {
+    // An empty Last-Event-ID is no id at all (the SSE spec resets to it).
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| !id.is_empty());
+    let after = match last_event_id {
+        Some(id) => Revision::parse_after(Some(id)),
+        None => Revision::parse_after(query.after.as_deref()),
+    }
+    .map_err(|e| Problem::invalid(e.0))?;
+    let config = state.service.live().load().config.streams.clone();
+    let subscription = state
+        .subscribers
+        .subscribe(&chat, config.max_subscribers, config.max_per_chat)
+        .map_err(|limit| {
+            state.metrics.stream_refused(limit);
+            Problem::new(
+                Code::TooManySubscribers,
+                format!("this instance holds its maximum of streams for this {limit}; retry shortly or long-poll"),
+            )
+        })?;
+    // The chat must exist before the stream opens; the answer also seeds the
+    // tail for what follows.
+    let first = state
+        .service
+        .events(&chat, after, PageLimit::largest(), Duration::ZERO)
+        .await?;
+    let follow = Follow {
+        state: state.clone(),
+        chat,
+        after,
+        pending: first.events.iter().cloned().collect(),
+        closing: state.closing.clone(),
+        finished: false,
+        _subscription: subscription,
+        keep_alive: Duration::from_secs(config.keep_alive_seconds),
+    };
+    let stream = futures_util::stream::unfold(follow, next);
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(config.keep_alive_seconds)))
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        "cache-control",
+        axum::http::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    Ok(response)
+}
+
+/// Where one stream is.
+struct Follow {
+    state: AppState,
+    chat: ChatId,
+    after: Revision,
+    pending: VecDeque<Event>,
+    closing: watch::Receiver<bool>,
+    finished: bool,
+    keep_alive: Duration,
+    _subscription: Subscription,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Dropped by the connection: the client went away.
+            self.state.metrics.stream_ended("client");
+        }
+    }
+}
+
+/// The next message of a stream, or its end.
+async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
+    loop {
+        if let Some(event) = f.pending.pop_front() {
+            f.after = Revision(event.revision);
+            let lag = (chrono::Utc::now() - event.created_at).as_seconds_f64();
+            f.state.metrics.stream_event(lag);
+            return Some((Ok(message(event)), f));
+        }
+        if f.finished {
+            return None;
+        }
+        if *f.closing.borrow() {
+            return Some((
+                Ok(end(
+                    &mut f,
+                    "shutdown",
+                    "the instance is shutting down: reconnect with Last-Event-ID",
+                )),
+                f,
+            ));
+        }
+        let service = f.state.service.clone();
+        let (chat, after, wait) = (f.chat.clone(), f.after, f.keep_alive);
+        let mut closing = f.closing.clone();
+        let page = tokio::select! {
+            page = service.events(&chat, after, PageLimit::largest(), wait) => page,
+            _ = closing.changed() => continue,
+        };
+        match page {
+            Ok(page) => f.pending.extend(page.events.iter().cloned()),
+            Err(ServiceError::ChatNotFound) => {
+                return Some((
+                    Ok(end(&mut f, "chat_not_found", "the chat does not exist")),
+                    f,
+                ));
+            }
+            Err(
+                ServiceError::ShardUnavailable { .. }
+                | ServiceError::ShardBusy { .. }
+                | ServiceError::ShardTimeout { .. }
+                | ServiceError::ChatBusy { .. }
+                | ServiceError::FetchThrottled { .. },
+            ) => {
+                // The shard is broken or busy: stay open, try again shortly.
+                let mut closing = f.closing.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = closing.changed() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "event stream ended by an error");
+                return Some((
+                    Ok(end(
+                        &mut f,
+                        "error",
+                        "an internal error ended the stream: reconnect with Last-Event-ID",
+                    )),
+                    f,
+                ));
+            }
+        }
+    }
+}
+
+fn message(event: Event) -> SseEvent {
+    let id = event.revision.to_string();
+    let body = super::model::Event::from(event);
+    SseEvent::default()
+        .id(id)
+        .json_data(&body)
+        .unwrap_or_else(|_| SseEvent::default().comment("an event could not be encoded"))
+}
+
+/// The final event of a stream.
+fn end(f: &mut Follow, reason: &'static str, detail: &str) -> SseEvent {
+    f.finished = true;
+    f.state.metrics.stream_ended(reason);
+    let event = if reason == "shutdown" {
+        "shutdown"
+    } else {
+        "error"
+    };
+    SseEvent::default()
+        .event(event)
+        .json_data(
+            serde_json::json!({"reason": reason, "detail": detail, "lastEventId": f.after.0}),
+        )
+        .unwrap_or_default()
+}

@@ -1,0 +1,209 @@
+//! Server-sent events of one chat: every revision once and in order under
+//! concurrent writers, `Last-Event-ID` resume, the limits, and a final event
+//! at shutdown.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_problem};
+
+const TOKEN: &str = "stream-tests-admin-token";
+
+/// One server-sent event.
+#[derive(Debug, Default, Clone)]
+struct Sse {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+}
+
+/// Reads server-sent events from a response.
+struct Reader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Reader {
+    /// The stream, or the refusal when it did not open.
+    async fn open(
+        app: &TestApp,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<Self, reqwest::Response> {
+        let mut request = app.http.get(app.url(path));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let r = request.send().await.expect("stream request");
+        if r.status() != StatusCode::OK {
+            return Err(r);
+        }
+        let headers = r.headers();
+        assert_eq!(headers["content-type"], "text/event-stream");
+        assert_eq!(headers["cache-control"], "no-cache");
+        assert_eq!(headers["x-accel-buffering"], "no");
+        Ok(Self {
+            response: r,
+            buffer: String::new(),
+        })
+    }
+
+    /// The next event (comments skipped), or `None` when the stream ended.
+    async fn next(&mut self, within: Duration) -> Option<Sse> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut sse = Sse::default();
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        sse.id = Some(v.trim().to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        sse.event = Some(v.trim().to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        sse.data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(sse);
+                }
+                continue;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Ok(None)) | Ok(Err(_)) => return None,
+                Err(_) => panic!("no event within {within:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_carries_every_revision_once_in_order_and_resumes_after_last_event_id() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("sse").await;
+    const WRITERS: usize = 3;
+    const POSTS: usize = 20;
+    let total = app.join_writers(&chat, WRITERS, POSTS).await;
+    let mut reader = Reader::open(
+        &app,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream opened: {}", r.status()));
+    app.post_concurrently(&chat, WRITERS, POSTS).await;
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < total {
+        let event = reader
+            .next(Duration::from_secs(20))
+            .await
+            .expect("stream open");
+        let id: u64 = event.id.expect("id").parse().expect("numeric id");
+        let data: Value = serde_json::from_str(&event.data).expect("json data");
+        assert_eq!(data["revision"], id);
+        seen.push(id);
+    }
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+
+    // A reconnect with Last-Event-ID resumes exactly after it.
+    let mut reader = Reader::open(
+        &app,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        Some(40),
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream reopened: {}", r.status()));
+    let first = reader.next(Duration::from_secs(10)).await.expect("event");
+    assert_eq!(first.id.as_deref(), Some("41"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_limited_per_chat_and_a_missing_chat_is_404() {
+    let app = TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await;
+    let chat = app.new_chat("sse-limit").await;
+    let r = app
+        .admin(Method::PATCH, "/v1/admin/config")
+        .header("content-type", "application/merge-patch+json")
+        .body(json!({"streams": {"maxPerChat": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let path = format!("/v1/chats/{chat}/events/stream");
+    let first = Reader::open(&app, &path, None)
+        .await
+        .unwrap_or_else(|r| panic!("first stream: {}", r.status()));
+    let r = Reader::open(&app, &path, None)
+        .await
+        .err()
+        .expect("a refusal");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_problem(r, 503, "too_many_subscribers").await;
+    drop(first);
+    // The place is freed when the client goes away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Reader::open(&app, &path, None).await {
+            Ok(_) => break,
+            Err(r) => assert_eq!(r.status(), 503),
+        }
+        assert!(Instant::now() < deadline, "the place was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+    let r = Reader::open(&app, "/v1/chats/no-such-chat-x/events/stream", None)
+        .await
+        .err()
+        .expect("a refusal");
+    assert_problem(r, 404, "chat_not_found").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_every_stream_with_a_final_event() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("sse-stop").await;
+    assert_eq!(app.join(&chat, "ann").await.status(), StatusCode::CREATED);
+    let mut readers = Vec::new();
+    for _ in 0..5 {
+        let r = Reader::open(&app, &format!("/v1/chats/{chat}/events/stream"), None).await;
+        readers.push(r.unwrap_or_else(|r| panic!("stream refused: {}", r.status())));
+    }
+    for r in &mut readers {
+        assert_eq!(
+            r.next(Duration::from_secs(10))
+                .await
+                .expect("event")
+                .id
+                .as_deref(),
+            Some("1")
+        );
+    }
+    let started = Instant::now();
+    let stopping = tokio::spawn(app.shut_down());
+    for r in &mut readers {
+        let last = r
+            .next(Duration::from_secs(10))
+            .await
+            .expect("a final event");
+        assert_eq!(last.event.as_deref(), Some("shutdown"));
+        let data: Value = serde_json::from_str(&last.data).expect("json");
+        assert_eq!(data["lastEventId"], 1);
+        assert!(
+            r.next(Duration::from_secs(10)).await.is_none(),
+            "the stream ended"
+        );
+    }
+    stopping.await.expect("stopped");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
