@@ -88,12 +88,37 @@ async fn every_scenario_runs_and_reports() {
             ],
             &dir.join("direct.json"),
         );
+        let pid = std::process::id().to_string();
+        let fanout = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "fanout",
+                "--subscribers",
+                "10",
+                "--rate",
+                "20",
+                "--seconds",
+                "0.5",
+                "--service-pid",
+                &pid,
+            ],
+            &dir.join("fanout.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
-        (spike, quiet, direct)
+        (spike, quiet, direct, fanout)
     })
     .await
     .expect("runs");
-    let (spike, quiet, direct) = reports;
+    let (spike, quiet, direct, fanout) = reports;
+    let f = &fanout["scenario"];
+    assert_eq!(f["streamsOpen"], 10, "{fanout}");
+    assert!(f["posted"].as_u64().unwrap_or(0) > 0, "{fanout}");
+    assert_eq!(f["delivered"], f["expected"], "{fanout}");
+    assert!(f["memory"]["bytesPerSubscriber"].is_u64(), "{fanout}");
+    assert!(ok(&fanout, "delivery_lag") > 0, "{fanout}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     assert_eq!(spike["scenario"]["joinThrottle"], false);
     assert!(

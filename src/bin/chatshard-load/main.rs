@@ -66,6 +66,20 @@ enum Scenario {
         #[arg(long)]
         shard_url: Option<String>,
     },
+    /// S subscribers (SSE) of one chat while messages are posted at a fixed
+    /// rate: delivery lag, shard reads per event, memory and CPU.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Messages per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The service's pid, to report its memory and CPU (same machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -117,6 +131,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seconds: s,
             shard_url,
         } => scenarios::quiet(&target, shard_url.as_deref(), &recorder, seconds(s)?).await,
+        Scenario::Fanout {
+            subscribers,
+            rate,
+            seconds: s,
+            service_pid,
+        } => {
+            anyhow::ensure!(
+                (1..=20_000).contains(&subscribers),
+                "--subscribers must be 1 to 20000"
+            );
+            anyhow::ensure!(
+                rate > 0.0 && rate <= 10_000.0,
+                "--rate must be above 0 and at most 10000"
+            );
+            let report = scenarios::fanout(
+                &target,
+                &recorder,
+                subscribers,
+                rate,
+                seconds(s)?,
+                service_pid,
+            )
+            .await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
+        }
         Scenario::DirectSql {
             shard_url,
             clients,

@@ -387,3 +387,196 @@ pub async fn quiet(
         "direct": shard_url.is_some(),
     }))
 }
+
+/// What `/proc` says of a process: resident memory and CPU time used.
+fn process_usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces): utime is the 14th
+    // field of the line, stime the 15th, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((rss_kb * 1024, ticks as f64 / 100.0))
+}
+
+/// `fanout`: `subscribers` SSE streams of one chat on one instance while
+/// messages are posted at `rate` per second for `duration`. Reports the
+/// delivery lag (commit to received), the event reads the chat's shard saw
+/// per published event (from the admin view's `fetchQueries`), and, given the
+/// service's pid, its memory per subscriber and its CPU.
+pub async fn fanout(
+    target: &Target,
+    recorder: &Recorder,
+    subscribers: usize,
+    rate: f64,
+    duration: Duration,
+    service_pid: Option<u32>,
+) -> anyhow::Result<Value> {
+    let Some(token) = target.admin_token.clone() else {
+        anyhow::bail!("fanout needs --admin-token (it reads the shard reads from the admin view)");
+    };
+    let queries = || async {
+        let v: Value = target
+            .http
+            .get(format!("{}/v1/admin/hot-chats", target.base))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok::<u64, anyhow::Error>(v["decisions"]["fetchQueries"].as_u64().unwrap_or(0))
+    };
+    let chat = run_id("fanout");
+    target.create_chat(&chat).await?;
+    let join = target
+        .http
+        .post(format!("{}/v1/chats/{chat}/members", target.base))
+        .json(&json!({"userId": "poster"}))
+        .send()
+        .await?;
+    anyhow::ensure!(join.status().is_success(), "join: {}", join.status());
+    let before_usage = service_pid.and_then(process_usage);
+    // A client per subscriber: every stream its own connection.
+    let opened = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let streams: Vec<_> = (0..subscribers)
+        .map(|_| {
+            let (base, chat, recorder, opened, received, stop) = (
+                target.base.clone(),
+                chat.clone(),
+                recorder.clone(),
+                opened.clone(),
+                received.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let response = http
+                    .get(format!("{base}/v1/chats/{chat}/events/stream?after=1"))
+                    .send()
+                    .await;
+                let mut response = match response {
+                    Ok(r) if r.status().is_success() => r,
+                    Ok(r) => {
+                        recorder.record(
+                            "stream_open",
+                            Duration::ZERO,
+                            &r.status().as_u16().to_string(),
+                            false,
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        recorder.record("stream_open", Duration::ZERO, "error/connect", false);
+                        return;
+                    }
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                let mut buffer = String::new();
+                loop {
+                    let chunk = tokio::select! {
+                        chunk = response.chunk() => chunk,
+                        () = stop.notified() => return,
+                    };
+                    let Ok(Some(chunk)) = chunk else { return };
+                    buffer.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = buffer.find("\n\n") {
+                        let block: String = buffer.drain(..end + 2).collect();
+                        let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
+                            continue;
+                        };
+                        let Ok(event) = serde_json::from_str::<Value>(data.trim_start()) else {
+                            continue;
+                        };
+                        let lag = event["createdAt"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| {
+                                (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                                    .to_std()
+                                    .unwrap_or_default()
+                            });
+                        if let Some(lag) = lag {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            recorder.record("delivery_lag", lag, "received", true);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Every stream open before the first message.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (opened.load(Ordering::Relaxed) as usize) < subscribers && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open = opened.load(Ordering::Relaxed);
+    let open_usage = service_pid.and_then(process_usage);
+    let queries_before = queries().await?;
+    recorder.mark("posting starts");
+    let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let posting_until = Instant::now() + duration;
+    let mut posted = 0u64;
+    while Instant::now() < posting_until {
+        tick.tick().await;
+        let started = Instant::now();
+        let request = target
+            .http
+            .post(format!("{}/v1/chats/{chat}/messages", target.base))
+            .json(&json!({"senderId": "poster", "clientMessageId": format!("f{posted}"), "text": "fan-out"}));
+        let (answer, ok) = target.call(request).await;
+        recorder.record("post", started.elapsed(), &answer, ok);
+        posted += u64::from(ok);
+    }
+    // Until every open stream has every message (or 30 s).
+    let want = posted * open;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reads = queries().await? - queries_before;
+    let end_usage = service_pid.and_then(process_usage);
+    stop.notify_waiters();
+    for s in streams {
+        s.abort();
+    }
+    let memory = match (before_usage, open_usage) {
+        (Some((before, _)), Some((with_streams, _))) if open > 0 => json!({
+            "serviceRssBeforeBytes": before,
+            "serviceRssWithStreamsBytes": with_streams,
+            "bytesPerSubscriber": with_streams.saturating_sub(before) / open,
+        }),
+        _ => Value::Null,
+    };
+    let cpu = match (open_usage, end_usage) {
+        (Some((_, a)), Some((_, b))) => {
+            json!({"serviceCpuSecondsWhilePosting": b - a, "cores": (b - a) / duration.as_secs_f64()})
+        }
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "name": "fanout",
+        "subscribers": subscribers,
+        "streamsOpen": open,
+        "messagesPerSecond": rate,
+        "posted": posted,
+        "delivered": received.load(Ordering::Relaxed),
+        "expected": want,
+        "eventReads": reads,
+        "eventReadsPerPublishedEvent": if posted > 0 { reads as f64 / posted as f64 } else { 0.0 },
+        "memory": memory,
+        "cpu": cpu,
+    }))
+}
