@@ -265,7 +265,9 @@ impl From<ServiceError> for Problem {
             .with_retry_after(retry_after_secs),
             ServiceError::FetchThrottled { retry_after_secs } => Self::new(
                 Code::FetchThrottled,
-                "this chat is hot and its event fetches are throttled; retry after the delay given",
+                "this chat is hot and its event polls are throttled; retry after the delay given, \
+                 or follow the chat without polling: long-poll with waitMs, or subscribe to \
+                 GET /v1/chats/{chatId}/events/stream (never throttled)",
             )
             .with_retry_after(retry_after_secs),
             ServiceError::ShardBusy { shard } => Self::new(
