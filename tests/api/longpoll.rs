@@ -22,6 +22,34 @@ async fn poll(app: &TestApp, chat: &str, after: u64, wait_ms: u64) -> Value {
     r.json().await.expect("json")
 }
 
+/// Long-polls `chat` from `after` until revision `until`, with `options`
+/// added to each request; every revision received, in order.
+async fn follow(base: &str, chat: &str, after: u64, until: u64, options: &str) -> Vec<u64> {
+    let http = reqwest::Client::new();
+    let mut seen = Vec::new();
+    let mut after = after;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while after < until {
+        assert!(Instant::now() < deadline, "stuck after {after}");
+        let page: Value = http
+            .get(format!(
+                "{base}/v1/chats/{chat}/events?after={after}{options}"
+            ))
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("json");
+        let got = revisions(&page);
+        if let Some(last) = got.last() {
+            after = *last;
+        }
+        seen.extend(got);
+    }
+    seen
+}
+
 fn revisions(page: &Value) -> Vec<u64> {
     page["events"]
         .as_array()
@@ -89,31 +117,9 @@ async fn long_pollers_see_every_revision_once_and_in_order_under_concurrent_writ
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let (base, chat) = (app.base.clone(), chat.clone());
-            tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                let mut seen = Vec::new();
-                let mut after = 0;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while after < total {
-                    assert!(Instant::now() < deadline, "stuck after {after}");
-                    let page: Value = http
-                        .get(format!(
-                            "{base}/v1/chats/{chat}/events?after={after}&limit=7&waitMs=5000"
-                        ))
-                        .send()
-                        .await
-                        .expect("poll")
-                        .json()
-                        .await
-                        .expect("json");
-                    let got = revisions(&page);
-                    if let Some(last) = got.last() {
-                        after = *last;
-                    }
-                    seen.extend(got);
-                }
-                seen
-            })
+            tokio::spawn(
+                async move { follow(&base, &chat, 0, total, "&limit=7&waitMs=5000").await },
+            )
         })
         .collect();
     app.post_concurrently(&chat, WRITERS, POSTS).await;
@@ -145,25 +151,7 @@ async fn many_waiters_of_one_chat_cost_at_most_one_read_per_event() {
     let waiters: Vec<_> = (0..WAITERS)
         .map(|_| {
             let (base, chat) = (app.base.clone(), chat.clone());
-            tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                let mut after = 1;
-                while after < 1 + EVENTS {
-                    let page: Value = http
-                        .get(format!(
-                            "{base}/v1/chats/{chat}/events?after={after}&waitMs=10000"
-                        ))
-                        .send()
-                        .await
-                        .expect("poll")
-                        .json()
-                        .await
-                        .expect("json");
-                    if let Some(last) = revisions(&page).last() {
-                        after = *last;
-                    }
-                }
-            })
+            tokio::spawn(async move { follow(&base, &chat, 1, 1 + EVENTS, "&waitMs=10000").await })
         })
         .collect();
     for i in 0..EVENTS {
