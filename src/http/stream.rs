@@ -253,13 +253,18 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
     }
 }
 
+/// One event as an SSE message. Its JSON is made once per event, by the first
+/// subscriber to send it, and shared by the others (see `Event::encoded`).
 fn message(event: Event) -> SseEvent {
-    let id = event.revision.to_string();
-    let body = super::model::Event::from(event);
+    let json = event.encoded.get_or_init(|| {
+        let body = super::model::Event::from(event.clone());
+        serde_json::to_string(&body)
+            .unwrap_or_else(|_| "{}".to_owned())
+            .into()
+    });
     SseEvent::default()
-        .id(id)
-        .json_data(&body)
-        .unwrap_or_else(|_| SseEvent::default().comment("an event could not be encoded"))
+        .id(event.revision.to_string())
+        .data(json.as_ref())
 }
 
 /// The final event of a stream.

@@ -1,5 +1,7 @@
 //! What the use cases return: chats, members, messages, events, pages.
 
+use std::sync::{Arc, OnceLock};
+
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 
 use crate::domain::{ChatId, EventType, MemberCursor, MemberState};
@@ -87,6 +89,10 @@ pub struct Event {
     pub message_id: Option<u64>,
     pub text: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The event as a stream sends it, made once by the first subscriber that
+    /// needs it and shared by every copy of the event (the tail hands out
+    /// copies), so a thousand subscribers cost one encoding, not a thousand.
+    pub encoded: Arc<OnceLock<Arc<str>>>,
 }
 
 impl Event {
@@ -107,6 +113,7 @@ impl Event {
             message_id: row.message_id,
             text: row.body,
             created_at: storage::utc(row.created_at),
+            encoded: Arc::default(),
         })
     }
 }

@@ -257,6 +257,7 @@ mod tests {
             message_id: None,
             text: None,
             created_at: chrono::Utc::now(),
+            encoded: Default::default(),
         }
     }
 

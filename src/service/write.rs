@@ -171,6 +171,7 @@ pub async fn commit_batch(
                 .and_then(|(s, k)| message_rows.get(&(s.as_str(), k.as_str())))
                 .map(|m| m.body.clone()),
             created_at: storage::utc(now),
+            encoded: Default::default(),
         })
         .collect();
     if !new_events.is_empty() {
