@@ -7,83 +7,10 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::common::SseReader;
 use crate::helpers::{TestApp, assert_problem};
 
 const TOKEN: &str = "stream-tests-admin-token";
-
-/// One server-sent event.
-#[derive(Debug, Default, Clone)]
-struct Sse {
-    id: Option<String>,
-    event: Option<String>,
-    data: String,
-}
-
-/// Reads server-sent events from a response.
-struct Reader {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl Reader {
-    /// The stream, or the refusal when it did not open.
-    async fn open(
-        app: &TestApp,
-        path: &str,
-        last_event_id: Option<u64>,
-    ) -> Result<Self, reqwest::Response> {
-        let mut request = app.http.get(app.url(path));
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
-        }
-        let r = request.send().await.expect("stream request");
-        if r.status() != StatusCode::OK {
-            return Err(r);
-        }
-        let headers = r.headers();
-        assert_eq!(headers["content-type"], "text/event-stream");
-        assert_eq!(headers["cache-control"], "no-cache");
-        assert_eq!(headers["x-accel-buffering"], "no");
-        Ok(Self {
-            response: r,
-            buffer: String::new(),
-        })
-    }
-
-    /// The next event (comments skipped), or `None` when the stream ended.
-    async fn next(&mut self, within: Duration) -> Option<Sse> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut sse = Sse::default();
-                let mut any = false;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        sse.id = Some(v.trim().to_owned());
-                        any = true;
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        sse.event = Some(v.trim().to_owned());
-                        any = true;
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        sse.data.push_str(v.trim_start());
-                        any = true;
-                    }
-                }
-                if any {
-                    return Some(sse);
-                }
-                continue;
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.response.chunk()).await {
-                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                Ok(Ok(None)) | Ok(Err(_)) => return None,
-                Err(_) => panic!("no event within {within:?}"),
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_carries_every_revision_once_in_order_and_resumes_after_last_event_id() {
@@ -92,8 +19,9 @@ async fn a_stream_carries_every_revision_once_in_order_and_resumes_after_last_ev
     const WRITERS: usize = 3;
     const POSTS: usize = 20;
     let total = app.join_writers(&chat, WRITERS, POSTS).await;
-    let mut reader = Reader::open(
-        &app,
+    let mut reader = SseReader::open(
+        &app.http,
+        &app.base,
         &format!("/v1/chats/{chat}/events/stream?after=0"),
         None,
     )
@@ -114,8 +42,9 @@ async fn a_stream_carries_every_revision_once_in_order_and_resumes_after_last_ev
     assert_eq!(seen, (1..=total).collect::<Vec<_>>());
 
     // A reconnect with Last-Event-ID resumes exactly after it.
-    let mut reader = Reader::open(
-        &app,
+    let mut reader = SseReader::open(
+        &app.http,
+        &app.base,
         &format!("/v1/chats/{chat}/events/stream?after=0"),
         Some(40),
     )
@@ -138,10 +67,10 @@ async fn streams_are_limited_per_chat_and_a_missing_chat_is_404() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let path = format!("/v1/chats/{chat}/events/stream");
-    let first = Reader::open(&app, &path, None)
+    let first = SseReader::open(&app.http, &app.base, &path, None)
         .await
         .unwrap_or_else(|r| panic!("first stream: {}", r.status()));
-    let r = Reader::open(&app, &path, None)
+    let r = SseReader::open(&app.http, &app.base, &path, None)
         .await
         .err()
         .expect("a refusal");
@@ -151,17 +80,22 @@ async fn streams_are_limited_per_chat_and_a_missing_chat_is_404() {
     // The place is freed when the client goes away.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Reader::open(&app, &path, None).await {
+        match SseReader::open(&app.http, &app.base, &path, None).await {
             Ok(_) => break,
             Err(r) => assert_eq!(r.status(), 503),
         }
         assert!(Instant::now() < deadline, "the place was never freed");
         tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
     }
-    let r = Reader::open(&app, "/v1/chats/no-such-chat-x/events/stream", None)
-        .await
-        .err()
-        .expect("a refusal");
+    let r = SseReader::open(
+        &app.http,
+        &app.base,
+        "/v1/chats/no-such-chat-x/events/stream",
+        None,
+    )
+    .await
+    .err()
+    .expect("a refusal");
     assert_problem(r, 404, "chat_not_found").await;
 }
 
@@ -172,7 +106,13 @@ async fn shutdown_ends_every_stream_with_a_final_event() {
     assert_eq!(app.join(&chat, "ann").await.status(), StatusCode::CREATED);
     let mut readers = Vec::new();
     for _ in 0..5 {
-        let r = Reader::open(&app, &format!("/v1/chats/{chat}/events/stream"), None).await;
+        let r = SseReader::open(
+            &app.http,
+            &app.base,
+            &format!("/v1/chats/{chat}/events/stream"),
+            None,
+        )
+        .await;
         readers.push(r.unwrap_or_else(|r| panic!("stream refused: {}", r.status())));
     }
     for r in &mut readers {

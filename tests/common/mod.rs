@@ -137,3 +137,91 @@ pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
             .expect("chat");
     assert_eq!(latest, revisions.len() as i64, "revision of {chat}");
 }
+
+/// One server-sent event.
+#[derive(Debug, Default, Clone)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Reads the server-sent events of a stream.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    /// Opens `base` + `path` as a stream (resuming after `last_event_id`), or
+    /// gives back the refusal when it did not open. Checks the stream's
+    /// headers.
+    pub async fn open(
+        http: &reqwest::Client,
+        base: &str,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<Self, reqwest::Response> {
+        let mut request = http.get(format!("{base}{path}"));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let r = request.send().await.expect("stream request");
+        if r.status() != reqwest::StatusCode::OK {
+            return Err(r);
+        }
+        let headers = r.headers();
+        assert_eq!(headers["content-type"], "text/event-stream");
+        assert_eq!(headers["cache-control"], "no-cache");
+        assert_eq!(headers["x-accel-buffering"], "no");
+        Ok(Self {
+            response: r,
+            buffer: String::new(),
+        })
+    }
+
+    /// The next event (comments skipped): `Ok(None)` when the stream ended,
+    /// `Err(())` when nothing came within `within`.
+    pub async fn next_within(&mut self, within: std::time::Duration) -> Result<Option<Sse>, ()> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut sse = Sse::default();
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        sse.id = Some(v.trim().to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        sse.event = Some(v.trim().to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        sse.data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    return Ok(Some(sse));
+                }
+                continue;
+            }
+            let left = deadline
+                .checked_duration_since(std::time::Instant::now())
+                .ok_or(())?;
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// The next event, or `None` when the stream ended; fails when nothing
+    /// came within `within`.
+    pub async fn next(&mut self, within: std::time::Duration) -> Option<Sse> {
+        self.next_within(within)
+            .await
+            .unwrap_or_else(|()| panic!("no event within {within:?}"))
+    }
+}

@@ -468,7 +468,9 @@ async fn s7_hot_chat_takes_only_its_share() {
         .collect();
     assert!(same_shard.len() >= 20 && other_shards.len() >= 20);
     let (p_same, p_other) = (harness::p99(&same_shard), harness::p99(&other_shards));
-    let limit = 2 * p_other.max(std::time::Duration::from_millis(10));
+    // The same bound as every scenario (see harness::assert_healthy): queued
+    // behind the hot chat, a request would wait out max_wait or more.
+    let limit = (4 * p_other).max(std::time::Duration::from_millis(50));
     assert!(
         p_same <= limit,
         "other chats of the hot chat's shard: p99 {p_same:?} > {limit:?} (untouched shards: {p_other:?})"
@@ -492,4 +494,57 @@ async fn s7_hot_chat_takes_only_its_share() {
         p_same.as_secs_f64() / p_other.as_secs_f64().max(1e-9),
         same_shard.len()
     );
+}
+
+/// A stream of a chat whose shard breaks stays open, and delivers again, from
+/// where it was and without a gap, once the shard is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_streams_stay_open_across_a_broken_shard() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let chat = cluster.chats[BROKEN][0].clone();
+    let join = cluster
+        .http
+        .post(cluster.url(&format!("/v1/chats/{chat}/members")))
+        .json(&serde_json::json!({ "userId": "before-fault" }))
+        .send()
+        .await
+        .expect("join");
+    assert!(join.status().is_success());
+    let http = reqwest::Client::new();
+    let mut stream = common::SseReader::open(
+        &http,
+        &cluster.base,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    let first = stream
+        .next(Duration::from_secs(10))
+        .await
+        .expect("first event");
+    assert_eq!(first.id.as_deref(), Some("1"));
+
+    cluster.proxies[BROKEN].set(Mode::Reset);
+    cluster
+        .wait_breaker(BROKEN, "OPEN", Duration::from_secs(10))
+        .await;
+    // Broken for a few seconds: the stream neither ends nor gets an event.
+    assert!(
+        stream.next_within(Duration::from_secs(3)).await.is_err(),
+        "the stream ended or delivered while its shard was broken"
+    );
+
+    cluster.proxies[BROKEN].set(Mode::Pass);
+    cluster.wait_write_ok(BROKEN, Duration::from_secs(15)).await;
+    // The write that succeeded is the next revision, and the stream brings it.
+    let next = stream
+        .next(Duration::from_secs(15))
+        .await
+        .expect("the stream delivered again after the repair");
+    assert_eq!(next.id.as_deref(), Some("2"));
+    let data: Value = serde_json::from_str(&next.data).expect("json");
+    assert_eq!(data["type"], "MEMBER_JOINED");
+    eprintln!("[stream] open across the fault; delivered revision 2 after the repair");
 }
