@@ -77,7 +77,7 @@ impl ChatService {
                     // Nothing yet: wait for the tail to move, or for the time
                     // after which it must be refreshed (writes of other
                     // instances), or for the deadline.
-                    let nap = (deadline - now).min(self.tails_refresh());
+                    let nap = (deadline - now).min(self.tails.refresh());
                     let _ = tokio::time::timeout(nap, moved.changed()).await;
                     refreshed = false;
                 }
@@ -106,10 +106,6 @@ impl ChatService {
                 }
             }
         }
-    }
-
-    fn tails_refresh(&self) -> Duration {
-        self.tails.refresh()
     }
 
     /// A page read from the log: concurrent identical fetches share one query,

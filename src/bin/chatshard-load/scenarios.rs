@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chatshard::domain::{EventType, MemberState};
+use chatshard::service::now;
 use chatshard::storage::{chats, events, members};
 use serde_json::{Value, json};
 use sqlx::{Connection, MySqlConnection};
@@ -38,19 +39,11 @@ pub fn run_id(prefix: &str) -> String {
 impl Target {
     /// Creates a chat that holds up to 100,000 members.
     pub async fn create_chat(&self, chat: &str) -> anyhow::Result<()> {
-        let r = self
+        let request = self
             .http
             .put(format!("{}/v1/chats/{chat}", self.base))
-            .json(&json!({"maxMembers": 100_000}))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "creating chat {chat}: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
-        Ok(())
+            .json(&json!({"maxMembers": 100_000}));
+        expect_success(request, &format!("creating chat {chat}")).await
     }
 
     /// Turns the join throttle of `chat` on or off (needs the admin token).
@@ -59,21 +52,13 @@ impl Target {
             anyhow::bail!("--admin-token is needed to set the join throttle of a chat");
         };
         let patch = json!({"joinThrottle": {"overrides": {chat: {"enabled": enabled}}}});
-        let r = self
+        let request = self
             .http
             .patch(format!("{}/v1/admin/config", self.base))
             .bearer_auth(token)
             .header("content-type", "application/merge-patch+json")
-            .body(patch.to_string())
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "setting the join throttle: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
-        Ok(())
+            .body(patch.to_string());
+        expect_success(request, "setting the join throttle").await
     }
 
     /// One request; its answer as `status` or `status/code`, and whether it
@@ -101,6 +86,18 @@ impl Target {
             Err(_) => ("error/other".to_owned(), false),
         }
     }
+}
+
+/// Sends a set-up request; an answer that is not 2xx is an error naming `what`.
+async fn expect_success(request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<()> {
+    let r = request.send().await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "{what}: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// `join-spike`: `clients` clients join new users to one chat as fast as they
@@ -274,10 +271,6 @@ fn sql_answer(e: &sqlx::Error) -> String {
     }
 }
 
-fn now() -> chrono::NaiveDateTime {
-    chatshard::service::now()
-}
-
 /// Joins `users` to `chat` in one transaction, with chatshard's own
 /// statements (one multi-row insert per table, one revision bump, one count
 /// adjustment).
@@ -440,10 +433,8 @@ pub async fn fanout(
     let join = target
         .http
         .post(format!("{}/v1/chats/{chat}/members", target.base))
-        .json(&json!({"userId": "poster"}))
-        .send()
-        .await?;
-    anyhow::ensure!(join.status().is_success(), "join: {}", join.status());
+        .json(&json!({"userId": "poster"}));
+    expect_success(join, "joining the poster").await?;
     let before_usage = service_pid.and_then(process_usage);
     // A client per subscriber: every stream its own connection.
     let opened = Arc::new(AtomicU64::new(0));
