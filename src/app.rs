@@ -52,8 +52,9 @@ impl App {
         }
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
         let subscribers = Arc::new(http::stream::Subscribers::default());
-        let open = subscribers.clone();
-        metrics.observe_streams(move || open.open());
+        let streams = Arc::new(http::mux::Streams::default());
+        http::mux::Streams::sweep_every_second(&streams, live.clone());
+        metrics.observe_streams(subscribers.clone());
         let router = http::router(AppState {
             service: Arc::new(service),
             admin_token,
@@ -62,6 +63,7 @@ impl App {
             http: settings.http.clone(),
             schemas: Default::default(),
             subscribers,
+            streams,
             closing: closing_rx,
         });
         let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -125,9 +127,16 @@ impl App {
             // Streams end with a final event before connections are drained.
             closing.send_replace(true);
         };
-        http::serve::serve(self.listener, self.router, self.http, shutdown).await;
-        // Flushes the OTLP metric exporter, if any (blocking).
         let metrics = self.metrics;
+        http::serve::serve(
+            self.listener,
+            self.router,
+            self.http,
+            metrics.clone(),
+            shutdown,
+        )
+        .await;
+        // Flushes the OTLP metric exporter, if any (blocking).
         if let Err(e) = tokio::task::spawn_blocking(move || metrics.shutdown()).await {
             tracing::warn!(error = %e, "flushing metrics at shutdown failed");
         }

@@ -85,6 +85,17 @@ pub struct HttpSettings {
     /// The longest request target (path and query) accepted; longer ones get
     /// 414 `uri_too_long`.
     pub max_uri_bytes: usize,
+    /// A connection whose client has not taken any of the bytes written to
+    /// it for this long is closed (a stream subscriber that stopped reading).
+    pub write_stall_timeout_ms: u64,
+    /// What the server buffers for one connection beyond the kernel's socket
+    /// buffer, at least 8192: a stream that does not drain waits at this
+    /// (also the largest request head accepted).
+    pub send_buffer_bytes: usize,
+    /// The kernel's send buffer of each client socket (SO_SNDBUF); 0 leaves
+    /// it to the kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum,
+    /// 4 MiB by default, per connection).
+    pub socket_send_buffer_bytes: usize,
 }
 
 impl Default for HttpSettings {
@@ -95,6 +106,9 @@ impl Default for HttpSettings {
             max_connections: 10_000,
             shutdown_grace_ms: 5_000,
             max_uri_bytes: 8_192,
+            write_stall_timeout_ms: 30_000,
+            send_buffer_bytes: 65_536,
+            socket_send_buffer_bytes: 0,
         }
     }
 }
@@ -108,6 +122,9 @@ impl HttpSettings {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_stall_timeout_ms)
     }
 }
 
@@ -465,6 +482,10 @@ impl Settings {
             ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
             ("http.max_connections", self.http.max_connections as u64),
             ("http.max_uri_bytes", self.http.max_uri_bytes as u64),
+            (
+                "http.write_stall_timeout_ms",
+                self.http.write_stall_timeout_ms,
+            ),
             ("tail.chats", self.tail.chats),
             ("tail.events_per_chat", self.tail.events_per_chat as u64),
             ("tail.refresh_ms", self.tail.refresh_ms),
@@ -481,6 +502,9 @@ impl Settings {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
             }
+        }
+        if self.http.send_buffer_bytes < 8_192 {
+            problems.push("http.send_buffer_bytes must be at least 8192".to_owned());
         }
         if self.pool.lock_wait_timeout_secs > 0
             && self.pool.lock_wait_timeout_secs * 1000 >= self.pool.operation_timeout_ms

@@ -32,6 +32,7 @@
 //!   metrics (Prometheus text on `/metrics`, OTLP when configured).
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
+//!   Also the connection loop and the event streams (per chat, multiplexed).
 //! - [`migrate`]: applies `migrations/` to every shard and reports versions.
 //! - [`localdb`]: local `mariadbd` processes, and [`localdb::cluster`], the one
 //!   kit that starts local shards for `serve --dev`, the tests and the benches.

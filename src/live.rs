@@ -153,6 +153,27 @@ pub struct StreamsConfig {
     #[serde(alias = "keep_alive_seconds")]
     #[schema(minimum = 1, maximum = 300)]
     pub keep_alive_seconds: u64,
+    /// Chats one multiplexed stream may follow at most; one more is refused
+    /// with 429 `too_many_chats_in_stream`.
+    #[serde(alias = "max_chats_per_stream")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_chats_per_stream: u64,
+    /// A chat of a multiplexed stream more than this many revisions behind
+    /// gets a `resync` event (fetch the gap with `GET …/events`) instead of
+    /// the backlog; 0 = always send the backlog.
+    #[serde(alias = "resync_revisions")]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub resync_revisions: u64,
+    /// How long a multiplexed stream with no connection is kept for a
+    /// reconnect to resume it.
+    #[serde(alias = "resume_seconds")]
+    #[schema(minimum = 1, maximum = 86_400)]
+    pub resume_seconds: u64,
+    /// How many recent messages of a multiplexed stream a reconnect can
+    /// resume after (`Last-Event-ID`); older ids are refused with 410.
+    #[serde(alias = "resume_messages")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub resume_messages: u64,
 }
 
 impl Default for StreamsConfig {
@@ -161,6 +182,10 @@ impl Default for StreamsConfig {
             max_subscribers: 20_000,
             max_per_chat: 10_000,
             keep_alive_seconds: 15,
+            max_chats_per_stream: 10_000,
+            resync_revisions: 1_000,
+            resume_seconds: 120,
+            resume_messages: 10_000,
         }
     }
 }
@@ -232,10 +257,20 @@ impl LiveConfig {
             ("streams.maxSubscribers", st.max_subscribers, 1_000_000),
             ("streams.maxPerChat", st.max_per_chat, 1_000_000),
             ("streams.keepAliveSeconds", st.keep_alive_seconds, 300),
+            (
+                "streams.maxChatsPerStream",
+                st.max_chats_per_stream,
+                1_000_000,
+            ),
+            ("streams.resumeSeconds", st.resume_seconds, 86_400),
+            ("streams.resumeMessages", st.resume_messages, 1_000_000),
         ] {
             if !(1..=max).contains(&value) {
                 p.push(format!("{name} must be between 1 and {max}"));
             }
+        }
+        if st.resync_revisions > 1_000_000_000 {
+            p.push("streams.resyncRevisions must be between 0 and 1000000000".to_owned());
         }
         let h = &self.hot_chat;
         check_hot_chat(

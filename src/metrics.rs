@@ -52,7 +52,23 @@ pub struct Metrics {
     stream_lag: Histogram<f64>,
     /// `chatshard.stream.refusals`: streams refused by a limit.
     stream_refusals: Counter<u64>,
+    /// `chatshard.stream.resyncs`: chats of a multiplexed stream told to
+    /// fetch a gap themselves.
+    stream_resyncs: Counter<u64>,
+    /// `chatshard.http.stalled_connections`: closed because the client took
+    /// no bytes for `http.write_stall_timeout_ms`.
+    stalled_connections: Counter<u64>,
 }
+
+/// Why event streams end (every one is a series from the start).
+const STREAM_END_REASONS: [&str; 6] = [
+    "client",
+    "shutdown",
+    "chat_not_found",
+    "error",
+    "replaced",
+    "closed",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,12 +118,23 @@ impl Metrics {
         let stream_ends = meter
             .u64_counter("chatshard.stream.ends")
             .with_description(
-                "Event streams ended, by reason: client (went away), shutdown, chat_not_found, error",
+                "Event streams ended, by reason: client (went away), shutdown, chat_not_found, \
+                 error, replaced (another connection took a multiplexed stream over), closed \
+                 (the multiplexed stream was deleted)",
             )
             .build();
         let stream_refusals = meter
             .u64_counter("chatshard.stream.refusals")
-            .with_description("Event streams refused by a limit: instance or chat")
+            .with_description(
+                "Event streams and subscriptions refused by a limit: instance, chat, or stream \
+                 (chats per multiplexed stream)",
+            )
+            .build();
+        let stream_resyncs = meter
+            .u64_counter("chatshard.stream.resyncs")
+            .with_description(
+                "Chats of a multiplexed stream too far behind, told to fetch the gap (resync event)",
+            )
             .build();
         let stream_lag = meter
             .f64_histogram("chatshard.stream.delivery_lag")
@@ -117,10 +144,19 @@ impl Metrics {
             .with_unit("s")
             .with_boundaries(SECONDS.to_vec())
             .build();
-        for reason in ["client", "shutdown", "chat_not_found", "error"] {
+        let stalled_connections = meter
+            .u64_counter("chatshard.http.stalled_connections")
+            .with_description(
+                "Client connections closed because the client took no bytes for \
+                 http.write_stall_timeout_ms (a stream subscriber that stopped reading)",
+            )
+            .build();
+        stalled_connections.add(0, &[]);
+        stream_resyncs.add(0, &[]);
+        for reason in STREAM_END_REASONS {
             stream_ends.add(0, &[KeyValue::new("reason", reason)]);
         }
-        for limit in ["instance", "chat"] {
+        for limit in ["instance", "chat", "stream"] {
             stream_refusals.add(0, &[KeyValue::new("limit", limit)]);
         }
         Ok(Arc::new(Self {
@@ -134,6 +170,8 @@ impl Metrics {
             stream_ends,
             stream_lag,
             stream_refusals,
+            stream_resyncs,
+            stalled_connections,
         }))
     }
 
@@ -257,6 +295,25 @@ impl Metrics {
             )
             .with_callback(move |o| o.observe(Decisions::get(&t.decisions.fetches_coalesced), &[]))
             .build();
+        let t = throttle.clone();
+        self.meter
+            .u64_observable_counter("chatshard.tail.reads")
+            .with_description(
+                "Event fetches (polls, long-polls, streams) by how the chat's in-memory tail \
+                 answered: hit (as it stood), miss (after one shared refresh read), behind \
+                 (older than the tail: read from the log)",
+            )
+            .with_callback(move |o| {
+                let d = &t.decisions;
+                for (result, counter) in [
+                    ("hit", &d.tail_hits),
+                    ("miss", &d.tail_misses),
+                    ("behind", &d.tail_behind),
+                ] {
+                    o.observe(Decisions::get(counter), &[KeyValue::new("result", result)]);
+                }
+            })
+            .build();
     }
 
     /// A gauge per shard, observed from its status at collection time.
@@ -306,12 +363,29 @@ impl Metrics {
             .add(1, &[KeyValue::new("limit", limit)]);
     }
 
-    /// Registers the gauge of open streams.
-    pub fn observe_streams(&self, open: impl Fn() -> u64 + Send + Sync + 'static) {
+    /// A client connection was closed for taking no bytes.
+    pub fn connection_stalled(&self) {
+        self.stalled_connections.add(1, &[]);
+    }
+
+    /// A chat of a multiplexed stream was told to resync.
+    pub fn stream_resync(&self) {
+        self.stream_resyncs.add(1, &[]);
+    }
+
+    /// Registers the gauges of open streams and of the chat subscriptions
+    /// they hold.
+    pub fn observe_streams(&self, subscribers: Arc<crate::http::stream::Subscribers>) {
+        let s = subscribers.clone();
         self.meter
             .u64_observable_gauge("chatshard.streams.open")
-            .with_description("Event streams open on this instance")
-            .with_callback(move |o| o.observe(open(), &[]))
+            .with_description("Event streams on this instance (per chat and multiplexed)")
+            .with_callback(move |o| o.observe(s.open(), &[]))
+            .build();
+        self.meter
+            .u64_observable_gauge("chatshard.streams.subscriptions")
+            .with_description("Chat subscriptions held by the event streams of this instance")
+            .with_callback(move |o| o.observe(subscribers.subscriptions(), &[]))
             .build();
     }
 

@@ -1167,7 +1167,8 @@ async fn one_chat_per_shard(
 
 /// Steady traffic on every chat, one task per chat (so a hung shard does not
 /// slow the others' traffic): a join, a member count and an event fetch, then
-/// a pause. Bounded in time; stops when told.
+/// a pause; and an event stream of each chat, read and reopened (the client's
+/// 5 s timeout ends it). Bounded in time; stops when told.
 struct Load {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -1205,6 +1206,28 @@ impl Load {
                     }
                 })
             })
+            .chain(chats.iter().map(|chat| {
+                let (http, base, chat, stop) =
+                    (http.clone(), base.to_owned(), chat.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                        let opened = http
+                            .get(format!("{base}/v1/chats/{chat}/events/stream?after=0"))
+                            .send()
+                            .await;
+                        match opened {
+                            Ok(mut r) if r.status().is_success() => {
+                                while !stop.load(Ordering::Relaxed)
+                                    && matches!(r.chunk().await, Ok(Some(_)))
+                                {
+                                }
+                            }
+                            // Refused or failed (the fault phase): try again.
+                            _ => tokio::time::sleep(Duration::from_millis(200)).await, // pacing
+                        }
+                    }
+                })
+            }))
             .collect();
         Self { stop, tasks }
     }

@@ -11,7 +11,8 @@
 //!   is `LiveConfigDocument`: `LiveConfig` with every field required;
 //!   `PATCH` takes `LiveConfigPatch`, a merge patch of it (the server checks
 //!   bodies against this same document, see `shape`);
-//! - override maps are keyed by chat id (`propertyNames` with its pattern).
+//! - override maps and the chats of a multiplexed stream are keyed by chat id
+//!   (`propertyNames` with its pattern).
 
 use serde_json::{Value, json};
 
@@ -29,6 +30,15 @@ pub fn finish(api: utoipa::openapi::OpenApi) -> Value {
             "/components/schemas/{config}/properties/overrides"
         )) {
             overrides["propertyNames"] =
+                json!({"type": "string", "pattern": crate::domain::ID_PATTERN});
+        }
+    }
+    // So are the chats of a multiplexed stream.
+    for schema in ["CreateStreamRequest", "StreamView"] {
+        if let Some(chats) =
+            document.pointer_mut(&format!("/components/schemas/{schema}/properties/chats"))
+        {
+            chats["propertyNames"] =
                 json!({"type": "string", "pattern": crate::domain::ID_PATTERN});
         }
     }

@@ -289,6 +289,27 @@ where
     }
 }
 
+/// `{streamId}` from the path: 32 lowercase hexadecimal characters.
+pub struct StreamPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamPath
+where
+    AppState: FromRef<S>,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let params = raw_params(parts, state).await?;
+        let id = path_param(&params, "streamId")?;
+        if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(Problem::invalid(
+                "streamId must be 32 lowercase hexadecimal characters",
+            ));
+        }
+        Ok(Self(id.to_owned()))
+    }
+}
+
 /// `?after=&limit=&waitMs=` as raw strings; each use case parses them into its types.
 /// Other parameters are ignored; one given twice is refused.
 #[derive(Debug, Default)]

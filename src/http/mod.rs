@@ -13,6 +13,7 @@ pub mod extract;
 pub mod members;
 pub mod messages;
 pub mod model;
+pub mod mux;
 pub mod problem;
 pub mod serve;
 pub mod shape;
@@ -46,8 +47,10 @@ pub struct AppState {
     /// The schemas of the served OpenAPI document, which request bodies are
     /// checked against (set by [`router`]).
     pub schemas: Arc<shape::Schemas>,
-    /// The open event streams.
+    /// The open event streams and chat subscriptions.
     pub subscribers: Arc<stream::Subscribers>,
+    /// The multiplexed streams.
+    pub streams: Arc<mux::Streams>,
     /// Becomes true when the instance starts shutting down: streams end.
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
@@ -92,6 +95,9 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(messages::post_message))
         .routes(routes!(messages::get_events))
         .routes(routes!(stream::chat_stream))
+        .routes(routes!(mux::create_stream))
+        .routes(routes!(mux::connect_stream, mux::delete_stream))
+        .routes(routes!(mux::follow_chat, mux::unfollow_chat))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(admin::shards))

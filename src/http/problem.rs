@@ -50,6 +50,9 @@ codes! {
     RequestTimeout => "request_timeout",
     TooManyConnections => "too_many_connections",
     TooManySubscribers => "too_many_subscribers",
+    TooManyChatsInStream => "too_many_chats_in_stream",
+    StreamNotFound => "stream_not_found",
+    StreamResumeExpired => "stream_resume_expired",
     NotFound => "not_found",
     MethodNotAllowed => "method_not_allowed",
     Unauthorized => "unauthorized",
@@ -79,13 +82,18 @@ impl Code {
             Self::InvalidRequest | Self::IdempotencyKeyReused | Self::InvalidConfig => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::JoinThrottled | Self::FetchThrottled => StatusCode::TOO_MANY_REQUESTS,
+            Self::JoinThrottled | Self::FetchThrottled | Self::TooManyChatsInStream => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::StreamResumeExpired => StatusCode::GONE,
             Self::MalformedJson => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::NotFound | Self::ChatNotFound | Self::MemberNotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::ChatNotFound | Self::MemberNotFound | Self::StreamNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
@@ -115,6 +123,9 @@ impl Code {
             Self::RequestTimeout => "The request was not received in time",
             Self::TooManyConnections => "This instance holds its maximum of connections",
             Self::TooManySubscribers => "This instance holds its maximum of event streams",
+            Self::TooManyChatsInStream => "The stream follows its maximum of chats",
+            Self::StreamNotFound => "Stream not found",
+            Self::StreamResumeExpired => "The stream cannot resume that far back",
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Unauthorized => "Missing or wrong admin token",

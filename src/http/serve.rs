@@ -12,30 +12,41 @@
 //! - at most `max_connections` connections are open; one more is answered at
 //!   once with 503 `too_many_connections` (problem+json, `Retry-After`) and
 //!   closed, before anything of it is read;
+//! - a connection whose client takes none of the bytes written to it for
+//!   `write_stall_timeout_ms` is closed ([`StallGuard`]): a stream subscriber
+//!   that stopped reading holds its socket's send buffer (the kernel's, or
+//!   `socket_send_buffer_bytes`), the server's `send_buffer_bytes` and one
+//!   page of events, and then nothing;
 //! - on shutdown the listener closes, connections are asked to finish their
 //!   request in flight, and whatever is still open after `shutdown_grace_ms`
 //!   is closed.
 
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::problem::{Code, Problem};
 use crate::config::HttpSettings;
+use crate::metrics::Metrics;
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     settings: HttpSettings,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
@@ -45,7 +56,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout());
+        .header_read_timeout(settings.header_read_timeout())
+        .max_buf_size(settings.send_buffer_bytes);
     builder.http2().timer(TokioTimer::new());
     let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
@@ -72,15 +84,31 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on a client connection");
         }
+        if settings.socket_send_buffer_bytes > 0
+            && let Err(e) = socket2::SockRef::from(&stream)
+                .set_send_buffer_size(settings.socket_send_buffer_bytes)
+        {
+            tracing::debug!(error = %e, "cannot set SO_SNDBUF on a client connection");
+        }
+        let guarded = StallGuard {
+            stream,
+            limit: settings.write_stall_timeout(),
+            stalled: None,
+        };
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
+            .serve_connection_with_upgrades(TokioIo::new(guarded), service.clone())
             .into_owned();
+        let metrics = metrics.clone();
         let connection = graceful.watch(connection);
         connections.spawn(async move {
             let _slot = slot;
             if let Err(e) = connection.await {
                 // Timeouts, resets and protocol errors of one client.
-                tracing::debug!(error = %e, "client connection ended with an error");
+                let stalled = crate::error::chain(&*e).contains(STALLED);
+                if stalled {
+                    metrics.connection_stalled();
+                }
+                tracing::debug!(error = %e, stalled, "client connection ended with an error");
             }
         });
     }
@@ -119,4 +147,78 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
     };
     // A client that does not read its refusal is not waited for.
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// The error a stalled connection ends with.
+const STALLED: &str = "the client took no bytes within http.write_stall_timeout_ms";
+
+/// A client connection that fails its writes once the client has taken none
+/// of them for `limit`, so hyper closes it.
+struct StallGuard {
+    stream: TcpStream,
+    limit: Duration,
+    /// Runs while writes are blocked.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallGuard {
+    /// Passes on a write's answer; while it is blocked, fails it once blocked
+    /// for `limit`.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, STALLED))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for StallGuard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallGuard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

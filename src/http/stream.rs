@@ -39,26 +39,67 @@ use super::problem::{Code, Problem};
 use crate::domain::{ChatId, PageLimit, Revision};
 use crate::service::{Event, ServiceError};
 
-/// The open streams of this instance, in total and per chat.
+/// The open streams of this instance, in total, and the chat subscriptions
+/// they hold (a per-chat stream holds one; a multiplexed stream one per chat).
 #[derive(Debug, Default)]
 pub struct Subscribers {
     total: AtomicU64,
+    subscriptions: AtomicU64,
     per_chat: DashMap<ChatId, u64>,
 }
 
-/// One open stream; dropping it closes its place.
-pub struct Subscription {
+/// One open stream's place; dropping it frees the place.
+pub struct StreamSlot {
+    registry: Arc<Subscribers>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.registry.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One chat subscription's place; dropping it frees the place.
+pub struct ChatSlot {
     registry: Arc<Subscribers>,
     chat: ChatId,
 }
 
-impl Drop for Subscription {
+impl Drop for ChatSlot {
     fn drop(&mut self) {
-        self.registry.total.fetch_sub(1, Ordering::AcqRel);
+        self.registry.subscriptions.fetch_sub(1, Ordering::AcqRel);
         self.registry.per_chat.remove_if_mut(&self.chat, |_, n| {
             *n -= 1;
             *n == 0
         });
+    }
+}
+
+/// Which limit refused a stream or a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Instance,
+    Chat,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Instance => "instance",
+            Self::Chat => "chat",
+        }
+    }
+
+    /// The 503 answer of a refusal (counted).
+    pub fn refusal(self, metrics: &crate::metrics::Metrics) -> Problem {
+        metrics.stream_refused(self.as_str());
+        Problem::new(
+            Code::TooManySubscribers,
+            format!(
+                "this instance holds its maximum of streams for this {}; retry shortly or long-poll",
+                self.as_str()
+            ),
+        )
     }
 }
 
@@ -68,26 +109,40 @@ impl Subscribers {
         self.total.load(Ordering::Acquire)
     }
 
-    /// Takes a place for a stream of `chat`, or says which limit refused it.
-    fn subscribe(
-        self: &Arc<Self>,
-        chat: &ChatId,
-        max_total: u64,
-        max_per_chat: u64,
-    ) -> Result<Subscription, &'static str> {
+    /// Chat subscriptions now.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Acquire)
+    }
+
+    /// Takes a place for one more stream, at most `max_total` on the instance.
+    pub fn take_stream(self: &Arc<Self>, max_total: u64) -> Result<StreamSlot, Limit> {
         let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
         if total > max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err("instance");
+            return Err(Limit::Instance);
         }
+        Ok(StreamSlot {
+            registry: self.clone(),
+        })
+    }
+
+    /// Takes a place for one more subscription of `chat`, at most
+    /// `max_per_chat` on the instance.
+    pub fn take_chat(
+        self: &Arc<Self>,
+        chat: &ChatId,
+        max_per_chat: u64,
+    ) -> Result<ChatSlot, Limit> {
         let mut n = self.per_chat.entry(chat.clone()).or_insert(0);
         if *n >= max_per_chat {
             drop(n);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err("chat");
+            // Do not leave an entry behind for a chat nobody holds.
+            self.per_chat.remove_if(chat, |_, n| *n == 0);
+            return Err(Limit::Chat);
         }
         *n += 1;
-        Ok(Subscription {
+        self.subscriptions.fetch_add(1, Ordering::AcqRel);
+        Ok(ChatSlot {
             registry: self.clone(),
             chat: chat.clone(),
         })
@@ -112,28 +167,22 @@ pub async fn chat_stream(
     headers: HeaderMap,
     query: PageQuery,
 ) -> Result<Response, Problem> {
-    // An empty Last-Event-ID is no id at all (the SSE spec resets to it).
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|id| !id.is_empty());
-    let after = match last_event_id {
+    let after = match last_event_id(&headers) {
         Some(id) => Revision::parse_after(Some(id)),
         None => Revision::parse_after(query.after.as_deref()),
     }
     .map_err(|e| Problem::invalid(e.0))?;
     let config = state.service.live().load().config.streams.clone();
-    let subscription = state
-        .subscribers
-        .subscribe(&chat, config.max_subscribers, config.max_per_chat)
-        .map_err(|limit| {
-            state.metrics.stream_refused(limit);
-            Problem::new(
-                Code::TooManySubscribers,
-                format!("this instance holds its maximum of streams for this {limit}; retry shortly or long-poll"),
-            )
-        })?;
+    let subscription = (
+        state
+            .subscribers
+            .take_stream(config.max_subscribers)
+            .map_err(|limit| limit.refusal(&state.metrics))?,
+        state
+            .subscribers
+            .take_chat(&chat, config.max_per_chat)
+            .map_err(|limit| limit.refusal(&state.metrics))?,
+    );
     // The chat must exist before the stream opens; the answer also seeds the
     // tail for what follows.
     let first = state
@@ -154,15 +203,7 @@ pub async fn chat_stream(
     let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(config.keep_alive_seconds)))
         .into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        "cache-control",
-        axum::http::HeaderValue::from_static("no-cache"),
-    );
-    headers.insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
+    stream_headers(&mut response);
     Ok(response)
 }
 
@@ -175,7 +216,7 @@ struct Follow {
     closing: watch::Receiver<bool>,
     finished: bool,
     keep_alive: Duration,
-    _subscription: Subscription,
+    _subscription: (StreamSlot, ChatSlot),
 }
 
 impl Drop for Follow {
@@ -253,18 +294,48 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
     }
 }
 
-/// One event as an SSE message. Its JSON is made once per event, by the first
-/// subscriber to send it, and shared by the others (see `Event::encoded`).
+/// One event as an SSE message.
 fn message(event: Event) -> SseEvent {
-    let json = event.encoded.get_or_init(|| {
-        let body = super::model::Event::from(event.clone());
-        serde_json::to_string(&body)
-            .unwrap_or_else(|_| "{}".to_owned())
-            .into()
-    });
     SseEvent::default()
         .id(event.revision.to_string())
-        .data(json.as_ref())
+        .data(event_json(&event).as_ref())
+}
+
+/// An event's JSON for streams. It is made once per event, by the first
+/// subscriber to send it, and shared by the others (see `Event::encoded`).
+pub(super) fn event_json(event: &Event) -> Arc<str> {
+    event
+        .encoded
+        .get_or_init(|| {
+            let body = super::model::Event::from(event.clone());
+            serde_json::to_string(&body)
+                .unwrap_or_else(|_| "{}".to_owned())
+                .into()
+        })
+        .clone()
+}
+
+/// The `Last-Event-ID` header of a reconnect; an empty one is no id at all
+/// (the SSE spec resets to it).
+pub(super) fn last_event_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+}
+
+/// The answer headers of every event stream (no caching, no proxy buffering).
+pub(super) fn stream_headers(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(
+        "cache-control",
+        axum::http::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
 }
 
 /// The final event of a stream.

@@ -57,6 +57,8 @@ impl ChatService {
         let deadline = Instant::now() + wait.min(MAX_WAIT);
         let tail = self.tails.get(chat);
         let mut refreshed = false;
+        let mut missed = false;
+        let decisions = &self.throttle.decisions;
         loop {
             // Subscribed before reading, so a commit between the read and the
             // wait still wakes this caller.
@@ -67,8 +69,13 @@ impl ChatService {
                     let now = Instant::now();
                     if !events.is_empty() || now >= deadline {
                         if !refreshed {
-                            Decisions::bump(&self.throttle.decisions.fetches_coalesced);
+                            Decisions::bump(&decisions.fetches_coalesced);
                         }
+                        Decisions::bump(if missed {
+                            &decisions.tail_misses
+                        } else {
+                            &decisions.tail_hits
+                        });
                         return Ok(Arc::new(EventPage {
                             events,
                             latest_revision: latest,
@@ -82,6 +89,7 @@ impl ChatService {
                     refreshed = false;
                 }
                 Answer::TooOld => {
+                    Decisions::bump(&decisions.tail_behind);
                     return self
                         .events_from_log(chat, after, limit, keep, generation)
                         .await;
@@ -89,6 +97,7 @@ impl ChatService {
                 Answer::Stale if refreshed => {
                     // Even a refresh cannot vouch: this caller is further
                     // behind than one page.
+                    Decisions::bump(&decisions.tail_behind);
                     return self
                         .events_from_log(chat, after, limit, keep, generation)
                         .await;
@@ -103,6 +112,7 @@ impl ChatService {
                     })
                     .await?;
                     refreshed = true;
+                    missed = true;
                 }
             }
         }

@@ -47,6 +47,12 @@ pub struct Decisions {
     /// Event fetches served without a query of their own (a concurrent
     /// identical fetch's, or a kept page).
     pub fetches_coalesced: AtomicU64,
+    /// Event fetches answered by the chat's tail as it stood.
+    pub tail_hits: AtomicU64,
+    /// Event fetches answered by the tail after one refresh of it.
+    pub tail_misses: AtomicU64,
+    /// Event fetches further behind than the tail: read from the log.
+    pub tail_behind: AtomicU64,
 }
 
 impl Decisions {

@@ -14,6 +14,7 @@ mod hot;
 mod longpoll;
 mod members;
 mod messages;
+mod mux;
 mod openapi;
 mod repair;
 mod routing;

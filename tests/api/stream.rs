@@ -147,3 +147,74 @@ async fn shutdown_ends_every_stream_with_a_final_event() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_slows_nobody_and_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = TestApp::spawn_with(|s| {
+        s.http.write_stall_timeout_ms = 1_000;
+        s.http.socket_send_buffer_bytes = 32 * 1024;
+    })
+    .await;
+    let chat = app.new_chat("sse-slow").await;
+    assert_eq!(app.join(&chat, "w0").await.status(), StatusCode::CREATED);
+    let path = format!("/v1/chats/{chat}/events/stream?after=1");
+    let mut reader = SseReader::open(&app.http, &app.base, &path, None)
+        .await
+        .unwrap_or_else(|r| panic!("stream opened: {}", r.status()));
+    // A client with a small receive window that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let address = app
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("address");
+    let mut slow = socket.connect(address).await.expect("connect");
+    slow.write_all(format!("GET {path} HTTP/1.1\r\nhost: chatshard\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let stalled = || async {
+        let samples = crate::common::metric_samples(
+            &app.http,
+            &app.base,
+            "chatshard_http_stalled_connections_total",
+        )
+        .await;
+        crate::common::sum_where(&samples, &[])
+    };
+    let before = stalled().await;
+    // 200 events of 4 KB: far more than the slow client's window and the
+    // server's send buffer. The reading subscriber gets every one, in order.
+    let text = "x".repeat(4000);
+    const POSTS: u64 = 200;
+    for i in 0..POSTS {
+        let r = app.post(&chat, "w0", &format!("k{i}"), &text).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    for revision in 2..=POSTS + 1 {
+        let event = reader.next(Duration::from_secs(20)).await.expect("open");
+        assert_eq!(event.id, Some(revision.to_string()));
+    }
+    // The one that stopped reading is closed once its writes stall.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stalled().await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+    // What it can still read ends: the server closed it.
+    let mut sink = vec![0; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match slow.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the slow connection stayed open");
+}

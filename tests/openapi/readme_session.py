@@ -85,7 +85,7 @@ def main() -> int:
     try:
         from chatshard_client import Client, models
         from chatshard_client.api.chats import put_chat
-        from chatshard_client.api.events import get_events
+        from chatshard_client.api.events import create_stream, get_events
         from chatshard_client.api.members import get_member_count, join
         from chatshard_client.api.messages import post_message
     except ImportError as e:
@@ -279,6 +279,28 @@ def main() -> int:
                     )
             else:
                 s.check(step, "status", int(r.status_code), 404)
+
+        # 7. POST /v1/streams {"chats": {chat: 0}} -> 201, a stream following it
+        step = "POST /v1/streams"
+        r = s.call(
+            step,
+            lambda: create_stream.sync_detailed(
+                client=client,
+                body=models.CreateStreamRequest.from_dict({"chats": {chat: 0}}),
+            ),
+        )
+        view = s.answer(step, r, 201, models.StreamView)
+        if view is not None:
+            s.require(
+                step,
+                "streamId is not 32 hexadecimal characters",
+                isinstance(view.stream_id, str)
+                and len(view.stream_id) == 32
+                and all(c in "0123456789abcdef" for c in view.stream_id),
+                view.stream_id,
+            )
+            s.check(step, "lastEventId", view.last_event_id, 0)
+            s.check(step, "chats", view.to_dict().get("chats"), {chat: 0})
 
     if s.failures:
         print(
