@@ -749,24 +749,29 @@ async fn next(mut a: Attached) -> Option<(Result<SseEvent, Infallible>, Attached
             return Some((Ok(event), a));
         }
         let mut closing = a.closing.clone();
-        tokio::select! {
+        let ended = tokio::select! {
+            biased;
+            ended = &mut a.end => ended.ok(),
             delivery = a.queue.recv() => match delivery {
-                Some(delivery) => a.pending.push_back(delivery),
-                // Every sender is gone: the stream was detached meanwhile.
-                None => {
-                    let event = end(&mut a, "replaced", "another connection took this stream over");
-                    return Some((Ok(event), a));
+                Some(delivery) => {
+                    a.pending.push_back(delivery);
+                    continue;
                 }
+                // Every sender is gone: the connection was detached, and
+                // why was sent just before.
+                None => a.end.try_recv().ok(),
             },
-            ended = &mut a.end => {
-                let event = match ended {
-                    Ok(End::Closed) => end(&mut a, "closed", "the stream was deleted"),
-                    Ok(End::Replaced) | Err(_) => end(&mut a, "replaced", "another connection took this stream over"),
-                };
-                return Some((Ok(event), a));
-            }
-            _ = closing.changed() => {}
-        }
+            _ = closing.changed() => continue,
+        };
+        let event = match ended {
+            Some(End::Closed) => end(&mut a, "closed", "the stream was deleted"),
+            Some(End::Replaced) | None => end(
+                &mut a,
+                "replaced",
+                "another connection took this stream over",
+            ),
+        };
+        return Some((Ok(event), a));
     }
 }
 
