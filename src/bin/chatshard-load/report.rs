@@ -76,6 +76,29 @@ impl Recorder {
         }
     }
 
+    /// Several successes of kind `kind` answered `answer`, under one lock.
+    pub fn record_all(&self, kind: &'static str, took: &[Duration], answer: &str) {
+        let second = self.started.elapsed().as_secs() as usize;
+        let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = all.entry(kind).or_insert_with(Series::new);
+        match s.answers.get_mut(answer) {
+            Some(n) => *n += took.len() as u64,
+            None => {
+                s.answers.insert(answer.to_owned(), took.len() as u64);
+            }
+        }
+        if s.per_second.len() <= second {
+            s.per_second.resize(second + 1, 0);
+            s.second_hist.resize_with(second + 1, histogram);
+        }
+        s.per_second[second] += took.len() as u64;
+        for t in took {
+            let micros = (t.as_micros() as u64).clamp(1, 60_000_000);
+            let _ = s.ok.record(micros);
+            let _ = s.second_hist[second].record(micros);
+        }
+    }
+
     /// Marks a moment (spike start, fault) on the timeline.
     pub fn mark(&self, what: &str) {
         let at = self.started.elapsed().as_secs_f64();
