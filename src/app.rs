@@ -55,8 +55,10 @@ impl App {
         let streams = Arc::new(http::mux::Streams::default());
         http::mux::Streams::sweep_every_second(&streams, live.clone());
         metrics.observe_streams(subscribers.clone());
+        let service = Arc::new(service);
+        service.spawn_tail_refresher();
         let router = http::router(AppState {
-            service: Arc::new(service),
+            service,
             admin_token,
             metrics: metrics.clone(),
             chat_id_in_telemetry: settings.telemetry.chat_id,

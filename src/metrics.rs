@@ -314,6 +314,17 @@ impl Metrics {
                 }
             })
             .build();
+        let t = throttle.clone();
+        self.meter
+            .u64_observable_counter("chatshard.tail.revision_polls")
+            .with_description(
+                "Queries of the tail refresher: the latest revisions of up to 500 waited-on chats \
+                 of one shard each, every tail.refresh_ms",
+            )
+            .with_callback(move |o| {
+                o.observe(Decisions::get(&t.decisions.tail_revision_polls), &[])
+            })
+            .build();
     }
 
     /// A gauge per shard, observed from its status at collection time.

@@ -13,11 +13,12 @@
 //! throttle's, see `throttle::fetch`); a long-poll is a subscriber and never
 //! is: waiting is what it is told to do instead of polling.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::tail::Answer;
+use super::tail::{Answer, Tail};
 use super::{ChatService, Event, EventPage, ServiceError};
 use crate::domain::{ChatId, PageLimit, Revision};
 use crate::storage::{chats, events};
@@ -27,6 +28,12 @@ use crate::throttle::pages::PageKey;
 
 /// The longest a long-poll may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A waiter checks its tail itself at least every this many refresh periods.
+const SAFETY_NAPS: u32 = 10;
+
+/// Chats whose revisions the tail refresher reads in one query.
+const REFRESH_CHUNK: usize = 500;
 
 impl ChatService {
     /// Events after `after`, oldest first, with the chat's latest revision;
@@ -55,11 +62,13 @@ impl ChatService {
             FetchDecision::Serve { keep, generation } => (keep, generation),
         };
         let deadline = Instant::now() + wait.min(MAX_WAIT);
-        let tail = self.tails.get(chat);
         let mut refreshed = false;
         let mut missed = false;
         let decisions = &self.throttle.decisions;
         loop {
+            // Taken again on every round, so a chat with waiters is never idle
+            // in the cache of tails.
+            let tail = self.tails.get(chat);
             // Subscribed before reading, so a commit between the read and the
             // wait still wakes this caller.
             let mut moved = tail.subscribe();
@@ -81,41 +90,132 @@ impl ChatService {
                             latest_revision: latest,
                         }));
                     }
-                    // Nothing yet: wait for the tail to move, or for the time
-                    // after which it must be refreshed (writes of other
-                    // instances), or for the deadline.
-                    let nap = (deadline - now).min(self.tails.refresh());
-                    let _ = tokio::time::timeout(nap, moved.changed()).await;
+                    // Nothing yet: wait for the tail to move (a commit here,
+                    // or the refresher finding writes of other instances), or
+                    // for the deadline. The refresher keeps a waited-on tail
+                    // fresh; waking every few refresh periods is the safety
+                    // net for when it cannot (its shard is down).
+                    let nap = (deadline - now).min(self.tails.refresh() * SAFETY_NAPS);
+                    {
+                        let _waiting = tail.waiting();
+                        let _ = tokio::time::timeout(nap, moved.changed()).await;
+                    }
                     refreshed = false;
                 }
+                // The read paths below are boxed: inline, the shard's read
+                // machinery would make every waiting caller's future (every
+                // stream and long-poll) tens of KiB, waiting or not.
                 Answer::TooOld => {
                     Decisions::bump(&decisions.tail_behind);
-                    return self
-                        .events_from_log(chat, after, limit, keep, generation)
+                    return Box::pin(self.events_from_log(chat, after, limit, keep, generation))
                         .await;
                 }
                 Answer::Stale if refreshed => {
                     // Even a refresh cannot vouch: this caller is further
                     // behind than one page.
                     Decisions::bump(&decisions.tail_behind);
-                    return self
-                        .events_from_log(chat, after, limit, keep, generation)
+                    return Box::pin(self.events_from_log(chat, after, limit, keep, generation))
                         .await;
                 }
                 Answer::Stale => {
-                    tail.refresh(after.0, |from| async move {
+                    Box::pin(tail.refresh(after.0, |from| async move {
                         Decisions::bump(&self.throttle.decisions.fetch_queries);
                         let page = self
                             .load_events(chat, Revision(from), PageLimit::largest())
                             .await?;
                         Ok::<_, ServiceError>((page.events, page.latest_revision))
-                    })
+                    }))
                     .await?;
                     refreshed = true;
                     missed = true;
                 }
             }
         }
+    }
+
+    /// Keeps the tails that have waiters fresh, every `tail.refresh_ms`, until
+    /// the service is dropped.
+    pub fn spawn_tail_refresher(self: &Arc<Self>) {
+        let service = Arc::downgrade(self);
+        let every = self.tails.refresh();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                service.refresh_watched_tails().await;
+            }
+        });
+    }
+
+    /// One round of the tail refresher: per shard, one query reads the latest
+    /// revision of every waited-on chat (in chunks of [`REFRESH_CHUNK`]); a
+    /// tail that holds it is vouched for, and only a chat whose revision moved
+    /// costs a read of its events (shared with its waiters). A shard that
+    /// cannot answer is skipped: its waiters check for themselves.
+    pub async fn refresh_watched_tails(&self) {
+        let mut by_shard: HashMap<&str, Vec<(ChatId, Arc<Tail>)>> = HashMap::new();
+        for (chat, tail) in self.tails.watched() {
+            by_shard
+                .entry(self.shard(&chat).name())
+                .or_default()
+                .push((chat, tail));
+        }
+        let rounds = by_shard.into_values().flat_map(|chats| {
+            let mut chats = chats;
+            let mut chunks = Vec::new();
+            while !chats.is_empty() {
+                let rest = chats.split_off(chats.len().min(REFRESH_CHUNK));
+                chunks.push(std::mem::replace(&mut chats, rest));
+            }
+            chunks
+        });
+        futures_util::future::join_all(rounds.map(|chunk| self.refresh_chunk(chunk))).await;
+    }
+
+    async fn refresh_chunk(&self, chunk: Vec<(ChatId, Arc<Tail>)>) {
+        let Some((first, _)) = chunk.first() else {
+            return;
+        };
+        let ids: Vec<String> = chunk.iter().map(|(chat, _)| chat.to_string()).collect();
+        Decisions::bump(&self.throttle.decisions.tail_revision_polls);
+        let revisions = self
+            .shard(first)
+            .read(None, "tail_revisions", move |conn| {
+                Box::pin(async move { Ok(chats::revisions(conn, &ids).await?) })
+            })
+            .await;
+        let revisions: HashMap<String, u64> = match revisions {
+            Ok(r) => r.into_iter().collect(),
+            Err(e) => {
+                tracing::debug!(error = %crate::error::chain(&e), "the tail refresher skipped a shard");
+                return;
+            }
+        };
+        let moved = chunk.iter().filter(|(chat, tail)| {
+            revisions
+                .get(chat.as_str())
+                .is_some_and(|&latest| !tail.vouch(latest))
+        });
+        futures_util::future::join_all(moved.map(|(chat, tail)| async move {
+            let from = tail.end().unwrap_or(0);
+            let filled = tail
+                .refresh(from, |from| async move {
+                    Decisions::bump(&self.throttle.decisions.fetch_queries);
+                    let page = self
+                        .load_events(chat, Revision(from), PageLimit::largest())
+                        .await?;
+                    Ok::<_, ServiceError>((page.events, page.latest_revision))
+                })
+                .await;
+            if let Err(e) = filled {
+                tracing::debug!(error = %crate::error::chain(&e), "the tail refresher could not fill a tail");
+            }
+        }))
+        .await;
     }
 
     /// A page read from the log: concurrent identical fetches share one query,

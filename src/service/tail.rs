@@ -11,11 +11,17 @@
 //! - What the tail cannot vouch for (writes of other instances, before any
 //!   notice of them exists) is refreshed by one read of what follows the tail,
 //!   shared by every caller of the chat, at most once per `tail.refresh_ms`.
-//! - Waiters (long-polls) are woken when the latest known revision moves.
+//! - Tails with waiters (long-polls, streams) are kept fresh by the service's
+//!   tail refresher: every `tail.refresh_ms` one query per shard reads the
+//!   latest revision of all of them, and only a chat whose revision moved
+//!   costs a read of its events. A quiet chat followed by many streams costs
+//!   its shard nothing but its share of that one query.
+//! - Waiters are woken when the latest known revision moves.
 //! - Tails are created by readers and dropped when nobody read them for a
 //!   minute, and their number is bounded (`tail.chats`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -57,14 +63,20 @@ impl Tails {
     /// The chat's tail, created empty if it has none.
     pub fn get(&self, chat: &ChatId) -> Arc<Tail> {
         self.cache.get_with_by_ref(chat, || {
-            Arc::new(Tail {
-                state: Mutex::new(State::default()),
-                latest: watch::channel(0).0,
-                fill: tokio::sync::Mutex::new(()),
-                capacity: self.settings.events_per_chat,
-                refresh: self.settings.refresh,
-            })
+            Arc::new(Tail::new(
+                self.settings.events_per_chat,
+                self.settings.refresh,
+            ))
         })
+    }
+
+    /// The tails that have waiters now.
+    pub fn watched(&self) -> Vec<(ChatId, Arc<Tail>)> {
+        self.cache
+            .iter()
+            .filter(|(_, tail)| tail.waiting.load(Ordering::Acquire) > 0)
+            .map(|(chat, tail)| (ChatId::clone(&chat), tail))
+            .collect()
     }
 
     /// Feeds a batch this instance committed to the chat's tail, if it has one.
@@ -102,6 +114,17 @@ pub struct Tail {
     fill: tokio::sync::Mutex<()>,
     capacity: usize,
     refresh: Duration,
+    /// Callers waiting for the tail to move.
+    waiting: AtomicUsize,
+}
+
+/// One caller waiting on a tail; dropping it ends the wait.
+pub struct Waiting<'a>(&'a Tail);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -129,12 +152,56 @@ pub enum Answer {
 }
 
 impl Tail {
+    fn new(capacity: usize, refresh: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            latest: watch::channel(0).0,
+            fill: tokio::sync::Mutex::new(()),
+            capacity,
+            refresh,
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether what the tail learnt at `at` is still trusted: for one refresh
+    /// period, and half of one more so that a refresher round that runs late
+    /// does not send readers to the shard.
+    fn trusted(&self, at: Instant) -> bool {
+        at.elapsed() < self.refresh + self.refresh / 2
+    }
+
+    /// Counts the caller as a waiter until the guard is dropped (waited-on
+    /// tails are kept fresh by the refresher).
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(self)
+    }
+
+    /// Told by the refresher that the chat's latest revision is `latest`:
+    /// if the tail holds exactly up to it, it is fresh again and `true` is
+    /// returned; otherwise it is stale (a refresh reads what it lacks).
+    pub fn vouch(&self, latest: u64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let end = state.base + state.events.len() as u64;
+        if state.known && end == latest {
+            state.refreshed = Some(Instant::now());
+            true
+        } else {
+            state.refreshed = None;
+            false
+        }
+    }
+
+    /// The revision the tail holds up to, if it knows one.
+    pub fn end(&self) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.known.then(|| state.base + state.events.len() as u64)
+    }
+
     /// The events after `after`, if the tail can vouch for them.
     pub fn read(&self, after: u64, limit: usize) -> Answer {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let fresh = state
-            .refreshed
-            .is_some_and(|at| at.elapsed() < self.refresh);
+        let fresh = state.refreshed.is_some_and(|at| self.trusted(at));
         if !state.known || !fresh {
             return Answer::Stale;
         }
@@ -224,9 +291,7 @@ impl Tail {
         let _one = self.fill.lock().await;
         let after = {
             let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            let fresh = state
-                .refreshed
-                .is_some_and(|at| at.elapsed() < self.refresh);
+            let fresh = state.refreshed.is_some_and(|at| self.trusted(at));
             if state.known && fresh {
                 return Ok(());
             }
@@ -262,13 +327,7 @@ mod tests {
     }
 
     fn tail(capacity: usize) -> Tail {
-        Tail {
-            state: Mutex::new(State::default()),
-            latest: watch::channel(0).0,
-            fill: tokio::sync::Mutex::new(()),
-            capacity,
-            refresh: Duration::from_secs(60),
-        }
+        Tail::new(capacity, Duration::from_secs(60))
     }
 
     fn revisions(answer: Answer) -> Vec<u64> {
@@ -296,6 +355,22 @@ mod tests {
         assert_eq!(revisions(t.read(5, 10)), Vec::<u64>::new());
         assert_eq!(*t.subscribe().borrow(), 5);
         Ok(())
+    }
+
+    #[test]
+    fn the_refresher_vouches_for_a_tail_that_holds_the_latest_revision() {
+        let t = tail(10);
+        assert!(
+            !t.vouch(0),
+            "a tail that knows nothing cannot be vouched for"
+        );
+        t.append(&[ev(1), ev(2)], Some(2));
+        assert!(t.vouch(2));
+        assert!(matches!(t.read(2, 10), Answer::Events { .. }));
+        // Another instance wrote revision 3: stale until read.
+        assert!(!t.vouch(3));
+        assert!(matches!(t.read(2, 10), Answer::Stale));
+        assert_eq!(t.end(), Some(2));
     }
 
     #[test]

@@ -91,6 +91,24 @@ pub async fn revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result
         .await
 }
 
+/// The latest revisions of several chats (of those that exist).
+pub async fn revisions(
+    conn: &mut MySqlConnection,
+    chat_ids: &[String],
+) -> sqlx::Result<Vec<(String, u64)>> {
+    if chat_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query =
+        sqlx::QueryBuilder::new("SELECT chat_id, revision FROM chat WHERE chat_id IN (");
+    let mut ids = query.separated(", ");
+    for id in chat_ids {
+        ids.push_bind(id);
+    }
+    ids.push_unseparated(")");
+    query.build_query_as().fetch_all(conn).await
+}
+
 /// Advances a locked chat's revision by `n` (the events just appended).
 pub async fn advance_revision(
     conn: &mut MySqlConnection,

@@ -53,6 +53,9 @@ pub struct Decisions {
     pub tail_misses: AtomicU64,
     /// Event fetches further behind than the tail: read from the log.
     pub tail_behind: AtomicU64,
+    /// Queries of the tail refresher (the latest revisions of up to 500
+    /// waited-on chats of one shard each).
+    pub tail_revision_polls: AtomicU64,
 }
 
 impl Decisions {

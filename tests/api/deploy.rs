@@ -382,9 +382,23 @@ fn selectors_and_exposition_are_read_as_prometheus_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     let app = TestApp::spawn().await;
-    // Traffic, so the histograms have series.
+    // Traffic, so the histograms have series: a join, and its event received
+    // by a stream.
     let chat = app.new_chat("dash").await;
+    let mut stream = crate::common::SseReader::open(
+        &app.http,
+        &app.base,
+        &format!("/v1/chats/{chat}/events/stream"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
     app.join(&chat, "u").await;
+    let event = stream
+        .next(std::time::Duration::from_secs(10))
+        .await
+        .expect("the join's event");
+    assert_eq!(event.id.as_deref(), Some("1"));
     let samples = exposition(&app.get("/metrics").await.text().await.unwrap());
     let prometheus = yaml("prometheus.yml");
     let jobs: Vec<&str> = prometheus["scrape_configs"]

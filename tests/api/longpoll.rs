@@ -168,3 +168,66 @@ async fn many_waiters_of_one_chat_cost_at_most_one_read_per_event() {
     eprintln!("{WAITERS} waiters, {EVENTS} events: {reads} event read(s) on the shard");
     assert!(reads <= EVENTS, "{reads} reads for {EVENTS} events");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_quiet_chat_cost_no_reads_and_hear_another_instance_through_the_refresher() {
+    // A writes; B serves the waiters and refreshes their tail every 200 ms.
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.tail.refresh_ms = 200;
+    })
+    .await;
+    let chat = a.new_chat("lp-refresher").await;
+    assert_eq!(a.join(&chat, "host").await.status(), StatusCode::CREATED);
+    let queries = || async {
+        b.admin_get("/v1/admin/hot-chats").await["decisions"]["fetchQueries"]
+            .as_u64()
+            .expect("fetchQueries")
+    };
+    let polls = || async {
+        let samples =
+            crate::common::metric_samples(&b.http, &b.base, "chatshard_tail_revision_polls_total")
+                .await;
+        crate::common::sum_where(&samples, &[])
+    };
+    const WAITERS: usize = 20;
+    const EVENTS: u64 = 3;
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (base, chat) = (b.base.clone(), chat.clone());
+            tokio::spawn(async move { follow(&base, &chat, 1, 1 + EVENTS, "&waitMs=10000").await })
+        })
+        .collect();
+    // Once the waiters have filled the tail, ten refresher rounds pass
+    // without a read of the chat's events.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queries().await == 0 {
+        assert!(Instant::now() < deadline, "the waiters never read the chat");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+    let (reads_before, polls_before) = (queries().await, polls().await);
+    while polls().await < polls_before + 10.0 {
+        assert!(Instant::now() < deadline, "the refresher does not run");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+    assert_eq!(
+        queries().await - reads_before,
+        0,
+        "a quiet chat's waiters read its events"
+    );
+    // Writes through A reach B's waiters by the refresher.
+    for i in 0..EVENTS {
+        let r = a.post(&chat, "host", &format!("e{i}"), "news").await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    for w in waiters {
+        let seen = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("every waiter heard A's writes")
+            .expect("waiter");
+        assert_eq!(seen, (2..=1 + EVENTS).collect::<Vec<_>>());
+    }
+    let reads = queries().await - reads_before;
+    assert!(reads <= EVENTS, "{reads} reads for {EVENTS} events");
+}
