@@ -71,6 +71,10 @@ enum Scenario {
     Fanout {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
+        /// Make each subscriber a multiplexed stream (`/v1/streams`) following
+        /// the posted chat and this many chats in all (the others quiet).
+        #[arg(long, default_value_t = 0)]
+        mux_chats: usize,
         /// Messages per second.
         #[arg(long, default_value_t = 50.0)]
         rate: f64,
@@ -133,6 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => scenarios::quiet(&target, shard_url.as_deref(), &recorder, seconds(s)?).await,
         Scenario::Fanout {
             subscribers,
+            mux_chats,
             rate,
             seconds: s,
             service_pid,
@@ -145,10 +150,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate > 0.0 && rate <= 10_000.0,
                 "--rate must be above 0 and at most 10000"
             );
+            anyhow::ensure!(mux_chats <= 10_000, "--mux-chats must be at most 10000");
             let report = scenarios::fanout(
                 &target,
                 &recorder,
                 subscribers,
+                mux_chats,
                 rate,
                 seconds(s)?,
                 service_pid,

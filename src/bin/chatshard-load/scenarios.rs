@@ -38,6 +38,25 @@ pub fn run_id(prefix: &str) -> String {
 
 impl Target {
     /// Creates a chat that holds up to 100,000 members.
+    /// The sum of a metric's samples on `/metrics`, if it can be read.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
     pub async fn create_chat(&self, chat: &str) -> anyhow::Result<()> {
         let request = self
             .http
@@ -401,6 +420,49 @@ fn process_usage(pid: u32) -> Option<(u64, f64)> {
     Some((rss_kb * 1024, ticks as f64 / 100.0))
 }
 
+/// Makes a multiplexed stream following `chat` after revision 1 and the
+/// `quiet` chats from the start (in requests of at most 1,000 chats); its
+/// path, or the answer that refused it.
+async fn open_mux(
+    http: &reqwest::Client,
+    base: &str,
+    chat: &str,
+    quiet: &[String],
+) -> Result<String, String> {
+    let mut chats = serde_json::Map::new();
+    chats.insert(chat.to_owned(), json!(1));
+    let answer = |r: reqwest::Response| r.status().as_u16().to_string();
+    let mut rest = quiet.chunks(1000);
+    for id in rest.next().unwrap_or_default() {
+        chats.insert(id.clone(), json!(0));
+    }
+    let r = http
+        .post(format!("{base}/v1/streams"))
+        .json(&json!({ "chats": chats }))
+        .send()
+        .await
+        .map_err(|_| "error/connect".to_owned())?;
+    if !r.status().is_success() {
+        return Err(answer(r));
+    }
+    let view: Value = r.json().await.map_err(|_| "error/body".to_owned())?;
+    let id = view["streamId"].as_str().ok_or("error/body")?.to_owned();
+    for ids in rest {
+        for id_chat in ids {
+            let r = http
+                .put(format!("{base}/v1/streams/{id}/chats/{id_chat}"))
+                .json(&json!({"after": 0}))
+                .send()
+                .await
+                .map_err(|_| "error/connect".to_owned())?;
+            if !r.status().is_success() {
+                return Err(answer(r));
+            }
+        }
+    }
+    Ok(format!("/v1/streams/{id}"))
+}
+
 /// Where `needle` first occurs in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -425,6 +487,7 @@ pub async fn fanout(
     target: &Target,
     recorder: &Recorder,
     subscribers: usize,
+    mux_chats: usize,
     rate: f64,
     duration: Duration,
     service_pid: Option<u32>,
@@ -450,6 +513,14 @@ pub async fn fanout(
         .post(format!("{}/v1/chats/{chat}/members", target.base))
         .json(&json!({"userId": "poster"}));
     expect_success(join, "joining the poster").await?;
+    // With --mux-chats, the quiet chats every multiplexed stream follows too.
+    let mut quiet = Vec::new();
+    for i in 1..mux_chats {
+        let id = format!("{chat}-q{i}");
+        target.create_chat(&id).await?;
+        quiet.push(id);
+    }
+    let quiet = Arc::new(quiet);
     let before_usage = service_pid.and_then(process_usage);
     // A client per subscriber: every stream its own connection.
     let opened = Arc::new(AtomicU64::new(0));
@@ -457,20 +528,29 @@ pub async fn fanout(
     let stop = Arc::new(tokio::sync::Notify::new());
     let streams: Vec<_> = (0..subscribers)
         .map(|_| {
-            let (base, chat, recorder, opened, received, stop) = (
+            let (base, chat, recorder, opened, received, stop, quiet) = (
                 target.base.clone(),
                 chat.clone(),
                 recorder.clone(),
                 opened.clone(),
                 received.clone(),
                 stop.clone(),
+                quiet.clone(),
             );
             tokio::spawn(async move {
                 let http = reqwest::Client::new();
-                let response = http
-                    .get(format!("{base}/v1/chats/{chat}/events/stream?after=1"))
-                    .send()
-                    .await;
+                let path = if mux_chats == 0 {
+                    format!("/v1/chats/{chat}/events/stream?after=1")
+                } else {
+                    match open_mux(&http, &base, &chat, &quiet).await {
+                        Ok(path) => path,
+                        Err(answer) => {
+                            recorder.record("stream_open", Duration::ZERO, &answer, false);
+                            return;
+                        }
+                    }
+                };
+                let response = http.get(format!("{base}{path}")).send().await;
                 let mut response = match response {
                     Ok(r) if r.status().is_success() => r,
                     Ok(r) => {
@@ -574,9 +654,12 @@ pub async fn fanout(
         (Some((_, a)), Some((_, b))) => json!((b - a) / duration.as_secs_f64()),
         _ => Value::Null,
     };
+    let polls = target.metric("chatshard_tail_revision_polls_total").await;
     Ok(json!({
         "name": "fanout",
         "subscribers": subscribers,
+        "muxChatsPerStream": mux_chats,
+        "tailRevisionPollsTotal": polls,
         "streamsOpen": open,
         "messagesPerSecond": rate,
         "posted": posted,
