@@ -190,9 +190,9 @@ impl From<service::Event> for Event {
                 crate::domain::EventType::MemberJoined => EventType::MemberJoined,
                 crate::domain::EventType::MemberLeft => EventType::MemberLeft,
             },
-            user_id: e.user_id,
+            user_id: e.user_id.to_string(),
             message_id: e.message_id,
-            text: e.text,
+            text: e.text.map(|t| t.to_string()),
             created_at: e.created_at,
         }
     }

@@ -258,7 +258,11 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
             _ = closing.changed() => continue,
         };
         match page {
-            Ok(page) => f.pending.extend(page.events.iter().cloned()),
+            // A page made for this call alone is taken as is, not copied.
+            Ok(page) => match Arc::try_unwrap(page) {
+                Ok(page) => f.pending.extend(page.events),
+                Err(page) => f.pending.extend(page.events.iter().cloned()),
+            },
             Err(ServiceError::ChatNotFound) => {
                 return Some((
                     Ok(end(&mut f, "chat_not_found", "the chat does not exist")),

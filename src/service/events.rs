@@ -29,8 +29,9 @@ use crate::throttle::pages::PageKey;
 /// The longest a long-poll may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// A waiter checks its tail itself at least every this many refresh periods.
-const SAFETY_NAPS: u32 = 10;
+/// A waiter checks its tail itself at least every this many refresh periods
+/// (between half of it and all of it, at random).
+const SAFETY_NAPS: f64 = 10.0;
 
 /// Chats whose revisions the tail refresher reads in one query.
 const REFRESH_CHUNK: usize = 500;
@@ -94,8 +95,14 @@ impl ChatService {
                     // or the refresher finding writes of other instances), or
                     // for the deadline. The refresher keeps a waited-on tail
                     // fresh; waking every few refresh periods is the safety
-                    // net for when it cannot (its shard is down).
-                    let nap = (deadline - now).min(self.tails.refresh() * SAFETY_NAPS);
+                    // net for when it cannot (its shard is down). Spread, so
+                    // that the waiters of a stream's thousands of chats do
+                    // not all wake in the same instant.
+                    let safety = self
+                        .tails
+                        .refresh()
+                        .mul_f64(rand::random_range(SAFETY_NAPS / 2.0..SAFETY_NAPS));
+                    let nap = (deadline - now).min(safety);
                     {
                         let _waiting = tail.waiting();
                         let _ = tokio::time::timeout(nap, moved.changed()).await;
@@ -246,7 +253,7 @@ impl ChatService {
                 let weight = page
                     .events
                     .iter()
-                    .map(|e| 64 + e.text.as_ref().map_or(0, String::len))
+                    .map(|e| 64 + e.text.as_ref().map_or(0, |t| t.len()))
                     .sum::<usize>();
                 Ok((page, u32::try_from(weight).unwrap_or(u32::MAX)))
             })

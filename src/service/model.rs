@@ -85,9 +85,11 @@ impl Message {
 pub struct Event {
     pub revision: u64,
     pub kind: EventType,
-    pub user_id: String,
+    /// Shared, like the text: the tail hands out a copy of an event to every
+    /// reader, and a copy must not copy the strings.
+    pub user_id: Arc<str>,
     pub message_id: Option<u64>,
-    pub text: Option<String>,
+    pub text: Option<Arc<str>>,
     pub created_at: DateTime<Utc>,
     /// The event as a stream sends it, made once by the first subscriber that
     /// needs it and shared by every copy of the event (the tail hands out
@@ -109,9 +111,9 @@ impl Event {
         Ok(Self {
             revision: row.revision,
             kind,
-            user_id: row.user_id,
+            user_id: row.user_id.into(),
             message_id: row.message_id,
-            text: row.body,
+            text: row.body.map(Into::into),
             created_at: storage::utc(row.created_at),
             encoded: Arc::default(),
         })

@@ -177,13 +177,14 @@ impl Tail {
         Waiting(self)
     }
 
-    /// Told by the refresher that the chat's latest revision is `latest`:
-    /// if the tail holds exactly up to it, it is fresh again and `true` is
-    /// returned; otherwise it is stale (a refresh reads what it lacks).
+    /// Told by the refresher that the chat's latest revision was `latest`
+    /// when it looked: if the tail holds up to it (or beyond: commits of this
+    /// instance since), it is fresh again and `true` is returned; otherwise it
+    /// is stale (a refresh reads what it lacks).
     pub fn vouch(&self, latest: u64) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let end = state.base + state.events.len() as u64;
-        if state.known && end == latest {
+        if state.known && end >= latest {
             state.refreshed = Some(Instant::now());
             true
         } else {
@@ -318,7 +319,7 @@ mod tests {
         Event {
             revision,
             kind: EventType::MemberJoined,
-            user_id: format!("u{revision}"),
+            user_id: format!("u{revision}").into(),
             message_id: None,
             text: None,
             created_at: chrono::Utc::now(),
@@ -367,6 +368,8 @@ mod tests {
         t.append(&[ev(1), ev(2)], Some(2));
         assert!(t.vouch(2));
         assert!(matches!(t.read(2, 10), Answer::Events { .. }));
+        // Looked before a commit of this instance landed in the tail.
+        assert!(t.vouch(1));
         // Another instance wrote revision 3: stale until read.
         assert!(!t.vouch(3));
         assert!(matches!(t.read(2, 10), Answer::Stale));

@@ -163,13 +163,13 @@ pub async fn commit_batch(
         .map(|(planned, stored)| Event {
             revision: planned.revision,
             kind: planned.kind,
-            user_id: planned.user.to_string(),
+            user_id: planned.user.as_str().into(),
             message_id: stored.message_id,
             text: planned
                 .message
                 .as_ref()
                 .and_then(|(s, k)| message_rows.get(&(s.as_str(), k.as_str())))
-                .map(|m| m.body.clone()),
+                .map(|m| m.body.as_str().into()),
             created_at: storage::utc(now),
             encoded: Default::default(),
         })
