@@ -326,7 +326,7 @@ fn config_answer(
         // configuration too: every problem is listed the same way.
         Err(UpdateError::Build(p)) if p.code == Code::InvalidRequest.as_str() => {
             let problems = if p.errors.is_empty() {
-                vec![p.detail]
+                vec![p.detail.into()]
             } else {
                 p.errors
             };

@@ -367,11 +367,11 @@ mod tests {
         let schemas = Schemas::from_document(&document);
         let value: Value = match serde_json::from_str(body) {
             Ok(v) => v,
-            Err(e) => return syntax_problem(e).detail,
+            Err(e) => return syntax_problem(e).detail.into(),
         };
         match shaped::<Body>(&schemas, value) {
             Ok(b) => panic!("accepted {b:?}"),
-            Err(p) => p.detail,
+            Err(p) => p.detail.into(),
         }
     }
 

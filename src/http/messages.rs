@@ -9,6 +9,7 @@ use super::model::{ChatIdParam, EventPage, EventPageParams, Message, PostMessage
 use super::problem::Problem;
 use super::{AppState, status_for};
 use crate::domain::{ClientMessageId, MessageText, PageLimit, Revision, UserId, Wait};
+use crate::service::ServiceError;
 
 /// Post a message; idempotent by `(senderId, clientMessageId)`.
 #[utoipa::path(
@@ -62,7 +63,14 @@ pub async fn get_events(
     let after = Revision::parse_after(query.after.as_deref()).map_err(|e| Problem::invalid(e.0))?;
     let limit = PageLimit::parse(query.limit.as_deref()).map_err(|e| Problem::invalid(e.0))?;
     let Wait(wait) = Wait::parse(query.wait_ms.as_deref()).map_err(|e| Problem::invalid(e.0))?;
-    let page = state.service.events(&chat, after, limit, wait).await?;
+    let page = state
+        .service
+        .events(&chat, after, limit, wait)
+        .await
+        .map_err(|e| match e {
+            ServiceError::FetchThrottled { .. } => Problem::from(e).with_stream(&chat),
+            e => Problem::from(e),
+        })?;
     Ok(Json(EventPage {
         events: page.events.iter().cloned().map(Into::into).collect(),
         latest_revision: page.latest_revision,

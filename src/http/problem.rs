@@ -165,18 +165,22 @@ impl Code {
 pub struct Problem {
     /// A URI naming the problem type: `urn:chatshard:problem:<code>`.
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: Box<str>,
     /// A short summary of the problem type.
     pub title: &'static str,
     /// The HTTP status code.
     pub status: u16,
     /// What went wrong with this request.
-    pub detail: String,
+    pub detail: Box<str>,
     /// A stable machine-readable code (see the error catalogue).
     pub code: &'static str,
     /// Every problem found, for `invalid_config`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// For `fetch_throttled`: the chat's event stream, which is never
+    /// throttled (follow it instead of polling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<Box<str>>,
     #[serde(skip)]
     #[schema(ignore)]
     retry_after: Option<u32>,
@@ -185,12 +189,13 @@ pub struct Problem {
 impl Problem {
     pub fn new(code: Code, detail: impl Into<String>) -> Self {
         Self {
-            type_: format!("urn:chatshard:problem:{}", code.as_str()),
+            type_: format!("urn:chatshard:problem:{}", code.as_str()).into(),
             title: code.title(),
             status: code.status().as_u16(),
-            detail: detail.into(),
+            detail: detail.into().into_boxed_str(),
             code: code.as_str(),
             errors: Vec::new(),
+            stream: None,
             retry_after: code.retry_after(),
         }
     }
@@ -198,6 +203,12 @@ impl Problem {
     /// Lists every problem found (RFC 9457 extension member `errors`).
     pub fn with_errors(mut self, errors: Vec<String>) -> Self {
         self.errors = errors;
+        self
+    }
+
+    /// Names the chat's event stream (for `fetch_throttled`).
+    pub fn with_stream(mut self, chat: &crate::domain::ChatId) -> Self {
+        self.stream = Some(format!("/v1/chats/{chat}/events/stream").into());
         self
     }
 

@@ -159,7 +159,12 @@ async fn a_busy_chat_is_marked_hot_and_its_fetches_throttled_at_the_rate() {
                     .parse()
                     .unwrap();
                 assert!((1..=3).contains(&retry));
-                assert_problem(r, 429, "fetch_throttled").await;
+                let problem = assert_problem(r, 429, "fetch_throttled").await;
+                assert_eq!(
+                    problem["stream"],
+                    format!("/v1/chats/{chat}/events/stream"),
+                    "the problem names the stream to follow instead"
+                );
                 throttled += 1;
             }
             other => panic!("unexpected {other}"),
