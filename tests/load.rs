@@ -37,7 +37,8 @@ fn ok(report: &Value, kind: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
-    let cluster = LocalCluster::start_temp(1).await.expect("shard");
+    // Two shards: `isolation` needs a chat on each.
+    let cluster = LocalCluster::start_temp(2).await.expect("shards");
     let mut settings = cluster.settings().expect("settings");
     settings.admin.token = TOKEN.to_owned();
     let app = App::build(&settings).await.expect("app");
@@ -107,12 +108,111 @@ async fn every_scenario_runs_and_reports() {
             ],
             &dir.join("fanout.json"),
         );
+        let mux = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "fanout",
+                "--subscribers",
+                "3",
+                "--mux-chats",
+                "5",
+                "--rate",
+                "20",
+                "--seconds",
+                "0.5",
+            ],
+            &dir.join("mux.json"),
+        );
+        let fetch = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "fetch-spike",
+                "--pollers",
+                "8",
+                "--rate",
+                "20",
+                "--seconds",
+                "0.5",
+            ],
+            &dir.join("fetch.json"),
+        );
+        let isolation = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "isolation",
+                "--clients",
+                "4",
+                "--steady-clients",
+                "1",
+                "--seconds",
+                "1",
+            ],
+            &dir.join("isolation.json"),
+        );
+        let refusals = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "refusals",
+                "--clients",
+                "2",
+                "--seconds",
+                "0.5",
+            ],
+            &dir.join("refusals.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
-        (spike, quiet, direct, fanout)
+        (
+            spike,
+            quiet,
+            direct,
+            fanout,
+            [mux, fetch, isolation, refusals],
+        )
     })
     .await
     .expect("runs");
-    let (spike, quiet, direct, fanout) = reports;
+    let (spike, quiet, direct, fanout, [mux, fetch, isolation, refusals]) = reports;
+    let m = &mux["scenario"];
+    assert_eq!(m["streamsOpen"], 3, "{mux}");
+    assert_eq!(m["muxChatsPerStream"], 5, "{mux}");
+    assert!(m["posted"].as_u64().unwrap_or(0) > 0, "{mux}");
+    assert_eq!(m["delivered"], m["expected"], "{mux}");
+    assert!(ok(&fetch, "poll") > 0, "{fetch}");
+    assert!(
+        fetch["scenario"]["eventQueriesPerPublishedEvent"].is_f64(),
+        "{fetch}"
+    );
+    for kind in ["b_alone", "b_during_spike", "a_spike_join"] {
+        assert!(ok(&isolation, kind) > 0, "{kind}: {isolation}");
+    }
+    assert!(
+        isolation["scenario"]["shardBP99Ratio"].is_f64(),
+        "{isolation}"
+    );
+    for kind in ["refused_join", "refused_fetch"] {
+        let answers = &refusals["kinds"][kind]["answers"];
+        let code = if kind == "refused_join" {
+            "429/join_throttled"
+        } else {
+            "429/fetch_throttled"
+        };
+        assert!(
+            answers[code].as_u64().unwrap_or(0) > 0,
+            "{kind}: {refusals}"
+        );
+    }
     let f = &fanout["scenario"];
     assert_eq!(f["streamsOpen"], 10, "{fanout}");
     assert!(f["posted"].as_u64().unwrap_or(0) > 0, "{fanout}");

@@ -84,6 +84,41 @@ enum Scenario {
         #[arg(long)]
         service_pid: Option<u32>,
     },
+    /// P pollers of one chat while messages are posted at a fixed rate: shard
+    /// event queries per published event, and how polls were answered.
+    FetchSpike {
+        #[arg(long, default_value_t = 256)]
+        pollers: usize,
+        /// Messages per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// 0: plain polls as fast as answered; above 0: long-polls.
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Steady traffic on a chat of shard B alone, then during a join spike on
+    /// a chat of shard A: B's p50 and p99 during the spike over alone.
+    Isolation {
+        /// Clients of the spike on shard A.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Clients of the steady traffic on shard B.
+        #[arg(long, default_value_t = 4)]
+        steady_clients: usize,
+        /// Both halves together.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
+    /// The answer time of refused requests (join_throttled, fetch_throttled)
+    /// while the refusing condition holds.
+    Refusals {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -165,6 +200,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
             }
             report
+        }
+        Scenario::FetchSpike {
+            pollers,
+            rate,
+            wait_ms,
+            seconds: s,
+        } => {
+            anyhow::ensure!(
+                (1..=10_000).contains(&pollers),
+                "--pollers must be 1 to 10000"
+            );
+            anyhow::ensure!(
+                rate > 0.0 && rate <= 10_000.0,
+                "--rate must be above 0 and at most 10000"
+            );
+            anyhow::ensure!(wait_ms <= 30_000, "--wait-ms must be at most 30000");
+            scenarios::fetch_spike(&target, &recorder, pollers, rate, wait_ms, seconds(s)?).await
+        }
+        Scenario::Isolation {
+            clients,
+            steady_clients,
+            seconds: s,
+        } => {
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            anyhow::ensure!(
+                (1..=256).contains(&steady_clients),
+                "--steady-clients must be 1 to 256"
+            );
+            scenarios::isolation(&target, &recorder, clients, steady_clients, seconds(s)?).await
+        }
+        Scenario::Refusals {
+            clients,
+            seconds: s,
+        } => {
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            scenarios::refusals(&target, &recorder, clients, seconds(s)?).await
         }
         Scenario::DirectSql {
             shard_url,

@@ -99,6 +99,13 @@ impl Recorder {
         }
     }
 
+    /// The `q` quantile (0..1) of the successes of `kind`, in ms.
+    pub fn quantile_ms(&self, kind: &str, q: f64) -> Option<f64> {
+        let all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = all.get(kind)?;
+        (!s.ok.is_empty()).then(|| s.ok.value_at_quantile(q) as f64 / 1000.0)
+    }
+
     /// Marks a moment (spike start, fault) on the timeline.
     pub fn mark(&self, what: &str) {
         let at = self.started.elapsed().as_secs_f64();

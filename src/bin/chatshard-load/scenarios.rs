@@ -38,8 +38,85 @@ pub fn run_id(prefix: &str) -> String {
 
 impl Target {
     /// Creates a chat that holds up to 100,000 members.
+    /// Sets one chat's overrides of a live section (`hotChat`,
+    /// `joinThrottle`); needs the admin token.
+    pub async fn set_override(
+        &self,
+        section: &str,
+        chat: &str,
+        fields: Value,
+    ) -> anyhow::Result<()> {
+        let Some(token) = &self.admin_token else {
+            anyhow::bail!("--admin-token is needed to change the live configuration");
+        };
+        let patch = json!({ section: {"overrides": {chat: fields}} });
+        let request = self
+            .http
+            .patch(format!("{}/v1/admin/config", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/merge-patch+json")
+            .body(patch.to_string());
+        expect_success(request, "changing the live configuration").await
+    }
+
+    /// Event-page queries this instance has sent to its shards (admin view).
+    pub async fn fetch_queries(&self) -> anyhow::Result<u64> {
+        let Some(token) = &self.admin_token else {
+            anyhow::bail!("--admin-token is needed to read the shard queries");
+        };
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/admin/hot-chats", self.base))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(v["decisions"]["fetchQueries"].as_u64().unwrap_or(0))
+    }
+
+    /// Makes a chat with the poster `poster` joined; the shard it is on.
+    pub async fn chat_with_poster(&self, chat: &str, poster: &str) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .put(format!("{}/v1/chats/{chat}", self.base))
+            .json(&json!({"maxMembers": 100_000}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "creating chat {chat}: {}",
+            r.status()
+        );
+        let shard = r.json::<Value>().await?["shard"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let join = self
+            .http
+            .post(format!("{}/v1/chats/{chat}/members", self.base))
+            .json(&json!({ "userId": poster }));
+        expect_success(join, "joining the poster").await?;
+        Ok(shard)
+    }
+
+    /// Posts one message; its answer.
+    async fn post(&self, chat: &str, poster: &str, key: &str) -> (String, bool) {
+        let request = self
+            .http
+            .post(format!("{}/v1/chats/{chat}/messages", self.base))
+            .json(&json!({"senderId": poster, "clientMessageId": key, "text": "load"}));
+        self.call(request).await
+    }
+
     /// The sum of a metric's samples on `/metrics`, if it can be read.
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_where(name, &[]).await
+    }
+
+    /// The sum of the samples of `name` whose labels hold every one of
+    /// `labels` (each `key="value"`).
+    pub async fn metric_where(&self, name: &str, labels: &[&str]) -> Option<f64> {
         let text = self
             .http
             .get(format!("{}/metrics", self.base))
@@ -51,7 +128,11 @@ impl Target {
             .ok()?;
         Some(
             text.lines()
-                .filter(|l| l.starts_with(name))
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with([' ', '{']))
+                        && labels.iter().all(|want| l.contains(want))
+                })
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .sum(),
         )
@@ -492,27 +573,13 @@ pub async fn fanout(
     duration: Duration,
     service_pid: Option<u32>,
 ) -> anyhow::Result<Value> {
-    let Some(token) = target.admin_token.clone() else {
-        anyhow::bail!("fanout needs --admin-token (it reads the shard reads from the admin view)");
-    };
-    let queries = || async {
-        let v: Value = target
-            .http
-            .get(format!("{}/v1/admin/hot-chats", target.base))
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .json()
-            .await?;
-        Ok::<u64, anyhow::Error>(v["decisions"]["fetchQueries"].as_u64().unwrap_or(0))
-    };
+    anyhow::ensure!(
+        target.admin_token.is_some(),
+        "fanout needs --admin-token (it reads the shard reads from the admin view)"
+    );
+    let queries = || target.fetch_queries();
     let chat = run_id("fanout");
-    target.create_chat(&chat).await?;
-    let join = target
-        .http
-        .post(format!("{}/v1/chats/{chat}/members", target.base))
-        .json(&json!({"userId": "poster"}));
-    expect_success(join, "joining the poster").await?;
+    target.chat_with_poster(&chat, "poster").await?;
     // With --mux-chats, the quiet chats every multiplexed stream follows too.
     let mut quiet = Vec::new();
     for i in 1..mux_chats {
@@ -670,5 +737,347 @@ pub async fn fanout(
         "memory": memory,
         "cpu": cpu,
         "loadToolCores": tool_cores,
+    }))
+}
+
+/// Posts to `chat` at `rate` per second until `until`; the messages stored.
+async fn post_at(
+    target: &Target,
+    recorder: &Recorder,
+    chat: &str,
+    rate: f64,
+    until: Instant,
+) -> u64 {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut posted = 0u64;
+    let mut n = 0u64;
+    while Instant::now() < until {
+        tick.tick().await;
+        n += 1;
+        let started = Instant::now();
+        let (answer, ok) = target.post(chat, "poster", &format!("p{n}")).await;
+        recorder.record("post", started.elapsed(), &answer, ok);
+        posted += u64::from(ok);
+    }
+    posted
+}
+
+/// `fetch-spike`: `pollers` clients poll one chat's events as fast as they
+/// are answered (a plain poll, `waitMs=0`, ignoring `Retry-After`, as the
+/// reference incident's clients did; or long-polls with `wait_ms` > 0) while
+/// messages are posted at `rate`. Reports the event queries the shard saw per
+/// published event, and how the polls were answered.
+pub async fn fetch_spike(
+    target: &Target,
+    recorder: &Recorder,
+    pollers: usize,
+    rate: f64,
+    wait_ms: u64,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let chat = run_id("fetch");
+    target.chat_with_poster(&chat, "poster").await?;
+    let queries_before = target.fetch_queries().await?;
+    let until = Instant::now() + duration;
+    recorder.mark("polling starts");
+    let polls: Vec<_> = (0..pollers)
+        .map(|_| {
+            let (target, recorder, chat) = (target.clone(), recorder.clone(), chat.clone());
+            tokio::spawn(async move {
+                let mut after = 0u64;
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    let request = target.http.get(format!(
+                        "{}/v1/chats/{chat}/events?after={after}&limit=100&waitMs={wait_ms}",
+                        target.base
+                    ));
+                    let answer = request.send().await;
+                    let (answer, ok) = match answer {
+                        Ok(r) if r.status().is_success() => {
+                            if let Ok(page) = r.json::<Value>().await
+                                && let Some(last) = page["events"]
+                                    .as_array()
+                                    .and_then(|e| e.last())
+                                    .and_then(|e| e["revision"].as_u64())
+                            {
+                                after = last;
+                            }
+                            ("200".to_owned(), true)
+                        }
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let code = r
+                                .json::<Value>()
+                                .await
+                                .ok()
+                                .and_then(|v| v["code"].as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            (format!("{status}/{code}"), false)
+                        }
+                        Err(_) => ("error/other".to_owned(), false),
+                    };
+                    recorder.record("poll", started.elapsed(), &answer, ok);
+                }
+            })
+        })
+        .collect();
+    let posted = post_at(target, recorder, &chat, rate, until).await;
+    for p in polls {
+        let _ = p.await;
+    }
+    let queries = target.fetch_queries().await? - queries_before;
+    Ok(json!({
+        "name": "fetch-spike",
+        "pollers": pollers,
+        "waitMs": wait_ms,
+        "messagesPerSecond": rate,
+        "posted": posted,
+        "eventQueries": queries,
+        "eventQueriesPerPublishedEvent": if posted > 0 { queries as f64 / posted as f64 } else { 0.0 },
+    }))
+}
+
+/// Steady traffic on one chat: `clients` clients, each a join of a new user
+/// then a member-count read every 20 ms (100 requests/s per client),
+/// recorded under `kind`, until `until`.
+fn steady(
+    target: &Target,
+    recorder: &Recorder,
+    chat: &str,
+    clients: usize,
+    kind: &'static str,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|c| {
+            let (target, recorder, chat) = (target.clone(), recorder.clone(), chat.to_owned());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while Instant::now() < until {
+                    tick.tick().await;
+                    n += 1;
+                    let started = Instant::now();
+                    let request = target
+                        .http
+                        .post(format!("{}/v1/chats/{chat}/members", target.base))
+                        .json(&json!({"userId": format!("{kind}-{c}-{n}")}));
+                    let (answer, ok) = target.call(request).await;
+                    recorder.record(kind, started.elapsed(), &answer, ok);
+                    let started = Instant::now();
+                    let request = target
+                        .http
+                        .get(format!("{}/v1/chats/{chat}/member-count", target.base));
+                    let (answer, ok) = target.call(request).await;
+                    recorder.record(kind, started.elapsed(), &answer, ok);
+                }
+            })
+        })
+        .collect()
+}
+
+/// `isolation`: steady traffic on a chat of shard B, first alone, then while
+/// `clients` clients spike joins on a chat of another shard A (its join
+/// throttle off). Reports B's p50 and p99 during the spike over alone.
+pub async fn isolation(
+    target: &Target,
+    recorder: &Recorder,
+    clients: usize,
+    steady_clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let run = run_id("iso");
+    let spike_chat = format!("{run}-a0");
+    let shard_a = target.chat_with_poster(&spike_chat, "poster").await?;
+    // The spike's chats, all on shard A: a fresh one every 90,000 members.
+    let mut spike_chats = vec![spike_chat];
+    for i in 1..256 {
+        if spike_chats.len() == 8 {
+            break;
+        }
+        let chat = format!("{run}-a{i}");
+        if target.chat_with_poster(&chat, "poster").await? == shard_a {
+            spike_chats.push(chat);
+        }
+    }
+    for chat in &spike_chats {
+        target.set_join_throttle(chat, false).await?;
+    }
+    let spike_chats = Arc::new(spike_chats);
+    let mut steady_chat = None;
+    for i in 0..64 {
+        let chat = format!("{run}-b{i}");
+        if target.chat_with_poster(&chat, "poster").await? != shard_a {
+            steady_chat = Some(chat);
+            break;
+        }
+    }
+    let Some(steady_chat) = steady_chat else {
+        anyhow::bail!("isolation needs a service with at least two shards");
+    };
+    target.set_join_throttle(&steady_chat, false).await?;
+    let half = duration / 2;
+    // Alone.
+    let until = Instant::now() + half;
+    for t in steady(
+        target,
+        recorder,
+        &steady_chat,
+        steady_clients,
+        "b_alone",
+        until,
+    ) {
+        let _ = t.await;
+    }
+    // With the spike on shard A.
+    recorder.mark("spike on shard A");
+    let until = Instant::now() + half;
+    let b = steady(
+        target,
+        recorder,
+        &steady_chat,
+        steady_clients,
+        "b_during_spike",
+        until,
+    );
+    let users = Arc::new(AtomicU64::new(0));
+    let spike: Vec<_> = (0..clients)
+        .map(|_| {
+            let (target, recorder, chats, users) = (
+                target.clone(),
+                recorder.clone(),
+                spike_chats.clone(),
+                users.clone(),
+            );
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    let n = users.fetch_add(1, Ordering::Relaxed);
+                    let Some(chat) = chats.get((n / MEMBERS_PER_CHAT) as usize) else {
+                        return;
+                    };
+                    let started = Instant::now();
+                    let request = target
+                        .http
+                        .post(format!("{}/v1/chats/{chat}/members", target.base))
+                        .json(&json!({"userId": format!("s{n}")}));
+                    let (answer, ok) = target.call(request).await;
+                    recorder.record("a_spike_join", started.elapsed(), &answer, ok);
+                }
+            })
+        })
+        .collect();
+    for t in b.into_iter().chain(spike) {
+        let _ = t.await;
+    }
+    let ratio = |q: f64| match (
+        recorder.quantile_ms("b_during_spike", q),
+        recorder.quantile_ms("b_alone", q),
+    ) {
+        (Some(during), Some(alone)) if alone > 0.0 => json!(during / alone),
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "name": "isolation",
+        "spikeClients": clients,
+        "steadyClients": steady_clients,
+        "shardA": shard_a,
+        "shardBP50Ratio": ratio(0.5),
+        "shardBP99Ratio": ratio(0.99),
+    }))
+}
+
+/// `refusals`: how fast refused requests are answered while the refusing
+/// condition holds: joins past a join limit of one per minute
+/// (`join_throttled`) and plain polls of a hot chat throttled at rate 1
+/// (`fetch_throttled`), each by `clients` clients. Needs the admin token.
+pub async fn refusals(
+    target: &Target,
+    recorder: &Recorder,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let chat = run_id("refuse");
+    target.chat_with_poster(&chat, "poster").await?;
+    target
+        .set_override(
+            "joinThrottle",
+            &chat,
+            json!({"enabled": true, "limit": 1, "windowSeconds": 60}),
+        )
+        .await?;
+    target
+        .set_override(
+            "hotChat",
+            &chat,
+            json!({"enabled": true, "threshold": 1, "durationSeconds": 60, "expireSeconds": 600, "throttleRate": 1.0}),
+        )
+        .await?;
+    // Two events within the window make the chat hot.
+    for key in ["h1", "h2"] {
+        let _ = target.post(&chat, "poster", key).await;
+    }
+    let until = Instant::now() + duration;
+    recorder.mark("refusing");
+    let users = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (target, recorder, chat, users) = (
+                target.clone(),
+                recorder.clone(),
+                chat.clone(),
+                users.clone(),
+            );
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    let (kind, request) = if c % 2 == 0 {
+                        let n = users.fetch_add(1, Ordering::Relaxed);
+                        (
+                            "refused_join",
+                            target
+                                .http
+                                .post(format!("{}/v1/chats/{chat}/members", target.base))
+                                .json(&json!({"userId": format!("r{n}")})),
+                        )
+                    } else {
+                        (
+                            "refused_fetch",
+                            target
+                                .http
+                                .get(format!("{}/v1/chats/{chat}/events?after=0", target.base)),
+                        )
+                    };
+                    let (answer, _) = target.call(request).await;
+                    // Refusals are what is measured here: every answer counts.
+                    recorder.record(kind, started.elapsed(), &answer, true);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    // The service's own view: the share of its 429 answers (this run's and
+    // any before) that took at most 1 ms, from its request histogram.
+    let within = |le: &'static str| async move {
+        target
+            .metric_where(
+                "http_server_request_duration_seconds_bucket",
+                &["http_response_status_code=\"429\"", le],
+            )
+            .await
+    };
+    let server_share = match (within("le=\"0.001\"").await, within("le=\"+Inf\"").await) {
+        (Some(fast), Some(all)) if all > 0.0 => json!(fast / all),
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "name": "refusals",
+        "clients": clients,
+        "serverShareOf429WithinOneMs": server_share,
+        "refusedJoinP99Ms": recorder.quantile_ms("refused_join", 0.99),
+        "refusedFetchP99Ms": recorder.quantile_ms("refused_fetch", 0.99),
     }))
 }
