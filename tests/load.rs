@@ -155,9 +155,12 @@ async fn every_scenario_runs_and_reports() {
                 "1",
                 "--seconds",
                 "1",
+                "--plot",
+                dir.join("isolation.svg").to_str().expect("utf-8 path"),
             ],
             &dir.join("isolation.json"),
         );
+        let chart = std::fs::read_to_string(dir.join("isolation.svg")).expect("the chart");
         let refusals = run(
             &[
                 "--url",
@@ -179,11 +182,21 @@ async fn every_scenario_runs_and_reports() {
             direct,
             fanout,
             [mux, fetch, isolation, refusals],
+            chart,
         )
     })
     .await
     .expect("runs");
-    let (spike, quiet, direct, fanout, [mux, fetch, isolation, refusals]) = reports;
+    let (spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) = reports;
+    assert!(chart.starts_with("<svg"), "{chart}");
+    assert!(
+        chart.contains("spike on shard A"),
+        "the chart marks the spike"
+    );
+    assert!(
+        chart.contains("b_during_spike"),
+        "the chart names its series"
+    );
     let m = &mux["scenario"];
     assert_eq!(m["streamsOpen"], 3, "{mux}");
     assert_eq!(m["muxChatsPerStream"], 5, "{mux}");

@@ -13,6 +13,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod plot;
 mod report;
 mod scenarios;
 
@@ -37,6 +38,10 @@ struct Cli {
     /// Write every figure to this file as JSON.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
+    /// Draw throughput and p50/p99 over time, with the run's marks, to this
+    /// SVG file.
+    #[arg(long, global = true)]
+    plot: Option<PathBuf>,
     /// No progress line.
     #[arg(long, global = true)]
     quiet: bool,
@@ -252,10 +257,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = progress.await;
     let scenario = result?;
     print!("{}", recorder.table());
+    let report = recorder.to_json(scenario);
     if let Some(path) = cli.json {
-        let report = recorder.to_json(scenario);
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("figures written to {}", path.display());
+    }
+    if let Some(path) = cli.plot {
+        std::fs::write(&path, plot::svg(&report))?;
+        eprintln!("chart written to {}", path.display());
     }
     Ok(())
 }

@@ -147,11 +147,12 @@ impl Recorder {
             .iter()
             .map(|(kind, s)| {
                 let h = &s.ok;
-                let p99_per_second: Vec<f64> = s
-                    .second_hist
-                    .iter()
-                    .map(|h| ms(h.value_at_quantile(0.99)))
-                    .collect();
+                let per_second = |q: f64| -> Vec<f64> {
+                    s.second_hist
+                        .iter()
+                        .map(|h| ms(h.value_at_quantile(q)))
+                        .collect()
+                };
                 (
                     (*kind).to_owned(),
                     json!({
@@ -167,7 +168,8 @@ impl Recorder {
                         },
                         "answers": s.answers,
                         "okPerSecondTimeline": s.per_second,
-                        "p99MsTimeline": p99_per_second,
+                        "p99MsTimeline": per_second(0.99),
+                        "p50MsTimeline": per_second(0.5),
                     }),
                 )
             })

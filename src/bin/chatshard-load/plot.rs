@@ -1,0 +1,199 @@
+//! `--plot FILE.svg`: throughput and latency over time, one line per kind of
+//! request, with the run's marks (spike start, fault) as vertical lines.
+//!
+//! Drawn from the JSON report as plain SVG (polylines and text): the chart is
+//! two panels of lines, and plotters would need a font file for its text
+//! layout to draw the same.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+const WIDTH: f64 = 960.0;
+const PANEL: f64 = 250.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 180.0;
+const TOP: f64 = 40.0;
+const GAP: f64 = 60.0;
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+
+/// The chart of a report made by `Recorder::to_json`.
+pub fn svg(report: &Value) -> String {
+    let kinds: Vec<(&String, &Value)> = report["kinds"]
+        .as_object()
+        .map(|k| k.iter().collect())
+        .unwrap_or_default();
+    let numbers = |v: &Value, key: &str| -> Vec<f64> {
+        v[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let seconds = report["seconds"].as_f64().unwrap_or(1.0).max(1.0);
+    let rate_max = nice(
+        kinds
+            .iter()
+            .flat_map(|(_, v)| numbers(v, "okPerSecondTimeline"))
+            .fold(1.0, f64::max),
+    );
+    let ms_max = nice(
+        kinds
+            .iter()
+            .flat_map(|(_, v)| numbers(v, "p99MsTimeline"))
+            .fold(1.0, f64::max),
+    );
+    let height = TOP + 2.0 * PANEL + GAP + 50.0;
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let x = |s: f64| LEFT + plot_w * (s / seconds).min(1.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let panels = [
+        ("successes per second", TOP, rate_max),
+        (
+            "p99 (solid) and p50 (dashed), ms",
+            TOP + PANEL + GAP,
+            ms_max,
+        ),
+    ];
+    for (title, top, max) in panels {
+        let _ = writeln!(
+            out,
+            "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{title}</text>",
+            top - 10.0
+        );
+        let _ = writeln!(
+            out,
+            "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{PANEL}\" fill=\"none\" stroke=\"#999\"/>"
+        );
+        for i in 0..=4 {
+            let value = max * f64::from(i) / 4.0;
+            let y = top + PANEL - PANEL * f64::from(i) / 4.0;
+            let _ = writeln!(
+                out,
+                "<line x1=\"{LEFT}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eee\"/>\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+                LEFT + plot_w,
+                LEFT - 6.0,
+                y + 4.0,
+                label(value)
+            );
+        }
+    }
+    // Seconds along the bottom.
+    let bottom = TOP + 2.0 * PANEL + GAP;
+    for i in 0..=10 {
+        let s = seconds * f64::from(i) / 10.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{s:.0} s</text>",
+            x(s),
+            bottom + 18.0
+        );
+    }
+    let line = |points: &[f64], top: f64, max: f64, color: &str, dash: &str| {
+        let path: Vec<String> = points
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                // Each second's value is drawn at the middle of that second.
+                let y = top + PANEL - PANEL * (v / max).min(1.0);
+                format!("{:.1},{:.1}", x(i as f64 + 0.5), y)
+            })
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\"{dash} points=\"{}\"/>\n",
+            path.join(" ")
+        )
+    };
+    for (i, (kind, v)) in kinds.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        out += &line(&numbers(v, "okPerSecondTimeline"), TOP, rate_max, color, "");
+        let (latency_top, dashed) = (TOP + PANEL + GAP, " stroke-dasharray=\"4 3\"");
+        out += &line(&numbers(v, "p99MsTimeline"), latency_top, ms_max, color, "");
+        out += &line(
+            &numbers(v, "p50MsTimeline"),
+            latency_top,
+            ms_max,
+            color,
+            dashed,
+        );
+        let _ = writeln!(
+            out,
+            "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{color}\"/>\
+             <text x=\"{}\" y=\"{}\">{}</text>",
+            WIDTH - RIGHT + 14.0,
+            TOP + 20.0 * i as f64,
+            WIDTH - RIGHT + 32.0,
+            TOP + 20.0 * i as f64 + 11.0,
+            escape(kind)
+        );
+    }
+    for mark in report["marks"].as_array().into_iter().flatten() {
+        let at = mark["atSeconds"].as_f64().unwrap_or(0.0);
+        let what = mark["what"].as_str().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "<line x1=\"{0}\" y1=\"{TOP}\" x2=\"{0}\" y2=\"{bottom}\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/>\
+             <text x=\"{1}\" y=\"{2}\" fill=\"#c00\">{3}</text>",
+            x(at),
+            x(at) + 4.0,
+            TOP + 14.0,
+            escape(what)
+        );
+    }
+    out + "</svg>\n"
+}
+
+/// A round upper bound for an axis: 1, 2 or 5 times a power of ten.
+fn nice(max: f64) -> f64 {
+    let power = 10f64.powf(max.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|v| *v >= max)
+        .unwrap_or(max)
+}
+
+fn label(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_has_a_line_per_kind_and_series_and_the_marks() {
+        let report = serde_json::json!({
+            "seconds": 3.0,
+            "kinds": {
+                "join": {"okPerSecondTimeline": [10, 20, 30], "p99MsTimeline": [1.0, 2.0, 3.0], "p50MsTimeline": [0.5, 1.0, 1.5]},
+                "a<b": {"okPerSecondTimeline": [1, 2, 3], "p99MsTimeline": [4.0, 5.0, 6.0], "p50MsTimeline": [1.0, 1.0, 1.0]},
+            },
+            "marks": [{"atSeconds": 1.5, "what": "spike start"}],
+        });
+        let svg = svg(&report);
+        assert!(svg.starts_with("<svg"));
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        assert!(svg.contains("spike start"));
+        assert!(svg.contains("a&lt;b"));
+        assert_eq!(nice(37.0), 50.0);
+        assert_eq!(nice(0.7), 1.0);
+    }
+}
