@@ -175,8 +175,13 @@ async fn every_scenario_runs_and_reports() {
             ],
             &dir.join("refusals.json"),
         );
+        let autoinc = run(
+            &["autoinc", "--writers", "2", "--seconds", "0.3"],
+            &dir.join("autoinc.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         (
+            autoinc,
             spike,
             quiet,
             direct,
@@ -187,7 +192,15 @@ async fn every_scenario_runs_and_reports() {
     })
     .await
     .expect("runs");
-    let (spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) = reports;
+    let (autoinc, spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) = reports;
+    for kind in [
+        "mode1_insert_values",
+        "mode1_insert_select",
+        "mode2_insert_values",
+        "mode2_insert_select",
+    ] {
+        assert!(ok(&autoinc, kind) > 0, "{kind}: {autoinc}");
+    }
     assert!(chart.starts_with("<svg"), "{chart}");
     assert!(
         chart.contains("spike on shard A"),

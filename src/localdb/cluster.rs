@@ -63,12 +63,27 @@ impl LocalCluster {
     /// Starts `n` shards (1 to 64) in parallel and migrates them. If any fails,
     /// the ones that started are stopped and every failure is reported.
     pub async fn start(n: usize, location: Location) -> Result<Self> {
+        Self::start_with_args(n, location, &[]).await
+    }
+
+    /// [`Self::start`], with `extra_args` on every `mariadbd` command line
+    /// (they win over the defaults, e.g. `--innodb-autoinc-lock-mode=1` for
+    /// the load tool's comparison).
+    pub async fn start_with_args(
+        n: usize,
+        location: Location,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let n = n.clamp(1, 64);
         let lock = match &location {
             Location::Persistent(root) => Some(lock_root(root)?),
             Location::Temp | Location::TempInMemory => None,
         };
-        let starts = (0..n).map(|i| LocalMariaDb::start(options(&location, i)));
+        let starts = (0..n).map(|i| {
+            let mut options = options(&location, i);
+            options.extra_args.extend_from_slice(extra_args);
+            LocalMariaDb::start(options)
+        });
         let mut servers = Vec::with_capacity(n);
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(starts).await {

@@ -124,6 +124,16 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// The incident's database lesson: two local shards started by the tool,
+    /// innodb_autoinc_lock_mode=1 and =2, each with W writers inserting
+    /// members with plain INSERT ... VALUES, then with INSERT ... SELECT.
+    Autoinc {
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Per statement and mode.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -241,6 +251,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
             scenarios::refusals(&target, &recorder, clients, seconds(s)?).await
+        }
+        Scenario::Autoinc {
+            writers,
+            seconds: s,
+        } => {
+            anyhow::ensure!((1..=256).contains(&writers), "--writers must be 1 to 256");
+            scenarios::autoinc(&recorder, writers, seconds(s)?).await
         }
         Scenario::DirectSql {
             shard_url,

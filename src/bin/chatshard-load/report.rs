@@ -99,6 +99,12 @@ impl Recorder {
         }
     }
 
+    /// The successes of `kind` so far.
+    pub fn ok_count(&self, kind: &str) -> u64 {
+        let all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        all.get(kind).map_or(0, |s| s.ok.len())
+    }
+
     /// The `q` quantile (0..1) of the successes of `kind`, in ms.
     pub fn quantile_ms(&self, kind: &str, q: f64) -> Option<f64> {
         let all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
