@@ -175,12 +175,33 @@ async fn every_scenario_runs_and_reports() {
             ],
             &dir.join("refusals.json"),
         );
+        let mixed = run(
+            &[
+                "--url",
+                &url,
+                "--admin-token",
+                TOKEN,
+                "mixed",
+                "--chats",
+                "1000",
+                "--clients",
+                "2",
+                "--celebrity-joins",
+                "50",
+                "--celebrity-reads",
+                "50",
+                "--seconds",
+                "1.5",
+            ],
+            &dir.join("mixed.json"),
+        );
         let autoinc = run(
             &["autoinc", "--writers", "2", "--seconds", "0.3"],
             &dir.join("autoinc.json"),
         );
         let _ = std::fs::remove_dir_all(&dir);
         (
+            mixed,
             autoinc,
             spike,
             quiet,
@@ -192,7 +213,11 @@ async fn every_scenario_runs_and_reports() {
     })
     .await
     .expect("runs");
-    let (autoinc, spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) = reports;
+    let (mixed, autoinc, spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) =
+        reports;
+    for kind in ["bg_count", "celebrity_join", "celebrity_read"] {
+        assert!(ok(&mixed, kind) > 0, "{kind}: {mixed}");
+    }
     for kind in [
         "mode1_insert_values",
         "mode1_insert_select",

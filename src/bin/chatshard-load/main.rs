@@ -124,6 +124,24 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// A day in a minute: Zipf-popular background traffic over many chats, and
+    /// a celebrity chat spiking to the reference incident's load in the
+    /// middle third of the run.
+    Mixed {
+        #[arg(long, default_value_t = 100_000)]
+        chats: usize,
+        /// Background clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// The celebrity's joins per second during the spike.
+        #[arg(long, default_value_t = 2000.0)]
+        celebrity_joins: f64,
+        /// The celebrity's reads per second during the spike (200K/min).
+        #[arg(long, default_value_t = 3333.0)]
+        celebrity_reads: f64,
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
     /// The incident's database lesson: two local shards started by the tool,
     /// innodb_autoinc_lock_mode=1 and =2, each with W writers inserting
     /// members with plain INSERT ... VALUES, then with INSERT ... SELECT.
@@ -251,6 +269,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
             scenarios::refusals(&target, &recorder, clients, seconds(s)?).await
+        }
+        Scenario::Mixed {
+            chats,
+            clients,
+            celebrity_joins,
+            celebrity_reads,
+            seconds: s,
+        } => {
+            anyhow::ensure!(
+                (1..=10_000_000).contains(&chats),
+                "--chats must be 1 to 10000000"
+            );
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            for (name, rate) in [
+                ("--celebrity-joins", celebrity_joins),
+                ("--celebrity-reads", celebrity_reads),
+            ] {
+                anyhow::ensure!(
+                    rate > 0.0 && rate <= 100_000.0,
+                    "{name} must be above 0 and at most 100000"
+                );
+            }
+            scenarios::mixed(
+                &target,
+                &recorder,
+                chats,
+                clients,
+                celebrity_joins,
+                celebrity_reads,
+                seconds(s)?,
+            )
+            .await
         }
         Scenario::Autoinc {
             writers,
