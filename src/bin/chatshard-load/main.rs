@@ -61,6 +61,10 @@ enum Scenario {
         /// the write path; needs --admin-token to take effect).
         #[arg(long)]
         throttle: bool,
+        /// The service's pid, to report its CPU per committed join (same
+        /// machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
     },
     /// One client, sequential joins and count reads on quiet chats; then the
     /// same directly with sqlx when --shard-url is given.
@@ -195,9 +199,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             seconds: s,
             throttle,
+            service_pid,
         } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
-            scenarios::join_spike(&target, &recorder, clients, seconds(s)?, throttle).await
+            scenarios::join_spike(
+                &target,
+                &recorder,
+                clients,
+                seconds(s)?,
+                throttle,
+                service_pid,
+            )
+            .await
         }
         Scenario::Quiet {
             seconds: s,

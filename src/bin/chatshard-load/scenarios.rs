@@ -208,6 +208,7 @@ pub async fn join_spike(
     clients: usize,
     duration: Duration,
     throttle: bool,
+    service_pid: Option<u32>,
 ) -> anyhow::Result<Value> {
     let run = run_id("spike");
     let chats = Arc::new(ChatRotation::new(target.clone(), run.clone()));
@@ -217,6 +218,7 @@ pub async fn join_spike(
     }
     let users = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
+    let cpu_before = service_pid.and_then(process_usage);
     recorder.mark("spike start");
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -248,8 +250,17 @@ pub async fn join_spike(
     for task in tasks {
         task.await??;
     }
+    let joined = recorder.ok_count("join");
+    let cpu = match (cpu_before, service_pid.and_then(process_usage)) {
+        (Some((_, a)), Some((_, b))) if joined > 0 => json!({
+            "serviceCores": (b - a) / duration.as_secs_f64(),
+            "serviceCpuMicrosPerJoin": (b - a) * 1e6 / joined as f64,
+        }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "name": "join-spike",
+        "cpu": cpu,
         "clients": clients,
         "durationSeconds": duration.as_secs_f64(),
         "joinThrottle": if target.admin_token.is_some() { json!(throttle) } else { json!("as configured") },
