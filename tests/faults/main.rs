@@ -525,6 +525,43 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
         .await
         .expect("first event");
     assert_eq!(first.id.as_deref(), Some("1"));
+    // A multiplexed stream following the same chat and a chat of a healthy
+    // shard.
+    let healthy = cluster.chats[0][0].clone();
+    let made: Value = http
+        .post(cluster.url("/v1/streams"))
+        .json(&serde_json::json!({"chats": {&chat: 1, &healthy: 0}}))
+        .send()
+        .await
+        .expect("make a stream")
+        .json()
+        .await
+        .expect("json");
+    let mux_path = format!(
+        "/v1/streams/{}",
+        made["streamId"].as_str().expect("streamId")
+    );
+    let mut mux = common::SseReader::open(&http, &cluster.base, &mux_path, None)
+        .await
+        .unwrap_or_else(|r| panic!("multiplexed stream refused: {}", r.status()));
+    let mux_event = |sse: common::Sse| -> (String, u64) {
+        let data: Value = serde_json::from_str(&sse.data).expect("json");
+        (
+            data["chatId"].as_str().expect("chatId").to_owned(),
+            data["revision"].as_u64().expect("revision"),
+        )
+    };
+    // Whatever the healthy chat already holds comes first.
+    let mut healthy_seen = 0;
+    while let Ok(Some(sse)) = mux.next_within(Duration::from_secs(1)).await {
+        let (c, revision) = mux_event(sse);
+        assert_eq!(
+            c, healthy,
+            "only the healthy chat has events after the cursors"
+        );
+        assert_eq!(revision, healthy_seen + 1);
+        healthy_seen = revision;
+    }
 
     cluster.proxies[BROKEN].set(Mode::Reset);
     cluster
@@ -535,6 +572,17 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
         stream.next_within(Duration::from_secs(3)).await.is_err(),
         "the stream ended or delivered while its shard was broken"
     );
+    // The multiplexed stream still carries the healthy chat.
+    let join = cluster
+        .http
+        .post(cluster.url(&format!("/v1/chats/{healthy}/members")))
+        .json(&serde_json::json!({ "userId": "during-fault" }))
+        .send()
+        .await
+        .expect("join");
+    assert!(join.status().is_success());
+    let (c, revision) = mux_event(mux.next(Duration::from_secs(10)).await.expect("open"));
+    assert_eq!((c.as_str(), revision), (healthy.as_str(), healthy_seen + 1));
 
     cluster.proxies[BROKEN].set(Mode::Pass);
     cluster.wait_write_ok(BROKEN, Duration::from_secs(15)).await;
@@ -546,5 +594,10 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
     assert_eq!(next.id.as_deref(), Some("2"));
     let data: Value = serde_json::from_str(&next.data).expect("json");
     assert_eq!(data["type"], "MEMBER_JOINED");
-    eprintln!("[stream] open across the fault; delivered revision 2 after the repair");
+    let (c, revision) = mux_event(mux.next(Duration::from_secs(15)).await.expect("open"));
+    assert_eq!((c.as_str(), revision), (chat.as_str(), 2));
+    eprintln!(
+        "[stream] open across the fault; delivered revision 2 after the repair; the \
+         multiplexed stream carried the healthy chat throughout"
+    );
 }
