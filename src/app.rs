@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::domain::MaxMembers;
-use crate::http::{self, AppState};
+use crate::http;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::service::{ChatService, ServiceSettings};
@@ -57,7 +57,7 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
-        let router = http::router(AppState {
+        let router = http::router(http::Shared {
             service,
             admin_token,
             metrics: metrics.clone(),

@@ -34,9 +34,22 @@ use self::model::{Health, Readiness, ShardReadiness};
 use self::problem::{Code, Problem};
 use crate::service::{ChatService, Created};
 
-/// What every handler can reach.
+/// What every handler can reach. Extractors clone it once or more per
+/// request, so it is one shared allocation: a clone is one reference count,
+/// not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The contents of [`AppState`].
+pub struct Shared {
     pub service: Arc<ChatService>,
     /// The admin bearer token; `None` turns the admin API off.
     pub admin_token: Option<Arc<str>>,
@@ -117,10 +130,11 @@ pub fn openapi_document() -> serde_json::Value {
 }
 
 /// The application's router and its OpenAPI document.
-pub fn router(mut state: AppState) -> Router {
+pub fn router(mut shared: Shared) -> Router {
     let (router, document) = routes();
     let document = Arc::new(document);
-    state.schemas = Arc::new(shape::Schemas::from_document(&document));
+    shared.schemas = Arc::new(shape::Schemas::from_document(&document));
+    let state = AppState(Arc::new(shared));
     let traced = || axum::middleware::from_fn_with_state(state.clone(), trace::trace_request);
     router
         .route(
