@@ -57,6 +57,7 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
+        metrics.observe_tails(service.clone());
         let router = http::router(http::Shared {
             service,
             admin_token,
@@ -177,6 +178,7 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
         tail: crate::service::tail::TailSettings {
             chats: settings.tail.chats,
             events_per_chat: settings.tail.events_per_chat,
+            max_bytes: settings.tail.max_bytes,
             refresh: Duration::from_millis(settings.tail.refresh_ms),
         },
     })

@@ -261,6 +261,10 @@ pub struct TailSettings {
     pub chats: u64,
     /// Recent events kept per chat.
     pub events_per_chat: usize,
+    /// Bytes the tails of all chats may hold together (events and their
+    /// encoded JSON, estimated); past it, a chat that appends drops its oldest
+    /// events first (their readers read the log).
+    pub max_bytes: u64,
     /// How long the tail's knowledge is trusted before one read refreshes it:
     /// the longest a write made through another instance stays unseen by
     /// this instance's polls and long-polls.
@@ -272,6 +276,7 @@ impl Default for TailSettings {
         Self {
             chats: 10_000,
             events_per_chat: 1024,
+            max_bytes: 256 * 1024 * 1024,
             refresh_ms: 1000,
         }
     }
@@ -488,6 +493,7 @@ impl Settings {
             ),
             ("tail.chats", self.tail.chats),
             ("tail.events_per_chat", self.tail.events_per_chat as u64),
+            ("tail.max_bytes", self.tail.max_bytes),
             ("tail.refresh_ms", self.tail.refresh_ms),
             ("pool.max_concurrent", pool.max_concurrent as u64),
             ("pool.max_wait_ms", pool.max_wait_ms),

@@ -384,6 +384,25 @@ impl Metrics {
         self.stream_resyncs.add(1, &[]);
     }
 
+    /// Registers the gauges of the in-memory tails: how many chats have one,
+    /// and the bytes they hold against `tail.max_bytes`.
+    pub fn observe_tails(&self, service: Arc<crate::service::ChatService>) {
+        let s = service.clone();
+        self.meter
+            .u64_observable_gauge("chatshard.tails")
+            .with_description("Chats with an in-memory tail of their events on this instance")
+            .with_callback(move |o| o.observe(s.tails(), &[]))
+            .build();
+        self.meter
+            .u64_observable_gauge("chatshard.tail.bytes")
+            .with_description(
+                "Bytes the in-memory tails hold together (estimated), against tail.max_bytes",
+            )
+            .with_unit("By")
+            .with_callback(move |o| o.observe(service.tail_bytes(), &[]))
+            .build();
+    }
+
     /// Registers the gauges of open streams and of the chat subscriptions
     /// they hold.
     pub fn observe_streams(&self, subscribers: Arc<crate::http::stream::Subscribers>) {

@@ -96,8 +96,14 @@ impl ChatService {
     }
 
     /// Chats with an in-memory tail on this instance.
+    /// Chats with an in-memory tail now.
     pub fn tails(&self) -> u64 {
         self.tails.len()
+    }
+
+    /// The bytes the tails hold together (estimated).
+    pub fn tail_bytes(&self) -> u64 {
+        self.tails.bytes()
     }
 
     pub(super) fn shard(&self, chat: &ChatId) -> &Arc<Shard> {

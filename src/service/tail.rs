@@ -21,7 +21,7 @@
 //!   minute, and their number is bounded (`tail.chats`).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ pub struct TailSettings {
     pub chats: u64,
     /// Events kept per chat.
     pub events_per_chat: usize,
+    /// Bytes all tails may hold together (estimated, see [`weight`]).
+    pub max_bytes: u64,
     /// How long what the tail knows is trusted before one read refreshes it
     /// (the longest a write of another instance stays unseen here).
     pub refresh: Duration,
@@ -47,17 +49,47 @@ pub struct TailSettings {
 pub struct Tails {
     cache: Cache<ChatId, Arc<Tail>>,
     settings: TailSettings,
+    /// The bytes all tails hold together.
+    budget: Arc<Budget>,
+}
+
+/// The bytes held by every tail, against their limit.
+#[derive(Debug)]
+struct Budget {
+    used: AtomicU64,
+    max: u64,
+}
+
+/// What an event held in a tail costs, estimated: the event with its strings,
+/// and its JSON for streams once made.
+fn weight(event: &Event) -> u64 {
+    let strings = event.user_id.len() + event.text.as_ref().map_or(0, |t| t.len());
+    (160 + 2 * strings) as u64
 }
 
 impl Tails {
     pub fn new(settings: TailSettings) -> Self {
+        let budget = Arc::new(Budget {
+            used: AtomicU64::new(0),
+            max: settings.max_bytes,
+        });
+        let released = budget.clone();
         Self {
             cache: Cache::builder()
                 .max_capacity(settings.chats)
                 .time_to_idle(Duration::from_secs(60))
+                // An evicted tail gives its bytes back (readers that still
+                // hold it finish with it; it takes no more appends).
+                .eviction_listener(move |_, tail: Arc<Tail>, _| tail.release(&released))
                 .build(),
             settings,
+            budget,
         }
+    }
+
+    /// The bytes all tails hold now (estimated).
+    pub fn bytes(&self) -> u64 {
+        self.budget.used.load(Ordering::Relaxed)
     }
 
     /// The chat's tail, created empty if it has none.
@@ -66,6 +98,7 @@ impl Tails {
             Arc::new(Tail::new(
                 self.settings.events_per_chat,
                 self.settings.refresh,
+                self.budget.clone(),
             ))
         })
     }
@@ -116,6 +149,8 @@ pub struct Tail {
     refresh: Duration,
     /// Callers waiting for the tail to move.
     waiting: AtomicUsize,
+    /// The bytes of every tail, this one's included.
+    budget: Arc<Budget>,
 }
 
 /// One caller waiting on a tail; dropping it ends the wait.
@@ -138,6 +173,10 @@ struct State {
     /// When the tail last matched the log (a read, or a local commit seen
     /// while fresh).
     refreshed: Option<Instant>,
+    /// The bytes of `events` (see [`weight`]).
+    bytes: u64,
+    /// Evicted from the cache: its bytes were given back.
+    released: bool,
 }
 
 /// What a tail can say about the events after a revision.
@@ -152,7 +191,7 @@ pub enum Answer {
 }
 
 impl Tail {
-    fn new(capacity: usize, refresh: Duration) -> Self {
+    fn new(capacity: usize, refresh: Duration, budget: Arc<Budget>) -> Self {
         Self {
             state: Mutex::new(State::default()),
             latest: watch::channel(0).0,
@@ -160,6 +199,17 @@ impl Tail {
             capacity,
             refresh,
             waiting: AtomicUsize::new(0),
+            budget,
+        }
+    }
+
+    /// Gives the tail's bytes back to the budget (on eviction).
+    fn release(&self, budget: &Budget) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if !state.released {
+            budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
+            state.bytes = 0;
+            state.released = true;
         }
     }
 
@@ -265,9 +315,33 @@ impl Tail {
             }
             state.refreshed = Some(Instant::now());
         }
-        while state.events.len() > self.capacity {
-            state.events.pop_front();
+        // What the ring holds now, against the budget shared by every tail:
+        // over it, this (appending) tail drops its oldest events first, down
+        // to one.
+        let held: u64 = state.events.iter().map(weight).sum();
+        if !state.released {
+            let before = state.bytes;
+            state.bytes = held;
+            if held >= before {
+                self.budget.used.fetch_add(held - before, Ordering::Relaxed);
+            } else {
+                self.budget.used.fetch_sub(before - held, Ordering::Relaxed);
+            }
+        }
+        while state.events.len() > self.capacity
+            || (state.events.len() > 1
+                && !state.released
+                && self.budget.used.load(Ordering::Relaxed) > self.budget.max)
+        {
+            let Some(oldest) = state.events.pop_front() else {
+                break;
+            };
             state.base += 1;
+            if !state.released {
+                let w = weight(&oldest);
+                state.bytes -= w;
+                self.budget.used.fetch_sub(w, Ordering::Relaxed);
+            }
         }
         let end = state.base + state.events.len() as u64;
         drop(state);
@@ -328,7 +402,32 @@ mod tests {
     }
 
     fn tail(capacity: usize) -> Tail {
-        Tail::new(capacity, Duration::from_secs(60))
+        Tail::new(capacity, Duration::from_secs(60), budget(u64::MAX))
+    }
+
+    fn budget(max: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicU64::new(0),
+            max,
+        })
+    }
+
+    #[test]
+    fn the_tails_share_a_byte_budget_and_the_appending_one_gives_way() {
+        let shared = budget(10 * weight(&ev(1)));
+        let quiet = Tail::new(100, Duration::from_secs(60), shared.clone());
+        let hot = Tail::new(100, Duration::from_secs(60), shared.clone());
+        quiet.append(&(1..=6).map(ev).collect::<Vec<_>>(), Some(6));
+        hot.append(&(1..=6).map(ev).collect::<Vec<_>>(), Some(6));
+        // Twelve events for a budget of ten: the tail that appended last
+        // dropped its two oldest; the other kept all of its.
+        assert_eq!(shared.used.load(Ordering::Relaxed), 10 * weight(&ev(1)));
+        assert!(matches!(hot.read(0, 100), Answer::TooOld));
+        assert_eq!(revisions(hot.read(2, 100)), [3, 4, 5, 6]);
+        assert_eq!(revisions(quiet.read(0, 100)).len(), 6);
+        // An evicted tail gives its bytes back.
+        quiet.release(&shared);
+        assert_eq!(shared.used.load(Ordering::Relaxed), 4 * weight(&ev(1)));
     }
 
     fn revisions(answer: Answer) -> Vec<u64> {
