@@ -100,6 +100,17 @@ impl Target {
         Ok(shard)
     }
 
+    /// Joins `user` to `chat`, timed and recorded under `kind`.
+    async fn join(&self, recorder: &Recorder, kind: &'static str, chat: &str, user: &str) {
+        let started = Instant::now();
+        let request = self
+            .http
+            .post(format!("{}/v1/chats/{chat}/members", self.base))
+            .json(&json!({ "userId": user }));
+        let (answer, ok) = self.call(request).await;
+        recorder.record(kind, started.elapsed(), &answer, ok);
+    }
+
     /// Posts one message; its answer.
     async fn post(&self, chat: &str, poster: &str, key: &str) -> (String, bool) {
         let request = self
@@ -235,13 +246,9 @@ pub async fn join_spike(
                         Ok(chat) => chat,
                         Err(e) => return Err(e),
                     };
-                    let started = Instant::now();
-                    let request = target
-                        .http
-                        .post(format!("{}/v1/chats/{chat}/members", target.base))
-                        .json(&json!({"userId": format!("u{n}")}));
-                    let (answer, ok) = target.call(request).await;
-                    recorder.record("join", started.elapsed(), &answer, ok);
+                    target
+                        .join(&recorder, "join", &chat, &format!("u{n}"))
+                        .await;
                 }
                 Ok::<(), anyhow::Error>(())
             })
@@ -441,13 +448,9 @@ pub async fn quiet(
     let mut n = 0u64;
     while Instant::now() < deadline {
         let chat = &chats[(n % chats.len() as u64) as usize];
-        let started = Instant::now();
-        let request = target
-            .http
-            .post(format!("{}/v1/chats/{chat}/members", target.base))
-            .json(&json!({"userId": format!("q{n}")}));
-        let (answer, ok) = target.call(request).await;
-        recorder.record("quiet_join", started.elapsed(), &answer, ok);
+        target
+            .join(recorder, "quiet_join", chat, &format!("q{n}"))
+            .await;
         let started = Instant::now();
         let request = target
             .http
@@ -870,13 +873,9 @@ fn steady(
                 while Instant::now() < until {
                     tick.tick().await;
                     n += 1;
-                    let started = Instant::now();
-                    let request = target
-                        .http
-                        .post(format!("{}/v1/chats/{chat}/members", target.base))
-                        .json(&json!({"userId": format!("{kind}-{c}-{n}")}));
-                    let (answer, ok) = target.call(request).await;
-                    recorder.record(kind, started.elapsed(), &answer, ok);
+                    target
+                        .join(&recorder, kind, &chat, &format!("{kind}-{c}-{n}"))
+                        .await;
                     let started = Instant::now();
                     let request = target
                         .http
@@ -968,13 +967,9 @@ pub async fn isolation(
                     let Some(chat) = chats.get((n / MEMBERS_PER_CHAT) as usize) else {
                         return;
                     };
-                    let started = Instant::now();
-                    let request = target
-                        .http
-                        .post(format!("{}/v1/chats/{chat}/members", target.base))
-                        .json(&json!({"userId": format!("s{n}")}));
-                    let (answer, ok) = target.call(request).await;
-                    recorder.record("a_spike_join", started.elapsed(), &answer, ok);
+                    target
+                        .join(&recorder, "a_spike_join", chat, &format!("s{n}"))
+                        .await;
                 }
             })
         })
@@ -1372,13 +1367,9 @@ pub async fn mixed(
             move |t, n| {
                 let (target, recorder, chat) = (target.clone(), recorder.clone(), chat.clone());
                 async move {
-                    let started = Instant::now();
-                    let request = target
-                        .http
-                        .post(format!("{}/v1/chats/{chat}/members", target.base))
-                        .json(&json!({"userId": format!("fan{t}-{n}")}));
-                    let (answer, ok) = target.call(request).await;
-                    recorder.record("celebrity_join", started.elapsed(), &answer, ok);
+                    target
+                        .join(&recorder, "celebrity_join", &chat, &format!("fan{t}-{n}"))
+                        .await;
                 }
             }
         },
