@@ -67,15 +67,6 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// Streams kept now, with or without a connection.
-    pub fn len(&self) -> usize {
-        self.streams.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.streams.is_empty()
-    }
-
     /// Drops, every second, the streams that have had no connection for
     /// longer than `streams.resumeSeconds`; ends with the registry.
     pub fn sweep_every_second(this: &Arc<Self>, live: Arc<crate::live::Live>) {
@@ -415,22 +406,12 @@ pub struct StreamView {
     pub chats: HashMap<String, u64>,
 }
 
-/// Takes the subscription places of `chats`, all or none.
-fn take_chats(
-    state: &AppState,
-    config: &StreamsConfig,
-    chats: impl IntoIterator<Item = (ChatId, u64)>,
-) -> Result<Vec<(ChatId, u64, ChatSlot)>, Problem> {
-    chats
-        .into_iter()
-        .map(|(chat, after)| {
-            state
-                .subscribers
-                .take_chat(&chat, config.max_per_chat)
-                .map(|slot| (chat, after, slot))
-                .map_err(|limit| limit.refusal(&state.metrics))
-        })
-        .collect()
+/// Takes a subscription place of `chat`, or the refusal.
+fn take_chat(state: &AppState, config: &StreamsConfig, chat: &ChatId) -> Result<ChatSlot, Problem> {
+    state
+        .subscribers
+        .take_chat(chat, config.max_per_chat)
+        .map_err(|limit| limit.refusal(&state.metrics))
 }
 
 fn too_many_chats(state: &AppState, max: u64) -> Problem {
@@ -481,7 +462,11 @@ pub async fn create_stream(
         .subscribers
         .take_stream(config.max_subscribers)
         .map_err(|limit| limit.refusal(&state.metrics))?;
-    let chats = take_chats(&state, &config, chats)?;
+    // All or none: a refusal drops the places already taken.
+    let chats = chats
+        .into_iter()
+        .map(|(chat, after)| take_chat(&state, &config, &chat).map(|slot| (chat, after, slot)))
+        .collect::<Result<Vec<_>, _>>()?;
     let id = format!("{:032x}", rand::random::<u128>());
     let mut inner = Inner {
         chats: HashMap::new(),
@@ -586,10 +571,7 @@ pub async fn follow_chat(
         if inner.chats.len() as u64 >= config.max_chats_per_stream {
             return Err(too_many_chats(&state, config.max_chats_per_stream));
         }
-        let slot = state
-            .subscribers
-            .take_chat(&chat, config.max_per_chat)
-            .map_err(|limit| limit.refusal(&state.metrics))?;
+        let slot = take_chat(&state, &config, &chat)?;
         inner.chats.insert(
             chat.clone(),
             Cursor {

@@ -285,13 +285,16 @@ impl Tail {
     fn append(&self, events: &[Event], read: Option<u64>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let end = state.base + state.events.len() as u64;
-        match events.first() {
+        let bytes = |events: &[Event]| events.iter().map(weight).sum::<u64>();
+        // The bytes the ring holds once the events are in.
+        let held = match events.first() {
             Some(first) if !state.known || first.revision != end + 1 => {
                 if first.revision <= end && state.known {
                     // Already held (a read that overlaps a local commit).
                     let skip = (end + 1 - first.revision) as usize;
                     let rest = events.get(skip..).unwrap_or_default();
                     state.events.extend(rest.iter().cloned());
+                    state.bytes + bytes(rest)
                 } else {
                     // A gap: another instance wrote in between. Restart here.
                     state.events.clear();
@@ -302,11 +305,15 @@ impl Tail {
                         // The tail no longer matches the log before this batch.
                         state.refreshed = None;
                     }
+                    bytes(events)
                 }
             }
-            Some(_) => state.events.extend(events.iter().cloned()),
-            None => {}
-        }
+            Some(_) => {
+                state.events.extend(events.iter().cloned());
+                state.bytes + bytes(events)
+            }
+            None => state.bytes,
+        };
         if let Some(latest) = read {
             if events.is_empty() && !state.known {
                 // A fresh tail, and nothing after what its reader has.
@@ -318,7 +325,6 @@ impl Tail {
         // What the ring holds now, against the budget shared by every tail:
         // over it, this (appending) tail drops its oldest events first, down
         // to one.
-        let held: u64 = state.events.iter().map(weight).sum();
         if !state.released {
             let before = state.bytes;
             state.bytes = held;
