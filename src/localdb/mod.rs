@@ -1,4 +1,5 @@
-//! Local, throw-away or dev-mode MariaDB servers (`mariadbd` child processes).
+//! Local, throw-away or dev-mode MariaDB servers (`mariadbd` child processes), and in
+//! [`redis`] local `redis-server` processes (single servers and clusters) kept the same way.
 //!
 //! Started through [`cluster::LocalCluster`] by `chatshard serve --dev` (persistent data dirs under `.chatshard/`, clean
 //! SIGTERM shutdown) and by integration / fault-injection tests (temp data dirs that are
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod redis;
 
 use std::ffi::OsString;
 use std::fs;
@@ -279,11 +281,7 @@ impl LocalMariaDb {
     }
 
     fn disarm_watchdog(&mut self) {
-        // Kill it *before* its stdin closes (which would trigger it), then reap it.
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
+        disarm_watchdog(&mut self.watchdog);
     }
 
     async fn init_data_dir(&mut self, install_db: &Path) -> Result<()> {
@@ -397,31 +395,13 @@ impl LocalMariaDb {
         self.pid = child.id();
         self.server = Some(child);
         info!(pid = self.pid, port = self.port, dir = %self.data_dir.display(), "mariadbd spawned");
-        self.watchdog = Some(self.spawn_watchdog()?);
+        self.watchdog = Some(spawn_watchdog(
+            "mariadbd",
+            self.pid,
+            self.on_exit,
+            &[&self.data_dir, &self.socket, &scratch_path(&self.data_dir)],
+        )?);
         Ok(offset)
-    }
-
-    /// `read` returns when the pipe closes, i.e. when our process is gone (std pipes are
-    /// close-on-exec, so no other child holds the write end).
-    fn spawn_watchdog(&self) -> Result<Child> {
-        // A zombie counts as gone (its files are closed; PID 1 may reap it only seconds
-        // later), and waits are bounded in case nobody reaps it at all.
-        let gone = r#"gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt $2 ] && ! grep -qs '^State:.*Z' /proc/$1/status; do sleep 0.05; i=$((i+1)); done; }"#;
-        let action = match self.on_exit {
-            OnExit::KillAndRemove => r#"kill -KILL "$1"; gone "$1" 100; rm -rf "$2" "$3" "$4""#,
-            OnExit::Shutdown => r#"kill -TERM "$1"; kill -CONT "$1"; gone "$1" 1200"#,
-        };
-        let script = format!("{gone}; read _; {action}");
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", &script, "sh", &self.pid.to_string()])
-            .arg(&self.data_dir)
-            .arg(&self.socket)
-            .arg(scratch_path(&self.data_dir))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        cmd.spawn().context("spawning the mariadbd watchdog (sh)")
     }
 
     async fn wait_ready(&mut self, log_offset: u64) -> Result<()> {
@@ -548,6 +528,39 @@ impl Drop for LocalMariaDb {
     }
 }
 
+/// Spawns the watchdog of server `pid` (called `name` in errors): it applies `on_exit` to
+/// the server when our process is gone, and with [`OnExit::KillAndRemove`] then removes
+/// the `remove` paths (`rm -rf`). `read` returns when the pipe closes, i.e. when our
+/// process is gone (std pipes are close-on-exec, so no other child holds the write end).
+fn spawn_watchdog(name: &str, pid: u32, on_exit: OnExit, remove: &[&Path]) -> Result<Child> {
+    // A zombie counts as gone (its files are closed; PID 1 may reap it only seconds
+    // later), and waits are bounded in case nobody reaps it at all.
+    let gone = r#"gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt $2 ] && ! grep -qs '^State:.*Z' /proc/$1/status; do sleep 0.05; i=$((i+1)); done; }"#;
+    let action = match on_exit {
+        OnExit::KillAndRemove => r#"kill -KILL "$1"; gone "$1" 100; shift; rm -rf "$@""#,
+        OnExit::Shutdown => r#"kill -TERM "$1"; kill -CONT "$1"; gone "$1" 1200"#,
+    };
+    let script = format!("{gone}; read _; {action}");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh", &pid.to_string()])
+        .args(remove)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    cmd.spawn()
+        .with_context(|| format!("spawning the {name} watchdog (sh)"))
+}
+
+/// Kills the watchdog *before* its stdin closes (which would trigger it), then reaps it:
+/// called as soon as we have reaped its server, so it can never signal a reused pid.
+fn disarm_watchdog(watchdog: &mut Option<Child>) {
+    if let Some(mut w) = watchdog.take() {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
 /// Finds `mariadbd`; installs `mariadb-server` with apt-get if missing and we are root.
 pub fn ensure_mariadbd() -> Result<PathBuf> {
     Ok(ensure_binaries()?.mariadbd)
@@ -555,17 +568,25 @@ pub fn ensure_mariadbd() -> Result<PathBuf> {
 
 /// Like [`ensure_mariadbd`], also locating `mariadb-install-db` (or `mysql_install_db`).
 pub fn ensure_binaries() -> Result<MariaDbBinaries> {
-    if let Some(b) = find_binaries() {
-        return Ok(b);
+    find_or_install(find_binaries, "mariadb-server")?
+        .ok_or_else(|| anyhow!("mariadbd / mariadb-install-db not found: {INSTALL_HINT}"))
+}
+
+/// `find()`, or else, when we are root and have apt-get, `apt-get install -y package`
+/// and `find()` again (`None`: still not found).
+fn find_or_install<T>(find: impl Fn() -> Option<T>, package: &str) -> Result<Option<T>> {
+    if let Some(found) = find() {
+        return Ok(Some(found));
     }
-    // Parallel tests must not run apt-get concurrently.
+    // Parallel tests must not run apt-get concurrently, not even for two packages
+    // (MariaDB and Redis): dpkg takes one lock.
     static INSTALL: Mutex<()> = Mutex::new(());
     let _guard = INSTALL.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(b) = find_binaries() {
-        return Ok(b);
+    if let Some(found) = find() {
+        return Ok(Some(found));
     }
     if is_root() && find_program(&["apt-get"]).is_some() {
-        warn!("mariadbd not found; installing mariadb-server with apt-get");
+        warn!("programs of {package} not found; installing {package} with apt-get");
         let run = |args: &[&str]| -> Result<()> {
             let status = Command::new("apt-get")
                 .args(args)
@@ -577,10 +598,9 @@ pub fn ensure_binaries() -> Result<MariaDbBinaries> {
             Ok(())
         };
         run(&["update"])?;
-        run(&["install", "-y", "mariadb-server"])?;
+        run(&["install", "-y", package])?;
     }
-    find_binaries()
-        .ok_or_else(|| anyhow!("mariadbd / mariadb-install-db not found: {INSTALL_HINT}"))
+    Ok(find())
 }
 
 fn find_binaries() -> Option<MariaDbBinaries> {
