@@ -53,6 +53,7 @@ fn spike(c: &mut Criterion) {
             service_settings(&settings).expect("service settings"),
             Live::new(live),
             Throttle::new(Arc::new(SystemClock::default()), &settings.throttle),
+            None,
         ));
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.to_async(&rt).iter(|| {

@@ -38,11 +38,28 @@ impl App {
         let live = Live::new(settings.live());
         let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
         metrics.observe(&shards, &throttle);
+        let fleet = match settings.redis.target() {
+            Some(_) => Some(
+                crate::fleet::Fleet::start(
+                    &settings.redis,
+                    settings.listen,
+                    live.clone(),
+                    throttle.clone(),
+                    settings.throttle.tracked_chats,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        if let Some(fleet) = &fleet {
+            metrics.observe_fleet(fleet.clone());
+        }
         let service = ChatService::new(
             shards.clone(),
             service_settings(settings)?,
             live.clone(),
             throttle,
+            fleet,
         );
         let admin_token = Some(settings.admin.token.as_str())
             .filter(|t| !t.is_empty())

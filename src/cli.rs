@@ -1,7 +1,7 @@
 //! The command line: parse, set up logging, dispatch. Nothing else.
 //!
 //! - `chatshard serve [--config FILE] [--listen ADDR]`: run the service.
-//! - `chatshard serve --dev [--shards N]`: start N local MariaDB shards, migrate
+//! - `chatshard serve --dev [--shards N] [--redis]`: start N local MariaDB shards, migrate
 //!   them, run the service; Ctrl-C or SIGTERM stops both.
 //! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
@@ -16,6 +16,7 @@ use crate::app::{self, App};
 use crate::config::Settings;
 use crate::domain::ChatId;
 use crate::localdb::cluster::{LocalCluster, Location};
+use crate::localdb::redis::{LocalRedis, LocalRedisOptions};
 use crate::migrate;
 use crate::service::repair;
 use crate::telemetry::{self, TelemetrySettings};
@@ -62,6 +63,10 @@ struct ServeArgs {
     /// Where --dev keeps its shards' data.
     #[arg(long, default_value = ".chatshard")]
     data_dir: PathBuf,
+    /// With --dev, also start a local `redis-server` (under --data-dir) and
+    /// join the fleet through it, as an instance of a fleet would.
+    #[arg(long, requires = "dev")]
+    redis: bool,
     /// Address to listen on (overrides the configuration).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -253,7 +258,28 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
         println!("  {schema}");
     }
     settings.shards = shards.shard_settings().to_vec();
+    let mut redis = None;
+    if args.redis {
+        let dir = args.data_dir.join("redis");
+        println!("starting a local redis-server under {} ...", dir.display());
+        let server = match LocalRedis::start(LocalRedisOptions::dev(dir, 0)).await {
+            Ok(server) => server,
+            Err(e) => {
+                shards.stop().await;
+                return Err(e);
+            }
+        };
+        println!("  redis: {}", server.url());
+        settings.redis.url = server.url();
+        redis = Some(server);
+    }
     let result = serve(&settings, args.config.config.clone()).await;
+    if let Some(mut redis) = redis {
+        println!("stopping the local redis-server ...");
+        if let Err(e) = redis.stop().await {
+            tracing::warn!(error = %format!("{e:#}"), "the local redis-server did not stop cleanly");
+        }
+    }
     println!("stopping the local shards ...");
     shards.stop().await;
     telemetry.shutdown().await;

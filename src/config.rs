@@ -48,6 +48,9 @@ pub struct Settings {
     pub throttle: ThrottleSettings,
     #[serde(default)]
     pub tail: TailSettings,
+    /// The fleet: Redis between instances (absent URL = one instance alone).
+    #[serde(default)]
+    pub redis: RedisSettings,
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySettings,
     /// Live: hot-chat detection and fetch throttling (changeable at run time).
@@ -278,6 +281,113 @@ impl Default for TailSettings {
             events_per_chat: 1024,
             max_bytes: 256 * 1024 * 1024,
             refresh_ms: 1000,
+        }
+    }
+}
+
+/// Redis between the instances of a fleet (see `docs/fleet.md`). With no
+/// `url`, the instance works alone, exactly as without a fleet.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://host:port/`; for a Redis Cluster, any of its nodes, separated
+    /// by commas, with `cluster = true`. Empty: no fleet.
+    pub url: String,
+    /// The URLs name Redis Cluster nodes (sharded pub/sub, slot routing).
+    pub cluster: bool,
+    /// Prefix of every key and channel, so deployments can share one Redis.
+    pub key_prefix: String,
+    /// Longest wait for one Redis answer; past it the call fails, counts
+    /// against Redis's breaker, and the instance acts alone.
+    pub timeout_ms: u64,
+    /// Longest wait for a connection to Redis.
+    pub connect_timeout_ms: u64,
+    /// How often an instance says it is alive (and reads who else is).
+    pub heartbeat_ms: u64,
+    /// An instance not heard of for this long is no longer counted.
+    pub instance_ttl_ms: u64,
+    /// A notice carries its batch's events while they take at most this
+    /// many bytes; a larger batch's notice only names its revisions.
+    pub notice_max_bytes: usize,
+    /// Notices and fleet messages waiting to be sent; past it they are
+    /// dropped (and counted): readers then learn of those writes through
+    /// their own refresh.
+    pub publish_queue: usize,
+    /// Largest lease of joins an instance takes from a chat's global limit.
+    pub join_lease_max: u64,
+    /// Redis's own circuit breaker (same fields as `[breaker]`).
+    pub breaker: BreakerSettings,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            cluster: false,
+            key_prefix: "chatshard".to_owned(),
+            timeout_ms: 100,
+            connect_timeout_ms: 500,
+            heartbeat_ms: 1000,
+            instance_ttl_ms: 5000,
+            notice_max_bytes: 16 * 1024,
+            publish_queue: 10_000,
+            join_lease_max: 64,
+            breaker: BreakerSettings {
+                consecutive_failures: 3,
+                open_ms: 1000,
+                ..BreakerSettings::default()
+            },
+        }
+    }
+}
+
+impl RedisSettings {
+    /// Where Redis is, if a fleet is configured.
+    pub fn target(&self) -> Option<crate::fleet::Target> {
+        let urls: Vec<String> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (!urls.is_empty()).then(|| crate::fleet::Target {
+            urls,
+            cluster: self.cluster,
+            response_timeout: Duration::from_millis(self.timeout_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+        })
+    }
+
+    fn problems(&self, problems: &mut Vec<String>) {
+        if let Some(target) = self.target()
+            && let Err(e) = target.check()
+        {
+            problems.push(format!("redis.url: {e}"));
+        }
+        for (name, value) in [
+            ("redis.timeout_ms", self.timeout_ms),
+            ("redis.connect_timeout_ms", self.connect_timeout_ms),
+            ("redis.heartbeat_ms", self.heartbeat_ms),
+            ("redis.publish_queue", self.publish_queue as u64),
+            ("redis.join_lease_max", self.join_lease_max),
+            (
+                "redis.breaker.consecutive_failures",
+                u64::from(self.breaker.consecutive_failures),
+            ),
+            ("redis.breaker.open_ms", self.breaker.open_ms),
+            ("redis.breaker.window_secs", self.breaker.window_secs),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.instance_ttl_ms < 2 * self.heartbeat_ms {
+            problems
+                .push("redis.instance_ttl_ms must be at least twice redis.heartbeat_ms".to_owned());
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            problems.push("redis.key_prefix must be non-empty and hold no braces".to_owned());
         }
     }
 }
@@ -547,6 +657,7 @@ impl Settings {
             );
         }
         problems.extend(self.live().problems());
+        self.redis.problems(&mut problems);
         if self.throttle.tracked_chats == 0 {
             problems.push("throttle.tracked_chats must be greater than 0".to_owned());
         }

@@ -28,16 +28,21 @@
 //!   per-chat group commit that folds many writes into one transaction.
 //! - [`throttle`]: join throttling, hot-chat detection, the fetch-throttling
 //!   decision, and generic coalescing caches; local, in-process, bounded.
+//! - [`fleet`]: what the instances of a deployment share through Redis (event
+//!   notices, hot marks, the global join limit, live instances, the live
+//!   configuration); absent Redis, an instance acts alone.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces over OTLP, and
 //!   metrics (Prometheus text on `/metrics`, OTLP when configured).
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
 //!   Also the connection loop and the event streams (per chat, multiplexed).
 //! - [`migrate`]: applies `migrations/` to every shard and reports versions.
-//! - [`localdb`]: local `mariadbd` processes, and [`localdb::cluster`], the one
-//!   kit that starts local shards for `serve --dev`, the tests and the benches.
+//! - [`localdb`]: local `mariadbd` and `redis-server` processes, and
+//!   [`localdb::cluster`], the one kit that starts local shards for `serve --dev`,
+//!   the tests and the benches ([`localdb::redis`] for Redis and Redis Cluster).
 //!
-//! Dependencies point one way: `http -> service -> {throttle, shard} -> storage`;
+//! Dependencies point one way: `http -> service -> {fleet, throttle, shard} -> storage`
+//! (`fleet` feeds the service's tails through `service::tail::TailObserver`);
 //! `domain`, `error`, `live` and `routing` are shared; only `app` and `cli` read
 //! configuration and hand typed settings down.
 #![forbid(unsafe_code)]
@@ -47,6 +52,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod live;
 pub mod localdb;

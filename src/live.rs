@@ -423,6 +423,25 @@ impl Live {
         tracing::info!(source, version, "live configuration changed");
         Ok(next)
     }
+
+    /// Installs a configuration under a version decided elsewhere (the
+    /// fleet's), if that version is newer than the current one and the
+    /// configuration is valid; returns whether it was installed.
+    pub fn install(&self, version: u64, config: LiveConfig, source: &str) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.load_full();
+        if version <= current.version {
+            return false;
+        }
+        let problems = config.problems();
+        if !problems.is_empty() {
+            tracing::warn!(source, version, problems = ?problems, "live configuration rejected; the previous one stays");
+            return false;
+        }
+        self.current.store(Arc::new(Snapshot { version, config }));
+        tracing::info!(source, version, "live configuration changed");
+        true
+    }
 }
 
 #[cfg(test)]

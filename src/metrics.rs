@@ -403,6 +403,53 @@ impl Metrics {
             .build();
     }
 
+    /// Registers the fleet's gauges and counters: whether Redis answers, the
+    /// live instances, and what crossed Redis.
+    pub fn observe_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        use opentelemetry::KeyValue;
+        let f = fleet.clone();
+        self.meter
+            .u64_observable_gauge("chatshard.fleet.redis.up")
+            .with_description(
+                "1 while Redis answers; 0 while this instance acts alone (local limits, no notices)",
+            )
+            .with_callback(move |o| o.observe(u64::from(f.is_up()), &[]))
+            .build();
+        let f = fleet.clone();
+        self.meter
+            .u64_observable_gauge("chatshard.fleet.instances")
+            .with_description("Live instances of the fleet, as last heard through Redis")
+            .with_callback(move |o| o.observe(f.counted_instances(), &[]))
+            .build();
+        self.meter
+            .u64_observable_counter("chatshard.fleet.messages")
+            .with_description(
+                "What crossed Redis, by kind and direction; dropped = not sent (Redis away or queue full)",
+            )
+            .with_callback(move |o| {
+                let c = fleet.view().counters;
+                for (kind, direction, n) in [
+                    ("notice", "sent", c.notices_sent),
+                    ("notice", "received", c.notices_received),
+                    ("notice", "dropped", c.notices_dropped),
+                    ("hot_mark", "sent", c.hot_marks_sent),
+                    ("hot_mark", "received", c.hot_marks_received),
+                    ("config", "received", c.config_changes_received),
+                    ("join_lease", "sent", c.lease_requests),
+                    ("outage", "received", c.outages),
+                ] {
+                    o.observe(
+                        n,
+                        &[
+                            KeyValue::new("kind", kind),
+                            KeyValue::new("direction", direction),
+                        ],
+                    );
+                }
+            })
+            .build();
+    }
+
     /// Registers the gauges of open streams and of the chat subscriptions
     /// they hold.
     pub fn observe_streams(&self, subscribers: Arc<crate::http::stream::Subscribers>) {

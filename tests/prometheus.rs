@@ -105,7 +105,13 @@ async fn run() -> Result<()> {
     let alerts = alert_rules()?;
 
     let cluster = LocalCluster::start_temp(2).await?;
+    // A fleet of one, so the fleet panels have series.
+    let redis = chatshard::localdb::redis::LocalRedis::start(
+        chatshard::localdb::redis::LocalRedisOptions::temp(),
+    )
+    .await?;
     let mut settings = cluster.settings()?;
+    settings.redis.url = redis.url();
     // Two overruns of the (default, 1 s) operation deadline open a breaker.
     settings.breaker.consecutive_failures = 2;
     settings.admin.token = TOKEN.into();

@@ -252,6 +252,7 @@ pub async fn put_config(
     let result = state.service.live().update_with("admin API", |_| {
         shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", body)
     });
+    share_with_fleet(&state, &result).await;
     config_answer(&state, result)
 }
 
@@ -290,7 +291,31 @@ pub async fn patch_config(
         merge_patch(&mut document, patch);
         shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", document)
     });
+    share_with_fleet(&state, &result).await;
     config_answer(&state, result)
+}
+
+/// In a fleet, a change made here is stored in Redis under the next
+/// fleet-wide version, which every instance then applies (and this one takes
+/// too). Waits at most `redis.timeout_ms`; without Redis the change stays
+/// local until Redis is back (see docs/fleet.md).
+async fn share_with_fleet<E>(
+    state: &AppState,
+    result: &Result<std::sync::Arc<crate::live::Snapshot>, UpdateError<E>>,
+) {
+    let (Some(fleet), Ok(snapshot)) = (state.service.fleet(), result) else {
+        return;
+    };
+    if let Some(version) = fleet
+        .share_config(snapshot.version.saturating_sub(1), &snapshot.config)
+        .await
+    {
+        state.service.live().install(
+            version,
+            snapshot.config.clone(),
+            "admin API (fleet version)",
+        );
+    }
 }
 
 /// RFC 7396: members of `patch` replace those of `target`, objects merge
@@ -420,6 +445,35 @@ pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChats
             fetch_queries: Decisions::get(&d.fetch_queries),
             fetches_coalesced: Decisions::get(&d.fetches_coalesced),
         },
+    })
+}
+
+/// The fleet as this instance sees it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetAdminView {
+    /// `false`: no Redis is configured, and this instance works alone.
+    pub enabled: bool,
+    /// Present when `enabled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetView>,
+}
+
+/// The live instances of the fleet, and whether Redis answers.
+#[utoipa::path(
+    get, path = "/v1/admin/fleet", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The fleet", body = FleetAdminView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn fleet(_: Admin, State(state): State<AppState>) -> Json<FleetAdminView> {
+    let fleet = state.service.fleet().map(|f| f.view());
+    Json(FleetAdminView {
+        enabled: fleet.is_some(),
+        fleet,
     })
 }
 

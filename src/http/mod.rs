@@ -120,6 +120,7 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
             admin::patch_config
         ))
         .routes(routes!(admin::hot_chats))
+        .routes(routes!(admin::fleet))
         .split_for_parts();
     (router, document::finish(api))
 }

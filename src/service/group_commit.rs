@@ -78,14 +78,21 @@ pub struct GroupCommit {
     /// Told of every committed batch's events, so readers on this instance
     /// learn of them without a read.
     tails: Arc<Tails>,
+    /// Told too, to tell the other instances of the fleet (if any).
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl GroupCommit {
-    pub fn new(settings: GroupCommitSettings, tails: Arc<Tails>) -> Arc<Self> {
+    pub fn new(
+        settings: GroupCommitSettings,
+        tails: Arc<Tails>,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             queues: DashMap::new(),
             settings,
             tails,
+            fleet,
         })
     }
 
@@ -144,6 +151,9 @@ impl GroupCommit {
                     // Before the answers: a writer that then reads finds its
                     // own events in the tail.
                     self.tails.committed(&chat, &events);
+                    if let Some(fleet) = &self.fleet {
+                        fleet.committed(&chat, &events);
+                    }
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         let _ = reply.send(Ok(outcome));
                     }

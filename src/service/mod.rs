@@ -29,9 +29,9 @@ use crate::domain::{ChatId, ClientMessageId, MaxMembers, MessageText, UserId};
 use crate::live::Live;
 use crate::shard::{OpError, Shard, ShardSet};
 use crate::storage::{self, chats};
-use crate::throttle::Throttle;
 use crate::throttle::join::JoinDecision;
 use crate::throttle::pages::Pages;
+use crate::throttle::{Decisions, Throttle};
 
 pub use error::{Fault, ServiceError};
 pub use group_commit::GroupCommit;
@@ -50,6 +50,8 @@ pub struct ChatService {
     pages: Pages<EventPage>,
     /// The recent events of chats with readers.
     tails: Arc<tail::Tails>,
+    /// The other instances, when there is a fleet.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// How the service is sized (fixed at start).
@@ -70,17 +72,28 @@ impl ChatService {
         settings: ServiceSettings,
         live: Arc<Live>,
         throttle: Arc<Throttle>,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
     ) -> Self {
-        let tails = Arc::new(tail::Tails::new(settings.tail));
+        let observer = fleet.clone().map(|f| f as Arc<dyn tail::TailObserver>);
+        let tails = Arc::new(tail::Tails::observed(settings.tail, observer));
+        if let Some(fleet) = &fleet {
+            fleet.attach_tails(tails.clone());
+        }
         Self {
             shards,
-            commits: GroupCommit::new(settings.group_commit, tails.clone()),
+            commits: GroupCommit::new(settings.group_commit, tails.clone(), fleet.clone()),
             default_max_members: settings.default_max_members,
             live,
             throttle,
             pages: Pages::new(settings.page_cache_bytes),
             tails,
+            fleet,
         }
+    }
+
+    /// The fleet this instance belongs to, if any.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.as_ref()
     }
 
     pub fn shards(&self) -> &Arc<ShardSet> {
@@ -145,9 +158,13 @@ impl ChatService {
         // pages; a failed write may still have been applied, so it retires them too.
         let events = result.as_ref().map_or(0, WriteOutcome::events);
         let rule = self.live.load().config.hot_chat_rule(chat);
-        self.throttle
+        let marked = self
+            .throttle
             .hot
             .record_write(chat, events, rule, &self.throttle.decisions);
+        if let (Some(expires_in_ms), Some(fleet)) = (marked, &self.fleet) {
+            fleet.marked_hot(chat, expires_in_ms);
+        }
         match result? {
             WriteOutcome::Rejected(r) => Err(r.into()),
             other => Ok(other),
@@ -162,12 +179,23 @@ impl ChatService {
         user: &UserId,
     ) -> Result<(Member, Created), ServiceError> {
         // Decided before any database work: no network hop, no delay.
+        // In a fleet, the local window holds this instance's share (the whole
+        // limit while Redis holds the global one), and a chat's joins are also
+        // charged to its global limit, from a local lease.
         let rule = self.live.load().config.join_rule(chat);
+        let local = self
+            .fleet
+            .as_ref()
+            .map_or(rule, |f| f.local_join_rule(rule));
         let decision = self
             .throttle
             .joins
-            .check(chat, rule, &self.throttle.decisions);
+            .check(chat, local, &self.throttle.decisions);
         if let JoinDecision::Throttle { retry_after_secs } = decision {
+            return Err(ServiceError::JoinThrottled { retry_after_secs });
+        }
+        if let Some(retry_after_secs) = self.fleet.as_ref().and_then(|f| f.admit_join(chat, rule)) {
+            Decisions::bump(&self.throttle.decisions.joins_throttled);
             return Err(ServiceError::JoinThrottled { retry_after_secs });
         }
         match self

@@ -45,9 +45,17 @@ pub struct TailSettings {
     pub refresh: Duration,
 }
 
+/// Told when a chat gains or loses its tail here (the fleet follows the
+/// notices of exactly those chats).
+pub trait TailObserver: Send + Sync {
+    fn opened(&self, chat: &ChatId);
+    fn closed(&self, chat: &ChatId);
+}
+
 /// The tails of this instance.
 pub struct Tails {
     cache: Cache<ChatId, Arc<Tail>>,
+    observer: Option<Arc<dyn TailObserver>>,
     settings: TailSettings,
     /// The bytes all tails hold together.
     budget: Arc<Budget>,
@@ -69,19 +77,31 @@ fn weight(event: &Event) -> u64 {
 
 impl Tails {
     pub fn new(settings: TailSettings) -> Self {
+        Self::observed(settings, None)
+    }
+
+    /// [`Tails::new`], telling `observer` of every tail made and dropped.
+    pub fn observed(settings: TailSettings, observer: Option<Arc<dyn TailObserver>>) -> Self {
         let budget = Arc::new(Budget {
             used: AtomicU64::new(0),
             max: settings.max_bytes,
         });
         let released = budget.clone();
+        let told = observer.clone();
         Self {
             cache: Cache::builder()
                 .max_capacity(settings.chats)
                 .time_to_idle(Duration::from_secs(60))
                 // An evicted tail gives its bytes back (readers that still
                 // hold it finish with it; it takes no more appends).
-                .eviction_listener(move |_, tail: Arc<Tail>, _| tail.release(&released))
+                .eviction_listener(move |chat: Arc<ChatId>, tail: Arc<Tail>, _| {
+                    tail.release(&released);
+                    if let Some(observer) = &told {
+                        observer.closed(&chat);
+                    }
+                })
                 .build(),
+            observer,
             settings,
             budget,
         }
@@ -95,6 +115,9 @@ impl Tails {
     /// The chat's tail, created empty if it has none.
     pub fn get(&self, chat: &ChatId) -> Arc<Tail> {
         self.cache.get_with_by_ref(chat, || {
+            if let Some(observer) = &self.observer {
+                observer.opened(chat);
+            }
             Arc::new(Tail::new(
                 self.settings.events_per_chat,
                 self.settings.refresh,
@@ -120,6 +143,46 @@ impl Tails {
         if let Some(tail) = self.cache.get(chat) {
             tail.append(events, None);
         }
+    }
+
+    /// Feeds a batch another instance committed (its notice carried the
+    /// events) to the chat's tail, if it has one; a batch that does not follow
+    /// on restarts the tail, as for local commits.
+    pub fn noticed(&self, chat: &ChatId, events: &[Event]) {
+        self.committed(chat, events);
+    }
+
+    /// Told by a notice without its events that the chat reached `last`: see
+    /// [`Tail::learn`].
+    pub fn learn(&self, chat: &ChatId, last: u64) {
+        if let Some(tail) = self.cache.get(chat) {
+            tail.learn(last);
+        }
+    }
+
+    /// Whether the chat has a tail here (without making one).
+    pub fn contains(&self, chat: &ChatId) -> bool {
+        self.cache.contains_key(chat)
+    }
+
+    /// Distrusts every tail: after notices may have been lost (Redis was
+    /// away), each tail is vouched for again (by the refresher, or one read by
+    /// its next reader) before it answers.
+    pub fn distrust_all(&self) {
+        for (_, tail) in self.cache.iter() {
+            tail.state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .refreshed = None;
+        }
+    }
+
+    /// Every chat with a tail now.
+    pub fn chats(&self) -> Vec<ChatId> {
+        self.cache
+            .iter()
+            .map(|(chat, _)| ChatId::clone(&chat))
+            .collect()
     }
 
     /// How long a tail is trusted before it is refreshed.
@@ -241,6 +304,26 @@ impl Tail {
             state.refreshed = None;
             false
         }
+    }
+
+    /// Told (by another instance's notice) that the chat's log reached
+    /// `last`: a tail that holds it stays as it is; one that does not is
+    /// stale, and its waiters are woken to read what it lacks (one read,
+    /// shared).
+    pub fn learn(&self, last: u64) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let end = state.base + state.events.len() as u64;
+            if state.known && end >= last {
+                return;
+            }
+            state.refreshed = None;
+        }
+        self.latest.send_if_modified(|latest| {
+            let moved = last > *latest;
+            *latest = (*latest).max(last);
+            moved
+        });
     }
 
     /// The revision the tail holds up to, if it knows one.

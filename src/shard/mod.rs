@@ -49,8 +49,7 @@ use tracing::Instrument as _;
 use crate::config::{BreakerSettings, PoolSettings, ShardSettings};
 use crate::domain::ChatId;
 
-use breaker::Breaker;
-pub use breaker::BreakerState;
+pub use breaker::{Breaker, BreakerState};
 pub use error::{
     BadData, OUTCOMES, OpError, OutcomeCause, ShardError, is_connection_error, is_deadlock,
     is_lock_contention, is_read_only_error,

@@ -27,9 +27,26 @@ struct Bucket {
     rate_events: u64,
     /// Events per second of the last complete rate window.
     last_rate: f64,
-    /// Writes seen on this instance; a cached page names the generation it
-    /// was read at.
+    /// Writes seen on this instance (and of others, by their notices); a
+    /// cached page names the generation it was read at.
     generation: u64,
+    /// The mark's end as last told to (or by) the fleet.
+    announced_until_ms: u64,
+}
+
+impl Bucket {
+    fn new(tokens: f64, now: u64) -> Self {
+        Self {
+            tokens,
+            refilled_ms: now,
+            hot_until_ms: 0,
+            rate_start_ms: now,
+            rate_events: 0,
+            last_rate: 0.0,
+            generation: 0,
+            announced_until_ms: 0,
+        }
+    }
 }
 
 /// A hot chat, as the admin view lists it.
@@ -66,30 +83,24 @@ impl HotChats {
     }
 
     /// Records `events` appended to `chat` (and a write: the generation moves
-    /// even when `events` is 0).
+    /// even when `events` is 0). Returns how long the chat's mark lasts when
+    /// it was made, or extended by a second or more since the fleet was last
+    /// told (so the other instances can be told).
     pub fn record_write(
         &self,
         chat: &ChatId,
         events: u64,
         rule: HotChatRule,
         decisions: &Decisions,
-    ) {
+    ) -> Option<u64> {
         let now = self.clock.now_ms();
         let entry = self.buckets.get_with_by_ref(chat, || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: rule.threshold as f64,
-                refilled_ms: now,
-                hot_until_ms: 0,
-                rate_start_ms: now,
-                rate_events: 0,
-                last_rate: 0.0,
-                generation: 0,
-            }))
+            Arc::new(Mutex::new(Bucket::new(rule.threshold as f64, now)))
         });
         let mut b = entry.lock().unwrap_or_else(PoisonError::into_inner);
         b.generation += 1;
         if !rule.enabled || events == 0 {
-            return;
+            return None;
         }
         let duration_ms = rule.duration_seconds.max(1) * 1000;
         let elapsed = now.saturating_sub(b.refilled_ms);
@@ -104,10 +115,15 @@ impl HotChats {
         }
         b.rate_events += events;
         b.tokens -= events as f64;
+        let mut announce = None;
         if b.tokens <= 0.0 {
             b.tokens = 0.0;
             let was_hot = b.hot_until_ms > now;
             b.hot_until_ms = now + rule.expire_seconds * 1000;
+            if !rule.dry_run && b.hot_until_ms >= b.announced_until_ms + 1000 {
+                b.announced_until_ms = b.hot_until_ms;
+                announce = Some(rule.expire_seconds * 1000);
+            }
             if !was_hot {
                 Decisions::bump(if rule.dry_run {
                     &decisions.hot_chats_marked_dry_run
@@ -134,6 +150,32 @@ impl HotChats {
                     );
                 }
             }
+        }
+        announce
+    }
+
+    /// Marks the chat hot for `expires_in_ms` from now, as another instance
+    /// did (a mark already lasting longer stays).
+    pub fn mark(&self, chat: &ChatId, expires_in_ms: u64) {
+        let now = self.clock.now_ms();
+        let entry = self
+            .buckets
+            .get_with_by_ref(chat, || Arc::new(Mutex::new(Bucket::new(0.0, now))));
+        let mut b = entry.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = now + expires_in_ms;
+        if until > b.hot_until_ms {
+            b.hot_until_ms = until;
+        }
+        b.announced_until_ms = b.announced_until_ms.max(until);
+    }
+
+    /// Another instance wrote to the chat: pages kept here are out of date.
+    pub fn retire(&self, chat: &ChatId) {
+        if let Some(entry) = self.buckets.get(chat) {
+            entry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .generation += 1;
         }
     }
 

@@ -36,6 +36,8 @@ fn compose_references_files_and_ports_that_exist() {
         "mysql-1",
         "migrate",
         "chatshard",
+        "redis",
+        "lb",
         "otel-collector",
         "jaeger",
         "prometheus",
@@ -108,12 +110,22 @@ fn collector_prometheus_grafana_and_chatshard_configs_are_valid() {
         }
     }
     let prometheus = yaml("prometheus.yml");
-    let target = prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(target, "chatshard:8080");
+    // Every replica of the fleet is scraped: discovered by the service's name.
+    let sd = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
+    assert_eq!(sd["names"][0], "chatshard");
+    assert_eq!(sd["port"], 8080);
     assert_eq!(prometheus["scrape_configs"][0]["job_name"], "chatshard");
+    // The fleet: two replicas sharing one Redis, behind the load balancer.
+    let compose = yaml("compose.yaml");
+    let chatshard = &compose["services"]["chatshard"];
+    assert_eq!(chatshard["deploy"]["replicas"], 2);
+    assert!(chatshard["ports"].is_null(), "replicas publish no port");
+    let redis_url = chatshard["environment"]["CHATSHARD__REDIS__URL"]
+        .as_str()
+        .expect("CHATSHARD__REDIS__URL");
+    assert!(redis_url.starts_with("redis://redis:"));
+    assert_eq!(compose["services"]["lb"]["ports"][0], "8080:8080");
+    assert!(docker("nginx.conf").contains("proxy_pass http://$fleet"));
     yaml("grafana/provisioning/datasources/prometheus.yaml");
     yaml("grafana/provisioning/dashboards/chatshard.yaml");
     let settings = chatshard::config::Settings::from_toml(&docker("chatshard.toml"), [])
@@ -381,7 +393,13 @@ fn selectors_and_exposition_are_read_as_prometheus_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
-    let app = TestApp::spawn().await;
+    // In a fleet (of one), so the fleet's metrics are exported too.
+    let redis = chatshard::localdb::redis::LocalRedis::start(
+        chatshard::localdb::redis::LocalRedisOptions::temp(),
+    )
+    .await
+    .expect("start redis-server");
+    let app = TestApp::spawn_with(|s| s.redis.url = redis.url()).await;
     // Traffic, so the histograms have series: a join, and its event received
     // by a stream.
     let chat = app.new_chat("dash").await;

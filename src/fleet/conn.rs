@@ -1,0 +1,193 @@
+//! One connection to Redis or to a Redis Cluster, the same to its callers.
+//!
+//! - A single Redis: redis-rs's `ConnectionManager` (one multiplexed
+//!   connection, reconnected in the background), plain `SUBSCRIBE` and
+//!   `PUBLISH`.
+//! - A Redis Cluster: redis-rs's async `ClusterConnection`, with sharded
+//!   pub/sub (`SSUBSCRIBE` / `SPUBLISH`): a notice goes only to the node that
+//!   owns its channel's slot, where plain `PUBLISH` in a cluster goes to every
+//!   node. The connection follows slot moves and failover, and resubscribes.
+//!
+//! Both speak RESP3, whose pushes (messages, subscription confirmations and the
+//! library's own `Disconnection`) arrive on one channel, and both resubscribe
+//! by themselves after a reconnect.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ProtocolVersion, PushInfo, RedisFuture, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A cheap-to-clone handle on the connection.
+#[derive(Clone)]
+pub enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// Where Redis is and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// One URL for a single Redis; several (any nodes) for a cluster.
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Target {
+    /// Checks the URLs without connecting.
+    pub fn check(&self) -> Result<(), String> {
+        if self.urls.is_empty() {
+            return Err("no Redis URL".into());
+        }
+        for url in &self.urls {
+            redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
+        }
+        if !self.cluster && self.urls.len() > 1 {
+            return Err("several URLs name a Redis Cluster: set redis.cluster = true".into());
+        }
+        Ok(())
+    }
+}
+
+fn resp3(url: &str) -> redis::RedisResult<redis::ConnectionInfo> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let redis = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Ok(info.set_redis_settings(redis))
+}
+
+impl Conn {
+    /// A connection that connects lazily (a Redis that is down at start does
+    /// not stop the instance) and sends pushes to `pushes`.
+    pub async fn open(
+        target: &Target,
+        pushes: UnboundedSender<PushInfo>,
+    ) -> redis::RedisResult<Self> {
+        if target.cluster {
+            let nodes = target
+                .urls
+                .iter()
+                .map(|u| resp3(u))
+                .collect::<redis::RedisResult<Vec<_>>>()?;
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .connection_timeout(target.connect_timeout)
+                .response_timeout(target.response_timeout)
+                .retries(2)
+                .build()?;
+            // The cluster client needs a first contact to learn the slots; the
+            // caller retries while the cluster is unreachable.
+            let conn = client.get_async_connection().await?;
+            Ok(Self::Cluster(conn))
+        } else {
+            let url = target.urls.first().map(String::as_str).unwrap_or_default();
+            let client = redis::Client::open(resp3(url)?)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_push_sender(pushes)
+                .set_automatic_resubscription()
+                .set_connection_timeout(Some(target.connect_timeout))
+                .set_response_timeout(Some(target.response_timeout))
+                // Reconnects are driven by our own calls (heartbeats); a few
+                // quick retries each, never a long back-off inside one call.
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(100));
+            let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
+            Ok(Self::Single(conn))
+        }
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` in a cluster.
+    pub fn publish_cmd(&self, channel: &str, payload: &[u8]) -> Cmd {
+        let mut cmd = redis::cmd(match self {
+            Self::Single(_) => "PUBLISH",
+            Self::Cluster(_) => "SPUBLISH",
+        });
+        cmd.arg(channel).arg(payload);
+        cmd
+    }
+
+    /// Subscribes to `channels`. In a cluster, sharded channels of different
+    /// slots cannot share one `SSUBSCRIBE`, so each gets its own (64 in
+    /// flight at a time); the first error is returned after all were tried.
+    pub async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => c.subscribe(channels).await,
+            Self::Cluster(c) => {
+                let calls: Vec<_> = channels
+                    .iter()
+                    .map(|channel| {
+                        let (mut c, channel) = (c.clone(), channel.clone());
+                        Box::pin(async move { c.ssubscribe(channel).await })
+                    })
+                    .collect();
+                each(calls).await
+            }
+        }
+    }
+
+    pub async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => c.unsubscribe(channels).await,
+            Self::Cluster(c) => {
+                let calls: Vec<_> = channels
+                    .iter()
+                    .map(|channel| {
+                        let (mut c, channel) = (c.clone(), channel.clone());
+                        Box::pin(async move { c.sunsubscribe(channel).await })
+                    })
+                    .collect();
+                each(calls).await
+            }
+        }
+    }
+}
+
+/// Runs subscription commands 64 at a time: in a cluster, sharded channels of
+/// different slots cannot share one `SSUBSCRIBE`, so each has its own. The
+/// first error is returned once all were tried.
+async fn each<F>(calls: Vec<F>) -> redis::RedisResult<()>
+where
+    F: std::future::Future<Output = redis::RedisResult<()>>,
+{
+    use futures_util::StreamExt;
+    let results: Vec<redis::RedisResult<()>> = futures_util::stream::iter(calls)
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}

@@ -1,0 +1,790 @@
+//! The fleet: what the instances of one deployment share through Redis, so
+//! that several instances behind a load balancer behave as one service.
+//!
+//! - **Event notices.** After each commit an instance publishes a notice on
+//!   the chat's channel (its revisions, and its events when small). Only the
+//!   instances with a tail of that chat subscribe to it; they feed the tail,
+//!   wake its readers and retire the chat's kept pages. Notices are hints: the
+//!   log in the shard stays the truth, a missed notice is made up by the next
+//!   one, by the tail refresher or by a read.
+//! - **Hot marks.** A chat marked hot on one instance is marked on every
+//!   instance, with the same expiry (one message on the fleet channel).
+//! - **The global join limit** of a chat ([`leases`]).
+//! - **Live instances.** Each instance says it is alive every
+//!   `redis.heartbeat_ms`; the ones heard of within `redis.instance_ttl_ms` are
+//!   listed in the admin view, and their number sizes each instance's local
+//!   share of a join limit while Redis is away.
+//! - **The live configuration.** A change on any instance is stored in Redis
+//!   with the next fleet-wide version and applied by every instance.
+//!
+//! Redis is protected like a shard: every call has a deadline
+//! (`redis.timeout_ms`) and goes through Redis's own breaker. No request ever
+//! waits for Redis: publishing goes through a bounded queue, lease requests run
+//! in the background, and the admin configuration change waits at most one
+//! deadline. Without Redis (down, slow, breaker open) each feature falls back
+//! to what one instance does alone, the admin view and a metric say so, and
+//! when Redis answers again the instance resubscribes, distrusts its tails
+//! and reconciles the configuration.
+
+mod conn;
+pub mod leases;
+pub mod wire;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use conn::Conn;
+pub use conn::Target;
+pub use wire::InstanceInfo;
+use wire::{Bus, Names, Notice};
+
+use crate::config::RedisSettings;
+use crate::domain::ChatId;
+use crate::live::{JoinRule, Live, LiveConfig};
+use crate::service::Event;
+use crate::service::tail::{TailObserver, Tails};
+use crate::shard::Breaker;
+use crate::throttle::Throttle;
+
+/// Registers the instance and returns the live ones: `KEYS` the registry and
+/// the info hash; `ARGV` id, ttl (ms), info JSON.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(gone) do redis.call('HDEL', KEYS[2], id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], 10 * tonumber(ARGV[2]))
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+return redis.call('HMGET', KEYS[2], unpack(live))
+";
+
+/// Stores a configuration with the next fleet-wide version: `KEYS` the config
+/// key; `ARGV` the version the change was based on, the config JSON. Returns
+/// the version given to it.
+const SHARE_CONFIG: &str = r"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local version = math.max(stored, tonumber(ARGV[1])) + 1
+redis.call('HSET', KEYS[1], 'version', version, 'config', ARGV[2])
+return version
+";
+
+/// How Redis looks from this instance.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetView {
+    /// This instance.
+    pub instance: InstanceInfo,
+    /// `single` or `cluster`.
+    pub redis_mode: &'static str,
+    /// Whether Redis answers: `false` means this instance acts alone (local
+    /// join limits, local hot marks, no notices) until it does.
+    pub redis_up: bool,
+    /// Since when `redisUp` has had its value.
+    pub since: DateTime<Utc>,
+    /// Why Redis was last given up on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Instances heard of recently (this one included), by id.
+    pub instances: Vec<InstanceInfo>,
+    /// The number of instances each local share is sized by.
+    pub counted_instances: u64,
+    /// Chats whose notices this instance follows (a chat with a tail here).
+    pub followed_chats: u64,
+    /// Of those, the ones Redis confirmed the subscription of.
+    pub subscribed_chats: u64,
+    pub counters: FleetCounters,
+}
+
+/// What crossed Redis, counted since start.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetCounters {
+    pub notices_sent: u64,
+    pub notices_received: u64,
+    /// Not sent: Redis away, or the queue full.
+    pub notices_dropped: u64,
+    pub hot_marks_sent: u64,
+    pub hot_marks_received: u64,
+    pub config_changes_received: u64,
+    pub lease_requests: u64,
+    /// Times Redis was given up on.
+    pub outages: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    notices_sent: AtomicU64,
+    notices_received: AtomicU64,
+    notices_dropped: AtomicU64,
+    hot_marks_sent: AtomicU64,
+    hot_marks_received: AtomicU64,
+    config_changes_received: AtomicU64,
+    lease_requests: AtomicU64,
+    outages: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Debug)]
+struct Health {
+    since: DateTime<Utc>,
+    last_error: Option<String>,
+}
+
+/// Something to publish.
+struct Outgoing {
+    channel: String,
+    payload: Vec<u8>,
+    /// Counted as a notice (else a fleet message).
+    notice: bool,
+}
+
+/// A change of the chats whose notices this instance follows.
+enum Follow {
+    Start(ChatId),
+    Stop(ChatId),
+}
+
+/// This instance's membership of the fleet.
+pub struct Fleet {
+    names: Names,
+    info: InstanceInfo,
+    settings: RedisSettings,
+    cluster: bool,
+    conn: Conn,
+    breaker: Breaker,
+    up: AtomicBool,
+    health: Mutex<Health>,
+    instances: ArcSwap<Vec<InstanceInfo>>,
+    /// The last number of live instances seen (1 before any).
+    counted: AtomicU64,
+    outbox: mpsc::Sender<Outgoing>,
+    follow: mpsc::UnboundedSender<Follow>,
+    /// Chats followed (or about to be), for the view and resubscription.
+    followed: Mutex<HashSet<ChatId>>,
+    /// Chat channels Redis confirmed.
+    subscribed: AtomicU64,
+    leases: leases::Leases,
+    gcra: redis::Script,
+    live: Arc<Live>,
+    throttle: Arc<Throttle>,
+    tails: OnceLock<Arc<Tails>>,
+    counters: Counters,
+}
+
+impl Fleet {
+    /// Joins the fleet described by `settings` (which must name Redis): the
+    /// connection is made in the background, and the instance works alone
+    /// until it is.
+    pub async fn start(
+        settings: &RedisSettings,
+        listen: std::net::SocketAddr,
+        live: Arc<Live>,
+        throttle: Arc<Throttle>,
+        tracked_chats: u64,
+    ) -> anyhow::Result<Arc<Self>> {
+        let target = settings
+            .target()
+            .ok_or_else(|| anyhow::anyhow!("redis.url is not set"))?;
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let conn = match Conn::open(&target, push_tx.clone()).await {
+            Ok(conn) => conn,
+            // A cluster needs its first contact to learn its slots; wait for
+            // it in the background rather than refuse to start.
+            Err(e) if target.cluster => {
+                tracing::warn!(error = %e, "Redis Cluster unreachable at start; retrying");
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match Conn::open(&target, push_tx.clone()).await {
+                        Ok(conn) => break conn,
+                        Err(e) if delay < Duration::from_secs(5) => {
+                            tracing::warn!(error = %e, "Redis Cluster still unreachable");
+                            delay *= 2;
+                        }
+                        Err(e) => return Err(anyhow::anyhow!("Redis Cluster unreachable: {e}")),
+                    }
+                }
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot use Redis at {}: {e}", settings.url)),
+        };
+        let (outbox, outbox_rx) = mpsc::channel(settings.publish_queue.max(1));
+        let (follow, follow_rx) = mpsc::unbounded_channel();
+        let info = InstanceInfo {
+            id: format!("{:016x}", rand::random::<u64>()),
+            listen: listen.to_string(),
+            started_at: Utc::now(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let fleet = Arc::new(Self {
+            names: Names::new(&settings.key_prefix),
+            instances: ArcSwap::from_pointee(vec![info.clone()]),
+            info,
+            settings: settings.clone(),
+            cluster: target.cluster,
+            conn,
+            breaker: Breaker::new("redis", &settings.breaker),
+            up: AtomicBool::new(false),
+            health: Mutex::new(Health {
+                since: Utc::now(),
+                last_error: Some("not connected yet".to_owned()),
+            }),
+            counted: AtomicU64::new(1),
+            outbox,
+            follow,
+            followed: Mutex::new(HashSet::new()),
+            subscribed: AtomicU64::new(0),
+            leases: leases::Leases::new(tracked_chats),
+            gcra: redis::Script::new(leases::GCRA),
+            live,
+            throttle,
+            tails: OnceLock::new(),
+            counters: Counters::default(),
+        });
+        tokio::spawn(Self::receive(Arc::downgrade(&fleet), push_rx));
+        tokio::spawn(Self::publish(Arc::downgrade(&fleet), outbox_rx));
+        tokio::spawn(Self::follow_chats(Arc::downgrade(&fleet), follow_rx));
+        tokio::spawn(Self::heartbeat(Arc::downgrade(&fleet)));
+        Ok(fleet)
+    }
+
+    /// The tails notices feed (set once, by the service).
+    pub fn attach_tails(&self, tails: Arc<Tails>) {
+        let _ = self.tails.set(tails);
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// Whether Redis answers now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// The number of instances local shares are sized by: the live ones when
+    /// last heard, at least one.
+    pub fn counted_instances(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed).max(1)
+    }
+
+    pub fn view(&self) -> FleetView {
+        let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FleetView {
+            instance: self.info.clone(),
+            redis_mode: if self.cluster { "cluster" } else { "single" },
+            redis_up: self.is_up(),
+            since: health.since,
+            last_error: health.last_error.clone(),
+            instances: self.instances.load().as_ref().clone(),
+            counted_instances: self.counted_instances(),
+            followed_chats: self
+                .followed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len() as u64,
+            subscribed_chats: self.subscribed.load(Ordering::Relaxed),
+            counters: FleetCounters {
+                notices_sent: get(&c.notices_sent),
+                notices_received: get(&c.notices_received),
+                notices_dropped: get(&c.notices_dropped),
+                hot_marks_sent: get(&c.hot_marks_sent),
+                hot_marks_received: get(&c.hot_marks_received),
+                config_changes_received: get(&c.config_changes_received),
+                lease_requests: get(&c.lease_requests),
+                outages: get(&c.outages),
+            },
+        }
+    }
+
+    // ---- what the service tells the fleet ----
+
+    /// After a commit: queue the chat's notice (never waits).
+    pub fn committed(&self, chat: &ChatId, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        if !self.is_up() {
+            bump(&self.counters.notices_dropped);
+            return;
+        }
+        let Some(payload) = Notice::encode(&self.info.id, events, self.settings.notice_max_bytes)
+        else {
+            return;
+        };
+        self.send(Outgoing {
+            channel: self.names.chat_channel(chat),
+            payload,
+            notice: true,
+        });
+    }
+
+    /// A chat was marked hot here (or its mark extended): tell the others.
+    pub fn marked_hot(&self, chat: &ChatId, expires_in_ms: u64) {
+        if !self.is_up() {
+            return;
+        }
+        let message = Bus::Hot {
+            origin: self.info.id.clone(),
+            chat: chat.to_string(),
+            expires_in_ms,
+        };
+        if let Ok(payload) = serde_json::to_vec(&message) {
+            bump(&self.counters.hot_marks_sent);
+            self.send(Outgoing {
+                channel: self.names.bus(),
+                payload,
+                notice: false,
+            });
+        }
+    }
+
+    fn send(&self, out: Outgoing) {
+        let notice = out.notice;
+        if self.outbox.try_send(out).is_err() && notice {
+            bump(&self.counters.notices_dropped);
+        }
+    }
+
+    /// The join rule this instance enforces locally: the whole limit while
+    /// Redis holds the global one, an even share of it (by the instances last
+    /// seen alive) while it does not.
+    pub fn local_join_rule(&self, rule: JoinRule) -> JoinRule {
+        if !rule.enabled || self.is_up() {
+            return rule;
+        }
+        JoinRule {
+            limit: rule.limit.div_ceil(self.counted_instances()).max(1),
+            ..rule
+        }
+    }
+
+    /// Charges one join (admitted locally) to the chat's global limit: from
+    /// this instance's lease, never waiting for Redis. `None` = admitted.
+    pub fn admit_join(self: &Arc<Self>, chat: &ChatId, rule: JoinRule) -> Option<u64> {
+        if !rule.enabled || !self.is_up() {
+            return None;
+        }
+        let batch = leases::batch(
+            rule.limit,
+            self.counted_instances(),
+            self.settings.join_lease_max,
+        );
+        let (take, ask) = self.leases.take(chat, batch, Instant::now());
+        if let Some(ask) = ask {
+            let fleet = self.clone();
+            let chat = chat.clone();
+            tokio::spawn(async move { fleet.ask_lease(chat, rule, ask).await });
+        }
+        match take {
+            leases::Take::Admit => None,
+            leases::Take::Refuse { retry_after_secs } => {
+                if rule.dry_run {
+                    None
+                } else {
+                    Some(retry_after_secs)
+                }
+            }
+        }
+    }
+
+    async fn ask_lease(&self, chat: ChatId, rule: JoinRule, ask: leases::Ask) {
+        bump(&self.counters.lease_requests);
+        let window_us = rule.window_seconds.max(1) as f64 * 1e6;
+        let interval = window_us / rule.limit.max(1) as f64;
+        let mut invocation = self.gcra.key(self.names.join_key(&chat));
+        invocation
+            .arg(interval)
+            .arg(window_us)
+            .arg(ask.charge)
+            .arg(ask.want);
+        let mut conn = self.conn.clone();
+        let answer: Option<(u64, u64)> = self
+            .call("join lease", invocation.invoke_async(&mut conn))
+            .await;
+        match answer {
+            Some((granted, wait_ms)) => self.leases.granted(
+                &chat,
+                granted,
+                Duration::from_millis(wait_ms),
+                Instant::now(),
+            ),
+            None => self.leases.failed(&chat),
+        }
+    }
+
+    /// Stores a configuration change made here under the next fleet-wide
+    /// version and tells every instance; returns that version (`None`: Redis
+    /// away, the change stays local and is shared when Redis is back).
+    pub async fn share_config(&self, based_on: u64, config: &LiveConfig) -> Option<u64> {
+        if !self.is_up() {
+            return None;
+        }
+        let json = serde_json::to_string(config).ok()?;
+        let script = redis::Script::new(SHARE_CONFIG);
+        let mut invocation = script.key(self.names.config());
+        invocation.arg(based_on).arg(json);
+        let mut conn = self.conn.clone();
+        let version: u64 = self
+            .call("share config", invocation.invoke_async(&mut conn))
+            .await?;
+        let message = Bus::Config {
+            origin: self.info.id.clone(),
+            version,
+        };
+        let payload = serde_json::to_vec(&message).ok()?;
+        let cmd = self.conn.publish_cmd(&self.names.bus(), &payload);
+        let mut conn = self.conn.clone();
+        let _: Option<Value> = self
+            .call("publish config", cmd.query_async(&mut conn))
+            .await;
+        Some(version)
+    }
+
+    /// Reads the fleet's configuration and applies it if newer; shares ours
+    /// if it is newer (changed while Redis was away).
+    async fn reconcile_config(&self) {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.names.config()).arg("version").arg("config");
+        let Some((version, json)) = self
+            .call::<(Option<u64>, Option<String>)>("read config", cmd.query_async(&mut conn))
+            .await
+        else {
+            return;
+        };
+        let local = self.live.load();
+        match (version, json) {
+            (Some(version), Some(json)) if version > local.version => {
+                self.install_config(version, &json);
+            }
+            (stored, _) if local.version > stored.unwrap_or(0) && local.version > 1 => {
+                // Changed here while Redis was away (or first in the fleet).
+                if let Some(version) = self.share_config(local.version - 1, &local.config).await {
+                    self.live.install(version, local.config.clone(), "fleet");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn install_config(&self, version: u64, json: &str) {
+        match serde_json::from_str::<LiveConfig>(json) {
+            Ok(config) => {
+                if self.live.install(version, config, "fleet") {
+                    bump(&self.counters.config_changes_received);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(version, error = %e, "the fleet's live configuration does not parse; kept ours")
+            }
+        }
+    }
+
+    // ---- calls to Redis ----
+
+    /// One call to Redis through its breaker and deadline; `None` if refused
+    /// or failed (the failure is recorded and the fleet marked down).
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let _admission = self.breaker.admit()?;
+        let deadline = Duration::from_millis(self.settings.timeout_ms);
+        match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(value)) => {
+                self.breaker.record_success();
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                let reason = format!("{what}: {e}");
+                self.breaker.record_failure(&reason);
+                self.down(reason);
+                None
+            }
+            Err(_) => {
+                let reason = format!("{what}: no answer within {} ms", deadline.as_millis());
+                self.breaker.record_failure(&reason);
+                self.down(reason);
+                None
+            }
+        }
+    }
+
+    fn down(&self, reason: String) {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.up.swap(false, Ordering::AcqRel) {
+            bump(&self.counters.outages);
+            self.subscribed.store(0, Ordering::Relaxed);
+            health.since = Utc::now();
+            tracing::warn!(reason = %reason, "Redis unavailable: this instance acts alone until it answers");
+        }
+        health.last_error = Some(reason);
+    }
+
+    /// Redis answered: if it had been away, subscribe again, distrust the
+    /// tails (notices may have been missed) and reconcile the configuration.
+    async fn answered(&self) {
+        if self.up.load(Ordering::Acquire) {
+            return;
+        }
+        // Up first, so that a chat followed from now on is subscribed by
+        // `follow_chats`; the ones followed so far are subscribed here (twice
+        // at worst, which Redis ignores).
+        {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            health.since = Utc::now();
+            health.last_error = None;
+        }
+        self.up.store(true, Ordering::Release);
+        let mut channels = vec![self.names.bus()];
+        channels.extend(
+            self.followed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|chat| self.names.chat_channel(chat)),
+        );
+        let chats = channels.len() as u64 - 1;
+        for chunk in channels.chunks(500) {
+            let mut conn = self.conn.clone();
+            if self
+                .call("subscribe", async move { conn.subscribe(chunk).await })
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+        self.subscribed.store(chats, Ordering::Relaxed);
+        // Notices may have been missed while Redis was away.
+        if let Some(tails) = self.tails.get() {
+            tails.distrust_all();
+        }
+        tracing::info!(chats, "Redis answers: this instance is part of the fleet");
+        self.reconcile_config().await;
+    }
+
+    // ---- background tasks ----
+
+    async fn heartbeat(fleet: std::sync::Weak<Self>) {
+        let every = match fleet.upgrade() {
+            Some(f) => Duration::from_millis(f.settings.heartbeat_ms),
+            None => return,
+        };
+        let script = redis::Script::new(HEARTBEAT);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(f) = fleet.upgrade() else { return };
+            let Ok(info) = serde_json::to_string(&f.info) else {
+                return;
+            };
+            let mut invocation = script.key(f.names.instances());
+            invocation
+                .key(f.names.instance_info())
+                .arg(&f.info.id)
+                .arg(f.settings.instance_ttl_ms)
+                .arg(info);
+            let mut conn = f.conn.clone();
+            let live: Option<Vec<Option<String>>> = f
+                .call("heartbeat", invocation.invoke_async(&mut conn))
+                .await;
+            if let Some(live) = live {
+                let mut instances: Vec<InstanceInfo> = live
+                    .iter()
+                    .flatten()
+                    .filter_map(|json| serde_json::from_str(json).ok())
+                    .collect();
+                instances.sort_by(|a, b| a.id.cmp(&b.id));
+                f.counted
+                    .store(instances.len().max(1) as u64, Ordering::Relaxed);
+                f.instances.store(Arc::new(instances));
+                f.answered().await;
+            }
+        }
+    }
+
+    /// Sends queued notices and messages, pipelined, in order.
+    async fn publish(fleet: std::sync::Weak<Self>, mut rx: mpsc::Receiver<Outgoing>) {
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            let Some(f) = fleet.upgrade() else { return };
+            if !f.is_up() {
+                let notices = batch.iter().filter(|o| o.notice).count() as u64;
+                f.counters
+                    .notices_dropped
+                    .fetch_add(notices, Ordering::Relaxed);
+                batch.clear();
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for out in &batch {
+                pipe.add_command(f.conn.publish_cmd(&out.channel, &out.payload))
+                    .ignore();
+            }
+            let notices = batch.iter().filter(|o| o.notice).count() as u64;
+            let mut conn = f.conn.clone();
+            let sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
+            let counter = if sent.is_some() {
+                &f.counters.notices_sent
+            } else {
+                &f.counters.notices_dropped
+            };
+            counter.fetch_add(notices, Ordering::Relaxed);
+            batch.clear();
+        }
+    }
+
+    /// Subscribes to the notices of chats that gained a tail here, and
+    /// unsubscribes from those that lost it, a batch at a time.
+    async fn follow_chats(fleet: std::sync::Weak<Self>, mut rx: mpsc::UnboundedReceiver<Follow>) {
+        let mut batch = Vec::with_capacity(512);
+        while rx.recv_many(&mut batch, 512).await > 0 {
+            let Some(f) = fleet.upgrade() else { return };
+            let (mut start, mut stop) = (Vec::new(), Vec::new());
+            {
+                let mut followed = f.followed.lock().unwrap_or_else(PoisonError::into_inner);
+                for change in batch.drain(..) {
+                    match change {
+                        Follow::Start(chat) => {
+                            if followed.insert(chat.clone()) {
+                                start.push(f.names.chat_channel(&chat));
+                            }
+                        }
+                        Follow::Stop(chat) => {
+                            if followed.remove(&chat) {
+                                stop.push(f.names.chat_channel(&chat));
+                            }
+                        }
+                    }
+                }
+            }
+            // While Redis is away, the set is kept and subscribed to whole
+            // when it is back.
+            if !f.is_up() {
+                continue;
+            }
+            if !start.is_empty() {
+                let n = start.len() as u64;
+                let mut conn = f.conn.clone();
+                if f.call("subscribe", async move { conn.subscribe(&start).await })
+                    .await
+                    .is_some()
+                {
+                    f.subscribed.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            if !stop.is_empty() {
+                let n = stop.len() as u64;
+                let mut conn = f.conn.clone();
+                if f.call("unsubscribe", async move { conn.unsubscribe(&stop).await })
+                    .await
+                    .is_some()
+                {
+                    let _ = f
+                        .subscribed
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                            Some(s.saturating_sub(n))
+                        });
+                }
+            }
+        }
+    }
+
+    /// Handles what Redis pushes: messages of followed chats and of the
+    /// fleet channel, and disconnections.
+    async fn receive(fleet: std::sync::Weak<Self>, mut rx: mpsc::UnboundedReceiver<PushInfo>) {
+        while let Some(push) = rx.recv().await {
+            let Some(f) = fleet.upgrade() else { return };
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => {
+                    let mut data = push.data.into_iter();
+                    let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                        continue;
+                    };
+                    let (Ok(channel), Ok(payload)) = (
+                        redis::from_redis_value::<String>(channel),
+                        redis::from_redis_value::<Vec<u8>>(payload),
+                    ) else {
+                        continue;
+                    };
+                    f.on_message(&channel, &payload);
+                }
+                PushKind::Disconnection => f.down("connection to Redis lost".to_owned()),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, channel: &str, payload: &[u8]) {
+        if let Some(chat) = self.names.chat_of_channel(channel) {
+            let Some(notice) = Notice::decode(payload) else {
+                return;
+            };
+            if notice.o == self.info.id {
+                return;
+            }
+            bump(&self.counters.notices_received);
+            // Pages kept by this instance predate the write.
+            self.throttle.hot.retire(&chat);
+            if let Some(tails) = self.tails.get() {
+                match notice.events() {
+                    Some(events) => tails.noticed(&chat, &events),
+                    None => tails.learn(&chat, notice.last),
+                }
+            }
+            return;
+        }
+        if channel != self.names.bus() {
+            return;
+        }
+        match serde_json::from_slice::<Bus>(payload) {
+            Ok(Bus::Hot {
+                origin,
+                chat,
+                expires_in_ms,
+            }) if origin != self.info.id => {
+                if let Ok(chat) = ChatId::parse(&chat) {
+                    bump(&self.counters.hot_marks_received);
+                    self.throttle.hot.mark(&chat, expires_in_ms);
+                }
+            }
+            // Read in the background: the receive loop never waits.
+            Ok(Bus::Config { origin, version })
+                if origin != self.info.id && version > self.live.load().version =>
+            {
+                let fleet = self.clone();
+                tokio::spawn(async move { fleet.reconcile_config().await });
+            }
+            _ => {}
+        }
+    }
+}
+
+impl TailObserver for Fleet {
+    fn opened(&self, chat: &ChatId) {
+        let _ = self.follow.send(Follow::Start(chat.clone()));
+    }
+
+    fn closed(&self, chat: &ChatId) {
+        let _ = self.follow.send(Follow::Stop(chat.clone()));
+    }
+}

@@ -1,0 +1,706 @@
+//! Several chatshard instances in one fleet: real `mariadbd` shards shared by
+//! the binary, a real `redis-server` per test (started by the project's own
+//! kit), and in-process instances on their own ports. Each test uses its own
+//! chats and its own key prefix.
+//!
+//! The instances' tail refresh is long (30 s), so that anything an instance
+//! learns of another's writes within seconds came through Redis.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatshard::app::App;
+use chatshard::config::Settings;
+use chatshard::localdb::redis::{LocalRedis, LocalRedisOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SHARDS: usize = 2;
+const TOKEN: &str = "fleet-test-admin-token";
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One instance of the fleet.
+struct Instance {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Instance {
+    async fn start(redis_url: &str, prefix: &str, configure: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = common::shared_cluster(SHARDS).settings().expect("settings");
+        settings.listen = "127.0.0.1:0".parse().expect("addr");
+        settings.admin.token = TOKEN.to_owned();
+        settings.redis.url = redis_url.to_owned();
+        settings.redis.key_prefix = prefix.to_owned();
+        settings.redis.heartbeat_ms = 100;
+        settings.redis.instance_ttl_ms = 1000;
+        settings.tail.refresh_ms = 30_000;
+        configure(&mut settings);
+        let app = App::build(&settings).await.expect("build app");
+        let addr = app.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = app
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    async fn shut_down(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+
+    /// The name of the shard that stores a chat.
+    async fn shard_name(&self, chat: &str) -> String {
+        let body: Value = self
+            .http
+            .get(self.url(&format!("/v1/chats/{chat}")))
+            .send()
+            .await
+            .expect("get chat")
+            .json()
+            .await
+            .expect("json");
+        body["shard"].as_str().expect("shard").to_owned()
+    }
+
+    /// (member_count, JOINED rows) of a chat, read from its shard.
+    async fn count_and_rows(&self, chat: &str) -> (i64, i64) {
+        let name = self.shard_name(chat).await;
+        let name = name.as_str();
+        let cluster = common::shared_cluster(SHARDS);
+        let settings = cluster.settings().expect("settings");
+        let url = &settings
+            .shards
+            .iter()
+            .find(|s| s.name == name)
+            .expect("known shard")
+            .url;
+        let mut db = <sqlx::MySqlConnection as sqlx::Connection>::connect(url)
+            .await
+            .expect("connect");
+        common::count_and_rows(&mut db, chat).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn fleet(&self) -> Value {
+        common::admin_get(&self.http, &self.base, TOKEN, "/v1/admin/fleet").await
+    }
+
+    async fn put_chat(&self, chat: &str) {
+        let r = self
+            .http
+            .put(self.url(&format!("/v1/chats/{chat}")))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("put chat");
+        assert!(r.status().is_success(), "PUT chat: {}", r.status());
+    }
+
+    async fn join(&self, chat: &str, user: &str) -> StatusCode {
+        self.http
+            .post(self.url(&format!("/v1/chats/{chat}/members")))
+            .json(&json!({ "userId": user }))
+            .send()
+            .await
+            .expect("join")
+            .status()
+    }
+
+    async fn post(&self, chat: &str, sender: &str, key: &str) -> StatusCode {
+        self.http
+            .post(self.url(&format!("/v1/chats/{chat}/messages")))
+            .json(&json!({"senderId": sender, "clientMessageId": key, "text": key}))
+            .send()
+            .await
+            .expect("post")
+            .status()
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, or fails after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every instance sees Redis and all the others.
+async fn wait_joined(instances: &[&Instance]) {
+    let n = instances.len() as u64;
+    for i in instances {
+        eventually(
+            Duration::from_secs(15),
+            "instance joined the fleet",
+            || async {
+                let f = i.fleet().await;
+                f["fleet"]["redisUp"] == json!(true) && f["fleet"]["countedInstances"] == json!(n)
+            },
+        )
+        .await;
+    }
+}
+
+async fn redis() -> LocalRedis {
+    LocalRedis::start(LocalRedisOptions::temp())
+        .await
+        .expect("start redis-server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
+    let redis = redis().await;
+    let prefix = unique("notices");
+    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    wait_joined(&[&a, &b]).await;
+    let chat = unique("n");
+    a.put_chat(&chat).await;
+
+    let mut stream = common::SseReader::open(
+        &b.http,
+        &b.base,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    eventually(Duration::from_secs(10), "B follows the chat", || async {
+        b.fleet().await["fleet"]["subscribedChats"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+    })
+    .await;
+
+    // Four writers on A, 25 posts each, concurrently.
+    for w in 0..4 {
+        assert_eq!(a.join(&chat, &format!("w{w}")).await, StatusCode::CREATED);
+    }
+    let writers = (0..4).map(|w| {
+        let (a, chat) = (&a, &chat);
+        async move {
+            for i in 0..25 {
+                assert_eq!(
+                    a.post(chat, &format!("w{w}"), &format!("k{w}-{i}")).await,
+                    StatusCode::CREATED
+                );
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+
+    // Everything, in revision order, long before B's own refresh (30 s).
+    let mut seen = Vec::new();
+    while seen.len() < 104 {
+        let event = stream
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream ended early");
+        if event.event.as_deref().unwrap_or("message") != "message" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&event.data).expect("event json");
+        seen.push(v["revision"].as_u64().expect("revision"));
+    }
+    assert_eq!(seen, (1..=104).collect::<Vec<u64>>());
+    let fb = b.fleet().await;
+    assert!(fb["fleet"]["counters"]["noticesReceived"].as_u64() > Some(0));
+    let fa = a.fleet().await;
+    assert!(fa["fleet"]["counters"]["noticesSent"].as_u64() > Some(0));
+    drop(stream);
+    a.shut_down().await;
+    b.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
+    let redis = redis().await;
+    let prefix = unique("hot");
+    let hot = |s: &mut Settings| {
+        s.hot_chat.enabled = true;
+        s.hot_chat.threshold = 5;
+        s.hot_chat.duration_seconds = 60;
+        s.hot_chat.expire_seconds = 60;
+        s.hot_chat.throttle_rate = 1.0;
+    };
+    let a = Instance::start(&redis.url(), &prefix, hot).await;
+    let b = Instance::start(&redis.url(), &prefix, hot).await;
+    wait_joined(&[&a, &b]).await;
+    let chat = unique("h");
+    a.put_chat(&chat).await;
+    // B serves the chat's events before it is hot.
+    let r = b
+        .http
+        .get(b.url(&format!("/v1/chats/{chat}/events?after=0")))
+        .send()
+        .await
+        .expect("fetch");
+    assert_eq!(r.status(), StatusCode::OK);
+
+    assert_eq!(a.join(&chat, "u").await, StatusCode::CREATED);
+    for i in 0..10 {
+        assert_eq!(
+            a.post(&chat, "u", &format!("k{i}")).await,
+            StatusCode::CREATED
+        );
+    }
+    let listed = |body: Value| {
+        body["hotChats"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|h| h["chatId"] == json!(chat)))
+    };
+    assert!(listed(
+        common::admin_get(&a.http, &a.base, TOKEN, "/v1/admin/hot-chats").await
+    ));
+    eventually(
+        Duration::from_secs(5),
+        "B lists the chat as hot",
+        || async {
+            listed(common::admin_get(&b.http, &b.base, TOKEN, "/v1/admin/hot-chats").await)
+        },
+    )
+    .await;
+    // B wrote nothing to the chat, yet throttles its fetches.
+    let r = b
+        .http
+        .get(b.url(&format!("/v1/chats/{chat}/events?after=0")))
+        .send()
+        .await
+        .expect("fetch");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = r.json().await.expect("problem");
+    assert_eq!(body["code"], "fetch_throttled");
+    a.shut_down().await;
+    b.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_join_limit_holds_across_three_instances() {
+    let redis = redis().await;
+    let prefix = unique("joins");
+    const LIMIT: u64 = 60;
+    let limit = |s: &mut Settings| {
+        s.join_throttle.enabled = true;
+        s.join_throttle.limit = LIMIT;
+        s.join_throttle.window_seconds = 600;
+    };
+    let a = Instance::start(&redis.url(), &prefix, limit).await;
+    let b = Instance::start(&redis.url(), &prefix, limit).await;
+    let c = Instance::start(&redis.url(), &prefix, limit).await;
+    let all = [&a, &b, &c];
+    wait_joined(&all).await;
+    let chat = unique("j");
+    a.put_chat(&chat).await;
+
+    // 100 joins through each instance, 4 at a time per instance. Alone, each
+    // instance would admit the whole limit: 180 in all.
+    let attempts = all.iter().enumerate().map(|(n, i)| {
+        let chat = &chat;
+        async move {
+            let mut admitted = 0u64;
+            for batch in 0..25 {
+                let joins =
+                    (0..4).map(|k| async move { i.join(chat, &format!("i{n}-{batch}-{k}")).await });
+                for status in futures::future::join_all(joins).await {
+                    match status {
+                        StatusCode::CREATED | StatusCode::OK => admitted += 1,
+                        StatusCode::TOO_MANY_REQUESTS => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+            }
+            admitted
+        }
+    });
+    let admitted: u64 = futures::future::join_all(attempts).await.iter().sum();
+    // One lease per instance at most beyond the limit: 60 / (4 × 3) = 5.
+    let batch = LIMIT / 12;
+    assert!(
+        (LIMIT - batch..=LIMIT + 3 * batch).contains(&admitted),
+        "admitted {admitted} of 300 against a fleet-wide limit of {LIMIT}"
+    );
+    let (count, rows) = a.count_and_rows(&chat).await;
+    assert_eq!((count, rows), (admitted as i64, admitted as i64));
+    for i in all {
+        assert!(i.fleet().await["fleet"]["counters"]["leaseRequests"].as_u64() > Some(0));
+    }
+    a.shut_down().await;
+    b.shut_down().await;
+    c.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
+    let redis = redis().await;
+    let prefix = unique("config");
+    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    wait_joined(&[&a, &b]).await;
+
+    let r = common::admin(
+        &a.http,
+        &a.base,
+        TOKEN,
+        reqwest::Method::PATCH,
+        "/v1/admin/config",
+    )
+    .header("content-type", "application/merge-patch+json")
+    .body(r#"{"joinThrottle":{"limit":1234}}"#)
+    .send()
+    .await
+    .expect("patch");
+    assert_eq!(r.status(), StatusCode::OK);
+    let changed: Value = r.json().await.expect("json");
+    let version = changed["version"].as_u64().expect("version");
+    eventually(Duration::from_secs(5), "B serves A's change", || async {
+        let c = common::admin_get(&b.http, &b.base, TOKEN, "/v1/admin/config").await;
+        c["config"]["joinThrottle"]["limit"] == json!(1234) && c["version"] == json!(version)
+    })
+    .await;
+
+    // A second change, on B this time: the version keeps growing fleet-wide.
+    let r = common::admin(
+        &b.http,
+        &b.base,
+        TOKEN,
+        reqwest::Method::PATCH,
+        "/v1/admin/config",
+    )
+    .header("content-type", "application/merge-patch+json")
+    .body(r#"{"joinThrottle":{"limit":77}}"#)
+    .send()
+    .await
+    .expect("patch");
+    assert_eq!(r.status(), StatusCode::OK);
+    let second: Value = r.json().await.expect("json");
+    assert!(second["version"].as_u64() > Some(version));
+    eventually(Duration::from_secs(5), "A serves B's change", || async {
+        let c = common::admin_get(&a.http, &a.base, TOKEN, "/v1/admin/config").await;
+        c["config"]["joinThrottle"]["limit"] == json!(77) && c["version"] == second["version"]
+    })
+    .await;
+
+    // An instance that joins later takes the fleet's configuration.
+    let c = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    eventually(
+        Duration::from_secs(5),
+        "a new instance adopts it",
+        || async {
+            let conf = common::admin_get(&c.http, &c.base, TOKEN, "/v1/admin/config").await;
+            conf["config"]["joinThrottle"]["limit"] == json!(77)
+        },
+    )
+    .await;
+    a.shut_down().await;
+    b.shut_down().await;
+    c.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
+    let mut redis = redis().await;
+    let prefix = unique("outage");
+    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    wait_joined(&[&a, &b]).await;
+    let chat = unique("o");
+    a.put_chat(&chat).await;
+
+    // Writers on both instances throughout; Redis is killed under them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = |i: &Instance, name: &'static str| {
+        let (stop, chat, http, base) = (stop.clone(), chat.clone(), i.http.clone(), i.base.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let status = http
+                    .post(format!("{base}/v1/chats/{chat}/members"))
+                    .json(&json!({ "userId": format!("{name}-{n}") }))
+                    .send()
+                    .await
+                    .expect("join")
+                    .status();
+                assert_eq!(status, StatusCode::CREATED, "join {name}-{n}");
+                n += 1;
+            }
+            n
+        })
+    };
+    let wa = writer(&a, "a");
+    let wb = writer(&b, "b");
+    let count = |i: &Instance| {
+        let (http, url) = (
+            i.http.clone(),
+            i.url(&format!("/v1/chats/{chat}/member-count")),
+        );
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .expect("count")
+                .json::<Value>()
+                .await
+                .expect("json")["memberCount"]
+                .as_u64()
+                .expect("memberCount")
+        }
+    };
+    eventually(Duration::from_secs(10), "writers under way", || async {
+        count(&a).await >= 10
+    })
+    .await;
+    redis.kill().expect("kill redis");
+    for i in [&a, &b] {
+        eventually(
+            Duration::from_secs(10),
+            "the instance acts alone",
+            || async {
+                let f = i.fleet().await;
+                f["fleet"]["redisUp"] == json!(false) && f["fleet"]["lastError"].is_string()
+            },
+        )
+        .await;
+    }
+    redis.restart().await.expect("restart redis");
+    wait_joined(&[&a, &b]).await;
+    stop.store(true, Ordering::Relaxed);
+    let joined = wa.await.expect("writer a") + wb.await.expect("writer b");
+    assert!(joined > 0);
+    assert_eq!(
+        count(&a).await,
+        joined,
+        "every acknowledged join is counted"
+    );
+
+    // Notices flow again: a stream on B hears a write on A.
+    let mut stream = common::SseReader::open(
+        &b.http,
+        &b.base,
+        &format!("/v1/chats/{chat}/events/stream?after={joined}"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    eventually(
+        Duration::from_secs(10),
+        "B follows the chat again",
+        || async {
+            b.fleet().await["fleet"]["subscribedChats"]
+                .as_u64()
+                .is_some_and(|n| n >= 1)
+        },
+    )
+    .await;
+    assert_eq!(a.post(&chat, "a-0", "after").await, StatusCode::CREATED);
+    let event = stream
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the stream ended early");
+    let v: Value = serde_json::from_str(&event.data).expect("event json");
+    assert_eq!(v["revision"].as_u64(), Some(joined + 1));
+    assert!(a.fleet().await["fleet"]["counters"]["outages"].as_u64() >= Some(1));
+    drop(stream);
+    a.shut_down().await;
+    b.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
+    use chatshard::localdb::cluster::Location;
+    use chatshard::localdb::redis::LocalRedisCluster;
+    let mut cluster = LocalRedisCluster::start(3, Location::Temp)
+        .await
+        .expect("start a local Redis Cluster");
+    let urls = cluster.urls().join(",");
+    let prefix = unique("cluster");
+    let in_cluster = |s: &mut Settings| s.redis.cluster = true;
+    let a = Instance::start(&urls, &prefix, in_cluster).await;
+    let b = Instance::start(&urls, &prefix, in_cluster).await;
+    wait_joined(&[&a, &b]).await;
+    assert_eq!(a.fleet().await["fleet"]["redisMode"], "cluster");
+
+    // Chats spread over the slots of every node: each one's notices reach B.
+    let chats: Vec<String> = (0..6).map(|i| unique(&format!("c{i}"))).collect();
+    let mut streams = Vec::new();
+    for chat in &chats {
+        a.put_chat(chat).await;
+        let stream = common::SseReader::open(
+            &b.http,
+            &b.base,
+            &format!("/v1/chats/{chat}/events/stream?after=0"),
+            None,
+        )
+        .await
+        .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+        streams.push(stream);
+    }
+    eventually(Duration::from_secs(10), "B follows every chat", || async {
+        b.fleet().await["fleet"]["subscribedChats"].as_u64() >= Some(chats.len() as u64)
+    })
+    .await;
+    for chat in &chats {
+        assert_eq!(a.join(chat, "u1").await, StatusCode::CREATED);
+    }
+    for stream in &mut streams {
+        let event = stream
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream ended early");
+        let v: Value = serde_json::from_str(&event.data).expect("event json");
+        assert_eq!(v["revision"].as_u64(), Some(1));
+    }
+
+    // A node dies: the cluster stops answering for its slots (no replicas),
+    // and every request still succeeds, served by instances acting alone.
+    cluster.node_mut(1).kill().expect("kill a node");
+    for i in [&a, &b] {
+        eventually(
+            Duration::from_secs(20),
+            "the instance acts alone",
+            || async { i.fleet().await["fleet"]["redisUp"] == json!(false) },
+        )
+        .await;
+    }
+    for (n, chat) in chats.iter().enumerate() {
+        for k in 0..5 {
+            let user = format!("dead-{n}-{k}");
+            assert_eq!(a.join(chat, &user).await, StatusCode::CREATED);
+            assert_eq!(
+                b.join(chat, &format!("{user}-b")).await,
+                StatusCode::CREATED
+            );
+        }
+    }
+    cluster
+        .node_mut(1)
+        .restart()
+        .await
+        .expect("restart the node");
+    for chat in &chats {
+        let (count, rows) = a.count_and_rows(chat).await;
+        assert_eq!((count, rows), (11, 11));
+    }
+    // Back: every stream on B has every event, in order, and a write on A
+    // made once the cluster is whole again reaches B through it.
+    cluster.wait_ok().await.expect("cluster ok again");
+    wait_joined(&[&a, &b]).await;
+    for chat in &chats {
+        assert_eq!(a.join(chat, "back").await, StatusCode::CREATED);
+    }
+    for stream in &mut streams {
+        let mut revisions = Vec::new();
+        while revisions.last() != Some(&12) {
+            let event = stream
+                .next(Duration::from_secs(10))
+                .await
+                .expect("the stream ended early");
+            let v: Value = serde_json::from_str(&event.data).expect("event json");
+            revisions.push(v["revision"].as_u64().expect("revision"));
+        }
+        assert_eq!(revisions, (2..=12).collect::<Vec<u64>>());
+    }
+    drop(streams);
+    a.shut_down().await;
+    b.shut_down().await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_others() {
+    let redis = redis().await;
+    let prefix = unique("contention");
+    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let c = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let all = [&a, &b, &c];
+    wait_joined(&all).await;
+    let hot = unique("hammered");
+    a.put_chat(&hot).await;
+    let shard = a.shard_name(&hot).await;
+    // Quiet chats of the same shard.
+    let mut quiet = Vec::new();
+    while quiet.len() < 3 {
+        let chat = unique("quiet");
+        a.put_chat(&chat).await;
+        if a.shard_name(&chat).await == shard {
+            quiet.push(chat);
+        }
+    }
+
+    // Three instances' flushers take turns on the hot chat's row lock while
+    // the quiet chats write through the same shard.
+    let hammer = all.iter().enumerate().map(|(n, i)| {
+        let hot = &hot;
+        async move {
+            let joins = (0..150).map(|k| async move { i.join(hot, &format!("h{n}-{k}")).await });
+            futures::future::join_all(joins).await
+        }
+    });
+    let quiet_writes = async {
+        let mut statuses = Vec::new();
+        for round in 0..10 {
+            for (q, chat) in quiet.iter().enumerate() {
+                let i = all[(round + q) % 3];
+                statuses.push(i.join(chat, &format!("q{round}")).await);
+            }
+        }
+        statuses
+    };
+    let (hot_statuses, quiet_statuses) =
+        tokio::join!(futures::future::join_all(hammer), quiet_writes);
+    assert!(
+        quiet_statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "every quiet chat's write succeeded: {quiet_statuses:?}"
+    );
+    let hot_ok = hot_statuses
+        .iter()
+        .flatten()
+        .filter(|s| s.is_success())
+        .count();
+    assert!(hot_ok > 0);
+    for i in all {
+        let shards = common::admin_get(&i.http, &i.base, TOKEN, "/v1/admin/shards").await;
+        for s in shards["shards"].as_array().expect("shards") {
+            assert_eq!(s["breaker"]["state"], "CLOSED", "{s}");
+        }
+    }
+    let (count, rows) = a.count_and_rows(&hot).await;
+    assert_eq!((count, rows), (hot_ok as i64, hot_ok as i64));
+    a.shut_down().await;
+    b.shut_down().await;
+    c.shut_down().await;
+}
