@@ -293,3 +293,111 @@ async fn every_scenario_runs_and_reports() {
     }
     drop(cluster);
 }
+
+/// Two instances of a fleet whose Redis is reached through the tool's own
+/// delaying proxy: fanout streams on one and posts through the other, and a
+/// join spike spread over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_options_and_the_proxy_run() {
+    use chatshard::localdb::redis::{LocalRedis, LocalRedisOptions};
+    let cluster = LocalCluster::start_temp(2).await.expect("shards");
+    let redis = LocalRedis::start(LocalRedisOptions::temp())
+        .await
+        .expect("redis-server");
+    let proxy_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_chatshard-load"))
+        .args(["--quiet", "proxy", "--listen"])
+        .arg(proxy_addr.to_string())
+        .arg("--to")
+        .arg(format!("127.0.0.1:{}", redis.port()))
+        .args(["--delay-ms", "2", "--seconds", "120"])
+        .spawn()
+        .expect("start the proxy");
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let mut settings = cluster.settings().expect("settings");
+        settings.admin.token = TOKEN.to_owned();
+        settings.redis.url = format!("redis://{proxy_addr}/");
+        settings.redis.heartbeat_ms = 100;
+        settings.redis.instance_ttl_ms = 1000;
+        let app = App::build(&settings).await.expect("app");
+        urls.push(format!("http://{}", app.local_addr().expect("addr")));
+        tokio::spawn(async move { app.run(std::future::pending()).await });
+    }
+    // Both instances see each other through the proxy.
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for url in &urls {
+        loop {
+            let fleet: Value = http
+                .get(format!("{url}/v1/admin/fleet"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .expect("fleet")
+                .json()
+                .await
+                .expect("json");
+            if fleet["fleet"]["redisUp"] == true && fleet["fleet"]["countedInstances"] == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{fleet}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("chatshard-load-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (a, b) = (urls[0].clone(), urls[1].clone());
+    let (fanout, spike) = tokio::task::spawn_blocking(move || {
+        let fanout = run(
+            &[
+                "--url",
+                &a,
+                "--also",
+                &b,
+                "--admin-token",
+                TOKEN,
+                "fanout",
+                "--subscribers",
+                "5",
+                "--rate",
+                "20",
+                "--seconds",
+                "0.5",
+            ],
+            &dir.join("fleet-fanout.json"),
+        );
+        let spike = run(
+            &[
+                "--url",
+                &a,
+                "--also",
+                &b,
+                "--admin-token",
+                TOKEN,
+                "join-spike",
+                "--clients",
+                "4",
+                "--seconds",
+                "1",
+            ],
+            &dir.join("fleet-spike.json"),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        (fanout, spike)
+    })
+    .await
+    .expect("runs");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let f = &fanout["scenario"];
+    assert_eq!(f["crossInstance"], true, "{fanout}");
+    assert_eq!(f["streamsOpen"], 5, "{fanout}");
+    assert!(f["posted"].as_u64().unwrap_or(0) > 0, "{fanout}");
+    assert_eq!(f["delivered"], f["expected"], "{fanout}");
+    assert_eq!(spike["scenario"]["instances"], 2, "{spike}");
+    assert!(ok(&spike, "join") > 0, "{spike}");
+    drop(cluster);
+}

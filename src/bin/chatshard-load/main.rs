@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod plot;
+mod proxy;
 mod report;
 mod scenarios;
 
@@ -32,6 +33,11 @@ struct Cli {
     /// The chatshard instance.
     #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
+    /// Other instances of the same fleet (repeatable): join-spike spreads its
+    /// clients over all of them, fanout opens its streams on them and posts
+    /// through --url.
+    #[arg(long, global = true)]
+    also: Vec<String>,
     /// The admin token (lets a scenario set a chat's throttle).
     #[arg(long, env = "CHATSHARD_ADMIN_TOKEN", global = true)]
     admin_token: Option<String>,
@@ -156,6 +162,18 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// A TCP proxy that delays every chunk by --delay-ms in each direction
+    /// (a slow Redis, say), for --seconds; it records nothing.
+    Proxy {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -190,6 +208,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .build()?,
         base: cli.url.trim_end_matches('/').to_owned(),
         admin_token: cli.admin_token.clone(),
+        others: cli
+            .also
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect(),
     };
     let recorder = Recorder::new();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
@@ -321,6 +344,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             anyhow::ensure!((1..=256).contains(&writers), "--writers must be 1 to 256");
             scenarios::autoinc(&recorder, writers, seconds(s)?).await
+        }
+        Scenario::Proxy {
+            listen,
+            to,
+            delay_ms,
+            seconds: s,
+        } => {
+            anyhow::ensure!(
+                listen.ip().is_loopback() && to.ip().is_loopback(),
+                "the proxy only listens on and forwards to loopback addresses"
+            );
+            anyhow::ensure!(delay_ms <= 60_000, "--delay-ms must be at most 60000");
+            proxy::run(listen, to, Duration::from_millis(delay_ms), seconds(s)?).await
         }
         Scenario::DirectSql {
             shard_url,

@@ -21,6 +21,8 @@ pub struct Target {
     pub http: reqwest::Client,
     pub base: String,
     pub admin_token: Option<String>,
+    /// Other instances of the same fleet (`--also`).
+    pub others: Vec<String>,
 }
 
 /// Members a chat of a run takes before the run moves to a fresh chat (below
@@ -37,6 +39,25 @@ pub fn run_id(prefix: &str) -> String {
 }
 
 impl Target {
+    /// The same target at the `i`-th instance of the fleet (this one and
+    /// `--also`, in turn).
+    pub fn instance(&self, i: usize) -> Target {
+        let n = self.others.len() + 1;
+        let base = match i % n {
+            0 => self.base.clone(),
+            k => self.others[k - 1].clone(),
+        };
+        Target {
+            base,
+            ..self.clone()
+        }
+    }
+
+    /// Every instance: this one, then `--also`.
+    pub fn instances(&self) -> Vec<Target> {
+        (0..=self.others.len()).map(|i| self.instance(i)).collect()
+    }
+
     /// Creates a chat that holds up to 100,000 members.
     /// Sets one chat's overrides of a live section (`hotChat`,
     /// `joinThrottle`); needs the admin token.
@@ -59,8 +80,17 @@ impl Target {
         expect_success(request, "changing the live configuration").await
     }
 
-    /// Event-page queries this instance has sent to its shards (admin view).
+    /// Event-page queries the instances (this one and `--also`) have sent
+    /// to their shards (admin view).
     pub async fn fetch_queries(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for instance in self.instances() {
+            total += instance.fetch_queries_here().await?;
+        }
+        Ok(total)
+    }
+
+    async fn fetch_queries_here(&self) -> anyhow::Result<u64> {
         let Some(token) = &self.admin_token else {
             anyhow::bail!("--admin-token is needed to read the shard queries");
         };
@@ -231,10 +261,11 @@ pub async fn join_spike(
     let deadline = Instant::now() + duration;
     let cpu_before = service_pid.and_then(process_usage);
     recorder.mark("spike start");
+    // With --also, the clients are spread over the fleet's instances.
     let tasks: Vec<_> = (0..clients)
-        .map(|_| {
+        .map(|i| {
             let (target, recorder, chats, users) = (
-                target.clone(),
+                target.instance(i),
                 recorder.clone(),
                 chats.clone(),
                 users.clone(),
@@ -269,6 +300,7 @@ pub async fn join_spike(
         "name": "join-spike",
         "cpu": cpu,
         "clients": clients,
+        "instances": target.others.len() + 1,
         "durationSeconds": duration.as_secs_f64(),
         "joinThrottle": if target.admin_token.is_some() { json!(throttle) } else { json!("as configured") },
         "chats": chats.created().await,
@@ -607,10 +639,17 @@ pub async fn fanout(
     let opened = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
+    // With --also, the streams are opened on the other instances (spread
+    // over them) while the posts go through --url: the lag is then the
+    // fleet's, from a commit on one instance to delivery by another.
+    let stream_base = |i: usize| match target.others.len() {
+        0 => target.base.clone(),
+        n => target.others[i % n].clone(),
+    };
     let streams: Vec<_> = (0..subscribers)
-        .map(|_| {
+        .map(|i| {
             let (base, chat, recorder, opened, received, stop, quiet) = (
-                target.base.clone(),
+                stream_base(i),
                 chat.clone(),
                 recorder.clone(),
                 opened.clone(),
@@ -739,6 +778,7 @@ pub async fn fanout(
     Ok(json!({
         "name": "fanout",
         "subscribers": subscribers,
+        "crossInstance": !target.others.is_empty(),
         "muxChatsPerStream": mux_chats,
         "tailRevisionPollsTotal": polls,
         "streamsOpen": open,
