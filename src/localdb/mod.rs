@@ -117,11 +117,7 @@ pub struct LocalMariaDb {
     on_exit: OnExit,
     extra_args: Vec<String>,
     mariadbd: PathBuf,
-    /// `None` once the process has been reaped (after stop/kill or a crash).
-    server: Option<Child>,
-    /// Holds the write end of the watchdog's stdin; armed iff `server` is `Some`.
-    watchdog: Option<Child>,
-    pid: u32,
+    process: ServerProcess,
     /// Set once `data_dir` is known to be a MariaDB data dir: only then may Drop remove it
     /// (never a pre-existing non-empty dir that init refused to touch).
     owns_dir: bool,
@@ -140,36 +136,12 @@ impl LocalMariaDb {
             on_exit: opts.on_exit,
             extra_args: opts.extra_args,
             mariadbd: bins.mariadbd,
-            server: None,
-            watchdog: None,
-            pid: 0,
+            process: ServerProcess::new("mariadbd"),
             owns_dir: false,
         };
         // From here on, an error drops `db`, which cleans up according to `on_exit`.
         db.init_data_dir(&bins.install_db).await?;
-        for attempt in 1.. {
-            db.port = if opts.port == 0 {
-                free_port()?
-            } else {
-                opts.port
-            };
-            let log_offset = db.spawn_server()?;
-            let res = db.wait_ready(log_offset).await;
-            // A picked port can be grabbed by someone else before mariadbd binds it: retry.
-            let port_race = res.is_err()
-                && opts.port == 0
-                && attempt < 3
-                && db.server.is_none()
-                && db.log_since(log_offset).contains("Address already in use");
-            if !port_race {
-                return res.map(|()| db);
-            }
-            warn!(
-                port = db.port,
-                "port taken before mariadbd bound it, retrying"
-            );
-        }
-        unreachable!("the retry loop always returns")
+        db.start_on(opts.port, free_port).await
     }
 
     pub fn port(&self) -> u16 {
@@ -178,7 +150,7 @@ impl LocalMariaDb {
 
     /// Pid of the current (or last) `mariadbd` process.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.process.pid
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -202,86 +174,28 @@ impl LocalMariaDb {
 
     /// SIGTERM (resuming it if suspended) and wait for a clean exit; keeps the data.
     pub async fn stop(&mut self) -> Result<()> {
-        if self.poll_exit()? {
-            return Ok(());
-        }
-        signal(self.pid, "TERM")?;
-        signal(self.pid, "CONT")?; // a SIGSTOPped server would never see the SIGTERM
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !self.poll_exit()? {
-            if Instant::now() > deadline {
-                bail!(
-                    "mariadbd (pid {}) did not exit within {STOP_TIMEOUT:?} of SIGTERM",
-                    self.pid
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        info!(pid = self.pid, port = self.port, "mariadbd stopped");
-        Ok(())
+        self.process.stop(STOP_TIMEOUT, self.port).await
     }
 
     /// SIGKILL (works on suspended processes too) and reap it; the data dir stays.
     pub fn kill(&mut self) -> Result<()> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        if signal(self.pid, "KILL").is_err() {
-            child.kill()?; // fallback so that the wait below cannot hang
-        }
-        let waited = child.wait();
-        self.disarm_watchdog();
-        waited.map(drop).context("waiting for the killed mariadbd")
+        self.process.kill()
     }
 
     /// SIGSTOP: the server keeps its sockets open but answers nothing.
     pub fn suspend(&self) -> Result<()> {
-        self.running()?;
-        signal(self.pid, "STOP")
+        self.process.suspend()
     }
 
     /// SIGCONT after [`Self::suspend`].
     pub fn resume(&self) -> Result<()> {
-        self.running()?;
-        signal(self.pid, "CONT")
+        self.process.resume()
     }
 
     /// Start again on the same port and data dir after [`Self::stop`], [`Self::kill`] or a
     /// crash; waits until it accepts connections (InnoDB crash recovery included).
     pub async fn restart(&mut self) -> Result<()> {
-        if !self.poll_exit()? {
-            bail!(
-                "mariadbd (pid {}) is still running; stop() or kill() it first",
-                self.pid
-            );
-        }
-        let log_offset = self.spawn_server()?;
-        self.wait_ready(log_offset).await
-    }
-
-    fn running(&self) -> Result<()> {
-        match self.server {
-            Some(_) => Ok(()),
-            None => bail!("mariadbd is not running"),
-        }
-    }
-
-    /// Reaps the server if it has exited (then disarms the watchdog): `true` = not running.
-    fn poll_exit(&mut self) -> Result<bool> {
-        let Some(child) = self.server.as_mut() else {
-            return Ok(true);
-        };
-        let Some(status) = child.try_wait()? else {
-            return Ok(false);
-        };
-        info!(pid = self.pid, %status, "mariadbd exited");
-        self.server = None;
-        self.disarm_watchdog();
-        Ok(true)
-    }
-
-    fn disarm_watchdog(&mut self) {
-        disarm_watchdog(&mut self.watchdog);
+        self.respawn().await
     }
 
     async fn init_data_dir(&mut self, install_db: &Path) -> Result<()> {
@@ -372,79 +286,6 @@ impl LocalMariaDb {
         args
     }
 
-    /// Spawns mariadbd plus its watchdog; returns the error-log offset of this run.
-    fn spawn_server(&mut self) -> Result<u64> {
-        ensure_port_free(self.port)?;
-        fs::create_dir_all(scratch_path(&self.data_dir))?;
-        let log = self.data_dir.join("error.log");
-        let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        // Early failures (bad flags) go to stderr before --log-error takes over: same file.
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new(&self.mariadbd)
-            .args(self.server_args())
-            .stdin(Stdio::null())
-            .stdout(stderr.try_clone()?)
-            .stderr(stderr)
-            // Own process group: a terminal Ctrl-C reaches only us; we decide how it stops.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("spawning {}", self.mariadbd.display()))?;
-        self.pid = child.id();
-        self.server = Some(child);
-        info!(pid = self.pid, port = self.port, dir = %self.data_dir.display(), "mariadbd spawned");
-        self.watchdog = Some(spawn_watchdog(
-            "mariadbd",
-            self.pid,
-            self.on_exit,
-            &[&self.data_dir, &self.socket, &scratch_path(&self.data_dir)],
-        )?);
-        Ok(offset)
-    }
-
-    async fn wait_ready(&mut self, log_offset: u64) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let want_dir = fs::canonicalize(&self.data_dir)?;
-        let mut last_err = String::from("not reachable yet");
-        loop {
-            if self.poll_exit()? {
-                bail!(
-                    "mariadbd (pid {}, port {}) exited during startup; error.log:\n{}",
-                    self.pid,
-                    self.port,
-                    tail(&self.log_since(log_offset), 30)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "mariadbd on port {} not ready after {START_TIMEOUT:?}: {last_err}",
-                    self.port
-                );
-            }
-            match self.probe(&want_dir).await {
-                Ok(()) => break,
-                Err(e) if is_access_denied(&e) => {
-                    // install-db normally creates root@127.0.0.1 without password; if not,
-                    // fix it through the unix socket (root@localhost) and try again.
-                    last_err = format!("{e:#}");
-                    if let Err(fix) = self.allow_root_over_tcp().await {
-                        last_err = format!("{last_err}; fixing via socket: {fix:#}");
-                    }
-                }
-                Err(e) => last_err = format!("{e:#}"),
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        let mut conn = self.connect("").await?;
-        sqlx::query("CREATE DATABASE IF NOT EXISTS `chatshard`")
-            .execute(&mut conn)
-            .await?;
-        info!(pid = self.pid, port = self.port, "mariadbd ready");
-        Ok(())
-    }
-
     /// TCP connect (cheap) then a real login + ping, then check it is *our* server.
     async fn probe(&self, want_dir: &Path) -> Result<()> {
         let step = Duration::from_secs(5);
@@ -484,6 +325,74 @@ impl LocalMariaDb {
         );
         Ok(())
     }
+}
+
+impl LocalServer for LocalMariaDb {
+    fn process(&mut self) -> &mut ServerProcess {
+        &mut self.process
+    }
+
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    /// Spawns mariadbd plus its watchdog; returns the error-log offset of this run.
+    fn spawn_server(&mut self) -> Result<u64> {
+        ensure_port_free(self.port)?;
+        fs::create_dir_all(scratch_path(&self.data_dir))?;
+        let mut cmd = Command::new(&self.mariadbd);
+        cmd.args(self.server_args());
+        // Early failures (bad flags) go to the log before --log-error takes over: same file.
+        let log = self.data_dir.join("error.log");
+        let offset = self.process.spawn(&mut cmd, &log)?;
+        info!(pid = self.process.pid, port = self.port, dir = %self.data_dir.display(), "mariadbd spawned");
+        self.process.arm_watchdog(
+            self.on_exit,
+            &[&self.data_dir, &self.socket, &scratch_path(&self.data_dir)],
+        )?;
+        Ok(offset)
+    }
+
+    async fn wait_ready(&mut self, log_offset: u64) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let want_dir = fs::canonicalize(&self.data_dir)?;
+        let mut last_err = String::from("not reachable yet");
+        loop {
+            if self.process.poll_exit()? {
+                bail!(
+                    "mariadbd (pid {}, port {}) exited during startup; error.log:\n{}",
+                    self.process.pid,
+                    self.port,
+                    tail(&self.log_since(log_offset), 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mariadbd on port {} not ready after {START_TIMEOUT:?}: {last_err}",
+                    self.port
+                );
+            }
+            match self.probe(&want_dir).await {
+                Ok(()) => break,
+                Err(e) if is_access_denied(&e) => {
+                    // install-db normally creates root@127.0.0.1 without password; if not,
+                    // fix it through the unix socket (root@localhost) and try again.
+                    last_err = format!("{e:#}");
+                    if let Err(fix) = self.allow_root_over_tcp().await {
+                        last_err = format!("{last_err}; fixing via socket: {fix:#}");
+                    }
+                }
+                Err(e) => last_err = format!("{e:#}"),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let mut conn = self.connect("").await?;
+        sqlx::query("CREATE DATABASE IF NOT EXISTS `chatshard`")
+            .execute(&mut conn)
+            .await?;
+        info!(pid = self.process.pid, port = self.port, "mariadbd ready");
+        Ok(())
+    }
 
     fn log_since(&self, offset: u64) -> String {
         let log = fs::read(self.data_dir.join("error.log")).unwrap_or_default();
@@ -493,37 +402,242 @@ impl LocalMariaDb {
 
 impl Drop for LocalMariaDb {
     fn drop(&mut self) {
-        match self.on_exit {
+        self.process.finish(self.on_exit, DROP_STOP_TIMEOUT);
+        if self.on_exit == OnExit::KillAndRemove {
+            if self.owns_dir {
+                let _ = fs::remove_dir_all(&self.data_dir);
+            }
+            let _ = fs::remove_dir_all(tmp_init_path(&self.data_dir));
+            let _ = fs::remove_dir_all(scratch_path(&self.data_dir));
+            let _ = fs::remove_file(&self.socket);
+        }
+    }
+}
+
+/// What [`LocalMariaDb`] and [`redis::LocalRedis`] provide so that starting (with its
+/// port-race retries) and restarting are written once.
+trait LocalServer: Sized {
+    fn process(&mut self) -> &mut ServerProcess;
+
+    /// Sets the port the next [`Self::spawn_server`] uses.
+    fn set_port(&mut self, port: u16);
+
+    /// Spawns the server plus its watchdog; returns the log offset of this run.
+    fn spawn_server(&mut self) -> Result<u64>;
+
+    /// Waits (bounded) until the server just spawned answers, and is ours.
+    async fn wait_ready(&mut self, log_offset: u64) -> Result<()>;
+
+    /// The server's log from `offset` on.
+    fn log_since(&self, offset: u64) -> String;
+
+    /// Spawns the server on `port` (0 = one from `pick`) and waits until it is ready.
+    /// A picked port can be grabbed by someone else (or by a server starting beside
+    /// ours) before the server binds it: then it retries on another, 3 attempts in all.
+    /// An error drops `self`, which cleans up according to its [`OnExit`].
+    async fn start_on(mut self, port: u16, pick: impl Fn() -> Result<u16>) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let this_port = if port == 0 { pick()? } else { port };
+            self.set_port(this_port);
+            let log_offset = self.spawn_server()?;
+            let res = self.wait_ready(log_offset).await;
+            let port_race = res.is_err()
+                && port == 0
+                && attempt < 3
+                && self.process().child.is_none()
+                && self
+                    .log_since(log_offset)
+                    .contains("Address already in use");
+            if !port_race {
+                return res.map(|()| self);
+            }
+            warn!(
+                port = this_port,
+                "port taken before {} bound it, retrying",
+                self.process().program
+            );
+        }
+    }
+
+    /// Starts the server again (same port and dir) once its last process has exited.
+    async fn respawn(&mut self) -> Result<()> {
+        let process = self.process();
+        if !process.poll_exit()? {
+            bail!(
+                "{} (pid {}) is still running; stop() or kill() it first",
+                process.program,
+                process.pid
+            );
+        }
+        let log_offset = self.spawn_server()?;
+        self.wait_ready(log_offset).await
+    }
+}
+
+/// One server process (`mariadbd` or `redis-server`) and its watchdog, kept as the
+/// module docs say: the watchdog is armed right after the spawn and disarmed as soon as
+/// we reap the server. Dropping it while the server runs triggers the watchdog.
+#[derive(Debug)]
+struct ServerProcess {
+    /// Names the program in logs and errors.
+    program: &'static str,
+    /// `None` once the process has been reaped (after stop/kill or a crash).
+    child: Option<Child>,
+    /// Holds the write end of the watchdog's stdin; armed iff `child` is `Some`.
+    watchdog: Option<Child>,
+    /// Pid of the current (or last) process.
+    pid: u32,
+}
+
+impl ServerProcess {
+    fn new(program: &'static str) -> Self {
+        Self {
+            program,
+            child: None,
+            watchdog: None,
+            pid: 0,
+        }
+    }
+
+    /// Spawns `cmd` with stdin closed and stdout and stderr appended to `log`; returns
+    /// the length `log` had before, where the output of this run starts. Call
+    /// [`Self::arm_watchdog`] next.
+    fn spawn(&mut self, cmd: &mut Command, log: &Path) -> Result<u64> {
+        let offset = fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Own process group: a terminal Ctrl-C reaches only us; we decide how it stops.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("spawning {}", Path::new(cmd.get_program()).display()))?;
+        self.pid = child.id();
+        self.child = Some(child);
+        Ok(offset)
+    }
+
+    /// Spawns the watchdog of the process just spawned (see [`spawn_watchdog`]).
+    fn arm_watchdog(&mut self, on_exit: OnExit, remove: &[&Path]) -> Result<()> {
+        self.watchdog = Some(spawn_watchdog(self.program, self.pid, on_exit, remove)?);
+        Ok(())
+    }
+
+    /// SIGTERM (resuming it if suspended) and wait at most `timeout` for it to exit
+    /// (`port` is only logged).
+    async fn stop(&mut self, timeout: Duration, port: u16) -> Result<()> {
+        if self.poll_exit()? {
+            return Ok(());
+        }
+        signal(self.pid, "TERM")?;
+        signal(self.pid, "CONT")?; // a SIGSTOPped server would never see the SIGTERM
+        let deadline = Instant::now() + timeout;
+        while !self.poll_exit()? {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} (pid {}) did not exit within {timeout:?} of SIGTERM",
+                    self.program,
+                    self.pid
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        info!(pid = self.pid, port, "{} stopped", self.program);
+        Ok(())
+    }
+
+    /// SIGKILL (works on suspended processes too) and reap it.
+    fn kill(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if signal(self.pid, "KILL").is_err() {
+            child.kill()?; // fallback so that the wait below cannot hang
+        }
+        let waited = child.wait();
+        self.disarm_watchdog();
+        waited
+            .map(drop)
+            .with_context(|| format!("waiting for the killed {}", self.program))
+    }
+
+    /// SIGSTOP: the server keeps its sockets open but answers nothing.
+    fn suspend(&self) -> Result<()> {
+        self.running()?;
+        signal(self.pid, "STOP")
+    }
+
+    /// SIGCONT after [`Self::suspend`].
+    fn resume(&self) -> Result<()> {
+        self.running()?;
+        signal(self.pid, "CONT")
+    }
+
+    fn running(&self) -> Result<()> {
+        match self.child {
+            Some(_) => Ok(()),
+            None => bail!("{} is not running", self.program),
+        }
+    }
+
+    /// Reaps the server if it has exited (then disarms the watchdog): `true` = not running.
+    fn poll_exit(&mut self) -> Result<bool> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(true);
+        };
+        let Some(status) = child.try_wait()? else {
+            return Ok(false);
+        };
+        info!(pid = self.pid, %status, "{} exited", self.program);
+        self.child = None;
+        self.disarm_watchdog();
+        Ok(true)
+    }
+
+    /// For the owner's Drop, which cannot report errors: applies `on_exit` now, as the
+    /// watchdog would, but waits at most `timeout` for a clean shutdown.
+    fn finish(&mut self, on_exit: OnExit, timeout: Duration) {
+        match on_exit {
             OnExit::KillAndRemove => {
                 if let Err(e) = self.kill() {
-                    warn!(pid = self.pid, "killing mariadbd: {e:#}");
-                }
-                if self.owns_dir {
-                    let _ = fs::remove_dir_all(&self.data_dir);
-                }
-                let _ = fs::remove_dir_all(tmp_init_path(&self.data_dir));
-                let _ = fs::remove_dir_all(scratch_path(&self.data_dir));
-                let _ = fs::remove_file(&self.socket);
-            }
-            OnExit::Shutdown => {
-                if matches!(self.poll_exit(), Ok(true)) {
-                    return;
-                }
-                let _ = signal(self.pid, "TERM");
-                let _ = signal(self.pid, "CONT");
-                let deadline = Instant::now() + DROP_STOP_TIMEOUT;
-                while !matches!(self.poll_exit(), Ok(true) | Err(_)) && Instant::now() < deadline {
-                    std::thread::sleep(POLL);
-                }
-                if self.server.is_some() {
-                    // Still shutting down: dropping the watchdog closes its pipe, and it
-                    // keeps waiting for the server after we are gone.
-                    warn!(
-                        pid = self.pid,
-                        "mariadbd still shutting down; leaving it to the watchdog"
-                    );
+                    warn!(pid = self.pid, "killing {}: {e:#}", self.program);
                 }
             }
+            OnExit::Shutdown => self.shutdown_within(timeout),
+        }
+    }
+
+    /// SIGTERM (and SIGCONT) and wait at most `timeout` for the exit; if it has not
+    /// exited by then, the watchdog finishes the job once we are gone.
+    fn shutdown_within(&mut self, timeout: Duration) {
+        if matches!(self.poll_exit(), Ok(true)) {
+            return;
+        }
+        let _ = signal(self.pid, "TERM");
+        let _ = signal(self.pid, "CONT");
+        let deadline = Instant::now() + timeout;
+        while !matches!(self.poll_exit(), Ok(true) | Err(_)) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        if self.child.is_some() {
+            // Still shutting down: dropping the watchdog closes its pipe, and it
+            // keeps waiting for the server after we are gone.
+            warn!(
+                pid = self.pid,
+                "{} still shutting down; leaving it to the watchdog", self.program
+            );
+        }
+    }
+
+    /// Kills the watchdog *before* its stdin closes (which would trigger it), then reaps
+    /// it: called as soon as we have reaped its server, so it can never signal a reused pid.
+    fn disarm_watchdog(&mut self) {
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
         }
     }
 }
@@ -550,15 +664,6 @@ fn spawn_watchdog(name: &str, pid: u32, on_exit: OnExit, remove: &[&Path]) -> Re
         .process_group(0);
     cmd.spawn()
         .with_context(|| format!("spawning the {name} watchdog (sh)"))
-}
-
-/// Kills the watchdog *before* its stdin closes (which would trigger it), then reaps it:
-/// called as soon as we have reaped its server, so it can never signal a reused pid.
-fn disarm_watchdog(watchdog: &mut Option<Child>) {
-    if let Some(mut w) = watchdog.take() {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
 }
 
 /// Finds `mariadbd`; installs `mariadb-server` with apt-get if missing and we are root.

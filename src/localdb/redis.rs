@@ -18,9 +18,8 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,8 +29,8 @@ use tracing::{info, warn};
 
 use super::cluster::Location;
 use super::{
-    OnExit, POLL, disarm_watchdog, ensure_port_free, find_or_install, find_program, free_port,
-    signal, spawn_watchdog, tail,
+    LocalServer, OnExit, POLL, ServerProcess, ensure_port_free, find_or_install, find_program,
+    free_port, tail,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -130,11 +129,7 @@ pub struct LocalRedis {
     extra_args: Vec<String>,
     cluster: bool,
     redis_server: PathBuf,
-    /// `None` once the process has been reaped (after stop/kill or a crash).
-    server: Option<Child>,
-    /// Holds the write end of the watchdog's stdin; armed iff `server` is `Some`.
-    watchdog: Option<Child>,
-    pid: u32,
+    process: ServerProcess,
     /// Set once `dir` is known to be ours (created, empty, or holding our `redis.log`):
     /// only then may Drop remove it.
     owns_dir: bool,
@@ -152,40 +147,14 @@ impl LocalRedis {
             extra_args: opts.extra_args,
             cluster: opts.cluster,
             redis_server,
-            server: None,
-            watchdog: None,
-            pid: 0,
+            process: ServerProcess::new("redis-server"),
             owns_dir: false,
         };
         // From here on, an error drops `redis`, which cleans up according to `on_exit`.
         redis.prepare_dir()?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            redis.port = if opts.port == 0 {
-                pick_port(opts.cluster)?
-            } else {
-                opts.port
-            };
-            let log_offset = redis.spawn_server()?;
-            let res = redis.wait_ready(log_offset).await;
-            // A picked port (or bus port) can be grabbed by someone else, or by a node
-            // starting beside us, before redis-server binds it: retry.
-            let port_race = res.is_err()
-                && opts.port == 0
-                && attempt < 3
-                && redis.server.is_none()
-                && redis
-                    .log_since(log_offset)
-                    .contains("Address already in use");
-            if !port_race {
-                return res.map(|()| redis);
-            }
-            warn!(
-                port = redis.port,
-                "port taken before redis-server bound it, retrying"
-            );
-        }
+        // A picked bus port can be taken too (start_on retries on another port then).
+        let cluster = opts.cluster;
+        redis.start_on(opts.port, move || pick_port(cluster)).await
     }
 
     pub fn port(&self) -> u16 {
@@ -194,7 +163,7 @@ impl LocalRedis {
 
     /// Pid of the current (or last) `redis-server` process.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.process.pid
     }
 
     pub fn dir(&self) -> &Path {
@@ -216,64 +185,29 @@ impl LocalRedis {
 
     /// SIGTERM (resuming it if suspended) and wait for it to exit; keeps the dir.
     pub async fn stop(&mut self) -> Result<()> {
-        if self.poll_exit()? {
-            return Ok(());
-        }
-        signal(self.pid, "TERM")?;
-        signal(self.pid, "CONT")?; // a SIGSTOPped server would never see the SIGTERM
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !self.poll_exit()? {
-            if Instant::now() > deadline {
-                bail!(
-                    "redis-server (pid {}) did not exit within {STOP_TIMEOUT:?} of SIGTERM",
-                    self.pid
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        info!(pid = self.pid, port = self.port, "redis-server stopped");
-        Ok(())
+        self.process.stop(STOP_TIMEOUT, self.port).await
     }
 
     /// SIGKILL (works on suspended processes too) and reap it; the dir stays.
     pub fn kill(&mut self) -> Result<()> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        if signal(self.pid, "KILL").is_err() {
-            child.kill()?; // fallback so that the wait below cannot hang
-        }
-        let waited = child.wait();
-        disarm_watchdog(&mut self.watchdog);
-        waited
-            .map(drop)
-            .context("waiting for the killed redis-server")
+        self.process.kill()
     }
 
     /// SIGSTOP: the server keeps its sockets open but answers nothing.
     pub fn suspend(&self) -> Result<()> {
-        self.running()?;
-        signal(self.pid, "STOP")
+        self.process.suspend()
     }
 
     /// SIGCONT after [`Self::suspend`].
     pub fn resume(&self) -> Result<()> {
-        self.running()?;
-        signal(self.pid, "CONT")
+        self.process.resume()
     }
 
     /// Start again on the same port and dir after [`Self::stop`], [`Self::kill`] or a
     /// crash (a cluster node keeps its `nodes.conf`, so it rejoins its cluster); waits
     /// until it answers `PING`.
     pub async fn restart(&mut self) -> Result<()> {
-        if !self.poll_exit()? {
-            bail!(
-                "redis-server (pid {}) is still running; stop() or kill() it first",
-                self.pid
-            );
-        }
-        let log_offset = self.spawn_server()?;
-        self.wait_ready(log_offset).await
+        self.respawn().await
     }
 
     /// `CLUSTER INFO` of this node (`cluster_state:ok`, ...).
@@ -285,27 +219,6 @@ impl LocalRedis {
             [Reply::Bulk(Some(info))] => Ok(String::from_utf8_lossy(info).into_owned()),
             other => bail!("CLUSTER INFO on port {} answered {other:?}", self.port),
         }
-    }
-
-    fn running(&self) -> Result<()> {
-        match self.server {
-            Some(_) => Ok(()),
-            None => bail!("redis-server is not running"),
-        }
-    }
-
-    /// Reaps the server if it has exited (then disarms the watchdog): `true` = not running.
-    fn poll_exit(&mut self) -> Result<bool> {
-        let Some(child) = self.server.as_mut() else {
-            return Ok(true);
-        };
-        let Some(status) = child.try_wait()? else {
-            return Ok(false);
-        };
-        info!(pid = self.pid, %status, "redis-server exited");
-        self.server = None;
-        disarm_watchdog(&mut self.watchdog);
-        Ok(true)
     }
 
     /// Creates `dir`, or accepts it if empty or ours from an earlier run.
@@ -364,6 +277,40 @@ impl LocalRedis {
         args
     }
 
+    /// `PING` answered `+PONG`, by *our* server (`process_id` of `INFO server`).
+    async fn probe(&self) -> Result<()> {
+        let replies = command(self.port, &[&["PING"], &["INFO", "server"]]).await?;
+        let [Reply::Simple(pong), Reply::Bulk(Some(info))] = replies.as_slice() else {
+            bail!("PING / INFO on port {} answered {replies:?}", self.port);
+        };
+        if pong != "PONG" {
+            bail!("PING on port {} answered {pong:?}", self.port);
+        }
+        let info = String::from_utf8_lossy(info);
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .map(str::trim);
+        if pid != Some(self.process.pid.to_string().as_str()) {
+            bail!(
+                "port {} is served by another redis-server (process_id {})",
+                self.port,
+                pid.unwrap_or("unknown")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl LocalServer for LocalRedis {
+    fn process(&mut self) -> &mut ServerProcess {
+        &mut self.process
+    }
+
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
     /// Spawns redis-server plus its watchdog; returns the log offset of this run.
     fn spawn_server(&mut self) -> Result<u64> {
         ensure_port_free(self.port)?;
@@ -371,31 +318,12 @@ impl LocalRedis {
             ensure_port_free(bus_port(self.port)?)?;
         }
         fs::create_dir_all(&self.dir)?;
-        let log = self.dir.join(LOG);
-        let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        // Early failures (bad arguments) go to stderr before --logfile takes over: same file.
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new(&self.redis_server)
-            .args(self.server_args())
-            .stdin(Stdio::null())
-            .stdout(stderr.try_clone()?)
-            .stderr(stderr)
-            // Own process group: a terminal Ctrl-C reaches only us; we decide how it stops.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("spawning {}", self.redis_server.display()))?;
-        self.pid = child.id();
-        self.server = Some(child);
-        info!(pid = self.pid, port = self.port, dir = %self.dir.display(), "redis-server spawned");
-        self.watchdog = Some(spawn_watchdog(
-            "redis-server",
-            self.pid,
-            self.on_exit,
-            &[&self.dir],
-        )?);
+        let mut cmd = Command::new(&self.redis_server);
+        cmd.args(self.server_args());
+        // Early failures (bad arguments) go to the log before --logfile takes over: same file.
+        let offset = self.process.spawn(&mut cmd, &self.dir.join(LOG))?;
+        info!(pid = self.process.pid, port = self.port, dir = %self.dir.display(), "redis-server spawned");
+        self.process.arm_watchdog(self.on_exit, &[&self.dir])?;
         Ok(offset)
     }
 
@@ -403,10 +331,10 @@ impl LocalRedis {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last_err = String::from("not reachable yet");
         loop {
-            if self.poll_exit()? {
+            if self.process.poll_exit()? {
                 bail!(
                     "redis-server (pid {}, port {}) exited during startup; {LOG}:\n{}",
-                    self.pid,
+                    self.process.pid,
                     self.port,
                     tail(&self.log_since(log_offset), 30)
                 );
@@ -423,31 +351,11 @@ impl LocalRedis {
             }
             tokio::time::sleep(POLL).await;
         }
-        info!(pid = self.pid, port = self.port, "redis-server ready");
-        Ok(())
-    }
-
-    /// `PING` answered `+PONG`, by *our* server (`process_id` of `INFO server`).
-    async fn probe(&self) -> Result<()> {
-        let replies = command(self.port, &[&["PING"], &["INFO", "server"]]).await?;
-        let [Reply::Simple(pong), Reply::Bulk(Some(info))] = replies.as_slice() else {
-            bail!("PING / INFO on port {} answered {replies:?}", self.port);
-        };
-        if pong != "PONG" {
-            bail!("PING on port {} answered {pong:?}", self.port);
-        }
-        let info = String::from_utf8_lossy(info);
-        let pid = info
-            .lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .map(str::trim);
-        if pid != Some(self.pid.to_string().as_str()) {
-            bail!(
-                "port {} is served by another redis-server (process_id {})",
-                self.port,
-                pid.unwrap_or("unknown")
-            );
-        }
+        info!(
+            pid = self.process.pid,
+            port = self.port,
+            "redis-server ready"
+        );
         Ok(())
     }
 
@@ -460,34 +368,9 @@ impl LocalRedis {
 
 impl Drop for LocalRedis {
     fn drop(&mut self) {
-        match self.on_exit {
-            OnExit::KillAndRemove => {
-                if let Err(e) = self.kill() {
-                    warn!(pid = self.pid, "killing redis-server: {e:#}");
-                }
-                if self.owns_dir {
-                    let _ = fs::remove_dir_all(&self.dir);
-                }
-            }
-            OnExit::Shutdown => {
-                if matches!(self.poll_exit(), Ok(true)) {
-                    return;
-                }
-                let _ = signal(self.pid, "TERM");
-                let _ = signal(self.pid, "CONT");
-                let deadline = Instant::now() + DROP_STOP_TIMEOUT;
-                while !matches!(self.poll_exit(), Ok(true) | Err(_)) && Instant::now() < deadline {
-                    std::thread::sleep(POLL);
-                }
-                if self.server.is_some() {
-                    // Still shutting down: dropping the watchdog closes its pipe, and it
-                    // keeps waiting for the server after we are gone.
-                    warn!(
-                        pid = self.pid,
-                        "redis-server still shutting down; leaving it to the watchdog"
-                    );
-                }
-            }
+        self.process.finish(self.on_exit, DROP_STOP_TIMEOUT);
+        if self.on_exit == OnExit::KillAndRemove && self.owns_dir {
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -810,9 +693,7 @@ mod tests {
             extra_args: vec!["--maxmemory".into(), "10mb".into()],
             cluster: opts.cluster,
             redis_server: PathBuf::from("redis-server"),
-            server: None,
-            watchdog: None,
-            pid: 0,
+            process: ServerProcess::new("redis-server"),
             owns_dir: false,
         };
         let args: Vec<String> = redis
@@ -865,9 +746,7 @@ mod tests {
             extra_args: vec![],
             cluster: false,
             redis_server: PathBuf::from("redis-server"),
-            server: None,
-            watchdog: None,
-            pid: 0,
+            process: ServerProcess::new("redis-server"),
             owns_dir: false,
         };
         let err = redis.prepare_dir().unwrap_err().to_string();
