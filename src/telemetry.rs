@@ -196,23 +196,28 @@ impl LogFormat {
 /// Installs logging to stderr (format from `CHATSHARD_LOG_FORMAT`) and, when an
 /// endpoint is configured, the OpenTelemetry layer. Once per process.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TracingGuard> {
+    use std::io::IsTerminal as _;
     init_with_writer(
         settings,
         LogFormat::from_env(),
         BoxMakeWriter::new(std::io::stderr),
+        std::io::stderr().is_terminal(),
     )
 }
 
-/// [`init`] with the log format and destination given.
+/// [`init`] with the log format and destination given; `ansi`: colours in
+/// text logs (off anyway when `NO_COLOR` is set).
 pub fn init_with_writer(
     settings: &TelemetrySettings,
     format: LogFormat,
     writer: BoxMakeWriter,
+    ansi: bool,
 ) -> anyhow::Result<TracingGuard> {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = ansi && std::env::var_os("NO_COLOR").is_none();
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -220,7 +225,11 @@ pub fn init_with_writer(
             .with_writer(writer)
             .with_filter(filter())
             .boxed(),
+        // Colours only for a terminal: escape codes in a log file or a
+        // journal are noise, and styling every span field costs CPU on every
+        // request.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
             .with_writer(writer)
             .with_filter(filter())
             .boxed(),

@@ -160,6 +160,7 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
         &settings.telemetry,
         chatshard::telemetry::LogFormat::Json,
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(logs.clone()),
+        false,
     )
     .unwrap();
     assert!(tracing.exporting());
