@@ -111,7 +111,49 @@ impl Instance {
     }
 
     async fn fleet(&self) -> Value {
-        common::admin_get(&self.http, &self.base, TOKEN, "/v1/admin/fleet").await
+        self.admin_get("/v1/admin/fleet").await
+    }
+
+    async fn admin_get(&self, path: &str) -> Value {
+        common::admin_get(&self.http, &self.base, TOKEN, path).await
+    }
+
+    /// A merge patch of the live configuration; the answer's body.
+    async fn patch_config(&self, patch: &str) -> Value {
+        let r = common::admin(
+            &self.http,
+            &self.base,
+            TOKEN,
+            reqwest::Method::PATCH,
+            "/v1/admin/config",
+        )
+        .header("content-type", "application/merge-patch+json")
+        .body(patch.to_owned())
+        .send()
+        .await
+        .expect("patch");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("json")
+    }
+
+    /// The chat's event stream from `after`.
+    async fn stream(&self, chat: &str, after: u64) -> common::SseReader {
+        common::SseReader::open(
+            &self.http,
+            &self.base,
+            &format!("/v1/chats/{chat}/events/stream?after={after}"),
+            None,
+        )
+        .await
+        .unwrap_or_else(|r| panic!("stream refused: {}", r.status()))
+    }
+
+    /// Waits until Redis confirmed at least `n` chat subscriptions.
+    async fn wait_subscribed(&self, n: u64) {
+        eventually(Duration::from_secs(10), "chats followed", || async {
+            self.fleet().await["fleet"]["subscribedChats"].as_u64() >= Some(n)
+        })
+        .await;
     }
 
     async fn put_chat(&self, chat: &str) {
@@ -175,6 +217,16 @@ async fn wait_joined(instances: &[&Instance]) {
     }
 }
 
+/// The revision of the stream's next event.
+async fn next_revision(stream: &mut common::SseReader) -> u64 {
+    let event = stream
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the stream ended early");
+    let v: Value = serde_json::from_str(&event.data).expect("event json");
+    v["revision"].as_u64().expect("revision")
+}
+
 async fn redis() -> LocalRedis {
     LocalRedis::start(LocalRedisOptions::temp())
         .await
@@ -191,20 +243,8 @@ async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
     let chat = unique("n");
     a.put_chat(&chat).await;
 
-    let mut stream = common::SseReader::open(
-        &b.http,
-        &b.base,
-        &format!("/v1/chats/{chat}/events/stream?after=0"),
-        None,
-    )
-    .await
-    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
-    eventually(Duration::from_secs(10), "B follows the chat", || async {
-        b.fleet().await["fleet"]["subscribedChats"]
-            .as_u64()
-            .is_some_and(|n| n >= 1)
-    })
-    .await;
+    let mut stream = b.stream(&chat, 0).await;
+    b.wait_subscribed(1).await;
 
     // Four writers on A, 25 posts each, concurrently.
     for w in 0..4 {
@@ -283,15 +323,11 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
             .as_array()
             .is_some_and(|l| l.iter().any(|h| h["chatId"] == json!(chat)))
     };
-    assert!(listed(
-        common::admin_get(&a.http, &a.base, TOKEN, "/v1/admin/hot-chats").await
-    ));
+    assert!(listed(a.admin_get("/v1/admin/hot-chats").await));
     eventually(
         Duration::from_secs(5),
         "B lists the chat as hot",
-        || async {
-            listed(common::admin_get(&b.http, &b.base, TOKEN, "/v1/admin/hot-chats").await)
-        },
+        || async { listed(b.admin_get("/v1/admin/hot-chats").await) },
     )
     .await;
     // B wrote nothing to the chat, yet throttles its fetches.
@@ -371,45 +407,19 @@ async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
     let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
     wait_joined(&[&a, &b]).await;
 
-    let r = common::admin(
-        &a.http,
-        &a.base,
-        TOKEN,
-        reqwest::Method::PATCH,
-        "/v1/admin/config",
-    )
-    .header("content-type", "application/merge-patch+json")
-    .body(r#"{"joinThrottle":{"limit":1234}}"#)
-    .send()
-    .await
-    .expect("patch");
-    assert_eq!(r.status(), StatusCode::OK);
-    let changed: Value = r.json().await.expect("json");
+    let changed = a.patch_config(r#"{"joinThrottle":{"limit":1234}}"#).await;
     let version = changed["version"].as_u64().expect("version");
     eventually(Duration::from_secs(5), "B serves A's change", || async {
-        let c = common::admin_get(&b.http, &b.base, TOKEN, "/v1/admin/config").await;
+        let c = b.admin_get("/v1/admin/config").await;
         c["config"]["joinThrottle"]["limit"] == json!(1234) && c["version"] == json!(version)
     })
     .await;
 
     // A second change, on B this time: the version keeps growing fleet-wide.
-    let r = common::admin(
-        &b.http,
-        &b.base,
-        TOKEN,
-        reqwest::Method::PATCH,
-        "/v1/admin/config",
-    )
-    .header("content-type", "application/merge-patch+json")
-    .body(r#"{"joinThrottle":{"limit":77}}"#)
-    .send()
-    .await
-    .expect("patch");
-    assert_eq!(r.status(), StatusCode::OK);
-    let second: Value = r.json().await.expect("json");
+    let second = b.patch_config(r#"{"joinThrottle":{"limit":77}}"#).await;
     assert!(second["version"].as_u64() > Some(version));
     eventually(Duration::from_secs(5), "A serves B's change", || async {
-        let c = common::admin_get(&a.http, &a.base, TOKEN, "/v1/admin/config").await;
+        let c = a.admin_get("/v1/admin/config").await;
         c["config"]["joinThrottle"]["limit"] == json!(77) && c["version"] == second["version"]
     })
     .await;
@@ -420,7 +430,7 @@ async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
         Duration::from_secs(5),
         "a new instance adopts it",
         || async {
-            let conf = common::admin_get(&c.http, &c.base, TOKEN, "/v1/admin/config").await;
+            let conf = c.admin_get("/v1/admin/config").await;
             conf["config"]["joinThrottle"]["limit"] == json!(77)
         },
     )
@@ -507,14 +517,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     );
 
     // Notices flow again: a stream on B hears a write on A.
-    let mut stream = common::SseReader::open(
-        &b.http,
-        &b.base,
-        &format!("/v1/chats/{chat}/events/stream?after={joined}"),
-        None,
-    )
-    .await
-    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    let mut stream = b.stream(&chat, joined).await;
     eventually(
         Duration::from_secs(10),
         "B follows the chat again",
@@ -526,12 +529,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     )
     .await;
     assert_eq!(a.post(&chat, "a-0", "after").await, StatusCode::CREATED);
-    let event = stream
-        .next(Duration::from_secs(10))
-        .await
-        .expect("the stream ended early");
-    let v: Value = serde_json::from_str(&event.data).expect("event json");
-    assert_eq!(v["revision"].as_u64(), Some(joined + 1));
+    assert_eq!(next_revision(&mut stream).await, joined + 1);
     assert!(a.fleet().await["fleet"]["counters"]["outages"].as_u64() >= Some(1));
     drop(stream);
     a.shut_down().await;
@@ -558,30 +556,15 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     let mut streams = Vec::new();
     for chat in &chats {
         a.put_chat(chat).await;
-        let stream = common::SseReader::open(
-            &b.http,
-            &b.base,
-            &format!("/v1/chats/{chat}/events/stream?after=0"),
-            None,
-        )
-        .await
-        .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+        let stream = b.stream(chat, 0).await;
         streams.push(stream);
     }
-    eventually(Duration::from_secs(10), "B follows every chat", || async {
-        b.fleet().await["fleet"]["subscribedChats"].as_u64() >= Some(chats.len() as u64)
-    })
-    .await;
+    b.wait_subscribed(chats.len() as u64).await;
     for chat in &chats {
         assert_eq!(a.join(chat, "u1").await, StatusCode::CREATED);
     }
     for stream in &mut streams {
-        let event = stream
-            .next(Duration::from_secs(10))
-            .await
-            .expect("the stream ended early");
-        let v: Value = serde_json::from_str(&event.data).expect("event json");
-        assert_eq!(v["revision"].as_u64(), Some(1));
+        assert_eq!(next_revision(stream).await, 1);
     }
 
     // A node dies: the cluster stops answering for its slots (no replicas),
@@ -624,12 +607,7 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     for stream in &mut streams {
         let mut revisions = Vec::new();
         while revisions.last() != Some(&12) {
-            let event = stream
-                .next(Duration::from_secs(10))
-                .await
-                .expect("the stream ended early");
-            let v: Value = serde_json::from_str(&event.data).expect("event json");
-            revisions.push(v["revision"].as_u64().expect("revision"));
+            revisions.push(next_revision(stream).await);
         }
         assert_eq!(revisions, (2..=12).collect::<Vec<u64>>());
     }
@@ -693,7 +671,7 @@ async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_
         .count();
     assert!(hot_ok > 0);
     for i in all {
-        let shards = common::admin_get(&i.http, &i.base, TOKEN, "/v1/admin/shards").await;
+        let shards = i.admin_get("/v1/admin/shards").await;
         for s in shards["shards"].as_array().expect("shards") {
             assert_eq!(s["breaker"]["state"], "CLOSED", "{s}");
         }
