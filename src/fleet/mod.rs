@@ -52,6 +52,7 @@ use crate::service::Event;
 use crate::service::tail::{TailObserver, Tails};
 use crate::shard::Breaker;
 use crate::throttle::Throttle;
+use crate::throttle::join::JoinDecision;
 
 /// Registers the instance and returns the live ones: `KEYS` the registry and
 /// the info hash; `ARGV` id, ttl (ms), info JSON.
@@ -375,10 +376,10 @@ impl Fleet {
     }
 
     /// Charges one join (admitted locally) to the chat's global limit: from
-    /// this instance's lease, never waiting for Redis. `None` = admitted.
-    pub fn admit_join(self: &Arc<Self>, chat: &ChatId, rule: JoinRule) -> Option<u64> {
+    /// this instance's lease, never waiting for Redis.
+    pub fn admit_join(self: &Arc<Self>, chat: &ChatId, rule: JoinRule) -> JoinDecision {
         if !rule.enabled || !self.is_up() {
-            return None;
+            return JoinDecision::Admit;
         }
         let batch = leases::batch(
             rule.limit,
@@ -392,13 +393,12 @@ impl Fleet {
             tokio::spawn(async move { fleet.ask_lease(chat, rule, ask).await });
         }
         match take {
-            leases::Take::Admit => None,
+            leases::Take::Admit => JoinDecision::Admit,
+            leases::Take::Refuse { retry_after_secs } if rule.dry_run => {
+                JoinDecision::DryRunThrottle { retry_after_secs }
+            }
             leases::Take::Refuse { retry_after_secs } => {
-                if rule.dry_run {
-                    None
-                } else {
-                    Some(retry_after_secs)
-                }
+                JoinDecision::Throttle { retry_after_secs }
             }
         }
     }

@@ -194,9 +194,19 @@ impl ChatService {
         if let JoinDecision::Throttle { retry_after_secs } = decision {
             return Err(ServiceError::JoinThrottled { retry_after_secs });
         }
-        if let Some(retry_after_secs) = self.fleet.as_ref().and_then(|f| f.admit_join(chat, rule)) {
-            Decisions::bump(&self.throttle.decisions.joins_throttled);
-            return Err(ServiceError::JoinThrottled { retry_after_secs });
+        let global = self
+            .fleet
+            .as_ref()
+            .map_or(JoinDecision::Admit, |f| f.admit_join(chat, rule));
+        match global {
+            JoinDecision::Admit => {}
+            JoinDecision::DryRunThrottle { .. } => {
+                Decisions::bump(&self.throttle.decisions.joins_throttled_dry_run);
+            }
+            JoinDecision::Throttle { retry_after_secs } => {
+                Decisions::bump(&self.throttle.decisions.joins_throttled);
+                return Err(ServiceError::JoinThrottled { retry_after_secs });
+            }
         }
         match self
             .write(chat, WriteOp::Join { user: user.clone() })
