@@ -147,8 +147,11 @@ struct Health {
 
 /// Something to publish.
 struct Outgoing {
-    channel: String,
-    payload: Vec<u8>,
+    /// The channel or key the command names: commands of one key keep their
+    /// order (and share a slot in a cluster).
+    key: String,
+    /// A `PUBLISH` (or `SPUBLISH`), or another command sent in the same order.
+    cmd: redis::Cmd,
     /// Counted as a notice (else a fleet message).
     notice: bool,
 }
@@ -328,9 +331,10 @@ impl Fleet {
         else {
             return;
         };
+        let channel = self.names.chat_channel(chat);
         self.send(Outgoing {
-            channel: self.names.chat_channel(chat),
-            payload,
+            cmd: self.conn.publish_cmd(&channel, &payload),
+            key: channel,
             notice: true,
         });
     }
@@ -347,11 +351,53 @@ impl Fleet {
         };
         if let Ok(payload) = serde_json::to_vec(&message) {
             bump(&self.counters.hot_marks_sent);
+            // Kept too, for the instances that start while it lasts.
+            let until = Utc::now().timestamp_millis() + i64::try_from(expires_in_ms).unwrap_or(0);
+            let mut keep = redis::cmd("ZADD");
+            keep.arg(self.names.hot())
+                .arg("GT")
+                .arg(until)
+                .arg(chat.as_str());
+            // Both under the `{fleet}` tag: one slot, one order.
             self.send(Outgoing {
-                channel: self.names.bus(),
-                payload,
+                cmd: keep,
+                key: self.names.bus(),
                 notice: false,
             });
+            self.send(Outgoing {
+                cmd: self.conn.publish_cmd(&self.names.bus(), &payload),
+                key: self.names.bus(),
+                notice: false,
+            });
+        }
+    }
+
+    /// Marks the chats the fleet holds hot (this instance was away, or just
+    /// started); forgets the expired ones.
+    async fn load_hot_marks(&self) {
+        let now = Utc::now().timestamp_millis();
+        let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+        prune.arg(self.names.hot()).arg("-inf").arg(now);
+        let mut conn = self.conn.clone();
+        let _: Option<u64> = self
+            .call("prune hot marks", prune.query_async(&mut conn))
+            .await;
+        let mut read = redis::cmd("ZRANGE");
+        read.arg(self.names.hot()).arg(0).arg(-1).arg("WITHSCORES");
+        let mut conn = self.conn.clone();
+        let Some(marks) = self
+            .call::<Vec<(String, f64)>>("read hot marks", read.query_async(&mut conn))
+            .await
+        else {
+            return;
+        };
+        for (chat, until) in marks {
+            let left = until as i64 - now;
+            if let (Ok(chat), Ok(left)) = (ChatId::parse(&chat), u64::try_from(left))
+                && left > 0
+            {
+                self.throttle.hot.mark(&chat, left);
+            }
         }
     }
 
@@ -578,6 +624,7 @@ impl Fleet {
             tails.distrust_all();
         }
         tracing::info!(chats, "Redis answers: this instance is part of the fleet");
+        self.load_hot_marks().await;
         self.reconcile_config().await;
     }
 
@@ -622,8 +669,11 @@ impl Fleet {
         }
     }
 
-    /// Sends queued notices and messages, pipelined, in order.
+    /// Sends queued notices and messages, pipelined, in order per key. A
+    /// cluster takes a pipeline only within one slot, so there each key's
+    /// commands are a pipeline of their own, 64 keys at a time.
     async fn publish(fleet: std::sync::Weak<Self>, mut rx: mpsc::Receiver<Outgoing>) {
+        use futures_util::StreamExt;
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
             let Some(f) = fleet.upgrade() else { return };
@@ -635,21 +685,44 @@ impl Fleet {
                 batch.clear();
                 continue;
             }
-            let mut pipe = redis::pipe();
-            for out in &batch {
-                pipe.add_command(f.conn.publish_cmd(&out.channel, &out.payload))
-                    .ignore();
-            }
-            let notices = batch.iter().filter(|o| o.notice).count() as u64;
-            let mut conn = f.conn.clone();
-            let sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
-            let counter = if sent.is_some() {
-                &f.counters.notices_sent
+            let mut groups: Vec<(u64, redis::Pipeline)> = Vec::new();
+            if f.cluster {
+                let mut by_key: std::collections::HashMap<String, usize> =
+                    std::collections::HashMap::new();
+                for out in batch.drain(..) {
+                    let i = *by_key.entry(out.key).or_insert_with(|| {
+                        groups.push((0, redis::pipe()));
+                        groups.len() - 1
+                    });
+                    groups[i].0 += u64::from(out.notice);
+                    groups[i].1.add_command(out.cmd).ignore();
+                }
             } else {
-                &f.counters.notices_dropped
-            };
-            counter.fetch_add(notices, Ordering::Relaxed);
-            batch.clear();
+                let mut pipe = redis::pipe();
+                let mut notices = 0;
+                for out in batch.drain(..) {
+                    notices += u64::from(out.notice);
+                    pipe.add_command(out.cmd).ignore();
+                }
+                groups.push((notices, pipe));
+            }
+            let sends = groups.into_iter().map(|(notices, pipe)| {
+                let f = f.clone();
+                async move {
+                    let mut conn = f.conn.clone();
+                    let sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
+                    let counter = if sent.is_some() {
+                        &f.counters.notices_sent
+                    } else {
+                        &f.counters.notices_dropped
+                    };
+                    counter.fetch_add(notices, Ordering::Relaxed);
+                }
+            });
+            futures_util::stream::iter(sends)
+                .buffer_unordered(64)
+                .collect::<Vec<()>>()
+                .await;
         }
     }
 

@@ -59,6 +59,12 @@ impl Names {
         format!("{}:{{fleet}}:instance-info", self.prefix)
     }
 
+    /// Hot marks: a sorted set of chats scored by when their mark ends
+    /// (milliseconds since the epoch), for instances that start meanwhile.
+    pub fn hot(&self) -> String {
+        format!("{}:{{fleet}}:hot", self.prefix)
+    }
+
     /// The fleet's live configuration and its version.
     pub fn config(&self) -> String {
         format!("{}:{{fleet}}:config", self.prefix)

@@ -340,8 +340,17 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: Value = r.json().await.expect("problem");
     assert_eq!(body["code"], "fetch_throttled");
+    // An instance that starts while the mark lasts marks the chat too.
+    let c = Instance::start(&redis.url(), &prefix, hot).await;
+    eventually(
+        Duration::from_secs(5),
+        "C lists the chat as hot",
+        || async { listed(c.admin_get("/v1/admin/hot-chats").await) },
+    )
+    .await;
     a.shut_down().await;
     b.shut_down().await;
+    c.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,8 +569,10 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
         streams.push(stream);
     }
     b.wait_subscribed(chats.len() as u64).await;
-    for chat in &chats {
-        assert_eq!(a.join(chat, "u1").await, StatusCode::CREATED);
+    // All at once, so that one batch of notices spans several slots.
+    let joins = chats.iter().map(|chat| a.join(chat, "u1"));
+    for status in futures::future::join_all(joins).await {
+        assert_eq!(status, StatusCode::CREATED);
     }
     for stream in &mut streams {
         assert_eq!(next_revision(stream).await, 1);
