@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::tail::{Answer, Tail};
-use super::{ChatService, Event, EventPage, ServiceError};
+use super::{ChatService, Event, EventPage, Located, ServiceError};
 use crate::domain::{ChatId, PageLimit, Revision};
 use crate::storage::{chats, events};
 use crate::throttle::Decisions;
@@ -270,28 +270,32 @@ impl ChatService {
         after: Revision,
         limit: PageLimit,
     ) -> Result<EventPage, ServiceError> {
-        let (id, owner) = (chat.to_string(), chat.clone());
         let n = limit.get();
-        self.shard(chat)
-            .read(Some(chat), "fetch_events", move |conn| {
+        self.read_located(chat, "fetch_events", || {
+            let (id, owner) = (chat.to_string(), chat.clone());
+            move |conn| {
                 Box::pin(async move {
                     // Events first, then the revision: the revision read is never
                     // below the last event returned.
                     let rows = events::page(conn, &id, after.0, n).await?;
-                    let Some(latest_revision) = chats::revision(conn, &id).await? else {
-                        return Ok(None);
+                    let (latest_revision, moved_to) = match chats::revision(conn, &id).await? {
+                        Some(found) => found,
+                        None => return Ok(Located::Missing),
                     };
+                    if let Some(to) = moved_to {
+                        return Ok(Located::Moved(to));
+                    }
                     let events = rows
                         .into_iter()
                         .map(|r| Event::from_row(&owner, r))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok(Some(EventPage {
+                    Ok(Located::Here(EventPage {
                         events,
                         latest_revision,
                     }))
                 })
-            })
-            .await?
-            .ok_or(ServiceError::ChatNotFound)
+            }
+        })
+        .await
     }
 }

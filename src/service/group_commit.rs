@@ -45,7 +45,9 @@ type Reply = oneshot::Sender<Result<WriteOutcome, ServiceError>>;
 
 /// A queued write: what to do, whom to answer, and the span of the request
 /// that asked (a batch's database span hangs under its first request).
-type Queued = (WriteOp, Reply, tracing::Span);
+/// A write, its answer, its request's span, and the shard its writer
+/// routed it to (a chat that moves changes shard between two writes).
+type Queued = (WriteOp, Reply, tracing::Span, Arc<Shard>);
 
 #[derive(Default)]
 struct ChatQueue {
@@ -112,13 +114,13 @@ impl GroupCommit {
             }
             state
                 .pending
-                .push_back((op, reply, tracing::Span::current()));
+                .push_back((op, reply, tracing::Span::current(), shard.clone()));
             !std::mem::replace(&mut state.flushing, true)
         };
         if start_flusher {
             // Not instrumented: the flusher outlives the request that started
             // it, and each batch names its own parent below.
-            tokio::spawn(self.clone().flush(shard.clone(), chat.clone(), queue));
+            tokio::spawn(self.clone().flush(chat.clone(), queue));
         }
         answer
             .await
@@ -126,26 +128,36 @@ impl GroupCommit {
     }
 
     /// Commits batches until the queue is empty, then retires the queue.
-    async fn flush(self: Arc<Self>, shard: Arc<Shard>, chat: ChatId, queue: Arc<ChatQueue>) {
+    async fn flush(self: Arc<Self>, chat: ChatId, queue: Arc<ChatQueue>) {
         loop {
-            let batch: Vec<Queued> = {
+            // A batch goes to one shard: the writes queued for the first
+            // one's shard, in order.
+            let (shard, batch): (Arc<Shard>, Vec<Queued>) = {
                 let mut state = queue.lock();
-                if state.pending.is_empty() {
+                let Some(first) = state.pending.front() else {
                     state.flushing = false;
                     break;
-                }
-                let n = state.pending.len().min(self.settings.max_batch);
-                state.pending.drain(..n).collect()
+                };
+                let shard = first.3.clone();
+                let n = state
+                    .pending
+                    .iter()
+                    .take(self.settings.max_batch)
+                    .take_while(|q| Arc::ptr_eq(&q.3, &shard))
+                    .count();
+                (shard, state.pending.drain(..n).collect())
             };
             // The batch's database span is a child of its first request; the
             // others are linked to it, so each request's trace shows the
             // transaction that committed it.
             let parent = batch[0].2.clone();
-            for (_, _, span) in &batch[1..] {
+            for (_, _, span, _) in &batch[1..] {
                 span.follows_from(&parent);
             }
-            let (ops, replies): (Vec<WriteOp>, Vec<Reply>) =
-                batch.into_iter().map(|(op, reply, _)| (op, reply)).unzip();
+            let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch
+                .into_iter()
+                .map(|(op, reply, _, _)| (op, reply))
+                .unzip();
             match commit(&shard, &chat, ops).instrument(parent).await {
                 Ok(Committed { outcomes, events }) => {
                     // Before the answers: a writer that then reads finds its

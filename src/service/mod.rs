@@ -130,14 +130,27 @@ impl ChatService {
         chat: &ChatId,
         max_members: Option<MaxMembers>,
     ) -> Result<(Chat, Created), ServiceError> {
-        let shard = self.shard(chat);
-        let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
-        let (row, created) = shard
-            .write(Some(chat), "create_chat", move |conn| {
-                Box::pin(create_or_update(conn, id, max, default))
-            })
-            .await?;
-        Ok((self.to_chat(chat, row), created))
+        // A shard whose row of the chat is a marker sends the request on: a
+        // chat that moved away is never created again where it was.
+        for _ in 0..MAX_HOPS {
+            let shard = self.shard(chat);
+            let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
+            let located = shard
+                .write(Some(chat), "create_chat", move |conn| {
+                    Box::pin(create_or_update(conn, id, max, default))
+                })
+                .await?;
+            match located {
+                Located::Here((row, created)) => return Ok((self.to_chat(chat, row), created)),
+                Located::Moved(to) => self.follow(chat, shard.name(), &to)?,
+                Located::Missing => {
+                    return Err(ServiceError::internal(
+                        "a chat written in this transaction cannot be read back",
+                    ));
+                }
+            }
+        }
+        Err(self.unsettled(chat))
     }
 
     pub(super) fn to_chat(&self, chat: &ChatId, row: chats::ChatRow) -> Chat {
@@ -152,7 +165,21 @@ impl ChatService {
     }
 
     async fn write(&self, chat: &ChatId, op: WriteOp) -> Result<WriteOutcome, ServiceError> {
-        let result = self.commits.submit(self.shard(chat), chat, op).await;
+        // The shard that holds the chat; a marker there says where else it
+        // is, and the write follows it (never applied where the marker is).
+        let mut hops = 0;
+        let result = loop {
+            let shard = self.shard(chat);
+            let result = self.commits.submit(shard, chat, op.clone()).await;
+            match &result {
+                Ok(WriteOutcome::Moved(to)) if hops < MAX_HOPS => {
+                    hops += 1;
+                    self.follow(chat, shard.name(), to)?;
+                }
+                Ok(WriteOutcome::Moved(_)) => break Err(self.unsettled(chat)),
+                _ => break result,
+            }
+        };
         // Feeds the hot-chat detector (in this request's span, so a chat marked
         // hot shows on the request that tipped it) and retires the chat's kept
         // pages; a failed write may still have been applied, so it retires them too.
@@ -249,6 +276,79 @@ impl ChatService {
     }
 }
 
+/// What an operation on a chat found on the shard it asked
+/// (docs/moving-chats.md).
+pub(crate) enum Located<T> {
+    Here(T),
+    /// The chat is not on that shard.
+    Missing,
+    /// The chat is held by the shard named.
+    Moved(String),
+}
+
+impl<T> Located<T> {
+    /// `Here(value)` unless the chat's row says it moved.
+    pub(crate) fn unless_moved(moved_to: Option<String>, value: T) -> Self {
+        match moved_to {
+            Some(to) => Self::Moved(to),
+            None => Self::Here(value),
+        }
+    }
+}
+
+/// Shards one request follows a chat's markers through, at most.
+const MAX_HOPS: usize = 3;
+
+impl ChatService {
+    /// Runs a read of `chat` on the shard that holds it. When that shard's
+    /// marker says the chat moved, the location is learnt and the read runs
+    /// there: an instance whose routing is stale is corrected by the shard.
+    pub(super) async fn read_located<T, M, F>(
+        &self,
+        chat: &ChatId,
+        name: &'static str,
+        make: M,
+    ) -> Result<T, ServiceError>
+    where
+        M: Fn() -> F,
+        F: for<'c> FnOnce(
+            &'c mut sqlx::MySqlConnection,
+        ) -> crate::shard::BoxFuture<'c, Result<Located<T>, OpError>>,
+    {
+        for _ in 0..MAX_HOPS {
+            let shard = self.shard(chat);
+            match shard.read(Some(chat), name, make()).await? {
+                Located::Here(value) => return Ok(value),
+                Located::Missing => return Err(ServiceError::ChatNotFound),
+                Located::Moved(to) => self.follow(chat, shard.name(), &to)?,
+            }
+        }
+        Err(self.unsettled(chat))
+    }
+
+    /// Learns that `chat` is on the shard named `to` (said by `from`).
+    pub(super) fn follow(&self, chat: &ChatId, from: &str, to: &str) -> Result<(), ServiceError> {
+        if !self.shards.relocate(chat, to) {
+            return Err(ServiceError::internal(format!(
+                "shard {from} says chat {chat} is on shard {to}, which is not configured"
+            )));
+        }
+        tracing::info!(from, to, "chat_relocated");
+        Ok(())
+    }
+
+    /// The chat's markers did not settle within [`MAX_HOPS`] shards: a move
+    /// is switching it (or the markers disagree). Retryable.
+    fn unsettled(&self, chat: &ChatId) -> ServiceError {
+        let shard = self.shard(chat).name().to_owned();
+        tracing::warn!(shard = %shard, "the chat's location markers did not settle");
+        ServiceError::ShardUnavailable {
+            shard,
+            retry_after_secs: 1,
+        }
+    }
+}
+
 fn unexpected(outcome: WriteOutcome) -> ServiceError {
     ServiceError::internal(format!("unexpected write outcome {outcome:?}"))
 }
@@ -259,13 +359,19 @@ async fn create_or_update(
     chat_id: String,
     max_members: Option<MaxMembers>,
     default: MaxMembers,
-) -> Result<(chats::ChatRow, Created), OpError> {
+) -> Result<Located<(chats::ChatRow, Created)>, OpError> {
     use sqlx::Connection;
     // Two rounds at most: a concurrent PUT that inserts the chat between our
     // lookup and our insert makes the second round find it.
     for _ in 0..2 {
         let mut tx = conn.begin().await?;
         let created = match chats::lock(&mut tx, &chat_id).await? {
+            Some(chats::ChatRow {
+                moved_to: Some(to), ..
+            }) => {
+                tx.rollback().await?;
+                return Ok(Located::Moved(to));
+            }
             Some(row) => {
                 if let Some(max) = max_members.filter(|m| m.get() != row.max_members) {
                     chats::set_max_members(&mut tx, &chat_id, max.get()).await?;
@@ -288,7 +394,7 @@ async fn create_or_update(
             OpError::invariant("a chat written in this transaction cannot be read back")
         })?;
         tx.commit().await.map_err(OpError::Commit)?;
-        return Ok((row, created));
+        return Ok(Located::Here((row, created)));
     }
     Err(OpError::invariant(
         "a chat that failed to insert as a duplicate cannot be found",

@@ -35,6 +35,9 @@ pub enum WriteOutcome {
         created: bool,
     },
     Rejected(Rejection),
+    /// Not applied: the chat is held by the shard named (its row here is a
+    /// marker, docs/moving-chats.md); the write is to be sent there.
+    Moved(std::sync::Arc<str>),
 }
 
 /// What one committed batch did: each write's answer (in the order of the
@@ -64,6 +67,14 @@ pub async fn commit_batch(
             events: Vec::new(),
         });
     };
+    if let Some(to) = row.moved_to {
+        tx.rollback().await?;
+        let to: std::sync::Arc<str> = to.into();
+        return Ok(Committed {
+            outcomes: vec![WriteOutcome::Moved(to); ops.len()],
+            events: Vec::new(),
+        });
+    }
     let before = ChatBefore {
         revision: row.revision,
         max_members: row.max_members,
@@ -221,7 +232,7 @@ impl WriteOutcome {
         match self {
             Self::Joined { created, .. } | Self::Posted { created, .. } => u64::from(*created),
             Self::Left { now } => u64::from(*now),
-            Self::Rejected(_) => 0,
+            Self::Rejected(_) | Self::Moved(_) => 0,
         }
     }
 }

@@ -6,12 +6,29 @@ use super::Shard;
 use crate::domain::ChatId;
 use crate::routing::Router;
 
-/// Every configured shard plus the routing table.
-#[derive(Debug)]
+/// Every configured shard plus the routing table, and the chats known to be
+/// held elsewhere than their bucket says (moved, docs/moving-chats.md).
 pub struct ShardSet {
     shards: Vec<Arc<Shard>>,
     router: Router,
+    /// Chat -> index of the shard that holds it, learnt from the shards'
+    /// markers; bounded, and a chat forgotten here is found again through its
+    /// home shard's marker.
+    moved: moka::sync::Cache<ChatId, usize>,
 }
+
+impl std::fmt::Debug for ShardSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardSet")
+            .field("shards", &self.shards)
+            .field("router", &self.router)
+            .field("moved", &self.moved.entry_count())
+            .finish()
+    }
+}
+
+/// Moved chats remembered at once.
+const MOVED_CHATS: u64 = 100_000;
 
 impl ShardSet {
     /// Refuses a router that sends a bucket to a shard the list does not have,
@@ -24,12 +41,36 @@ impl ShardSet {
                 shards.len()
             );
         }
-        Ok(Self { shards, router })
+        Ok(Self {
+            shards,
+            router,
+            moved: moka::sync::Cache::new(MOVED_CHATS),
+        })
     }
 
-    /// The shard that owns a chat.
+    /// The shard that holds a chat: where it moved to, if known, else the
+    /// owner of its bucket.
     pub fn for_chat(&self, chat: &ChatId) -> &Arc<Shard> {
-        &self.shards[self.router.shard_of(chat)]
+        let i = self
+            .moved
+            .get(chat)
+            .unwrap_or_else(|| self.router.shard_of(chat));
+        &self.shards[i]
+    }
+
+    /// Records that `chat` is held by the shard named `to` (a shard's marker
+    /// said so); `false` when no configured shard has that name.
+    pub fn relocate(&self, chat: &ChatId, to: &str) -> bool {
+        let Some(i) = self.shards.iter().position(|s| s.name() == to) else {
+            return false;
+        };
+        if i == self.router.shard_of(chat) {
+            // Back home: the bucket says it.
+            self.moved.invalidate(chat);
+        } else {
+            self.moved.insert(chat.clone(), i);
+        }
+        true
     }
 
     pub fn all(&self) -> &[Arc<Shard>] {

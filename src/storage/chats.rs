@@ -11,9 +11,12 @@ pub struct ChatRow {
     pub revision: u64,
     pub created_at: NaiveDateTime,
     pub member_count: u32,
+    /// The shard that holds the chat, when it is not this one
+    /// (docs/moving-chats.md).
+    pub moved_to: Option<String>,
 }
 
-const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count \
+const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to \
      FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?";
 
 /// Reads a chat without locking it.
@@ -29,7 +32,7 @@ pub async fn get(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Opti
 /// time and see each other's committed work.
 pub async fn lock(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatRow>> {
     sqlx::query_as(
-        "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count \
+        "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to \
          FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ? \
          FOR UPDATE",
     )
@@ -75,23 +78,34 @@ pub async fn set_max_members(
     Ok(())
 }
 
-/// Reads the member count: one primary-key lookup, never `COUNT(*)`.
-pub async fn member_count(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<u32>> {
-    sqlx::query_scalar("SELECT member_count FROM chat_member_count WHERE chat_id = ?")
+/// Reads the member count (one primary-key lookup, never `COUNT(*)`) and
+/// where the chat is if not here.
+pub async fn member_count(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+) -> sqlx::Result<Option<(u32, Option<String>)>> {
+    sqlx::query_as(
+        "SELECT n.member_count, c.moved_to FROM chat c \
+         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?",
+    )
+    .bind(chat_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Reads a chat's latest revision, and where the chat is if not here.
+pub async fn revision(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+) -> sqlx::Result<Option<(u64, Option<String>)>> {
+    sqlx::query_as("SELECT revision, moved_to FROM chat WHERE chat_id = ?")
         .bind(chat_id)
         .fetch_optional(conn)
         .await
 }
 
-/// Reads a chat's latest revision.
-pub async fn revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<u64>> {
-    sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
-        .bind(chat_id)
-        .fetch_optional(conn)
-        .await
-}
-
-/// The latest revisions of several chats (of those that exist).
+/// The latest revisions of several chats (of those that exist here and have
+/// not moved away).
 pub async fn revisions(
     conn: &mut MySqlConnection,
     chat_ids: &[String],
@@ -105,7 +119,7 @@ pub async fn revisions(
     for id in chat_ids {
         ids.push_bind(id);
     }
-    ids.push_unseparated(")");
+    ids.push_unseparated(") AND moved_to IS NULL");
     query.build_query_as().fetch_all(conn).await
 }
 

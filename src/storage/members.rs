@@ -38,6 +38,46 @@ pub async fn get(
     .await
 }
 
+/// A member row and the chat's row, read at once: `None` when the chat is not
+/// on this shard at all; otherwise where the chat is if it moved away, and the
+/// member's row if it has one.
+pub async fn get_located(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    user_id: &str,
+) -> sqlx::Result<Option<(Option<String>, Option<MemberRow>)>> {
+    let row: Option<LocatedMember> = sqlx::query_as(
+        "SELECT c.moved_to, m.id, m.user_id, m.state, m.joined_at FROM chat c \
+         LEFT JOIN chat_member m ON m.chat_id = c.chat_id AND m.user_id = ? \
+         WHERE c.chat_id = ?",
+    )
+    .bind(user_id)
+    .bind(chat_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| {
+        let member = match (r.id, r.user_id, r.state, r.joined_at) {
+            (Some(id), Some(user_id), Some(state), Some(joined_at)) => Some(MemberRow {
+                id,
+                user_id,
+                state,
+                joined_at,
+            }),
+            _ => None,
+        };
+        (r.moved_to, member)
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct LocatedMember {
+    moved_to: Option<String>,
+    id: Option<u64>,
+    user_id: Option<String>,
+    state: Option<u8>,
+    joined_at: Option<chrono::NaiveDateTime>,
+}
+
 /// Reads the rows of the given users (at most one each), locking them.
 pub async fn lock_many(
     conn: &mut MySqlConnection,

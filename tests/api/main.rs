@@ -14,6 +14,7 @@ mod hot;
 mod longpoll;
 mod members;
 mod messages;
+mod moved;
 mod mux;
 mod openapi;
 mod repair;

@@ -1,0 +1,278 @@
+//! A chat whose row on a shard says it moved (`chat.moved_to`,
+//! docs/moving-chats.md) is read and written where it moved to, by every
+//! instance, even one that routes it to its old shard; it is never written or
+//! created again where the marker stands. The move itself is done here by
+//! hand, in SQL, the way the mover will do it: copy the rows, then mark the
+//! old row.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{Connection, MySqlConnection};
+
+use crate::common;
+use crate::helpers::{TestApp, settings};
+
+/// Copies a chat's rows from `from` to `to` (member and message ids given
+/// anew by the target; events point at the new message ids), as a finished
+/// copy would leave them.
+async fn copy_chat(from: &mut MySqlConnection, to: &mut MySqlConnection, chat: &str) {
+    let mut tx = to.begin().await.expect("tx");
+    let (max, revision, created): (u32, u64, chrono::NaiveDateTime) =
+        sqlx::query_as("SELECT max_members, revision, created_at FROM chat WHERE chat_id = ?")
+            .bind(chat)
+            .fetch_one(&mut *from)
+            .await
+            .expect("chat");
+    sqlx::query(
+        "INSERT INTO chat (chat_id, max_members, revision, created_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(chat)
+    .bind(max)
+    .bind(revision)
+    .bind(created)
+    .execute(&mut *tx)
+    .await
+    .expect("chat row");
+    let count: u32 =
+        sqlx::query_scalar("SELECT member_count FROM chat_member_count WHERE chat_id = ?")
+            .bind(chat)
+            .fetch_one(&mut *from)
+            .await
+            .expect("count");
+    sqlx::query("INSERT INTO chat_member_count (chat_id, member_count) VALUES (?, ?)")
+        .bind(chat)
+        .bind(count)
+        .execute(&mut *tx)
+        .await
+        .expect("count row");
+    type Member = (
+        String,
+        u8,
+        chrono::NaiveDateTime,
+        Option<chrono::NaiveDateTime>,
+        chrono::NaiveDateTime,
+        chrono::NaiveDateTime,
+    );
+    let members: Vec<Member> = sqlx::query_as(
+        "SELECT user_id, state, joined_at, left_at, created_at, updated_at FROM chat_member WHERE chat_id = ?",
+    )
+    .bind(chat)
+    .fetch_all(&mut *from)
+    .await
+    .expect("members");
+    for (user, state, joined, left, created, updated) in members {
+        sqlx::query(
+            "INSERT INTO chat_member (chat_id, user_id, state, joined_at, left_at, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(chat)
+        .bind(user)
+        .bind(state)
+        .bind(joined)
+        .bind(left)
+        .bind(created)
+        .bind(updated)
+        .execute(&mut *tx)
+        .await
+        .expect("member row");
+    }
+    type Event = (u64, u8, String, Option<u64>, chrono::NaiveDateTime);
+    let events: Vec<Event> = sqlx::query_as(
+        "SELECT revision, event_type, user_id, message_id, created_at FROM chat_event \
+         WHERE chat_id = ? ORDER BY revision",
+    )
+    .bind(chat)
+    .fetch_all(&mut *from)
+    .await
+    .expect("events");
+    for (rev, kind, user, message_id, at) in events {
+        let new_id = match message_id {
+            Some(id) => {
+                let (sender, key, body, created): (String, String, String, chrono::NaiveDateTime) =
+                    sqlx::query_as(
+                        "SELECT sender_id, client_message_id, body, created_at FROM chat_message WHERE id = ?",
+                    )
+                    .bind(id)
+                    .fetch_one(&mut *from)
+                    .await
+                    .expect("message");
+                let done = sqlx::query(
+                    "INSERT INTO chat_message (chat_id, sender_id, client_message_id, revision, body, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(chat)
+                .bind(sender)
+                .bind(key)
+                .bind(rev)
+                .bind(body)
+                .bind(created)
+                .execute(&mut *tx)
+                .await
+                .expect("message row");
+                Some(done.last_insert_id())
+            }
+            None => None,
+        };
+        sqlx::query(
+            "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(chat)
+        .bind(rev)
+        .bind(kind)
+        .bind(user)
+        .bind(new_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .expect("event row");
+    }
+    tx.commit().await.expect("commit");
+}
+
+async fn mark(db: &mut MySqlConnection, chat: &str, to: Option<&str>) {
+    sqlx::query("UPDATE chat SET moved_to = ? WHERE chat_id = ?")
+        .bind(to)
+        .bind(chat)
+        .execute(db)
+        .await
+        .expect("marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_chat_is_followed_by_every_instance_and_never_written_where_it_was() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("moved").await;
+    assert_eq!(app.join(&chat, "u1").await.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.post(&chat, "u1", "k1", "before").await.status(),
+        StatusCode::CREATED
+    );
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let target_name = app.settings.shards[target].name.clone();
+    let mut old = app.db(home).await;
+    let mut new = app.db(target).await;
+    // A stream opened before the move keeps its cursor across it.
+    let mut stream = common::SseReader::open(
+        &app.http,
+        &app.base,
+        &format!("/v1/chats/{chat}/events/stream?after=2"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+
+    copy_chat(&mut old, &mut new, &chat).await;
+    mark(&mut old, &chat, Some(&target_name)).await;
+
+    // The instance learns the location from the old shard's marker.
+    let r = app.get(&format!("/v1/chats/{chat}")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["shard"], json!(target_name));
+    assert_eq!(body["revision"], 2);
+    // Writes land on the new shard, revisions going on from the copy.
+    assert_eq!(app.join(&chat, "u2").await.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.post(&chat, "u2", "k2", "after").await.status(),
+        StatusCode::CREATED
+    );
+    // The same idempotency key, retried after the move, is applied once.
+    let again = app.post(&chat, "u1", "k1", "before").await;
+    assert_eq!(again.status(), StatusCode::OK);
+    let event = stream
+        .next(std::time::Duration::from_secs(10))
+        .await
+        .expect("an event");
+    assert_eq!(event.id.as_deref(), Some("3"));
+
+    // A second instance, which knows nothing of the move, reads and writes
+    // through the old shard's marker too, and every read path follows it.
+    // Its first request is a write: the old shard's marker refuses it there.
+    let other = TestApp::spawn().await;
+    assert_eq!(other.join(&chat, "u3").await.status(), StatusCode::CREATED);
+    assert_eq!(other.count(&chat).await, 3);
+    let r = other.get(&format!("/v1/chats/{chat}/members/u2")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = other
+        .get(&format!("/v1/chats/{chat}/members?limit=10"))
+        .await;
+    let page: Value = r.json().await.expect("json");
+    assert_eq!(page["members"].as_array().map(Vec::len), Some(3));
+    let other_stream = other.get(&format!("/v1/chats/{chat}/events?after=0")).await;
+    let events: Value = other_stream.json().await.expect("json");
+    assert_eq!(events["latestRevision"], 5);
+    // A PUT through yet another instance, as its first request, updates the
+    // chat where it is: it is never created again where it was.
+    let third = TestApp::spawn().await;
+    let r = third.put_chat(&chat, Some(json!({"maxMembers": 77}))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["shard"], json!(target_name));
+    assert_eq!(body["maxMembers"], 77);
+
+    // Nothing was written where the marker stands; the new shard holds it all.
+    let (revision, max): (u64, u32) =
+        sqlx::query_as("SELECT revision, max_members FROM chat WHERE chat_id = ?")
+            .bind(&chat)
+            .fetch_one(&mut old)
+            .await
+            .expect("old row");
+    assert_eq!(revision, 2);
+    assert_ne!(max, 77);
+    assert_eq!(common::count_and_rows(&mut old, &chat).await, (1, 1));
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3, 3));
+    let on_new: u64 = sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("new row");
+    assert_eq!(on_new, 5);
+    drop(stream);
+    app.shut_down().await;
+    other.shut_down().await;
+    third.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_that_point_at_each_other_answer_a_retryable_503() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("loop").await;
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let (home_name, target_name) = (
+        app.settings.shards[home].name.clone(),
+        app.settings.shards[target].name.clone(),
+    );
+    let mut old = app.db(home).await;
+    let mut new = app.db(target).await;
+    copy_chat(&mut old, &mut new, &chat).await;
+    // The moment between two steps of a switch: each says the other.
+    mark(&mut new, &chat, Some(&home_name)).await;
+    mark(&mut old, &chat, Some(&target_name)).await;
+    for r in [
+        app.get(&format!("/v1/chats/{chat}")).await,
+        app.join(&chat, "u1").await,
+    ] {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.expect("problem");
+        assert_eq!(body["code"], "shard_unavailable");
+    }
+    // A marker naming a shard this instance does not know is an error of
+    // the deployment, said as such.
+    mark(&mut old, &chat, Some("shard-nowhere")).await;
+    let fresh = TestApp::spawn_with(|s| *s = settings()).await;
+    let r = fresh.get(&format!("/v1/chats/{chat}")).await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    // Settled again: the chat is home.
+    mark(&mut old, &chat, None).await;
+    let back = TestApp::spawn().await;
+    assert_eq!(back.join(&chat, "u1").await.status(), StatusCode::CREATED);
+    common::assert_chat_consistent(&mut old, &chat).await;
+    app.shut_down().await;
+    fresh.shut_down().await;
+    back.shut_down().await;
+}
