@@ -192,6 +192,7 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
         default_max_members: MaxMembers::parse(i64::from(settings.defaults.max_members))
             .map_err(|e| anyhow::anyhow!(e))?,
         page_cache_bytes: settings.throttle.page_cache_bytes,
+        moves: crate::service::moves::MoveSettings::default(),
         tail: crate::service::tail::TailSettings {
             chats: settings.tail.chats,
             events_per_chat: settings.tail.events_per_chat,

@@ -5,6 +5,7 @@
 //!   them, run the service; Ctrl-C or SIGTERM stops both.
 //! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
+//! - `chatshard move-chat CHAT --to SHARD`: move one chat to another shard online.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,20 @@ enum Command {
     Migrate(MigrateArgs),
     /// Recompute member counts from member rows and fix those that differ.
     RepairCounts(RepairArgs),
+    /// Move one chat to another shard, online (docs/moving-chats.md); waits
+    /// until the move ends and prints its phases.
+    MoveChat(MoveChatArgs),
+}
+
+#[derive(Debug, Args)]
+struct MoveChatArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The chat to move.
+    chat: String,
+    /// The shard to move it to, by its configured name.
+    #[arg(long)]
+    to: String,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +190,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} count(s) fixed", fixes.len());
             Ok(())
         }
+        Command::MoveChat(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let chat = ChatId::parse(&args.chat).map_err(|e| anyhow::anyhow!("CHAT: {e}"))?;
+            move_chat(&settings, &chat, &args.to).await
+        }
+    }
+}
+
+/// Runs one move in this process and reports its phases until it ends.
+async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Result<()> {
+    let shards = app::build_shards(settings)?;
+    let live = crate::live::Live::new(settings.live());
+    let throttle = crate::throttle::Throttle::new(
+        std::sync::Arc::new(crate::throttle::SystemClock::default()),
+        &settings.throttle,
+    );
+    let service = std::sync::Arc::new(crate::service::ChatService::new(
+        shards,
+        app::service_settings(settings)?,
+        live,
+        throttle,
+        None,
+    ));
+    let started = service
+        .start_move(chat, to)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+    println!(
+        "move {} of chat {}: {} -> {}",
+        started.id, chat, started.source, started.target
+    );
+    let mut last = String::new();
+    loop {
+        let current = service
+            .moves()
+            .await
+            .into_iter()
+            .find(|m| m.id == started.id);
+        if let Some(m) = current {
+            if m.phase != last {
+                println!("  {} (revision {})", m.phase, m.copied_revision);
+                last.clone_from(&m.phase);
+            }
+            match m.phase.as_str() {
+                "done" => return Ok(()),
+                "rolled_back" => {
+                    anyhow::bail!("the move was rolled back: {}", m.error.unwrap_or_default())
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

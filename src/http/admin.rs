@@ -477,6 +477,100 @@ pub async fn fleet(_: Admin, State(state): State<AppState>) -> Json<FleetAdminVi
     })
 }
 
+/// `POST /v1/admin/chats/{chatId}/move`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(examples(json!({"to": "shard-3"})))]
+pub struct MoveRequest {
+    /// The shard to move the chat to, by its configured name.
+    #[schema(min_length = 1, max_length = 64)]
+    pub to: String,
+}
+
+/// Starts moving a chat to another shard, online (docs/moving-chats.md): the
+/// move runs in the background; follow it with `GET /v1/admin/moves/{moveId}`.
+#[utoipa::path(
+    post, path = "/v1/admin/chats/{chatId}/move", tag = "admin", params(super::model::ChatIdParam),
+    security(("admin_token" = [])),
+    request_body(content = MoveRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The move, started", body = crate::service::moves::MoveView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "move_refused: the chat is on that shard already, or has a move running", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "unknown_shard, or an invalid chat id", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A shard involved is unavailable or busy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn move_chat(
+    _: Admin,
+    State(state): State<AppState>,
+    super::extract::ChatPath(chat): super::extract::ChatPath,
+    super::extract::JsonBody(body): super::extract::JsonBody<MoveRequest>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<crate::service::moves::MoveView>,
+    ),
+    Problem,
+> {
+    let view = state.service.start_move(&chat, &body.to).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Every chat move recorded on the shards, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MovesView {
+    pub moves: Vec<crate::service::moves::MoveView>,
+}
+
+/// The chat moves, running and ended.
+#[utoipa::path(
+    get, path = "/v1/admin/moves", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every move recorded (a shard that cannot answer is left out)", body = MovesView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn moves(_: Admin, State(state): State<AppState>) -> Json<MovesView> {
+    Json(MovesView {
+        moves: state.service.moves().await,
+    })
+}
+
+/// One chat move (`moveId` is `<source shard>:<number>`): its phase, how far
+/// its copy is, and its error.
+#[utoipa::path(
+    get, path = "/v1/admin/moves/{moveId}", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The move", body = crate::service::moves::MoveView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_move(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::service::moves::MoveView>, Problem> {
+    state
+        .service
+        .moves()
+        .await
+        .into_iter()
+        .find(|m| m.id == id)
+        .map(Json)
+        .ok_or_else(|| Problem::new(Code::NotFound, format!("no move has the id {id:?}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::bearer_token;

@@ -121,6 +121,9 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
         ))
         .routes(routes!(admin::hot_chats))
         .routes(routes!(admin::fleet))
+        .routes(routes!(admin::move_chat))
+        .routes(routes!(admin::moves))
+        .routes(routes!(admin::get_move))
         .split_for_parts();
     (router, document::finish(api))
 }

@@ -73,15 +73,19 @@ codes! {
     ShardUnavailable => "shard_unavailable",
     ShardReadOnly => "shard_read_only",
     OutcomeUnknown => "outcome_unknown",
+    ChatMoving => "chat_moving",
+    UnknownShard => "unknown_shard",
+    MoveRefused => "move_refused",
     Internal => "internal",
 }
 
 impl Code {
     pub fn status(self) -> StatusCode {
         match self {
-            Self::InvalidRequest | Self::IdempotencyKeyReused | Self::InvalidConfig => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidRequest
+            | Self::IdempotencyKeyReused
+            | Self::InvalidConfig
+            | Self::UnknownShard => StatusCode::UNPROCESSABLE_ENTITY,
             Self::JoinThrottled | Self::FetchThrottled | Self::TooManyChatsInStream => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -97,7 +101,7 @@ impl Code {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
-            Self::ChatFull => StatusCode::CONFLICT,
+            Self::ChatFull | Self::MoveRefused => StatusCode::CONFLICT,
             Self::NotAMember => StatusCode::FORBIDDEN,
             Self::ChatBusy
             | Self::ChatQueueFull
@@ -108,7 +112,8 @@ impl Code {
             | Self::ShardTimeout
             | Self::ShardUnavailable
             | Self::ShardReadOnly
-            | Self::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::OutcomeUnknown
+            | Self::ChatMoving => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,6 +142,9 @@ impl Code {
             Self::IdempotencyKeyReused => "The idempotency key was used for a different request",
             Self::ChatBusy => "This chat holds its whole share of its shard",
             Self::ChatQueueFull => "Too many writes to this chat are queued",
+            Self::ChatMoving => "The chat is moving to another shard",
+            Self::UnknownShard => "No shard has this name",
+            Self::MoveRefused => "The move cannot start",
             Self::ChatContended => "Writes to this chat are waiting for each other",
             Self::JoinThrottled => "Too many joins to this chat",
             Self::FetchThrottled => "This chat is hot: event fetches are throttled",
@@ -280,6 +288,17 @@ impl From<ServiceError> for Problem {
                      locks; nothing was applied: retry after the delay given"
                 ),
             ),
+            ServiceError::ChatMoving { retry_after_secs } => Self::new(
+                Code::ChatMoving,
+                "the chat is being switched to another shard and takes no writes for a moment; \
+                 nothing was applied: retry after the delay given",
+            )
+            .with_retry_after(retry_after_secs),
+            ServiceError::UnknownShard { shard } => Self::new(
+                Code::UnknownShard,
+                format!("no configured shard is named {shard:?}"),
+            ),
+            ServiceError::MoveRefused { reason } => Self::new(Code::MoveRefused, reason),
             ServiceError::JoinThrottled { retry_after_secs } => Self::new(
                 Code::JoinThrottled,
                 "this chat accepts no more joins in the current window; retry after the delay given",

@@ -45,6 +45,15 @@ pub enum ServiceError {
     ShardReadOnly { shard: String },
     #[error("the outcome of the write on shard {shard} is unknown")]
     OutcomeUnknown { shard: String },
+    /// A move of the chat is switching it to another shard: writes wait.
+    #[error("the chat is moving to another shard")]
+    ChatMoving { retry_after_secs: u64 },
+    /// A move names a shard this instance does not have.
+    #[error("no shard is named {shard}")]
+    UnknownShard { shard: String },
+    /// A move that cannot start (the chat is there already, or moving).
+    #[error("{reason}")]
+    MoveRefused { reason: String },
     #[error("internal error")]
     Internal(#[source] Fault),
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 mod group_commit;
 pub mod model;
+pub mod moves;
 pub mod plan;
 pub mod read;
 pub mod repair;
@@ -52,6 +53,8 @@ pub struct ChatService {
     tails: Arc<tail::Tails>,
     /// The other instances, when there is a fleet.
     fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// How chat moves copy and fence.
+    move_settings: moves::MoveSettings,
 }
 
 /// How the service is sized (fixed at start).
@@ -64,6 +67,8 @@ pub struct ServiceSettings {
     pub page_cache_bytes: u64,
     /// The in-memory tails of chats with readers.
     pub tail: tail::TailSettings,
+    /// How chat moves copy and fence.
+    pub moves: moves::MoveSettings,
 }
 
 impl ChatService {
@@ -88,6 +93,7 @@ impl ChatService {
             pages: Pages::new(settings.page_cache_bytes),
             tails,
             fleet,
+            move_settings: settings.moves,
         }
     }
 
@@ -194,6 +200,9 @@ impl ChatService {
         }
         match result? {
             WriteOutcome::Rejected(r) => Err(r.into()),
+            WriteOutcome::Fenced => Err(ServiceError::ChatMoving {
+                retry_after_secs: 1,
+            }),
             other => Ok(other),
         }
     }

@@ -35,6 +35,9 @@ pub enum WriteOutcome {
         created: bool,
     },
     Rejected(Rejection),
+    /// Not applied: a move's fence holds the chat's writes (for at most a
+    /// few seconds).
+    Fenced,
     /// Not applied: the chat is held by the shard named (its row here is a
     /// marker, docs/moving-chats.md); the write is to be sent there.
     Moved(std::sync::Arc<str>),
@@ -72,6 +75,13 @@ pub async fn commit_batch(
         let to: std::sync::Arc<str> = to.into();
         return Ok(Committed {
             outcomes: vec![WriteOutcome::Moved(to); ops.len()],
+            events: Vec::new(),
+        });
+    }
+    if row.fenced != 0 {
+        tx.rollback().await?;
+        return Ok(Committed {
+            outcomes: vec![WriteOutcome::Fenced; ops.len()],
             events: Vec::new(),
         });
     }
@@ -232,7 +242,7 @@ impl WriteOutcome {
         match self {
             Self::Joined { created, .. } | Self::Posted { created, .. } => u64::from(*created),
             Self::Left { now } => u64::from(*now),
-            Self::Rejected(_) | Self::Moved(_) => 0,
+            Self::Rejected(_) | Self::Moved(_) | Self::Fenced => 0,
         }
     }
 }

@@ -58,6 +58,12 @@ impl ShardSet {
         &self.shards[i]
     }
 
+    /// The shard that owns the chat's bucket (its home, where its marker is
+    /// when it moved away).
+    pub fn home_of(&self, chat: &ChatId) -> &Arc<Shard> {
+        &self.shards[self.router.shard_of(chat)]
+    }
+
     /// Records that `chat` is held by the shard named `to` (a shard's marker
     /// said so); `false` when no configured shard has that name.
     pub fn relocate(&self, chat: &ChatId, to: &str) -> bool {

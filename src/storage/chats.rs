@@ -14,9 +14,12 @@ pub struct ChatRow {
     /// The shard that holds the chat, when it is not this one
     /// (docs/moving-chats.md).
     pub moved_to: Option<String>,
+    /// 1 while a move's fence holds the chat's writes here.
+    pub fenced: i64,
 }
 
-const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to \
+const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to, \
+     CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced \
      FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?";
 
 /// Reads a chat without locking it.
@@ -32,7 +35,8 @@ pub async fn get(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Opti
 /// time and see each other's committed work.
 pub async fn lock(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatRow>> {
     sqlx::query_as(
-        "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to \
+        "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to, \
+         CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced \
          FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ? \
          FOR UPDATE",
     )

@@ -16,6 +16,7 @@ pub mod chats;
 pub mod events;
 pub mod members;
 pub mod messages;
+pub mod moves;
 pub mod repair;
 pub mod server;
 

@@ -276,3 +276,308 @@ async fn markers_that_point_at_each_other_answer_a_retryable_503() {
     fresh.shut_down().await;
     back.shut_down().await;
 }
+
+const TOKEN: &str = "moved-test-admin-token";
+
+/// `POST /v1/admin/chats/{chat}/move` to `to`: the answer.
+async fn request_move(app: &TestApp, chat: &str, to: &str) -> reqwest::Response {
+    app.admin(
+        reqwest::Method::POST,
+        &format!("/v1/admin/chats/{chat}/move"),
+    )
+    .json(&json!({ "to": to }))
+    .send()
+    .await
+    .expect("move")
+}
+
+/// Starts a move and waits until it ends; the move as it ended.
+async fn move_to_end(app: &TestApp, chat: &str, to: &str) -> Value {
+    let r = request_move(app, chat, to).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id: String = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    wait_move(app, &id).await
+}
+
+/// Polls a move until it is `done` or `rolled_back`.
+async fn wait_move(app: &TestApp, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let m = app.admin_get(&format!("/v1/admin/moves/{id}")).await;
+        if m["phase"] == "done" || m["phase"] == "rolled_back" {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move did not end: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes through `app` until `stop`: joins of new users and posts of one
+/// member, each retried with the same key until it is answered 2xx (a fence
+/// answers 503 `chat_moving` for a moment). The users joined and the keys posted.
+async fn writer(
+    app: std::sync::Arc<TestApp>,
+    chat: String,
+    name: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<String>, Vec<String>, u64) {
+    let (mut joined, mut posted, mut moving) = (Vec::new(), Vec::new(), 0u64);
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let user = format!("{name}-{n}");
+        loop {
+            let r = app.join(&chat, &user).await;
+            match r.status() {
+                StatusCode::CREATED | StatusCode::OK => break,
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    let body: Value = r.json().await.expect("problem");
+                    assert_eq!(body["code"], "chat_moving", "{body}");
+                    moving += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => panic!("join {user}: {other}"),
+            }
+        }
+        joined.push(user.clone());
+        let key = format!("{name}-k{n}");
+        loop {
+            let r = app.post(&chat, &user, &key, "during the move").await;
+            match r.status() {
+                StatusCode::CREATED | StatusCode::OK => break,
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    moving += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => panic!("post {key}: {other}"),
+            }
+        }
+        posted.push(key);
+        n += 1;
+    }
+    (joined, posted, moving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
+    let b = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
+    let chat = crate::helpers::unique("moving");
+    let r = a.put_chat(&chat, Some(json!({"maxMembers": 100000}))).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for i in 0..50 {
+        assert_eq!(
+            a.join(&chat, &format!("early-{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let home = a.shard_of(&chat).await;
+    let target = (home + 1) % a.settings.shards.len();
+    let target_name = a.settings.shards[target].name.clone();
+    // A stream on B follows the chat throughout.
+    let mut stream = common::SseReader::open(
+        &b.http,
+        &b.base,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = tokio::spawn(writer(a.clone(), chat.clone(), "a", stop.clone()));
+    let wb = tokio::spawn(writer(b.clone(), chat.clone(), "b", stop.clone()));
+    // Writes under way before the move starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a.count(&chat).await < 60 {
+        assert!(std::time::Instant::now() < deadline, "writers stalled");
+    }
+    let r = request_move(&a, &chat, &target_name).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let started: Value = r.json().await.expect("json");
+    let id = started["id"].as_str().expect("id").to_owned();
+    // A second move of the same chat is refused while it runs.
+    let again = request_move(&a, &chat, &target_name).await;
+    assert!(
+        again.status() == StatusCode::CONFLICT || again.status() == StatusCode::ACCEPTED,
+        "{}",
+        again.status()
+    );
+    let done = wait_move(&a, &id).await;
+    assert_eq!(done["phase"], "done", "{done}");
+    // Writes go on after the switch, through both instances.
+    let after = a.count(&chat).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a.count(&chat).await < after + 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers stalled after the switch"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ja, pa, ma) = wa.await.expect("writer a");
+    let (jb, pb, mb) = wb.await.expect("writer b");
+    println!(
+        "moved with {} + {} joins, {ma} + {mb} answers chat_moving",
+        ja.len(),
+        jb.len()
+    );
+
+    // Everything acknowledged is on the target, once; the source keeps only
+    // its tombstone.
+    let r = a.get(&format!("/v1/chats/{chat}")).await;
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["shard"], json!(target_name));
+    let mut new = a.db(target).await;
+    let mut old = a.db(home).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    let expected_members = 50 + ja.len() + jb.len();
+    assert_eq!(
+        common::count_and_rows(&mut new, &chat).await,
+        (expected_members as i64, expected_members as i64)
+    );
+    let mut users = common::joined_users(&mut new, &chat).await;
+    users.sort();
+    let mut acknowledged: Vec<String> = ja.iter().chain(&jb).cloned().collect();
+    acknowledged.extend((0..50).map(|i| format!("early-{i}")));
+    acknowledged.sort();
+    assert_eq!(users, acknowledged);
+    let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_message WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("messages");
+    assert_eq!(messages as usize, pa.len() + pb.len());
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source rows");
+    assert_eq!(left, 0, "the source's rows are cleaned");
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("tombstone");
+    assert_eq!(marker.as_deref(), Some(target_name.as_str()));
+
+    // The stream on B saw every revision once, in order, across the move.
+    let revision: u64 = sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("revision");
+    let mut seen = 0;
+    while seen < revision {
+        let event = stream
+            .next(std::time::Duration::from_secs(10))
+            .await
+            .expect("the stream ended");
+        let v: Value = serde_json::from_str(&event.data).expect("event");
+        assert_eq!(v["revision"].as_u64(), Some(seen + 1));
+        seen += 1;
+    }
+    drop(stream);
+
+    // And back home, with the old source's tombstone turned into the copy's
+    // target: the chat is whole there again, and the tombstone moves.
+    let back = move_to_end(&b, &chat, &a.settings.shards[home].name).await;
+    assert_eq!(back["phase"], "done", "{back}");
+    assert_eq!(
+        a.join(&chat, "back-home").await.status(),
+        StatusCode::CREATED
+    );
+    let body: Value = a
+        .get(&format!("/v1/chats/{chat}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["shard"], json!(a.settings.shards[home].name));
+    common::assert_chat_consistent(&mut old, &chat).await;
+    assert_eq!(
+        common::count_and_rows(&mut old, &chat).await,
+        (expected_members as i64 + 1, expected_members as i64 + 1)
+    );
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("home row");
+    assert_eq!(marker, None, "home again: no marker");
+    if let (Ok(a), Ok(b)) = (Arc::try_unwrap(a), Arc::try_unwrap(b)) {
+        a.shut_down().await;
+        b.shut_down().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_does_not_verify_is_rolled_back_and_the_chat_stays() {
+    let app = TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await;
+    let chat = app.new_chat("drift").await;
+    for i in 0..5 {
+        assert_eq!(
+            app.join(&chat, &format!("u{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let mut old = app.db(home).await;
+    // The source's count drifted from its rows behind chatshard's back: the
+    // replayed copy cannot match it, and the move must not switch.
+    sqlx::query("UPDATE chat_member_count SET member_count = member_count + 3 WHERE chat_id = ?")
+        .bind(&chat)
+        .execute(&mut old)
+        .await
+        .expect("drift");
+    let ended = move_to_end(&app, &chat, &app.settings.shards[target].name).await;
+    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert!(
+        ended["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("differ")),
+        "{ended}"
+    );
+    // The chat stays home, takes writes, and the target keeps nothing of it.
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    assert_eq!(app.shard_of(&chat).await, home);
+    let mut new = app.db(target).await;
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM chat WHERE chat_id = ?) + (SELECT COUNT(*) FROM chat_member WHERE chat_id = ?) \
+         + (SELECT COUNT(*) FROM chat_event WHERE chat_id = ?)",
+    )
+    .bind(&chat)
+    .bind(&chat)
+    .bind(&chat)
+    .fetch_one(&mut new)
+    .await
+    .expect("target rows");
+    assert_eq!(rows, 0, "the copy was dropped");
+    // Unknown shards and moves to where the chat is are refused clearly.
+    for (to, status, code) in [
+        (
+            "shard-nowhere",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_shard",
+        ),
+        (
+            app.settings.shards[home].name.as_str(),
+            StatusCode::CONFLICT,
+            "move_refused",
+        ),
+    ] {
+        let r = request_move(&app, &chat, to).await;
+        assert_eq!(r.status(), status);
+        let body: Value = r.json().await.expect("problem");
+        assert_eq!(body["code"], code);
+    }
+    app.shut_down().await;
+}

@@ -1,0 +1,500 @@
+//! Moving one chat to another shard online (docs/moving-chats.md).
+//!
+//! The copy replays the chat's own event log on the target, batch after
+//! batch, while writes go on at the source; a short fence at the source
+//! freezes the last revisions, a final batch copies them, the two copies are
+//! compared, and the switch leaves a tombstone at the source, makes the
+//! target live and points the chat's home shard at it. The source's rows are
+//! then deleted in small batches. Every step is recorded in the move's row on
+//! the source shard.
+//!
+//! Built: one move at a time per chat, driven by the instance that started
+//! it, with verification and roll-back when the copies differ or the fence
+//! lapses. Not built yet: taking over a move whose driver died (until then a
+//! fence it left lapses by itself and the chat goes on at the source), holding
+//! writes during the fence instead of refusing them, and cancelling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Connection;
+
+use super::{ChatService, ServiceError, now};
+use crate::domain::ChatId;
+use crate::shard::{OpError, Shard};
+use crate::storage::moves::{self, CleanTable, Digest, LogRow};
+
+/// How a move copies and fences.
+#[derive(Debug, Clone)]
+pub struct MoveSettings {
+    /// Revisions replayed per target transaction.
+    pub batch: u32,
+    /// The copy fences the source once it is at most this many revisions behind.
+    pub fence_lag: u64,
+    /// How long the fence holds at most (writes get 503 `chat_moving`).
+    pub fence: Duration,
+    /// Rows deleted per statement when cleaning the source.
+    pub clean_batch: u32,
+    /// A pause between two copy (or clean) batches, so the source's other
+    /// chats keep their share of it.
+    pub pause: Duration,
+}
+
+impl Default for MoveSettings {
+    fn default() -> Self {
+        Self {
+            batch: 1000,
+            fence_lag: 500,
+            fence: Duration::from_secs(2),
+            clean_batch: 1000,
+            pause: Duration::from_millis(5),
+        }
+    }
+}
+
+/// A move as the admin view shows it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveView {
+    /// `<source shard>:<number>`.
+    pub id: String,
+    pub chat_id: String,
+    pub source: String,
+    pub target: String,
+    /// `requested`, `copying`, `fenced`, `verified`, `switched`, `cleaning`,
+    /// `done`, or `rolled_back` (with `error`).
+    pub phase: String,
+    /// The last revision copied to the target.
+    pub copied_revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl MoveView {
+    fn from_row(row: moves::MoveRow) -> Self {
+        Self {
+            id: format!("{}:{}", row.source, row.id),
+            chat_id: row.chat_id,
+            source: row.source,
+            target: row.target,
+            phase: row.phase,
+            copied_revision: row.copied_revision,
+            error: row.error,
+            created_at: crate::storage::utc(row.created_at),
+            updated_at: crate::storage::utc(row.updated_at),
+        }
+    }
+}
+
+/// Why a move stopped short of its switch.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("the copies differ: source {from:?}, target {to:?}")]
+    Mismatch { from: Box<Digest>, to: Box<Digest> },
+    #[error("the fence lapsed {0} times before the switch")]
+    FenceLapsed(u32),
+    #[error("the chat left the source during the move")]
+    Gone,
+    #[error("the chat is live on the target shard")]
+    TargetLive,
+}
+
+impl From<crate::shard::ShardError> for Stop {
+    fn from(e: crate::shard::ShardError) -> Self {
+        Self::Service(e.into())
+    }
+}
+
+/// Attempts at fencing, copying the last revisions and switching.
+const FENCE_ATTEMPTS: u32 = 3;
+
+impl ChatService {
+    /// Starts moving `chat` to the shard named `to`: records the move and
+    /// runs it in the background. Refused when the chat is already there, is
+    /// moving, or does not exist.
+    pub async fn start_move(
+        self: &Arc<Self>,
+        chat: &ChatId,
+        to: &str,
+    ) -> Result<MoveView, ServiceError> {
+        let target = self
+            .shards
+            .all()
+            .iter()
+            .find(|s| s.name() == to)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownShard {
+                shard: to.to_owned(),
+            })?;
+        // Where the chat is now (following markers), and that it exists.
+        self.get_chat(chat).await?;
+        let source = self.shard(chat).clone();
+        if Arc::ptr_eq(&source, &target) {
+            return Err(ServiceError::MoveRefused {
+                reason: format!("chat {chat} is already on shard {to}"),
+            });
+        }
+        let (id, src, dst) = (chat.to_string(), source.name().to_owned(), to.to_owned());
+        let record = source
+            .write(Some(chat), "move_record", move |conn| {
+                Box::pin(async move {
+                    match moves::insert_move(conn, &id, &src, &dst, now()).await {
+                        Ok(n) => Ok(Some(n)),
+                        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
+                        Err(e) => Err(e.into()),
+                    }
+                })
+            })
+            .await?
+            .ok_or_else(|| ServiceError::MoveRefused {
+                reason: format!("chat {chat} has a move running"),
+            })?;
+        let service = self.clone();
+        let chat = chat.clone();
+        let view = self.move_view(&source, record).await?;
+        tokio::spawn(async move {
+            service.run_move(record, chat, source, target).await;
+        });
+        Ok(view)
+    }
+
+    /// Every move recorded on any shard, newest first (a shard that cannot
+    /// answer is left out).
+    pub async fn moves(&self) -> Vec<MoveView> {
+        let mut all = Vec::new();
+        for shard in self.shards.all() {
+            let rows = shard
+                .read(None, "list_moves", |conn| {
+                    Box::pin(async move { Ok(moves::list_moves(conn, 1000).await?) })
+                })
+                .await;
+            if let Ok(rows) = rows {
+                all.extend(rows.into_iter().map(MoveView::from_row));
+            }
+        }
+        all.sort_by_key(|m| std::cmp::Reverse(m.created_at));
+        all
+    }
+
+    async fn move_view(&self, source: &Shard, id: u64) -> Result<MoveView, ServiceError> {
+        let rows = source
+            .read(None, "list_moves", |conn| {
+                Box::pin(async move { Ok(moves::list_moves(conn, 1000).await?) })
+            })
+            .await?;
+        rows.into_iter()
+            .find(|r| r.id == id)
+            .map(MoveView::from_row)
+            .ok_or_else(|| ServiceError::internal("a move just recorded cannot be read back"))
+    }
+
+    /// Runs a recorded move to its end, recording each phase.
+    pub async fn run_move(&self, id: u64, chat: ChatId, source: Arc<Shard>, target: Arc<Shard>) {
+        let settings = self.move_settings.clone();
+        let outcome = self.drive(id, &chat, &source, &target, &settings).await;
+        match outcome {
+            Ok(copied) => {
+                tracing::info!(chat = %chat, from = source.name(), to = target.name(), revision = copied, "chat_moved");
+                self.record(&source, id, "cleaning", copied, None, false)
+                    .await;
+                self.clean_source(&chat, &source, &settings).await;
+                self.record(&source, id, "done", copied, None, true).await;
+            }
+            Err(stop) => {
+                let reason = stop.to_string();
+                tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_rolled_back");
+                // The chat stays where it is: no fence, and the target's copy
+                // (still marked as held by the source) is dropped.
+                let id_str = chat.to_string();
+                let _ = source
+                    .write(Some(&chat), "move_unfence", move |conn| {
+                        Box::pin(async move { Ok(moves::unfence(conn, &id_str).await?) })
+                    })
+                    .await;
+                self.drop_copy(&chat, &target, &settings).await;
+                self.record(&source, id, "rolled_back", 0, Some(&reason), true)
+                    .await;
+            }
+        }
+    }
+
+    async fn drive(
+        &self,
+        id: u64,
+        chat: &ChatId,
+        source: &Arc<Shard>,
+        target: &Arc<Shard>,
+        settings: &MoveSettings,
+    ) -> Result<u64, Stop> {
+        let chat_id = chat.to_string();
+        // The target's row, marked as held by the source until the switch.
+        let c = chat_id.clone();
+        let head = source
+            .read(Some(chat), "move_head", move |conn| {
+                Box::pin(async move { Ok(moves::head(conn, &c).await?) })
+            })
+            .await?
+            .ok_or(Stop::Gone)?;
+        let (c, src) = (chat_id.clone(), source.name().to_owned());
+        let opened = target
+            .write(Some(chat), "move_open", move |conn| {
+                Box::pin(async move {
+                    let mut tx = conn.begin().await?;
+                    match moves::open_target(&mut tx, &c, &head, &src).await {
+                        Ok(()) => {}
+                        Err(moves::OpenError::Sql(e)) => return Err(e.into()),
+                        Err(moves::OpenError::Live) => {
+                            tx.rollback().await?;
+                            return Ok(false);
+                        }
+                    }
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if !opened {
+            return Err(Stop::TargetLive);
+        }
+        self.record(source, id, "copying", 0, None, false).await;
+        // Copy while writes go on, each round up to the revision the source
+        // had when it began, until the target is close behind.
+        let mut copied = 0;
+        for attempt in 1..=FENCE_ATTEMPTS {
+            loop {
+                let latest = self.source_revision(chat, source).await?;
+                if latest.saturating_sub(copied) <= settings.fence_lag {
+                    break;
+                }
+                copied = self
+                    .copy_until(chat, source, target, settings, latest)
+                    .await?;
+            }
+            self.record(source, id, "copying", copied, None, false)
+                .await;
+            // The fence: from here the source takes no write of the chat.
+            let (c, ms) = (chat_id.clone(), settings.fence.as_millis() as u64);
+            let frozen = source
+                .write(Some(chat), "move_fence", move |conn| {
+                    Box::pin(async move {
+                        // One transaction: the revision read under the row lock
+                        // is the last one the source takes.
+                        let mut tx = conn.begin().await?;
+                        let frozen = moves::fence(&mut tx, &c, ms).await?;
+                        tx.commit().await.map_err(OpError::Commit)?;
+                        Ok(frozen)
+                    })
+                })
+                .await?
+                .ok_or(Stop::Gone)?;
+            self.record(source, id, "fenced", copied, None, false).await;
+            copied = self
+                .copy_until(chat, source, target, settings, frozen)
+                .await?;
+            let (from, to) = (
+                self.digest(chat, source).await?,
+                self.digest(chat, target).await?,
+            );
+            if from != to || from.revision != frozen {
+                return Err(Stop::Mismatch {
+                    from: Box::new(from),
+                    to: Box::new(to),
+                });
+            }
+            self.record(source, id, "verified", copied, None, false)
+                .await;
+            // The switch, in its order: the tombstone at the source (only if
+            // the fence still holds), then the target made live, then the
+            // home shard's marker.
+            let (c, to_name) = (chat_id.clone(), target.name().to_owned());
+            let switched = source
+                .write(Some(chat), "move_switch", move |conn| {
+                    Box::pin(async move { Ok(moves::tombstone(conn, &c, &to_name, frozen).await?) })
+                })
+                .await?;
+            if !switched {
+                tracing::warn!(chat = %chat, attempt, "the fence lapsed before the switch; copying on");
+                continue;
+            }
+            let c = chat_id.clone();
+            target
+                .write(Some(chat), "move_live", move |conn| {
+                    Box::pin(async move { Ok(moves::set_marker(conn, &c, None).await?) })
+                })
+                .await?;
+            let home = self.shards.home_of(chat).clone();
+            if !Arc::ptr_eq(&home, source) && !Arc::ptr_eq(&home, target) {
+                let (c, to_name) = (chat_id.clone(), target.name().to_owned());
+                home.write(Some(chat), "move_home_marker", move |conn| {
+                    Box::pin(async move { Ok(moves::set_marker(conn, &c, Some(&to_name)).await?) })
+                })
+                .await?;
+            }
+            self.shards.relocate(chat, target.name());
+            self.record(source, id, "switched", copied, None, false)
+                .await;
+            return Ok(copied);
+        }
+        Err(Stop::FenceLapsed(FENCE_ATTEMPTS))
+    }
+
+    /// Replays the source's log on the target up to `until`; the target's
+    /// revision after.
+    async fn copy_until(
+        &self,
+        chat: &ChatId,
+        source: &Arc<Shard>,
+        target: &Arc<Shard>,
+        settings: &MoveSettings,
+        until: u64,
+    ) -> Result<u64, Stop> {
+        loop {
+            let c = chat.to_string();
+            let at = target
+                .read(Some(chat), "move_target_revision", move |conn| {
+                    Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
+                })
+                .await?
+                .map(|(revision, _)| revision)
+                .ok_or(Stop::Gone)?;
+            if at >= until {
+                return Ok(at);
+            }
+            let (c, batch) = (chat.to_string(), settings.batch);
+            let rows: Vec<LogRow> = source
+                .read(Some(chat), "move_read_log", move |conn| {
+                    Box::pin(async move { Ok(moves::log_after(conn, &c, at, batch).await?) })
+                })
+                .await?;
+            let rows: Vec<LogRow> = rows.into_iter().filter(|r| r.revision <= until).collect();
+            let Some(last) = rows.last().map(|r| r.revision) else {
+                return Ok(at);
+            };
+            let c = chat.to_string();
+            target
+                .write(Some(chat), "move_replay", move |conn| {
+                    Box::pin(async move {
+                        let mut tx = conn.begin().await?;
+                        // The copy goes on from where the target stands: a
+                        // batch replayed already (a retry) is not replayed twice.
+                        if moves::lock_revision(&mut tx, &c).await? != Some(at) {
+                            tx.rollback().await?;
+                            return Ok(());
+                        }
+                        let delta = moves::replay_batch(&mut tx, &c, &rows).await?;
+                        moves::settle(&mut tx, &c, last, delta).await?;
+                        tx.commit().await.map_err(OpError::Commit)?;
+                        Ok(())
+                    })
+                })
+                .await?;
+            tokio::time::sleep(settings.pause).await;
+        }
+    }
+
+    async fn source_revision(&self, chat: &ChatId, source: &Arc<Shard>) -> Result<u64, Stop> {
+        let c = chat.to_string();
+        match source
+            .read(Some(chat), "move_source_revision", move |conn| {
+                Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
+            })
+            .await?
+        {
+            Some((revision, None)) => Ok(revision),
+            _ => Err(Stop::Gone),
+        }
+    }
+
+    async fn digest(&self, chat: &ChatId, shard: &Arc<Shard>) -> Result<Digest, Stop> {
+        let c = chat.to_string();
+        Ok(shard
+            .read(Some(chat), "move_digest", move |conn| {
+                Box::pin(async move { Ok(moves::digest(conn, &c).await?) })
+            })
+            .await?)
+    }
+
+    /// Deletes the moved chat's rows from the source, a batch at a time; the
+    /// chat row stays as the tombstone.
+    async fn clean_source(&self, chat: &ChatId, source: &Arc<Shard>, settings: &MoveSettings) {
+        for table in [
+            CleanTable::Events,
+            CleanTable::Messages,
+            CleanTable::Members,
+        ] {
+            loop {
+                let (c, n) = (chat.to_string(), settings.clean_batch);
+                let deleted = source
+                    .write(Some(chat), "move_clean", move |conn| {
+                        Box::pin(async move { Ok(moves::clean(conn, table, &c, n).await?) })
+                    })
+                    .await;
+                match deleted {
+                    Ok(n) if n > 0 => tokio::time::sleep(settings.pause).await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(chat = %chat, error = %crate::error::chain(&e), "cleaning a moved chat's rows stopped; they stay behind its tombstone");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops what a rolled-back move copied to the target (its rows, then its
+    /// chat row), if the target's row is still the copy's (marked).
+    async fn drop_copy(&self, chat: &ChatId, target: &Arc<Shard>, settings: &MoveSettings) {
+        let c = chat.to_string();
+        let marked = target
+            .read(Some(chat), "move_target_revision", move |conn| {
+                Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
+            })
+            .await;
+        if !matches!(marked, Ok(Some((_, Some(_))))) {
+            return;
+        }
+        self.clean_source(chat, target, settings).await;
+        let c = chat.to_string();
+        let _ = target
+            .write(Some(chat), "move_drop_copy", move |conn| {
+                Box::pin(async move { Ok(moves::drop_chat_row(conn, &c).await?) })
+            })
+            .await;
+    }
+
+    async fn record(
+        &self,
+        source: &Arc<Shard>,
+        id: u64,
+        phase: &'static str,
+        copied: u64,
+        error: Option<&str>,
+        finished: bool,
+    ) {
+        let error = error.map(str::to_owned);
+        let written =
+            source
+                .write(None, "move_record", move |conn| {
+                    Box::pin(async move {
+                        Ok(moves::set_phase(
+                            conn,
+                            id,
+                            phase,
+                            copied,
+                            error.as_deref(),
+                            finished,
+                            now(),
+                        )
+                        .await?)
+                    })
+                })
+                .await;
+        if let Err(e) = written {
+            tracing::warn!(id, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The statements of a chat move (docs/moving-chats.md): reading the source's
+//! log with what each event needs, replaying it on the target, the fence, the
+//! markers, the digests that verify a copy, the clean-up of the source, and
+//! the move records.
+
+use chrono::NaiveDateTime;
+use sqlx::MySqlConnection;
+
+/// One event of the source's log with the message it names, if any.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LogRow {
+    pub revision: u64,
+    pub event_type: u8,
+    pub user_id: String,
+    pub created_at: NaiveDateTime,
+    pub sender_id: Option<String>,
+    pub client_message_id: Option<String>,
+    pub body: Option<String>,
+    pub message_created_at: Option<NaiveDateTime>,
+}
+
+/// The events after `after`, oldest first, at most `limit`.
+pub async fn log_after(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    after: u64,
+    limit: u32,
+) -> sqlx::Result<Vec<LogRow>> {
+    sqlx::query_as(
+        "SELECT e.revision, e.event_type, e.user_id, e.created_at, \
+                m.sender_id, m.client_message_id, m.body, m.created_at AS message_created_at \
+         FROM chat_event e LEFT JOIN chat_message m ON m.id = e.message_id \
+         WHERE e.chat_id = ? AND e.revision > ? ORDER BY e.revision LIMIT ?",
+    )
+    .bind(chat_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// The source chat's row as the target's first copy takes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChatHead {
+    pub max_members: u32,
+    pub created_at: NaiveDateTime,
+}
+
+pub async fn head(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatHead>> {
+    sqlx::query_as("SELECT max_members, created_at FROM chat WHERE chat_id = ?")
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Makes the target's chat row and count (inside the caller's transaction),
+/// marked as held by `source` so nothing but the copy writes it until the
+/// switch, unless it exists.
+pub async fn open_target(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    head: &ChatHead,
+    source: &str,
+) -> Result<(), OpenError> {
+    let exists: Option<(u64, Option<String>)> =
+        sqlx::query_as("SELECT revision, moved_to FROM chat WHERE chat_id = ? FOR UPDATE")
+            .bind(chat_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match exists {
+        None => {
+            super::chats::insert(&mut *conn, chat_id, head.max_members, head.created_at).await?;
+            set_marker(conn, chat_id, Some(source)).await?;
+        }
+        // A marker: the tombstone of an earlier move away (the chat comes
+        // back), or what a copy that did not switch left. Whatever rows it
+        // still has are not the chat's any more: the copy starts afresh.
+        Some((_, Some(_))) => {
+            for sql in [
+                "DELETE FROM chat_event WHERE chat_id = ?",
+                "DELETE FROM chat_message WHERE chat_id = ?",
+                "DELETE FROM chat_member WHERE chat_id = ?",
+            ] {
+                sqlx::query(sql).bind(chat_id).execute(&mut *conn).await?;
+            }
+            sqlx::query(
+                "UPDATE chat SET revision = 0, max_members = ?, created_at = ?, moved_to = ?, fenced_until = NULL \
+                 WHERE chat_id = ?",
+            )
+            .bind(head.max_members)
+            .bind(head.created_at)
+            .bind(source)
+            .bind(chat_id)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE chat_member_count SET member_count = 0 WHERE chat_id = ?")
+                .bind(chat_id)
+                .execute(conn)
+                .await?;
+        }
+        Some((_, None)) => return Err(OpenError::Live),
+    }
+    Ok(())
+}
+
+/// Why a target cannot take a copy.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    /// The chat is live on the target already.
+    #[error("the chat is live on the target shard")]
+    Live,
+}
+
+/// The target's revision, locked: where the copy goes on from.
+pub async fn lock_revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<u64>> {
+    sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ? FOR UPDATE")
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Replays a batch of the source's log on the target, inside the caller's
+/// transaction (which holds the chat's row lock), in a handful of statements:
+/// the member rows as the batch leaves them, the messages (ids of the
+/// target's, read back by revision), and the events. Returns the change of
+/// the member count.
+pub async fn replay_batch(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    rows: &[LogRow],
+) -> sqlx::Result<i64> {
+    use sqlx::QueryBuilder;
+    use std::collections::HashMap;
+    // Members: the state each touched user is left in.
+    struct Fate {
+        before: Option<u8>,
+        state: u8,
+        created_at: NaiveDateTime,
+        joined_at: Option<NaiveDateTime>,
+        left_at: Option<NaiveDateTime>,
+        updated_at: NaiveDateTime,
+    }
+    let users: Vec<&str> = {
+        let mut u: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.event_type != 1)
+            .map(|r| r.user_id.as_str())
+            .collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    };
+    let mut fates: HashMap<&str, Fate> = HashMap::new();
+    if !users.is_empty() {
+        let mut q = QueryBuilder::new("SELECT user_id, state FROM chat_member WHERE chat_id = ");
+        q.push_bind(chat_id).push(" AND user_id IN (");
+        let mut list = q.separated(", ");
+        for u in &users {
+            list.push_bind(*u);
+        }
+        list.push_unseparated(") FOR UPDATE");
+        let existing: Vec<(String, u8)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        let existing: HashMap<String, u8> = existing.into_iter().collect();
+        for row in rows.iter().filter(|r| r.event_type != 1) {
+            let before = existing.get(&row.user_id).copied();
+            let fate = fates.entry(row.user_id.as_str()).or_insert(Fate {
+                before,
+                state: before.unwrap_or(2),
+                created_at: row.created_at,
+                joined_at: None,
+                left_at: None,
+                updated_at: row.created_at,
+            });
+            fate.updated_at = row.created_at;
+            if row.event_type == 2 {
+                fate.state = 1;
+                fate.joined_at = Some(row.created_at);
+                fate.left_at = None;
+            } else {
+                fate.state = 2;
+                fate.left_at = Some(row.created_at);
+            }
+        }
+    }
+    let mut delta = 0i64;
+    let new: Vec<(&&str, &Fate)> = fates.iter().filter(|(_, f)| f.before.is_none()).collect();
+    if !new.is_empty() {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO chat_member (chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
+        );
+        q.push_values(&new, |mut b, (user, f)| {
+            b.push_bind(chat_id)
+                .push_bind(**user)
+                .push_bind(f.state)
+                .push_bind(f.joined_at.unwrap_or(f.created_at))
+                .push_bind(f.left_at)
+                .push_bind(f.created_at)
+                .push_bind(f.updated_at);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    for (user, f) in &fates {
+        let was_joined = f.before == Some(1);
+        delta += i64::from(f.state == 1) - i64::from(was_joined);
+        if f.before.is_none() {
+            continue;
+        }
+        sqlx::query(
+            "UPDATE chat_member SET state = ?, joined_at = COALESCE(?, joined_at), left_at = ?, updated_at = ? \
+             WHERE chat_id = ? AND user_id = ?",
+        )
+        .bind(f.state)
+        .bind(f.joined_at)
+        .bind(if f.state == 2 { f.left_at } else { None })
+        .bind(f.updated_at)
+        .bind(chat_id)
+        .bind(*user)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // Messages, then their ids by revision (unique per chat).
+    let messages: Vec<&LogRow> = rows.iter().filter(|r| r.event_type == 1).collect();
+    let mut ids: HashMap<u64, u64> = HashMap::new();
+    if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO chat_message (chat_id, sender_id, client_message_id, revision, body, created_at) ",
+        );
+        q.push_values(&messages, |mut b, r| {
+            b.push_bind(chat_id)
+                .push_bind(r.sender_id.as_deref().unwrap_or(&r.user_id))
+                .push_bind(r.client_message_id.as_deref().unwrap_or_default())
+                .push_bind(r.revision)
+                .push_bind(r.body.as_deref().unwrap_or_default())
+                .push_bind(r.message_created_at.unwrap_or(r.created_at));
+        });
+        q.build().execute(&mut *conn).await?;
+        let read: Vec<(u64, u64)> = sqlx::query_as(
+            "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
+        )
+        .bind(chat_id)
+        .bind(first.revision)
+        .bind(last.revision)
+        .fetch_all(&mut *conn)
+        .await?;
+        ids = read.into_iter().collect();
+    }
+    if !rows.is_empty() {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
+        );
+        q.push_values(rows, |mut b, r| {
+            b.push_bind(chat_id)
+                .push_bind(r.revision)
+                .push_bind(r.event_type)
+                .push_bind(&r.user_id)
+                .push_bind(if r.event_type == 1 {
+                    ids.get(&r.revision).copied()
+                } else {
+                    None
+                })
+                .push_bind(r.created_at);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(delta)
+}
+
+/// Sets the target's revision and count after a replayed batch.
+pub async fn settle(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    revision: u64,
+    delta: i64,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat SET revision = ? WHERE chat_id = ?")
+        .bind(revision)
+        .bind(chat_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE chat_member_count SET member_count = CAST(member_count AS SIGNED) + ? WHERE chat_id = ?",
+    )
+    .bind(delta)
+    .bind(chat_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Fences the chat's writes on the source for `millis`, inside the caller's
+/// transaction (under the chat's row lock, so the write transaction in flight
+/// finishes first); returns the revision the fence froze, `None` when the
+/// chat is not (or no longer) here.
+pub async fn fence(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    millis: u64,
+) -> sqlx::Result<Option<u64>> {
+    let revision: Option<(u64, Option<String>)> =
+        sqlx::query_as("SELECT revision, moved_to FROM chat WHERE chat_id = ? FOR UPDATE")
+            .bind(chat_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((revision, None)) = revision else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL ? MICROSECOND) WHERE chat_id = ?",
+    )
+    .bind(millis * 1000)
+    .bind(chat_id)
+    .execute(conn)
+    .await?;
+    Ok(Some(revision))
+}
+
+/// Lifts a fence (a move that does not switch).
+pub async fn unfence(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat SET fenced_until = NULL WHERE chat_id = ?")
+        .bind(chat_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The switch at the source: the tombstone, only if the fence still holds
+/// and the revision is the one verified. `false`: the fence lapsed or the
+/// chat moved on; nothing changed.
+pub async fn tombstone(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    to: &str,
+    revision: u64,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chat SET moved_to = ?, fenced_until = NULL \
+         WHERE chat_id = ? AND revision = ? AND moved_to IS NULL AND fenced_until > NOW(6)",
+    )
+    .bind(to)
+    .bind(chat_id)
+    .bind(revision)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Sets (or, with `None`, clears) a chat's marker, if the chat has a row here.
+pub async fn set_marker(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    to: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat SET moved_to = ? WHERE chat_id = ?")
+        .bind(to)
+        .bind(chat_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// What a copy is verified by: the revision, the count, and per table the
+/// rows and a checksum of what identifies them (ids left out: the target
+/// gives its own).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Digest {
+    pub revision: u64,
+    pub member_count: i64,
+    pub joined: i64,
+    pub members: (i64, i64),
+    pub messages: (i64, i64),
+    pub events: (i64, i64),
+}
+
+pub async fn digest(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Digest> {
+    let (revision, member_count): (u64, i64) = sqlx::query_as(
+        "SELECT c.revision, CAST(n.member_count AS SIGNED) FROM chat c \
+         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?",
+    )
+    .bind(chat_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let joined: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
+            .bind(chat_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let members: (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', user_id, state))), 0) AS SIGNED) \
+         FROM chat_member WHERE chat_id = ?",
+    )
+    .bind(chat_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let messages: (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', sender_id, client_message_id, revision, body))), 0) AS SIGNED) \
+         FROM chat_message WHERE chat_id = ?",
+    )
+    .bind(chat_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let events: (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', revision, event_type, user_id, created_at))), 0) AS SIGNED) \
+         FROM chat_event WHERE chat_id = ?",
+    )
+    .bind(chat_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Digest {
+        revision,
+        member_count,
+        joined,
+        members,
+        messages,
+        events,
+    })
+}
+
+/// Deletes up to `limit` of the chat's rows of one table from the source;
+/// the rows deleted. The chat row (the tombstone) and its count stay.
+pub async fn clean(
+    conn: &mut MySqlConnection,
+    table: CleanTable,
+    chat_id: &str,
+    limit: u32,
+) -> sqlx::Result<u64> {
+    let sql = match table {
+        CleanTable::Events => "DELETE FROM chat_event WHERE chat_id = ? LIMIT ?",
+        CleanTable::Messages => "DELETE FROM chat_message WHERE chat_id = ? LIMIT ?",
+        CleanTable::Members => "DELETE FROM chat_member WHERE chat_id = ? LIMIT ?",
+    };
+    let done = sqlx::query(sql)
+        .bind(chat_id)
+        .bind(limit)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes a copy's chat row and count, only while the row is still marked
+/// as held elsewhere (a rolled-back copy, never a live chat).
+pub async fn drop_chat_row(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<()> {
+    let done = sqlx::query("DELETE FROM chat WHERE chat_id = ? AND moved_to IS NOT NULL")
+        .bind(chat_id)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() == 1 {
+        sqlx::query("DELETE FROM chat_member_count WHERE chat_id = ?")
+            .bind(chat_id)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum CleanTable {
+    Events,
+    Messages,
+    Members,
+}
+
+/// A move as recorded on its source shard.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MoveRow {
+    pub id: u64,
+    pub chat_id: String,
+    pub source: String,
+    pub target: String,
+    pub phase: String,
+    pub copied_revision: u64,
+    pub error: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+/// Records a new move; a unique violation means the chat has a move running.
+pub async fn insert_move(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    source: &str,
+    target: &str,
+    now: NaiveDateTime,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
+         VALUES (?, ?, ?, 'requested', 1, 0, ?, ?)",
+    )
+    .bind(chat_id)
+    .bind(source)
+    .bind(target)
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(done.last_insert_id())
+}
+
+/// Moves a record to `phase` (finished phases free the chat for another move).
+pub async fn set_phase(
+    conn: &mut MySqlConnection,
+    id: u64,
+    phase: &str,
+    copied_revision: u64,
+    error: Option<&str>,
+    finished: bool,
+    now: NaiveDateTime,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE chat_move SET phase = ?, copied_revision = ?, error = ?, updated_at = ?, \
+         active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ?",
+    )
+    .bind(phase)
+    .bind(copied_revision)
+    .bind(error)
+    .bind(now)
+    .bind(finished)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The moves recorded on this shard, newest first.
+pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
+    sqlx::query_as(
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+         FROM chat_move ORDER BY id DESC LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
