@@ -202,10 +202,12 @@ impl ChatService {
                 return;
             }
         };
+        // A chat the shard did not list has moved away (its row there is a
+        // marker): its tail is refreshed like a moved one, which follows the
+        // marker, so its waiters hear of the chat's new writes within a round.
         let moved = chunk.iter().filter(|(chat, tail)| {
-            revisions
-                .get(chat.as_str())
-                .is_some_and(|&latest| !tail.vouch(latest))
+            let latest = revisions.get(chat.as_str()).copied().unwrap_or(u64::MAX);
+            !tail.vouch(latest)
         });
         futures_util::future::join_all(moved.map(|(chat, tail)| async move {
             let from = tail.end().unwrap_or(0);

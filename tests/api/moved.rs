@@ -581,3 +581,43 @@ async fn a_copy_that_does_not_verify_is_rolled_back_and_the_chat_stays() {
     }
     app.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_an_instance_that_never_wrote_follows_the_chat_to_its_new_shard() {
+    let a = TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await;
+    let b = TestApp::spawn().await;
+    let chat = a.new_chat("follow").await;
+    assert_eq!(a.join(&chat, "u1").await.status(), StatusCode::CREATED);
+    let mut stream = common::SseReader::open(
+        &b.http,
+        &b.base,
+        &format!("/v1/chats/{chat}/events/stream?after=0"),
+        None,
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    let first = stream
+        .next(std::time::Duration::from_secs(10))
+        .await
+        .expect("event 1");
+    assert_eq!(first.id.as_deref(), Some("1"));
+    let home = a.shard_of(&chat).await;
+    let target = (home + 1) % a.settings.shards.len();
+    let moved = move_to_end(&a, &chat, &a.settings.shards[target].name).await;
+    assert_eq!(moved["phase"], "done", "{moved}");
+    // Written through A on the new shard; B, which only reads, hears of it
+    // through its tail refresher following the old shard's marker.
+    assert_eq!(
+        a.post(&chat, "u1", "k1", "on the new shard").await.status(),
+        StatusCode::CREATED
+    );
+    let next = stream
+        .next(std::time::Duration::from_secs(10))
+        .await
+        .expect("event 2");
+    assert_eq!(next.id.as_deref(), Some("2"));
+    assert!(next.data.contains("on the new shard"), "{}", next.data);
+    drop(stream);
+    a.shut_down().await;
+    b.shut_down().await;
+}
