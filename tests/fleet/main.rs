@@ -227,6 +227,31 @@ async fn next_revision(stream: &mut common::SseReader) -> u64 {
     v["revision"].as_u64().expect("revision")
 }
 
+/// `N` instances of one fleet (Redis at `url`, keys under `prefix`), each
+/// configured by `configure`, once they all see Redis and each other.
+async fn start_fleet<const N: usize>(
+    url: &str,
+    prefix: &str,
+    configure: impl Fn(&mut Settings) + Copy,
+) -> [Instance; N] {
+    let mut instances = Vec::with_capacity(N);
+    for _ in 0..N {
+        instances.push(Instance::start(url, prefix, configure).await);
+    }
+    wait_joined(&instances.iter().collect::<Vec<_>>()).await;
+    match instances.try_into() {
+        Ok(all) => all,
+        Err(_) => unreachable!("N instances were started"),
+    }
+}
+
+/// Shuts every instance down.
+async fn shut_down(instances: impl IntoIterator<Item = Instance>) {
+    for i in instances {
+        i.shut_down().await;
+    }
+}
+
 async fn redis() -> LocalRedis {
     LocalRedis::start(LocalRedisOptions::temp())
         .await
@@ -237,9 +262,7 @@ async fn redis() -> LocalRedis {
 async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
     let redis = redis().await;
     let prefix = unique("notices");
-    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    wait_joined(&[&a, &b]).await;
+    let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
     let chat = unique("n");
     a.put_chat(&chat).await;
 
@@ -282,8 +305,7 @@ async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
     let fa = a.fleet().await;
     assert!(fa["fleet"]["counters"]["noticesSent"].as_u64() > Some(0));
     drop(stream);
-    a.shut_down().await;
-    b.shut_down().await;
+    shut_down([a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,9 +319,7 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
         s.hot_chat.expire_seconds = 60;
         s.hot_chat.throttle_rate = 1.0;
     };
-    let a = Instance::start(&redis.url(), &prefix, hot).await;
-    let b = Instance::start(&redis.url(), &prefix, hot).await;
-    wait_joined(&[&a, &b]).await;
+    let [a, b] = start_fleet(&redis.url(), &prefix, hot).await;
     let chat = unique("h");
     a.put_chat(&chat).await;
     // B serves the chat's events before it is hot.
@@ -348,9 +368,7 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
         || async { listed(c.admin_get("/v1/admin/hot-chats").await) },
     )
     .await;
-    a.shut_down().await;
-    b.shut_down().await;
-    c.shut_down().await;
+    shut_down([a, b, c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,11 +381,8 @@ async fn the_global_join_limit_holds_across_three_instances() {
         s.join_throttle.limit = LIMIT;
         s.join_throttle.window_seconds = 600;
     };
-    let a = Instance::start(&redis.url(), &prefix, limit).await;
-    let b = Instance::start(&redis.url(), &prefix, limit).await;
-    let c = Instance::start(&redis.url(), &prefix, limit).await;
+    let [a, b, c] = start_fleet(&redis.url(), &prefix, limit).await;
     let all = [&a, &b, &c];
-    wait_joined(&all).await;
     let chat = unique("j");
     a.put_chat(&chat).await;
 
@@ -403,18 +418,14 @@ async fn the_global_join_limit_holds_across_three_instances() {
     for i in all {
         assert!(i.fleet().await["fleet"]["counters"]["leaseRequests"].as_u64() > Some(0));
     }
-    a.shut_down().await;
-    b.shut_down().await;
-    c.shut_down().await;
+    shut_down([a, b, c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
     let redis = redis().await;
     let prefix = unique("config");
-    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    wait_joined(&[&a, &b]).await;
+    let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
 
     let changed = a.patch_config(r#"{"joinThrottle":{"limit":1234}}"#).await;
     let version = changed["version"].as_u64().expect("version");
@@ -444,18 +455,14 @@ async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
         },
     )
     .await;
-    a.shut_down().await;
-    b.shut_down().await;
-    c.shut_down().await;
+    shut_down([a, b, c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     let mut redis = redis().await;
     let prefix = unique("outage");
-    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    wait_joined(&[&a, &b]).await;
+    let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
     let chat = unique("o");
     a.put_chat(&chat).await;
 
@@ -541,8 +548,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     assert_eq!(next_revision(&mut stream).await, joined + 1);
     assert!(a.fleet().await["fleet"]["counters"]["outages"].as_u64() >= Some(1));
     drop(stream);
-    a.shut_down().await;
-    b.shut_down().await;
+    shut_down([a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,9 +561,7 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     let urls = cluster.urls().join(",");
     let prefix = unique("cluster");
     let in_cluster = |s: &mut Settings| s.redis.cluster = true;
-    let a = Instance::start(&urls, &prefix, in_cluster).await;
-    let b = Instance::start(&urls, &prefix, in_cluster).await;
-    wait_joined(&[&a, &b]).await;
+    let [a, b] = start_fleet(&urls, &prefix, in_cluster).await;
     assert_eq!(a.fleet().await["fleet"]["redisMode"], "cluster");
 
     // Chats spread over the slots of every node: each one's notices reach B.
@@ -623,8 +627,7 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
         assert_eq!(revisions, (2..=12).collect::<Vec<u64>>());
     }
     drop(streams);
-    a.shut_down().await;
-    b.shut_down().await;
+    shut_down([a, b]).await;
     cluster.stop().await;
 }
 
@@ -632,11 +635,8 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
 async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_others() {
     let redis = redis().await;
     let prefix = unique("contention");
-    let a = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    let b = Instance::start(&redis.url(), &prefix, |_| {}).await;
-    let c = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let [a, b, c] = start_fleet(&redis.url(), &prefix, |_| {}).await;
     let all = [&a, &b, &c];
-    wait_joined(&all).await;
     let hot = unique("hammered");
     a.put_chat(&hot).await;
     let shard = a.shard_name(&hot).await;
@@ -689,7 +689,5 @@ async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_
     }
     let (count, rows) = a.count_and_rows(&hot).await;
     assert_eq!((count, rows), (hot_ok as i64, hot_ok as i64));
-    a.shut_down().await;
-    b.shut_down().await;
-    c.shut_down().await;
+    shut_down([a, b, c]).await;
 }
