@@ -590,24 +590,12 @@ impl Fleet {
         if self.up.load(Ordering::Acquire) {
             return;
         }
-        // Up first, so that a chat followed from now on is subscribed by
-        // `follow_chats`; the ones followed so far are subscribed here (twice
-        // at worst, which Redis ignores).
-        {
-            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-            health.since = Utc::now();
-            health.last_error = None;
-        }
-        self.up.store(true, Ordering::Release);
+        // Subscribed first, and up only once every channel followed so far
+        // is: an instance that says it is part of the fleet hears of every
+        // write of its chats. A call that fails marks the fleet down again,
+        // and the next heartbeat retries.
         let mut channels = vec![self.names.bus()];
-        channels.extend(
-            self.followed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .map(|chat| self.names.chat_channel(chat)),
-        );
-        let chats = channels.len() as u64 - 1;
+        channels.extend(self.followed_channels());
         for chunk in channels.chunks(500) {
             let mut conn = self.conn.clone();
             if self
@@ -618,14 +606,48 @@ impl Fleet {
                 return;
             }
         }
+        {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            health.since = Utc::now();
+            health.last_error = None;
+        }
+        self.up.store(true, Ordering::Release);
+        // Chats followed while this ran (`follow_chats` left them to us while
+        // down; from now on it subscribes them itself).
+        let late: Vec<String> = self
+            .followed_channels()
+            .into_iter()
+            .filter(|c| !channels.contains(c))
+            .collect();
+        if !late.is_empty() {
+            let mut conn = self.conn.clone();
+            if self
+                .call("subscribe", async move { conn.subscribe(&late).await })
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+        let chats = self.followed_channels().len() as u64;
         self.subscribed.store(chats, Ordering::Relaxed);
-        // Notices may have been missed while Redis was away.
+        // Notices may have been missed while Redis was away: every tail is
+        // read again before it answers, and its waiters read it now.
         if let Some(tails) = self.tails.get() {
             tails.distrust_all();
         }
         tracing::info!(chats, "Redis answers: this instance is part of the fleet");
         self.load_hot_marks().await;
         self.reconcile_config().await;
+    }
+
+    fn followed_channels(&self) -> Vec<String> {
+        self.followed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|chat| self.names.chat_channel(chat))
+            .collect()
     }
 
     // ---- background tasks ----

@@ -166,14 +166,15 @@ impl Tails {
     }
 
     /// Distrusts every tail: after notices may have been lost (Redis was
-    /// away), each tail is vouched for again (by the refresher, or one read by
-    /// its next reader) before it answers.
+    /// away), each tail is read again before it answers, and its waiters are
+    /// woken to read it now (one read per tail, shared by its waiters).
     pub fn distrust_all(&self) {
         for (_, tail) in self.cache.iter() {
             tail.state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .refreshed = None;
+            tail.latest.send_modify(|_| {});
         }
     }
 

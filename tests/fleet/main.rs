@@ -616,6 +616,7 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     // made once the cluster is whole again reaches B through it.
     cluster.wait_ok().await.expect("cluster ok again");
     wait_joined(&[&a, &b]).await;
+    b.wait_subscribed(chats.len() as u64).await;
     for chat in &chats {
         assert_eq!(a.join(chat, "back").await, StatusCode::CREATED);
     }
