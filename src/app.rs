@@ -74,6 +74,7 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
+        service.spawn_move_recovery();
         metrics.observe_tails(service.clone());
         let router = http::router(http::Shared {
             service,
@@ -192,7 +193,14 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
         default_max_members: MaxMembers::parse(i64::from(settings.defaults.max_members))
             .map_err(|e| anyhow::anyhow!(e))?,
         page_cache_bytes: settings.throttle.page_cache_bytes,
-        moves: crate::service::moves::MoveSettings::default(),
+        moves: crate::service::moves::MoveSettings {
+            batch: settings.moves.batch_revisions,
+            fence_lag: settings.moves.fence_lag,
+            fence: Duration::from_millis(settings.moves.fence_ms),
+            pause: Duration::from_millis(settings.moves.pause_ms),
+            clean_batch: settings.moves.clean_batch,
+            lease: Duration::from_millis(settings.moves.lease_ms),
+        },
         tail: crate::service::tail::TailSettings {
             chats: settings.tail.chats,
             events_per_chat: settings.tail.events_per_chat,

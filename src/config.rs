@@ -51,6 +51,9 @@ pub struct Settings {
     /// The fleet: Redis between instances (absent URL = one instance alone).
     #[serde(default)]
     pub redis: RedisSettings,
+    /// Online chat moves (docs/moving-chats.md).
+    #[serde(default)]
+    pub moves: MovesSettings,
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySettings,
     /// Live: hot-chat detection and fetch throttling (changeable at run time).
@@ -281,6 +284,58 @@ impl Default for TailSettings {
             events_per_chat: 1024,
             max_bytes: 256 * 1024 * 1024,
             refresh_ms: 1000,
+        }
+    }
+}
+
+/// How chat moves copy, fence and recover (see `docs/moving-chats.md`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MovesSettings {
+    /// Revisions replayed on the target per transaction (at most 5,000).
+    pub batch_revisions: u32,
+    /// The copy fences the source once it is at most this many revisions
+    /// behind.
+    pub fence_lag: u64,
+    /// How long the fence holds the chat's writes at most (503 `chat_moving`).
+    pub fence_ms: u64,
+    /// A pause between two copy or clean-up batches.
+    pub pause_ms: u64,
+    /// Rows deleted per statement when the source is cleaned.
+    pub clean_batch: u32,
+    /// A running move whose record has not changed for this long is taken
+    /// for abandoned and finished or rolled back by any instance.
+    pub lease_ms: u64,
+}
+
+impl Default for MovesSettings {
+    fn default() -> Self {
+        Self {
+            batch_revisions: 1000,
+            fence_lag: 500,
+            fence_ms: 2000,
+            pause_ms: 5,
+            clean_batch: 1000,
+            lease_ms: 30_000,
+        }
+    }
+}
+
+impl MovesSettings {
+    fn problems(&self, problems: &mut Vec<String>) {
+        if !(1..=5000).contains(&self.batch_revisions) {
+            problems.push("moves.batch_revisions must be between 1 and 5000".to_owned());
+        }
+        if self.clean_batch == 0 {
+            problems.push("moves.clean_batch must be greater than 0".to_owned());
+        }
+        if self.fence_ms < 100 {
+            problems.push("moves.fence_ms must be at least 100".to_owned());
+        }
+        if self.lease_ms < 1000 || self.lease_ms < 2 * self.fence_ms {
+            problems.push(
+                "moves.lease_ms must be at least 1000 and at least twice moves.fence_ms".to_owned(),
+            );
         }
     }
 }
@@ -658,6 +713,7 @@ impl Settings {
         }
         problems.extend(self.live().problems());
         self.redis.problems(&mut problems);
+        self.moves.problems(&mut problems);
         if self.throttle.tracked_chats == 0 {
             problems.push("throttle.tracked_chats must be greater than 0".to_owned());
         }

@@ -8,11 +8,12 @@
 //! then deleted in small batches. Every step is recorded in the move's row on
 //! the source shard.
 //!
-//! Built: one move at a time per chat, driven by the instance that started
-//! it, with verification and roll-back when the copies differ or the fence
-//! lapses. Not built yet: taking over a move whose driver died (until then a
-//! fence it left lapses by itself and the chat goes on at the source), holding
-//! writes during the fence instead of refusing them, and cancelling.
+//! One move at a time per chat, driven by the instance that started it, with
+//! verification and roll-back when the copies differ or the fence lapses. A
+//! move whose driver died is finished (past its tombstone) or rolled back by
+//! whichever instance takes it over first ([`ChatService::recover_moves`]).
+//! Not built yet: resuming an abandoned copy where it stopped, holding writes
+//! during the fence instead of refusing them, and cancelling.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use crate::domain::ChatId;
 use crate::shard::{OpError, Shard};
 use crate::storage::moves::{self, CleanTable, Digest, LogRow};
 
-/// How a move copies and fences.
+/// How a move copies and fences (from `[moves]`).
 #[derive(Debug, Clone)]
 pub struct MoveSettings {
     /// Revisions replayed per target transaction.
@@ -38,6 +39,9 @@ pub struct MoveSettings {
     /// A pause between two copy (or clean) batches, so the source's other
     /// chats keep their share of it.
     pub pause: Duration,
+    /// A running move whose record has not changed for this long is taken
+    /// for abandoned (its driver died) and finished or rolled back.
+    pub lease: Duration,
 }
 
 impl Default for MoveSettings {
@@ -48,6 +52,7 @@ impl Default for MoveSettings {
             fence: Duration::from_secs(2),
             clean_batch: 1000,
             pause: Duration::from_millis(5),
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -162,6 +167,152 @@ impl ChatService {
         Ok(view)
     }
 
+    /// Finishes or rolls back the moves whose driver died (their record has
+    /// not changed for `lease`): a move whose source already holds the
+    /// tombstone is switched to the end (target live, home marker) and
+    /// cleaned; any other is rolled back, and the chat goes on at its source.
+    /// One instance takes each move over (a compare-and-set on its record).
+    pub async fn recover_moves(&self) {
+        let lease = self.move_settings.lease.as_secs().max(1);
+        for source in self.shards.all() {
+            let rows = source
+                .read(None, "list_abandoned_moves", move |conn| {
+                    Box::pin(async move { Ok(moves::abandoned(conn, lease).await?) })
+                })
+                .await;
+            let Ok(rows) = rows else { continue };
+            for row in rows {
+                let (id, seen) = (row.id, row.updated_at);
+                let claimed = source
+                    .write(None, "claim_move", move |conn| {
+                        Box::pin(async move { Ok(moves::claim(conn, id, seen, now()).await?) })
+                    })
+                    .await;
+                if matches!(claimed, Ok(true)) {
+                    self.resume(source, row).await;
+                }
+            }
+        }
+    }
+
+    async fn resume(&self, source: &Arc<Shard>, row: moves::MoveRow) {
+        let Ok(chat) = ChatId::parse(&row.chat_id) else {
+            return;
+        };
+        let Some(target) = self
+            .shards
+            .all()
+            .iter()
+            .find(|s| s.name() == row.target)
+            .cloned()
+        else {
+            self.record(
+                source,
+                row.id,
+                "rolled_back",
+                row.copied_revision,
+                Some("its target shard is not configured here"),
+                true,
+            )
+            .await;
+            return;
+        };
+        let settings = self.move_settings.clone();
+        let c = chat.to_string();
+        let at_source = source
+            .read(Some(&chat), "move_source_row", move |conn| {
+                Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
+            })
+            .await;
+        let switched = matches!(&at_source, Ok(Some((_, Some(to)))) if *to == row.target);
+        tracing::warn!(chat = %chat, phase = %row.phase, switched, "taking over an abandoned chat move");
+        if switched {
+            match self.finish_switch(&chat, source, &target).await {
+                Ok(()) => {
+                    self.record(source, row.id, "cleaning", row.copied_revision, None, false)
+                        .await;
+                    self.clean_source(&chat, source, &settings).await;
+                    self.record(source, row.id, "done", row.copied_revision, None, true)
+                        .await;
+                }
+                Err(e) => {
+                    // Left running: the next round tries again.
+                    tracing::warn!(chat = %chat, error = %e, "finishing an abandoned switch failed; retrying later");
+                }
+            }
+        } else {
+            let reason = format!("abandoned by its driver in phase {}", row.phase);
+            self.roll_back(&chat, source, &target, &settings).await;
+            self.record(source, row.id, "rolled_back", 0, Some(&reason), true)
+                .await;
+        }
+    }
+
+    /// Switch steps 2 and 3: the target made live, the home shard's marker
+    /// pointed at it (idempotent).
+    async fn finish_switch(
+        &self,
+        chat: &ChatId,
+        source: &Arc<Shard>,
+        target: &Arc<Shard>,
+    ) -> Result<(), Stop> {
+        let c = chat.to_string();
+        target
+            .write(Some(chat), "move_live", move |conn| {
+                Box::pin(async move { Ok(moves::set_marker(conn, &c, None).await?) })
+            })
+            .await?;
+        let home = self.shards.home_of(chat).clone();
+        if !Arc::ptr_eq(&home, source) && !Arc::ptr_eq(&home, target) {
+            let (c, to_name) = (chat.to_string(), target.name().to_owned());
+            home.write(Some(chat), "move_home_marker", move |conn| {
+                Box::pin(async move { Ok(moves::set_marker(conn, &c, Some(&to_name)).await?) })
+            })
+            .await?;
+        }
+        self.shards.relocate(chat, target.name());
+        Ok(())
+    }
+
+    /// Undoes a move that did not switch: no fence at the source, and the
+    /// target's copy (still marked as held by the source) dropped.
+    async fn roll_back(
+        &self,
+        chat: &ChatId,
+        source: &Arc<Shard>,
+        target: &Arc<Shard>,
+        settings: &MoveSettings,
+    ) {
+        let c = chat.to_string();
+        let _ = source
+            .write(Some(chat), "move_unfence", move |conn| {
+                Box::pin(async move { Ok(moves::unfence(conn, &c).await?) })
+            })
+            .await;
+        self.drop_copy(chat, target, settings).await;
+    }
+
+    /// Runs [`Self::recover_moves`] every `lease / 3` until the service is
+    /// dropped.
+    pub fn spawn_move_recovery(self: &Arc<Self>) {
+        let service = Arc::downgrade(self);
+        let every = (self.move_settings.lease / 3).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            // Not at start: a move is abandoned only after a lease, and a
+            // start-up scan would add work (and breaker verdicts) to shards
+            // before any request needs them.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                service.recover_moves().await;
+            }
+        });
+    }
+
     /// Every move recorded on any shard, newest first (a shard that cannot
     /// answer is left out).
     pub async fn moves(&self) -> Vec<MoveView> {
@@ -207,15 +358,8 @@ impl ChatService {
             Err(stop) => {
                 let reason = stop.to_string();
                 tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_rolled_back");
-                // The chat stays where it is: no fence, and the target's copy
-                // (still marked as held by the source) is dropped.
-                let id_str = chat.to_string();
-                let _ = source
-                    .write(Some(&chat), "move_unfence", move |conn| {
-                        Box::pin(async move { Ok(moves::unfence(conn, &id_str).await?) })
-                    })
-                    .await;
-                self.drop_copy(&chat, &target, &settings).await;
+                // The chat stays where it is.
+                self.roll_back(&chat, &source, &target, &settings).await;
                 self.record(&source, id, "rolled_back", 0, Some(&reason), true)
                     .await;
             }
@@ -271,7 +415,7 @@ impl ChatService {
                     break;
                 }
                 copied = self
-                    .copy_until(chat, source, target, settings, latest)
+                    .copy_until((id, "copying"), chat, source, target, settings, latest)
                     .await?;
             }
             self.record(source, id, "copying", copied, None, false)
@@ -293,7 +437,7 @@ impl ChatService {
                 .ok_or(Stop::Gone)?;
             self.record(source, id, "fenced", copied, None, false).await;
             copied = self
-                .copy_until(chat, source, target, settings, frozen)
+                .copy_until((id, "fenced"), chat, source, target, settings, frozen)
                 .await?;
             let (from, to) = (
                 self.digest(chat, source).await?,
@@ -320,21 +464,7 @@ impl ChatService {
                 tracing::warn!(chat = %chat, attempt, "the fence lapsed before the switch; copying on");
                 continue;
             }
-            let c = chat_id.clone();
-            target
-                .write(Some(chat), "move_live", move |conn| {
-                    Box::pin(async move { Ok(moves::set_marker(conn, &c, None).await?) })
-                })
-                .await?;
-            let home = self.shards.home_of(chat).clone();
-            if !Arc::ptr_eq(&home, source) && !Arc::ptr_eq(&home, target) {
-                let (c, to_name) = (chat_id.clone(), target.name().to_owned());
-                home.write(Some(chat), "move_home_marker", move |conn| {
-                    Box::pin(async move { Ok(moves::set_marker(conn, &c, Some(&to_name)).await?) })
-                })
-                .await?;
-            }
-            self.shards.relocate(chat, target.name());
+            self.finish_switch(chat, source, target).await?;
             self.record(source, id, "switched", copied, None, false)
                 .await;
             return Ok(copied);
@@ -346,6 +476,7 @@ impl ChatService {
     /// revision after.
     async fn copy_until(
         &self,
+        (id, phase): (u64, &'static str),
         chat: &ChatId,
         source: &Arc<Shard>,
         target: &Arc<Shard>,
@@ -392,6 +523,9 @@ impl ChatService {
                     })
                 })
                 .await?;
+            // Progress, and the move's lease: a move whose record stops
+            // moving is taken for abandoned (see `recover_moves`).
+            self.record(source, id, phase, last, None, false).await;
             tokio::time::sleep(settings.pause).await;
         }
     }

@@ -522,6 +522,37 @@ pub async fn set_phase(
     Ok(())
 }
 
+/// The running moves recorded on this shard whose record has not changed for
+/// `seconds`: their driver is taken for gone.
+pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
+    sqlx::query_as(
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+         FROM chat_move WHERE active = 1 AND updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
+    )
+    .bind(seconds)
+    .fetch_all(conn)
+    .await
+}
+
+/// Takes an abandoned move over: only if its record is still as `seen`
+/// (another instance did not take it first).
+pub async fn claim(
+    conn: &mut MySqlConnection,
+    id: u64,
+    seen: NaiveDateTime,
+    now: NaiveDateTime,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chat_move SET updated_at = ? WHERE id = ? AND active = 1 AND updated_at = ?",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(seen)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(

@@ -621,3 +621,157 @@ async fn a_stream_on_an_instance_that_never_wrote_follows_the_chat_to_its_new_sh
     a.shut_down().await;
     b.shut_down().await;
 }
+
+/// Records a move by hand as a driver that died would have left it: in
+/// `phase`, last touched a minute ago.
+async fn abandoned_move(
+    db: &mut MySqlConnection,
+    chat: &str,
+    source: &str,
+    target: &str,
+    phase: &str,
+) {
+    sqlx::query(
+        "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, 1, 0, DATE_SUB(NOW(6), INTERVAL 60 SECOND), DATE_SUB(NOW(6), INTERVAL 60 SECOND))",
+    )
+    .bind(chat)
+    .bind(source)
+    .bind(target)
+    .bind(phase)
+    .execute(db)
+    .await
+    .expect("move record");
+}
+
+/// Waits until the chat's move has ended; the move.
+async fn ended_move_of(app: &TestApp, chat: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let all = app.admin_get("/v1/admin/moves").await;
+        let found = all["moves"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["chatId"] == json!(chat)).cloned());
+        if let Some(m) = found.filter(|m| m["phase"] == "done" || m["phase"] == "rolled_back") {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ended move of {chat}: {all}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on() {
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.lease_ms = 1000;
+        s.moves.fence_ms = 200;
+    })
+    .await;
+    let chat = app.new_chat("abandoned").await;
+    for i in 0..5 {
+        assert_eq!(
+            app.join(&chat, &format!("u{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let (home_name, target_name) = (
+        app.settings.shards[home].name.clone(),
+        app.settings.shards[target].name.clone(),
+    );
+    let mut old = app.db(home).await;
+    let mut new = app.db(target).await;
+    // Its driver died fenced, with a copy half made: the source's fence holds
+    // for a minute, longer than the move's lease.
+    copy_chat(&mut old, &mut new, &chat).await;
+    mark(&mut new, &chat, Some(&home_name)).await;
+    sqlx::query(
+        "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL 60 SECOND) WHERE chat_id = ?",
+    )
+    .bind(&chat)
+    .execute(&mut old)
+    .await
+    .expect("fence");
+    abandoned_move(&mut old, &chat, &home_name, &target_name, "fenced").await;
+    let r = app.join(&chat, "while-fenced").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.expect("problem");
+    assert_eq!(body["code"], "chat_moving");
+    assert!(body["detail"].is_string());
+
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert!(
+        ended["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("abandoned")),
+        "{ended}"
+    );
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    assert_eq!(app.shard_of(&chat).await, home);
+    common::assert_chat_consistent(&mut old, &chat).await;
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("target");
+    assert_eq!(left, 0, "the half-made copy is dropped");
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.lease_ms = 1000;
+        s.moves.fence_ms = 200;
+    })
+    .await;
+    let chat = app.new_chat("half-switched").await;
+    for i in 0..5 {
+        assert_eq!(
+            app.join(&chat, &format!("u{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let (home_name, target_name) = (
+        app.settings.shards[home].name.clone(),
+        app.settings.shards[target].name.clone(),
+    );
+    let mut old = app.db(home).await;
+    let mut new = app.db(target).await;
+    // Its driver died between the switch's first step (the tombstone at the
+    // source) and its second (the target made live): each marker names the
+    // other, and the chat answers 503 until the move is finished.
+    copy_chat(&mut old, &mut new, &chat).await;
+    mark(&mut new, &chat, Some(&home_name)).await;
+    mark(&mut old, &chat, Some(&target_name)).await;
+    abandoned_move(&mut old, &chat, &home_name, &target_name, "verified").await;
+
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    let body: Value = app
+        .get(&format!("/v1/chats/{chat}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["shard"], json!(target_name));
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source");
+    assert_eq!(left, 0, "the source is cleaned");
+    app.shut_down().await;
+}
