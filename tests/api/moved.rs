@@ -775,3 +775,86 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
     assert_eq!(left, 0, "the source is cleaned");
     app.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // The instance that takes the dead mover's move over.
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.lease_ms = 1000;
+        s.moves.fence_ms = 500;
+        s.join_throttle.enabled = false;
+    })
+    .await;
+    let chat = crate::helpers::unique("killed");
+    let r = app
+        .put_chat(&chat, Some(json!({"maxMembers": 100000})))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // Enough revisions for the copy to take a while in small batches.
+    for batch in 0..30 {
+        let joins = (0..100).map(|i| {
+            let (app, chat) = (&app, &chat);
+            async move { app.join(chat, &format!("m{batch}-{i}")).await.status() }
+        });
+        let statuses = futures::future::join_all(joins).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::CREATED),
+            "{statuses:?}"
+        );
+    }
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let dir = std::env::temp_dir().join(crate::helpers::unique("mover"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("chatshard.toml");
+    let mut settings = settings();
+    settings.moves.batch_revisions = 50;
+    settings.moves.pause_ms = 20;
+    std::fs::write(&config, toml::to_string(&settings).expect("toml")).expect("config");
+    let mut mover = Command::new(env!("CARGO_BIN_EXE_chatshard"))
+        .args([
+            "move-chat",
+            &chat,
+            "--to",
+            &app.settings.shards[target].name,
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the mover");
+    // Killed once it is copying.
+    let stdout = mover.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("copying") => break,
+            Some(Ok(_)) => {}
+            other => panic!("the mover ended before copying: {other:?}"),
+        }
+    }
+    mover.kill().expect("SIGKILL the mover");
+    let _ = mover.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The instance takes the abandoned move over and rolls it back: the
+    // chat goes on where it was, whole, and takes writes.
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    assert_eq!(app.shard_of(&chat).await, home);
+    let mut old = app.db(home).await;
+    common::assert_chat_consistent(&mut old, &chat).await;
+    assert_eq!(common::count_and_rows(&mut old, &chat).await, (3001, 3001));
+    // And it can move again, to the end this time.
+    let moved = move_to_end(&app, &chat, &app.settings.shards[target].name).await;
+    assert_eq!(moved["phase"], "done", "{moved}");
+    let mut new = app.db(target).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    app.shut_down().await;
+}
