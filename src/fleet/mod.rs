@@ -559,17 +559,31 @@ impl Fleet {
                 Some(value)
             }
             Ok(Err(e)) => {
-                let reason = format!("{what}: {e}");
-                self.breaker.record_failure(&reason);
-                self.down(reason);
+                self.failed(format!("{what}: {e}"));
                 None
             }
             Err(_) => {
-                let reason = format!("{what}: no answer within {} ms", deadline.as_millis());
-                self.breaker.record_failure(&reason);
-                self.down(reason);
+                self.failed(format!(
+                    "{what}: no answer within {} ms",
+                    deadline.as_millis()
+                ));
                 None
             }
+        }
+    }
+
+    /// A failed call counts against Redis's breaker; the instance acts alone
+    /// once the breaker opens (one failure, such as the first command over a
+    /// connection to a cluster node that restarted, is not an outage).
+    fn failed(&self, reason: String) {
+        self.breaker.record_failure(&reason);
+        if self.breaker.state() == crate::shard::BreakerState::Closed {
+            self.health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last_error = Some(reason);
+        } else {
+            self.down(reason);
         }
     }
 
@@ -732,7 +746,11 @@ impl Fleet {
                 let f = f.clone();
                 async move {
                     let mut conn = f.conn.clone();
-                    let sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
+                    let mut sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
+                    if sent.is_none() && f.is_up() {
+                        // Once more: a connection that failed is made anew.
+                        sent = f.call("publish", pipe.exec_async(&mut conn)).await;
+                    }
                     let counter = if sent.is_some() {
                         &f.counters.notices_sent
                     } else {
