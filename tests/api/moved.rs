@@ -663,15 +663,27 @@ async fn ended_move_of(app: &TestApp, chat: &str) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on() {
+/// A chat of 5 members copied to the next shard, the copy still marked as
+/// held by the source: what a move's driver leaves when it dies after its
+/// copy; on an instance that takes abandoned moves over after 1 s.
+struct Copied {
+    app: TestApp,
+    chat: String,
+    home: usize,
+    home_name: String,
+    target_name: String,
+    old: MySqlConnection,
+    new: MySqlConnection,
+}
+
+async fn copied_by_a_dead_driver(prefix: &str) -> Copied {
     let app = TestApp::spawn_with(|s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.lease_ms = 1000;
         s.moves.fence_ms = 200;
     })
     .await;
-    let chat = app.new_chat("abandoned").await;
+    let chat = app.new_chat(prefix).await;
     for i in 0..5 {
         assert_eq!(
             app.join(&chat, &format!("u{i}")).await.status(),
@@ -686,10 +698,32 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
     );
     let mut old = app.db(home).await;
     let mut new = app.db(target).await;
-    // Its driver died fenced, with a copy half made: the source's fence holds
-    // for a minute, longer than the move's lease.
     copy_chat(&mut old, &mut new, &chat).await;
     mark(&mut new, &chat, Some(&home_name)).await;
+    Copied {
+        app,
+        chat,
+        home,
+        home_name,
+        target_name,
+        old,
+        new,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on() {
+    let Copied {
+        app,
+        chat,
+        home,
+        home_name,
+        target_name,
+        mut old,
+        mut new,
+    } = copied_by_a_dead_driver("abandoned").await;
+    // Its driver died fenced, with the copy made: the source's fence holds
+    // for a minute, longer than the move's lease.
     sqlx::query(
         "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL 60 SECOND) WHERE chat_id = ?",
     )
@@ -726,32 +760,18 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
-    let app = TestApp::spawn_with(|s| {
-        s.admin.token = TOKEN.to_owned();
-        s.moves.lease_ms = 1000;
-        s.moves.fence_ms = 200;
-    })
-    .await;
-    let chat = app.new_chat("half-switched").await;
-    for i in 0..5 {
-        assert_eq!(
-            app.join(&chat, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
-    let (home_name, target_name) = (
-        app.settings.shards[home].name.clone(),
-        app.settings.shards[target].name.clone(),
-    );
-    let mut old = app.db(home).await;
-    let mut new = app.db(target).await;
+    let Copied {
+        app,
+        chat,
+        home_name,
+        target_name,
+        mut old,
+        mut new,
+        ..
+    } = copied_by_a_dead_driver("half-switched").await;
     // Its driver died between the switch's first step (the tombstone at the
     // source) and its second (the target made live): each marker names the
     // other, and the chat answers 503 until the move is finished.
-    copy_chat(&mut old, &mut new, &chat).await;
-    mark(&mut new, &chat, Some(&home_name)).await;
     mark(&mut old, &chat, Some(&target_name)).await;
     abandoned_move(&mut old, &chat, &home_name, &target_name, "verified").await;
 
