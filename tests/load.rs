@@ -350,7 +350,7 @@ async fn the_fleet_options_and_the_proxy_run() {
     let dir = std::env::temp_dir().join(format!("chatshard-load-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let (a, b) = (urls[0].clone(), urls[1].clone());
-    let (fanout, spike) = tokio::task::spawn_blocking(move || {
+    let (fanout, spike, moved) = tokio::task::spawn_blocking(move || {
         let fanout = run(
             &[
                 "--url",
@@ -385,8 +385,26 @@ async fn the_fleet_options_and_the_proxy_run() {
             ],
             &dir.join("fleet-spike.json"),
         );
+        let moved = run(
+            &[
+                "--url",
+                &a,
+                "--also",
+                &b,
+                "--admin-token",
+                TOKEN,
+                "move",
+                "--clients",
+                "2",
+                "--members",
+                "200",
+                "--seconds",
+                "2",
+            ],
+            &dir.join("fleet-move.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
-        (fanout, spike)
+        (fanout, spike, moved)
     })
     .await
     .expect("runs");
@@ -398,6 +416,13 @@ async fn the_fleet_options_and_the_proxy_run() {
     assert!(f["posted"].as_u64().unwrap_or(0) > 0, "{fanout}");
     assert_eq!(f["delivered"], f["expected"], "{fanout}");
     assert_eq!(spike["scenario"]["instances"], 2, "{spike}");
+    let m = &moved["scenario"];
+    assert_eq!(m["phase"], "done", "{moved}");
+    assert!(
+        m["moveSeconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{moved}"
+    );
+    assert!(ok(&moved, "post") > 0, "{moved}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     drop(cluster);
 }

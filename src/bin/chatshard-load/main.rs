@@ -162,6 +162,20 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// A chat under C clients' posts is moved to another shard mid-run: the
+    /// move's time, the longest pause a client saw, and every answer.
+    Move {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Members the chat has before the run.
+        #[arg(long, default_value_t = 10_000)]
+        members: u64,
+        /// The shard to move it to (default: another one).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
     /// A TCP proxy that delays every chunk by --delay-ms in each direction
     /// (a slow Redis, say), for --seconds; it records nothing.
     Proxy {
@@ -344,6 +358,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             anyhow::ensure!((1..=256).contains(&writers), "--writers must be 1 to 256");
             scenarios::autoinc(&recorder, writers, seconds(s)?).await
+        }
+        Scenario::Move {
+            clients,
+            members,
+            to,
+            seconds: s,
+        } => {
+            anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
+            anyhow::ensure!(members <= 99_000, "--members must be at most 99000");
+            let report =
+                scenarios::move_chat(&target, &recorder, clients, members, to, seconds(s)?).await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
         }
         Scenario::Proxy {
             listen,

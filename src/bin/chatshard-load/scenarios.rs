@@ -1454,3 +1454,152 @@ pub async fn mixed(
         "celebrityJoined": recorder.ok_count("celebrity_join"),
     }))
 }
+
+/// A chat under writes is moved to another shard: C clients, each a member,
+/// post messages to it throughout (each retried with the same key on 503
+/// `chat_moving`, as a client would), the move is started after a quarter of
+/// the run, and the figures are the move's time, the longest pause any client
+/// saw between two successes, and the answers around the switch.
+pub async fn move_chat(
+    target: &Target,
+    recorder: &Recorder,
+    clients: usize,
+    members: u64,
+    to: Option<String>,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let Some(token) = target.admin_token.clone() else {
+        anyhow::bail!("move needs --admin-token (it starts the move through the admin API)");
+    };
+    let chat = run_id("move");
+    target.create_chat(&chat).await?;
+    target.set_join_throttle(&chat, false).await?;
+    // The chat's members before the move, joined 64 at a time.
+    let mut n = 0;
+    while n < members {
+        let batch: Vec<_> = (n..(n + 64).min(members))
+            .map(|i| {
+                let chat = &chat;
+                async move { target.join(recorder, "fill", chat, &format!("f{i}")).await }
+            })
+            .collect();
+        futures_util::future::join_all(batch).await;
+        n += 64;
+    }
+    let info: Value = target
+        .http
+        .get(format!("{}/v1/chats/{chat}", target.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let from = info["shard"].as_str().unwrap_or_default().to_owned();
+    let to = match to {
+        Some(to) => to,
+        None => {
+            let shards: Value = target
+                .http
+                .get(format!("{}/v1/admin/shards", target.base))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            shards["shards"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["name"].as_str())
+                .find(|name| *name != from)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("move needs a second shard"))?
+        }
+    };
+    let deadline = Instant::now() + duration;
+    let users = Arc::new(AtomicU64::new(0));
+    let longest_pause_us = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (target, recorder, chat, users, longest) = (
+                target.instance(i),
+                recorder.clone(),
+                chat.clone(),
+                users.clone(),
+                longest_pause_us.clone(),
+            );
+            tokio::spawn(async move {
+                let writer = format!("w{i}");
+                target.join(&recorder, "fill", &chat, &writer).await;
+                let mut last_ok = Instant::now();
+                while Instant::now() < deadline {
+                    let key = format!("k{}", users.fetch_add(1, Ordering::Relaxed));
+                    loop {
+                        let started = Instant::now();
+                        let (answer, ok) = target.post(&chat, &writer, &key).await;
+                        recorder.record("post", started.elapsed(), &answer, ok);
+                        if ok {
+                            let pause = last_ok.elapsed().as_micros() as u64;
+                            longest.fetch_max(pause, Ordering::Relaxed);
+                            last_ok = Instant::now();
+                            break;
+                        }
+                        if answer != "503/chat_moving" || Instant::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration / 4).await;
+    recorder.mark("move starts");
+    let started = Instant::now();
+    let r = target
+        .http
+        .post(format!("{}/v1/admin/chats/{chat}/move", target.base))
+        .bearer_auth(&token)
+        .json(&json!({ "to": to }))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "starting the move: {}", r.status());
+    let id = r.json::<Value>().await?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let ended = loop {
+        let m: Value = target
+            .http
+            .get(format!("{}/v1/admin/moves/{id}", target.base))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if m["phase"] == "done" || m["phase"] == "rolled_back" {
+            break m;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the move did not end within 10 minutes: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let move_seconds = started.elapsed().as_secs_f64();
+    recorder.mark("move ended");
+    for task in tasks {
+        task.await?;
+    }
+    Ok(json!({
+        "name": "move",
+        "clients": clients,
+        "membersBefore": members,
+        "from": from,
+        "to": to,
+        "phase": ended["phase"],
+        "error": ended["error"],
+        "revisionsCopied": ended["copiedRevision"],
+        "moveSeconds": move_seconds,
+        "longestPauseMs": longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+    }))
+}
