@@ -307,7 +307,7 @@ async fn the_fleet_options_and_the_proxy_run() {
     let proxy_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_chatshard-load"))
+    let proxy = Command::new(env!("CARGO_BIN_EXE_chatshard-load"))
         .args(["--quiet", "proxy", "--listen"])
         .arg(proxy_addr.to_string())
         .arg("--to")
@@ -315,6 +315,8 @@ async fn the_fleet_options_and_the_proxy_run() {
         .args(["--delay-ms", "2", "--seconds", "120"])
         .spawn()
         .expect("start the proxy");
+    // Stopped when the test ends, passed or failed.
+    let _proxy = KillOnDrop(proxy);
     let mut urls = Vec::new();
     for _ in 0..2 {
         let mut settings = cluster.settings().expect("settings");
@@ -408,8 +410,6 @@ async fn the_fleet_options_and_the_proxy_run() {
     })
     .await
     .expect("runs");
-    let _ = proxy.kill();
-    let _ = proxy.wait();
     let f = &fanout["scenario"];
     assert_eq!(f["crossInstance"], true, "{fanout}");
     assert_eq!(f["streamsOpen"], 5, "{fanout}");
@@ -425,4 +425,14 @@ async fn the_fleet_options_and_the_proxy_run() {
     assert!(ok(&moved, "post") > 0, "{moved}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     drop(cluster);
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -270,10 +270,6 @@ impl Fleet {
         let _ = self.tails.set(tails);
     }
 
-    pub fn instance_id(&self) -> &str {
-        &self.info.id
-    }
-
     /// Whether Redis answers now.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
@@ -860,7 +856,7 @@ impl Fleet {
             self.throttle.hot.retire(&chat);
             if let Some(tails) = self.tails.get() {
                 match notice.events() {
-                    Some(events) => tails.noticed(&chat, &events),
+                    Some(events) => tails.committed(&chat, &events),
                     None => tails.learn(&chat, notice.last),
                 }
             }

@@ -563,10 +563,8 @@ pub async fn get_move(
 ) -> Result<Json<crate::service::moves::MoveView>, Problem> {
     state
         .service
-        .moves()
+        .get_move(&id)
         .await
-        .into_iter()
-        .find(|m| m.id == id)
         .map(Json)
         .ok_or_else(|| Problem::new(Code::NotFound, format!("no move has the id {id:?}")))
 }

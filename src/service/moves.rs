@@ -126,15 +126,13 @@ impl ChatService {
         chat: &ChatId,
         to: &str,
     ) -> Result<MoveView, ServiceError> {
-        let target = self
-            .shards
-            .all()
-            .iter()
-            .find(|s| s.name() == to)
-            .cloned()
-            .ok_or_else(|| ServiceError::UnknownShard {
-                shard: to.to_owned(),
-            })?;
+        let target =
+            self.shards
+                .by_name(to)
+                .cloned()
+                .ok_or_else(|| ServiceError::UnknownShard {
+                    shard: to.to_owned(),
+                })?;
         // Where the chat is now (following markers), and that it exists.
         self.get_chat(chat).await?;
         let source = self.shard(chat).clone();
@@ -199,13 +197,7 @@ impl ChatService {
         let Ok(chat) = ChatId::parse(&row.chat_id) else {
             return;
         };
-        let Some(target) = self
-            .shards
-            .all()
-            .iter()
-            .find(|s| s.name() == row.target)
-            .cloned()
-        else {
+        let Some(target) = self.shards.by_name(&row.target).cloned() else {
             self.record(
                 source,
                 row.id,
@@ -218,12 +210,7 @@ impl ChatService {
             return;
         };
         let settings = self.move_settings.clone();
-        let c = chat.to_string();
-        let at_source = source
-            .read(Some(&chat), "move_source_row", move |conn| {
-                Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
-            })
-            .await;
+        let at_source = self.row_on(&chat, source).await;
         let switched = matches!(&at_source, Ok(Some((_, Some(to)))) if *to == row.target);
         tracing::warn!(chat = %chat, phase = %row.phase, switched, "taking over an abandoned chat move");
         if switched {
@@ -332,15 +319,21 @@ impl ChatService {
     }
 
     async fn move_view(&self, source: &Shard, id: u64) -> Result<MoveView, ServiceError> {
-        let rows = source
-            .read(None, "list_moves", |conn| {
-                Box::pin(async move { Ok(moves::list_moves(conn, 1000).await?) })
+        source
+            .read(None, "get_move", move |conn| {
+                Box::pin(async move { Ok(moves::get_move(conn, id).await?) })
             })
-            .await?;
-        rows.into_iter()
-            .find(|r| r.id == id)
+            .await?
             .map(MoveView::from_row)
             .ok_or_else(|| ServiceError::internal("a move just recorded cannot be read back"))
+    }
+
+    /// One move by its id (`<source shard>:<number>`); `None` when no shard
+    /// records it (or its shard cannot answer).
+    pub async fn get_move(&self, id: &str) -> Option<MoveView> {
+        let (shard, n) = id.rsplit_once(':')?;
+        let source = self.shards.by_name(shard)?;
+        self.move_view(source, n.parse().ok()?).await.ok()
     }
 
     /// Runs a recorded move to its end, recording each phase.
@@ -484,14 +477,7 @@ impl ChatService {
         until: u64,
     ) -> Result<u64, Stop> {
         loop {
-            let c = chat.to_string();
-            let at = target
-                .read(Some(chat), "move_target_revision", move |conn| {
-                    Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
-                })
-                .await?
-                .map(|(revision, _)| revision)
-                .ok_or(Stop::Gone)?;
+            let (at, _) = self.row_on(chat, target).await?.ok_or(Stop::Gone)?;
             if at >= until {
                 return Ok(at);
             }
@@ -530,14 +516,22 @@ impl ChatService {
         }
     }
 
-    async fn source_revision(&self, chat: &ChatId, source: &Arc<Shard>) -> Result<u64, Stop> {
+    /// The chat's revision on `shard` and its marker there (`None`: no row).
+    async fn row_on(
+        &self,
+        chat: &ChatId,
+        shard: &Shard,
+    ) -> Result<Option<(u64, Option<String>)>, crate::shard::ShardError> {
         let c = chat.to_string();
-        match source
-            .read(Some(chat), "move_source_revision", move |conn| {
+        shard
+            .read(Some(chat), "move_chat_row", move |conn| {
                 Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
             })
-            .await?
-        {
+            .await
+    }
+
+    async fn source_revision(&self, chat: &ChatId, source: &Arc<Shard>) -> Result<u64, Stop> {
+        match self.row_on(chat, source).await? {
             Some((revision, None)) => Ok(revision),
             _ => Err(Stop::Gone),
         }
@@ -582,12 +576,7 @@ impl ChatService {
     /// Drops what a rolled-back move copied to the target (its rows, then its
     /// chat row), if the target's row is still the copy's (marked).
     async fn drop_copy(&self, chat: &ChatId, target: &Arc<Shard>, settings: &MoveSettings) {
-        let c = chat.to_string();
-        let marked = target
-            .read(Some(chat), "move_target_revision", move |conn| {
-                Box::pin(async move { Ok(crate::storage::chats::revision(conn, &c).await?) })
-            })
-            .await;
+        let marked = self.row_on(chat, target).await;
         if !matches!(marked, Ok(Some((_, Some(_))))) {
             return;
         }

@@ -135,7 +135,9 @@ impl Tails {
             .collect()
     }
 
-    /// Feeds a batch this instance committed to the chat's tail, if it has one.
+    /// Feeds a committed batch to the chat's tail, if it has one: a batch this
+    /// instance committed, or one another instance's notice carried (a batch
+    /// that does not follow on restarts the tail).
     pub fn committed(&self, chat: &ChatId, events: &[Event]) {
         if events.is_empty() {
             return;
@@ -145,24 +147,12 @@ impl Tails {
         }
     }
 
-    /// Feeds a batch another instance committed (its notice carried the
-    /// events) to the chat's tail, if it has one; a batch that does not follow
-    /// on restarts the tail, as for local commits.
-    pub fn noticed(&self, chat: &ChatId, events: &[Event]) {
-        self.committed(chat, events);
-    }
-
     /// Told by a notice without its events that the chat reached `last`: see
     /// [`Tail::learn`].
     pub fn learn(&self, chat: &ChatId, last: u64) {
         if let Some(tail) = self.cache.get(chat) {
             tail.learn(last);
         }
-    }
-
-    /// Whether the chat has a tail here (without making one).
-    pub fn contains(&self, chat: &ChatId) -> bool {
-        self.cache.contains_key(chat)
     }
 
     /// Distrusts every tail: after notices may have been lost (Redis was
@@ -176,14 +166,6 @@ impl Tails {
                 .refreshed = None;
             tail.latest.send_modify(|_| {});
         }
-    }
-
-    /// Every chat with a tail now.
-    pub fn chats(&self) -> Vec<ChatId> {
-        self.cache
-            .iter()
-            .map(|(chat, _)| ChatId::clone(&chat))
-            .collect()
     }
 
     /// How long a tail is trusted before it is refreshed.

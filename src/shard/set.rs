@@ -58,6 +58,15 @@ impl ShardSet {
         &self.shards[i]
     }
 
+    /// The configured shard named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Shard>> {
+        self.index_of(name).map(|i| &self.shards[i])
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.shards.iter().position(|s| s.name() == name)
+    }
+
     /// The shard that owns the chat's bucket (its home, where its marker is
     /// when it moved away).
     pub fn home_of(&self, chat: &ChatId) -> &Arc<Shard> {
@@ -67,7 +76,7 @@ impl ShardSet {
     /// Records that `chat` is held by the shard named `to` (a shard's marker
     /// said so); `false` when no configured shard has that name.
     pub fn relocate(&self, chat: &ChatId, to: &str) -> bool {
-        let Some(i) = self.shards.iter().position(|s| s.name() == to) else {
+        let Some(i) = self.index_of(to) else {
             return false;
         };
         if i == self.router.shard_of(chat) {

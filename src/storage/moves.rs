@@ -553,6 +553,17 @@ pub async fn claim(
     Ok(done.rows_affected() == 1)
 }
 
+/// One move recorded on this shard.
+pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
+    sqlx::query_as(
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+         FROM chat_move WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
