@@ -75,7 +75,9 @@ impl App {
         let service = Arc::new(service);
         service.spawn_tail_refresher();
         service.spawn_move_recovery();
+        service.spawn_lifecycle(settings.purge.clone(), settings.digest.clone());
         metrics.observe_tails(service.clone());
+        metrics.observe_lifecycle(service.clone());
         let router = http::router(http::Shared {
             service,
             admin_token,

@@ -6,6 +6,7 @@
 //! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
 //! - `chatshard move-chat CHAT --to SHARD`: move one chat to another shard online.
+//! - `chatshard purge [--dry-run]`: purge (or report) events past retention.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,19 @@ enum Command {
     /// Move one chat to another shard, online (docs/moving-chats.md); waits
     /// until the move ends and prints its phases.
     MoveChat(MoveChatArgs),
+    /// Delete the events past the retention policy now, every shard, paced
+    /// like the background purge; with --dry-run, report per shard what would
+    /// go and delete nothing (docs/event-log.md).
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Args)]
+struct PurgeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Report what would be purged, per shard; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +204,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} count(s) fixed", fixes.len());
             Ok(())
         }
+        Command::Purge(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            purge(&settings, args.dry_run).await
+        }
         Command::MoveChat(args) => {
             telemetry::init(&TelemetrySettings::default())?;
             let settings = load(&args.config)?;
@@ -197,6 +216,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             move_chat(&settings, &chat, &args.to).await
         }
     }
+}
+
+/// One purge round of every shard (or its dry run), reported per shard.
+async fn purge(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
+    use crate::service::lifecycle::purge_shard;
+    let shards = app::build_shards(settings)?;
+    let live = crate::live::Live::new(settings.live());
+    let retention = &settings.retention;
+    println!(
+        "retention: {} (keep {} days and the last {} revisions of each chat; {} override(s))",
+        if retention.enabled { "on" } else { "off" },
+        retention.min_days,
+        retention.min_revisions,
+        retention.overrides.len()
+    );
+    let verb = if dry_run { "would purge" } else { "purged" };
+    let (mut chats, mut events, mut failed) = (0, 0, false);
+    for shard in shards.all() {
+        let report = purge_shard(shard, &live, &settings.purge, dry_run, None).await;
+        println!(
+            "{}: {verb} {} event(s) of {} chat(s){}",
+            report.shard,
+            report.events,
+            report.chats,
+            report
+                .stopped
+                .as_deref()
+                .map(|why| format!(" (stopped: {why})"))
+                .unwrap_or_default()
+        );
+        chats += report.chats;
+        events += report.events;
+        failed |= report.stopped.is_some();
+    }
+    println!("total: {verb} {events} event(s) of {chats} chat(s)");
+    if failed {
+        anyhow::bail!("the purge stopped on at least one shard");
+    }
+    Ok(())
 }
 
 /// Runs one move in this process and reports its phases until it ends.

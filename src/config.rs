@@ -65,6 +65,15 @@ pub struct Settings {
     /// Live: event streams (changeable at run time).
     #[serde(default)]
     pub streams: crate::live::StreamsConfig,
+    /// Live: how long the event log keeps events (changeable at run time).
+    #[serde(default)]
+    pub retention: crate::live::RetentionConfig,
+    /// How the purge paces its deletes (docs/event-log.md).
+    #[serde(default)]
+    pub purge: PurgeSettings,
+    /// The digest check that finds and repairs drift (docs/event-log.md).
+    #[serde(default)]
+    pub digest: DigestSettings,
     #[serde(default)]
     pub shards: Vec<ShardSettings>,
 }
@@ -336,6 +345,61 @@ impl MovesSettings {
             problems.push(
                 "moves.lease_ms must be at least 1000 and at least twice moves.fence_ms".to_owned(),
             );
+        }
+    }
+}
+
+/// How the background purge deletes old events (the policy itself is the
+/// live `retention` section). Each shard is purged by its own task, through
+/// its bulkhead like any other work, at most `rows_per_second` rows a
+/// second, `batch_rows` per statement; a shard whose breaker is open is
+/// skipped until the next round.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PurgeSettings {
+    /// Time between two purge rounds of a shard.
+    pub interval_ms: u64,
+    /// Events deleted per statement at most.
+    pub batch_rows: u32,
+    /// Events deleted per second per shard at most.
+    pub rows_per_second: u32,
+}
+
+impl Default for PurgeSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 300_000,
+            batch_rows: 1000,
+            rows_per_second: 5000,
+        }
+    }
+}
+
+/// The periodic digest check (docs/event-log.md): every `interval_ms`, each
+/// shard's chats that changed since they were last checked have their
+/// member count compared with their JOINED rows and their revision with
+/// their stored events, and a mismatch is repaired under the chat's lock.
+/// Every `full_sweep_rounds` rounds every chat is checked, changed or not.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DigestSettings {
+    /// Whether the check runs.
+    pub enabled: bool,
+    /// Time between two rounds of a shard.
+    pub interval_ms: u64,
+    /// Chats checked per second per shard at most.
+    pub chats_per_second: u32,
+    /// Every this many rounds, a round checks every chat (1 = every round).
+    pub full_sweep_rounds: u32,
+}
+
+impl Default for DigestSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 60_000,
+            chats_per_second: 500,
+            full_sweep_rounds: 1440,
         }
     }
 }
@@ -714,6 +778,30 @@ impl Settings {
         problems.extend(self.live().problems());
         self.redis.problems(&mut problems);
         self.moves.problems(&mut problems);
+        for (name, value) in [
+            ("purge.interval_ms", self.purge.interval_ms),
+            ("purge.batch_rows", u64::from(self.purge.batch_rows)),
+            (
+                "purge.rows_per_second",
+                u64::from(self.purge.rows_per_second),
+            ),
+            ("digest.interval_ms", self.digest.interval_ms),
+            (
+                "digest.chats_per_second",
+                u64::from(self.digest.chats_per_second),
+            ),
+            (
+                "digest.full_sweep_rounds",
+                u64::from(self.digest.full_sweep_rounds),
+            ),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.purge.batch_rows > 10_000 {
+            problems.push("purge.batch_rows must be at most 10000".to_owned());
+        }
         if self.throttle.tracked_chats == 0 {
             problems.push("throttle.tracked_chats must be greater than 0".to_owned());
         }
@@ -735,6 +823,7 @@ impl Settings {
             hot_chat: self.hot_chat.clone(),
             join_throttle: self.join_throttle.clone(),
             streams: self.streams.clone(),
+            retention: self.retention.clone(),
         }
     }
 

@@ -238,6 +238,38 @@ impl MemberCursor {
     }
 }
 
+/// Where a snapshot's paging stands: the revision the snapshot is taken at
+/// (its first page's) and the last member id seen. Encoded `R.id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotCursor {
+    pub revision: u64,
+    pub after: u64,
+}
+
+impl SnapshotCursor {
+    pub fn parse(raw: &str) -> Result<Self, DomainError> {
+        let bad = || {
+            DomainError(
+                "after must be a cursor returned as nextCursor by a previous snapshot page"
+                    .to_owned(),
+            )
+        };
+        let (revision, after) = raw.split_once('.').ok_or_else(bad)?;
+        let number = |s: &str| match s.parse::<u64>() {
+            Ok(n) if !s.starts_with('+') && n <= i64::MAX as u64 => Ok(n),
+            _ => Err(bad()),
+        };
+        Ok(Self {
+            revision: number(revision)?,
+            after: number(after)?,
+        })
+    }
+
+    pub fn encode(self) -> String {
+        format!("{}.{}", self.revision, self.after)
+    }
+}
+
 /// Whether a member is currently in the chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MemberState {

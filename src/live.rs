@@ -190,6 +190,59 @@ impl Default for StreamsConfig {
     }
 }
 
+/// How long the event log keeps each chat's events (docs/event-log.md). An
+/// event is purged only when it is older than `minDays` days **and** not
+/// among the chat's last `minRevisions` revisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Whether the background purge runs.
+    pub enabled: bool,
+    /// Events younger than this many days are kept (0 = no age floor).
+    #[serde(alias = "min_days")]
+    #[schema(minimum = 0, maximum = 36500)]
+    pub min_days: u64,
+    /// Each chat's last this many revisions are kept, however old.
+    #[serde(alias = "min_revisions")]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub min_revisions: u64,
+    /// Per-chat replacements of any of the fields above, by chatId.
+    pub overrides: HashMap<String, RetentionOverride>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_days: 30,
+            min_revisions: 10_000,
+            overrides: HashMap::new(),
+        }
+    }
+}
+
+/// Per-chat replacement of retention fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(alias = "min_days", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 36500)]
+    pub min_days: Option<u64>,
+    #[serde(alias = "min_revisions", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub min_revisions: Option<u64>,
+}
+
+/// The effective retention of one chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionRule {
+    pub enabled: bool,
+    pub min_days: u64,
+    pub min_revisions: u64,
+}
+
 /// The live section as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -199,6 +252,7 @@ pub struct LiveConfig {
     #[serde(alias = "join_throttle")]
     pub join_throttle: JoinThrottleConfig,
     pub streams: StreamsConfig,
+    pub retention: RetentionConfig,
 }
 
 /// The effective hot-chat settings of one chat.
@@ -248,10 +302,29 @@ impl LiveConfig {
         }
     }
 
+    pub fn retention_rule(&self, chat: &str) -> RetentionRule {
+        let c = &self.retention;
+        let o = c.overrides.get(chat).cloned().unwrap_or_default();
+        RetentionRule {
+            enabled: o.enabled.unwrap_or(c.enabled),
+            min_days: o.min_days.unwrap_or(c.min_days),
+            min_revisions: o.min_revisions.unwrap_or(c.min_revisions),
+        }
+    }
+
     /// Every problem of the section, each naming its field (an override is
     /// checked for the fields it sets).
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        let r = &self.retention;
+        check_retention("retention", Some(r.min_days), Some(r.min_revisions), &mut p);
+        for (chat, o) in &r.overrides {
+            let at = format!("retention.overrides.{chat}");
+            if ChatId::parse(chat).is_err() {
+                p.push(format!("{at}: not a valid chatId"));
+            }
+            check_retention(&at, o.min_days, o.min_revisions, &mut p);
+        }
         let st = &self.streams;
         for (name, value, max) in [
             ("streams.maxSubscribers", st.max_subscribers, 1_000_000),
@@ -330,6 +403,17 @@ fn check_hot_chat(at: &str, v: &HotChatOverride, p: &mut Vec<String>) {
     }
     if v.cache_millis.is_some_and(|c| c > 60_000) {
         p.push(format!("{at}.cacheMillis must be at most 60000"));
+    }
+}
+
+fn check_retention(at: &str, days: Option<u64>, revisions: Option<u64>, p: &mut Vec<String>) {
+    if days.is_some_and(|d| d > 36_500) {
+        p.push(format!("{at}.minDays must be between 0 and 36500"));
+    }
+    if revisions.is_some_and(|r| r > MAX_COUNT) {
+        p.push(format!(
+            "{at}.minRevisions must be between 0 and {MAX_COUNT}"
+        ));
     }
 }
 

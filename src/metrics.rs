@@ -403,6 +403,55 @@ impl Metrics {
             .build();
     }
 
+    /// Registers the counters of the purge and the digest check.
+    pub fn observe_lifecycle(&self, service: Arc<crate::service::ChatService>) {
+        use crate::service::lifecycle::LifecycleStats as S;
+        use opentelemetry::KeyValue;
+        let s = service.clone();
+        self.meter
+            .u64_observable_counter("chatshard.purge.events")
+            .with_description("Events deleted by the purge (past the retention policy)")
+            .with_callback(move |o| o.observe(S::get(&s.lifecycle().events_purged), &[]))
+            .build();
+        let s = service.clone();
+        self.meter
+            .u64_observable_counter("chatshard.purge.rounds")
+            .with_description("Purge rounds run (one per shard per purge.interval_ms)")
+            .with_callback(move |o| o.observe(S::get(&s.lifecycle().purge_rounds), &[]))
+            .build();
+        let s = service.clone();
+        self.meter
+            .u64_observable_counter("chatshard.digest.rounds")
+            .with_description("Digest check rounds run (one per shard per digest.interval_ms)")
+            .with_callback(move |o| o.observe(S::get(&s.lifecycle().digest_rounds), &[]))
+            .build();
+        let s = service.clone();
+        self.meter
+            .u64_observable_counter("chatshard.digest.checks")
+            .with_description(
+                "Chats whose derived state the digest check compared with its sources",
+            )
+            .with_callback(move |o| o.observe(S::get(&s.lifecycle().chats_checked), &[]))
+            .build();
+        self.meter
+            .u64_observable_counter("chatshard.digest.repairs")
+            .with_description(
+                "Drift the digest check repaired, by kind: count (member count != JOINED rows), \
+                 revision (revision behind the stored events), events_missing (first revision raised)",
+            )
+            .with_callback(move |o| {
+                let l = service.lifecycle();
+                for (kind, counter) in [
+                    ("count", &l.repairs_count),
+                    ("revision", &l.repairs_revision),
+                    ("events_missing", &l.repairs_events_missing),
+                ] {
+                    o.observe(S::get(counter), &[KeyValue::new("kind", kind)]);
+                }
+            })
+            .build();
+    }
+
     /// Registers the fleet's gauges and counters: whether Redis answers, the
     /// live instances, and what crossed Redis.
     pub fn observe_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {

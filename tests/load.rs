@@ -199,9 +199,25 @@ async fn every_scenario_runs_and_reports() {
             &["autoinc", "--writers", "2", "--seconds", "0.3"],
             &dir.join("autoinc.json"),
         );
+        let lifecycle = run(
+            &[
+                "lifecycle",
+                "--clients",
+                "2",
+                "--events",
+                "3000",
+                "--paced",
+                "20000",
+                "--seconds",
+                "0.5",
+                "--digest-chats",
+                "2000",
+            ],
+            &dir.join("lifecycle.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         (
-            mixed,
+            (mixed, lifecycle),
             autoinc,
             spike,
             quiet,
@@ -213,8 +229,42 @@ async fn every_scenario_runs_and_reports() {
     })
     .await
     .expect("runs");
-    let (mixed, autoinc, spike, quiet, direct, fanout, [mux, fetch, isolation, refusals], chart) =
-        reports;
+    let (
+        (mixed, lifecycle),
+        autoinc,
+        spike,
+        quiet,
+        direct,
+        fanout,
+        [mux, fetch, isolation, refusals],
+        chart,
+    ) = reports;
+    // The lifecycle run purges down to the last 1000 revisions, paced and
+    // not, repairs five injected drifts, and walks its 2000 small chats
+    // without finding any.
+    let l = &lifecycle["scenario"];
+    for run in 0..2 {
+        assert_eq!(
+            l["purge"][if run == 0 { 0 } else { 2 }]["eventsPurged"],
+            2000,
+            "{lifecycle}"
+        );
+    }
+    assert_eq!(
+        l["purge"][1]["detectAndRepairMs"].as_array().map(Vec::len),
+        Some(5),
+        "{lifecycle}"
+    );
+    assert!(l["digest"]["chats"].as_u64() >= Some(2000), "{lifecycle}");
+    assert_eq!(
+        l["digest"]["incrementalRoundChecked"]
+            .as_u64()
+            .map(|n| n > 0),
+        Some(true),
+        "{lifecycle}"
+    );
+    assert_eq!(l["digest"]["repairs"], 0, "{lifecycle}");
+    assert!(ok(&lifecycle, "paced_before") > 0, "{lifecycle}");
     for kind in ["bg_count", "celebrity_join", "celebrity_read"] {
         assert!(ok(&mixed, kind) > 0, "{kind}: {mixed}");
     }

@@ -4,11 +4,15 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
+use super::extract::PageQuery;
 use super::extract::{ChatPath, OptionalJsonBody};
-use super::model::{Chat, ChatIdParam, CreateChatRequest, MemberCount};
+use super::model::{
+    Chat, ChatIdParam, ChatSnapshot, CreateChatRequest, MemberCount, SnapshotPageParams,
+};
 use super::problem::Problem;
 use super::{AppState, status_for};
-use crate::domain::MaxMembers;
+use crate::domain::{MaxMembers, PageLimit, SnapshotCursor};
+use crate::service::ServiceError;
 
 /// Create a chat, or get the existing one.
 #[utoipa::path(
@@ -74,4 +78,42 @@ pub async fn get_member_count(
         chat_id: chat.to_string(),
         member_count,
     }))
+}
+
+/// A page of the chat's snapshot: the chat and its JOINED members, with the
+/// revision the snapshot is taken at. A reader left behind by the purge
+/// (410 `revision_purged`) loads every page, then fetches the events after
+/// `revision`: every join or leave since is among them.
+#[utoipa::path(
+    get, path = "/v1/chats/{chatId}/snapshot", tag = "chats", params(ChatIdParam, SnapshotPageParams),
+    responses(
+        (status = 200, description = "A page of the snapshot", body = ChatSnapshot),
+        (status = 400, description = "Undecodable query string", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "revision_purged: the events after this snapshot's revision were purged while it was paged; start again", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid id, cursor or limit", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_snapshot(
+    State(state): State<AppState>,
+    ChatPath(chat): ChatPath,
+    query: PageQuery,
+) -> Result<Json<ChatSnapshot>, Problem> {
+    let cursor = query
+        .after
+        .as_deref()
+        .map(SnapshotCursor::parse)
+        .transpose()
+        .map_err(|e| Problem::invalid(e.0))?;
+    let limit = PageLimit::parse(query.limit.as_deref()).map_err(|e| Problem::invalid(e.0))?;
+    let page = state
+        .service
+        .snapshot(&chat, cursor, limit)
+        .await
+        .map_err(|e| match e {
+            ServiceError::RevisionPurged { .. } => Problem::from(e).with_snapshot(&chat),
+            e => Problem::from(e),
+        })?;
+    Ok(Json(page.into()))
 }

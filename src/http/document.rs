@@ -25,7 +25,7 @@ pub fn finish(api: utoipa::openapi::OpenApi) -> Value {
         Value::Null
     });
     // Overrides are keyed by chat id.
-    for config in ["HotChatConfig", "JoinThrottleConfig"] {
+    for config in ["HotChatConfig", "JoinThrottleConfig", "RetentionConfig"] {
         if let Some(overrides) = document.pointer_mut(&format!(
             "/components/schemas/{config}/properties/overrides"
         )) {

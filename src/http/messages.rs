@@ -50,6 +50,7 @@ pub async fn post_message(
         (status = 200, description = "A page of events", body = EventPage),
         (status = 400, description = "Undecodable query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "revision_purged: the events after `after` are no longer stored; full-sync from the snapshot", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid id, revision or limit", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "fetch_throttled (the chat is hot)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
@@ -69,6 +70,7 @@ pub async fn get_events(
         .await
         .map_err(|e| match e {
             ServiceError::FetchThrottled { .. } => Problem::from(e).with_stream(&chat),
+            ServiceError::RevisionPurged { .. } => Problem::from(e).with_snapshot(&chat),
             e => Problem::from(e),
         })?;
     Ok(Json(EventPage {

@@ -103,6 +103,7 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chats::put_chat, chats::get_chat))
         .routes(routes!(chats::get_member_count))
+        .routes(routes!(chats::get_snapshot))
         .routes(routes!(members::join, members::list_members))
         .routes(routes!(members::get_member, members::leave))
         .routes(routes!(messages::post_message))

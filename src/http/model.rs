@@ -44,7 +44,7 @@ pub struct PostMessageRequest {
 /// A chat.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-#[schema(examples(json!({"chatId": "general", "shard": "shard-3", "memberCount": 1, "maxMembers": 5000, "revision": 2, "createdAt": "2026-11-30T12:00:00.000000Z"})))]
+#[schema(examples(json!({"chatId": "general", "shard": "shard-3", "memberCount": 1, "maxMembers": 5000, "revision": 2, "firstRevision": 1, "createdAt": "2026-11-30T12:00:00.000000Z"})))]
 pub struct Chat {
     pub chat_id: String,
     /// The shard that stores the chat.
@@ -53,6 +53,10 @@ pub struct Chat {
     pub max_members: u32,
     /// The chat's latest event revision (0 before the first event).
     pub revision: u64,
+    /// The lowest revision still stored (1 until the first purge): events
+    /// can be fetched after `firstRevision - 1` and later; a reader behind it
+    /// gets 410 `revision_purged` and full-syncs from the snapshot.
+    pub first_revision: u64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -64,6 +68,7 @@ impl From<service::Chat> for Chat {
             member_count: c.member_count,
             max_members: c.max_members,
             revision: c.revision,
+            first_revision: c.first_revision,
             created_at: c.created_at,
         }
     }
@@ -114,6 +119,46 @@ pub struct MemberPage {
     pub members: Vec<Member>,
     /// Pass as `after` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
+}
+
+/// A page of a chat's snapshot (full sync).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(examples(json!({"chat": {"chatId": "general", "shard": "shard-3", "memberCount": 1, "maxMembers": 5000, "revision": 2, "firstRevision": 1, "createdAt": "2026-11-30T12:00:00.000000Z"}, "revision": 2, "members": [{"chatId": "general", "userId": "alice", "memberId": 1, "state": "JOINED", "joinedAt": "2026-11-30T12:00:01.000000Z"}], "nextCursor": null})))]
+pub struct ChatSnapshot {
+    /// The chat as this page read it.
+    pub chat: Chat,
+    /// The revision the snapshot is taken at (the first page's, repeated on
+    /// every page): after loading every page, fetch the events after it.
+    pub revision: u64,
+    /// JOINED members, in id order.
+    pub members: Vec<Member>,
+    /// Pass as `after` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl From<service::SnapshotPage> for ChatSnapshot {
+    fn from(p: service::SnapshotPage) -> Self {
+        Self {
+            chat: p.chat.into(),
+            revision: p.revision,
+            members: p.members.into_iter().map(Into::into).collect(),
+            next_cursor: p.next_cursor.map(crate::domain::SnapshotCursor::encode),
+        }
+    }
+}
+
+/// `?after=&limit=` of a snapshot page (documentation only).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct SnapshotPageParams {
+    /// `nextCursor` of the previous page (absent for the first page).
+    #[param(pattern = "^[0-9]{1,18}\\.[0-9]{1,18}$")]
+    after: Option<String>,
+    /// Members per page, 1..500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
 }
 
 /// The member count of a chat.

@@ -345,6 +345,12 @@ async fn follow(
                 let _ = send(Item::Removed("chat_not_found")).await;
                 return;
             }
+            Err(ServiceError::RevisionPurged { .. }) => {
+                // The stream cannot go on from where the client stands: it
+                // full-syncs (the chat's snapshot) and follows the chat again.
+                let _ = send(Item::Removed("revision_purged")).await;
+                return;
+            }
             Err(
                 ServiceError::ShardUnavailable { .. }
                 | ServiceError::ShardBusy { .. }
@@ -784,6 +790,16 @@ fn message(state: &AppState, seq: u64, before: u64, delivery: Delivery) -> SseEv
                 .to_string(),
             )
         }
+        Item::Removed(reason) if reason == "revision_purged" => message.event("removed").data(
+            serde_json::json!({
+                "chatId": chat,
+                "reason": reason,
+                "after": before,
+                "snapshot": format!("/v1/chats/{chat}/snapshot"),
+                "detail": "the events after `after` are no longer stored: load the chat's snapshot, then follow the chat again (PUT …/chats/{chatId}) after the snapshot's revision",
+            })
+            .to_string(),
+        ),
         Item::Removed(reason) => message
             .event("removed")
             .data(serde_json::json!({"chatId": chat, "reason": reason}).to_string()),

@@ -53,6 +53,7 @@ codes! {
     TooManyChatsInStream => "too_many_chats_in_stream",
     StreamNotFound => "stream_not_found",
     StreamResumeExpired => "stream_resume_expired",
+    RevisionPurged => "revision_purged",
     NotFound => "not_found",
     MethodNotAllowed => "method_not_allowed",
     Unauthorized => "unauthorized",
@@ -89,7 +90,7 @@ impl Code {
             Self::JoinThrottled | Self::FetchThrottled | Self::TooManyChatsInStream => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::StreamResumeExpired => StatusCode::GONE,
+            Self::StreamResumeExpired | Self::RevisionPurged => StatusCode::GONE,
             Self::MalformedJson => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -131,6 +132,7 @@ impl Code {
             Self::TooManyChatsInStream => "The stream follows its maximum of chats",
             Self::StreamNotFound => "Stream not found",
             Self::StreamResumeExpired => "The stream cannot resume that far back",
+            Self::RevisionPurged => "The events after this revision were purged",
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Unauthorized => "Missing or wrong admin token",
@@ -189,6 +191,12 @@ pub struct Problem {
     /// throttled (follow it instead of polling).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<Box<str>>,
+    /// For `revision_purged`: the lowest revision still stored.
+    #[serde(rename = "firstRevision", skip_serializing_if = "Option::is_none")]
+    pub first_revision: Option<u64>,
+    /// For `revision_purged`: where to full-sync from (the chat's snapshot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Box<str>>,
     #[serde(skip)]
     #[schema(ignore)]
     retry_after: Option<u32>,
@@ -204,6 +212,8 @@ impl Problem {
             code: code.as_str(),
             errors: Vec::new(),
             stream: None,
+            first_revision: None,
+            snapshot: None,
             retry_after: code.retry_after(),
         }
     }
@@ -217,6 +227,12 @@ impl Problem {
     /// Names the chat's event stream (for `fetch_throttled`).
     pub fn with_stream(mut self, chat: &crate::domain::ChatId) -> Self {
         self.stream = Some(format!("/v1/chats/{chat}/events/stream").into());
+        self
+    }
+
+    /// Names the chat's snapshot (for `revision_purged`).
+    pub fn with_snapshot(mut self, chat: &crate::domain::ChatId) -> Self {
+        self.snapshot = Some(format!("/v1/chats/{chat}/snapshot").into());
         self
     }
 
@@ -294,6 +310,18 @@ impl From<ServiceError> for Problem {
                  nothing was applied: retry after the delay given",
             )
             .with_retry_after(retry_after_secs),
+            ServiceError::RevisionPurged { first_revision } => {
+                let mut p = Self::new(
+                    Code::RevisionPurged,
+                    format!(
+                        "the events after this revision are no longer stored (the first stored is \
+                         {first_revision}): load the chat's snapshot, then fetch the events after \
+                         the snapshot's revision"
+                    ),
+                );
+                p.first_revision = Some(first_revision);
+                p
+            }
             ServiceError::UnknownShard { shard } => Self::new(
                 Code::UnknownShard,
                 format!("no configured shard is named {shard:?}"),

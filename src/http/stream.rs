@@ -157,6 +157,7 @@ impl Subscribers {
     responses(
         (status = 200, description = "The stream: one message per event, `id` = its revision, data = the Event as JSON; `shutdown` and `error` events end it", content_type = "text/event-stream", body = String),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "revision_purged: the events after the revision asked for are no longer stored; full-sync from the snapshot", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid id or revision", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "too_many_subscribers, or the shard is unavailable", body = Problem, content_type = "application/problem+json"),
     )
@@ -188,7 +189,11 @@ pub async fn chat_stream(
     let first = state
         .service
         .events(&chat, after, PageLimit::largest(), Duration::ZERO)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            ServiceError::RevisionPurged { .. } => Problem::from(e).with_snapshot(&chat),
+            e => Problem::from(e),
+        })?;
     let follow = Follow {
         state: state.clone(),
         chat,
@@ -268,6 +273,15 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
                     Ok(end(&mut f, "chat_not_found", "the chat does not exist")),
                     f,
                 ));
+            }
+            Err(ServiceError::RevisionPurged { first_revision }) => {
+                let detail = format!(
+                    "the events after lastEventId are no longer stored (the first stored is \
+                     {first_revision}): load GET /v1/chats/{}/snapshot, then follow again after \
+                     its revision",
+                    f.chat
+                );
+                return Some((Ok(end(&mut f, "revision_purged", &detail)), f));
             }
             Err(
                 ServiceError::ShardUnavailable { .. }

@@ -48,6 +48,10 @@ pub enum ServiceError {
     /// A move of the chat is switching it to another shard: writes wait.
     #[error("the chat is moving to another shard")]
     ChatMoving { retry_after_secs: u64 },
+    /// The events after the revision asked for were purged: the reader
+    /// full-syncs (the snapshot) and goes on from its revision.
+    #[error("the events after this revision were purged (the first stored is {first_revision})")]
+    RevisionPurged { first_revision: u64 },
     /// A move names a shard this instance does not have.
     #[error("no shard is named {shard}")]
     UnknownShard { shard: String },

@@ -280,24 +280,32 @@ impl ChatService {
                     // Events first, then the revision: the revision read is never
                     // below the last event returned.
                     let rows = events::page(conn, &id, after.0, n).await?;
-                    let (latest_revision, moved_to) = match chats::revision(conn, &id).await? {
-                        Some(found) => found,
-                        None => return Ok(Located::Missing),
+                    let Some(bounds) = chats::log_bounds(conn, &id).await? else {
+                        return Ok(Located::Missing);
                     };
-                    if let Some(to) = moved_to {
+                    if let Some(to) = bounds.moved_to {
                         return Ok(Located::Moved(to));
                     }
+                    // Events below the first stored revision are purged (or
+                    // going): the reader must full-sync. The purge raises
+                    // first_revision before it deletes, so a page read before
+                    // that, and checked after, is refused too, never holed.
+                    if after.0 + 1 < bounds.first_revision {
+                        return Ok(Located::Here(Err(bounds.first_revision)));
+                    }
+                    let latest_revision = bounds.revision;
                     let events = rows
                         .into_iter()
                         .map(|r| Event::from_row(&owner, r))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok(Located::Here(EventPage {
+                    Ok(Located::Here(Ok(EventPage {
                         events,
                         latest_revision,
-                    }))
+                    })))
                 })
             }
         })
-        .await
+        .await?
+        .map_err(|first_revision| ServiceError::RevisionPurged { first_revision })
     }
 }

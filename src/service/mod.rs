@@ -10,11 +10,14 @@
 //!
 //! - [`error`]: [`ServiceError`], one variant per answer a caller can act on.
 //! - [`model`]: what the use cases return.
-//! - [`repair`]: the `repair-counts` command.
+//! - [`repair`]: finding and repairing drift (the digest check and the
+//!   `repair-counts` command).
+//! - [`lifecycle`]: the purge of old events and the periodic digest check.
 
 pub mod error;
 pub mod events;
 mod group_commit;
+pub mod lifecycle;
 pub mod model;
 pub mod moves;
 pub mod plan;
@@ -36,7 +39,7 @@ use crate::throttle::{Decisions, Throttle};
 
 pub use error::{Fault, ServiceError};
 pub use group_commit::GroupCommit;
-pub use model::{Chat, Created, Event, EventPage, Member, MemberPage, Message, now};
+pub use model::{Chat, Created, Event, EventPage, Member, MemberPage, Message, SnapshotPage, now};
 pub use plan::{Rejection, WriteOp};
 pub use write::WriteOutcome;
 
@@ -55,6 +58,8 @@ pub struct ChatService {
     fleet: Option<Arc<crate::fleet::Fleet>>,
     /// How chat moves copy and fence.
     move_settings: moves::MoveSettings,
+    /// What the purge and the digest check did.
+    lifecycle: lifecycle::LifecycleStats,
 }
 
 /// How the service is sized (fixed at start).
@@ -94,6 +99,7 @@ impl ChatService {
             tails,
             fleet,
             move_settings: settings.moves,
+            lifecycle: lifecycle::LifecycleStats::default(),
         }
     }
 
@@ -166,6 +172,7 @@ impl ChatService {
             member_count: row.member_count,
             max_members: row.max_members,
             revision: row.revision,
+            first_revision: row.first_revision,
             created_at: storage::utc(row.created_at),
         }
     }

@@ -21,6 +21,8 @@ pub struct Chat {
     pub member_count: u32,
     pub max_members: u32,
     pub revision: u64,
+    /// The lowest revision still stored; the events below it were purged.
+    pub first_revision: u64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -125,6 +127,16 @@ impl Event {
 pub struct MemberPage {
     pub members: Vec<Member>,
     pub next_cursor: Option<MemberCursor>,
+}
+
+/// A page of a chat's snapshot: the chat, the revision the snapshot is taken
+/// at, and JOINED members in id order.
+#[derive(Debug, Clone)]
+pub struct SnapshotPage {
+    pub chat: Chat,
+    pub revision: u64,
+    pub members: Vec<Member>,
+    pub next_cursor: Option<crate::domain::SnapshotCursor>,
 }
 
 /// A page of events.

@@ -134,7 +134,17 @@ impl ChatService {
                     shard: to.to_owned(),
                 })?;
         // Where the chat is now (following markers), and that it exists.
-        self.get_chat(chat).await?;
+        let found = self.get_chat(chat).await?;
+        if found.first_revision > 1 {
+            // The copy replays the whole log; a purged log cannot rebuild
+            // the chat (docs/moving-chats.md, status).
+            return Err(ServiceError::MoveRefused {
+                reason: format!(
+                    "chat {chat}'s events below revision {} were purged; moving a purged chat is not supported yet",
+                    found.first_revision
+                ),
+            });
+        }
         let source = self.shard(chat).clone();
         if Arc::ptr_eq(&source, &target) {
             return Err(ServiceError::MoveRefused {

@@ -2,8 +2,8 @@
 //! queue. Rows are turned into answers inside the operation, so a row the code
 //! cannot read fails the operation (`bad_data`) instead of being skipped.
 
-use super::{Chat, ChatService, Located, Member, MemberPage, ServiceError};
-use crate::domain::{ChatId, MemberCursor, PageLimit, UserId};
+use super::{Chat, ChatService, Located, Member, MemberPage, ServiceError, SnapshotPage};
+use crate::domain::{ChatId, MemberCursor, PageLimit, SnapshotCursor, UserId};
 use crate::storage::{chats, members};
 
 impl ChatService {
@@ -85,6 +85,78 @@ impl ChatService {
             None
         };
         Ok(MemberPage {
+            members,
+            next_cursor,
+        })
+    }
+
+    /// A page of the chat's snapshot, for a reader that full-syncs: the chat
+    /// and its JOINED members, with the revision the snapshot is taken at.
+    ///
+    /// The first page (`cursor` = `None`) reads the chat and its members in
+    /// one REPEATABLE READ transaction: they are exactly the state at its
+    /// revision R. Later pages carry R in their cursor and read the members
+    /// as they are then; every change since R is an event after R, so a
+    /// reader that applies the events after R (joins and leaves are
+    /// idempotent on a member set) ends with the chat's state, missing
+    /// nothing. A page read once the purge removed events after R answers
+    /// `revision_purged`: those changes could no longer be fetched.
+    pub async fn snapshot(
+        &self,
+        chat: &ChatId,
+        cursor: Option<SnapshotCursor>,
+        limit: PageLimit,
+    ) -> Result<SnapshotPage, ServiceError> {
+        let n = limit.get();
+        let found = self
+            .read_located(chat, "snapshot", || {
+                let (id, owner) = (chat.to_string(), chat.clone());
+                move |conn| {
+                    Box::pin(async move {
+                        use sqlx::Connection;
+                        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                            .execute(&mut *conn)
+                            .await?;
+                        let mut tx = conn.begin().await?;
+                        let Some(row) = chats::get(&mut tx, &id).await? else {
+                            return Ok(Located::Missing);
+                        };
+                        if let Some(to) = row.moved_to.clone() {
+                            return Ok(Located::Moved(to));
+                        }
+                        let (revision, after) = match cursor {
+                            None => (row.revision, 0),
+                            Some(c) => (c.revision, c.after),
+                        };
+                        if revision + 1 < row.first_revision {
+                            return Ok(Located::Here(Err(row.first_revision)));
+                        }
+                        let rows = members::page_joined(&mut tx, &id, after, n + 1).await?;
+                        tx.commit().await?;
+                        let members = rows
+                            .into_iter()
+                            .map(|r| Member::from_row(&owner, r))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok(Located::Here(Ok((row, revision, members))))
+                    })
+                }
+            })
+            .await?;
+        let (row, revision, mut members) =
+            found.map_err(|first_revision| ServiceError::RevisionPurged { first_revision })?;
+        let more = members.len() > n as usize;
+        members.truncate(n as usize);
+        let next_cursor = if more {
+            members.last().map(|m| SnapshotCursor {
+                revision,
+                after: m.member_id,
+            })
+        } else {
+            None
+        };
+        Ok(SnapshotPage {
+            chat: self.to_chat(chat, row),
+            revision,
             members,
             next_cursor,
         })

@@ -16,10 +16,12 @@ pub struct ChatRow {
     pub moved_to: Option<String>,
     /// 1 while a move's fence holds the chat's writes here.
     pub fenced: i64,
+    /// The lowest revision still stored (docs/event-log.md).
+    pub first_revision: u64,
 }
 
 const SELECT_CHAT: &str = "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to, \
-     CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced \
+     CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced, c.first_revision \
      FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?";
 
 /// Reads a chat without locking it.
@@ -36,7 +38,7 @@ pub async fn get(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Opti
 pub async fn lock(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<ChatRow>> {
     sqlx::query_as(
         "SELECT c.chat_id, c.max_members, c.revision, c.created_at, n.member_count, c.moved_to, \
-         CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced \
+         CAST(COALESCE(c.fenced_until > NOW(6), 0) AS SIGNED) AS fenced, c.first_revision \
          FROM chat c JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ? \
          FOR UPDATE",
     )
@@ -103,6 +105,25 @@ pub async fn revision(
     chat_id: &str,
 ) -> sqlx::Result<Option<(u64, Option<String>)>> {
     sqlx::query_as("SELECT revision, moved_to FROM chat WHERE chat_id = ?")
+        .bind(chat_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// What of a chat's log is stored: its latest and its first revision, and
+/// where the chat is if not here.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LogBounds {
+    pub revision: u64,
+    pub first_revision: u64,
+    pub moved_to: Option<String>,
+}
+
+pub async fn log_bounds(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+) -> sqlx::Result<Option<LogBounds>> {
+    sqlx::query_as("SELECT revision, first_revision, moved_to FROM chat WHERE chat_id = ?")
         .bind(chat_id)
         .fetch_optional(conn)
         .await

@@ -84,8 +84,8 @@ pub async fn open_target(
                 sqlx::query(sql).bind(chat_id).execute(&mut *conn).await?;
             }
             sqlx::query(
-                "UPDATE chat SET revision = 0, max_members = ?, created_at = ?, moved_to = ?, fenced_until = NULL \
-                 WHERE chat_id = ?",
+                "UPDATE chat SET revision = 0, first_revision = 1, checked_revision = 0, max_members = ?, \
+                 created_at = ?, moved_to = ?, fenced_until = NULL WHERE chat_id = ?",
             )
             .bind(head.max_members)
             .bind(head.created_at)

@@ -59,12 +59,22 @@ impl TestApp {
         Self::start(configure, Some(path)).await
     }
 
+    /// An app on the given settings (e.g. [`isolated_settings`]).
+    pub async fn spawn_on(mut settings: Settings, configure: impl FnOnce(&mut Settings)) -> Self {
+        configure(&mut settings);
+        Self::start_from(settings, None).await
+    }
+
     async fn start(
         configure: impl FnOnce(&mut Settings),
         watch: Option<std::path::PathBuf>,
     ) -> Self {
         let mut settings = settings();
         configure(&mut settings);
+        Self::start_from(settings, watch).await
+    }
+
+    async fn start_from(settings: Settings, watch: Option<std::path::PathBuf>) -> Self {
         let app = App::build(&settings).await.expect("build app");
         let addr = app.local_addr().expect("addr");
         let live = app.live().clone();
@@ -274,4 +284,34 @@ pub async fn assert_problem(r: Response, status: u16, code: &str) -> Value {
         "{body}"
     );
     body
+}
+
+/// Settings whose shards are fresh databases of their own on the shared
+/// servers (`chatshard_<tag>_<n>`, migrated): for tests of work that walks
+/// whole shards (the purge, the digest check), so that no other test's chats
+/// are in their way, nor theirs in others'.
+pub async fn isolated_settings(tag: &str) -> Settings {
+    let mut settings = settings();
+    for (i, shard) in settings.shards.iter_mut().enumerate() {
+        let (server, _) = shard.url.rsplit_once('/').expect("url with a database");
+        let database = format!("chatshard_{tag}_{}_{i}", std::process::id());
+        let mut admin = MySqlConnection::connect(&format!("{server}/mysql"))
+            .await
+            .expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {database}"
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        shard.url = format!("{server}/{database}");
+        chatshard::migrate::migrate_shard(shard)
+            .await
+            .expect("migrate");
+    }
+    settings
 }

@@ -162,6 +162,27 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// The event log's upkeep on a local shard the tool starts itself, with
+    /// a chatshard instance in this process: a purge's rows/s and the p99 of
+    /// the shard's other requests before and during it (paced and unpaced),
+    /// the time the digest check takes to repair an injected drift, and its
+    /// cost per 100,000 chats.
+    Lifecycle {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Events of the chat that is purged.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// `purge.rows_per_second` of the paced run.
+        #[arg(long, default_value_t = 5000)]
+        paced: u32,
+        /// Seconds of traffic measured before the purge starts.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Chats the digest's cost is measured over.
+        #[arg(long, default_value_t = 100_000)]
+        digest_chats: u64,
+    },
     /// A chat under C clients' posts is moved to another shard mid-run: the
     /// move's time, the longest pause a client saw, and every answer.
     Move {
@@ -351,6 +372,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seconds(s)?,
             )
             .await
+        }
+        Scenario::Lifecycle {
+            clients,
+            events,
+            paced,
+            seconds: s,
+            digest_chats,
+        } => {
+            anyhow::ensure!((1..=256).contains(&clients), "--clients must be 1 to 256");
+            anyhow::ensure!(digest_chats > 0, "--digest-chats must be above 0");
+            anyhow::ensure!(
+                events > 1000,
+                "--events must be above 1000 (the last 1000 stay)"
+            );
+            anyhow::ensure!(paced > 0, "--paced must be above 0");
+            scenarios::lifecycle(&recorder, clients, events, paced, seconds(s)?, digest_chats).await
         }
         Scenario::Autoinc {
             writers,

@@ -1603,3 +1603,392 @@ pub async fn move_chat(
         "longestPauseMs": longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
     }))
 }
+
+/// `lifecycle`: the event log's upkeep, on a local shard the tool starts
+/// itself with a chatshard instance in this process.
+///
+/// 1. **Purge.** A chat with `events` events 40 days old is purged while
+///    `clients` clients read and join 16 quiet chats of the same shard:
+///    their p99 before the purge and during it, and the purge's rows/s, once
+///    at `purge.rows_per_second` = `paced` and once unpaced.
+/// 2. **Detect and repair.** A quiet chat's count is corrupted behind the
+///    service's back and the chat written once: the time until the digest
+///    check (every `digest.interval_ms` = 1000) repaired it, 5 times.
+/// 3. **Digest cost.** `digest_chats` chats of 3 members and 3 events each: the
+///    time of a full digest round, and of an incremental round with 1 % of
+///    the chats changed.
+pub async fn lifecycle(
+    recorder: &Recorder,
+    clients: usize,
+    events: u64,
+    paced: u32,
+    window: Duration,
+    digest_chats: u64,
+) -> anyhow::Result<Value> {
+    use chatshard::localdb::cluster::{LocalCluster, Location};
+    let mut cluster = LocalCluster::start(1, Location::Temp).await?;
+    let result = lifecycle_on(
+        &cluster,
+        recorder,
+        clients,
+        events,
+        paced,
+        window,
+        digest_chats,
+    )
+    .await;
+    cluster.stop().await;
+    result
+}
+
+async fn lifecycle_on(
+    cluster: &chatshard::localdb::cluster::LocalCluster,
+    recorder: &Recorder,
+    clients: usize,
+    events: u64,
+    paced: u32,
+    window: Duration,
+    chats: u64,
+) -> anyhow::Result<Value> {
+    let mut settings = cluster.settings()?;
+    settings.retention.enabled = false;
+    settings.purge.interval_ms = 200;
+    settings.digest.interval_ms = 1000;
+    settings.join_throttle.enabled = false;
+    settings.hot_chat.enabled = false;
+    let url = settings.shards[0].url.clone();
+    let mut db = MySqlConnection::connect(&url).await?;
+    let mut purges = Vec::new();
+    for rate in [paced, 1_000_000] {
+        settings.purge.rows_per_second = rate;
+        let app = chatshard::app::App::build(&settings).await?;
+        let base = format!("http://{}", app.local_addr()?);
+        let live = app.live().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        let target = Target {
+            http: reqwest::Client::new(),
+            base,
+            admin_token: None,
+            others: Vec::new(),
+        };
+        // The chat to purge: its log written straight to the shard, 40 days
+        // old (what months of a busy chat leave).
+        let big = run_id("purge");
+        seed_old_log(&mut db, &big, events).await?;
+        let quiet: Vec<String> = (0..16)
+            .map(|i| format!("{}-q{i}", run_id("quiet")))
+            .collect();
+        for chat in &quiet {
+            target.create_chat(chat).await?;
+        }
+        let kind_before: &'static str = if rate == paced {
+            "paced_before"
+        } else {
+            "unpaced_before"
+        };
+        let kind_during: &'static str = if rate == paced {
+            "paced_during"
+        } else {
+            "unpaced_during"
+        };
+        let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let traffic: Vec<_> = (0..clients)
+            .map(|c| {
+                let (target, recorder, quiet, phase) = (
+                    target.clone(),
+                    recorder.clone(),
+                    quiet.clone(),
+                    phase.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    loop {
+                        let kind = match phase.load(Ordering::Relaxed) {
+                            0 => kind_before,
+                            1 => kind_during,
+                            _ => return,
+                        };
+                        n += 1;
+                        let chat = &quiet[(c + n as usize) % quiet.len()];
+                        let started = Instant::now();
+                        let r = if n.is_multiple_of(4) {
+                            target
+                                .http
+                                .post(format!("{}/v1/chats/{chat}/members", target.base))
+                                .json(&json!({ "userId": format!("c{c}-{n}") }))
+                                .send()
+                                .await
+                        } else {
+                            target
+                                .http
+                                .get(format!("{}/v1/chats/{chat}/member-count", target.base))
+                                .send()
+                                .await
+                        };
+                        let took = started.elapsed();
+                        match r {
+                            Ok(r) => {
+                                let ok = r.status().is_success();
+                                recorder.record(kind, took, r.status().as_str(), ok);
+                            }
+                            Err(_) => recorder.record(kind, took, "error", false),
+                        }
+                    }
+                })
+            })
+            .collect();
+        recorder.mark(&format!("{kind_before} start"));
+        tokio::time::sleep(window).await;
+        // The purge: retention on for the big chat only (live).
+        let mut config = live.load().config.clone();
+        config.retention.overrides.insert(
+            big.clone(),
+            serde_json::from_value(
+                json!({ "enabled": true, "minDays": 30, "minRevisions": 1000 }),
+            )?,
+        );
+        live.update(config, "load tool")
+            .map_err(|e| anyhow::anyhow!("retention override refused: {e:?}"))?;
+        phase.store(1, Ordering::Relaxed);
+        recorder.mark(&format!("{kind_during} start"));
+        let goal = events - 1000 + 1;
+        let mut started = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let first: u64 =
+                sqlx::query_scalar("SELECT first_revision FROM chat WHERE chat_id = ?")
+                    .bind(&big)
+                    .fetch_one(&mut db)
+                    .await?;
+            if first > 1 && started.is_none() {
+                started = Some((Instant::now(), first));
+            }
+            if first >= goal || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ended = Instant::now();
+        phase.store(2, Ordering::Relaxed);
+        for t in traffic {
+            let _ = t.await;
+        }
+        let (t0, first0) = started.unwrap_or((ended, 1));
+        let seconds = ended.duration_since(t0).as_secs_f64().max(0.001);
+        let rows = goal.saturating_sub(first0);
+        let before = recorder.quantile_ms(kind_before, 0.99).unwrap_or(0.0);
+        let during = recorder.quantile_ms(kind_during, 0.99).unwrap_or(0.0);
+        purges.push(json!({
+            "rowsPerSecondSetting": rate,
+            "eventsPurged": goal - 1,
+            "rowsPerSecond": (rows as f64 / seconds).round(),
+            "otherRequestsP99BeforeMs": before,
+            "otherRequestsP99DuringMs": during,
+            "p99Ratio": if before > 0.0 { during / before } else { 0.0 },
+            "otherRequestsP50BeforeMs": recorder.quantile_ms(kind_before, 0.5),
+            "otherRequestsP50DuringMs": recorder.quantile_ms(kind_during, 0.5),
+        }));
+
+        // Detect and repair: a count corrupted behind the service's back,
+        // then one write; the time until the digest check repaired it.
+        let mut repairs = Vec::new();
+        if rate == paced {
+            for (i, chat) in quiet.iter().take(5).enumerate() {
+                sqlx::query(
+                    "UPDATE chat_member_count SET member_count = member_count + 7 WHERE chat_id = ?",
+                )
+                .bind(chat)
+                .execute(&mut db)
+                .await?;
+                let injected = Instant::now();
+                target
+                    .http
+                    .post(format!("{}/v1/chats/{chat}/members", target.base))
+                    .json(&json!({ "userId": format!("repair-{i}") }))
+                    .send()
+                    .await?;
+                loop {
+                    let (count, rows): (i64, i64) = sqlx::query_as(
+                        "SELECT CAST(n.member_count AS SIGNED), \
+                         (SELECT COUNT(*) FROM chat_member m WHERE m.chat_id = n.chat_id AND m.state = 1) \
+                         FROM chat_member_count n WHERE n.chat_id = ?",
+                    )
+                    .bind(chat)
+                    .fetch_one(&mut db)
+                    .await?;
+                    if count == rows {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        injected.elapsed() < Duration::from_secs(30),
+                        "the digest check did not repair {chat}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                repairs.push(injected.elapsed().as_secs_f64() * 1000.0);
+            }
+            purges.push(json!({ "detectAndRepairMs": repairs }));
+        }
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+
+    // The digest's cost per 100,000 chats, measured on the shard alone.
+    let prefix = run_id("digest");
+    seed_small_chats(&mut db, &prefix, chats).await?;
+    let shards = chatshard::app::build_shards(&settings)?;
+    let shard = shards.all()[0].clone();
+    let digest = chatshard::config::DigestSettings {
+        chats_per_second: 1_000_000_000,
+        ..chatshard::config::DigestSettings::default()
+    };
+    let started = Instant::now();
+    let full = chatshard::service::lifecycle::digest_shard(&shard, &digest, true, None).await;
+    let full_seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        full.stopped.is_none(),
+        "full round stopped: {:?}",
+        full.stopped
+    );
+    // 1 % changed since their check.
+    sqlx::query(
+        "UPDATE chat SET checked_revision = revision - 1 WHERE chat_id LIKE ? AND MOD(CRC32(chat_id), 100) = 0",
+    )
+    .bind(format!("{prefix}-%"))
+    .execute(&mut db)
+    .await?;
+    let started = Instant::now();
+    let incremental =
+        chatshard::service::lifecycle::digest_shard(&shard, &digest, false, None).await;
+    let incremental_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let idle = chatshard::service::lifecycle::digest_shard(&shard, &digest, false, None).await;
+    let idle_seconds = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "purge": purges,
+        "digest": {
+            "chats": full.checked,
+            "fullRoundSeconds": full_seconds,
+            "fullRoundSecondsPer100kChats": full_seconds * 100_000.0 / full.checked.max(1) as f64,
+            "incrementalRoundChecked": incremental.checked,
+            "incrementalRoundSeconds": incremental_seconds,
+            "unchangedRoundSeconds": idle_seconds,
+            "repairs": full.repairs.len() + incremental.repairs.len() + idle.repairs.len(),
+        }
+    }))
+}
+
+/// A chat with `n` events 40 days old (joins of `n / 2` users and their
+/// messages), written straight to the shard in batches.
+async fn seed_old_log(db: &mut MySqlConnection, chat: &str, n: u64) -> anyhow::Result<()> {
+    let at = now() - chrono::Duration::days(40);
+    chats::insert(db, chat, 100_000, at).await?;
+    let mut revision = 0u64;
+    while revision < n {
+        let batch: Vec<u64> = ((revision + 1)..=(revision + 2000).min(n)).collect();
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
+        );
+        q.push_values(&batch, |mut b, r| {
+            b.push_bind(chat)
+                .push_bind(*r)
+                .push_bind(EventType::MemberJoined.code())
+                .push_bind(format!("u{r}"))
+                .push_bind(None::<u64>)
+                .push_bind(at);
+        });
+        q.build().execute(&mut *db).await?;
+        revision = batch.last().copied().unwrap_or(n);
+    }
+    // The member rows the joins left, so the chat is whole for the digest.
+    let mut user = 0u64;
+    while user < n {
+        let batch: Vec<u64> = ((user + 1)..=(user + 2000).min(n)).collect();
+        let names: Vec<String> = batch.iter().map(|u| format!("u{u}")).collect();
+        let rows: Vec<members::NewMember<'_>> = names
+            .iter()
+            .map(|u| members::NewMember {
+                user_id: u,
+                state: MemberState::Joined.code(),
+                joined_at: at,
+                left_at: None,
+            })
+            .collect();
+        members::insert_many(db, chat, &rows, at).await?;
+        user = batch.last().copied().unwrap_or(n);
+    }
+    sqlx::query("UPDATE chat SET revision = ?, checked_revision = ? WHERE chat_id = ?")
+        .bind(n)
+        .bind(n)
+        .bind(chat)
+        .execute(&mut *db)
+        .await?;
+    sqlx::query("UPDATE chat_member_count SET member_count = ? WHERE chat_id = ?")
+        .bind(n)
+        .bind(chat)
+        .execute(&mut *db)
+        .await?;
+    Ok(())
+}
+
+/// `n` chats of 3 members and 3 events each, written straight to the shard.
+async fn seed_small_chats(db: &mut MySqlConnection, prefix: &str, n: u64) -> anyhow::Result<()> {
+    let at = now();
+    let mut i = 0u64;
+    while i < n {
+        let ids: Vec<String> = (i..(i + 1000).min(n))
+            .map(|k| format!("{prefix}-{k:06}"))
+            .collect();
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO chat (chat_id, max_members, revision, created_at, checked_revision) ",
+        );
+        q.push_values(&ids, |mut b, id| {
+            b.push_bind(id)
+                .push_bind(100u32)
+                .push_bind(3u64)
+                .push_bind(at)
+                .push_bind(3u64);
+        });
+        q.build().execute(&mut *db).await?;
+        let mut q =
+            sqlx::QueryBuilder::new("INSERT INTO chat_member_count (chat_id, member_count) ");
+        q.push_values(&ids, |mut b, id| {
+            b.push_bind(id).push_bind(3u32);
+        });
+        q.build().execute(&mut *db).await?;
+        let rows: Vec<(&String, u64)> = ids
+            .iter()
+            .flat_map(|id| (1..=3).map(move |r| (id, r)))
+            .collect();
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO chat_member (chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
+        );
+        q.push_values(&rows, |mut b, (id, r)| {
+            b.push_bind(*id)
+                .push_bind(format!("u{r}"))
+                .push_bind(MemberState::Joined.code())
+                .push_bind(at)
+                .push_bind(None::<chrono::NaiveDateTime>)
+                .push_bind(at)
+                .push_bind(at);
+        });
+        q.build().execute(&mut *db).await?;
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
+        );
+        q.push_values(&rows, |mut b, (id, r)| {
+            b.push_bind(*id)
+                .push_bind(*r)
+                .push_bind(EventType::MemberJoined.code())
+                .push_bind(format!("u{r}"))
+                .push_bind(None::<u64>)
+                .push_bind(at);
+        });
+        q.build().execute(&mut *db).await?;
+        i += 1000;
+    }
+    Ok(())
+}
