@@ -284,7 +284,8 @@ pub async fn digest_shard(
                 continue;
             }
             let from = if full { 0 } else { chat.checked_revision };
-            let result = repair::check_and_repair(shard, &chat.chat_id, from).await;
+            let result =
+                repair::check_and_repair(shard, &chat.chat_id, from, chat.checked_revision).await;
             round.checked += 1;
             if let Some(stats) = stats {
                 LifecycleStats::add(&stats.chats_checked, 1);

@@ -101,16 +101,18 @@ pub async fn check_chat(shard: &Shard, chat_id: &str, from: u64) -> Result<Verdi
 }
 
 /// Checks one chat and repairs what drifted; `None` when it was whole (it
-/// is then marked checked at its revision) or is not held here.
+/// is then marked checked at its revision, if that is past `checked`: a
+/// full sweep of unchanged chats writes nothing) or is not held here.
 pub async fn check_and_repair(
     shard: &Shard,
     chat_id: &str,
     from: u64,
+    checked: u64,
 ) -> Result<Option<Repair>, ShardError> {
     match check_chat(shard, chat_id, from).await? {
         Verdict::Absent => Ok(None),
         Verdict::Whole(revision) => {
-            if revision > from {
+            if revision > checked {
                 mark_checked(shard, chat_id, revision).await?;
             }
             Ok(None)
@@ -248,7 +250,10 @@ pub async fn repair_counts(
     };
     if let Some(chat) = only {
         let shard = shards.for_chat(chat);
-        record(shard, check_and_repair(shard, chat.as_str(), 0).await?);
+        record(
+            shard,
+            check_and_repair(shard, chat.as_str(), 0, u64::MAX).await?,
+        );
         return Ok(fixes);
     }
     for shard in shards.all() {
@@ -264,7 +269,7 @@ pub async fn repair_counts(
                 break;
             };
             for id in ids {
-                record(shard, check_and_repair(shard, &id, 0).await?);
+                record(shard, check_and_repair(shard, &id, 0, u64::MAX).await?);
             }
             after = last;
         }
