@@ -4,26 +4,13 @@
 //! service's back.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{self, SseReader};
+use crate::common::{self, SseReader, eventually};
 use crate::helpers::{TestApp, assert_problem, isolated_settings};
-
-/// Polls `check` until it holds, failing after `within`.
-async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn chat(app: &TestApp, chat: &str) -> Value {
     let r = app.get(&format!("/v1/chats/{chat}")).await;
@@ -71,7 +58,7 @@ async fn the_purge_keeps_its_floors_and_readers_behind_it_get_410() {
 
     // Both floors hold: the age floor keeps 31..=50 although the count floor
     // (10) would let 1..=40 go.
-    until(Duration::from_secs(20), "the purge", || async {
+    eventually(Duration::from_secs(20), "the purge", || async {
         chat(&app, &id).await["firstRevision"] == 31
     })
     .await;
@@ -160,7 +147,7 @@ async fn the_purge_keeps_its_floors_and_readers_behind_it_get_410() {
             .expect("override"),
     );
     app.live.update(config, "test").expect("valid");
-    until(Duration::from_secs(20), "the second purge", || async {
+    eventually(Duration::from_secs(20), "the second purge", || async {
         chat(&app, &id).await["firstRevision"] == 41
     })
     .await;
@@ -327,7 +314,7 @@ async fn the_digest_check_repairs_injected_drift_once_beside_writers() {
     app.join_writers(&behind, 1, 4).await;
     app.post_concurrently(&behind, 1, 4).await; // revisions 1..=5
     let rounds = metric(&app, "chatshard_digest_rounds_total", &[]).await;
-    until(Duration::from_secs(10), "two digest rounds", || async {
+    eventually(Duration::from_secs(10), "two digest rounds", || async {
         metric(&app, "chatshard_digest_rounds_total", &[]).await >= rounds + 6.0
     })
     .await;
@@ -373,7 +360,7 @@ async fn the_digest_check_repairs_injected_drift_once_beside_writers() {
             }
         }
     }));
-    let repaired = until(Duration::from_secs(30), "the repairs", || async {
+    let repaired = eventually(Duration::from_secs(30), "the repairs", || async {
         let kinds = ["count", "revision", "events_missing"];
         let mut all = true;
         for kind in kinds {
@@ -391,7 +378,7 @@ async fn the_digest_check_repairs_injected_drift_once_beside_writers() {
 
     // Each drift was repaired once: a few more rounds find nothing.
     let rounds = metric(&app, "chatshard_digest_rounds_total", &[]).await;
-    until(Duration::from_secs(10), "more rounds", || async {
+    eventually(Duration::from_secs(10), "more rounds", || async {
         metric(&app, "chatshard_digest_rounds_total", &[]).await >= rounds + 25.0 * 3.0
     })
     .await;

@@ -9,8 +9,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+use common::eventually;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatshard::app::App;
 use chatshard::config::Settings;
@@ -185,19 +187,6 @@ impl Instance {
             .await
             .expect("post")
             .status()
-    }
-}
-
-/// Polls `check` every 20 ms until it holds, or fails after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
