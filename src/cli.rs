@@ -6,6 +6,7 @@
 //! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
 //! - `chatshard move-chat CHAT --to SHARD`: move one chat to another shard online.
+//! - `chatshard cancel-move MOVE_ID`: cancel a running move before its switch.
 //! - `chatshard purge [--dry-run]`: purge (or report) events past retention.
 
 use std::net::SocketAddr;
@@ -45,6 +46,9 @@ enum Command {
     /// Move one chat to another shard, online (docs/moving-chats.md); waits
     /// until the move ends and prints its phases.
     MoveChat(MoveChatArgs),
+    /// Cancel a running chat move before its switch; whoever drives it rolls
+    /// it back, and the chat stays on its source.
+    CancelMove(CancelMoveArgs),
     /// Delete the events past the retention policy now, every shard, paced
     /// like the background purge; with --dry-run, report per shard what would
     /// go and delete nothing (docs/event-log.md).
@@ -69,6 +73,14 @@ struct MoveChatArgs {
     /// The shard to move it to, by its configured name.
     #[arg(long)]
     to: String,
+}
+
+#[derive(Debug, Args)]
+struct CancelMoveArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The move, as `GET /v1/admin/moves` names it (`<source shard>:<number>`).
+    id: String,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +227,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let chat = ChatId::parse(&args.chat).map_err(|e| anyhow::anyhow!("CHAT: {e}"))?;
             move_chat(&settings, &chat, &args.to).await
         }
+        Command::CancelMove(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let view = mover(&settings)?
+                .cancel_move(&args.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+            println!(
+                "move {} of chat {} ({}): cancel recorded; it rolls back at its next batch",
+                view.id, view.chat_id, view.phase
+            );
+            Ok(())
+        }
     }
 }
 
@@ -257,21 +282,27 @@ async fn purge(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one move in this process and reports its phases until it ends.
-async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Result<()> {
+/// A service of this process's own over the configured shards, for the
+/// move commands.
+fn mover(settings: &Settings) -> anyhow::Result<std::sync::Arc<crate::service::ChatService>> {
     let shards = app::build_shards(settings)?;
     let live = crate::live::Live::new(settings.live());
     let throttle = crate::throttle::Throttle::new(
         std::sync::Arc::new(crate::throttle::SystemClock::default()),
         &settings.throttle,
     );
-    let service = std::sync::Arc::new(crate::service::ChatService::new(
+    Ok(std::sync::Arc::new(crate::service::ChatService::new(
         shards,
         app::service_settings(settings)?,
         live,
         throttle,
         None,
-    ));
+    )))
+}
+
+/// Runs one move in this process and reports its phases until it ends.
+async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Result<()> {
+    let service = mover(settings)?;
     let started = service
         .start_move(chat, to)
         .await
@@ -294,6 +325,7 @@ async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Resu
             }
             match m.phase.as_str() {
                 "done" => return Ok(()),
+                "cancelled" => anyhow::bail!("the move was cancelled"),
                 "rolled_back" => {
                     anyhow::bail!("the move was rolled back: {}", m.error.unwrap_or_default())
                 }

@@ -569,6 +569,36 @@ pub async fn get_move(
         .ok_or_else(|| Problem::new(Code::NotFound, format!("no move has the id {id:?}")))
 }
 
+/// Cancels a chat move before its switch: the move rolls back at its next
+/// batch (the fence lifted, the target's copy dropped) and ends `cancelled`;
+/// the chat stays on its source. Answers the move with `cancelRequested`.
+#[utoipa::path(
+    delete, path = "/v1/admin/moves/{moveId}", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "The cancel is recorded; the move ends `cancelled` shortly", body = crate::service::moves::MoveView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found: no move has this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "move_refused: the move reached its switch or ended", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The move's source shard is unavailable or busy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel_move(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<crate::service::moves::MoveView>,
+    ),
+    Problem,
+> {
+    let view = state.service.cancel_move(&id).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::bearer_token;

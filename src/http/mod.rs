@@ -124,7 +124,7 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(admin::fleet))
         .routes(routes!(admin::move_chat))
         .routes(routes!(admin::moves))
-        .routes(routes!(admin::get_move))
+        .routes(routes!(admin::get_move, admin::cancel_move))
         .split_for_parts();
     (router, document::finish(api))
 }

@@ -327,6 +327,9 @@ impl From<ServiceError> for Problem {
                 format!("no configured shard is named {shard:?}"),
             ),
             ServiceError::MoveRefused { reason } => Self::new(Code::MoveRefused, reason),
+            ServiceError::MoveNotFound { id } => {
+                Self::new(Code::NotFound, format!("no move has the id {id:?}"))
+            }
             ServiceError::JoinThrottled { retry_after_secs } => Self::new(
                 Code::JoinThrottled,
                 "this chat accepts no more joins in the current window; retry after the delay given",

@@ -58,6 +58,9 @@ pub enum ServiceError {
     /// A move that cannot start (the chat is there already, or moving).
     #[error("{reason}")]
     MoveRefused { reason: String },
+    /// No shard records a move with this id.
+    #[error("no move has the id {id:?}")]
+    MoveNotFound { id: String },
     #[error("internal error")]
     Internal(#[source] Fault),
 }

@@ -12,8 +12,9 @@
 //! verification and roll-back when the copies differ or the fence lapses. A
 //! move whose driver died is finished (past its tombstone) or rolled back by
 //! whichever instance takes it over first ([`ChatService::recover_moves`]).
-//! Not built yet: resuming an abandoned copy where it stopped, holding writes
-//! during the fence instead of refusing them, and cancelling.
+//! A move can be cancelled until its switch ([`ChatService::cancel_move`]).
+//! Not built yet: resuming an abandoned copy where it stopped, and holding
+//! writes during the fence instead of refusing them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,13 +67,16 @@ pub struct MoveView {
     pub chat_id: String,
     pub source: String,
     pub target: String,
-    /// `requested`, `copying`, `fenced`, `verified`, `switched`, `cleaning`,
-    /// `done`, or `rolled_back` (with `error`).
+    /// `requested`, `copying`, `fenced`, `verified`, `switching`,
+    /// `switched`, `cleaning`, `done`, `cancelled`, or `rolled_back` (with
+    /// `error`).
     pub phase: String,
     /// The last revision copied to the target.
     pub copied_revision: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A cancel was asked for; the move rolls back at its next batch.
+    pub cancel_requested: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -87,6 +91,7 @@ impl MoveView {
             phase: row.phase,
             copied_revision: row.copied_revision,
             error: row.error,
+            cancel_requested: row.cancel_requested != 0,
             created_at: crate::storage::utc(row.created_at),
             updated_at: crate::storage::utc(row.updated_at),
         }
@@ -106,6 +111,8 @@ enum Stop {
     Gone,
     #[error("the chat is live on the target shard")]
     TargetLive,
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl From<crate::shard::ShardError> for Stop {
@@ -238,10 +245,15 @@ impl ChatService {
                 }
             }
         } else {
-            let reason = format!("abandoned by its driver in phase {}", row.phase);
             self.roll_back(&chat, source, &target, &settings).await;
-            self.record(source, row.id, "rolled_back", 0, Some(&reason), true)
-                .await;
+            if row.cancel_requested != 0 {
+                self.record(source, row.id, "cancelled", 0, None, true)
+                    .await;
+            } else {
+                let reason = format!("abandoned by its driver in phase {}", row.phase);
+                self.record(source, row.id, "rolled_back", 0, Some(&reason), true)
+                    .await;
+            }
         }
     }
 
@@ -346,6 +358,41 @@ impl ChatService {
         self.move_view(source, n.parse().ok()?).await.ok()
     }
 
+    /// Asks a running move to stop (`DELETE /v1/admin/moves/{id}`): allowed
+    /// until the first step of its switch. The driver (or, if it died, the
+    /// instance that takes the move over) rolls it back at its next batch:
+    /// the fence is lifted, the target's copy dropped, and the move ends
+    /// `cancelled`. The chat stays on its source throughout.
+    pub async fn cancel_move(&self, id: &str) -> Result<MoveView, ServiceError> {
+        let not_found = || ServiceError::MoveNotFound { id: id.to_owned() };
+        let (shard, n) = id.rsplit_once(':').ok_or_else(not_found)?;
+        let source = self.shards.by_name(shard).ok_or_else(not_found)?;
+        let n: u64 = n.parse().map_err(|_| not_found())?;
+        let asked = source
+            .write(None, "move_cancel", move |conn| {
+                Box::pin(async move { Ok(moves::request_cancel(conn, n, now()).await?) })
+            })
+            .await?;
+        let view = source
+            .read(None, "get_move", move |conn| {
+                Box::pin(async move { Ok(moves::get_move(conn, n).await?) })
+            })
+            .await?
+            .map(MoveView::from_row)
+            .ok_or_else(not_found)?;
+        // Asking again while the move winds down is answered the same.
+        let ended = matches!(view.phase.as_str(), "done" | "rolled_back" | "cancelled");
+        if !asked && (ended || !view.cancel_requested) {
+            return Err(ServiceError::MoveRefused {
+                reason: format!(
+                    "move {id} is in phase {}: a move can be cancelled only before its switch",
+                    view.phase
+                ),
+            });
+        }
+        Ok(view)
+    }
+
     /// Runs a recorded move to its end, recording each phase.
     pub async fn run_move(&self, id: u64, chat: ChatId, source: Arc<Shard>, target: Arc<Shard>) {
         let settings = self.move_settings.clone();
@@ -357,6 +404,11 @@ impl ChatService {
                     .await;
                 self.clean_source(&chat, &source, &settings).await;
                 self.record(&source, id, "done", copied, None, true).await;
+            }
+            Err(Stop::Cancelled) => {
+                tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_cancelled");
+                self.roll_back(&chat, &source, &target, &settings).await;
+                self.record(&source, id, "cancelled", 0, None, true).await;
             }
             Err(stop) => {
                 let reason = stop.to_string();
@@ -407,7 +459,9 @@ impl ChatService {
         if !opened {
             return Err(Stop::TargetLive);
         }
-        self.record(source, id, "copying", 0, None, false).await;
+        if self.record(source, id, "copying", 0, None, false).await {
+            return Err(Stop::Cancelled);
+        }
         // Copy while writes go on, each round up to the revision the source
         // had when it began, until the target is close behind.
         let mut copied = 0;
@@ -421,8 +475,12 @@ impl ChatService {
                     .copy_until((id, "copying"), chat, source, target, settings, latest)
                     .await?;
             }
-            self.record(source, id, "copying", copied, None, false)
-                .await;
+            if self
+                .record(source, id, "copying", copied, None, false)
+                .await
+            {
+                return Err(Stop::Cancelled);
+            }
             // The fence: from here the source takes no write of the chat.
             let (c, ms) = (chat_id.clone(), settings.fence.as_millis() as u64);
             let frozen = source
@@ -438,7 +496,9 @@ impl ChatService {
                 })
                 .await?
                 .ok_or(Stop::Gone)?;
-            self.record(source, id, "fenced", copied, None, false).await;
+            if self.record(source, id, "fenced", copied, None, false).await {
+                return Err(Stop::Cancelled);
+            }
             copied = self
                 .copy_until((id, "fenced"), chat, source, target, settings, frozen)
                 .await?;
@@ -452,20 +512,38 @@ impl ChatService {
                     to: Box::new(to),
                 });
             }
-            self.record(source, id, "verified", copied, None, false)
-                .await;
+            if self
+                .record(source, id, "verified", copied, None, false)
+                .await
+            {
+                return Err(Stop::Cancelled);
+            }
             // The switch, in its order: the tombstone at the source (only if
-            // the fence still holds), then the target made live, then the
-            // home shard's marker.
+            // the fence still holds and no cancel came first), then the
+            // target made live, then the home shard's marker.
             let (c, to_name) = (chat_id.clone(), target.name().to_owned());
-            let switched = source
+            let step = source
                 .write(Some(chat), "move_switch", move |conn| {
-                    Box::pin(async move { Ok(moves::tombstone(conn, &c, &to_name, frozen).await?) })
+                    Box::pin(async move {
+                        let mut tx = conn.begin().await?;
+                        let step =
+                            moves::switch_source(&mut tx, id, &c, &to_name, frozen, now()).await?;
+                        if step == moves::SwitchStep::Done {
+                            tx.commit().await.map_err(OpError::Commit)?;
+                        } else {
+                            tx.rollback().await?;
+                        }
+                        Ok(step)
+                    })
                 })
                 .await?;
-            if !switched {
-                tracing::warn!(chat = %chat, attempt, "the fence lapsed before the switch; copying on");
-                continue;
+            match step {
+                moves::SwitchStep::Done => {}
+                moves::SwitchStep::Cancelled => return Err(Stop::Cancelled),
+                moves::SwitchStep::Lapsed => {
+                    tracing::warn!(chat = %chat, attempt, "the fence lapsed before the switch; copying on");
+                    continue;
+                }
             }
             self.finish_switch(chat, source, target).await?;
             self.record(source, id, "switched", copied, None, false)
@@ -521,7 +599,9 @@ impl ChatService {
                 .await?;
             // Progress, and the move's lease: a move whose record stops
             // moving is taken for abandoned (see `recover_moves`).
-            self.record(source, id, phase, last, None, false).await;
+            if self.record(source, id, phase, last, None, false).await {
+                return Err(Stop::Cancelled);
+            }
             tokio::time::sleep(settings.pause).await;
         }
     }
@@ -599,6 +679,9 @@ impl ChatService {
             .await;
     }
 
+    /// Records the move's phase and progress (which renews its lease);
+    /// whether a cancel was asked for (`false` when the record cannot be
+    /// read: the next one will tell).
     async fn record(
         &self,
         source: &Arc<Shard>,
@@ -607,7 +690,7 @@ impl ChatService {
         copied: u64,
         error: Option<&str>,
         finished: bool,
-    ) {
+    ) -> bool {
         let error = error.map(str::to_owned);
         let written =
             source
@@ -626,8 +709,12 @@ impl ChatService {
                     })
                 })
                 .await;
-        if let Err(e) = written {
-            tracing::warn!(id, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
+        match written {
+            Ok(cancel) => cancel,
+            Err(e) => {
+                tracing::warn!(id, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
+                false
+            }
         }
     }
 }

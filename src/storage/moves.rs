@@ -471,6 +471,8 @@ pub struct MoveRow {
     pub phase: String,
     pub copied_revision: u64,
     pub error: Option<String>,
+    /// 1 once a cancel was asked for (`DELETE /v1/admin/moves/{id}`).
+    pub cancel_requested: u8,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
 }
@@ -497,7 +499,8 @@ pub async fn insert_move(
     Ok(done.last_insert_id())
 }
 
-/// Moves a record to `phase` (finished phases free the chat for another move).
+/// Moves a record to `phase` (finished phases free the chat for another
+/// move); whether a cancel was asked for.
 pub async fn set_phase(
     conn: &mut MySqlConnection,
     id: u64,
@@ -506,7 +509,7 @@ pub async fn set_phase(
     error: Option<&str>,
     finished: bool,
     now: NaiveDateTime,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<bool> {
     sqlx::query(
         "UPDATE chat_move SET phase = ?, copied_revision = ?, error = ?, updated_at = ?, \
          active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ?",
@@ -517,16 +520,81 @@ pub async fn set_phase(
     .bind(now)
     .bind(finished)
     .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    let cancel: Option<u8> =
+        sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE id = ?")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(cancel.unwrap_or(0) != 0)
+}
+
+/// Asks a running move to stop, only while it has not reached its switch
+/// (the phases before `switching`); whether it was asked.
+pub async fn request_cancel(
+    conn: &mut MySqlConnection,
+    id: u64,
+    now: NaiveDateTime,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chat_move SET cancel_requested = 1, updated_at = ? \
+         WHERE id = ? AND active = 1 AND phase IN ('requested', 'copying', 'fenced', 'verified')",
+    )
+    .bind(now)
+    .bind(id)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
+}
+
+/// How the switch's first step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchStep {
+    /// The tombstone stands and the move is `switching`.
+    Done,
+    /// The fence lapsed (or the chat moved on): nothing changed.
+    Lapsed,
+    /// A cancel came first: nothing changed.
+    Cancelled,
+}
+
+/// The switch at the source (inside the caller's transaction): under the
+/// move row's lock, the tombstone unless the move was cancelled, and the
+/// move recorded as `switching` with it, so a cancel either stops the switch
+/// or finds the move past it.
+pub async fn switch_source(
+    conn: &mut MySqlConnection,
+    id: u64,
+    chat_id: &str,
+    to: &str,
+    revision: u64,
+    now: NaiveDateTime,
+) -> sqlx::Result<SwitchStep> {
+    let cancel: Option<u8> =
+        sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE id = ? FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if cancel != Some(0) {
+        return Ok(SwitchStep::Cancelled);
+    }
+    if !tombstone(&mut *conn, chat_id, to, revision).await? {
+        return Ok(SwitchStep::Lapsed);
+    }
+    sqlx::query("UPDATE chat_move SET phase = 'switching', updated_at = ? WHERE id = ?")
+        .bind(now)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(SwitchStep::Done)
 }
 
 /// The running moves recorded on this shard whose record has not changed for
 /// `seconds`: their driver is taken for gone.
 pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
          FROM chat_move WHERE active = 1 AND updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
     )
     .bind(seconds)
@@ -556,7 +624,7 @@ pub async fn claim(
 /// One move recorded on this shard.
 pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
          FROM chat_move WHERE id = ?",
     )
     .bind(id)
@@ -567,7 +635,7 @@ pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Optio
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
          FROM chat_move ORDER BY id DESC LIMIT ?",
     )
     .bind(limit)

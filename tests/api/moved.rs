@@ -302,12 +302,12 @@ async fn move_to_end(app: &TestApp, chat: &str, to: &str) -> Value {
     wait_move(app, &id).await
 }
 
-/// Polls a move until it is `done` or `rolled_back`.
+/// Polls a move until it is `done`, `rolled_back` or `cancelled`.
 async fn wait_move(app: &TestApp, id: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let m = app.admin_get(&format!("/v1/admin/moves/{id}")).await;
-        if m["phase"] == "done" || m["phase"] == "rolled_back" {
+        if m["phase"] == "done" || m["phase"] == "rolled_back" || m["phase"] == "cancelled" {
             return m;
         }
         assert!(
@@ -814,17 +814,7 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     // Enough revisions for the copy to take a while in small batches.
-    for batch in 0..30 {
-        let joins = (0..100).map(|i| {
-            let (app, chat) = (&app, &chat);
-            async move { app.join(chat, &format!("m{batch}-{i}")).await.status() }
-        });
-        let statuses = futures::future::join_all(joins).await;
-        assert!(
-            statuses.iter().all(|s| *s == StatusCode::CREATED),
-            "{statuses:?}"
-        );
-    }
+    fill(&app, &chat, 30, 100).await;
     let home = app.shard_of(&chat).await;
     let target = (home + 1) % app.settings.shards.len();
     let dir = std::env::temp_dir().join(crate::helpers::unique("mover"));
@@ -877,4 +867,156 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
     app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole() {
+    let app = std::sync::Arc::new(
+        TestApp::spawn_with(|s| {
+            s.admin.token = TOKEN.to_owned();
+            // A slow copy: 20 revisions per batch, 50 ms apart.
+            s.moves.batch_revisions = 20;
+            s.moves.pause_ms = 50;
+            s.join_throttle.enabled = false;
+        })
+        .await,
+    );
+    let chat = crate::helpers::unique("cancel");
+    let r = app
+        .put_chat(&chat, Some(json!({"maxMembers": 100000})))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    fill(&app, &chat, 10, 50).await;
+    let home = app.shard_of(&chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let target_name = app.settings.shards[target].name.clone();
+    // Writes go on throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = tokio::spawn(writer(app.clone(), chat.clone(), "cw", stop.clone()));
+    let r = request_move(&app, &chat, &target_name).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // A second move of the same chat is refused while this one runs.
+    let again = request_move(&app, &chat, &target_name).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    // Cancelled once some of the log is on the target.
+    common::eventually(
+        std::time::Duration::from_secs(30),
+        "the copy is under way",
+        || {
+            let app = app.clone();
+            let id = id.clone();
+            async move {
+                let m = app.admin_get(&format!("/v1/admin/moves/{id}")).await;
+                m["phase"] == "copying" && m["copiedRevision"].as_u64().unwrap_or(0) > 0
+            }
+        },
+    )
+    .await;
+    let r = app
+        .admin(reqwest::Method::DELETE, &format!("/v1/admin/moves/{id}"))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let asked: Value = r.json().await.expect("json");
+    assert_eq!(asked["cancelRequested"], true, "{asked}");
+    let ended = wait_move(&app, &id).await;
+    assert_eq!(ended["phase"], "cancelled", "{ended}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (joined, posted, _) = writes.await.expect("writer");
+    assert!(!joined.is_empty() && !posted.is_empty());
+    // The chat never left its source: every write is there once, and the
+    // target keeps nothing of the copy.
+    assert_eq!(app.shard_of(&chat).await, home);
+    let mut old = app.db(home).await;
+    common::assert_chat_consistent(&mut old, &chat).await;
+    let members = 500 + joined.len() as i64;
+    assert_eq!(
+        common::count_and_rows(&mut old, &chat).await,
+        (members, members)
+    );
+    let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_message WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("messages");
+    assert_eq!(messages, posted.len() as i64);
+    let mut new = app.db(target).await;
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM chat WHERE chat_id = ?) + (SELECT COUNT(*) FROM chat_member WHERE chat_id = ?) \
+         + (SELECT COUNT(*) FROM chat_event WHERE chat_id = ?) + (SELECT COUNT(*) FROM chat_message WHERE chat_id = ?)",
+    )
+    .bind(&chat)
+    .bind(&chat)
+    .bind(&chat)
+    .bind(&chat)
+    .fetch_one(&mut new)
+    .await
+    .expect("target rows");
+    assert_eq!(rows, 0, "the copy was dropped");
+    // An ended move cannot be cancelled; an unknown one is not found.
+    for (path, status, code) in [
+        (
+            format!("/v1/admin/moves/{id}"),
+            StatusCode::CONFLICT,
+            "move_refused",
+        ),
+        (
+            format!("/v1/admin/moves/{}:999999", app.settings.shards[home].name),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/admin/moves/nowhere:1".to_owned(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ] {
+        let r = app
+            .admin(reqwest::Method::DELETE, &path)
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(r.status(), status, "{path}");
+        let body: Value = r.json().await.expect("problem");
+        assert_eq!(body["code"], code, "{path}: {body}");
+    }
+    // The chat can then move to the end, and that move cannot be cancelled.
+    let moved = move_to_end(&app, &chat, &target_name).await;
+    assert_eq!(moved["phase"], "done", "{moved}");
+    let r = app
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/v1/admin/moves/{}", moved["id"].as_str().expect("id")),
+        )
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(
+        common::count_and_rows(&mut new, &chat).await,
+        (members, members)
+    );
+    if let Ok(app) = std::sync::Arc::try_unwrap(app) {
+        app.shut_down().await;
+    }
+}
+
+/// Joins `batches` × `per` members (`m<batch>-<i>`), `per` at a time.
+async fn fill(app: &TestApp, chat: &str, batches: usize, per: usize) {
+    for batch in 0..batches {
+        let joins = (0..per).map(|i| async move {
+            app.join(chat, &format!("m{batch}-{i}")).await.status()
+        });
+        let statuses = futures::future::join_all(joins).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::CREATED),
+            "{statuses:?}"
+        );
+    }
 }

@@ -1576,7 +1576,7 @@ pub async fn move_chat(
             .await?
             .json()
             .await?;
-        if m["phase"] == "done" || m["phase"] == "rolled_back" {
+        if m["phase"] == "done" || m["phase"] == "rolled_back" || m["phase"] == "cancelled" {
             break m;
         }
         anyhow::ensure!(
