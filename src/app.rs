@@ -75,6 +75,7 @@ impl App {
         let service = Arc::new(service);
         service.spawn_tail_refresher();
         service.spawn_move_recovery();
+        service.spawn_isolation();
         service.spawn_lifecycle(settings.purge.clone(), settings.digest.clone());
         metrics.observe_tails(service.clone());
         metrics.observe_lifecycle(service.clone());
@@ -200,6 +201,16 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
             fence_lag: settings.moves.fence_lag,
             fence: Duration::from_millis(settings.moves.fence_ms),
             pause: Duration::from_millis(settings.moves.pause_ms),
+            max_p99_ratio: settings.moves.max_p99_ratio,
+            // A paused copy still renews its lease.
+            max_pause: Duration::from_millis(
+                settings
+                    .moves
+                    .max_pause_ms
+                    .min(settings.moves.lease_ms / 4)
+                    .max(settings.moves.pause_ms),
+            ),
+            revisions_per_second: settings.moves.revisions_per_second,
             clean_batch: settings.moves.clean_batch,
             lease: Duration::from_millis(settings.moves.lease_ms),
         },

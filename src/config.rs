@@ -68,6 +68,9 @@ pub struct Settings {
     /// Live: how long the event log keeps events (changeable at run time).
     #[serde(default)]
     pub retention: crate::live::RetentionConfig,
+    /// Live: automatic isolation of hot chats (changeable at run time).
+    #[serde(default)]
+    pub isolation: crate::live::IsolationConfig,
     /// How the purge paces its deletes (docs/event-log.md).
     #[serde(default)]
     pub purge: PurgeSettings,
@@ -310,6 +313,15 @@ pub struct MovesSettings {
     pub fence_ms: u64,
     /// A pause between two copy or clean-up batches.
     pub pause_ms: u64,
+    /// The copy slows down (its pause doubles, up to `max_pause_ms`) while the
+    /// p99 latency of the source's other calls is above this many times
+    /// what it was before the copy started; 0 turns that off.
+    pub max_p99_ratio: f64,
+    /// The longest pause the p99 throttle lets the copy take between batches
+    /// (cut to a quarter of `lease_ms`, so a paused copy keeps its lease).
+    pub max_pause_ms: u64,
+    /// At most this many revisions copied per second (0: no cap).
+    pub revisions_per_second: u32,
     /// Rows deleted per statement when the source is cleaned.
     pub clean_batch: u32,
     /// A running move whose record has not changed for this long is taken
@@ -324,6 +336,9 @@ impl Default for MovesSettings {
             fence_lag: 500,
             fence_ms: 2000,
             pause_ms: 5,
+            max_p99_ratio: 1.2,
+            max_pause_ms: 1000,
+            revisions_per_second: 20_000,
             clean_batch: 1000,
             lease_ms: 30_000,
         }
@@ -345,6 +360,12 @@ impl MovesSettings {
             problems.push(
                 "moves.lease_ms must be at least 1000 and at least twice moves.fence_ms".to_owned(),
             );
+        }
+        if !(self.max_p99_ratio == 0.0 || (1.0..=100.0).contains(&self.max_p99_ratio)) {
+            problems.push("moves.max_p99_ratio must be 0 (off) or between 1 and 100".to_owned());
+        }
+        if self.max_pause_ms < self.pause_ms {
+            problems.push("moves.max_pause_ms must be at least moves.pause_ms".to_owned());
         }
     }
 }
@@ -776,6 +797,15 @@ impl Settings {
             );
         }
         problems.extend(self.live().problems());
+        if !self.isolation.shard.is_empty()
+            && !self.shards.is_empty()
+            && !self.shards.iter().any(|s| s.name == self.isolation.shard)
+        {
+            problems.push(format!(
+                "isolation.shard {:?} is not a configured shard",
+                self.isolation.shard
+            ));
+        }
         self.redis.problems(&mut problems);
         self.moves.problems(&mut problems);
         for (name, value) in [
@@ -824,6 +854,7 @@ impl Settings {
             join_throttle: self.join_throttle.clone(),
             streams: self.streams.clone(),
             retention: self.retention.clone(),
+            isolation: self.isolation.clone(),
         }
     }
 
@@ -1108,6 +1139,20 @@ mod tests {
         assert!(all.contains("url must start with mysql://"), "{all}");
         assert!(all.contains("\"x\" is not a bucket number"), "{all}");
         assert!(all.contains("pool.max_concurrent"), "{all}");
+    }
+
+    #[test]
+    fn the_copy_throttle_is_checked() {
+        let text = format!(
+            "{TWO_SHARDS}\n[moves]\nmax_p99_ratio = 0.5\npause_ms = 50\nmax_pause_ms = 10\n"
+        );
+        let err = Settings::from_toml(&text, []).unwrap_err();
+        let all = err.0.join("\n");
+        assert!(all.contains("moves.max_p99_ratio"), "{all}");
+        assert!(all.contains("moves.max_pause_ms"), "{all}");
+        let text = format!("{TWO_SHARDS}\n[moves]\nmax_p99_ratio = 0\nrevisions_per_second = 0\n");
+        let settings = Settings::from_toml(&text, []).expect("the throttle and the cap off");
+        assert_eq!(settings.moves.max_p99_ratio, 0.0);
     }
 
     #[test]

@@ -243,6 +243,41 @@ pub struct RetentionRule {
     pub min_revisions: u64,
 }
 
+/// Automatic isolation (docs/moving-chats.md): a chat hot for
+/// `afterSeconds` is moved to `shard`, at most one move at a time per source
+/// shard and `movesPerHour` per source shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IsolationConfig {
+    /// Whether hot chats are moved (or, with `dryRun`, counted).
+    pub enabled: bool,
+    /// Only log and count the moves it would start.
+    #[serde(alias = "dry_run")]
+    pub dry_run: bool,
+    /// The shard hot chats move to (a configured shard's name).
+    pub shard: String,
+    /// How long a chat must have stayed hot.
+    #[serde(alias = "after_seconds")]
+    #[schema(minimum = 1, maximum = 86_400)]
+    pub after_seconds: u64,
+    /// At most this many isolation moves start per source shard per hour.
+    #[serde(alias = "moves_per_hour")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub moves_per_hour: u32,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dry_run: false,
+            shard: String::new(),
+            after_seconds: 300,
+            moves_per_hour: 4,
+        }
+    }
+}
+
 /// The live section as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -253,6 +288,7 @@ pub struct LiveConfig {
     pub join_throttle: JoinThrottleConfig,
     pub streams: StreamsConfig,
     pub retention: RetentionConfig,
+    pub isolation: IsolationConfig,
 }
 
 /// The effective hot-chat settings of one chat.
@@ -344,6 +380,16 @@ impl LiveConfig {
         }
         if st.resync_revisions > 1_000_000_000 {
             p.push("streams.resyncRevisions must be between 0 and 1000000000".to_owned());
+        }
+        let i = &self.isolation;
+        if i.enabled && i.shard.is_empty() {
+            p.push("isolation.shard must name a shard when isolation is enabled".to_owned());
+        }
+        if !(1..=86_400).contains(&i.after_seconds) {
+            p.push("isolation.afterSeconds must be between 1 and 86400".to_owned());
+        }
+        if !(1..=3600).contains(&i.moves_per_hour) {
+            p.push("isolation.movesPerHour must be between 1 and 3600".to_owned());
         }
         let h = &self.hot_chat;
         check_hot_chat(

@@ -270,6 +270,17 @@ impl Metrics {
                         true,
                         Decisions::get(&d.hot_chats_marked_dry_run),
                     ),
+                    ("chat_isolated", false, Decisions::get(&d.chats_isolated)),
+                    (
+                        "chat_isolated",
+                        true,
+                        Decisions::get(&d.chats_isolated_dry_run),
+                    ),
+                    (
+                        "isolation_deferred",
+                        false,
+                        Decisions::get(&d.isolations_deferred),
+                    ),
                 ] {
                     o.observe(
                         n,

@@ -473,6 +473,14 @@ async fn the_fleet_options_and_the_proxy_run() {
         "{moved}"
     );
     assert!(ok(&moved, "post") > 0, "{moved}");
+    // Two shards: about half of the candidate chats share the source.
+    assert!(m["otherChats"].as_u64().unwrap_or(0) > 0, "{moved}");
+    assert!(ok(&moved, "other_before") > 0, "{moved}");
+    assert!(ok(&moved, "other_during") > 0, "{moved}");
+    assert!(
+        m["otherP99DuringMs"].as_f64().is_some_and(|p| p > 0.0),
+        "{moved}"
+    );
     assert!(ok(&spike, "join") > 0, "{spike}");
     drop(cluster);
 }

@@ -251,6 +251,7 @@ pub async fn put_config(
     let body = body.ok_or_else(needs_body)?;
     let result = state.service.live().update_with("admin API", |_| {
         shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", body)
+            .and_then(|config| known_shards(&state, config))
     });
     share_with_fleet(&state, &result).await;
     config_answer(&state, result)
@@ -290,6 +291,7 @@ pub async fn patch_config(
             .map_err(|e| Problem::from(crate::service::ServiceError::internal(e)))?;
         merge_patch(&mut document, patch);
         shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", document)
+            .and_then(|config| known_shards(&state, config))
     });
     share_with_fleet(&state, &result).await;
     config_answer(&state, result)
@@ -361,6 +363,19 @@ fn config_answer(
     }
 }
 
+/// A configuration whose `isolation.shard` names no shard of this instance
+/// is refused.
+fn known_shards(state: &AppState, config: LiveConfig) -> Result<LiveConfig, Problem> {
+    let shard = &config.isolation.shard;
+    if shard.is_empty() || state.service.shards().by_name(shard).is_some() {
+        Ok(config)
+    } else {
+        Err(invalid_config(vec![format!(
+            "isolation.shard {shard:?} is not a configured shard"
+        )]))
+    }
+}
+
 fn invalid_config(problems: Vec<String>) -> Problem {
     Problem::new(
         Code::InvalidConfig,
@@ -390,6 +405,12 @@ pub struct DecisionsView {
     pub fetches_throttled_dry_run: u64,
     pub hot_chats_marked: u64,
     pub hot_chats_marked_dry_run: u64,
+    /// Isolation moves this instance started, chats a dry run would have
+    /// moved, and rounds where a due isolation waited (a move running on its
+    /// source shard, or its hourly budget spent).
+    pub chats_isolated: u64,
+    pub chats_isolated_dry_run: u64,
+    pub isolations_deferred: u64,
     /// Event fetches asked for, and the queries they cost (the rest were
     /// coalesced or served from a kept page).
     pub fetches: u64,
@@ -441,6 +462,9 @@ pub async fn hot_chats(_: Admin, State(state): State<AppState>) -> Json<HotChats
             fetches_throttled_dry_run: Decisions::get(&d.fetches_throttled_dry_run),
             hot_chats_marked: Decisions::get(&d.hot_chats_marked),
             hot_chats_marked_dry_run: Decisions::get(&d.hot_chats_marked_dry_run),
+            chats_isolated: Decisions::get(&d.chats_isolated),
+            chats_isolated_dry_run: Decisions::get(&d.chats_isolated_dry_run),
+            isolations_deferred: Decisions::get(&d.isolations_deferred),
             fetches: Decisions::get(&d.fetches),
             fetch_queries: Decisions::get(&d.fetch_queries),
             fetches_coalesced: Decisions::get(&d.fetches_coalesced),

@@ -17,6 +17,7 @@
 pub mod error;
 pub mod events;
 mod group_commit;
+mod isolation;
 pub mod lifecycle;
 pub mod model;
 pub mod moves;

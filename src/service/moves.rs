@@ -40,6 +40,13 @@ pub struct MoveSettings {
     /// A pause between two copy (or clean) batches, so the source's other
     /// chats keep their share of it.
     pub pause: Duration,
+    /// While the p99 of the source's other calls is above this many times
+    /// its value before the copy, the copy's pause doubles (0: off).
+    pub max_p99_ratio: f64,
+    /// The longest pause that throttle takes.
+    pub max_pause: Duration,
+    /// A cap on the copy's pace (0: none).
+    pub revisions_per_second: u32,
     /// A running move whose record has not changed for this long is taken
     /// for abandoned (its driver died) and finished or rolled back.
     pub lease: Duration,
@@ -53,7 +60,138 @@ impl Default for MoveSettings {
             fence: Duration::from_secs(2),
             clean_batch: 1000,
             pause: Duration::from_millis(5),
+            max_p99_ratio: 1.2,
+            max_pause: Duration::from_secs(1),
+            revisions_per_second: 20_000,
             lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Calls the throttle needs in its window before it trusts a p99.
+const PACER_MIN_CALLS: u64 = 50;
+/// The window of the p99 the throttle compares with its baseline.
+const PACER_WINDOW: Duration = Duration::from_secs(2);
+/// A baseline p99 below this counts as this: under it, the p99 of a quiet
+/// shard is noise.
+const PACER_FLOOR: Duration = Duration::from_millis(1);
+
+/// Copy rounds in a row whose lag does not shrink before the p99 throttle
+/// gives way (see [`Pacer::give_way`]).
+const STALLED_ROUNDS: u32 = 3;
+/// The throttle halves the copy's batch down to this share of
+/// `moves.batch_revisions`.
+const PACER_MIN_BATCH_SHARE: u32 = 8;
+
+/// Paces a move's work on its source (the copy, then the clean-up): while
+/// the source's other calls see a p99 above `max_p99_ratio` times their p99
+/// before the move, the pause after each batch doubles (up to `max_pause`)
+/// and the batch halves (down to an eighth); once they do not, both go back
+/// step by step. The copy also keeps under `revisions_per_second`.
+struct Pacer {
+    /// The p99 of the source's calls before the copy (`None`: too few calls
+    /// to tell, or the throttle gave way so the copy converges; then only
+    /// the cap and `pause` apply).
+    baseline: Option<Duration>,
+    pause: Duration,
+    /// Revisions per copy batch now.
+    batch: u32,
+    started: std::time::Instant,
+    copied: u64,
+    /// Time spent in throttled pauses (beyond `pause`), for the log.
+    throttled: Duration,
+}
+
+impl Pacer {
+    /// `before`: the source's p99 over the last 10 s and its number of calls.
+    fn new(before: Option<(Duration, u64)>, settings: &MoveSettings) -> Self {
+        let baseline = before
+            .filter(|(_, calls)| *calls >= PACER_MIN_CALLS)
+            .map(|(p99, _)| p99.max(PACER_FLOOR));
+        tracing::info!(
+            baseline_p99_ms = baseline.map(|b| b.as_secs_f64() * 1e3),
+            "a move's copy starts"
+        );
+        Self {
+            baseline,
+            pause: settings.pause,
+            batch: settings.batch,
+            started: std::time::Instant::now(),
+            copied: 0,
+            throttled: Duration::ZERO,
+        }
+    }
+
+    /// The pause after a batch of `revisions`; `recent`: the source's p99
+    /// over [`PACER_WINDOW`] and its number of calls.
+    fn next(
+        &mut self,
+        recent: Option<(Duration, u64)>,
+        settings: &MoveSettings,
+        revisions: u64,
+    ) -> Duration {
+        self.copied += revisions;
+        let hurt = match self.baseline {
+            Some(baseline) if settings.max_p99_ratio > 0.0 => recent.is_some_and(|(p99, calls)| {
+                calls >= PACER_MIN_CALLS
+                    && p99.as_secs_f64() > baseline.as_secs_f64() * settings.max_p99_ratio
+            }),
+            _ => false,
+        };
+        let least = (settings.batch / PACER_MIN_BATCH_SHARE).max(1);
+        (self.pause, self.batch) = if hurt {
+            (
+                (self.pause.max(Duration::from_millis(5)) * 2).min(settings.max_pause),
+                (self.batch / 2).max(least),
+            )
+        } else {
+            (
+                (self.pause / 2).max(settings.pause),
+                self.batch.saturating_mul(2).min(settings.batch),
+            )
+        };
+        self.throttled += self.pause.saturating_sub(settings.pause);
+        // The cap: no faster than `revisions_per_second` since the start.
+        let due = if settings.revisions_per_second > 0 {
+            Duration::from_secs_f64(self.copied as f64 / f64::from(settings.revisions_per_second))
+                .saturating_sub(self.started.elapsed())
+        } else {
+            Duration::ZERO
+        };
+        self.pause.max(due)
+    }
+
+    /// The clean-up's batch: `clean_batch` scaled like the copy's batch.
+    fn clean_batch(&self, settings: &MoveSettings) -> u32 {
+        let scaled = u64::from(settings.clean_batch) * u64::from(self.batch)
+            / u64::from(settings.batch.max(1));
+        u32::try_from(scaled).unwrap_or(settings.clean_batch).max(1)
+    }
+
+    /// The copy does not catch up while throttled (the chat is written
+    /// faster than the throttled copy goes): the p99 throttle gives way for
+    /// the rest of the move, since a move that never converges holds its
+    /// cost forever.
+    fn give_way(&mut self, settings: &MoveSettings) {
+        if self.baseline.take().is_some() {
+            tracing::warn!(
+                "a move's copy does not catch up while throttled; it goes on unthrottled"
+            );
+        }
+        self.pause = settings.pause;
+        self.batch = settings.batch;
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        if self.copied > 0 {
+            tracing::info!(
+                revisions = self.copied,
+                seconds = self.started.elapsed().as_secs_f64(),
+                throttled_ms = self.throttled.as_millis() as u64,
+                "a move's copy paced"
+            );
         }
     }
 }
@@ -77,6 +215,8 @@ pub struct MoveView {
     pub error: Option<String>,
     /// A cancel was asked for; the move rolls back at its next batch.
     pub cancel_requested: bool,
+    /// `admin` (the admin API or `chatshard move-chat`) or `isolation`.
+    pub started_by: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -92,6 +232,7 @@ impl MoveView {
             copied_revision: row.copied_revision,
             error: row.error,
             cancel_requested: row.cancel_requested != 0,
+            started_by: row.started_by,
             created_at: crate::storage::utc(row.created_at),
             updated_at: crate::storage::utc(row.updated_at),
         }
@@ -133,6 +274,34 @@ impl ChatService {
         chat: &ChatId,
         to: &str,
     ) -> Result<MoveView, ServiceError> {
+        self.begin_move(chat, to, None)
+            .await?
+            .ok_or_else(|| ServiceError::MoveRefused {
+                reason: format!("chat {chat} has a move running"),
+            })
+    }
+
+    /// Starts an isolation move of `chat` to `to` if its source shard has no
+    /// move running and started fewer than `per_hour` isolation moves within
+    /// the hour (decided on the source, under a lock, so the instances of a
+    /// fleet take turns); `Ok(None)` when it may not start now.
+    pub async fn start_isolation(
+        self: &Arc<Self>,
+        chat: &ChatId,
+        to: &str,
+        per_hour: u32,
+    ) -> Result<Option<MoveView>, ServiceError> {
+        self.begin_move(chat, to, Some(per_hour)).await
+    }
+
+    /// [`Self::start_move`] (`isolation`: `None`) or
+    /// [`Self::start_isolation`]; `None` when the record was refused.
+    async fn begin_move(
+        self: &Arc<Self>,
+        chat: &ChatId,
+        to: &str,
+        isolation: Option<u32>,
+    ) -> Result<Option<MoveView>, ServiceError> {
         let target =
             self.shards
                 .by_name(to)
@@ -162,24 +331,38 @@ impl ChatService {
         let record = source
             .write(Some(chat), "move_record", move |conn| {
                 Box::pin(async move {
-                    match moves::insert_move(conn, &id, &src, &dst, now()).await {
-                        Ok(n) => Ok(Some(n)),
-                        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
-                        Err(e) => Err(e.into()),
-                    }
+                    let Some(per_hour) = isolation else {
+                        return match moves::insert_move(conn, &id, &src, &dst, "admin", now()).await
+                        {
+                            Ok(n) => Ok(Some(n)),
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
+                            Err(e) => Err(e.into()),
+                        };
+                    };
+                    let mut tx = conn.begin().await?;
+                    let start =
+                        moves::insert_isolation_move(&mut tx, &id, &src, &dst, per_hour, now())
+                            .await?;
+                    let moves::IsolationStart::Started(n) = start else {
+                        tx.rollback().await?;
+                        tracing::debug!(chat = %id, ?start, "isolation move not started");
+                        return Ok(None);
+                    };
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(Some(n))
                 })
             })
-            .await?
-            .ok_or_else(|| ServiceError::MoveRefused {
-                reason: format!("chat {chat} has a move running"),
-            })?;
+            .await?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
         let service = self.clone();
         let chat = chat.clone();
         let view = self.move_view(&source, record).await?;
         tokio::spawn(async move {
             service.run_move(record, chat, source, target).await;
         });
-        Ok(view)
+        Ok(Some(view))
     }
 
     /// Finishes or rolls back the moves whose driver died (their record has
@@ -235,7 +418,12 @@ impl ChatService {
                 Ok(()) => {
                     self.record(source, row.id, "cleaning", row.copied_revision, None, false)
                         .await;
-                    self.clean_source(&chat, source, &settings).await;
+                    let mut pacer = Pacer::new(
+                        source.recent_latency(0.99, Duration::from_secs(10)),
+                        &settings,
+                    );
+                    self.clean_source(&chat, source, &settings, Some(&mut pacer))
+                        .await;
                     self.record(source, row.id, "done", row.copied_revision, None, true)
                         .await;
                 }
@@ -396,13 +584,22 @@ impl ChatService {
     /// Runs a recorded move to its end, recording each phase.
     pub async fn run_move(&self, id: u64, chat: ChatId, source: Arc<Shard>, target: Arc<Shard>) {
         let settings = self.move_settings.clone();
-        let outcome = self.drive(id, &chat, &source, &target, &settings).await;
+        // Paced so the source's other chats keep their p99, from the p99
+        // they had before the move.
+        let mut pacer = Pacer::new(
+            source.recent_latency(0.99, Duration::from_secs(10)),
+            &settings,
+        );
+        let outcome = self
+            .drive(id, &chat, (&source, &target), &settings, &mut pacer)
+            .await;
         match outcome {
             Ok(copied) => {
                 tracing::info!(chat = %chat, from = source.name(), to = target.name(), revision = copied, "chat_moved");
                 self.record(&source, id, "cleaning", copied, None, false)
                     .await;
-                self.clean_source(&chat, &source, &settings).await;
+                self.clean_source(&chat, &source, &settings, Some(&mut pacer))
+                    .await;
                 self.record(&source, id, "done", copied, None, true).await;
             }
             Err(Stop::Cancelled) => {
@@ -425,9 +622,9 @@ impl ChatService {
         &self,
         id: u64,
         chat: &ChatId,
-        source: &Arc<Shard>,
-        target: &Arc<Shard>,
+        (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
+        pacer: &mut Pacer,
     ) -> Result<u64, Stop> {
         let chat_id = chat.to_string();
         // The target's row, marked as held by the source until the switch.
@@ -463,16 +660,31 @@ impl ChatService {
             return Err(Stop::Cancelled);
         }
         // Copy while writes go on, each round up to the revision the source
-        // had when it began, until the target is close behind.
+        // had when it began, until the target is close behind; paced.
         let mut copied = 0;
         for attempt in 1..=FENCE_ATTEMPTS {
+            // Rounds in a row whose lag did not shrink.
+            let (mut last_lag, mut stalled) = (u64::MAX, 0);
             loop {
                 let latest = self.source_revision(chat, source).await?;
-                if latest.saturating_sub(copied) <= settings.fence_lag {
+                let lag = latest.saturating_sub(copied);
+                if lag <= settings.fence_lag {
                     break;
                 }
+                stalled = if lag >= last_lag { stalled + 1 } else { 0 };
+                last_lag = lag;
+                if stalled >= STALLED_ROUNDS {
+                    pacer.give_way(settings);
+                }
                 copied = self
-                    .copy_until((id, "copying"), chat, source, target, settings, latest)
+                    .copy_until(
+                        (id, "copying"),
+                        chat,
+                        (source, target),
+                        settings,
+                        Some(&mut *pacer),
+                        latest,
+                    )
                     .await?;
             }
             if self
@@ -499,8 +711,16 @@ impl ChatService {
             if self.record(source, id, "fenced", copied, None, false).await {
                 return Err(Stop::Cancelled);
             }
+            // Under the fence the chat's writes wait: no pause.
             copied = self
-                .copy_until((id, "fenced"), chat, source, target, settings, frozen)
+                .copy_until(
+                    (id, "fenced"),
+                    chat,
+                    (source, target),
+                    settings,
+                    None,
+                    frozen,
+                )
                 .await?;
             let (from, to) = (
                 self.digest(chat, source).await?,
@@ -553,15 +773,15 @@ impl ChatService {
         Err(Stop::FenceLapsed(FENCE_ATTEMPTS))
     }
 
-    /// Replays the source's log on the target up to `until`; the target's
-    /// revision after.
+    /// Replays the source's log on the target up to `until`, paced by
+    /// `pacer` if given; the target's revision after.
     async fn copy_until(
         &self,
         (id, phase): (u64, &'static str),
         chat: &ChatId,
-        source: &Arc<Shard>,
-        target: &Arc<Shard>,
+        (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
+        mut pacer: Option<&mut Pacer>,
         until: u64,
     ) -> Result<u64, Stop> {
         loop {
@@ -569,7 +789,8 @@ impl ChatService {
             if at >= until {
                 return Ok(at);
             }
-            let (c, batch) = (chat.to_string(), settings.batch);
+            let batch = pacer.as_deref().map_or(settings.batch, |p| p.batch);
+            let c = chat.to_string();
             let rows: Vec<LogRow> = source
                 .read(Some(chat), "move_read_log", move |conn| {
                     Box::pin(async move { Ok(moves::log_after(conn, &c, at, batch).await?) })
@@ -602,7 +823,10 @@ impl ChatService {
             if self.record(source, id, phase, last, None, false).await {
                 return Err(Stop::Cancelled);
             }
-            tokio::time::sleep(settings.pause).await;
+            if let Some(pacer) = pacer.as_deref_mut() {
+                let recent = source.recent_latency(0.99, PACER_WINDOW);
+                tokio::time::sleep(pacer.next(recent, settings, last - at)).await;
+            }
         }
     }
 
@@ -636,23 +860,41 @@ impl ChatService {
             .await?)
     }
 
-    /// Deletes the moved chat's rows from the source, a batch at a time; the
-    /// chat row stays as the tombstone.
-    async fn clean_source(&self, chat: &ChatId, source: &Arc<Shard>, settings: &MoveSettings) {
+    /// Deletes the moved chat's rows from `shard`, a batch at a time (paced
+    /// by `pacer` if given); the chat row stays as the tombstone.
+    async fn clean_source(
+        &self,
+        chat: &ChatId,
+        shard: &Arc<Shard>,
+        settings: &MoveSettings,
+        mut pacer: Option<&mut Pacer>,
+    ) {
         for table in [
             CleanTable::Events,
             CleanTable::Messages,
             CleanTable::Members,
         ] {
             loop {
-                let (c, n) = (chat.to_string(), settings.clean_batch);
-                let deleted = source
+                let n = pacer
+                    .as_deref()
+                    .map_or(settings.clean_batch, |p| p.clean_batch(settings));
+                let c = chat.to_string();
+                let deleted = shard
                     .write(Some(chat), "move_clean", move |conn| {
                         Box::pin(async move { Ok(moves::clean(conn, table, &c, n).await?) })
                     })
                     .await;
                 match deleted {
-                    Ok(n) if n > 0 => tokio::time::sleep(settings.pause).await,
+                    Ok(n) if n > 0 => {
+                        let pause = match pacer.as_deref_mut() {
+                            Some(p) => {
+                                let recent = shard.recent_latency(0.99, PACER_WINDOW);
+                                p.next(recent, settings, 0)
+                            }
+                            None => settings.pause,
+                        };
+                        tokio::time::sleep(pause).await;
+                    }
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(chat = %chat, error = %crate::error::chain(&e), "cleaning a moved chat's rows stopped; they stay behind its tombstone");
@@ -670,7 +912,7 @@ impl ChatService {
         if !matches!(marked, Ok(Some((_, Some(_))))) {
             return;
         }
-        self.clean_source(chat, target, settings).await;
+        self.clean_source(chat, target, settings, None).await;
         let c = chat.to_string();
         let _ = target
             .write(Some(chat), "move_drop_copy", move |conn| {
@@ -716,5 +958,78 @@ impl ChatService {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_pacer_backs_off_while_the_source_is_slow_and_comes_back_after() {
+        let settings = MoveSettings {
+            revisions_per_second: 0,
+            ..MoveSettings::default()
+        };
+        let mut pacer = Pacer::new(Some((ms(4), 500)), &settings);
+        // Within 1.2 × the baseline: the base pause.
+        assert_eq!(pacer.next(Some((ms(4), 500)), &settings, 1000), ms(5));
+        // Above it: doubling up to the cap.
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            pauses.push(pacer.next(Some((ms(6), 500)), &settings, 1000));
+        }
+        assert_eq!(pauses[..3], [ms(10), ms(20), ms(40)]);
+        assert_eq!(*pauses.last().unwrap(), settings.max_pause);
+        // The batch halved down to an eighth, the clean-up's with it.
+        assert_eq!(pacer.batch, 125);
+        assert_eq!(pacer.clean_batch(&settings), 125);
+        // Too few calls to tell, then healthy again: halving back to the base.
+        assert_eq!(pacer.next(Some((ms(60), 10)), &settings, 1000), ms(500));
+        let mut pause = ms(500);
+        for _ in 0..10 {
+            pause = pacer.next(Some((ms(4), 500)), &settings, 1000);
+        }
+        assert_eq!(pause, ms(5));
+        assert_eq!(pacer.batch, 1000);
+        // Giving way: the throttle is off for the rest of the move.
+        pacer.next(Some((ms(60), 500)), &settings, 1000);
+        pacer.give_way(&settings);
+        assert_eq!((pacer.pause, pacer.batch), (ms(5), 1000));
+        assert_eq!(pacer.next(Some((ms(60), 500)), &settings, 1000), ms(5));
+    }
+
+    #[test]
+    fn without_a_baseline_or_with_the_throttle_off_only_the_base_pause_and_the_cap_apply() {
+        let quiet = MoveSettings {
+            revisions_per_second: 0,
+            ..MoveSettings::default()
+        };
+        let mut pacer = Pacer::new(Some((ms(4), 3)), &quiet);
+        assert_eq!(pacer.next(Some((ms(900), 900)), &quiet, 1000), ms(5));
+        let off = MoveSettings {
+            max_p99_ratio: 0.0,
+            ..quiet.clone()
+        };
+        let mut pacer = Pacer::new(Some((ms(4), 500)), &off);
+        assert_eq!(pacer.next(Some((ms(900), 900)), &off, 1000), ms(5));
+        // A sub-millisecond baseline counts as 1 ms.
+        let mut pacer = Pacer::new(Some((Duration::from_micros(200), 500)), &quiet);
+        assert_eq!(pacer.next(Some((ms(1), 500)), &quiet, 1000), ms(5));
+        // The cap: 10,000 revisions at 1,000/s are due in about 10 s.
+        let capped = MoveSettings {
+            revisions_per_second: 1000,
+            ..quiet
+        };
+        let mut pacer = Pacer::new(None, &capped);
+        let pause = pacer.next(None, &capped, 10_000);
+        assert!(
+            pause > Duration::from_secs(9) && pause <= Duration::from_secs(10),
+            "{pause:?}"
+        );
     }
 }

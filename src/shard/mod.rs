@@ -198,6 +198,17 @@ impl Shard {
         self.breaker.state()
     }
 
+    /// The `q` quantile of the latency its callers saw over the last
+    /// `window` (at most 10 s), with the number of calls it comes from; a
+    /// move's own calls (`move_*`) are not counted.
+    pub fn recent_latency(
+        &self,
+        q: f64,
+        window: std::time::Duration,
+    ) -> Option<(std::time::Duration, u64)> {
+        self.stats.recent_latency(q, window)
+    }
+
     /// Everything the admin view and the metrics show of the shard, now.
     pub fn status(&self) -> ShardStatus {
         let pool = self.pool.status();
@@ -321,8 +332,12 @@ impl Shard {
         };
         let shard = KeyValue::new("shard", self.name.clone());
         if !result.as_ref().is_err_and(ShardError::is_refusal) {
+            let took = started.elapsed();
+            if !name.starts_with("move_") {
+                self.stats.record_latency(took);
+            }
             self.instruments.operation_seconds.record(
-                started.elapsed().as_secs_f64(),
+                took.as_secs_f64(),
                 &[
                     shard.clone(),
                     KeyValue::new("operation", name),

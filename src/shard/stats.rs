@@ -5,12 +5,48 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 /// Seconds the recent failure rate looks back.
 pub const RECENT_SECS: u64 = 10;
+
+/// Latency classes per doubling: 8 gives classes about 9 % wide.
+const PER_OCTAVE: f64 = 8.0;
+/// Classes from 1 µs to about 70 s; slower calls fall in the last.
+const CLASSES: usize = 26 * PER_OCTAVE as usize;
+
+/// The latencies of one second's calls, in logarithmic classes.
+#[derive(Debug, Clone, Copy)]
+struct Latencies {
+    second: u64,
+    count: u32,
+    classes: [u32; CLASSES],
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self {
+            second: 0,
+            count: 0,
+            classes: [0; CLASSES],
+        }
+    }
+}
+
+fn class_of(took: Duration) -> usize {
+    let micros = took.as_secs_f64() * 1e6;
+    if micros <= 1.0 {
+        return 0;
+    }
+    ((micros.log2() * PER_OCTAVE) as usize).min(CLASSES - 1)
+}
+
+/// The upper bound of a class.
+fn class_bound(class: usize) -> Duration {
+    Duration::from_secs_f64(((class + 1) as f64 / PER_OCTAVE).exp2() / 1e6)
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Bucket {
@@ -25,6 +61,7 @@ pub(crate) struct ShardStats {
     epoch: Instant,
     in_flight: AtomicUsize,
     buckets: Mutex<[Bucket; RECENT_SECS as usize]>,
+    latencies: Mutex<Box<[Latencies; RECENT_SECS as usize]>>,
     last_failure: Mutex<Option<(DateTime<Utc>, String)>>,
     rejected_open: AtomicU64,
     rejected_busy: AtomicU64,
@@ -85,6 +122,7 @@ impl Default for ShardStats {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             buckets: Mutex::new([Bucket::default(); RECENT_SECS as usize]),
+            latencies: Mutex::new(Box::new([Latencies::default(); RECENT_SECS as usize])),
             last_failure: Mutex::new(None),
             rejected_open: AtomicU64::new(0),
             rejected_busy: AtomicU64::new(0),
@@ -177,6 +215,64 @@ impl ShardStats {
         )
     }
 
+    /// Counts how long one call took (admission, pool wait and database
+    /// work): what the shard's callers feel.
+    pub fn record_latency(&self, took: Duration) {
+        let second = self.epoch.elapsed().as_secs();
+        let class = class_of(took);
+        let mut all = self
+            .latencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let l = &mut all[(second % RECENT_SECS) as usize];
+        if l.second != second || l.count == 0 {
+            *l = Latencies {
+                second,
+                ..Latencies::default()
+            };
+        }
+        l.count += 1;
+        l.classes[class] += 1;
+    }
+
+    /// The `q` quantile of the calls of the last `window` (whole seconds, at
+    /// most [`RECENT_SECS`], the current one included) and how many calls it
+    /// is taken from; `None` without calls. The value is its class's upper
+    /// bound, so at most about 9 % high.
+    pub fn recent_latency(&self, q: f64, window: Duration) -> Option<(Duration, u64)> {
+        let secs = window.as_secs().clamp(1, RECENT_SECS);
+        let now = self.epoch.elapsed().as_secs();
+        let mut merged = [0u64; CLASSES];
+        let mut total = 0u64;
+        {
+            let all = self
+                .latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for l in all
+                .iter()
+                .filter(|l| l.count > 0 && now.saturating_sub(l.second) < secs)
+            {
+                total += u64::from(l.count);
+                for (m, c) in merged.iter_mut().zip(l.classes.iter()) {
+                    *m += u64::from(*c);
+                }
+            }
+        }
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (class, n) in merged.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some((class_bound(class), total));
+            }
+        }
+        Some((class_bound(CLASSES - 1), total))
+    }
+
     pub fn last_failure(&self) -> Option<(DateTime<Utc>, String)> {
         self.last_failure
             .lock()
@@ -203,5 +299,38 @@ mod tests {
         assert_eq!(s.in_flight(), 2);
         drop((a, b));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn recent_latency_quantiles_within_a_class() {
+        let s = ShardStats::default();
+        assert_eq!(s.recent_latency(0.99, Duration::from_secs(5)), None);
+        for _ in 0..990 {
+            s.record_latency(Duration::from_millis(2));
+        }
+        for _ in 0..10 {
+            s.record_latency(Duration::from_millis(40));
+        }
+        let (p50, n) = s.recent_latency(0.5, Duration::from_secs(5)).unwrap();
+        assert_eq!(n, 1000);
+        assert!(
+            p50 >= Duration::from_millis(2) && p50 < Duration::from_micros(2200),
+            "{p50:?}"
+        );
+        let (p99, _) = s.recent_latency(0.99, Duration::from_secs(5)).unwrap();
+        assert!(
+            p99 >= Duration::from_millis(2) && p99 < Duration::from_micros(2200),
+            "{p99:?}"
+        );
+        let (p999, _) = s.recent_latency(0.999, Duration::from_secs(5)).unwrap();
+        assert!(
+            p999 >= Duration::from_millis(40) && p999 < Duration::from_millis(44),
+            "{p999:?}"
+        );
+        // Past the last class, and below the first.
+        s.record_latency(Duration::from_secs(600));
+        s.record_latency(Duration::ZERO);
+        let (max, _) = s.recent_latency(1.0, Duration::from_secs(5)).unwrap();
+        assert!(max > Duration::from_secs(60), "{max:?}");
     }
 }

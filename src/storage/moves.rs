@@ -473,6 +473,8 @@ pub struct MoveRow {
     pub error: Option<String>,
     /// 1 once a cancel was asked for (`DELETE /v1/admin/moves/{id}`).
     pub cancel_requested: u8,
+    /// `admin` or `isolation`.
+    pub started_by: String,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
 }
@@ -483,20 +485,71 @@ pub async fn insert_move(
     chat_id: &str,
     source: &str,
     target: &str,
+    started_by: &str,
     now: NaiveDateTime,
 ) -> sqlx::Result<u64> {
     let done = sqlx::query(
-        "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
-         VALUES (?, ?, ?, 'requested', 1, 0, ?, ?)",
+        "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, started_by, created_at, updated_at) \
+         VALUES (?, ?, ?, 'requested', 1, 0, ?, ?, ?)",
     )
     .bind(chat_id)
     .bind(source)
     .bind(target)
+    .bind(started_by)
     .bind(now)
     .bind(now)
     .execute(conn)
     .await?;
     Ok(done.last_insert_id())
+}
+
+/// Whether an isolation move may start on this shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationStart {
+    /// Recorded, with its id.
+    Started(u64),
+    /// A move from this shard is running.
+    Busy,
+    /// `per_hour` isolation moves started here within the last hour.
+    RateLimited,
+    /// The chat has a move running.
+    ChatMoving,
+}
+
+/// Records an isolation move if no move from this shard is running and fewer
+/// than `per_hour` isolation moves started here within the hour, all under
+/// the guard row's lock so instances take turns (in a transaction).
+pub async fn insert_isolation_move(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    source: &str,
+    target: &str,
+    per_hour: u32,
+    now: NaiveDateTime,
+) -> sqlx::Result<IsolationStart> {
+    sqlx::query("SELECT name FROM move_guard WHERE name = 'isolation' FOR UPDATE")
+        .fetch_optional(&mut *conn)
+        .await?;
+    let running: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_move WHERE active = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    if running > 0 {
+        return Ok(IsolationStart::Busy);
+    }
+    let recent: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM chat_move WHERE started_by = 'isolation' AND created_at > ?",
+    )
+    .bind(now - chrono::Duration::hours(1))
+    .fetch_one(&mut *conn)
+    .await?;
+    if recent >= i64::from(per_hour) {
+        return Ok(IsolationStart::RateLimited);
+    }
+    match insert_move(conn, chat_id, source, target, "isolation", now).await {
+        Ok(id) => Ok(IsolationStart::Started(id)),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(IsolationStart::ChatMoving),
+        Err(e) => Err(e),
+    }
 }
 
 /// Moves a record to `phase` (finished phases free the chat for another
@@ -594,7 +647,7 @@ pub async fn switch_source(
 /// `seconds`: their driver is taken for gone.
 pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
          FROM chat_move WHERE active = 1 AND updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
     )
     .bind(seconds)
@@ -624,7 +677,7 @@ pub async fn claim(
 /// One move recorded on this shard.
 pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
          FROM chat_move WHERE id = ?",
     )
     .bind(id)
@@ -635,7 +688,7 @@ pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Optio
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
          FROM chat_move ORDER BY id DESC LIMIT ?",
     )
     .bind(limit)

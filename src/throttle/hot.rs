@@ -22,6 +22,8 @@ struct Bucket {
     tokens: f64,
     refilled_ms: u64,
     hot_until_ms: u64,
+    /// When the chat's current hot stretch began.
+    hot_since_ms: u64,
     /// Events in the current rate window, and when it started.
     rate_start_ms: u64,
     rate_events: u64,
@@ -40,6 +42,7 @@ impl Bucket {
             tokens,
             refilled_ms: now,
             hot_until_ms: 0,
+            hot_since_ms: 0,
             rate_start_ms: now,
             rate_events: 0,
             last_rate: 0.0,
@@ -55,6 +58,8 @@ pub struct HotChat {
     pub chat: ChatId,
     /// Milliseconds (on the detector's clock) until the mark expires.
     pub expires_in_ms: u64,
+    /// Milliseconds the chat has been hot without a break.
+    pub hot_for_ms: u64,
     /// Recent events per second on this instance.
     pub events_per_second: f64,
 }
@@ -119,6 +124,9 @@ impl HotChats {
         if b.tokens <= 0.0 {
             b.tokens = 0.0;
             let was_hot = b.hot_until_ms > now;
+            if !was_hot {
+                b.hot_since_ms = now;
+            }
             b.hot_until_ms = now + rule.expire_seconds * 1000;
             if !rule.dry_run && b.hot_until_ms >= b.announced_until_ms + 1000 {
                 b.announced_until_ms = b.hot_until_ms;
@@ -163,6 +171,9 @@ impl HotChats {
             .get_with_by_ref(chat, || Arc::new(Mutex::new(Bucket::new(0.0, now))));
         let mut b = entry.lock().unwrap_or_else(PoisonError::into_inner);
         let until = now + expires_in_ms;
+        if b.hot_until_ms <= now {
+            b.hot_since_ms = now;
+        }
         if until > b.hot_until_ms {
             b.hot_until_ms = until;
         }
@@ -214,6 +225,7 @@ impl HotChats {
                     HotChat {
                         chat: (*chat).clone(),
                         expires_in_ms: b.hot_until_ms - now,
+                        hot_for_ms: now.saturating_sub(b.hot_since_ms),
                         events_per_second: if window >= 1000 {
                             current
                         } else {
@@ -267,11 +279,21 @@ mod tests {
         let listed = hot.hot_chats();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].expires_in_ms, 30_000);
+        assert_eq!(listed[0].hot_for_ms, 0);
+        // Kept hot by more writes: the stretch goes on from its start.
+        clock.advance_ms(20_000);
+        hot.record_write(&chat, 100, rule(), &d);
+        assert_eq!(hot.hot_chats()[0].hot_for_ms, 20_000);
         clock.advance_ms(29_999);
         assert!(hot.heat(&chat).hot);
         clock.advance_ms(1);
         assert!(!hot.heat(&chat).hot);
         assert!(hot.hot_chats().is_empty());
+        // Hot again later (as told by another instance): a new stretch.
+        clock.advance_ms(5_000);
+        hot.mark(&chat, 10_000);
+        clock.advance_ms(1_000);
+        assert_eq!(hot.hot_chats()[0].hot_for_ms, 1_000);
         Ok(())
     }
 

@@ -40,6 +40,13 @@ pub struct Decisions {
     pub fetches_throttled_dry_run: AtomicU64,
     pub hot_chats_marked: AtomicU64,
     pub hot_chats_marked_dry_run: AtomicU64,
+    /// Isolation moves started by this instance, and chats a dry run would
+    /// have moved.
+    pub chats_isolated: AtomicU64,
+    pub chats_isolated_dry_run: AtomicU64,
+    /// Rounds where a chat due for isolation waited: its source shard had a
+    /// move running, or its hourly budget was spent.
+    pub isolations_deferred: AtomicU64,
     /// Event fetches asked for.
     pub fetches: AtomicU64,
     /// Event-page queries sent to the shards.

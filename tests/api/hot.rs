@@ -310,6 +310,7 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
     assert_eq!(
         body["errors"],
         json!([
+            "the body lacks the required field `isolation`",
             "the body lacks the required field `joinThrottle`",
             "the body lacks the required field `retention`",
             "the body lacks the required field `streams`"

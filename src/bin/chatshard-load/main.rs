@@ -196,6 +196,10 @@ enum Scenario {
         to: Option<String>,
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
+        /// Clients reading and joining 16 other chats of the source shard
+        /// throughout (their p99 before and during the move); 0: none.
+        #[arg(long, default_value_t = 8)]
+        others: usize,
     },
     /// A TCP proxy that delays every chunk by --delay-ms in each direction
     /// (a slow Redis, say), for --seconds; it records nothing.
@@ -401,11 +405,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             members,
             to,
             seconds: s,
+            others,
         } => {
             anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
+            anyhow::ensure!(others <= 1024, "--others must be at most 1024");
             anyhow::ensure!(members <= 99_000, "--members must be at most 99000");
-            let report =
-                scenarios::move_chat(&target, &recorder, clients, members, to, seconds(s)?).await;
+            let report = scenarios::move_chat(
+                &target,
+                &recorder,
+                (clients, others),
+                members,
+                to,
+                seconds(s)?,
+            )
+            .await;
             if let Ok(r) = &report {
                 eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
             }

@@ -179,6 +179,18 @@ impl Target {
         )
     }
 
+    /// The shard a chat is on, as `GET /v1/chats/{chatId}` names it.
+    pub async fn shard_of(&self, chat: &str) -> anyhow::Result<String> {
+        let info: Value = self
+            .http
+            .get(format!("{}/v1/chats/{chat}", self.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(info["shard"].as_str().unwrap_or_default().to_owned())
+    }
+
     pub async fn create_chat(&self, chat: &str) -> anyhow::Result<()> {
         let request = self
             .http
@@ -1463,7 +1475,7 @@ pub async fn mixed(
 pub async fn move_chat(
     target: &Target,
     recorder: &Recorder,
-    clients: usize,
+    (clients, others): (usize, usize),
     members: u64,
     to: Option<String>,
     duration: Duration,
@@ -1486,14 +1498,7 @@ pub async fn move_chat(
         futures_util::future::join_all(batch).await;
         n += 64;
     }
-    let info: Value = target
-        .http
-        .get(format!("{}/v1/chats/{chat}", target.base))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let from = info["shard"].as_str().unwrap_or_default().to_owned();
+    let from = target.shard_of(&chat).await?;
     let to = match to {
         Some(to) => to,
         None => {
@@ -1514,6 +1519,32 @@ pub async fn move_chat(
                 .map(str::to_owned)
                 .ok_or_else(|| anyhow::anyhow!("move needs a second shard"))?
         }
+    };
+    // Other chats of the source shard, read and joined throughout: their
+    // p99 before the move and during it.
+    let mut quiet = Vec::new();
+    for i in 0..256 {
+        if quiet.len() >= 16 || others == 0 {
+            break;
+        }
+        let other = format!("{chat}-o{i}");
+        target.create_chat(&other).await?;
+        if target.shard_of(&other).await? == from {
+            quiet.push(other);
+        }
+    }
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let traffic = if quiet.is_empty() {
+        Vec::new()
+    } else {
+        quiet_traffic(
+            target,
+            recorder,
+            &quiet,
+            others,
+            ["other_before", "other_during"],
+            &phase,
+        )
     };
     let deadline = Instant::now() + duration;
     let users = Arc::new(AtomicU64::new(0));
@@ -1554,6 +1585,7 @@ pub async fn move_chat(
         .collect();
     tokio::time::sleep(duration / 4).await;
     recorder.mark("move starts");
+    phase.store(1, Ordering::Relaxed);
     let started = Instant::now();
     let r = target
         .http
@@ -1586,10 +1618,13 @@ pub async fn move_chat(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let move_seconds = started.elapsed().as_secs_f64();
+    phase.store(2, Ordering::Relaxed);
     recorder.mark("move ended");
-    for task in tasks {
+    for task in tasks.into_iter().chain(traffic) {
         task.await?;
     }
+    let before = recorder.quantile_ms("other_before", 0.99).unwrap_or(0.0);
+    let during = recorder.quantile_ms("other_during", 0.99).unwrap_or(0.0);
     Ok(json!({
         "name": "move",
         "clients": clients,
@@ -1601,7 +1636,71 @@ pub async fn move_chat(
         "revisionsCopied": ended["copiedRevision"],
         "moveSeconds": move_seconds,
         "longestPauseMs": longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "otherChats": quiet.len(),
+        "otherP99BeforeMs": before,
+        "otherP99DuringMs": during,
+        "otherP99Ratio": if before > 0.0 { during / before } else { 0.0 },
+        "otherP50BeforeMs": recorder.quantile_ms("other_before", 0.5),
+        "otherP50DuringMs": recorder.quantile_ms("other_during", 0.5),
     }))
+}
+
+/// `clients` clients that read member counts of `chats` and join them (3:1),
+/// recording as `kinds[0]` while `phase` is 0 and as `kinds[1]` while it is
+/// 1; they stop once it is 2.
+fn quiet_traffic(
+    target: &Target,
+    recorder: &Recorder,
+    chats: &[String],
+    clients: usize,
+    kinds: [&'static str; 2],
+    phase: &Arc<std::sync::atomic::AtomicU8>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|c| {
+            let (target, recorder, chats, phase) = (
+                target.clone(),
+                recorder.clone(),
+                chats.to_vec(),
+                phase.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                loop {
+                    let kind = match phase.load(Ordering::Relaxed) {
+                        0 => kinds[0],
+                        1 => kinds[1],
+                        _ => return,
+                    };
+                    n += 1;
+                    let chat = &chats[(c + n as usize) % chats.len()];
+                    let started = Instant::now();
+                    let r = if n.is_multiple_of(4) {
+                        target
+                            .http
+                            .post(format!("{}/v1/chats/{chat}/members", target.base))
+                            .json(&json!({ "userId": format!("c{c}-{n}") }))
+                            .send()
+                            .await
+                    } else {
+                        target
+                            .http
+                            .get(format!("{}/v1/chats/{chat}/member-count", target.base))
+                            .send()
+                            .await
+                    };
+                    let took = started.elapsed();
+                    match r {
+                        Ok(r) => {
+                            let ok = r.status().is_success();
+                            recorder.record(kind, took, r.status().as_str(), ok);
+                        }
+                        Err(_) => recorder.record(kind, took, "error", false),
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 /// `lifecycle`: the event log's upkeep, on a local shard the tool starts
@@ -1695,51 +1794,14 @@ async fn lifecycle_on(
             "unpaced_during"
         };
         let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
-        let traffic: Vec<_> = (0..clients)
-            .map(|c| {
-                let (target, recorder, quiet, phase) = (
-                    target.clone(),
-                    recorder.clone(),
-                    quiet.clone(),
-                    phase.clone(),
-                );
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    loop {
-                        let kind = match phase.load(Ordering::Relaxed) {
-                            0 => kind_before,
-                            1 => kind_during,
-                            _ => return,
-                        };
-                        n += 1;
-                        let chat = &quiet[(c + n as usize) % quiet.len()];
-                        let started = Instant::now();
-                        let r = if n.is_multiple_of(4) {
-                            target
-                                .http
-                                .post(format!("{}/v1/chats/{chat}/members", target.base))
-                                .json(&json!({ "userId": format!("c{c}-{n}") }))
-                                .send()
-                                .await
-                        } else {
-                            target
-                                .http
-                                .get(format!("{}/v1/chats/{chat}/member-count", target.base))
-                                .send()
-                                .await
-                        };
-                        let took = started.elapsed();
-                        match r {
-                            Ok(r) => {
-                                let ok = r.status().is_success();
-                                recorder.record(kind, took, r.status().as_str(), ok);
-                            }
-                            Err(_) => recorder.record(kind, took, "error", false),
-                        }
-                    }
-                })
-            })
-            .collect();
+        let traffic = quiet_traffic(
+            &target,
+            recorder,
+            &quiet,
+            clients,
+            [kind_before, kind_during],
+            &phase,
+        );
         recorder.mark(&format!("{kind_before} start"));
         tokio::time::sleep(window).await;
         // The purge: retention on for the big chat only (live).
