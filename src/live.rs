@@ -254,7 +254,8 @@ pub struct IsolationConfig {
     /// Only log and count the moves it would start.
     #[serde(alias = "dry_run")]
     pub dry_run: bool,
-    /// The shard hot chats move to (a configured shard's name).
+    /// The shard hot chats move to (a configured shard's name; empty:
+    /// nothing is isolated).
     pub shard: String,
     /// How long a chat must have stayed hot.
     #[serde(alias = "after_seconds")]
@@ -382,9 +383,6 @@ impl LiveConfig {
             p.push("streams.resyncRevisions must be between 0 and 1000000000".to_owned());
         }
         let i = &self.isolation;
-        if i.enabled && i.shard.is_empty() {
-            p.push("isolation.shard must name a shard when isolation is enabled".to_owned());
-        }
         if !(1..=86_400).contains(&i.after_seconds) {
             p.push("isolation.afterSeconds must be between 1 and 86400".to_owned());
         }

@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use super::shape;
 
 /// The finished document, as served at `/openapi.json`.
-pub fn finish(api: utoipa::openapi::OpenApi) -> Value {
+/// `shards` are the names `isolation.shard` may take (besides empty).
+pub fn finish(api: utoipa::openapi::OpenApi, shards: &[String]) -> Value {
     let mut document = serde_json::to_value(api).unwrap_or_else(|e| {
         tracing::error!(error = %e, "the OpenAPI document cannot be serialized");
         Value::Null
@@ -41,6 +42,13 @@ pub fn finish(api: utoipa::openapi::OpenApi) -> Value {
             chats["propertyNames"] =
                 json!({"type": "string", "pattern": crate::domain::ID_PATTERN});
         }
+    }
+    if !shards.is_empty()
+        && let Some(shard) =
+            document.pointer_mut("/components/schemas/IsolationConfig/properties/shard")
+    {
+        let names = std::iter::once("").chain(shards.iter().map(String::as_str));
+        shard["enum"] = names.map(|n| Value::String(n.to_owned())).collect();
     }
     let complete = shape::add_variant(&mut document, "LiveConfig", shape::Variant::Complete);
     let patch = shape::add_variant(&mut document, "LiveConfig", shape::Variant::Patch);

@@ -99,7 +99,9 @@ impl utoipa::Modify for AdminSecurity {
 }
 
 /// The routes, with the OpenAPI document their annotations describe.
-fn routes() -> (Router<AppState>, serde_json::Value) {
+/// `shards`: the configured shards' names (none: the document does not
+/// list them).
+fn routes(shards: &[String]) -> (Router<AppState>, serde_json::Value) {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chats::put_chat, chats::get_chat))
         .routes(routes!(chats::get_member_count))
@@ -126,17 +128,24 @@ fn routes() -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(admin::moves))
         .routes(routes!(admin::get_move, admin::cancel_move))
         .split_for_parts();
-    (router, document::finish(api))
+    (router, document::finish(api, shards))
 }
 
 /// The OpenAPI document served at `/openapi.json`.
 pub fn openapi_document() -> serde_json::Value {
-    routes().1
+    routes(&[]).1
 }
 
 /// The application's router and its OpenAPI document.
 pub fn router(mut shared: Shared) -> Router {
-    let (router, document) = routes();
+    let shards: Vec<String> = shared
+        .service
+        .shards()
+        .all()
+        .iter()
+        .map(|s| s.name().to_owned())
+        .collect();
+    let (router, document) = routes(&shards);
     let document = Arc::new(document);
     shared.schemas = Arc::new(shape::Schemas::from_document(&document));
     let state = AppState(Arc::new(shared));

@@ -49,7 +49,7 @@ impl ChatService {
     /// and not settled, is moved (or counted in a dry run).
     async fn isolate_hot_chats(self: &Arc<Self>, settled: &Cache<ChatId, bool>) {
         let config = self.live.load().config.isolation.clone();
-        if !config.enabled {
+        if !config.enabled || config.shard.is_empty() {
             return;
         }
         if self.shards.by_name(&config.shard).is_none() {
