@@ -1100,12 +1100,7 @@ async fn a_chat_that_stays_hot_is_isolated_and_a_dry_run_only_counts_it() {
         }),
     )
     .await;
-    for i in 0..30 {
-        assert_eq!(
-            app.join(&hot, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
+    fill(&app, &hot, 1, 30).await;
     common::eventually(
         Duration::from_secs(20),
         "the dry run counts the chat",
@@ -1141,12 +1136,7 @@ async fn a_chat_that_stays_hot_is_isolated_and_a_dry_run_only_counts_it() {
     common::assert_chat_consistent(&mut new, &hot).await;
     // A second hot chat of the same shard waits: its hourly budget is spent.
     let deferred = decision(&app, "isolationsDeferred").await;
-    for i in 0..30 {
-        assert_eq!(
-            app.join(&second, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
+    fill(&app, &second, 1, 30).await;
     common::eventually(
         Duration::from_secs(20),
         "the second isolation waits",
