@@ -74,6 +74,10 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
+        // Routes by the newest bucket table the shards hold (a range moved
+        // since the configuration was written), then follows it.
+        service.refresh_bucket_map().await;
+        service.spawn_bucket_map_poller();
         service.spawn_move_recovery();
         service.spawn_isolation();
         service.spawn_lifecycle(settings.purge.clone(), settings.digest.clone());
@@ -213,6 +217,8 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
             revisions_per_second: settings.moves.revisions_per_second,
             clean_batch: settings.moves.clean_batch,
             lease: Duration::from_millis(settings.moves.lease_ms),
+            concurrent_chats: settings.moves.concurrent_chats as usize,
+            map_poll: Duration::from_millis(settings.moves.map_poll_ms),
         },
         tail: crate::service::tail::TailSettings {
             chats: settings.tail.chats,

@@ -49,6 +49,10 @@ enum Command {
     /// Cancel a running chat move before its switch; whoever drives it rolls
     /// it back, and the chat stays on its source.
     CancelMove(CancelMoveArgs),
+    /// Move every chat of a bucket range to another shard, online, then give
+    /// the range to it (splits a shard; docs/operations.md); waits until the
+    /// move ends and prints its progress.
+    MoveBuckets(MoveBucketsArgs),
     /// Delete the events past the retention policy now, every shard, paced
     /// like the background purge; with --dry-run, report per shard what would
     /// go and delete nothing (docs/event-log.md).
@@ -71,6 +75,17 @@ struct MoveChatArgs {
     /// The chat to move.
     chat: String,
     /// The shard to move it to, by its configured name.
+    #[arg(long)]
+    to: String,
+}
+
+#[derive(Debug, Args)]
+struct MoveBucketsArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The range, `first-last` (e.g. `256-383`), owned by one shard.
+    buckets: String,
+    /// The shard to give it to, by its configured name.
     #[arg(long)]
     to: String,
 }
@@ -227,6 +242,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let chat = ChatId::parse(&args.chat).map_err(|e| anyhow::anyhow!("CHAT: {e}"))?;
             move_chat(&settings, &chat, &args.to).await
         }
+        Command::MoveBuckets(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let range = crate::routing::BucketRange::parse(&args.buckets)
+                .map_err(|e| anyhow::anyhow!("BUCKETS: {e}"))?;
+            move_buckets(&settings, range, &args.to).await
+        }
         Command::CancelMove(args) => {
             telemetry::init(&TelemetrySettings::default())?;
             let settings = load(&args.config)?;
@@ -303,6 +325,7 @@ fn mover(settings: &Settings) -> anyhow::Result<std::sync::Arc<crate::service::C
 /// Runs one move in this process and reports its phases until it ends.
 async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Result<()> {
     let service = mover(settings)?;
+    service.refresh_bucket_map().await;
     let started = service
         .start_move(chat, to)
         .await
@@ -333,6 +356,51 @@ async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Resu
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs one range move in this process and reports its progress until it
+/// ends.
+async fn move_buckets(
+    settings: &Settings,
+    range: crate::routing::BucketRange,
+    to: &str,
+) -> anyhow::Result<()> {
+    let service = mover(settings)?;
+    service.refresh_bucket_map().await;
+    let started = service
+        .start_bucket_move(range, to)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+    println!(
+        "bucket move {}: buckets {} {} -> {}",
+        started.id, started.buckets, started.source, started.target
+    );
+    let mut last = (String::new(), u64::MAX);
+    loop {
+        if let Some(m) = service.get_bucket_move(started.id).await {
+            if (m.phase.as_str(), m.chats_moved) != (last.0.as_str(), last.1) {
+                println!(
+                    "  {} ({} of {} chat(s) moved)",
+                    m.phase, m.chats_moved, m.chats_total
+                );
+                last = (m.phase.clone(), m.chats_moved);
+            }
+            match m.phase.as_str() {
+                "done" => {
+                    println!(
+                        "buckets {} are on {} (bucket table version {})",
+                        m.buckets,
+                        m.target,
+                        m.version.unwrap_or_default()
+                    );
+                    return Ok(());
+                }
+                "failed" => anyhow::bail!("the range move failed: {}", m.error.unwrap_or_default()),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

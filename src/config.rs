@@ -327,6 +327,11 @@ pub struct MovesSettings {
     /// A running move whose record has not changed for this long is taken
     /// for abandoned and finished or rolled back by any instance.
     pub lease_ms: u64,
+    /// A bucket-range move moves this many of its chats at once.
+    pub concurrent_chats: u32,
+    /// How often every instance reads the newest version of the bucket
+    /// table from the shards (and at once when a shard names another owner).
+    pub map_poll_ms: u64,
 }
 
 impl Default for MovesSettings {
@@ -341,6 +346,8 @@ impl Default for MovesSettings {
             revisions_per_second: 20_000,
             clean_batch: 1000,
             lease_ms: 30_000,
+            concurrent_chats: 4,
+            map_poll_ms: 1000,
         }
     }
 }
@@ -366,6 +373,12 @@ impl MovesSettings {
         }
         if self.max_pause_ms < self.pause_ms {
             problems.push("moves.max_pause_ms must be at least moves.pause_ms".to_owned());
+        }
+        if !(1..=64).contains(&self.concurrent_chats) {
+            problems.push("moves.concurrent_chats must be between 1 and 64".to_owned());
+        }
+        if !(100..=3_600_000).contains(&self.map_poll_ms) {
+            problems.push("moves.map_poll_ms must be between 100 and 3600000".to_owned());
         }
     }
 }

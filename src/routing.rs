@@ -124,6 +124,100 @@ impl Router {
     pub fn highest_shard(&self) -> ShardIndex {
         self.table.iter().copied().max().unwrap_or(0)
     }
+
+    /// The shard that owns a bucket.
+    pub fn owner(&self, bucket: u16) -> ShardIndex {
+        self.table[usize::from(bucket)]
+    }
+
+    /// The single shard that owns every bucket of `range`; `None` when
+    /// several do.
+    pub fn owner_of_range(&self, range: BucketRange) -> Option<ShardIndex> {
+        let first = self.owner(range.first);
+        (range.first..=range.last)
+            .all(|b| self.owner(b) == first)
+            .then_some(first)
+    }
+
+    /// This table with `range` given to `to`.
+    pub fn with_range(&self, range: BucketRange, to: ShardIndex) -> Self {
+        let mut table = self.table.clone();
+        for b in range.first..=range.last {
+            table[usize::from(b)] = to;
+        }
+        Self { table }
+    }
+
+    /// The contiguous ranges each of `shards` shards owns (an empty list for
+    /// a shard that owns none).
+    pub fn ranges(&self, shards: usize) -> Vec<Vec<BucketRange>> {
+        let mut out = vec![Vec::new(); shards.max(self.highest_shard() + 1)];
+        let mut start = 0u16;
+        for b in 1..=BUCKETS {
+            let ends = b == BUCKETS || self.owner(b) != self.owner(start);
+            if ends {
+                out[self.owner(start)].push(BucketRange {
+                    first: start,
+                    last: b - 1,
+                });
+                start = b;
+            }
+        }
+        out
+    }
+}
+
+/// A version of the bucket table as the shards store it
+/// (docs/moving-chats.md): each shard's name and its ranges.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketMap(pub std::collections::BTreeMap<String, Vec<String>>);
+
+impl BucketMap {
+    /// The map of `router` over the shards named `names` (in index order).
+    pub fn of(router: &Router, names: &[&str]) -> Self {
+        Self(
+            router
+                .ranges(names.len())
+                .into_iter()
+                .zip(names)
+                .map(|(ranges, name)| {
+                    (
+                        (*name).to_owned(),
+                        ranges.iter().map(ToString::to_string).collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The table it describes over the shards named `names`; refused when it
+    /// names a shard that is not among them, or does not cover every bucket
+    /// exactly once.
+    pub fn router(&self, names: &[&str]) -> Result<Router, Vec<String>> {
+        let mut problems = Vec::new();
+        for name in self.0.keys() {
+            if !names.contains(&name.as_str()) {
+                problems.push(format!(
+                    "the bucket map gives buckets to shard {name:?}, which is not configured"
+                ));
+            }
+        }
+        let ranges: Vec<Vec<BucketRange>> = names
+            .iter()
+            .map(|name| {
+                self.0
+                    .get(*name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| BucketRange::parse(r).map_err(|e| problems.push(e)).ok())
+                    .collect()
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Router::new(&ranges)
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +273,31 @@ mod tests {
         assert!(BucketRange::parse("5-1").is_err());
         assert!(BucketRange::parse("0-1024").is_err());
         assert!(BucketRange::parse("x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_range_given_to_another_shard_round_trips_through_the_stored_map() -> crate::TestResult {
+        let router = Router::new(&[
+            vec![BucketRange::parse("0-511")?],
+            vec![BucketRange::parse("512-1023")?],
+            vec![],
+        ])
+        .map_err(|p| p.join("; "))?;
+        let names = ["a", "b", "c"];
+        let range = BucketRange::parse("256-383")?;
+        assert_eq!(router.owner_of_range(range), Some(0));
+        assert_eq!(router.owner_of_range(BucketRange::parse("500-600")?), None);
+        let moved = router.with_range(range, 2);
+        let map = BucketMap::of(&moved, &names);
+        assert_eq!(map.0["a"], ["0-255", "384-511"]);
+        assert_eq!(map.0["b"], ["512-1023"]);
+        assert_eq!(map.0["c"], ["256-383"]);
+        let back = map.router(&names).map_err(|p| p.join("; "))?;
+        assert_eq!(BucketMap::of(&back, &names), map);
+        // A map naming a shard this configuration lacks is refused.
+        let problems = map.router(&["a", "b"]).unwrap_err();
+        assert!(problems.iter().any(|p| p.contains("\"c\"")), "{problems:?}");
         Ok(())
     }
 

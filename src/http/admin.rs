@@ -623,6 +623,127 @@ pub async fn cancel_move(
     Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
 }
 
+/// The bucket table this instance routes by (docs/routing.md): version 1 is
+/// the configuration's `buckets`, later versions were written by range moves.
+#[utoipa::path(
+    get, path = "/v1/admin/buckets", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The bucket table in use", body = crate::service::buckets::BucketTableView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn buckets(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Json<crate::service::buckets::BucketTableView> {
+    Json(state.service.bucket_table())
+}
+
+/// `POST /v1/admin/bucket-moves`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(examples(json!({"buckets": "256-383", "to": "shard-3"})))]
+pub struct BucketMoveRequest {
+    /// The range, `first-last` (or one bucket), within 0..1023, owned by one
+    /// shard.
+    #[schema(min_length = 1, max_length = 9, pattern = "^[0-9]{1,4}(-[0-9]{1,4})?$")]
+    pub buckets: String,
+    /// The shard to give the range to, by its configured name.
+    #[schema(min_length = 1, max_length = 64)]
+    pub to: String,
+}
+
+/// Starts moving a bucket range to another shard, online
+/// (docs/moving-chats.md): every chat of the range moves like a single chat,
+/// then the range itself is given to the target in a new version of the
+/// bucket table. Follow it with `GET /v1/admin/bucket-moves/{moveId}`.
+#[utoipa::path(
+    post, path = "/v1/admin/bucket-moves", tag = "admin",
+    security(("admin_token" = [])),
+    request_body(content = BucketMoveRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The range move, started", body = crate::service::buckets::BucketMoveView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "move_refused: the range is on that shard already, spans several shards, a range move is running, or a shard cannot be read", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_request (the range), or unknown_shard", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The first shard, which records range moves, is unavailable or busy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn move_buckets(
+    _: Admin,
+    State(state): State<AppState>,
+    super::extract::JsonBody(body): super::extract::JsonBody<BucketMoveRequest>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<crate::service::buckets::BucketMoveView>,
+    ),
+    Problem,
+> {
+    let range = crate::routing::BucketRange::parse(&body.buckets)
+        .map_err(|e| Problem::new(Code::InvalidRequest, format!("buckets: {e}")))?;
+    let view = state.service.start_bucket_move(range, &body.to).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Every bucket-range move, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BucketMovesView {
+    pub moves: Vec<crate::service::buckets::BucketMoveView>,
+}
+
+/// The bucket-range moves, running and ended.
+#[utoipa::path(
+    get, path = "/v1/admin/bucket-moves", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every range move recorded (empty when the first shard cannot answer)", body = BucketMovesView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn bucket_moves(_: Admin, State(state): State<AppState>) -> Json<BucketMovesView> {
+    Json(BucketMovesView {
+        moves: state.service.bucket_moves().await,
+    })
+}
+
+/// One bucket-range move: its phase, the chats found and moved, the version
+/// of the bucket table it made, and its error.
+#[utoipa::path(
+    get, path = "/v1/admin/bucket-moves/{moveId}", tag = "admin",
+    security(("admin_token" = [])),
+    params(("moveId" = u64, Path, description = "The range move's id")),
+    responses(
+        (status = 200, description = "The range move", body = crate::service::buckets::BucketMoveView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_bucket_move(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::service::buckets::BucketMoveView>, Problem> {
+    let found = match id.parse::<u64>() {
+        Ok(n) => state.service.get_bucket_move(n).await,
+        Err(_) => None,
+    };
+    found.map(Json).ok_or_else(|| {
+        Problem::new(
+            Code::NotFound,
+            format!("no bucket-range move has the id {id:?}"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::bearer_token;

@@ -14,6 +14,7 @@
 //!   `repair-counts` command).
 //! - [`lifecycle`]: the purge of old events and the periodic digest check.
 
+pub mod buckets;
 pub mod error;
 pub mod events;
 mod group_commit;
@@ -61,6 +62,8 @@ pub struct ChatService {
     move_settings: moves::MoveSettings,
     /// What the purge and the digest check did.
     lifecycle: lifecycle::LifecycleStats,
+    /// Wakes the bucket table's poller: a shard named another owner.
+    map_nudge: Arc<tokio::sync::Notify>,
 }
 
 /// How the service is sized (fixed at start).
@@ -101,6 +104,7 @@ impl ChatService {
             fleet,
             move_settings: settings.moves,
             lifecycle: lifecycle::LifecycleStats::default(),
+            map_nudge: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -148,11 +152,18 @@ impl ChatService {
         for _ in 0..MAX_HOPS {
             let shard = self.shard(chat);
             let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
+            let here = (crate::routing::bucket_of(chat), shard.name().to_owned());
             let located = shard
                 .write(Some(chat), "create_chat", move |conn| {
-                    Box::pin(create_or_update(conn, id, max, default))
+                    Box::pin(create_or_update(conn, id, here, max, default))
                 })
                 .await?;
+            // A range move's last pass holds the creation of its chats.
+            let Some(located) = located else {
+                return Err(ServiceError::ChatMoving {
+                    retry_after_secs: 1,
+                });
+            };
             match located {
                 Located::Here((row, created)) => return Ok((self.to_chat(chat, row), created)),
                 Located::Moved(to) => self.follow(chat, shard.name(), &to)?,
@@ -351,6 +362,8 @@ impl ChatService {
             )));
         }
         tracing::info!(from, to, "chat_relocated");
+        // The bucket table may have changed too (a range moved).
+        self.map_nudge.notify_one();
         Ok(())
     }
 
@@ -371,12 +384,16 @@ fn unexpected(outcome: WriteOutcome) -> ServiceError {
 }
 
 /// PUT /chats/{id}: insert, or lock and (when asked) update the existing chat.
+/// A new chat is inserted only where the shard's newest bucket table puts its
+/// bucket (`here`: the bucket and this shard's name), otherwise the answer
+/// names the owner; `None` while a range move fences the bucket.
 async fn create_or_update(
     conn: &mut sqlx::MySqlConnection,
     chat_id: String,
+    (bucket, this_shard): (u16, String),
     max_members: Option<MaxMembers>,
     default: MaxMembers,
-) -> Result<Located<(chats::ChatRow, Created)>, OpError> {
+) -> Result<Option<Located<(chats::ChatRow, Created)>>, OpError> {
     use sqlx::Connection;
     // Two rounds at most: a concurrent PUT that inserts the chat between our
     // lookup and our insert makes the second round find it.
@@ -387,7 +404,7 @@ async fn create_or_update(
                 moved_to: Some(to), ..
             }) => {
                 tx.rollback().await?;
-                return Ok(Located::Moved(to));
+                return Ok(Some(Located::Moved(to)));
             }
             Some(row) => {
                 if let Some(max) = max_members.filter(|m| m.get() != row.max_members) {
@@ -396,6 +413,17 @@ async fn create_or_update(
                 Created::Existing
             }
             None => {
+                match storage::buckets::check_create(&mut tx, bucket, &this_shard).await? {
+                    storage::buckets::CreateCheck::Allowed => {}
+                    storage::buckets::CreateCheck::Fenced => {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    }
+                    storage::buckets::CreateCheck::Owner(to) => {
+                        tx.rollback().await?;
+                        return Ok(Some(Located::Moved(to)));
+                    }
+                }
                 let max = max_members.unwrap_or(default).get();
                 match chats::insert(&mut tx, &chat_id, max, now()).await {
                     Ok(()) => Created::New,
@@ -411,7 +439,7 @@ async fn create_or_update(
             OpError::invariant("a chat written in this transaction cannot be read back")
         })?;
         tx.commit().await.map_err(OpError::Commit)?;
-        return Ok(Located::Here((row, created)));
+        return Ok(Some(Located::Here((row, created))));
     }
     Err(OpError::invariant(
         "a chat that failed to insert as a duplicate cannot be found",

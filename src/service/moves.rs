@@ -50,6 +50,10 @@ pub struct MoveSettings {
     /// A running move whose record has not changed for this long is taken
     /// for abandoned (its driver died) and finished or rolled back.
     pub lease: Duration,
+    /// A bucket-range move moves this many of its chats at once.
+    pub concurrent_chats: usize,
+    /// How often the newest bucket table is read from the shards.
+    pub map_poll: Duration,
 }
 
 impl Default for MoveSettings {
@@ -64,6 +68,8 @@ impl Default for MoveSettings {
             max_pause: Duration::from_secs(1),
             revisions_per_second: 20_000,
             lease: Duration::from_secs(30),
+            concurrent_chats: 4,
+            map_poll: Duration::from_secs(1),
         }
     }
 }
@@ -262,6 +268,14 @@ impl From<crate::shard::ShardError> for Stop {
     }
 }
 
+/// A move recorded and not yet running.
+struct RecordedMove {
+    id: u64,
+    view: MoveView,
+    source: Arc<Shard>,
+    target: Arc<Shard>,
+}
+
 /// Attempts at fencing, copying the last revisions and switching.
 const FENCE_ATTEMPTS: u32 = 3;
 
@@ -302,6 +316,43 @@ impl ChatService {
         to: &str,
         isolation: Option<u32>,
     ) -> Result<Option<MoveView>, ServiceError> {
+        let Some(recorded) = self.record_move(chat, to, isolation).await? else {
+            return Ok(None);
+        };
+        let service = self.clone();
+        let chat = chat.clone();
+        let view = recorded.view.clone();
+        tokio::spawn(async move {
+            // The outcome is in the move's record.
+            let _ = service
+                .run_move(recorded.id, chat, recorded.source, recorded.target)
+                .await;
+        });
+        Ok(Some(view))
+    }
+
+    /// Moves `chat` to `to` and waits for the end (a bucket-range move's
+    /// step): `Ok(true)` when it moved, `Ok(false)` when it has a move
+    /// running already (it is tried again later), and the reason otherwise.
+    pub(super) async fn move_and_wait(&self, chat: &ChatId, to: &str) -> Result<bool, String> {
+        let recorded = match self.record_move(chat, to, None).await {
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(e.to_string()),
+        };
+        self.run_move(recorded.id, chat.clone(), recorded.source, recorded.target)
+            .await
+            .map(|()| true)
+    }
+
+    /// Records a move on the chat's shard (its source); `None` when the
+    /// record was refused.
+    async fn record_move(
+        &self,
+        chat: &ChatId,
+        to: &str,
+        isolation: Option<u32>,
+    ) -> Result<Option<RecordedMove>, ServiceError> {
         let target =
             self.shards
                 .by_name(to)
@@ -356,13 +407,13 @@ impl ChatService {
         let Some(record) = record else {
             return Ok(None);
         };
-        let service = self.clone();
-        let chat = chat.clone();
         let view = self.move_view(&source, record).await?;
-        tokio::spawn(async move {
-            service.run_move(record, chat, source, target).await;
-        });
-        Ok(Some(view))
+        Ok(Some(RecordedMove {
+            id: record,
+            view,
+            source,
+            target,
+        }))
     }
 
     /// Finishes or rolls back the moves whose driver died (their record has
@@ -506,6 +557,7 @@ impl ChatService {
                     return;
                 };
                 service.recover_moves().await;
+                service.recover_bucket_moves().await;
             }
         });
     }
@@ -581,8 +633,15 @@ impl ChatService {
         Ok(view)
     }
 
-    /// Runs a recorded move to its end, recording each phase.
-    pub async fn run_move(&self, id: u64, chat: ChatId, source: Arc<Shard>, target: Arc<Shard>) {
+    /// Runs a recorded move to its end, recording each phase; why it did
+    /// not move the chat, if it did not.
+    pub async fn run_move(
+        &self,
+        id: u64,
+        chat: ChatId,
+        source: Arc<Shard>,
+        target: Arc<Shard>,
+    ) -> Result<(), String> {
         let settings = self.move_settings.clone();
         // Paced so the source's other chats keep their p99, from the p99
         // they had before the move.
@@ -601,11 +660,13 @@ impl ChatService {
                 self.clean_source(&chat, &source, &settings, Some(&mut pacer))
                     .await;
                 self.record(&source, id, "done", copied, None, true).await;
+                Ok(())
             }
             Err(Stop::Cancelled) => {
                 tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_cancelled");
                 self.roll_back(&chat, &source, &target, &settings).await;
                 self.record(&source, id, "cancelled", 0, None, true).await;
+                Err("cancelled".to_owned())
             }
             Err(stop) => {
                 let reason = stop.to_string();
@@ -614,6 +675,7 @@ impl ChatService {
                 self.roll_back(&chat, &source, &target, &settings).await;
                 self.record(&source, id, "rolled_back", 0, Some(&reason), true)
                     .await;
+                Err(reason)
             }
         }
     }

@@ -4,13 +4,16 @@ use std::sync::Arc;
 
 use super::Shard;
 use crate::domain::ChatId;
-use crate::routing::Router;
+use crate::routing::{BucketMap, Router};
 
 /// Every configured shard plus the routing table, and the chats known to be
 /// held elsewhere than their bucket says (moved, docs/moving-chats.md).
 pub struct ShardSet {
     shards: Vec<Arc<Shard>>,
-    router: Router,
+    /// The bucket table this instance routes by, and its version (1: the
+    /// configuration's; later ones are read from the shards,
+    /// docs/moving-chats.md).
+    router: arc_swap::ArcSwap<(u64, Router)>,
     /// Chat -> index of the shard that holds it, learnt from the shards'
     /// markers; bounded, and a chat forgotten here is found again through its
     /// home shard's marker.
@@ -21,7 +24,7 @@ impl std::fmt::Debug for ShardSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardSet")
             .field("shards", &self.shards)
-            .field("router", &self.router)
+            .field("bucket_map_version", &self.map_version())
             .field("moved", &self.moved.entry_count())
             .finish()
     }
@@ -43,7 +46,7 @@ impl ShardSet {
         }
         Ok(Self {
             shards,
-            router,
+            router: arc_swap::ArcSwap::from_pointee((1, router)),
             moved: moka::sync::Cache::new(MOVED_CHATS),
         })
     }
@@ -54,8 +57,49 @@ impl ShardSet {
         let i = self
             .moved
             .get(chat)
-            .unwrap_or_else(|| self.router.shard_of(chat));
+            .unwrap_or_else(|| self.router.load().1.shard_of(chat));
         &self.shards[i]
+    }
+
+    /// The version of the bucket table this instance routes by.
+    pub fn map_version(&self) -> u64 {
+        self.router.load().0
+    }
+
+    /// The bucket table this instance routes by, with its version.
+    pub fn router(&self) -> Arc<(u64, Router)> {
+        self.router.load_full()
+    }
+
+    /// The configured shards' names, in their order.
+    pub fn names(&self) -> Vec<&str> {
+        self.shards.iter().map(|s| s.name()).collect()
+    }
+
+    /// Routes by `map` from now on, if `version` is newer than the table in
+    /// use; `Ok(false)` when it is not. Refused (and the table in use kept)
+    /// when the map names a shard that is not configured or does not cover
+    /// every bucket once.
+    pub fn adopt_map(&self, version: u64, map: &BucketMap) -> Result<bool, String> {
+        if version <= self.map_version() {
+            return Ok(false);
+        }
+        let router = map.router(&self.names()).map_err(|p| {
+            format!(
+                "bucket map version {version} cannot be followed: {}",
+                p.join("; ")
+            )
+        })?;
+        let mut adopted = false;
+        self.router.rcu(|current| {
+            adopted = version > current.0;
+            if adopted {
+                Arc::new((version, router.clone()))
+            } else {
+                current.clone()
+            }
+        });
+        Ok(adopted)
     }
 
     /// The configured shard named `name`.
@@ -70,7 +114,7 @@ impl ShardSet {
     /// The shard that owns the chat's bucket (its home, where its marker is
     /// when it moved away).
     pub fn home_of(&self, chat: &ChatId) -> &Arc<Shard> {
-        &self.shards[self.router.shard_of(chat)]
+        &self.shards[self.router.load().1.shard_of(chat)]
     }
 
     /// Records that `chat` is held by the shard named `to` (a shard's marker
@@ -79,7 +123,7 @@ impl ShardSet {
         let Some(i) = self.index_of(to) else {
             return false;
         };
-        if i == self.router.shard_of(chat) {
+        if i == self.router.load().1.shard_of(chat) {
             // Back home: the bucket says it.
             self.moved.invalidate(chat);
         } else {

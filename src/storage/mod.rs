@@ -12,6 +12,7 @@
 //!   transaction has locked, never by writing back a value read without a lock;
 //! - nothing here is MySQL- or MariaDB-only: no `RETURNING`, no `ON CONFLICT`.
 
+pub mod buckets;
 pub mod chats;
 pub mod events;
 pub mod members;

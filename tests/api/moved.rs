@@ -798,10 +798,39 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
     app.shut_down().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
+/// Runs `chatshard ARGS --config` (on `settings`) and SIGKILLs it once a
+/// line of its output contains `needle`.
+fn kill_cli_when(settings: &chatshard::config::Settings, args: &[&str], needle: &str) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(crate::helpers::unique("mover"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("chatshard.toml");
+    std::fs::write(&config, toml::to_string(settings).expect("toml")).expect("config");
+    let mut mover = Command::new(env!("CARGO_BIN_EXE_chatshard"))
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the mover");
+    let stdout = mover.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(needle) => break,
+            Some(Ok(_)) => {}
+            other => panic!("the mover ended before {needle:?}: {other:?}"),
+        }
+    }
+    mover.kill().expect("SIGKILL the mover");
+    let _ = mover.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
     // The instance that takes the dead mover's move over.
     let app = TestApp::spawn_with(|s| {
         s.admin.token = TOKEN.to_owned();
@@ -819,39 +848,15 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
     fill(&app, &chat, 30, 100).await;
     let home = app.shard_of(&chat).await;
     let target = (home + 1) % app.settings.shards.len();
-    let dir = std::env::temp_dir().join(crate::helpers::unique("mover"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("chatshard.toml");
     let mut settings = settings();
     settings.moves.batch_revisions = 50;
     settings.moves.pause_ms = 20;
-    std::fs::write(&config, toml::to_string(&settings).expect("toml")).expect("config");
-    let mut mover = Command::new(env!("CARGO_BIN_EXE_chatshard"))
-        .args([
-            "move-chat",
-            &chat,
-            "--to",
-            &app.settings.shards[target].name,
-            "--config",
-        ])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the mover");
-    // Killed once it is copying.
-    let stdout = mover.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("copying") => break,
-            Some(Ok(_)) => {}
-            other => panic!("the mover ended before copying: {other:?}"),
-        }
-    }
-    mover.kill().expect("SIGKILL the mover");
-    let _ = mover.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    let target_name = app.settings.shards[target].name.clone();
+    kill_cli_when(
+        &settings,
+        &["move-chat", &chat, "--to", &target_name],
+        "copying",
+    );
 
     // The instance takes the abandoned move over and rolls it back: the
     // chat goes on where it was, whole, and takes writes.
@@ -1151,4 +1156,366 @@ async fn a_chat_that_stays_hot_is_isolated_and_a_dry_run_only_counts_it() {
     // The chat keeps working where it is isolated.
     assert_eq!(app.join(&hot, "after").await.status(), StatusCode::CREATED);
     patch_live(&app, json!({"isolation": {"enabled": false}})).await;
+}
+
+/// Chat ids of this test process whose bucket is within `first..=last`, `n`
+/// of them.
+fn chats_in_buckets(prefix: &str, first: u16, last: u16, n: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while found.len() < n {
+        let id = crate::helpers::unique(&format!("{prefix}{i}"));
+        let bucket = chatshard::routing::bucket_of(&chatshard::domain::ChatId::parse(&id).unwrap());
+        if (first..=last).contains(&bucket) {
+            found.push(id);
+        }
+        i += 1;
+    }
+    found
+}
+
+/// Polls a bucket-range move until it is `done` or `failed`.
+async fn wait_bucket_move(app: &TestApp, id: u64) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let m = app.admin_get(&format!("/v1/admin/bucket-moves/{id}")).await;
+        if m["phase"] == "done" || m["phase"] == "failed" {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the range move did not end: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The row of a chat on one shard: (revision, moved_to, JOINED rows).
+async fn row_on(db: &mut MySqlConnection, chat: &str) -> Option<(u64, Option<String>, i64)> {
+    let row: Option<(u64, Option<String>)> =
+        sqlx::query_as("SELECT revision, moved_to FROM chat WHERE chat_id = ?")
+            .bind(chat)
+            .fetch_optional(&mut *db)
+            .await
+            .expect("chat row");
+    let joined: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
+            .bind(chat)
+            .fetch_one(&mut *db)
+            .await
+            .expect("members");
+    row.map(|(r, m)| (r, m, joined))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_range_moves_to_a_new_shard_online_and_every_instance_follows() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Shards of their own: the bucket table they store is this test's.
+    let mut base = crate::helpers::isolated_settings("buckets").await;
+    base.shards[0].buckets = vec!["0-511".to_owned()];
+    base.shards[1].buckets = vec!["512-1023".to_owned()];
+    base.shards[2].buckets = vec![];
+    let names: Vec<String> = base.shards.iter().map(|s| s.name.clone()).collect();
+    let (old, other, new) = (names[0].clone(), names[1].clone(), names[2].clone());
+    let app = Arc::new(
+        TestApp::spawn_on(base.clone(), |s| {
+            s.admin.token = TOKEN.to_owned();
+            s.moves.map_poll_ms = 200;
+        })
+        .await,
+    );
+    // An instance that routes by version 1 until a shard tells it otherwise.
+    let stale = Arc::new(
+        TestApp::spawn_on(base.clone(), |s| {
+            s.admin.token = TOKEN.to_owned();
+            s.moves.map_poll_ms = 60_000;
+        })
+        .await,
+    );
+    // And one that reads nothing until after the move: its first requests
+    // meet the old shard's answers.
+    let sleeper = TestApp::spawn_on(base.clone(), |s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.map_poll_ms = 3_600_000;
+    })
+    .await;
+    assert_eq!(app.admin_get("/v1/admin/buckets").await["version"], 1);
+
+    // The range's chats, with members and messages; two of them are written
+    // to throughout the move, one was moved to a third shard before.
+    let moving = chats_in_buckets("bm", 256, 511, 10);
+    let staying = chats_in_buckets("bs", 0, 255, 3);
+    for chat in moving.iter().chain(&staying) {
+        assert!(app.put_chat(chat, None).await.status().is_success());
+        fill(&app, chat, 2, 10).await;
+        assert_eq!(
+            app.post(chat, "m0-0", "before", "before the move")
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    let elsewhere = &moving[9];
+    assert_eq!(move_to_end(&app, elsewhere, &other).await["phase"], "done");
+
+    // Bad requests first.
+    let post = |body: Value| {
+        app.admin(Method::POST, "/v1/admin/bucket-moves")
+            .json(&body)
+            .send()
+    };
+    let r = post(json!({"buckets": "511-256", "to": new}))
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(r, 422, "invalid_request").await;
+    let r = post(json!({"buckets": "256-511", "to": "no-such-shard"}))
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(r, 422, "unknown_shard").await;
+    let r = post(json!({"buckets": "500-600", "to": new}))
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(r, 409, "move_refused").await;
+    let r = post(json!({"buckets": "256-511", "to": old}))
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(r, 409, "move_refused").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [
+        tokio::spawn(writer(app.clone(), moving[0].clone(), "wa", stop.clone())),
+        tokio::spawn(writer(stale.clone(), moving[1].clone(), "wb", stop.clone())),
+    ];
+    // New chats of the range keep being created through the stale instance
+    // (a fenced range answers 503 chat_moving: retried).
+    let creator = {
+        let (stale, stop) = (stale.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut created = Vec::new();
+            let mut candidates = chats_in_buckets("bn", 256, 511, 400).into_iter();
+            while !stop.load(Ordering::Relaxed) {
+                let Some(chat) = candidates.next() else { break };
+                loop {
+                    let r = stale.put_chat(&chat, None).await;
+                    match r.status().as_u16() {
+                        200 | 201 => break,
+                        503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                        other => panic!("PUT {chat}: {other}"),
+                    }
+                }
+                created.push(chat);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            created
+        })
+    };
+    let r = post(json!({"buckets": "256-511", "to": new}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let started: Value = r.json().await.unwrap();
+    assert_eq!(started["source"], old.as_str());
+    // One range move at a time.
+    let r = post(json!({"buckets": "300-301", "to": other}))
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(r, 409, "move_refused").await;
+    let ended = wait_bucket_move(&app, started["id"].as_u64().unwrap()).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(ended["phase"], "done", "{ended}");
+    assert_eq!(ended["version"], 2, "{ended}");
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.push(w.await.unwrap());
+    }
+    let created = creator.await.unwrap();
+    assert!(!created.is_empty());
+
+    // The new table, on the mover and, after its first answer from a shard
+    // that names the new owner, on the stale instance.
+    let table = app.admin_get("/v1/admin/buckets").await;
+    assert_eq!(table["version"], 2, "{table}");
+    let owned = |shard: &str| {
+        table["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["shard"] == shard)
+            .unwrap()["buckets"]
+            .clone()
+    };
+    assert_eq!(owned(&old), json!(["0-255"]));
+    assert_eq!(owned(&new), json!(["256-511"]));
+    assert_eq!(sleeper.admin_get("/v1/admin/buckets").await["version"], 1);
+    // Through the sleeper: a moved chat is found through its tombstone, and
+    // a new chat of the range is created on the new shard, never the old.
+    let got: Value = sleeper
+        .get(&format!("/v1/chats/{}", moving[2]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["shard"], new.as_str(), "{got}");
+    let late = chats_in_buckets("bl", 256, 511, 1).remove(0);
+    assert_eq!(
+        sleeper.put_chat(&late, None).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(sleeper.join(&late, "u").await.status(), StatusCode::CREATED);
+    common::eventually(
+        Duration::from_secs(10),
+        "the sleeper follows version 2",
+        || {
+            let sleeper = &sleeper;
+            async move { sleeper.admin_get("/v1/admin/buckets").await["version"] == 2 }
+        },
+    )
+    .await;
+    // A new instance starts on the newest version.
+    let fresh = TestApp::spawn_on(base.clone(), |s| s.admin.token = TOKEN.to_owned()).await;
+    assert_eq!(fresh.admin_get("/v1/admin/buckets").await["version"], 2);
+
+    // Every chat of the range is whole on the new shard; the old one holds
+    // only tombstones; nothing of the writers' is lost.
+    let (mut old_db, mut new_db) = (app.db(0).await, app.db(2).await);
+    for chat in moving[..9].iter().chain(&created).chain([&late]) {
+        assert_eq!(
+            fresh
+                .get(&format!("/v1/chats/{chat}"))
+                .await
+                .json::<Value>()
+                .await
+                .unwrap()["shard"],
+            new.as_str(),
+            "{chat}"
+        );
+        let (_, marker, _) = row_on(&mut new_db, chat).await.expect("on the new shard");
+        assert_eq!(marker, None, "{chat} is live on the new shard");
+        common::assert_chat_consistent(&mut new_db, chat).await;
+        match row_on(&mut old_db, chat).await {
+            None => {}
+            Some((_, marker, joined)) => {
+                assert_eq!(marker.as_deref(), Some(new.as_str()), "{chat}");
+                assert_eq!(joined, 0, "{chat}'s rows are cleaned from the old shard");
+            }
+        }
+    }
+    for (i, (joined, posted, _)) in acknowledged.iter().enumerate() {
+        let members = common::joined_users(&mut new_db, &moving[i]).await;
+        for user in joined {
+            assert!(members.contains(user), "{user} of {} lost", moving[i]);
+        }
+        let messages: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM chat_message WHERE chat_id = ?")
+                .bind(&moving[i])
+                .fetch_one(&mut new_db)
+                .await
+                .unwrap();
+        assert_eq!(messages as usize, posted.len() + 1, "{}", moving[i]);
+    }
+    // The chat that lived on a third shard is found from its new home.
+    let (_, marker, _) = row_on(&mut new_db, elsewhere).await.expect("a marker");
+    assert_eq!(marker.as_deref(), Some(other.as_str()));
+    let got: Value = fresh
+        .get(&format!("/v1/chats/{elsewhere}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["shard"], other.as_str());
+    assert_eq!(got["memberCount"], 20);
+    // The chats outside the range did not move.
+    for chat in &staying {
+        let (_, marker, joined) = row_on(&mut old_db, chat).await.expect("stays");
+        assert_eq!((marker, joined), (None, 20), "{chat}");
+    }
+    // The list shows the move.
+    let list = app.admin_get("/v1/admin/bucket-moves").await;
+    assert_eq!(list["moves"][0]["id"], started["id"]);
+    assert!(ended["chatsMoved"].as_u64().unwrap() >= 9, "{ended}");
+    fresh.shut_down().await;
+    sleeper.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_end() {
+    let mut base = crate::helpers::isolated_settings("bucketkill").await;
+    base.shards[0].buckets = vec!["0-511".to_owned()];
+    base.shards[1].buckets = vec!["512-1023".to_owned()];
+    base.shards[2].buckets = vec![];
+    // The instance that takes the dead mover's range move over.
+    let app = TestApp::spawn_on(base.clone(), |s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.lease_ms = 1000;
+        s.moves.fence_ms = 500;
+        s.moves.map_poll_ms = 100;
+    })
+    .await;
+    let chats = chats_in_buckets("bk", 256, 511, 8);
+    for chat in &chats {
+        assert!(app.put_chat(chat, None).await.status().is_success());
+        fill(&app, chat, 4, 10).await;
+    }
+    let mut settings = base.clone();
+    // Slow chat moves, one at a time: the kill lands inside the range move.
+    settings.moves.batch_revisions = 5;
+    settings.moves.pause_ms = 30;
+    settings.moves.concurrent_chats = 1;
+    settings.moves.lease_ms = 1000;
+    settings.moves.fence_ms = 500;
+    let new = base.shards[2].name.clone();
+    // Killed once it moved a chat of the range.
+    kill_cli_when(
+        &settings,
+        &["move-buckets", "256-511", "--to", &new],
+        "copying (1 of",
+    );
+
+    // The instance takes the range move over and runs it to its end.
+    let ended = wait_bucket_move(&app, 1).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    assert_eq!(app.admin_get("/v1/admin/buckets").await["version"], 2);
+    let mut new_db = app.db(2).await;
+    let mut old_db = app.db(0).await;
+    for chat in &chats {
+        assert_eq!(
+            app.get(&format!("/v1/chats/{chat}"))
+                .await
+                .json::<Value>()
+                .await
+                .unwrap()["shard"],
+            new.as_str()
+        );
+        common::assert_chat_consistent(&mut new_db, chat).await;
+        assert_eq!(
+            common::count_and_rows(&mut new_db, chat).await,
+            (40, 40),
+            "{chat}"
+        );
+        let (_, marker, joined) = row_on(&mut old_db, chat).await.expect("tombstone");
+        assert_eq!(
+            (marker.as_deref(), joined),
+            (Some(new.as_str()), 0),
+            "{chat}"
+        );
+    }
+    // The chat move the kill cut short was rolled back, then moved again.
+    let moves = app.admin_get("/v1/admin/moves").await;
+    let phases: Vec<&str> = moves["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["phase"].as_str().unwrap())
+        .collect();
+    assert!(
+        phases.iter().all(|p| *p == "done" || *p == "rolled_back"),
+        "{phases:?}"
+    );
+    assert_eq!(
+        phases.iter().filter(|p| **p == "done").count(),
+        chats.len(),
+        "{phases:?}"
+    );
+    app.shut_down().await;
 }

@@ -201,6 +201,26 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         others: usize,
     },
+    /// A bucket range of --chats chats moves to another shard (the upper half
+    /// of the first shard's first range; by default to a shard with no
+    /// buckets) under posts into its chats and creations of new ones: the
+    /// move's time, the longest pauses, every answer, and the p99 of the
+    /// source's other chats before and during the move.
+    MoveBuckets {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 1000)]
+        chats: usize,
+        /// Members each chat has before the move.
+        #[arg(long, default_value_t = 20)]
+        members: u64,
+        #[arg(long)]
+        to: Option<String>,
+        /// Clients reading and joining 16 chats of the source outside the
+        /// range throughout; 0: none.
+        #[arg(long, default_value_t = 8)]
+        others: usize,
+    },
     /// A TCP proxy that delays every chunk by --delay-ms in each direction
     /// (a slow Redis, say), for --seconds; it records nothing.
     Proxy {
@@ -417,6 +437,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 members,
                 to,
                 seconds(s)?,
+            )
+            .await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
+        }
+        Scenario::MoveBuckets {
+            clients,
+            chats,
+            members,
+            to,
+            others,
+        } => {
+            anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
+            anyhow::ensure!(others <= 1024, "--others must be at most 1024");
+            anyhow::ensure!(
+                (1..=100_000).contains(&chats),
+                "--chats must be 1 to 100000"
+            );
+            anyhow::ensure!(members <= 10_000, "--members must be at most 10000");
+            let report = scenarios::move_buckets(
+                &target,
+                &recorder,
+                (clients, others),
+                (chats, members),
+                to,
             )
             .await;
             if let Ok(r) = &report {
