@@ -75,8 +75,18 @@ impl App {
         let service = Arc::new(service);
         service.spawn_tail_refresher();
         // Routes by the newest bucket table the shards hold (a range moved
-        // since the configuration was written), then follows it.
-        service.refresh_bucket_map().await;
+        // since the configuration was written), then follows it. A shard
+        // that hangs does not hold the start up: until the table is read,
+        // the shards' markers and bucket tables redirect what this instance
+        // routes by the configuration.
+        if tokio::time::timeout(Duration::from_secs(2), service.refresh_bucket_map())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the bucket table could not be read from every shard at start; routing by the configuration's until it is"
+            );
+        }
         service.spawn_bucket_map_poller();
         service.spawn_move_recovery();
         service.spawn_isolation();
@@ -217,6 +227,7 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
             revisions_per_second: settings.moves.revisions_per_second,
             clean_batch: settings.moves.clean_batch,
             lease: Duration::from_millis(settings.moves.lease_ms),
+            hold_writes: Duration::from_millis(settings.moves.hold_writes_ms),
             concurrent_chats: settings.moves.concurrent_chats as usize,
             map_poll: Duration::from_millis(settings.moves.map_poll_ms),
         },

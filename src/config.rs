@@ -327,6 +327,10 @@ pub struct MovesSettings {
     /// A running move whose record has not changed for this long is taken
     /// for abandoned and finished or rolled back by any instance.
     pub lease_ms: u64,
+    /// A write that meets a move's fence waits up to this long for the
+    /// switch (checking again every 20 ms) before it is answered 503
+    /// `chat_moving`; 0 answers at once.
+    pub hold_writes_ms: u64,
     /// A bucket-range move moves this many of its chats at once.
     pub concurrent_chats: u32,
     /// How often every instance reads the newest version of the bucket
@@ -346,6 +350,7 @@ impl Default for MovesSettings {
             revisions_per_second: 20_000,
             clean_batch: 1000,
             lease_ms: 30_000,
+            hold_writes_ms: 800,
             concurrent_chats: 4,
             map_poll_ms: 1000,
         }
@@ -373,6 +378,9 @@ impl MovesSettings {
         }
         if self.max_pause_ms < self.pause_ms {
             problems.push("moves.max_pause_ms must be at least moves.pause_ms".to_owned());
+        }
+        if self.hold_writes_ms > 5000 {
+            problems.push("moves.hold_writes_ms must be at most 5000".to_owned());
         }
         if !(1..=64).contains(&self.concurrent_chats) {
             problems.push("moves.concurrent_chats must be between 1 and 64".to_owned());

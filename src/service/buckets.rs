@@ -19,6 +19,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use sqlx::Connection;
 
+use super::moves::{PACER_WINDOW, Pacer};
 use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
 use crate::routing::{BucketMap, BucketRange, bucket_of};
@@ -113,6 +114,15 @@ impl From<crate::shard::ShardError> for RangeStop {
     fn from(e: crate::shard::ShardError) -> Self {
         Self::Service(e.into())
     }
+}
+
+/// What every walk of one range move shares.
+struct Walk<'a> {
+    id: u64,
+    range: BucketRange,
+    /// The source's p99 before the range move began.
+    baseline: Option<(Duration, u64)>,
+    pacer: &'a tokio::sync::Mutex<Pacer>,
 }
 
 /// What a range move has done so far.
@@ -418,6 +428,16 @@ impl ChatService {
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         tally: &mut Tally,
     ) -> Result<u64, RangeStop> {
+        // The source's p99 before the range move: what every chat's copy,
+        // and the start of every chat move, is paced against.
+        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
+        let pacer = tokio::sync::Mutex::new(Pacer::new(baseline, &self.move_settings));
+        let walk = Walk {
+            id,
+            range,
+            baseline,
+            pacer: &pacer,
+        };
         // Taken over after its flip: only the telling is left.
         if let Some(version) = self.flipped_at(range, source, target).await? {
             self.tell_every_shard(id, version, (source, target), tally)
@@ -427,7 +447,7 @@ impl ChatService {
         self.progress(id, "copying", tally).await;
         for pass in 1..=PASSES {
             let failed = self
-                .range_pass(id, range, (source, target), None, tally)
+                .range_pass(&walk, (source, target), None, tally)
                 .await?;
             if failed.is_empty() {
                 break;
@@ -455,7 +475,7 @@ impl ChatService {
                 .await?;
             self.progress(id, "fenced", tally).await;
             let failed = match self
-                .range_pass(id, range, (source, target), Some(fence_ms), tally)
+                .range_pass(&walk, (source, target), Some(fence_ms), tally)
                 .await
             {
                 Ok(failed) => failed,
@@ -633,12 +653,12 @@ impl ChatService {
     /// lapse stops the walk. The chats whose move failed, with the reason.
     async fn range_pass(
         &self,
-        id: u64,
-        range: BucketRange,
+        walk: &Walk<'_>,
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         fenced: Option<u64>,
         tally: &mut Tally,
     ) -> Result<Vec<(String, String)>, RangeStop> {
+        let (id, range) = (walk.id, walk.range);
         let phase = if fenced.is_some() {
             "fenced"
         } else {
@@ -693,7 +713,16 @@ impl ChatService {
                 .map(|chat| {
                     let to = to.clone();
                     async move {
-                        let outcome = self.move_and_wait(&chat, &to).await;
+                        // Chat moves start one pause apart, the pause paced
+                        // by the source's p99 against the range's baseline.
+                        // Under the fence new chats wait: no pause.
+                        if fenced.is_none() {
+                            let mut pacer = walk.pacer.lock().await;
+                            let recent = source.recent_latency(0.99, PACER_WINDOW);
+                            let pause = pacer.next(recent, &self.move_settings, 0);
+                            tokio::time::sleep(pause).await;
+                        }
+                        let outcome = self.move_and_wait(&chat, &to, walk.baseline).await;
                         (chat, outcome)
                     }
                 })

@@ -149,7 +149,8 @@ impl ChatService {
     ) -> Result<(Chat, Created), ServiceError> {
         // A shard whose row of the chat is a marker sends the request on: a
         // chat that moved away is never created again where it was.
-        for _ in 0..MAX_HOPS {
+        let (held, mut hops) = (std::time::Instant::now(), 0);
+        while hops < MAX_HOPS {
             let shard = self.shard(chat);
             let (id, max, default) = (chat.to_string(), max_members, self.default_max_members);
             let here = (crate::routing::bucket_of(chat), shard.name().to_owned());
@@ -158,15 +159,24 @@ impl ChatService {
                     Box::pin(create_or_update(conn, id, here, max, default))
                 })
                 .await?;
-            // A range move's last pass holds the creation of its chats.
+            // A range move's last pass holds the creation of its chats: the
+            // creation waits a moment, like a write at a fence, then is
+            // refused (retryable).
             let Some(located) = located else {
+                if held.elapsed() < self.move_settings.hold_writes {
+                    tokio::time::sleep(FENCE_RECHECK).await;
+                    continue;
+                }
                 return Err(ServiceError::ChatMoving {
                     retry_after_secs: 1,
                 });
             };
             match located {
                 Located::Here((row, created)) => return Ok((self.to_chat(chat, row), created)),
-                Located::Moved(to) => self.follow(chat, shard.name(), &to)?,
+                Located::Moved(to) => {
+                    hops += 1;
+                    self.follow(chat, shard.name(), &to)?;
+                }
                 Located::Missing => {
                     return Err(ServiceError::internal(
                         "a chat written in this transaction cannot be read back",
@@ -193,6 +203,7 @@ impl ChatService {
         // The shard that holds the chat; a marker there says where else it
         // is, and the write follows it (never applied where the marker is).
         let mut hops = 0;
+        let held = std::time::Instant::now();
         let result = loop {
             let shard = self.shard(chat);
             let result = self.commits.submit(shard, chat, op.clone()).await;
@@ -200,6 +211,12 @@ impl ChatService {
                 Ok(WriteOutcome::Moved(to)) if hops < MAX_HOPS => {
                     hops += 1;
                     self.follow(chat, shard.name(), to)?;
+                }
+                // A move's fence (nothing was applied): the write waits for
+                // the switch, a moment, rather than being refused; then it
+                // follows the chat to its new shard.
+                Ok(WriteOutcome::Fenced) if held.elapsed() < self.move_settings.hold_writes => {
+                    tokio::time::sleep(FENCE_RECHECK).await;
                 }
                 Ok(WriteOutcome::Moved(_)) => break Err(self.unsettled(chat)),
                 _ => break result,
@@ -323,6 +340,9 @@ impl<T> Located<T> {
         }
     }
 }
+
+/// How often a write held by a move's fence checks again.
+const FENCE_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Shards one request follows a chat's markers through, at most.
 const MAX_HOPS: usize = 3;

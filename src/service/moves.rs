@@ -50,6 +50,8 @@ pub struct MoveSettings {
     /// A running move whose record has not changed for this long is taken
     /// for abandoned (its driver died) and finished or rolled back.
     pub lease: Duration,
+    /// A write that meets a fence waits up to this long for the switch.
+    pub hold_writes: Duration,
     /// A bucket-range move moves this many of its chats at once.
     pub concurrent_chats: usize,
     /// How often the newest bucket table is read from the shards.
@@ -68,6 +70,7 @@ impl Default for MoveSettings {
             max_pause: Duration::from_secs(1),
             revisions_per_second: 20_000,
             lease: Duration::from_secs(30),
+            hold_writes: Duration::from_millis(800),
             concurrent_chats: 4,
             map_poll: Duration::from_secs(1),
         }
@@ -77,7 +80,7 @@ impl Default for MoveSettings {
 /// Calls the throttle needs in its window before it trusts a p99.
 const PACER_MIN_CALLS: u64 = 50;
 /// The window of the p99 the throttle compares with its baseline.
-const PACER_WINDOW: Duration = Duration::from_secs(2);
+pub(super) const PACER_WINDOW: Duration = Duration::from_secs(2);
 /// A baseline p99 below this counts as this: under it, the p99 of a quiet
 /// shard is noise.
 const PACER_FLOOR: Duration = Duration::from_millis(1);
@@ -94,7 +97,7 @@ const PACER_MIN_BATCH_SHARE: u32 = 8;
 /// before the move, the pause after each batch doubles (up to `max_pause`)
 /// and the batch halves (down to an eighth); once they do not, both go back
 /// step by step. The copy also keeps under `revisions_per_second`.
-struct Pacer {
+pub(super) struct Pacer {
     /// The p99 of the source's calls before the copy (`None`: too few calls
     /// to tell, or the throttle gave way so the copy converges; then only
     /// the cap and `pause` apply).
@@ -110,7 +113,7 @@ struct Pacer {
 
 impl Pacer {
     /// `before`: the source's p99 over the last 10 s and its number of calls.
-    fn new(before: Option<(Duration, u64)>, settings: &MoveSettings) -> Self {
+    pub(super) fn new(before: Option<(Duration, u64)>, settings: &MoveSettings) -> Self {
         let baseline = before
             .filter(|(_, calls)| *calls >= PACER_MIN_CALLS)
             .map(|(p99, _)| p99.max(PACER_FLOOR));
@@ -130,7 +133,7 @@ impl Pacer {
 
     /// The pause after a batch of `revisions`; `recent`: the source's p99
     /// over [`PACER_WINDOW`] and its number of calls.
-    fn next(
+    pub(super) fn next(
         &mut self,
         recent: Option<(Duration, u64)>,
         settings: &MoveSettings,
@@ -334,15 +337,27 @@ impl ChatService {
     /// Moves `chat` to `to` and waits for the end (a bucket-range move's
     /// step): `Ok(true)` when it moved, `Ok(false)` when it has a move
     /// running already (it is tried again later), and the reason otherwise.
-    pub(super) async fn move_and_wait(&self, chat: &ChatId, to: &str) -> Result<bool, String> {
+    /// `baseline`: the source's p99 the copy is paced against (a range
+    /// move's, taken before it began, rather than this chat's moment).
+    pub(super) async fn move_and_wait(
+        &self,
+        chat: &ChatId,
+        to: &str,
+        baseline: Option<(Duration, u64)>,
+    ) -> Result<bool, String> {
         let recorded = match self.record_move(chat, to, None).await {
             Ok(Some(recorded)) => recorded,
             Ok(None) => return Ok(false),
             Err(e) => return Err(e.to_string()),
         };
-        self.run_move(recorded.id, chat.clone(), recorded.source, recorded.target)
-            .await
-            .map(|()| true)
+        self.drive_to_end(
+            recorded.id,
+            chat.clone(),
+            (recorded.source, recorded.target),
+            baseline,
+        )
+        .await
+        .map(|()| true)
     }
 
     /// Records a move on the chat's shard (its source); `None` when the
@@ -642,13 +657,22 @@ impl ChatService {
         source: Arc<Shard>,
         target: Arc<Shard>,
     ) -> Result<(), String> {
-        let settings = self.move_settings.clone();
         // Paced so the source's other chats keep their p99, from the p99
         // they had before the move.
-        let mut pacer = Pacer::new(
-            source.recent_latency(0.99, Duration::from_secs(10)),
-            &settings,
-        );
+        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
+        self.drive_to_end(id, chat, (source, target), baseline)
+            .await
+    }
+
+    async fn drive_to_end(
+        &self,
+        id: u64,
+        chat: ChatId,
+        (source, target): (Arc<Shard>, Arc<Shard>),
+        baseline: Option<(Duration, u64)>,
+    ) -> Result<(), String> {
+        let settings = self.move_settings.clone();
+        let mut pacer = Pacer::new(baseline, &settings);
         let outcome = self
             .drive(id, &chat, (&source, &target), &settings, &mut pacer)
             .await;

@@ -1519,3 +1519,38 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
     );
     app.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_meets_a_short_fence_is_held_and_applied_not_refused() {
+    let app = TestApp::spawn().await;
+    let chat = crate::helpers::unique("held");
+    assert_eq!(
+        app.put_chat(&chat, None).await.status(),
+        StatusCode::CREATED
+    );
+    let mut db = app.db(app.shard_of(&chat).await).await;
+    let fence = |ms: u64| {
+        sqlx::query(
+            "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL ? MICROSECOND) WHERE chat_id = ?",
+        )
+        .bind(ms * 1000)
+        .bind(chat.clone())
+    };
+    // A fence shorter than moves.hold_writes_ms (800): the join waits it out.
+    fence(200).execute(&mut db).await.expect("fence");
+    assert_eq!(app.join(&chat, "held").await.status(), StatusCode::CREATED);
+    // With the hold off, a fence is answered at once, and nothing is applied.
+    let off = TestApp::spawn_with(|s| s.moves.hold_writes_ms = 0).await;
+    fence(60_000).execute(&mut db).await.expect("fence");
+    let r = off.join(&chat, "refused").await;
+    crate::helpers::assert_problem(r, 503, "chat_moving").await;
+    sqlx::query("UPDATE chat SET fenced_until = NULL WHERE chat_id = ?")
+        .bind(&chat)
+        .execute(&mut db)
+        .await
+        .expect("unfence");
+    assert_eq!(common::joined_users(&mut db, &chat).await, ["held"]);
+    common::assert_chat_consistent(&mut db, &chat).await;
+    off.shut_down().await;
+    app.shut_down().await;
+}

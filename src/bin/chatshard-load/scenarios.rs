@@ -1727,11 +1727,8 @@ pub async fn move_buckets(
     };
     // The range's chats and their members, 64 requests at a time.
     let moving = chats_in("mb", range, chats);
-    for batch in moving.chunks(64) {
-        let created = batch.iter().map(|chat| target.create_chat(chat));
-        for r in futures_util::future::join_all(created).await {
-            r?;
-        }
+    for chat in &moving {
+        target.create_chat(chat).await?;
     }
     let joins: Vec<(String, String)> = moving
         .iter()
@@ -1799,7 +1796,7 @@ pub async fn move_buckets(
             })
         })
         .collect();
-    // New chats of the range, created one after another throughout.
+    // New chats of the range, created throughout (two a second).
     let longest_create_us = Arc::new(AtomicU64::new(0));
     let created = Arc::new(AtomicU64::new(0));
     {
@@ -1850,7 +1847,8 @@ pub async fn move_buckets(
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // About two new chats a second in the range.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }));
     }
