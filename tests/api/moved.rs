@@ -799,8 +799,12 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
 }
 
 /// Runs `chatshard ARGS --config` (on `settings`) and SIGKILLs it once a
-/// line of its output contains `needle`.
-fn kill_cli_when(settings: &chatshard::config::Settings, args: &[&str], needle: &str) {
+/// line of its output satisfies `when`.
+fn kill_cli_when(
+    settings: &chatshard::config::Settings,
+    args: &[&str],
+    when: impl Fn(&str) -> bool,
+) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let dir = std::env::temp_dir().join(crate::helpers::unique("mover"));
@@ -812,16 +816,20 @@ fn kill_cli_when(settings: &chatshard::config::Settings, args: &[&str], needle: 
         .arg("--config")
         .arg(&config)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr"))
         .spawn()
         .expect("start the mover");
     let stdout = mover.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
     loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains(needle) => break,
-            Some(Ok(_)) => {}
-            other => panic!("the mover ended before {needle:?}: {other:?}"),
+            Some(Ok(line)) if when(&line) => break,
+            Some(Ok(line)) => seen.push(line),
+            other => panic!(
+                "the mover ended first ({other:?}); it printed {seen:#?}, and on stderr:\n{}",
+                std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+            ),
         }
     }
     mover.kill().expect("SIGKILL the mover");
@@ -855,7 +863,7 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
     kill_cli_when(
         &settings,
         &["move-chat", &chat, "--to", &target_name],
-        "copying",
+        |line| line.contains("copying"),
     );
 
     // The instance takes the abandoned move over and rolls it back: the
@@ -1469,7 +1477,16 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
     kill_cli_when(
         &settings,
         &["move-buckets", "256-511", "--to", &new],
-        "copying (1 of",
+        |line| {
+            // "  copying (N of M chat(s) moved)", or "fenced (...", N at
+            // least 1: the range move is under way.
+            let line = line.trim_start();
+            line.strip_prefix("copying (")
+                .or_else(|| line.strip_prefix("fenced ("))
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1)
+        },
     );
 
     // The instance takes the range move over and runs it to its end.
