@@ -74,19 +74,11 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
-        // Routes by the newest bucket table the shards hold (a range moved
-        // since the configuration was written), then follows it. A shard
-        // that hangs does not hold the start up: until the table is read,
-        // the shards' markers and bucket tables redirect what this instance
-        // routes by the configuration.
-        if tokio::time::timeout(Duration::from_secs(2), service.refresh_bucket_map())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "the bucket table could not be read from every shard at start; routing by the configuration's until it is"
-            );
-        }
+        // Follows the newest bucket table the shards hold (a range moved
+        // since the configuration was written), from the first poll on: no
+        // read at start, so no shard gets a breaker verdict before any
+        // request needs it. Until then the shards' markers and bucket
+        // tables redirect what this instance routes by the configuration.
         service.spawn_bucket_map_poller();
         service.spawn_move_recovery();
         service.spawn_isolation();

@@ -1380,9 +1380,21 @@ async fn a_bucket_range_moves_to_a_new_shard_online_and_every_instance_follows()
         },
     )
     .await;
-    // A new instance starts on the newest version.
-    let fresh = TestApp::spawn_on(base.clone(), |s| s.admin.token = TOKEN.to_owned()).await;
-    assert_eq!(fresh.admin_get("/v1/admin/buckets").await["version"], 2);
+    // A new instance follows the newest version from its first poll.
+    let fresh = TestApp::spawn_on(base.clone(), |s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.map_poll_ms = 100;
+    })
+    .await;
+    common::eventually(
+        Duration::from_secs(10),
+        "a new instance follows version 2",
+        || {
+            let fresh = &fresh;
+            async move { fresh.admin_get("/v1/admin/buckets").await["version"] == 2 }
+        },
+    )
+    .await;
 
     // Every chat of the range is whole on the new shard; the old one holds
     // only tombstones; nothing of the writers' is lost.
