@@ -682,6 +682,9 @@ async fn copied_by_a_dead_driver(prefix: &str) -> Copied {
     let app = TestApp::spawn_with(|s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.lease_ms = 1000;
+        // A fenced write is answered at once: the takeover (after 1 s) must
+        // not lift the fence while a held write waits.
+        s.moves.hold_writes_ms = 0;
         s.moves.fence_ms = 200;
     })
     .await;
