@@ -364,11 +364,11 @@ impl From<ServiceError> for Problem {
                 Code::ShardReadOnly,
                 format!("shard {shard} is read-only; reads still work, writes do not"),
             ),
-            ServiceError::OutcomeUnknown { shard } => Self::new(
+            ServiceError::OutcomeUnknown { shard, cause } => Self::new(
                 Code::OutcomeUnknown,
                 format!(
-                    "the connection to shard {shard} failed while committing; \
-                     the write may or may not be applied: retry it unchanged, it will not apply twice"
+                    "a write on shard {shard} ended without an answer ({cause}); \
+                     it may or may not be applied: retry it unchanged, it will not apply twice"
                 ),
             ),
             ServiceError::Internal(fault) => {

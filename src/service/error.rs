@@ -43,8 +43,9 @@ pub enum ServiceError {
     },
     #[error("shard {shard} is read-only")]
     ShardReadOnly { shard: String },
-    #[error("the outcome of the write on shard {shard} is unknown")]
-    OutcomeUnknown { shard: String },
+    /// `cause` says why, in words for the problem's detail.
+    #[error("the outcome of the write on shard {shard} is unknown: {cause}")]
+    OutcomeUnknown { shard: String, cause: String },
     /// A move of the chat is switching it to another shard: writes wait.
     #[error("the chat is moving to another shard")]
     ChatMoving { retry_after_secs: u64 },
@@ -128,7 +129,10 @@ impl From<ShardError> for ServiceError {
                 retry_after_secs: 1,
             },
             ShardError::ReadOnly { .. } => Self::ShardReadOnly { shard },
-            ShardError::OutcomeUnknown { .. } => Self::OutcomeUnknown { shard },
+            ShardError::OutcomeUnknown { cause, .. } => Self::OutcomeUnknown {
+                shard,
+                cause: cause.to_string(),
+            },
             e @ (ShardError::Database { .. } | ShardError::BadData { .. }) => Self::internal(e),
         }
     }

@@ -416,11 +416,12 @@ impl Shard {
             create: Some(self.settings.connect_timeout()),
             recycle: Some(self.settings.connect_timeout()),
         };
-        let mut conn = self
-            .pool
-            .timeout_get(&timeouts)
-            .await
-            .map_err(|e| self.pool_error(e))?;
+        let mut conn = InUse(Some(
+            self.pool
+                .timeout_get(&timeouts)
+                .await
+                .map_err(|e| self.pool_error(e))?,
+        ));
         let _in_flight = self.stats.start();
         let span = tracing::Span::current();
         span.record(
@@ -433,26 +434,31 @@ impl Shard {
         );
         // 5. The deadline around the database work.
         let deadline = self.settings.operation_timeout();
-        match tokio::time::timeout(deadline, op(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
+        let Some(connection) = conn.0.as_deref_mut() else {
+            return Err(self.busy());
+        };
+        match tokio::time::timeout(deadline, op(connection)).await {
+            Ok(Ok(value)) => {
+                conn.release();
+                Ok(value)
+            }
             Ok(Err(err)) => {
                 let err = error::classify(&self.name, err);
                 // The shard answered these on a healthy connection; any other
                 // failure leaves the connection in doubt.
-                if !matches!(
+                if matches!(
                     err,
                     ShardError::Database { .. }
                         | ShardError::ReadOnly { .. }
                         | ShardError::Contended { .. }
                         | ShardError::BadData { .. }
                 ) {
-                    discard(conn);
+                    conn.release();
                 }
                 Err(err)
             }
             Err(_elapsed) => {
-                // The connection is mid-protocol: never reuse it.
-                discard(conn);
+                // The connection is mid-protocol: `conn` is dropped, never reused.
                 Err(match access {
                     Access::Read => ShardError::Timeout {
                         shard: self.name.clone(),
@@ -533,8 +539,26 @@ impl Shard {
 }
 
 /// Removes a connection from the pool; dropping it closes the socket.
-fn discard(conn: Object<MySqlManager>) {
-    drop(Object::take(conn));
+/// A connection taken from the pool for one operation. Unless the operation
+/// ended in a state the connection can be reused from ([`InUse::release`]),
+/// dropping it closes the connection instead of returning it: an operation
+/// cut short (its deadline, or its caller went away mid-query) leaves the
+/// connection mid-protocol, and the next user would read another's answer.
+struct InUse(Option<Object<MySqlManager>>);
+
+impl InUse {
+    /// Back to the pool (recycling checks it is not inside a transaction).
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Object::take(conn));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -338,8 +338,14 @@ async fn writer(
             match r.status() {
                 StatusCode::CREATED | StatusCode::OK => break,
                 StatusCode::SERVICE_UNAVAILABLE => {
+                    // `chat_moving` from the fence; `outcome_unknown` when a
+                    // batch outlived its deadline on a loaded machine, which
+                    // the client retries unchanged as the problem tells it.
                     let body: Value = r.json().await.expect("problem");
-                    assert_eq!(body["code"], "chat_moving", "{body}");
+                    assert!(
+                        body["code"] == "chat_moving" || body["code"] == "outcome_unknown",
+                        "{body}"
+                    );
                     moving += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
