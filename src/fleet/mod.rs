@@ -56,6 +56,15 @@ use crate::throttle::join::JoinDecision;
 
 /// Registers the instance and returns the live ones: `KEYS` the registry and
 /// the info hash; `ARGV` id, ttl (ms), info JSON.
+/// Tries of a failed publish after the first, while Redis counts as up, and
+/// the pause before the first of them (tripled before each next one): about
+/// 0.6 s in all, the time a cluster client takes to reconnect to a node.
+const PUBLISH_RETRIES: u32 = 3;
+/// Heartbeats after Redis came back before every channel is subscribed once
+/// more ([`Fleet::resubscribe_when_due`]).
+const RESUBSCRIBE_AFTER_HEARTBEATS: u64 = 3;
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -181,6 +190,9 @@ pub struct Fleet {
     followed: Mutex<HashSet<ChatId>>,
     /// Chat channels Redis confirmed.
     subscribed: AtomicU64,
+    /// Heartbeats left before the channels are subscribed once more after
+    /// Redis came back (see [`Fleet::answered`]).
+    resubscribe_in: AtomicU64,
     leases: leases::Leases,
     gcra: redis::Script,
     live: Arc<Live>,
@@ -251,6 +263,7 @@ impl Fleet {
             follow,
             followed: Mutex::new(HashSet::new()),
             subscribed: AtomicU64::new(0),
+            resubscribe_in: AtomicU64::new(0),
             leases: leases::Leases::new(tracked_chats),
             gcra: redis::Script::new(leases::GCRA),
             live,
@@ -604,17 +617,9 @@ impl Fleet {
         // is: an instance that says it is part of the fleet hears of every
         // write of its chats. A call that fails marks the fleet down again,
         // and the next heartbeat retries.
-        let mut channels = vec![self.names.bus()];
-        channels.extend(self.followed_channels());
-        for chunk in channels.chunks(500) {
-            let mut conn = self.conn.clone();
-            if self
-                .call("subscribe", async move { conn.subscribe(chunk).await })
-                .await
-                .is_none()
-            {
-                return;
-            }
+        let channels = self.all_channels();
+        if !self.subscribe_all(&channels).await {
+            return;
         }
         {
             let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
@@ -641,6 +646,8 @@ impl Fleet {
         }
         let chats = self.followed_channels().len() as u64;
         self.subscribed.store(chats, Ordering::Relaxed);
+        self.resubscribe_in
+            .store(RESUBSCRIBE_AFTER_HEARTBEATS, Ordering::Relaxed);
         // Notices may have been missed while Redis was away: every tail is
         // read again before it answers, and its waiters read it now.
         if let Some(tails) = self.tails.get() {
@@ -649,6 +656,46 @@ impl Fleet {
         tracing::info!(chats, "Redis answers: this instance is part of the fleet");
         self.load_hot_marks().await;
         self.reconcile_config().await;
+    }
+
+    /// A few heartbeats after Redis came back, subscribes every channel once
+    /// more. The client repairs its connections in the background: a
+    /// subscription confirmed on a connection to a node that had just
+    /// restarted can be lost when that connection is replaced, and a lost
+    /// subscription would leave this instance's readers of those chats to
+    /// their tail refresh. Subscribing a channel twice changes nothing.
+    async fn resubscribe_when_due(&self) {
+        let due = self
+            .resubscribe_in
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok_and(|left| left == 1);
+        if !due || !self.is_up() {
+            return;
+        }
+        self.subscribe_all(&self.all_channels()).await;
+    }
+
+    /// The fleet's bus and every followed chat's channel.
+    fn all_channels(&self) -> Vec<String> {
+        let mut channels = vec![self.names.bus()];
+        channels.extend(self.followed_channels());
+        channels
+    }
+
+    /// Subscribes `channels`, 500 at a time; `false` once a call failed
+    /// (which counts against Redis's breaker).
+    async fn subscribe_all(&self, channels: &[String]) -> bool {
+        for chunk in channels.chunks(500) {
+            let mut conn = self.conn.clone();
+            if self
+                .call("subscribe", async move { conn.subscribe(chunk).await })
+                .await
+                .is_none()
+            {
+                return false;
+            }
+        }
+        true
     }
 
     fn followed_channels(&self) -> Vec<String> {
@@ -697,6 +744,7 @@ impl Fleet {
                     .store(instances.len().max(1) as u64, Ordering::Relaxed);
                 f.instances.store(Arc::new(instances));
                 f.answered().await;
+                f.resubscribe_when_due().await;
             }
         }
     }
@@ -743,8 +791,18 @@ impl Fleet {
                 async move {
                     let mut conn = f.conn.clone();
                     let mut sent: Option<()> = f.call("publish", pipe.exec_async(&mut conn)).await;
-                    if sent.is_none() && f.is_up() {
-                        // Once more: a connection that failed is made anew.
+                    // A few more tries, further apart, while Redis counts as
+                    // up: a connection that failed is made anew in the
+                    // background (a cluster node that just restarted), and a
+                    // notice dropped here leaves readers elsewhere waiting for
+                    // their tail refresh.
+                    let mut pause = PUBLISH_RETRY_PAUSE;
+                    for _ in 0..PUBLISH_RETRIES {
+                        if sent.is_some() || !f.is_up() {
+                            break;
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause *= 3;
                         sent = f.call("publish", pipe.exec_async(&mut conn)).await;
                     }
                     let counter = if sent.is_some() {
