@@ -7,6 +7,8 @@
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
 //! - `chatshard move-chat CHAT --to SHARD`: move one chat to another shard online.
 //! - `chatshard cancel-move MOVE_ID`: cancel a running move before its switch.
+//! - `chatshard move-buckets FIRST-LAST --to SHARD`: move a bucket range online.
+//! - `chatshard cancel-move-buckets MOVE_ID`: cancel a range move before its flip.
 //! - `chatshard purge [--dry-run]`: purge (or report) events past retention.
 
 use std::net::SocketAddr;
@@ -53,6 +55,9 @@ enum Command {
     /// the range to it (splits a shard; docs/operations.md); waits until the
     /// move ends and prints its progress.
     MoveBuckets(MoveBucketsArgs),
+    /// Cancel a running bucket-range move before its flip; whoever drives it
+    /// moves the chats it moved back, and the bucket table stays as it was.
+    CancelMoveBuckets(CancelMoveBucketsArgs),
     /// Delete the events past the retention policy now, every shard, paced
     /// like the background purge; with --dry-run, report per shard what would
     /// go and delete nothing (docs/event-log.md).
@@ -96,6 +101,14 @@ struct CancelMoveArgs {
     config: ConfigArg,
     /// The move, as `GET /v1/admin/moves` names it (`<source shard>:<number>`).
     id: String,
+}
+
+#[derive(Debug, Args)]
+struct CancelMoveBucketsArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The range move, as `GET /v1/admin/bucket-moves` numbers it.
+    id: u64,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +275,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::CancelMoveBuckets(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let view = mover(&settings)?
+                .cancel_bucket_move(args.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+            println!(
+                "range move {} of buckets {} ({}): cancel recorded; the chats it moved go back to {}",
+                view.id, view.buckets, view.phase, view.source
+            );
+            Ok(())
+        }
     }
 }
 
@@ -397,6 +423,13 @@ async fn move_buckets(
                     return Ok(());
                 }
                 "failed" => anyhow::bail!("the range move failed: {}", m.error.unwrap_or_default()),
+                "cancelled" => match m.error {
+                    Some(left) => anyhow::bail!("the range move was cancelled: {left}"),
+                    None => anyhow::bail!(
+                        "the range move was cancelled; its chats are back on {}",
+                        m.source
+                    ),
+                },
                 _ => {}
             }
         }

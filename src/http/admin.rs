@@ -744,6 +744,44 @@ pub async fn get_bucket_move(
     })
 }
 
+/// Cancels a bucket-range move before its flip: the chat moves under way
+/// end, the fence is lifted, the chats it moved go back to the source, and
+/// it ends `cancelled`; the bucket table does not change. Answers the move
+/// with `cancelRequested`.
+#[utoipa::path(
+    delete, path = "/v1/admin/bucket-moves/{moveId}", tag = "admin",
+    security(("admin_token" = [])),
+    params(("moveId" = u64, Path, description = "The range move's id")),
+    responses(
+        (status = 202, description = "The cancel is recorded; the move ends `cancelled` once its chats are back", body = crate::service::buckets::BucketMoveView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found: no range move has this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "move_refused: the move began its flip or ended", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The first shard, which records range moves, is unavailable or busy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel_bucket_move(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<crate::service::buckets::BucketMoveView>,
+    ),
+    Problem,
+> {
+    let n = id.parse::<u64>().map_err(|_| {
+        Problem::new(
+            Code::NotFound,
+            format!("no bucket-range move has the id {id:?}"),
+        )
+    })?;
+    let view = state.service.cancel_bucket_move(n).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::bearer_token;

@@ -129,7 +129,7 @@ fn routes(shards: &[String]) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(admin::get_move, admin::cancel_move))
         .routes(routes!(admin::buckets))
         .routes(routes!(admin::move_buckets, admin::bucket_moves))
-        .routes(routes!(admin::get_bucket_move))
+        .routes(routes!(admin::get_bucket_move, admin::cancel_bucket_move))
         .split_for_parts();
     (router, document::finish(api, shards))
 }

@@ -13,7 +13,7 @@
 //! bucket table (new chats), which name the new owner.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -37,9 +37,11 @@ pub struct BucketMoveView {
     pub source: String,
     pub target: String,
     /// `requested`, `copying` (moving the range's chats), `fenced` (the
-    /// last pass: new chats of the range wait), `flipped` (the new version
-    /// is on the source; the other shards are being told), `done`, or
-    /// `failed` (with `error`; the chats moved so far stay moved).
+    /// last pass: new chats of the range wait), `flipping` (from here a
+    /// cancel is refused), `flipped` (the new version is on the source; the
+    /// other shards are being told), `done`, `failed` (with `error`; the
+    /// chats moved so far stay moved), `cancelling` (the chats moved so far
+    /// are moved back) or `cancelled` (with `error` if some could not be).
     pub phase: String,
     /// The range's chats found on the source.
     pub chats_total: u64,
@@ -50,6 +52,9 @@ pub struct BucketMoveView {
     pub version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A cancel was asked for; the move stops after the chat moves under
+    /// way and moves back what it moved.
+    pub cancel_requested: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -66,6 +71,7 @@ impl BucketMoveView {
             chats_moved: row.chats_moved,
             version: row.version,
             error: row.error,
+            cancel_requested: row.cancel_requested != 0,
             created_at: crate::storage::utc(row.created_at),
             updated_at: crate::storage::utc(row.updated_at),
         }
@@ -106,6 +112,8 @@ enum RangeStop {
     Service(#[from] ServiceError),
     #[error("the range's fence lapsed")]
     Lapsed,
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     Failed(String),
 }
@@ -316,6 +324,39 @@ impl ChatService {
             .map(BucketMoveView::from_row)
     }
 
+    /// Asks a running range move to stop (`DELETE /v1/admin/bucket-moves/{id}`),
+    /// allowed until its flip begins: the driver (or the instance that takes
+    /// it over) lets the chat moves under way end, lifts the fence, moves the
+    /// chats it moved back to the source, and ends `cancelled`. The bucket
+    /// table does not change.
+    pub async fn cancel_bucket_move(&self, id: u64) -> Result<BucketMoveView, ServiceError> {
+        let asked = self
+            .coordinator()
+            .write(None, "bucket_move_cancel", move |conn| {
+                Box::pin(async move { Ok(buckets::request_cancel(conn, id, now()).await?) })
+            })
+            .await?;
+        let view = self
+            .coordinator()
+            .read(None, "bucket_move", move |conn| {
+                Box::pin(async move { Ok(buckets::get_move(conn, id).await?) })
+            })
+            .await?
+            .map(BucketMoveView::from_row)
+            .ok_or_else(|| ServiceError::MoveNotFound { id: id.to_string() })?;
+        // Asking again while the move winds down is answered the same.
+        let ended = matches!(view.phase.as_str(), "done" | "failed" | "cancelled");
+        if !asked && (ended || !view.cancel_requested) {
+            return Err(ServiceError::MoveRefused {
+                reason: format!(
+                    "range move {id} is in phase {}: a range move can be cancelled only before its flip",
+                    view.phase
+                ),
+            });
+        }
+        Ok(view)
+    }
+
     /// Takes over the range moves whose driver died (their record has not
     /// changed for `moves.lease_ms`) and runs them on: every step of a range
     /// move can run again.
@@ -406,6 +447,26 @@ impl ChatService {
                 };
                 self.record_range(id, p).await;
             }
+            Err(RangeStop::Cancelled) => {
+                let _ = source
+                    .write(None, "bucket_unfence", move |conn| {
+                        Box::pin(async move { Ok(buckets::lift_fence(conn, id).await?) })
+                    })
+                    .await;
+                tracing::info!(id, buckets = %range, from = source.name(), to = target.name(), "bucket_range_move_cancelled");
+                let left = self
+                    .move_back(id, range, (&source, &target), (total, moved))
+                    .await;
+                let p = Progress {
+                    phase: "cancelled",
+                    chats_total: total,
+                    chats_moved: moved,
+                    error: left,
+                    finished: true,
+                    ..Progress::default()
+                };
+                self.record_range(id, p).await;
+            }
             Err(stop) => {
                 let reason = stop.to_string();
                 tracing::warn!(id, buckets = %range, from = source.name(), to = target.name(), error = %reason, "bucket_range_move_failed");
@@ -449,6 +510,9 @@ impl ChatService {
             self.tell_every_shard(id, version, (source, target), tally)
                 .await;
             return Ok(version);
+        }
+        if self.cancel_asked(id).await {
+            return Err(RangeStop::Cancelled);
         }
         self.progress(id, "copying", tally).await;
         for pass in 1..=PASSES {
@@ -501,7 +565,17 @@ impl ChatService {
                     failed.len()
                 )));
             }
-            // Every chat of the range is held elsewhere now: the new version.
+            // Every chat of the range is held elsewhere now: the new version,
+            // unless a cancel came first (from here on it is refused).
+            let began = self
+                .coordinator()
+                .write(None, "bucket_move_flipping", move |conn| {
+                    Box::pin(async move { Ok(buckets::begin_flip(conn, id, now()).await?) })
+                })
+                .await?;
+            if !began {
+                return Err(RangeStop::Cancelled);
+            }
             if !self.refresh_bucket_map().await {
                 return Err(RangeStop::Failed(
                     "a shard did not answer before the flip; run the move again".to_owned(),
@@ -566,6 +640,93 @@ impl ChatService {
         Err(RangeStop::Failed(format!(
             "the range's fence lapsed {FENCE_ATTEMPTS} times"
         )))
+    }
+
+    /// A cancelled range move's roll-back: every chat of the range that the
+    /// source's marker says is on the target is moved back, a few at a time
+    /// and paced like the move, in passes until none is left. What is found
+    /// from the source's rows, so an instance that takes the roll-back over
+    /// finds the same. A description of the chats left on the target, if
+    /// any could not be moved back.
+    async fn move_back(
+        &self,
+        id: u64,
+        range: BucketRange,
+        (source, target): (&Arc<Shard>, &Arc<Shard>),
+        (total, moved): (u64, u64),
+    ) -> Option<String> {
+        let cancelling = Progress {
+            phase: "cancelling",
+            chats_total: total,
+            chats_moved: moved,
+            ..Progress::default()
+        };
+        self.record_range(id, cancelling.clone()).await;
+        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
+        let mut left = Vec::new();
+        for pass in 1..=PASSES {
+            left.clear();
+            let mut after = String::new();
+            loop {
+                let from = after.clone();
+                let page = match source
+                    .read(None, "bucket_chats", move |conn| {
+                        Box::pin(async move { Ok(buckets::chats_after(conn, &from, PAGE).await?) })
+                    })
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        left.push(format!("the walk of {} stopped: {e}", source.name()));
+                        break;
+                    }
+                };
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                after.clone_from(last);
+                let there: Vec<ChatId> = page
+                    .into_iter()
+                    .filter(|(_, moved_to)| moved_to.as_deref() == Some(target.name()))
+                    .filter_map(|(chat, _)| ChatId::parse(&chat).ok())
+                    .filter(|chat| (range.first..=range.last).contains(&bucket_of(chat)))
+                    .collect();
+                let home = source.name().to_owned();
+                let mut back = futures_util::stream::iter(there)
+                    .map(|chat| {
+                        let home = home.clone();
+                        async move {
+                            let outcome = self.move_and_wait(&chat, &home, baseline).await;
+                            (chat, outcome)
+                        }
+                    })
+                    .buffer_unordered(self.move_settings.concurrent_chats.max(1));
+                while let Some((chat, outcome)) = back.next().await {
+                    match outcome {
+                        Ok(true) => {}
+                        Ok(false) => left.push(format!("{chat}: a move of it is running")),
+                        Err(why) => left.push(format!("{chat}: {why}")),
+                    }
+                    self.record_range(id, cancelling.clone()).await;
+                }
+            }
+            if left.is_empty() {
+                return None;
+            }
+            tracing::info!(
+                id,
+                pass,
+                left = left.len(),
+                "chats of a cancelled range move are still on its target"
+            );
+            tokio::time::sleep(self.move_settings.lease / 2).await;
+        }
+        Some(format!(
+            "{} chat(s) stay on {} (move them with move-chat), e.g. {}",
+            left.len(),
+            target.name(),
+            left.first().map_or("", String::as_str)
+        ))
     }
 
     fn index_of(&self, shard: &Arc<Shard>) -> Result<usize, RangeStop> {
@@ -671,6 +832,7 @@ impl ChatService {
             "copying"
         };
         let mut failed = Vec::new();
+        let cancelled = AtomicBool::new(false);
         let mut after = String::new();
         loop {
             let from = after.clone();
@@ -715,10 +877,14 @@ impl ChatService {
                     .await?;
             }
             let to = target.name().to_owned();
+            let cancelled = &cancelled;
             let mut moves = futures_util::stream::iter(live)
                 .map(|chat| {
                     let to = to.clone();
                     async move {
+                        if cancelled.load(Ordering::Relaxed) {
+                            return (chat, Ok(None));
+                        }
                         // Chat moves start one pause apart, the pause paced
                         // by the source's p99 against the range's baseline.
                         // Under the fence new chats wait: no pause.
@@ -729,14 +895,15 @@ impl ChatService {
                             tokio::time::sleep(pause).await;
                         }
                         let outcome = self.move_and_wait(&chat, &to, walk.baseline).await;
-                        (chat, outcome)
+                        (chat, outcome.map(Some))
                     }
                 })
                 .buffer_unordered(self.move_settings.concurrent_chats.max(1));
             while let Some((chat, outcome)) = moves.next().await {
                 match outcome {
-                    Ok(true) => tally.moved += 1,
-                    Ok(false) => {
+                    Ok(None) => {}
+                    Ok(Some(true)) => tally.moved += 1,
+                    Ok(Some(false)) => {
                         failed.push((chat.to_string(), "a move of it is running".to_owned()))
                     }
                     Err(why) => failed.push((chat.to_string(), why)),
@@ -745,6 +912,14 @@ impl ChatService {
                     self.renew_fence(source, id, ms).await?;
                 }
                 self.progress(id, phase, tally).await;
+                // A cancel lets the chat moves under way end (a move cut
+                // short would wait for its lease) and starts no more.
+                if !cancelled.load(Ordering::Relaxed) && self.cancel_asked(id).await {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(RangeStop::Cancelled);
             }
             if let Some(ms) = fenced {
                 self.renew_fence(source, id, ms).await?;
@@ -761,6 +936,18 @@ impl ChatService {
             })
             .await?;
         if held { Ok(()) } else { Err(RangeStop::Lapsed) }
+    }
+
+    /// Whether a cancel was asked for (a record that cannot be read is not
+    /// a cancel: the move goes on).
+    async fn cancel_asked(&self, id: u64) -> bool {
+        let asked = self
+            .coordinator()
+            .read(None, "bucket_move_cancelled", move |conn| {
+                Box::pin(async move { Ok(buckets::cancel_requested(conn, id).await?) })
+            })
+            .await;
+        matches!(asked, Ok(true))
     }
 
     async fn progress(&self, id: u64, phase: &'static str, tally: &Tally) {

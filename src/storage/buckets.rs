@@ -233,12 +233,14 @@ pub struct BucketMoveRow {
     pub chats_moved: u64,
     pub version: Option<u64>,
     pub error: Option<String>,
+    /// 1 once a cancel was asked for (`DELETE /v1/admin/bucket-moves/{id}`).
+    pub cancel_requested: u8,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
 }
 
 const SELECT_MOVE: &str = "SELECT id, first_bucket, last_bucket, source, target, phase, chats_total, chats_moved, \
-     version, error, created_at, updated_at FROM bucket_move";
+     version, error, cancel_requested, created_at, updated_at FROM bucket_move";
 
 /// Records a new range move; a unique violation means one is running.
 pub async fn insert_move(
@@ -296,6 +298,48 @@ pub async fn set_progress(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Asks a running range move to stop: only before its flip began
+/// (`requested`, `copying`, `fenced`); whether the request was recorded now.
+pub async fn request_cancel(
+    conn: &mut MySqlConnection,
+    id: u64,
+    now: NaiveDateTime,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE bucket_move SET cancel_requested = 1, updated_at = ? \
+         WHERE id = ? AND active = 1 AND cancel_requested = 0 \
+         AND phase IN ('requested', 'copying', 'fenced')",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether a cancel was asked for (`false` when the record cannot be found).
+pub async fn cancel_requested(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<bool> {
+    super::moves::cancel_flag(conn, "bucket_move", id).await
+}
+
+/// Marks a range move `flipping` unless a cancel came first (`false`): from
+/// here a cancel is refused, until the flip is done or the move fences again.
+pub async fn begin_flip(
+    conn: &mut MySqlConnection,
+    id: u64,
+    now: NaiveDateTime,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE bucket_move SET phase = 'flipping', updated_at = ? \
+         WHERE id = ? AND active = 1 AND cancel_requested = 0",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Renews a running range move's lease (its record's `updated_at`).

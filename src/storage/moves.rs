@@ -575,11 +575,22 @@ pub async fn set_phase(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    let cancel: Option<u8> =
-        sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE id = ?")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?;
+    cancel_flag(conn, "chat_move", id).await
+}
+
+/// Whether the move `id` of `table` (`chat_move` or `bucket_move`) has a
+/// cancel asked for (`false` when the record cannot be found).
+pub(crate) async fn cancel_flag(
+    conn: &mut MySqlConnection,
+    table: &'static str,
+    id: u64,
+) -> sqlx::Result<bool> {
+    let cancel: Option<u8> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT cancel_requested FROM {table} WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
     Ok(cancel.unwrap_or(0) != 0)
 }
 
