@@ -844,25 +844,49 @@ fn kill_cli_when(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
-    // The instance that takes the dead mover's move over.
+/// Waits for the instance to take the dead mover's move over and roll it
+/// back; then the chat is whole on its shard (3,001 members == rows, the
+/// last one joined after the roll-back).
+async fn rolled_back_and_whole(app: &TestApp, chat: &str, home: usize) {
+    let ended = ended_move_of(app, chat).await;
+    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert_eq!(app.join(chat, "after").await.status(), StatusCode::CREATED);
+    assert_eq!(app.shard_of(chat).await, home);
+    let mut old = app.db(home).await;
+    common::assert_chat_consistent(&mut old, chat).await;
+    assert_eq!(common::count_and_rows(&mut old, chat).await, (3001, 3001));
+}
+
+/// The instance that takes a dead mover's move over (a 1 s lease, fenced
+/// writes held for `hold_writes_ms`), and a chat on it with 3,000 members:
+/// enough revisions for a copy in small batches to take a while. The chat,
+/// its shard and the next one.
+async fn chat_for_a_killed_mover(
+    prefix: &str,
+    hold_writes_ms: u64,
+) -> (TestApp, String, usize, usize) {
     let app = TestApp::spawn_with(|s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.lease_ms = 1000;
         s.moves.fence_ms = 500;
+        s.moves.hold_writes_ms = hold_writes_ms;
         s.join_throttle.enabled = false;
     })
     .await;
-    let chat = crate::helpers::unique("killed");
+    let chat = crate::helpers::unique(prefix);
     let r = app
         .put_chat(&chat, Some(json!({"maxMembers": 100000})))
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    // Enough revisions for the copy to take a while in small batches.
     fill(&app, &chat, 30, 100).await;
     let home = app.shard_of(&chat).await;
     let target = (home + 1) % app.settings.shards.len();
+    (app, chat, home, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
+    let (app, chat, home, target) = chat_for_a_killed_mover("killed", 800).await;
     let mut settings = settings();
     settings.moves.batch_revisions = 50;
     settings.moves.pause_ms = 20;
@@ -875,19 +899,47 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
 
     // The instance takes the abandoned move over and rolls it back: the
     // chat goes on where it was, whole, and takes writes.
-    let ended = ended_move_of(&app, &chat).await;
-    assert_eq!(ended["phase"], "rolled_back", "{ended}");
-    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
-    assert_eq!(app.shard_of(&chat).await, home);
-    let mut old = app.db(home).await;
-    common::assert_chat_consistent(&mut old, &chat).await;
-    assert_eq!(common::count_and_rows(&mut old, &chat).await, (3001, 3001));
+    rolled_back_and_whole(&app, &chat, home).await;
     // And it can move again, to the end this time.
     let moved = move_to_end(&app, &chat, &app.settings.shards[target].name).await;
     assert_eq!(moved["phase"], "done", "{moved}");
     let mut new = app.db(target).await;
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_while_fenced_leaves_the_chat_whole_and_writable() {
+    // A fenced write is answered at once.
+    let (app, chat, home, target) = chat_for_a_killed_mover("fencekill", 0).await;
+    let target_name = app.settings.shards[target].name.clone();
+    // The mover fences at once and copies the whole log under its fence in
+    // small batches (a long fenced phase); the fence outlasts the copy.
+    let mut settings = settings();
+    settings.moves.fence_lag = 1_000_000;
+    settings.moves.batch_revisions = 10;
+    settings.moves.fence_ms = 30_000;
+    settings.moves.lease_ms = 60_000;
+    kill_cli_when(
+        &settings,
+        &["move-chat", &chat, "--to", &target_name],
+        |line| line.contains("fenced"),
+    );
+    // Killed inside its fence: the chat's writes are refused, not lost.
+    let r = app.join(&chat, "while-fenced").await;
+    crate::helpers::assert_problem(r, 503, "chat_moving").await;
+
+    // The instance takes the move over once its lease ran out: not
+    // switched, so it is rolled back, the fence lifted and the copy dropped.
+    rolled_back_and_whole(&app, &chat, home).await;
+    let mut new = app.db(target).await;
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("target rows");
+    assert_eq!(left, 0, "the half-made copy is dropped");
     app.shut_down().await;
 }
 
