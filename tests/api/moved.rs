@@ -948,9 +948,12 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
     let app = std::sync::Arc::new(
         TestApp::spawn_with(|s| {
             s.admin.token = TOKEN.to_owned();
-            // A slow copy: 20 revisions per batch, 50 ms apart.
+            // A slow copy: 20 revisions per batch, 50 ms apart, paced
+            // until it is within 10 revisions (the default 500 would fence
+            // after one batch, and copy the rest under the fence unpaced).
             s.moves.batch_revisions = 20;
             s.moves.pause_ms = 50;
+            s.moves.fence_lag = 10;
             s.join_throttle.enabled = false;
         })
         .await,
@@ -1546,10 +1549,38 @@ async fn a_bucket_range_moves_to_a_new_shard_online_and_every_instance_follows()
     sleeper.shut_down().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_end() {
-    let base = range_settings("bucketkill").await;
-    // The instance that takes the dead mover's range move over.
+/// Waits for range move `id` to end `cancelled` with every chat back: the
+/// table still at version 1, and each of `chats` (5 members) whole on the
+/// first shard, taking a join there. The move.
+async fn cancelled_and_back(app: &TestApp, id: u64, chats: &[String]) -> Value {
+    let ended = wait_bucket_move(app, id).await;
+    assert_eq!(ended["phase"], "cancelled", "{ended}");
+    assert!(
+        ended.get("error").is_none(),
+        "every chat came back: {ended}"
+    );
+    assert_eq!(app.admin_get("/v1/admin/buckets").await["version"], 1);
+    let mut db = app.db(0).await;
+    for chat in chats {
+        assert_eq!(app.shard_of(chat).await, 0, "{chat}");
+        let (_, moved_to, joined) = row_on(&mut db, chat).await.expect("row on the source");
+        assert_eq!((moved_to, joined), (None, 5), "{chat}");
+        common::assert_chat_consistent(&mut db, chat).await;
+        assert_eq!(app.join(chat, "after").await.status(), StatusCode::CREATED);
+        assert_eq!(common::count_and_rows(&mut db, chat).await, (6, 6));
+    }
+    ended
+}
+
+/// A range move of `256-511` to the third shard, run by a `chatshard
+/// move-buckets` process (slow chat moves, one at a time) that is SIGKILLed
+/// once it moved `moved` chats; the instance that takes it over (1 s lease).
+async fn range_move_killed_after(
+    tag: &str,
+    moved: u64,
+    fill: (usize, usize),
+) -> (TestApp, Vec<String>, String) {
+    let base = range_settings(tag).await;
     let app = TestApp::spawn_on(base.clone(), |s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.lease_ms = 1000;
@@ -1557,30 +1588,50 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
         s.moves.map_poll_ms = 100;
     })
     .await;
-    let chats = range_chats(&app, "bk", 8, (4, 10)).await;
+    let chats = range_chats(&app, tag, 8, fill).await;
     let mut settings = base.clone();
-    // Slow chat moves, one at a time: the kill lands inside the range move.
     settings.moves.batch_revisions = 5;
     settings.moves.pause_ms = 30;
     settings.moves.concurrent_chats = 1;
     settings.moves.lease_ms = 1000;
     settings.moves.fence_ms = 500;
     let new = base.shards[2].name.clone();
-    // Killed once it moved a chat of the range.
     kill_cli_when(
         &settings,
         &["move-buckets", "256-511", "--to", &new],
         |line| {
             // "  copying (N of M chat(s) moved)", or "fenced (...", N at
-            // least 1: the range move is under way.
+            // least `moved`: the range move is under way.
             let line = line.trim_start();
             line.strip_prefix("copying (")
                 .or_else(|| line.strip_prefix("fenced ("))
                 .and_then(|rest| rest.split(' ').next())
                 .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n >= 1)
+                .is_some_and(|n| n >= moved)
         },
     );
+    (app, chats, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_range_move_whose_mover_died_is_rolled_back_by_another_instance() {
+    let (app, chats, _) = range_move_killed_after("bucketcancelkill", 2, (1, 5)).await;
+    // The cancel reaches the dead mover's record; the instance that takes
+    // the move over finds it and moves the chats back.
+    let r = app
+        .admin(Method::DELETE, "/v1/admin/bucket-moves/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    cancelled_and_back(&app, 1, &chats).await;
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_end() {
+    // Killed once it moved a chat of the range.
+    let (app, chats, new) = range_move_killed_after("bucketkill", 1, (4, 10)).await;
 
     // The instance takes the range move over and runs it to its end.
     let ended = wait_bucket_move(&app, 1).await;
@@ -1712,25 +1763,8 @@ async fn a_range_move_cancelled_midway_moves_its_chats_back_and_the_table_stays(
         again.status()
     );
 
-    let ended = wait_bucket_move(&app, id).await;
-    assert_eq!(ended["phase"], "cancelled", "{ended}");
-    assert!(
-        ended.get("error").is_none(),
-        "every chat came back: {ended}"
-    );
+    let ended = cancelled_and_back(&app, id, &chats).await;
     assert!(ended["chatsMoved"].as_u64() < Some(12), "{ended}");
-    // The table did not change, and every chat is whole on its source,
-    // taking writes there.
-    assert_eq!(app.admin_get("/v1/admin/buckets").await["version"], 1);
-    let mut db = app.db(0).await;
-    for chat in &chats {
-        assert_eq!(app.shard_of(chat).await, 0, "{chat}");
-        let (_, moved_to, joined) = row_on(&mut db, chat).await.expect("row on the source");
-        assert_eq!((moved_to, joined), (None, 5), "{chat}");
-        common::assert_chat_consistent(&mut db, chat).await;
-        assert_eq!(app.join(chat, "after").await.status(), StatusCode::CREATED);
-        assert_eq!(common::count_and_rows(&mut db, chat).await, (6, 6));
-    }
     // An ended move cannot be cancelled; an unknown one is not found.
     let r = app.admin(Method::DELETE, &path).send().await.unwrap();
     crate::helpers::assert_problem(r, 409, "move_refused").await;
