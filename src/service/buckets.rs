@@ -643,8 +643,10 @@ impl ChatService {
     }
 
     /// A cancelled range move's roll-back: every chat of the range that the
-    /// source's marker says is on the target is moved back, a few at a time
-    /// and paced like the move, in passes until none is left. What is found
+    /// source's marker says is on the target is moved back,
+    /// `moves.concurrent_chats` at a time, each copy paced against the
+    /// target's p99 (the shard the chats now leave), in passes until none
+    /// is left. What is found
     /// from the source's rows, so an instance that takes the roll-back over
     /// finds the same. A description of the chats left on the target, if
     /// any could not be moved back.
@@ -662,7 +664,7 @@ impl ChatService {
             ..Progress::default()
         };
         self.record_range(id, cancelling.clone()).await;
-        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
+        let baseline = target.recent_latency(0.99, Duration::from_secs(10));
         let mut left = Vec::new();
         for pass in 1..=PASSES {
             left.clear();
