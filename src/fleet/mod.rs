@@ -54,17 +54,17 @@ use crate::shard::Breaker;
 use crate::throttle::Throttle;
 use crate::throttle::join::JoinDecision;
 
-/// Registers the instance and returns the live ones: `KEYS` the registry and
-/// the info hash; `ARGV` id, ttl (ms), info JSON.
 /// Tries of a failed publish after the first, while Redis counts as up, and
 /// the pause before the first of them (tripled before each next one): about
 /// 0.6 s in all, the time a cluster client takes to reconnect to a node.
 const PUBLISH_RETRIES: u32 = 3;
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Heartbeats after Redis came back before every channel is subscribed once
 /// more ([`Fleet::resubscribe_when_due`]).
 const RESUBSCRIBE_AFTER_HEARTBEATS: u64 = 3;
-const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Registers the instance and returns the live ones: `KEYS` the registry and
+/// the info hash; `ARGV` id, ttl (ms), info JSON.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -191,7 +191,7 @@ pub struct Fleet {
     /// Chat channels Redis confirmed.
     subscribed: AtomicU64,
     /// Heartbeats left before the channels are subscribed once more after
-    /// Redis came back (see [`Fleet::answered`]).
+    /// Redis came back (see [`Fleet::resubscribe_when_due`]).
     resubscribe_in: AtomicU64,
     leases: leases::Leases,
     gcra: redis::Script,

@@ -736,12 +736,15 @@ pub async fn get_bucket_move(
         Ok(n) => state.service.get_bucket_move(n).await,
         Err(_) => None,
     };
-    found.map(Json).ok_or_else(|| {
-        Problem::new(
-            Code::NotFound,
-            format!("no bucket-range move has the id {id:?}"),
-        )
-    })
+    found.map(Json).ok_or_else(|| no_bucket_move(&id))
+}
+
+/// 404 for a range move id that names none.
+fn no_bucket_move(id: &str) -> Problem {
+    Problem::new(
+        Code::NotFound,
+        format!("no bucket-range move has the id {id:?}"),
+    )
 }
 
 /// Cancels a bucket-range move before its flip: the chat moves under way
@@ -772,12 +775,7 @@ pub async fn cancel_bucket_move(
     ),
     Problem,
 > {
-    let n = id.parse::<u64>().map_err(|_| {
-        Problem::new(
-            Code::NotFound,
-            format!("no bucket-range move has the id {id:?}"),
-        )
-    })?;
+    let n = id.parse::<u64>().map_err(|_| no_bucket_move(&id))?;
     let view = state.service.cancel_bucket_move(n).await?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
 }

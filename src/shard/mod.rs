@@ -538,7 +538,6 @@ impl Shard {
     }
 }
 
-/// Removes a connection from the pool; dropping it closes the socket.
 /// A connection taken from the pool for one operation. Unless the operation
 /// ended in a state the connection can be reused from ([`InUse::release`]),
 /// dropping it closes the connection instead of returning it: an operation
