@@ -314,8 +314,9 @@ pub struct MovesSettings {
     /// A pause between two copy or clean-up batches.
     pub pause_ms: u64,
     /// The copy slows down (its pause doubles, up to `max_pause_ms`) while the
-    /// p99 latency of the source's other calls is above this many times
-    /// what it was before the copy started; 0 turns that off.
+    /// p99 latency of the source's calls, or of this instance's requests of
+    /// the source's other chats, is above this many times what it was before
+    /// the copy started; 0 turns that off.
     pub max_p99_ratio: f64,
     /// The longest pause the p99 throttle lets the copy take between batches
     /// (cut to a quarter of `lease_ms`, so a paused copy keeps its lease).

@@ -16,7 +16,17 @@ pub const BUCKETS: u16 = 1024;
 
 /// The bucket of a chat id, in `0..BUCKETS`.
 pub fn bucket_of(chat: &ChatId) -> u16 {
-    (xxhash_rust::xxh3::xxh3_64(chat.as_str().as_bytes()) % u64::from(BUCKETS)) as u16
+    bucket_of_key(chat_key(chat))
+}
+
+/// The chat's routing hash: its bucket is [`bucket_of_key`] of it.
+pub fn chat_key(chat: &ChatId) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(chat.as_str().as_bytes())
+}
+
+/// The bucket of a chat's key.
+pub fn bucket_of_key(key: u64) -> u16 {
+    (key % u64::from(BUCKETS)) as u16
 }
 
 /// An index into the configured shard list.

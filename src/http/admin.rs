@@ -83,6 +83,15 @@ pub struct RecentView {
     /// Failed calls / calls (counted failures, read-only, contention and
     /// database errors).
     pub failure_rate: f64,
+    /// The p99 of those calls in milliseconds, a move's own calls left out
+    /// (null without calls).
+    pub call_p99_ms: Option<f64>,
+    /// Requests of the shard's chats this instance answered (streams and
+    /// long-polls not counted).
+    pub requests: u64,
+    /// Their p99 in milliseconds, from arrival to answer (null without
+    /// requests). A move's pacer watches this and `callP99Ms`.
+    pub request_p99_ms: Option<f64>,
 }
 
 /// The last failure seen on a shard, with its cause chain.
@@ -158,6 +167,9 @@ impl From<ShardStatus> for ShardView {
                 window_secs: RECENT_SECS,
                 calls: s.recent_calls,
                 failure_rate: s.recent_failure_rate,
+                call_p99_ms: s.recent_call_p99.map(|d| d.as_secs_f64() * 1e3),
+                requests: s.recent_requests,
+                request_p99_ms: s.recent_request_p99.map(|d| d.as_secs_f64() * 1e3),
             },
             last_error: s
                 .last_failure

@@ -241,10 +241,14 @@ async fn raw_params<S: Send + Sync>(
 
 /// Puts the chat (hashed unless configured raw) and the shard it routes to on
 /// the request's server span, before anything can refuse the request.
-fn record_chat<S>(state: &S, chat: &ChatId)
+/// It also tells the request's timing which chat it was for.
+fn record_chat<S>(state: &S, parts: &Parts, chat: &ChatId)
 where
     AppState: FromRef<S>,
 {
+    if let Some(slot) = parts.extensions.get::<super::trace::RequestChat>() {
+        let _ = slot.0.set(chat.clone());
+    }
     let state = AppState::from_ref(state);
     let span = tracing::Span::current();
     span.record(
@@ -267,7 +271,7 @@ where
         let params = raw_params(parts, state).await?;
         let chat =
             ChatId::parse(path_param(&params, "chatId")?).map_err(|e| Problem::invalid(e.0))?;
-        record_chat(state, &chat);
+        record_chat(state, parts, &chat);
         Ok(Self(chat))
     }
 }
@@ -282,7 +286,7 @@ where
         let params = raw_params(parts, state).await?;
         let chat =
             ChatId::parse(path_param(&params, "chatId")?).map_err(|e| Problem::invalid(e.0))?;
-        record_chat(state, &chat);
+        record_chat(state, parts, &chat);
         let user =
             UserId::parse(path_param(&params, "userId")?).map_err(|e| Problem::invalid(e.0))?;
         Ok(Self(chat, user))

@@ -8,6 +8,7 @@
 //! carries it. With export off and no caller trace, the id is random: it still
 //! ties the response to the request's log lines.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -25,7 +26,15 @@ use super::AppState;
 use super::problem::{Code, Problem};
 use axum::response::IntoResponse as _;
 
-pub async fn trace_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The chat of a request, set by the extractor that reads it from the path.
+#[derive(Clone, Default)]
+pub struct RequestChat(pub Arc<std::sync::OnceLock<crate::domain::ChatId>>);
+
+pub async fn trace_request(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -60,6 +69,15 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
     };
     span.record("trace_id", trace_id.as_str());
     let started = Instant::now();
+    // A short request of one chat is timed for its shard (a move's pacer
+    // watches it); a stream or a long-poll waits by design, so it is not.
+    let timed = (route.starts_with("/v1/chats/")
+        && !route.ends_with("/stream")
+        && !req.uri().query().is_some_and(|q| q.contains("waitMs=")))
+    .then(RequestChat::default);
+    if let Some(slot) = &timed {
+        req.extensions_mut().insert(slot.clone());
+    }
     let mut response = if too_long(&req, state.http.max_uri_bytes) {
         let _in_span = span.enter();
         Problem::new(
@@ -78,9 +96,13 @@ pub async fn trace_request(State(state): State<AppState>, req: Request, next: Ne
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
+    let took = started.elapsed();
     state
         .metrics
-        .record_http(started.elapsed().as_secs_f64(), route, &method, status);
+        .record_http(took.as_secs_f64(), route, &method, status);
+    if let Some(chat) = timed.as_ref().and_then(|slot| slot.0.get()) {
+        state.service.record_request(chat, took);
+    }
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
         headers.insert("x-request-id", v);

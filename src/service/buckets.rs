@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use sqlx::Connection;
 
-use super::moves::{PACER_WINDOW, Pacer};
+use super::moves::{Pacer, Watch};
 use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
 use crate::routing::{BucketMap, BucketRange, bucket_of};
@@ -128,8 +128,8 @@ impl From<crate::shard::ShardError> for RangeStop {
 struct Walk<'a> {
     id: u64,
     range: BucketRange,
-    /// The source's p99 before the range move began.
-    baseline: Option<(Duration, u64)>,
+    /// The source, its other chats left out of the range.
+    watch: Watch,
     pacer: &'a tokio::sync::Mutex<Pacer>,
 }
 
@@ -495,14 +495,19 @@ impl ChatService {
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         tally: &mut Tally,
     ) -> Result<u64, RangeStop> {
-        // The source's p99 before the range move: what every chat's copy,
-        // and the start of every chat move, is paced against.
-        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
-        let pacer = tokio::sync::Mutex::new(Pacer::new(baseline, &self.move_settings));
+        // The source's p99s before the range move (its calls, and this
+        // instance's requests of its chats outside the range): what every
+        // chat's copy, and the start of every chat move, is paced against.
+        let watch = Watch::buckets(source, range);
+        let pacer = tokio::sync::Mutex::new(Pacer::watching(
+            watch.clone(),
+            watch.baseline(),
+            &self.move_settings,
+        ));
         let walk = Walk {
             id,
             range,
-            baseline,
+            watch,
             pacer: &pacer,
         };
         // Taken over after its flip: only the telling is left.
@@ -664,7 +669,8 @@ impl ChatService {
             ..Progress::default()
         };
         self.record_range(id, cancelling.clone()).await;
-        let baseline = target.recent_latency(0.99, Duration::from_secs(10));
+        let watch = Watch::buckets(target, range);
+        let baseline = watch.baseline();
         let mut left = Vec::new();
         for pass in 1..=PASSES {
             left.clear();
@@ -696,9 +702,9 @@ impl ChatService {
                 let home = source.name().to_owned();
                 let mut back = futures_util::stream::iter(there)
                     .map(|chat| {
-                        let home = home.clone();
+                        let (home, watch) = (home.clone(), &watch);
                         async move {
-                            let outcome = self.move_and_wait(&chat, &home, baseline).await;
+                            let outcome = self.move_and_wait(&chat, &home, (watch, baseline)).await;
                             (chat, outcome)
                         }
                     })
@@ -888,15 +894,20 @@ impl ChatService {
                             return (chat, Ok(None));
                         }
                         // Chat moves start one pause apart, the pause paced
-                        // by the source's p99 against the range's baseline.
+                        // by the source's p99s against the range's baseline,
+                        // which each chat's copy is paced against too.
                         // Under the fence new chats wait: no pause.
-                        if fenced.is_none() {
+                        let baseline = {
                             let mut pacer = walk.pacer.lock().await;
-                            let recent = source.recent_latency(0.99, PACER_WINDOW);
-                            let pause = pacer.next(recent, &self.move_settings, 0);
-                            tokio::time::sleep(pause).await;
-                        }
-                        let outcome = self.move_and_wait(&chat, &to, walk.baseline).await;
+                            if fenced.is_none() {
+                                let pause = pacer.pace(&self.move_settings, 0);
+                                tokio::time::sleep(pause).await;
+                            }
+                            pacer.baseline()
+                        };
+                        let outcome = self
+                            .move_and_wait(&chat, &to, (&walk.watch, baseline))
+                            .await;
                         (chat, outcome.map(Some))
                     }
                 })

@@ -140,6 +140,13 @@ impl ChatService {
         self.shards.for_chat(chat)
     }
 
+    /// Counts one request of `chat` on its shard, from its arrival to its
+    /// answer (see [`Shard::request_latency`]).
+    pub fn record_request(&self, chat: &ChatId, took: std::time::Duration) {
+        self.shard(chat)
+            .record_request(crate::routing::chat_key(chat), took);
+    }
+
     /// Creates a chat, or returns the existing one. A given `max_members` is
     /// applied to an existing chat too (PUT sets the value).
     pub async fn create_chat(

@@ -23,6 +23,7 @@ use sqlx::Connection;
 
 use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
+use crate::routing::BucketRange;
 use crate::shard::{OpError, Shard};
 use crate::storage::moves::{self, CleanTable, Digest, LogRow};
 
@@ -91,17 +92,99 @@ const STALLED_ROUNDS: u32 = 3;
 /// The throttle halves the copy's batch down to this share of
 /// `moves.batch_revisions`.
 const PACER_MIN_BATCH_SHARE: u32 = 8;
+/// Pauses at `max_pause` adding up to this long, the others still slow: the
+/// move is not what slows them, and what they see becomes the baseline (see
+/// [`Pacer::next`]). Two p99 windows: the last holds no batch of the move's
+/// beyond one longest pause apart.
+const PACER_HELD: Duration = Duration::from_secs(4);
+
+/// What a move's pacer watches on a shard, leaving out what the move moves.
+///
+/// Two p99s: the shard's calls as chatshard makes them (a move's own
+/// `move_*` calls not counted), and this instance's requests of the shard's
+/// other chats, from arrival to answer. The second also feels what the
+/// shard's calls do not: the instance's and the machine's load, which a
+/// move adds to when the shards share a host.
+#[derive(Debug, Clone)]
+pub(super) struct Watch {
+    shard: Arc<Shard>,
+    moving: Moving,
+}
+
+/// The chats a move moves, left out of what its pacer watches.
+#[derive(Debug, Clone, Copy)]
+enum Moving {
+    /// One chat, by its key ([`crate::routing::chat_key`]).
+    Chat(u64),
+    Buckets(BucketRange),
+}
+
+impl Moving {
+    fn covers(self, key: u64) -> bool {
+        match self {
+            Self::Chat(chat) => key == chat,
+            Self::Buckets(range) => {
+                let b = crate::routing::bucket_of_key(key);
+                b >= range.first && b <= range.last
+            }
+        }
+    }
+}
+
+impl Watch {
+    /// A move of `chat` from `shard`.
+    pub(super) fn chat(shard: &Arc<Shard>, chat: &ChatId) -> Self {
+        Self {
+            shard: shard.clone(),
+            moving: Moving::Chat(crate::routing::chat_key(chat)),
+        }
+    }
+
+    /// A move of every chat of `range` from `shard`.
+    pub(super) fn buckets(shard: &Arc<Shard>, range: BucketRange) -> Self {
+        Self {
+            shard: shard.clone(),
+            moving: Moving::Buckets(range),
+        }
+    }
+
+    /// Both p99s over the last `window`.
+    pub(super) fn now(&self, window: Duration) -> Signals {
+        let moving = self.moving;
+        Signals {
+            calls: self.shard.recent_latency(0.99, window),
+            requests: self
+                .shard
+                .request_latency(0.99, window, |key| !moving.covers(key)),
+        }
+    }
+
+    /// Both p99s over the last 10 s: a move's baseline.
+    pub(super) fn baseline(&self) -> Signals {
+        self.now(Duration::from_secs(10))
+    }
+}
+
+/// A p99 of the shard's calls and one of its other chats' requests, each
+/// with the number it comes from (`None`: nothing seen).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Signals {
+    pub calls: Option<(Duration, u64)>,
+    pub requests: Option<(Duration, u64)>,
+}
 
 /// Paces a move's work on its source (the copy, then the clean-up): while
-/// the source's other calls see a p99 above `max_p99_ratio` times their p99
+/// either p99 its [`Watch`] sees is above `max_p99_ratio` times its value
 /// before the move, the pause after each batch doubles (up to `max_pause`)
-/// and the batch halves (down to an eighth); once they do not, both go back
-/// step by step. The copy also keeps under `revisions_per_second`.
+/// and the batch halves (down to an eighth); once neither is, both go back
+/// step by step. Held at `max_pause` for [`PACER_HELD`] with the others
+/// still slow, it takes what they see as its new baseline. The copy also
+/// keeps under `revisions_per_second`.
 pub(super) struct Pacer {
-    /// The p99 of the source's calls before the copy (`None`: too few calls
-    /// to tell, or the throttle gave way so the copy converges; then only
-    /// the cap and `pause` apply).
-    baseline: Option<Duration>,
+    watch: Option<Watch>,
+    /// Each p99 before the copy (`None`: too few to tell, or the throttle
+    /// gave way so the copy converges; then only the cap and `pause` apply).
+    baseline: [Option<Duration>; 2],
     pause: Duration,
     /// Revisions per copy batch now.
     batch: u32,
@@ -109,44 +192,112 @@ pub(super) struct Pacer {
     copied: u64,
     /// Time spent in throttled pauses (beyond `pause`), for the log.
     throttled: Duration,
+    /// The pauses handed out in a row at `max_pause` while the others were
+    /// slow, added up.
+    held: Duration,
 }
 
 impl Pacer {
-    /// `before`: the source's p99 over the last 10 s and its number of calls.
-    pub(super) fn new(before: Option<(Duration, u64)>, settings: &MoveSettings) -> Self {
-        let baseline = before
-            .filter(|(_, calls)| *calls >= PACER_MIN_CALLS)
-            .map(|(p99, _)| p99.max(PACER_FLOOR));
+    /// Paced against what `watch` sees now and saw before (`before`).
+    pub(super) fn watching(watch: Watch, before: Signals, settings: &MoveSettings) -> Self {
+        Self {
+            watch: Some(watch),
+            ..Self::new(before, settings)
+        }
+    }
+
+    /// Paced against `before`, with the p99s of each step given to
+    /// [`Self::next`].
+    pub(super) fn new(before: Signals, settings: &MoveSettings) -> Self {
+        let trusted = |s: Option<(Duration, u64)>| {
+            s.filter(|(_, n)| *n >= PACER_MIN_CALLS)
+                .map(|(p99, _)| p99.max(PACER_FLOOR))
+        };
+        let baseline = [trusted(before.calls), trusted(before.requests)];
         tracing::info!(
-            baseline_p99_ms = baseline.map(|b| b.as_secs_f64() * 1e3),
+            calls_p99_ms = baseline[0].map(|b| b.as_secs_f64() * 1e3),
+            requests_p99_ms = baseline[1].map(|b| b.as_secs_f64() * 1e3),
             "a move's copy starts"
         );
         Self {
+            watch: None,
             baseline,
             pause: settings.pause,
             batch: settings.batch,
             started: std::time::Instant::now(),
             copied: 0,
             throttled: Duration::ZERO,
+            held: Duration::ZERO,
         }
     }
 
-    /// The pause after a batch of `revisions`; `recent`: the source's p99
-    /// over [`PACER_WINDOW`] and its number of calls.
+    /// The p99s paced against, as trusted signals (a range move hands its
+    /// baseline to each chat's copy).
+    pub(super) fn baseline(&self) -> Signals {
+        let signal = |b: Option<Duration>| b.map(|p99| (p99, PACER_MIN_CALLS));
+        Signals {
+            calls: signal(self.baseline[0]),
+            requests: signal(self.baseline[1]),
+        }
+    }
+
+    /// The pause after a batch of `revisions`, from what the watch sees now
+    /// (nothing without one).
+    pub(super) fn pace(&mut self, settings: &MoveSettings, revisions: u64) -> Duration {
+        let recent = self
+            .watch
+            .as_ref()
+            .map(|w| w.now(PACER_WINDOW))
+            .unwrap_or_default();
+        self.next(recent, settings, revisions)
+    }
+
+    /// The pause after a batch of `revisions`; `recent`: both p99s over
+    /// [`PACER_WINDOW`].
     pub(super) fn next(
         &mut self,
-        recent: Option<(Duration, u64)>,
+        recent: Signals,
         settings: &MoveSettings,
         revisions: u64,
     ) -> Duration {
         self.copied += revisions;
-        let hurt = match self.baseline {
-            Some(baseline) if settings.max_p99_ratio > 0.0 => recent.is_some_and(|(p99, calls)| {
-                calls >= PACER_MIN_CALLS
+        let over = |baseline: Option<Duration>, now: Option<(Duration, u64)>| match baseline {
+            Some(baseline) if settings.max_p99_ratio > 0.0 => now.is_some_and(|(p99, n)| {
+                n >= PACER_MIN_CALLS
                     && p99.as_secs_f64() > baseline.as_secs_f64() * settings.max_p99_ratio
             }),
             _ => false,
         };
+        let seen = [recent.calls, recent.requests];
+        let slow = [
+            over(self.baseline[0], seen[0]),
+            over(self.baseline[1], seen[1]),
+        ];
+        let mut hurt = slow.iter().any(|s| *s);
+        // Held at the longest pause for two windows and the others are still
+        // slow: the move, which has barely run, is not what slows them (a
+        // range's chats now served by another shard on the same host, other
+        // load). What they see now becomes the baseline, so the move is
+        // paced against its own cost from here on, not held at a crawl.
+        if hurt && self.pause >= settings.max_pause {
+            self.held += self.pause;
+            if self.held >= PACER_HELD {
+                for ((baseline, slow), seen) in self.baseline.iter_mut().zip(slow).zip(seen) {
+                    if let (true, Some((p99, _))) = (slow, seen) {
+                        *baseline = Some(p99.max(PACER_FLOOR));
+                    }
+                }
+                tracing::warn!(
+                    calls_p99_ms = self.baseline[0].map(|b| b.as_secs_f64() * 1e3),
+                    requests_p99_ms = self.baseline[1].map(|b| b.as_secs_f64() * 1e3),
+                    "the other chats stay slow while a move waits at its longest pause; what they see now is its new baseline"
+                );
+                self.held = Duration::ZERO;
+                hurt = false;
+            }
+        } else {
+            self.held = Duration::ZERO;
+        }
         let least = (settings.batch / PACER_MIN_BATCH_SHARE).max(1);
         (self.pause, self.batch) = if hurt {
             (
@@ -182,7 +333,10 @@ impl Pacer {
     /// the rest of the move, since a move that never converges holds its
     /// cost forever.
     fn give_way(&mut self, settings: &MoveSettings) {
-        if self.baseline.take().is_some() {
+        if std::mem::take(&mut self.baseline)
+            .iter()
+            .any(Option::is_some)
+        {
             tracing::warn!(
                 "a move's copy does not catch up while throttled; it goes on unthrottled"
             );
@@ -337,13 +491,14 @@ impl ChatService {
     /// Moves `chat` to `to` and waits for the end (a bucket-range move's
     /// step): `Ok(true)` when it moved, `Ok(false)` when it has a move
     /// running already (it is tried again later), and the reason otherwise.
-    /// `baseline`: the source's p99 the copy is paced against (a range
-    /// move's, taken before it began, rather than this chat's moment).
+    /// `paced`: what the copy is paced by, and against (a range move's
+    /// watch and its baseline from before it began, rather than this chat's
+    /// moment).
     pub(super) async fn move_and_wait(
         &self,
         chat: &ChatId,
         to: &str,
-        baseline: Option<(Duration, u64)>,
+        (watch, baseline): (&Watch, Signals),
     ) -> Result<bool, String> {
         let recorded = match self.record_move(chat, to, None).await {
             Ok(Some(recorded)) => recorded,
@@ -354,7 +509,7 @@ impl ChatService {
             recorded.id,
             chat.clone(),
             (recorded.source, recorded.target),
-            baseline,
+            Pacer::watching(watch.clone(), baseline, &self.move_settings),
         )
         .await
         .map(|()| true)
@@ -484,10 +639,8 @@ impl ChatService {
                 Ok(()) => {
                     self.record(source, row.id, "cleaning", row.copied_revision, None, false)
                         .await;
-                    let mut pacer = Pacer::new(
-                        source.recent_latency(0.99, Duration::from_secs(10)),
-                        &settings,
-                    );
+                    let watch = Watch::chat(source, &chat);
+                    let mut pacer = Pacer::watching(watch.clone(), watch.baseline(), &settings);
                     self.clean_source(&chat, source, &settings, Some(&mut pacer))
                         .await;
                     self.record(source, row.id, "done", row.copied_revision, None, true)
@@ -659,9 +812,9 @@ impl ChatService {
     ) -> Result<(), String> {
         // Paced so the source's other chats keep their p99, from the p99
         // they had before the move.
-        let baseline = source.recent_latency(0.99, Duration::from_secs(10));
-        self.drive_to_end(id, chat, (source, target), baseline)
-            .await
+        let watch = Watch::chat(&source, &chat);
+        let pacer = Pacer::watching(watch.clone(), watch.baseline(), &self.move_settings);
+        self.drive_to_end(id, chat, (source, target), pacer).await
     }
 
     async fn drive_to_end(
@@ -669,10 +822,9 @@ impl ChatService {
         id: u64,
         chat: ChatId,
         (source, target): (Arc<Shard>, Arc<Shard>),
-        baseline: Option<(Duration, u64)>,
+        mut pacer: Pacer,
     ) -> Result<(), String> {
         let settings = self.move_settings.clone();
-        let mut pacer = Pacer::new(baseline, &settings);
         let outcome = self
             .drive(id, &chat, (&source, &target), &settings, &mut pacer)
             .await;
@@ -910,8 +1062,7 @@ impl ChatService {
                 return Err(Stop::Cancelled);
             }
             if let Some(pacer) = pacer.as_deref_mut() {
-                let recent = source.recent_latency(0.99, PACER_WINDOW);
-                tokio::time::sleep(pacer.next(recent, settings, last - at)).await;
+                tokio::time::sleep(pacer.pace(settings, last - at)).await;
             }
         }
     }
@@ -973,10 +1124,7 @@ impl ChatService {
                 match deleted {
                     Ok(n) if n > 0 => {
                         let pause = match pacer.as_deref_mut() {
-                            Some(p) => {
-                                let recent = shard.recent_latency(0.99, PACER_WINDOW);
-                                p.next(recent, settings, 0)
-                            }
+                            Some(p) => p.pace(settings, 0),
                             None => settings.pause,
                         };
                         tokio::time::sleep(pause).await;
@@ -1061,13 +1209,16 @@ mod tests {
             revisions_per_second: 0,
             ..MoveSettings::default()
         };
-        let mut pacer = Pacer::new(Some((ms(4), 500)), &settings);
+        let mut pacer = Pacer::new(calls(Some((ms(4), 500))), &settings);
         // Within 1.2 × the baseline: the base pause.
-        assert_eq!(pacer.next(Some((ms(4), 500)), &settings, 1000), ms(5));
+        assert_eq!(
+            pacer.next(calls(Some((ms(4), 500))), &settings, 1000),
+            ms(5)
+        );
         // Above it: doubling up to the cap.
         let mut pauses = Vec::new();
         for _ in 0..10 {
-            pauses.push(pacer.next(Some((ms(6), 500)), &settings, 1000));
+            pauses.push(pacer.next(calls(Some((ms(6), 500))), &settings, 1000));
         }
         assert_eq!(pauses[..3], [ms(10), ms(20), ms(40)]);
         assert_eq!(*pauses.last().unwrap(), settings.max_pause);
@@ -1075,18 +1226,98 @@ mod tests {
         assert_eq!(pacer.batch, 125);
         assert_eq!(pacer.clean_batch(&settings), 125);
         // Too few calls to tell, then healthy again: halving back to the base.
-        assert_eq!(pacer.next(Some((ms(60), 10)), &settings, 1000), ms(500));
+        assert_eq!(
+            pacer.next(calls(Some((ms(60), 10))), &settings, 1000),
+            ms(500)
+        );
         let mut pause = ms(500);
         for _ in 0..10 {
-            pause = pacer.next(Some((ms(4), 500)), &settings, 1000);
+            pause = pacer.next(calls(Some((ms(4), 500))), &settings, 1000);
         }
         assert_eq!(pause, ms(5));
         assert_eq!(pacer.batch, 1000);
         // Giving way: the throttle is off for the rest of the move.
-        pacer.next(Some((ms(60), 500)), &settings, 1000);
+        pacer.next(calls(Some((ms(60), 500))), &settings, 1000);
         pacer.give_way(&settings);
         assert_eq!((pacer.pause, pacer.batch), (ms(5), 1000));
-        assert_eq!(pacer.next(Some((ms(60), 500)), &settings, 1000), ms(5));
+        assert_eq!(
+            pacer.next(calls(Some((ms(60), 500))), &settings, 1000),
+            ms(5)
+        );
+    }
+
+    /// Only the shard's calls seen.
+    fn calls(calls: Option<(Duration, u64)>) -> Signals {
+        Signals {
+            calls,
+            requests: None,
+        }
+    }
+
+    #[test]
+    fn the_other_chats_requests_slow_the_pacer_even_when_the_shards_calls_do_not() {
+        let settings = MoveSettings {
+            revisions_per_second: 0,
+            ..MoveSettings::default()
+        };
+        let seen = |calls: u64, requests: u64| Signals {
+            calls: Some((ms(calls), 500)),
+            requests: Some((ms(requests), 500)),
+        };
+        let mut pacer = Pacer::new(seen(4, 20), &settings);
+        assert_eq!(pacer.next(seen(4, 24), &settings, 1000), ms(5));
+        // The calls as before, the requests 1.5 times slower: it backs off.
+        assert_eq!(pacer.next(seen(4, 30), &settings, 1000), ms(10));
+        assert_eq!(pacer.next(seen(4, 30), &settings, 1000), ms(20));
+        // Both within their ratio: back.
+        assert_eq!(pacer.next(seen(4, 22), &settings, 1000), ms(10));
+        // Too few requests to trust (as the baseline) counts for nothing.
+        let mut pacer = Pacer::new(
+            Signals {
+                calls: Some((ms(4), 500)),
+                requests: Some((ms(20), 10)),
+            },
+            &settings,
+        );
+        assert_eq!(pacer.next(seen(4, 900), &settings, 1000), ms(5));
+    }
+
+    #[test]
+    fn held_at_its_longest_pause_with_the_others_still_slow_the_pacer_takes_a_new_baseline() {
+        let settings = MoveSettings {
+            revisions_per_second: 0,
+            ..MoveSettings::default()
+        };
+        let seen = |requests: u64| Signals {
+            calls: Some((ms(4), 500)),
+            requests: Some((ms(requests), 500)),
+        };
+        let mut pacer = Pacer::new(seen(10), &settings);
+        // The others twice as slow whatever the move does: the pause climbs
+        // to its longest, stays there for 4 s, then the slow p99 is the
+        // baseline and the pause comes down.
+        let pauses: Vec<Duration> = (0..12)
+            .map(|_| pacer.next(seen(20), &settings, 0))
+            .collect();
+        assert_eq!(
+            pauses,
+            [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000, 500].map(ms),
+            "{pauses:?}"
+        );
+        assert_eq!(pacer.baseline().requests, Some((ms(20), PACER_MIN_CALLS)));
+        assert_eq!(pacer.baseline().calls, Some((ms(4), PACER_MIN_CALLS)));
+        // Paced against the new baseline from here on.
+        assert_eq!(pacer.next(seen(23), &settings, 0), ms(250));
+        assert_eq!(pacer.next(seen(30), &settings, 0), ms(500));
+        // A p99 that comes back while held resets the count.
+        let mut pacer = Pacer::new(seen(10), &settings);
+        for _ in 0..10 {
+            pacer.next(seen(20), &settings, 0);
+        }
+        pacer.next(seen(10), &settings, 0);
+        let pauses: Vec<Duration> = (0..4).map(|_| pacer.next(seen(20), &settings, 0)).collect();
+        assert_eq!(pauses, [1000, 1000, 1000, 1000].map(ms), "{pauses:?}");
+        assert_eq!(pacer.baseline().requests, Some((ms(10), PACER_MIN_CALLS)));
     }
 
     #[test]
@@ -1095,24 +1326,24 @@ mod tests {
             revisions_per_second: 0,
             ..MoveSettings::default()
         };
-        let mut pacer = Pacer::new(Some((ms(4), 3)), &quiet);
-        assert_eq!(pacer.next(Some((ms(900), 900)), &quiet, 1000), ms(5));
+        let mut pacer = Pacer::new(calls(Some((ms(4), 3))), &quiet);
+        assert_eq!(pacer.next(calls(Some((ms(900), 900))), &quiet, 1000), ms(5));
         let off = MoveSettings {
             max_p99_ratio: 0.0,
             ..quiet.clone()
         };
-        let mut pacer = Pacer::new(Some((ms(4), 500)), &off);
-        assert_eq!(pacer.next(Some((ms(900), 900)), &off, 1000), ms(5));
+        let mut pacer = Pacer::new(calls(Some((ms(4), 500))), &off);
+        assert_eq!(pacer.next(calls(Some((ms(900), 900))), &off, 1000), ms(5));
         // A sub-millisecond baseline counts as 1 ms.
-        let mut pacer = Pacer::new(Some((Duration::from_micros(200), 500)), &quiet);
-        assert_eq!(pacer.next(Some((ms(1), 500)), &quiet, 1000), ms(5));
+        let mut pacer = Pacer::new(calls(Some((Duration::from_micros(200), 500))), &quiet);
+        assert_eq!(pacer.next(calls(Some((ms(1), 500))), &quiet, 1000), ms(5));
         // The cap: 10,000 revisions at 1,000/s are due in about 10 s.
         let capped = MoveSettings {
             revisions_per_second: 1000,
             ..quiet
         };
-        let mut pacer = Pacer::new(None, &capped);
-        let pause = pacer.next(None, &capped, 10_000);
+        let mut pacer = Pacer::new(calls(None), &capped);
+        let pause = pacer.next(calls(None), &capped, 10_000);
         assert!(
             pause > Duration::from_secs(9) && pause <= Duration::from_secs(10),
             "{pause:?}"

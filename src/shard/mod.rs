@@ -209,6 +209,25 @@ impl Shard {
         self.stats.recent_latency(q, window)
     }
 
+    /// Counts a request of one of the shard's chats (`chat`: its key,
+    /// [`crate::routing::chat_key`]), end to end: what a move's pacer watches
+    /// besides the shard's own calls.
+    pub fn record_request(&self, chat: u64, took: std::time::Duration) {
+        self.stats.record_request(chat, took);
+    }
+
+    /// The `q` quantile of this instance's requests of the shard's chats over
+    /// the last `window` (about 10 s at most are kept), leaving out the chats
+    /// whose key `keep` refuses, with the number of requests it comes from.
+    pub fn request_latency(
+        &self,
+        q: f64,
+        window: std::time::Duration,
+        keep: impl Fn(u64) -> bool,
+    ) -> Option<(std::time::Duration, u64)> {
+        self.stats.request_latency(q, window, keep)
+    }
+
     /// Everything the admin view and the metrics show of the shard, now.
     pub fn status(&self) -> ShardStatus {
         let pool = self.pool.status();
@@ -216,6 +235,9 @@ impl Shard {
         let admitted = (self.settings.max_concurrent + self.settings.max_waiting)
             - self.admission.available_permits();
         let (recent_calls, recent_failure_rate) = self.stats.recent();
+        let recent = std::time::Duration::from_secs(RECENT_SECS);
+        let call_p99 = self.stats.recent_latency(0.99, recent);
+        let requests = self.stats.request_latency(0.99, recent, |_| true);
         ShardStatus {
             name: self.name.clone(),
             address: self.address.clone(),
@@ -230,6 +252,9 @@ impl Shard {
             pool_idle: pool.available,
             recent_calls,
             recent_failure_rate,
+            recent_call_p99: call_p99.map(|(p99, _)| p99),
+            recent_requests: requests.map_or(0, |(_, n)| n),
+            recent_request_p99: requests.map(|(p99, _)| p99),
             last_failure: self.stats.last_failure(),
             rejected: self.stats.rejections(),
             innodb: *self.innodb.lock().unwrap_or_else(PoisonError::into_inner),

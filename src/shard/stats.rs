@@ -3,6 +3,7 @@
 //! read through one [`ShardStatus`] snapshot, so nothing outside `shard` reads
 //! its counters or its pool.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -48,6 +49,22 @@ fn class_bound(class: usize) -> Duration {
     Duration::from_secs_f64(((class + 1) as f64 / PER_OCTAVE).exp2() / 1e6)
 }
 
+/// The requests kept at most (the oldest go first): about 1 MiB a shard,
+/// 10 s of a shard at 6,500 requests a second.
+const MAX_REQUESTS: usize = 1 << 16;
+
+/// One request of a chat of the shard, end to end, as the instance answered
+/// it.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    /// Milliseconds since the stats' epoch (wrapping: only ages of seconds
+    /// are ever asked).
+    at_ms: u32,
+    micros: u32,
+    /// The chat's key (its routing hash), so a reader can leave chats out.
+    chat: u64,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Bucket {
     second: u64,
@@ -62,6 +79,7 @@ pub(crate) struct ShardStats {
     in_flight: AtomicUsize,
     buckets: Mutex<[Bucket; RECENT_SECS as usize]>,
     latencies: Mutex<Box<[Latencies; RECENT_SECS as usize]>>,
+    requests: Mutex<VecDeque<Request>>,
     last_failure: Mutex<Option<(DateTime<Utc>, String)>>,
     rejected_open: AtomicU64,
     rejected_busy: AtomicU64,
@@ -109,6 +127,11 @@ pub struct ShardStatus {
     /// Calls over the last [`RECENT_SECS`] seconds and the share that failed.
     pub recent_calls: u64,
     pub recent_failure_rate: f64,
+    /// The p99 of those calls (a move's own left out).
+    pub recent_call_p99: Option<Duration>,
+    /// Requests of the shard's chats over the same seconds, and their p99.
+    pub recent_requests: u64,
+    pub recent_request_p99: Option<Duration>,
     /// The last failure (counted by the breaker or not), with its cause chain.
     pub last_failure: Option<(DateTime<Utc>, String)>,
     pub rejected: Rejections,
@@ -123,6 +146,7 @@ impl Default for ShardStats {
             in_flight: AtomicUsize::new(0),
             buckets: Mutex::new([Bucket::default(); RECENT_SECS as usize]),
             latencies: Mutex::new(Box::new([Latencies::default(); RECENT_SECS as usize])),
+            requests: Mutex::new(VecDeque::new()),
             last_failure: Mutex::new(None),
             rejected_open: AtomicU64::new(0),
             rejected_busy: AtomicU64::new(0),
@@ -273,6 +297,49 @@ impl ShardStats {
         Some((class_bound(CLASSES - 1), total))
     }
 
+    /// Counts one request of a chat of this shard (`chat`: its key), from
+    /// its arrival to its answer.
+    pub fn record_request(&self, chat: u64, took: Duration) {
+        let at_ms = self.epoch.elapsed().as_millis() as u32;
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        let mut all = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        if all.len() >= MAX_REQUESTS {
+            all.pop_front();
+        }
+        all.push_back(Request {
+            at_ms,
+            micros,
+            chat,
+        });
+    }
+
+    /// The `q` quantile of the requests of the last `window` whose chat key
+    /// `keep` accepts, and how many it is taken from; `None` without any.
+    pub fn request_latency(
+        &self,
+        q: f64,
+        window: Duration,
+        keep: impl Fn(u64) -> bool,
+    ) -> Option<(Duration, u64)> {
+        let now = self.epoch.elapsed().as_millis() as u32;
+        let window = u32::try_from(window.as_millis()).unwrap_or(u32::MAX);
+        let mut took: Vec<u32> = {
+            let all = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+            all.iter()
+                .rev()
+                .take_while(|r| now.wrapping_sub(r.at_ms) <= window)
+                .filter(|r| keep(r.chat))
+                .map(|r| r.micros)
+                .collect()
+        };
+        if took.is_empty() {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * took.len() as f64).ceil() as usize).clamp(1, took.len());
+        let (_, at, _) = took.select_nth_unstable(rank - 1);
+        Some((Duration::from_micros(u64::from(*at)), took.len() as u64))
+    }
+
     pub fn last_failure(&self) -> Option<(DateTime<Utc>, String)> {
         self.last_failure
             .lock()
@@ -299,6 +366,41 @@ mod tests {
         assert_eq!(s.in_flight(), 2);
         drop((a, b));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn request_latency_leaves_out_the_chats_asked_and_keeps_a_bounded_window() {
+        let s = ShardStats::default();
+        assert_eq!(
+            s.request_latency(0.99, Duration::from_secs(2), |_| true),
+            None
+        );
+        for i in 0..100u64 {
+            s.record_request(1, Duration::from_millis(i + 1));
+        }
+        s.record_request(2, Duration::from_secs(3));
+        // Every request: the slow one of chat 2 is the p99's top.
+        let (p100, n) = s
+            .request_latency(1.0, Duration::from_secs(2), |_| true)
+            .unwrap();
+        assert_eq!((p100, n), (Duration::from_secs(3), 101));
+        // Chat 2 left out: the p99 of 1..=100 ms is 99 ms.
+        let (p99, n) = s
+            .request_latency(0.99, Duration::from_secs(2), |c| c != 2)
+            .unwrap();
+        assert_eq!((p99, n), (Duration::from_millis(99), 100));
+        assert_eq!(
+            s.request_latency(0.99, Duration::from_secs(2), |c| c == 3),
+            None
+        );
+        // The oldest go once the ring is full.
+        for _ in 0..MAX_REQUESTS {
+            s.record_request(4, Duration::from_micros(10));
+        }
+        assert_eq!(
+            s.request_latency(0.99, Duration::from_secs(2), |c| c != 4),
+            None
+        );
     }
 
     #[test]

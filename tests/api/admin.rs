@@ -60,7 +60,24 @@ async fn admin_shards_needs_the_token_and_shows_every_shard() {
     }
     let home = app.shard_of(&chat).await;
     assert!(shards[home]["recent"]["calls"].as_u64().unwrap() >= 2);
+    assert!(shards[home]["recent"]["callP99Ms"].as_f64().unwrap() > 0.0);
     assert!(shards[home]["poolSize"].as_u64().unwrap() >= 1);
+    // The chat's requests (its creation and the join) are timed for its
+    // shard, the other shards have none.
+    assert_eq!(shards[home]["recent"]["requests"], 2, "{}", shards[home]);
+    assert!(shards[home]["recent"]["requestP99Ms"].as_f64().unwrap() > 0.0);
+    for (i, s) in shards.iter().enumerate().filter(|(i, _)| *i != home) {
+        assert_eq!(s["recent"]["requests"], 0, "shard {i}: {s}");
+        assert!(s["recent"]["requestP99Ms"].is_null(), "shard {i}: {s}");
+    }
+    // A long-poll waits by design: not timed. The read of the chat (from
+    // `shard_of`) is.
+    let r = app
+        .get(&format!("/v1/chats/{chat}/events?after=1&waitMs=50"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = app.admin_get("/v1/admin/shards").await;
+    assert_eq!(body["shards"][home]["recent"]["requests"], 3, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

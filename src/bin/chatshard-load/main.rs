@@ -205,7 +205,8 @@ enum Scenario {
     /// of the first shard's first range; by default to a shard with no
     /// buckets) under posts into its chats and creations of new ones: the
     /// move's time, the longest pauses, every answer, and the p99 of the
-    /// source's other chats before and during the move.
+    /// source's other chats before the move, during it, and in the 10 s
+    /// after it (the range on its new shard, the same traffic).
     MoveBuckets {
         #[arg(long, default_value_t = 16)]
         clients: usize,

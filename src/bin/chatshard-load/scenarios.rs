@@ -1542,7 +1542,7 @@ pub async fn move_chat(
             recorder,
             &quiet,
             others,
-            ["other_before", "other_during"],
+            &["other_before", "other_during"],
             &phase,
         )
     };
@@ -1753,7 +1753,7 @@ pub async fn move_buckets(
             recorder,
             &quiet,
             others,
-            ["other_before", "other_during"],
+            &["other_before", "other_during", "other_after"],
             &phase,
         )
     };
@@ -1890,14 +1890,19 @@ pub async fn move_buckets(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let move_seconds = started.elapsed().as_secs_f64();
+    // The same traffic for 10 s more with the range on its new shard: what
+    // the new placement costs the others, apart from what the move did.
     phase.store(2, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
     recorder.mark("range move ended");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    phase.store(3, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     for task in tasks.into_iter().chain(traffic) {
         task.await?;
     }
     let before = recorder.quantile_ms("other_before", 0.99).unwrap_or(0.0);
     let during = recorder.quantile_ms("other_during", 0.99).unwrap_or(0.0);
+    let after = recorder.quantile_ms("other_after", 0.99).unwrap_or(0.0);
     Ok(json!({
         "name": "move-buckets",
         "buckets": range.to_string(),
@@ -1920,18 +1925,20 @@ pub async fn move_buckets(
         "otherP99BeforeMs": before,
         "otherP99DuringMs": during,
         "otherP99Ratio": if before > 0.0 { during / before } else { 0.0 },
+        "otherP99AfterMs": after,
+        "otherP99AfterRatio": if before > 0.0 { after / before } else { 0.0 },
     }))
 }
 
 /// `clients` clients that read member counts of `chats` and join them (3:1),
-/// recording as `kinds[0]` while `phase` is 0 and as `kinds[1]` while it is
-/// 1; they stop once it is 2.
+/// recording as `kinds[k]` while `phase` is k; they stop once it is past the
+/// last kind.
 fn quiet_traffic(
     target: &Target,
     recorder: &Recorder,
     chats: &[String],
     clients: usize,
-    kinds: [&'static str; 2],
+    kinds: &'static [&'static str],
     phase: &Arc<std::sync::atomic::AtomicU8>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..clients)
@@ -1945,10 +1952,8 @@ fn quiet_traffic(
             tokio::spawn(async move {
                 let mut n = 0u64;
                 loop {
-                    let kind = match phase.load(Ordering::Relaxed) {
-                        0 => kinds[0],
-                        1 => kinds[1],
-                        _ => return,
+                    let Some(&kind) = kinds.get(usize::from(phase.load(Ordering::Relaxed))) else {
+                        return;
                     };
                     n += 1;
                     let chat = &chats[(c + n as usize) % chats.len()];
@@ -2061,25 +2066,14 @@ async fn lifecycle_on(
         for chat in &quiet {
             target.create_chat(chat).await?;
         }
-        let kind_before: &'static str = if rate == paced {
-            "paced_before"
+        let kinds: &'static [&'static str] = if rate == paced {
+            &["paced_before", "paced_during"]
         } else {
-            "unpaced_before"
+            &["unpaced_before", "unpaced_during"]
         };
-        let kind_during: &'static str = if rate == paced {
-            "paced_during"
-        } else {
-            "unpaced_during"
-        };
+        let (kind_before, kind_during) = (kinds[0], kinds[1]);
         let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
-        let traffic = quiet_traffic(
-            &target,
-            recorder,
-            &quiet,
-            clients,
-            [kind_before, kind_during],
-            &phase,
-        );
+        let traffic = quiet_traffic(&target, recorder, &quiet, clients, kinds, &phase);
         recorder.mark(&format!("{kind_before} start"));
         tokio::time::sleep(window).await;
         // The purge: retention on for the big chat only (live).
