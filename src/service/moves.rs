@@ -13,8 +13,9 @@
 //! move whose driver died is finished (past its tombstone) or rolled back by
 //! whichever instance takes it over first ([`ChatService::recover_moves`]).
 //! A move can be cancelled until its switch ([`ChatService::cancel_move`]).
-//! Not built yet: resuming an abandoned copy where it stopped, and holding
-//! writes during the fence instead of refusing them.
+//! A chat whose log was purged is first copied from a snapshot of its rows
+//! ([`ChatService::copy_snapshot`]). Not built yet: resuming an abandoned
+//! copy where it stopped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -417,6 +418,8 @@ enum Stop {
     TargetLive,
     #[error("cancelled")]
     Cancelled,
+    #[error("the target's copy changed under the snapshot (another mover?)")]
+    SnapshotTaken,
 }
 
 impl From<crate::shard::ShardError> for Stop {
@@ -531,17 +534,7 @@ impl ChatService {
                     shard: to.to_owned(),
                 })?;
         // Where the chat is now (following markers), and that it exists.
-        let found = self.get_chat(chat).await?;
-        if found.first_revision > 1 {
-            // The copy replays the whole log; a purged log cannot rebuild
-            // the chat (docs/moving-chats.md, status).
-            return Err(ServiceError::MoveRefused {
-                reason: format!(
-                    "chat {chat}'s events below revision {} were purged; moving a purged chat is not supported yet",
-                    found.first_revision
-                ),
-            });
-        }
+        self.get_chat(chat).await?;
         let source = self.shard(chat).clone();
         if Arc::ptr_eq(&source, &target) {
             return Err(ServiceError::MoveRefused {
@@ -873,6 +866,7 @@ impl ChatService {
             })
             .await?
             .ok_or(Stop::Gone)?;
+        let first = head.first_revision;
         let (c, src) = (chat_id.clone(), source.name().to_owned());
         let opened = target
             .write(Some(chat), "move_open", move |conn| {
@@ -897,9 +891,15 @@ impl ChatService {
         if self.record(source, id, "copying", 0, None, false).await {
             return Err(Stop::Cancelled);
         }
+        // A purged log: the rows as they stand first.
+        let mut copied = if first > 1 {
+            self.copy_snapshot(id, chat, (source, target), settings, pacer, first)
+                .await?
+        } else {
+            0
+        };
         // Copy while writes go on, each round up to the revision the source
         // had when it began, until the target is close behind; paced.
-        let mut copied = 0;
         for attempt in 1..=FENCE_ATTEMPTS {
             // Rounds in a row whose lag did not shrink.
             let (mut last_lag, mut stalled) = (u64::MAX, 0);
@@ -1009,6 +1009,157 @@ impl ChatService {
             return Ok(copied);
         }
         Err(Stop::FenceLapsed(FENCE_ATTEMPTS))
+    }
+
+    /// The copy of a chat whose log was purged (its first stored revision
+    /// `first` is above 1), which replaying the log cannot rebuild: its rows
+    /// as they stand are copied, members, then messages, then the stored
+    /// events up to the revision the source had when this began, a page per
+    /// transaction at each end, paced. The target then stands at that
+    /// revision, with its count taken from its rows, and the log's replay
+    /// goes on from there. Returns that revision.
+    ///
+    /// Writes go on at the source meanwhile, so a row may be copied with a
+    /// later write already in it. Replaying that write again leaves it as it
+    /// is: the replay sets each member it touches to its state after the
+    /// batch and counts the change from the target's row, and a message or
+    /// event above the revision is not copied here. So the copy needs no
+    /// lock or long transaction on the source.
+    async fn copy_snapshot(
+        &self,
+        id: u64,
+        chat: &ChatId,
+        (source, target): (&Arc<Shard>, &Arc<Shard>),
+        settings: &MoveSettings,
+        pacer: &mut Pacer,
+        first: u64,
+    ) -> Result<u64, Stop> {
+        let until = self.source_revision(chat, source).await?;
+        // Members, in user order.
+        let mut after = String::new();
+        loop {
+            let (c, from, n) = (chat.to_string(), after.clone(), pacer.batch);
+            let rows = source
+                .read(Some(chat), "move_snapshot_read", move |conn| {
+                    Box::pin(async move { Ok(moves::members_after(conn, &c, &from, n).await?) })
+                })
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after.clone_from(&last.user_id);
+            let n = rows.len() as u64;
+            let c = chat.to_string();
+            self.snapshot_page(chat, target, move |conn| {
+                Box::pin(async move { moves::insert_members(conn, &c, &rows).await })
+            })
+            .await?;
+            self.snapshot_step(id, source, settings, pacer, n).await?;
+        }
+        // Messages (none is purged), in the order of their unique key; those
+        // above the revision come with the log's replay.
+        let mut after = (String::new(), String::new());
+        loop {
+            let (c, from, n) = (chat.to_string(), after.clone(), pacer.batch);
+            let rows = source
+                .read(Some(chat), "move_snapshot_read", move |conn| {
+                    Box::pin(async move {
+                        Ok(moves::messages_after(conn, &c, (&from.0, &from.1), n).await?)
+                    })
+                })
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = (last.sender_id.clone(), last.client_message_id.clone());
+            let n = rows.len() as u64;
+            let rows: Vec<_> = rows.into_iter().filter(|m| m.revision <= until).collect();
+            let c = chat.to_string();
+            self.snapshot_page(chat, target, move |conn| {
+                Box::pin(async move { moves::insert_messages(conn, &c, &rows).await })
+            })
+            .await?;
+            self.snapshot_step(id, source, settings, pacer, n).await?;
+        }
+        // The stored events, each message event naming the target's message.
+        let mut after = first - 1;
+        while after < until {
+            let (c, n) = (chat.to_string(), pacer.batch);
+            let rows = source
+                .read(Some(chat), "move_snapshot_read", move |conn| {
+                    Box::pin(async move {
+                        Ok(moves::events_between(conn, &c, (after, until), n).await?)
+                    })
+                })
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.revision;
+            let n = rows.len() as u64;
+            let c = chat.to_string();
+            self.snapshot_page(chat, target, move |conn| {
+                Box::pin(async move { moves::insert_events(conn, &c, &rows).await })
+            })
+            .await?;
+            self.snapshot_step(id, source, settings, pacer, n).await?;
+        }
+        let c = chat.to_string();
+        self.snapshot_page(chat, target, move |conn| {
+            Box::pin(async move { moves::settle_snapshot(conn, &c, until, first).await })
+        })
+        .await?;
+        tracing::info!(chat = %chat, revision = until, first_revision = first, "a purged chat's rows copied; its log is replayed from here");
+        Ok(until)
+    }
+
+    /// One page of a snapshot written on the target, in a transaction that
+    /// holds the chat's row and finds it still at revision 0 (the snapshot
+    /// not settled yet).
+    async fn snapshot_page<F>(
+        &self,
+        chat: &ChatId,
+        target: &Arc<Shard>,
+        write: F,
+    ) -> Result<(), Stop>
+    where
+        F: for<'c> FnOnce(
+                &'c mut sqlx::MySqlConnection,
+            ) -> futures_util::future::BoxFuture<'c, sqlx::Result<()>>
+            + Send
+            + 'static,
+    {
+        let c = chat.to_string();
+        let written = target
+            .write(Some(chat), "move_snapshot_write", move |conn| {
+                Box::pin(async move {
+                    let mut tx = conn.begin().await?;
+                    if moves::lock_revision(&mut tx, &c).await? != Some(0) {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                    write(&mut tx).await?;
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if written {
+            Ok(())
+        } else {
+            Err(Stop::SnapshotTaken)
+        }
+    }
+
+    /// After a page of a snapshot: the move's lease renewed (and a cancel
+    /// seen), then the pacer's pause.
+    async fn snapshot_step(
+        &self,
+        id: u64,
+        source: &Arc<Shard>,
+        settings: &MoveSettings,
+        pacer: &mut Pacer,
+        rows: u64,
+    ) -> Result<(), Stop> {
+        if self.record(source, id, "copying", 0, None, false).await {
+            return Err(Stop::Cancelled);
+        }
+        tokio::time::sleep(pacer.pace(settings, rows)).await;
+        Ok(())
     }
 
     /// Replays the source's log on the target up to `until`, paced by

@@ -328,7 +328,7 @@ async fn writer(
     chat: String,
     name: &'static str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> (Vec<String>, Vec<String>, u64) {
+) -> Written {
     let (mut joined, mut posted, mut moving) = (Vec::new(), Vec::new(), 0u64);
     let mut n = 0;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -369,10 +369,55 @@ async fn writer(
     (joined, posted, moving)
 }
 
+/// What one [`writer`] wrote.
+type Written = (Vec<String>, Vec<String>, u64);
+
+/// A [`writer`] through each of `a` and `b`, once the chat has `members`
+/// members; the flag that stops them.
+async fn start_writers(
+    a: &std::sync::Arc<TestApp>,
+    b: &std::sync::Arc<TestApp>,
+    chat: &str,
+    members: u64,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    [tokio::task::JoinHandle<Written>; 2],
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let wa = tokio::spawn(writer(a.clone(), chat.to_owned(), "a", stop.clone()));
+    let wb = tokio::spawn(writer(b.clone(), chat.to_owned(), "b", stop.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a.count(chat).await < members {
+        assert!(std::time::Instant::now() < deadline, "writers stalled");
+    }
+    (stop, [wa, wb])
+}
+
+/// Waits until `more` members more have joined through `app` (the writers
+/// go on after a switch), then stops `writers`; what each wrote.
+async fn go_on_then_stop(
+    app: &TestApp,
+    chat: &str,
+    more: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    writers: [tokio::task::JoinHandle<Written>; 2],
+) -> [Written; 2] {
+    let after = app.count(chat).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.count(chat).await < after + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers stalled after the switch"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let [a, b] = writers;
+    [a.await.expect("writer a"), b.await.expect("writer b")]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let a = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
     let b = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
     let chat = crate::helpers::unique("moving");
@@ -397,14 +442,8 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
     .await
     .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let wa = tokio::spawn(writer(a.clone(), chat.clone(), "a", stop.clone()));
-    let wb = tokio::spawn(writer(b.clone(), chat.clone(), "b", stop.clone()));
     // Writes under way before the move starts.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while a.count(&chat).await < 60 {
-        assert!(std::time::Instant::now() < deadline, "writers stalled");
-    }
+    let (stop, [wa, wb]) = start_writers(&a, &b, &chat, 60).await;
     let r = request_move(&a, &chat, &target_name).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let started: Value = r.json().await.expect("json");
@@ -419,17 +458,7 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
     let done = wait_move(&a, &id).await;
     assert_eq!(done["phase"], "done", "{done}");
     // Writes go on after the switch, through both instances.
-    let after = a.count(&chat).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while a.count(&chat).await < after + 10 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "writers stalled after the switch"
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    let (ja, pa, ma) = wa.await.expect("writer a");
-    let (jb, pb, mb) = wb.await.expect("writer b");
+    let [(ja, pa, ma), (jb, pb, mb)] = go_on_then_stop(&a, &chat, 10, &stop, [wa, wb]).await;
     println!(
         "moved with {} + {} joins, {ma} + {mb} answers chat_moving",
         ja.len(),
@@ -518,6 +547,133 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
         .await
         .expect("home row");
     assert_eq!(marker, None, "home again: no marker");
+    if let (Ok(a), Ok(b)) = (Arc::try_unwrap(a), Arc::try_unwrap(b)) {
+        a.shut_down().await;
+        b.shut_down().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
+    use std::sync::Arc;
+    // The purge runs on this chat only, down to its last 20 revisions.
+    let chat = crate::helpers::unique("purgedmove");
+    let purging = chat.clone();
+    let a = Arc::new(
+        TestApp::spawn_with(move |s| {
+            s.admin.token = TOKEN.to_owned();
+            s.retention.enabled = false;
+            s.retention.overrides.insert(
+                purging,
+                serde_json::from_value(
+                    json!({ "enabled": true, "minDays": 0, "minRevisions": 20 }),
+                )
+                .expect("override"),
+            );
+            s.purge.interval_ms = 50;
+            // Small pages: the snapshot takes many, with writes in between.
+            s.moves.batch_revisions = 7;
+            s.moves.fence_lag = 5;
+        })
+        .await,
+    );
+    let b = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
+    let r = a.put_chat(&chat, Some(json!({"maxMembers": 100000}))).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for i in 0..50 {
+        assert_eq!(
+            a.join(&chat, &format!("early-{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    for i in 0..5 {
+        assert_eq!(
+            a.leave(&chat, &format!("early-{i}")).await.status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    let mut originals = Vec::new();
+    for i in 0..30 {
+        let r = a
+            .post(&chat, "early-9", &format!("old-{i}"), "before the purge")
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        originals.push(r.json::<Value>().await.expect("json"));
+    }
+    // Revisions 1..=85; the purge keeps the last 20.
+    common::eventually(std::time::Duration::from_secs(20), "the purge", || async {
+        let c: Value = a
+            .get(&format!("/v1/chats/{chat}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        c["firstRevision"].as_u64().zip(c["revision"].as_u64()) == Some((66, 85))
+    })
+    .await;
+    let home = a.shard_of(&chat).await;
+    let target = (home + 1) % a.settings.shards.len();
+    let target_name = a.settings.shards[target].name.clone();
+
+    let (stop, [wa, wb]) = start_writers(&a, &b, &chat, 55).await;
+    let done = move_to_end(&b, &chat, &target_name).await;
+    assert_eq!(done["phase"], "done", "{done}");
+    let [(ja, pa, _), (jb, pb, _)] = go_on_then_stop(&a, &chat, 5, &stop, [wa, wb]).await;
+
+    // On the target: every member (those whose joins were purged too),
+    // every message, the log gapless from its first stored revision, and
+    // the count equal to the rows.
+    let body: Value = a
+        .get(&format!("/v1/chats/{chat}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["shard"], json!(target_name));
+    assert!(
+        body["firstRevision"].as_u64().expect("first") >= 66,
+        "{body}"
+    );
+    let mut new = a.db(target).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    let mut users = common::joined_users(&mut new, &chat).await;
+    users.sort();
+    let mut acknowledged: Vec<String> = ja.iter().chain(&jb).cloned().collect();
+    acknowledged.extend((5..50).map(|i| format!("early-{i}")));
+    acknowledged.sort();
+    assert_eq!(users, acknowledged);
+    let left: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 2")
+            .bind(&chat)
+            .fetch_one(&mut new)
+            .await
+            .expect("left");
+    assert_eq!(left, 5, "the members who left stay left");
+    let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_message WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("messages");
+    assert_eq!(messages as usize, 30 + pa.len() + pb.len());
+    // A post retried with a key from before the purge is answered with the
+    // original, not applied again.
+    for (i, original) in originals.iter().enumerate().step_by(7) {
+        let r = b
+            .post(&chat, "early-9", &format!("old-{i}"), "before the purge")
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "old-{i}");
+        let again: Value = r.json().await.expect("json");
+        assert_eq!(again["revision"], original["revision"], "old-{i}");
+    }
+    common::assert_chat_consistent(&mut new, &chat).await;
+    // The source keeps only its tombstone.
+    let mut old = a.db(home).await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source rows");
+    assert_eq!(rows, 0, "the source's rows are cleaned");
     if let (Ok(a), Ok(b)) = (Arc::try_unwrap(a), Arc::try_unwrap(b)) {
         a.shut_down().await;
         b.shut_down().await;
