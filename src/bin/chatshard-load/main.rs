@@ -197,9 +197,17 @@ enum Scenario {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Clients reading and joining 16 other chats of the source shard
-        /// throughout (their p99 before and during the move); 0: none.
+        /// throughout (their p99 before the move, during it, and after it
+        /// to the end of the run); 0: none.
         #[arg(long, default_value_t = 8)]
         others: usize,
+        /// New users joining the chat a second, throughout (0: none).
+        #[arg(long, default_value_t = 0)]
+        join_rate: u32,
+        /// Readers long-polling the chat throughout, each checking it misses
+        /// no revision.
+        #[arg(long, default_value_t = 0)]
+        pollers: usize,
     },
     /// A bucket range of --chats chats moves to another shard (the upper half
     /// of the first shard's first range; by default to a shard with no
@@ -427,10 +435,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             seconds: s,
             others,
+            join_rate,
+            pollers,
         } => {
             anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
             anyhow::ensure!(others <= 1024, "--others must be at most 1024");
             anyhow::ensure!(members <= 99_000, "--members must be at most 99000");
+            anyhow::ensure!(join_rate <= 100_000, "--join-rate must be at most 100000");
+            anyhow::ensure!(pollers <= 1024, "--pollers must be at most 1024");
             let report = scenarios::move_chat(
                 &target,
                 &recorder,
@@ -438,6 +450,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 members,
                 to,
                 seconds(s)?,
+                scenarios::MoveLoad { join_rate, pollers },
             )
             .await;
             if let Ok(r) = &report {

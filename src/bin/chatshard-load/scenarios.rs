@@ -1467,11 +1467,24 @@ pub async fn mixed(
     }))
 }
 
+/// Clients that share a `move` run's joins.
+const JOINERS: u64 = 32;
+
+/// What reaches the moving chat besides its posters: new users joining at
+/// `join_rate` a second, and `pollers` long-polling readers.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveLoad {
+    pub join_rate: u32,
+    pub pollers: usize,
+}
+
 /// A chat under writes is moved to another shard: C clients, each a member,
 /// post messages to it throughout (each retried with the same key on 503
-/// `chat_moving`, as a client would), the move is started after a quarter of
-/// the run, and the figures are the move's time, the longest pause any client
-/// saw between two successes, and the answers around the switch.
+/// `chat_moving`, as a client would), new users join it at a steady rate
+/// (each join retried on a 503), readers long-poll it, the move is started
+/// after a quarter of the run, and the figures are the move's time, the
+/// longest pause any poster or joiner saw, the longest wait of a reader and
+/// any revision it missed, and the answers around the switch.
 pub async fn move_chat(
     target: &Target,
     recorder: &Recorder,
@@ -1479,6 +1492,7 @@ pub async fn move_chat(
     members: u64,
     to: Option<String>,
     duration: Duration,
+    load: MoveLoad,
 ) -> anyhow::Result<Value> {
     let Some(token) = target.admin_token.clone() else {
         anyhow::bail!("move needs --admin-token (it starts the move through the admin API)");
@@ -1542,13 +1556,41 @@ pub async fn move_chat(
             recorder,
             &quiet,
             others,
-            &["other_before", "other_during"],
+            &["other_before", "other_during", "other_after"],
             &phase,
         )
     };
     let deadline = Instant::now() + duration;
     let users = Arc::new(AtomicU64::new(0));
     let longest_pause_us = Arc::new(AtomicU64::new(0));
+    let longest_join_us = Arc::new(AtomicU64::new(0));
+    let joiners = move_joiners(
+        target,
+        recorder,
+        &chat,
+        load.join_rate,
+        deadline,
+        &longest_join_us,
+    );
+    let start_revision = target
+        .http
+        .get(format!("{}/v1/chats/{chat}", target.base))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?["revision"]
+        .as_u64()
+        .unwrap_or_default();
+    let missed = Arc::new(AtomicU64::new(0));
+    let longest_poll_us = Arc::new(AtomicU64::new(0));
+    let pollers = move_pollers(
+        target,
+        recorder,
+        &chat,
+        (load.pollers, start_revision),
+        deadline,
+        (&missed, &longest_poll_us),
+    );
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
             let (target, recorder, chat, users, longest) = (
@@ -1618,13 +1660,20 @@ pub async fn move_chat(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let move_seconds = started.elapsed().as_secs_f64();
+    // The others go on while the writers do (to the end of the run), with
+    // the chat on its new shard: what that placement costs them.
     phase.store(2, Ordering::Relaxed);
     recorder.mark("move ended");
-    for task in tasks.into_iter().chain(traffic) {
+    for task in tasks.into_iter().chain(joiners).chain(pollers) {
+        task.await?;
+    }
+    phase.store(3, Ordering::Relaxed);
+    for task in traffic {
         task.await?;
     }
     let before = recorder.quantile_ms("other_before", 0.99).unwrap_or(0.0);
     let during = recorder.quantile_ms("other_during", 0.99).unwrap_or(0.0);
+    let after = recorder.quantile_ms("other_after", 0.99).unwrap_or(0.0);
     Ok(json!({
         "name": "move",
         "clients": clients,
@@ -1642,7 +1691,138 @@ pub async fn move_chat(
         "otherP99Ratio": if before > 0.0 { during / before } else { 0.0 },
         "otherP50BeforeMs": recorder.quantile_ms("other_before", 0.5),
         "otherP50DuringMs": recorder.quantile_ms("other_during", 0.5),
+        "otherP99AfterMs": after,
+        "otherP99AfterRatio": if before > 0.0 { after / before } else { 0.0 },
+        "joinRate": load.join_rate,
+        "joinsPerSecond": recorder.ok_count("join") as f64 / duration.as_secs_f64(),
+        "longestJoinPauseMs": longest_join_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "pollers": load.pollers,
+        "pollsAnswered": recorder.ok_count("poll"),
+        "longestPollWaitMs": longest_poll_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "revisionsMissedByPollers": missed.load(Ordering::Relaxed),
     }))
+}
+
+/// [`JOINERS`] clients that join new users to `chat` at `rate` a second in
+/// all until `deadline`, each join retried with the same user on a 503 (a
+/// join is idempotent); the longest time a join took to succeed goes to
+/// `longest`.
+fn move_joiners(
+    target: &Target,
+    recorder: &Recorder,
+    chat: &str,
+    rate: u32,
+    deadline: Instant,
+    longest: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    if rate == 0 {
+        return Vec::new();
+    }
+    let every = Duration::from_secs_f64(JOINERS as f64 / f64::from(rate));
+    (0..JOINERS)
+        .map(|j| {
+            let (target, recorder, chat, longest) = (
+                target.instance(j as usize),
+                recorder.clone(),
+                chat.to_owned(),
+                longest.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    n += 1;
+                    let user = format!("j{j}-{n}");
+                    let first = Instant::now();
+                    loop {
+                        let started = Instant::now();
+                        let request = target
+                            .http
+                            .post(format!("{}/v1/chats/{chat}/members", target.base))
+                            .json(&json!({ "userId": user }));
+                        let (answer, ok) = target.call(request).await;
+                        recorder.record("join", started.elapsed(), &answer, ok);
+                        if ok {
+                            longest
+                                .fetch_max(first.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            break;
+                        }
+                        if !answer.starts_with("503") || Instant::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// `pollers` readers that long-poll `chat` from `after` until `deadline`
+/// (`waitMs=2000`, 500 events a page), each checking that the revisions it
+/// gets follow on from the last one: revisions skipped go to `missed`, and
+/// the longest time between two answered polls to `longest`.
+fn move_pollers(
+    target: &Target,
+    recorder: &Recorder,
+    chat: &str,
+    (pollers, after): (usize, u64),
+    deadline: Instant,
+    (missed, longest): (&Arc<AtomicU64>, &Arc<AtomicU64>),
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..pollers)
+        .map(|p| {
+            let (target, recorder, chat, missed, longest) = (
+                target.instance(p),
+                recorder.clone(),
+                chat.to_owned(),
+                missed.clone(),
+                longest.clone(),
+            );
+            tokio::spawn(async move {
+                let mut after = after;
+                let mut answered = Instant::now();
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let r = target
+                        .http
+                        .get(format!(
+                            "{}/v1/chats/{chat}/events?after={after}&limit=500&waitMs=2000",
+                            target.base
+                        ))
+                        .send()
+                        .await;
+                    let page = match r {
+                        Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+                        Ok(r) => {
+                            let status = r.status().as_str().to_owned();
+                            recorder.record("poll", started.elapsed(), &status, false);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                        Err(_) => None,
+                    };
+                    let Some(page) = page else {
+                        recorder.record("poll", started.elapsed(), "error", false);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    recorder.record("poll", started.elapsed(), "200", true);
+                    longest.fetch_max(answered.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    answered = Instant::now();
+                    for event in page["events"].as_array().into_iter().flatten() {
+                        let revision = event["revision"].as_u64().unwrap_or_default();
+                        if revision > after + 1 {
+                            missed.fetch_add(revision - after - 1, Ordering::Relaxed);
+                        }
+                        after = after.max(revision);
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 /// Chat ids of this run whose bucket is within `range`, `n` of them.
