@@ -452,6 +452,10 @@ async fn the_fleet_options_and_the_proxy_run() {
                 "200",
                 "--seconds",
                 "2",
+                "--join-rate",
+                "100",
+                "--pollers",
+                "2",
             ],
             &dir.join("fleet-move.json"),
         );
@@ -481,6 +485,12 @@ async fn the_fleet_options_and_the_proxy_run() {
         m["otherP99DuringMs"].as_f64().is_some_and(|p| p > 0.0),
         "{moved}"
     );
+    // New users joined and readers long-polled across the move, through
+    // both instances, and no reader missed a revision.
+    assert!(ok(&moved, "join") > 0, "{moved}");
+    assert!(ok(&moved, "poll") > 0, "{moved}");
+    assert_eq!(m["pollers"], 2, "{moved}");
+    assert_eq!(m["revisionsMissedByPollers"], 0, "{moved}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     drop(cluster);
 }
