@@ -395,7 +395,7 @@ impl MoveView {
             phase: row.phase,
             copied_revision: row.copied_revision,
             error: row.error,
-            cancel_requested: row.cancel_requested != 0,
+            cancel_requested: row.cancel_requested == 1,
             started_by: row.started_by,
             created_at: crate::storage::utc(row.created_at),
             updated_at: crate::storage::utc(row.updated_at),
@@ -624,8 +624,30 @@ impl ChatService {
             return;
         };
         let settings = self.move_settings.clone();
-        let at_source = self.row_on(&chat, source).await;
-        let switched = matches!(&at_source, Ok(Some((_, Some(to)))) if *to == row.target);
+        // The old driver may only be slow, not dead: it is barred from the
+        // switch first (under the move row's lock, which its switch takes),
+        // and only then is the source read. Either its switch went in
+        // before, and the source says so, or it never will.
+        let id = row.id;
+        let barred = source
+            .write(Some(&chat), "move_bar_switch", move |conn| {
+                Box::pin(async move { Ok(moves::bar_switch(conn, id).await?) })
+            })
+            .await;
+        if let Err(e) = barred {
+            tracing::warn!(chat = %chat, error = %e, "barring an abandoned move's switch failed; retrying later");
+            return;
+        }
+        // A source that cannot be read may hold the tombstone: nothing is
+        // rolled back on a guess.
+        let at_source = match self.row_on(&chat, source).await {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(chat = %chat, error = %e, "reading an abandoned move's source failed; retrying later");
+                return;
+            }
+        };
+        let switched = matches!(&at_source, Some((_, Some(to))) if *to == row.target);
         tracing::warn!(chat = %chat, phase = %row.phase, switched, "taking over an abandoned chat move");
         if switched {
             match self.finish_switch(&chat, source, &target).await {
@@ -646,7 +668,7 @@ impl ChatService {
             }
         } else {
             self.roll_back(&chat, source, &target, &settings).await;
-            if row.cancel_requested != 0 {
+            if row.cancel_requested == 1 {
                 self.record(source, row.id, "cancelled", 0, None, true)
                     .await;
             } else {

@@ -836,6 +836,19 @@ pub async fn request_cancel(
     Ok(done.rows_affected() == 1)
 }
 
+/// Bars the move `id` from its switch (`cancel_requested = 2`, unless a
+/// cancel was asked already): an instance taking over a move whose driver
+/// stopped renewing its lease does this before it looks at the source, so a
+/// driver that was only slow cannot switch behind a roll-back.
+/// [`switch_source`] reads the flag under the move row's lock.
+pub async fn bar_switch(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE chat_move SET cancel_requested = 2 WHERE id = ? AND cancel_requested = 0")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// How the switch's first step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwitchStep {

@@ -911,6 +911,15 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
             .is_some_and(|e| e.contains("abandoned")),
         "{ended}"
     );
+    // The instance barred the move from its switch before rolling it back
+    // (a cancel nobody asked for is not shown as one).
+    assert_eq!(ended["cancelRequested"], false, "{ended}");
+    let barred: u8 = sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("move record");
+    assert_eq!(barred, 2);
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
     assert_eq!(app.shard_of(&chat).await, home);
     common::assert_chat_consistent(&mut old, &chat).await;
@@ -920,6 +929,79 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
         .await
         .expect("target");
     assert_eq!(left, 0, "the half-made copy is dropped");
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_barred_by_a_takeover_cannot_switch_even_with_its_fence_live() {
+    use chatshard::storage::moves::{SwitchStep, bar_switch, switch_source};
+    // A driver that was only slow comes back at its switch after another
+    // instance took its move over: the takeover's bar stops it, where a live
+    // fence and the verified revision would have let it through.
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.moves.lease_ms = 600_000;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for name in ["barred", "unbarred"] {
+        let chat = app.new_chat(name).await;
+        assert_eq!(app.join(&chat, "u").await.status(), StatusCode::CREATED);
+        let home = app.shard_of(&chat).await;
+        let shards = &app.settings.shards;
+        let (home_name, to) = (
+            shards[home].name.clone(),
+            shards[(home + 1) % shards.len()].name.clone(),
+        );
+        let mut db = app.db(home).await;
+        sqlx::query(
+            "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL 60 SECOND) WHERE chat_id = ?",
+        )
+        .bind(&chat)
+        .execute(&mut db)
+        .await
+        .expect("fence");
+        let id: u64 = sqlx::query(
+            "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
+             VALUES (?, ?, ?, 'verified', 1, 1, NOW(6), NOW(6))",
+        )
+        .bind(&chat)
+        .bind(&home_name)
+        .bind(&to)
+        .execute(&mut db)
+        .await
+        .expect("move record")
+        .last_insert_id();
+        ids.push((chat, db, id, home_name, to));
+    }
+    let now = chrono::Utc::now().naive_utc();
+    let barred = &mut ids[0];
+    bar_switch(&mut barred.1, barred.2).await.expect("bar");
+    let mut tx = barred.1.begin().await.expect("tx");
+    let step = switch_source(&mut tx, barred.2, &barred.0, &barred.4, 1, now)
+        .await
+        .expect("switch");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(step, SwitchStep::Cancelled);
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&barred.0)
+        .fetch_one(&mut barred.1)
+        .await
+        .expect("row");
+    assert_eq!(marker, None, "no tombstone");
+    // The same switch of a move nobody barred goes through.
+    let other = &mut ids[1];
+    let mut tx = other.1.begin().await.expect("tx");
+    let step = switch_source(&mut tx, other.2, &other.0, &other.4, 1, now)
+        .await
+        .expect("switch");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(step, SwitchStep::Done);
+    // A barred move shows no cancel asked.
+    let view = app
+        .admin_get(&format!("/v1/admin/moves/{}:{}", ids[0].3, ids[0].2))
+        .await;
+    assert_eq!(view["cancelRequested"], false, "{view}");
     app.shut_down().await;
 }
 
