@@ -433,7 +433,8 @@ trait LocalServer: Sized {
 
     /// Spawns the server on `port` (0 = one from `pick`) and waits until it is ready.
     /// A picked port can be grabbed by someone else (or by a server starting beside
-    /// ours) before the server binds it: then it retries on another, 3 attempts in all.
+    /// ours) before the server binds it, or before the check just ahead of the
+    /// spawn: then it retries on another, 3 attempts in all.
     /// An error drops `self`, which cleans up according to its [`OnExit`].
     async fn start_on(mut self, port: u16, pick: impl Fn() -> Result<u16>) -> Result<Self> {
         let mut attempt = 0;
@@ -441,7 +442,14 @@ trait LocalServer: Sized {
             attempt += 1;
             let this_port = if port == 0 { pick()? } else { port };
             self.set_port(this_port);
-            let log_offset = self.spawn_server()?;
+            let log_offset = match self.spawn_server() {
+                Ok(offset) => offset,
+                Err(e) if port == 0 && attempt < 3 && e.downcast_ref::<PortTaken>().is_some() => {
+                    warn!(port = this_port, error = %e, "a picked port was taken, retrying");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let res = self.wait_ready(log_offset).await;
             let port_race = res.is_err()
                 && port == 0
@@ -770,11 +778,16 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A port some other listener holds.
+#[derive(Debug, thiserror::Error)]
+#[error("127.0.0.1:{0} is already in use")]
+struct PortTaken(u16);
+
 /// Refuse to start next to another listener (e.g. the system server on 3306).
 fn ensure_port_free(port: u16) -> Result<()> {
     TcpListener::bind(("127.0.0.1", port))
         .map(drop)
-        .with_context(|| format!("127.0.0.1:{port} is already in use"))
+        .context(PortTaken(port))
 }
 
 /// Unix socket paths are limited to ~107 bytes: fall back to a short, unique /tmp path.
