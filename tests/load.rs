@@ -374,6 +374,8 @@ async fn the_fleet_options_and_the_proxy_run() {
         settings.redis.url = format!("redis://{proxy_addr}/");
         settings.redis.heartbeat_ms = 100;
         settings.redis.instance_ttl_ms = 1000;
+        // `move --purged` waits for a purge round.
+        settings.purge.interval_ms = 200;
         let app = App::build(&settings).await.expect("app");
         urls.push(format!("http://{}", app.local_addr().expect("addr")));
         tokio::spawn(async move { app.run(std::future::pending()).await });
@@ -402,7 +404,7 @@ async fn the_fleet_options_and_the_proxy_run() {
     let dir = std::env::temp_dir().join(format!("chatshard-load-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let (a, b) = (urls[0].clone(), urls[1].clone());
-    let (fanout, spike, moved) = tokio::task::spawn_blocking(move || {
+    let (fanout, spike, moved, purged) = tokio::task::spawn_blocking(move || {
         let fanout = run(
             &[
                 "--url",
@@ -459,8 +461,28 @@ async fn the_fleet_options_and_the_proxy_run() {
             ],
             &dir.join("fleet-move.json"),
         );
+        let purged = run(
+            &[
+                "--url",
+                &a,
+                "--admin-token",
+                TOKEN,
+                "move",
+                "--clients",
+                "2",
+                "--members",
+                "100",
+                "--seconds",
+                "2",
+                "--others",
+                "0",
+                "--purged",
+                "20",
+            ],
+            &dir.join("fleet-move-purged.json"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
-        (fanout, spike, moved)
+        (fanout, spike, moved, purged)
     })
     .await
     .expect("runs");
@@ -491,6 +513,12 @@ async fn the_fleet_options_and_the_proxy_run() {
     assert!(ok(&moved, "poll") > 0, "{moved}");
     assert_eq!(m["pollers"], 2, "{moved}");
     assert_eq!(m["revisionsMissedByPollers"], 0, "{moved}");
+    // A chat whose log was purged first moves too (from a snapshot).
+    let p = &purged["scenario"];
+    assert_eq!(p["phase"], "done", "{purged}");
+    assert_eq!(p["purgedTo"], 20, "{purged}");
+    assert!(p["purgeSeconds"].as_f64().is_some(), "{purged}");
+    assert!(ok(&purged, "post") > 0, "{purged}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     drop(cluster);
 }

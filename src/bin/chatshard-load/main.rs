@@ -208,6 +208,11 @@ enum Scenario {
         /// no revision.
         #[arg(long, default_value_t = 0)]
         pollers: usize,
+        /// Purge the chat's log down to its last N revisions before the run
+        /// (a retention override; the server's purge round must come soon,
+        /// e.g. `purge.interval_ms = 1000`), so the move copies a snapshot.
+        #[arg(long)]
+        purged: Option<u64>,
     },
     /// A bucket range of --chats chats moves to another shard (the upper half
     /// of the first shard's first range; by default to a shard with no
@@ -437,6 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             others,
             join_rate,
             pollers,
+            purged,
         } => {
             anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
             anyhow::ensure!(others <= 1024, "--others must be at most 1024");
@@ -450,7 +456,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 members,
                 to,
                 seconds(s)?,
-                scenarios::MoveLoad { join_rate, pollers },
+                scenarios::MoveLoad {
+                    join_rate,
+                    pollers,
+                    purged,
+                },
             )
             .await;
             if let Ok(r) = &report {

@@ -58,9 +58,8 @@ impl Target {
         (0..=self.others.len()).map(|i| self.instance(i)).collect()
     }
 
-    /// Creates a chat that holds up to 100,000 members.
     /// Sets one chat's overrides of a live section (`hotChat`,
-    /// `joinThrottle`); needs the admin token.
+    /// `joinThrottle`, `retention`); needs the admin token.
     pub async fn set_override(
         &self,
         section: &str,
@@ -201,17 +200,16 @@ impl Target {
 
     /// Turns the join throttle of `chat` on or off (needs the admin token).
     pub async fn set_join_throttle(&self, chat: &str, enabled: bool) -> anyhow::Result<()> {
-        let Some(token) = &self.admin_token else {
-            anyhow::bail!("--admin-token is needed to set the join throttle of a chat");
-        };
-        let patch = json!({"joinThrottle": {"overrides": {chat: {"enabled": enabled}}}});
-        let request = self
-            .http
-            .patch(format!("{}/v1/admin/config", self.base))
-            .bearer_auth(token)
-            .header("content-type", "application/merge-patch+json")
-            .body(patch.to_string());
-        expect_success(request, "setting the join throttle").await
+        self.set_override("joinThrottle", chat, json!({ "enabled": enabled }))
+            .await
+    }
+
+    /// Sets a retention override for `chat`: its events past its last
+    /// `min_revisions` go at the shard's next purge round, whatever their age
+    /// (needs the admin token).
+    pub async fn purge_down_to(&self, chat: &str, min_revisions: u64) -> anyhow::Result<()> {
+        let fields = json!({ "enabled": true, "minDays": 0, "minRevisions": min_revisions });
+        self.set_override("retention", chat, fields).await
     }
 
     /// One request; its answer as `status` or `status/code`, and whether it
@@ -1471,11 +1469,13 @@ pub async fn mixed(
 const JOINERS: u64 = 32;
 
 /// What reaches the moving chat besides its posters: new users joining at
-/// `join_rate` a second, and `pollers` long-polling readers.
+/// `join_rate` a second, and `pollers` long-polling readers; with `purged`,
+/// its log is purged down to that many revisions before the run.
 #[derive(Debug, Clone, Copy)]
 pub struct MoveLoad {
     pub join_rate: u32,
     pub pollers: usize,
+    pub purged: Option<u64>,
 }
 
 /// A chat under writes is moved to another shard: C clients, each a member,
@@ -1511,6 +1511,35 @@ pub async fn move_chat(
             .collect();
         futures_util::future::join_all(batch).await;
         n += 64;
+    }
+    // The log purged (the shard's purge round, at its pace), so the move
+    // copies a snapshot of the rows rather than replaying the log.
+    let mut purge_seconds = None;
+    if let Some(keep) = load.purged {
+        let started = Instant::now();
+        target.purge_down_to(&chat, keep).await?;
+        loop {
+            let c: Value = target
+                .http
+                .get(format!("{}/v1/chats/{chat}", target.base))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let (first, revision) = (
+                c["firstRevision"].as_u64().unwrap_or(1),
+                c["revision"].as_u64().unwrap_or(0),
+            );
+            if first > 1 && revision + 1 - first <= keep {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the purge did not reach chat {chat} within 10 minutes (is purge.interval_ms short?)"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        purge_seconds = Some(started.elapsed().as_secs_f64());
     }
     let from = target.shard_of(&chat).await?;
     let to = match to {
@@ -1693,6 +1722,8 @@ pub async fn move_chat(
         "otherP50DuringMs": recorder.quantile_ms("other_during", 0.5),
         "otherP99AfterMs": after,
         "otherP99AfterRatio": if before > 0.0 { after / before } else { 0.0 },
+        "purgedTo": load.purged,
+        "purgeSeconds": purge_seconds,
         "joinRate": load.join_rate,
         "joinsPerSecond": recorder.ok_count("join") as f64 / duration.as_secs_f64(),
         "longestJoinPauseMs": longest_join_us.load(Ordering::Relaxed) as f64 / 1000.0,
