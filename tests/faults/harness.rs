@@ -40,6 +40,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Self::start`], with the service's settings changed by `configure`
+    /// (after the harness's own).
+    pub async fn start_with(configure: impl FnOnce(&mut Settings)) -> Self {
         // In memory: these tests measure isolation, and fsync stalls caused by
         // other processes on a shared disk would blur it. A SIGKILLed server
         // still finds its files on restart.
@@ -80,6 +86,7 @@ impl Cluster {
         settings.pool.max_wait_ms = 100;
         settings.breaker.consecutive_failures = 3;
         settings.breaker.open_ms = 500;
+        configure(&mut settings);
         let app = App::build(&settings).await.expect("build app");
         let addr = app.local_addr().expect("addr");
         let handle = tokio::spawn(async move {

@@ -601,3 +601,206 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
          multiplexed stream carried the healthy chat throughout"
     );
 }
+
+/// The chat's move, from the admin view (`None` while its shard cannot
+/// answer).
+async fn move_of(c: &Cluster, id: &str) -> Option<Value> {
+    let r = c
+        .http
+        .get(c.url(&format!("/v1/admin/moves/{id}")))
+        .bearer_auth(harness::ADMIN_TOKEN)
+        .send()
+        .await
+        .ok()?;
+    if r.status().is_success() {
+        r.json().await.ok()
+    } else {
+        None
+    }
+}
+
+/// Polls the move until `done` holds for it.
+async fn wait_move(
+    c: &Cluster,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(m) = move_of(c, id).await
+            && done(&m)
+        {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "move {id}: not there within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+}
+
+/// Starts the move of `chat` to `to`; its id.
+async fn start_move(c: &Cluster, chat: &str, to: &str) -> String {
+    let r = c
+        .http
+        .post(c.url(&format!("/v1/admin/chats/{chat}/move")))
+        .bearer_auth(harness::ADMIN_TOKEN)
+        .json(&serde_json::json!({ "to": to }))
+        .send()
+        .await
+        .expect("move");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// A join through the service; its status.
+async fn join(c: &Cluster, chat: &str, user: &str) -> u16 {
+    c.http
+        .post(c.url(&format!("/v1/chats/{chat}/members")))
+        .json(&serde_json::json!({ "userId": user }))
+        .send()
+        .await
+        .expect("join")
+        .status()
+        .as_u16()
+}
+
+/// The source shard killed while a chat is copied off it, then (the chat
+/// moved again) its new shard killed after the switch. The first move rolls
+/// back and the chat stays whole on its source; after the switch the chat is
+/// down only while its new shard is, nothing lands on the old one, and it is
+/// whole on the new one once that is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start_with(|s| {
+        // A slow copy (150 batches, 20 ms apart), so the kill lands in it;
+        // a short lease, so the move is taken over soon after the restart.
+        s.moves.batch_revisions = 10;
+        s.moves.pause_ms = 20;
+        s.moves.max_p99_ratio = 0.0;
+        s.moves.lease_ms = 1000;
+        s.moves.fence_ms = 500;
+        // The chat is filled at full speed.
+        s.join_throttle.enabled = false;
+    })
+    .await;
+    let source = BROKEN;
+    let target = (BROKEN + 1) % c.settings.shards.len();
+    let (source_name, target_name) = (
+        c.settings.shards[source].name.clone(),
+        c.settings.shards[target].name.clone(),
+    );
+    // A chat of the source with 1,500 members.
+    let mut chat = String::new();
+    for i in 0.. {
+        chat = format!("moving-{i}");
+        let r = c
+            .http
+            .put(c.url(&format!("/v1/chats/{chat}")))
+            .json(&serde_json::json!({ "maxMembers": 100_000 }))
+            .send()
+            .await
+            .expect("put");
+        let body: Value = r.json().await.expect("json");
+        if body["shard"] == source_name.as_str() {
+            break;
+        }
+    }
+    for n in (0..1500).step_by(50) {
+        let users: Vec<String> = (n..n + 50).map(|i| format!("m{i}")).collect();
+        let joins = users.iter().map(|user| join(&c, &chat, user));
+        for status in futures_util::future::join_all(joins).await {
+            assert_eq!(status, 201, "filling {chat}");
+        }
+    }
+    let urls: Vec<String> = c
+        .shards
+        .shard_settings()
+        .iter()
+        .map(|s| s.url.clone())
+        .collect();
+
+    // 1. The source dies mid-copy.
+    let id = start_move(&c, &chat, &target_name).await;
+    wait_move(&c, &id, Duration::from_secs(30), |m| {
+        m["phase"] == "copying" && m["copiedRevision"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    c.shards.server_mut(source).kill().expect("SIGKILL");
+    c.shards
+        .server_mut(source)
+        .restart()
+        .await
+        .expect("restart");
+    let ended = wait_move(&c, &id, Duration::from_secs(30), |m| {
+        m["phase"] == "rolled_back"
+    })
+    .await;
+    eprintln!("[s9] the move off a killed source: {ended}");
+    c.wait_write_ok(source, Duration::from_secs(10)).await;
+    let mut old = MySqlConnection::connect(&urls[source])
+        .await
+        .expect("source");
+    let mut new = MySqlConnection::connect(&urls[target])
+        .await
+        .expect("target");
+    common::assert_chat_consistent(&mut old, &chat).await;
+    assert_eq!(common::count_and_rows(&mut old, &chat).await, (1500, 1500));
+    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("target");
+    assert_eq!(copies, 0, "the half-made copy is dropped");
+    assert_eq!(join(&c, &chat, "after-rollback").await, 201);
+
+    // 2. Moved again, to the end; then its new shard dies.
+    let id = start_move(&c, &chat, &target_name).await;
+    let done = wait_move(&c, &id, Duration::from_secs(60), |m| {
+        m["phase"] == "done" || m["phase"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(done["phase"], "done", "{done}");
+    c.shards.server_mut(target).kill().expect("SIGKILL");
+    // Refused, retryably, while its shard is down: never written on the old one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    while refused < 5 {
+        let status = join(&c, &chat, &format!("while-down-{refused}")).await;
+        assert_ne!(
+            status / 100,
+            2,
+            "a join landed while the chat's shard is down"
+        );
+        if status == 503 {
+            refused += 1;
+        } else {
+            assert!(Instant::now() < deadline, "answered {status}, not 503");
+        }
+    }
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source rows");
+    assert_eq!(left, 0, "nothing on the old shard");
+    c.shards
+        .server_mut(target)
+        .restart()
+        .await
+        .expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while join(&c, &chat, "after-restart").await / 100 != 2 {
+        assert!(Instant::now() < deadline, "the chat did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+    let mut new = MySqlConnection::connect(&urls[target])
+        .await
+        .expect("target");
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (1502, 1502));
+}
