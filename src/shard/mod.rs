@@ -235,9 +235,6 @@ impl Shard {
         let admitted = (self.settings.max_concurrent + self.settings.max_waiting)
             - self.admission.available_permits();
         let (recent_calls, recent_failure_rate) = self.stats.recent();
-        let recent = std::time::Duration::from_secs(RECENT_SECS);
-        let call_p99 = self.stats.recent_latency(0.99, recent);
-        let requests = self.stats.request_latency(0.99, recent, |_| true);
         ShardStatus {
             name: self.name.clone(),
             address: self.address.clone(),
@@ -252,9 +249,6 @@ impl Shard {
             pool_idle: pool.available,
             recent_calls,
             recent_failure_rate,
-            recent_call_p99: call_p99.map(|(p99, _)| p99),
-            recent_requests: requests.map_or(0, |(_, n)| n),
-            recent_request_p99: requests.map(|(p99, _)| p99),
             last_failure: self.stats.last_failure(),
             rejected: self.stats.rejections(),
             innodb: *self.innodb.lock().unwrap_or_else(PoisonError::into_inner),

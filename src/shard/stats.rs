@@ -127,11 +127,6 @@ pub struct ShardStatus {
     /// Calls over the last [`RECENT_SECS`] seconds and the share that failed.
     pub recent_calls: u64,
     pub recent_failure_rate: f64,
-    /// The p99 of those calls (a move's own left out).
-    pub recent_call_p99: Option<Duration>,
-    /// Requests of the shard's chats over the same seconds, and their p99.
-    pub recent_requests: u64,
-    pub recent_request_p99: Option<Duration>,
     /// The last failure (counted by the breaker or not), with its cause chain.
     pub last_failure: Option<(DateTime<Utc>, String)>,
     pub rejected: Rejections,
