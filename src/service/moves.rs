@@ -82,7 +82,7 @@ impl Default for MoveSettings {
 /// Calls the throttle needs in its window before it trusts a p99.
 const PACER_MIN_CALLS: u64 = 50;
 /// The window of the p99 the throttle compares with its baseline.
-pub(super) const PACER_WINDOW: Duration = Duration::from_secs(2);
+const PACER_WINDOW: Duration = Duration::from_secs(2);
 /// A baseline p99 below this counts as this: under it, the p99 of a quiet
 /// shard is noise.
 const PACER_FLOOR: Duration = Duration::from_millis(1);
