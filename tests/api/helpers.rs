@@ -236,10 +236,16 @@ impl TestApp {
         }
     }
 
+    /// `GET /v1/chats/{chat}`, asserting 200: the chat as the API shows it.
+    pub async fn chat_body(&self, chat: &str) -> Value {
+        let r = self.get(&format!("/v1/chats/{chat}")).await;
+        assert_eq!(r.status(), StatusCode::OK, "reading chat {chat}");
+        r.json().await.expect("json")
+    }
+
     /// The index of the shard that stores a chat, from the API.
     pub async fn shard_of(&self, chat: &str) -> usize {
-        let r = self.get(&format!("/v1/chats/{chat}")).await;
-        let body: Value = r.json().await.expect("json");
+        let body = self.chat_body(chat).await;
         let name = body["shard"].as_str().expect("shard").to_owned();
         self.settings
             .shards

@@ -13,9 +13,7 @@ use crate::common::{self, SseReader, eventually};
 use crate::helpers::{TestApp, assert_problem, isolated_settings};
 
 async fn chat(app: &TestApp, chat: &str) -> Value {
-    let r = app.get(&format!("/v1/chats/{chat}")).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.expect("json")
+    app.chat_body(chat).await
 }
 
 async fn metric(app: &TestApp, name: &str, labels: &[&str]) -> f64 {

@@ -467,8 +467,7 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
 
     // Everything acknowledged is on the target, once; the source keeps only
     // its tombstone.
-    let r = a.get(&format!("/v1/chats/{chat}")).await;
-    let body: Value = r.json().await.expect("json");
+    let body = a.chat_body(&chat).await;
     assert_eq!(body["shard"], json!(target_name));
     let mut new = a.db(target).await;
     let mut old = a.db(home).await;
@@ -529,12 +528,7 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
         a.join(&chat, "back-home").await.status(),
         StatusCode::CREATED
     );
-    let body: Value = a
-        .get(&format!("/v1/chats/{chat}"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let body: Value = a.chat_body(&chat).await;
     assert_eq!(body["shard"], json!(a.settings.shards[home].name));
     common::assert_chat_consistent(&mut old, &chat).await;
     assert_eq!(
@@ -602,12 +596,7 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     }
     // Revisions 1..=85; the purge keeps the last 20.
     common::eventually(std::time::Duration::from_secs(20), "the purge", || async {
-        let c: Value = a
-            .get(&format!("/v1/chats/{chat}"))
-            .await
-            .json()
-            .await
-            .expect("json");
+        let c: Value = a.chat_body(&chat).await;
         c["firstRevision"].as_u64().zip(c["revision"].as_u64()) == Some((66, 85))
     })
     .await;
@@ -623,12 +612,7 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     // On the target: every member (those whose joins were purged too),
     // every message, the log gapless from its first stored revision, and
     // the count equal to the rows.
-    let body: Value = a
-        .get(&format!("/v1/chats/{chat}"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let body: Value = a.chat_body(&chat).await;
     assert_eq!(body["shard"], json!(target_name));
     assert!(
         body["firstRevision"].as_u64().expect("first") >= 66,
@@ -1025,12 +1009,7 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
     let ended = ended_move_of(&app, &chat).await;
     assert_eq!(ended["phase"], "done", "{ended}");
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
-    let body: Value = app
-        .get(&format!("/v1/chats/{chat}"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let body: Value = app.chat_body(&chat).await;
     assert_eq!(body["shard"], json!(target_name));
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
