@@ -247,8 +247,16 @@ pub fn build_shards_measured(
     let shards = settings
         .shards
         .iter()
-        .map(|s| {
-            Shard::new(s, &settings.pool, &settings.breaker, instruments.clone()).map(Arc::new)
+        .zip(settings.id_blocks())
+        .map(|(s, block)| {
+            Shard::new(
+                s,
+                block,
+                &settings.pool,
+                &settings.breaker,
+                instruments.clone(),
+            )
+            .map(Arc::new)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Arc::new(ShardSet::new(shards, router)?))

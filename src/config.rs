@@ -616,6 +616,13 @@ pub struct ShardSettings {
     pub url: String,
     /// Bucket ranges this shard owns, e.g. `["0-511"]`.
     pub buckets: Vec<String>,
+    /// The shard's series of `memberId`s and `messageId`s, 0 to 1023, unique
+    /// per shard; by default its position in `[[shards]]`. Set it when
+    /// shards are reordered or removed so each keeps its series: ids of one
+    /// series never meet those of another, which lets a moved chat keep its
+    /// ids (docs/moving-chats.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_block: Option<u16>,
 }
 
 impl ShardSettings {
@@ -704,6 +711,16 @@ impl Settings {
         }
     }
 
+    /// Each shard's series of auto-increment ids, in `[[shards]]` order: its
+    /// `id_block`, or its position.
+    pub fn id_blocks(&self) -> Vec<u16> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.id_block.unwrap_or(u16::try_from(i).unwrap_or(u16::MAX)))
+            .collect()
+    }
+
     /// Checks everything a running service relies on; lists every problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
@@ -731,6 +748,22 @@ impl Settings {
                     "shard {:?}: url must start with mysql:// (got {})",
                     shard.name,
                     shard.redacted_url()
+                ));
+            }
+        }
+        let mut blocks = std::collections::HashMap::new();
+        for (shard, block) in self.shards.iter().zip(self.id_blocks()) {
+            if block >= crate::storage::server::ID_SERIES {
+                problems.push(format!(
+                    "shard {:?}: id_block must be below {}",
+                    shard.name,
+                    crate::storage::server::ID_SERIES
+                ));
+            } else if let Some(other) = blocks.insert(block, shard.name.as_str()) {
+                problems.push(format!(
+                    "shards {other:?} and {:?} have the same id_block {block} (it defaults to the \
+                     shard's position)",
+                    shard.name
                 ));
             }
         }
@@ -1060,6 +1093,39 @@ mod tests {
         let text = include_str!("../config/chatshard.example.toml");
         let settings = Settings::from_toml(text, [])?;
         assert!(!settings.shards.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn id_blocks_default_to_positions_and_must_be_unique_and_in_range() -> crate::TestResult {
+        let s = Settings::from_toml(TWO_SHARDS, [])?;
+        assert_eq!(s.id_blocks(), vec![0, 1]);
+        let swapped = TWO_SHARDS.replace(
+            "buckets = [\"512-1023\"]",
+            "buckets = [\"512-1023\"]\n        id_block = 0",
+        );
+        let swapped = swapped.replacen(
+            "buckets = [\"0-511\"]",
+            "buckets = [\"0-511\"]\n        id_block = 1",
+            1,
+        );
+        assert_eq!(Settings::from_toml(&swapped, [])?.id_blocks(), vec![1, 0]);
+        let clash = TWO_SHARDS.replace(
+            "buckets = [\"512-1023\"]",
+            "buckets = [\"512-1023\"]\n        id_block = 0",
+        );
+        let err = Settings::from_toml(&clash, [])
+            .err()
+            .ok_or("a shared id_block was accepted")?;
+        assert!(err.to_string().contains("same id_block 0"), "{err}");
+        let far = TWO_SHARDS.replace(
+            "buckets = [\"512-1023\"]",
+            "buckets = [\"512-1023\"]\n        id_block = 1024",
+        );
+        let err = Settings::from_toml(&far, [])
+            .err()
+            .ok_or("id_block 1024 was accepted")?;
+        assert!(err.to_string().contains("below 1024"), "{err}");
         Ok(())
     }
 

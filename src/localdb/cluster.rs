@@ -187,6 +187,7 @@ fn shard_settings(servers: &[LocalMariaDb]) -> Vec<ShardSettings> {
             name: format!("shard-{i}"),
             url: server.url(DEFAULT_DATABASE),
             buckets: vec![range.to_string()],
+            id_block: None,
         })
         .collect()
 }

@@ -1,7 +1,9 @@
 //! A deadpool manager for sqlx MySQL connections.
 //!
-//! Every new connection runs in READ COMMITTED (and, when configured, with a
-//! shorter `innodb_lock_wait_timeout`; see `pool.lock_wait_timeout_secs`):
+//! Every new connection draws auto-increment ids from its shard's own series
+//! (see `storage::server::prepare_session`) and runs in READ COMMITTED (and,
+//! when configured, with a shorter `innodb_lock_wait_timeout`; see
+//! `pool.lock_wait_timeout_secs`):
 //! chatshard's write transactions
 //! take explicit locks (`SELECT ... FOR UPDATE` on the chat row) and change
 //! counters only with atomic `UPDATE ... SET x = x + ?`, so they need no snapshot,
@@ -27,13 +29,16 @@ pub struct MySqlManager {
     options: MySqlConnectOptions,
     /// `innodb_lock_wait_timeout` of each session; 0 keeps the server's.
     lock_wait_timeout_secs: u64,
+    /// The shard's series of auto-increment ids.
+    id_block: u16,
 }
 
 impl MySqlManager {
-    pub fn new(options: MySqlConnectOptions, lock_wait_timeout_secs: u64) -> Self {
+    pub fn new(options: MySqlConnectOptions, lock_wait_timeout_secs: u64, id_block: u16) -> Self {
         Self {
             options,
             lock_wait_timeout_secs,
+            id_block,
         }
     }
 }
@@ -44,7 +49,12 @@ impl Manager for MySqlManager {
 
     async fn create(&self) -> Result<MySqlConnection, sqlx::Error> {
         let mut conn = MySqlConnection::connect_with(&self.options).await?;
-        crate::storage::server::prepare_session(&mut conn, self.lock_wait_timeout_secs).await?;
+        crate::storage::server::prepare_session(
+            &mut conn,
+            self.lock_wait_timeout_secs,
+            self.id_block,
+        )
+        .await?;
         Ok(conn)
     }
 

@@ -134,9 +134,13 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
-    /// Builds the shard's pool; connects lazily.
+    /// Builds the shard's pool; connects lazily. `id_block` picks the
+    /// shard's series of auto-increment ids (see [`Settings::id_blocks`]).
+    ///
+    /// [`Settings::id_blocks`]: crate::config::Settings::id_blocks
     pub fn new(
         settings: &ShardSettings,
+        id_block: u16,
         pool: &PoolSettings,
         breaker: &BreakerSettings,
         instruments: Instruments,
@@ -148,14 +152,18 @@ impl Shard {
         let (host, port) = (options.get_host().to_owned(), options.get_port());
         let database = options.get_database().unwrap_or_default().to_owned();
         let address = format!("{host}:{port}");
-        let built = Pool::builder(MySqlManager::new(options, pool.lock_wait_timeout_secs))
-            .max_size(pool.max_concurrent)
-            .wait_timeout(Some(pool.max_wait()))
-            .create_timeout(Some(pool.connect_timeout()))
-            .recycle_timeout(Some(pool.connect_timeout()))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| anyhow::anyhow!("shard {}: {e}", settings.name))?;
+        let built = Pool::builder(MySqlManager::new(
+            options,
+            pool.lock_wait_timeout_secs,
+            id_block,
+        ))
+        .max_size(pool.max_concurrent)
+        .wait_timeout(Some(pool.max_wait()))
+        .create_timeout(Some(pool.connect_timeout()))
+        .recycle_timeout(Some(pool.connect_timeout()))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| anyhow::anyhow!("shard {}: {e}", settings.name))?;
         // Every outcome series exists from the start, so a rate over it sees
         // its first increment.
         for outcome in OUTCOMES {
@@ -594,9 +602,11 @@ mod tests {
             name: "only".into(),
             url: "mysql://root@127.0.0.1:1/x".into(),
             buckets: vec![],
+            id_block: None,
         };
         let shard = Shard::new(
             &settings,
+            0,
             &PoolSettings::default(),
             &BreakerSettings::default(),
             Instruments::unmeasured(),

@@ -13,6 +13,10 @@ pub struct LogRow {
     pub event_type: u8,
     pub user_id: String,
     pub created_at: NaiveDateTime,
+    /// The source's id of the member row a join or leave touched.
+    pub member_id: Option<u64>,
+    /// The source's id of the message a `MESSAGE_SENT` names.
+    pub message_id: Option<u64>,
     pub sender_id: Option<String>,
     pub client_message_id: Option<String>,
     pub body: Option<String>,
@@ -28,8 +32,11 @@ pub async fn log_after(
 ) -> sqlx::Result<Vec<LogRow>> {
     sqlx::query_as(
         "SELECT e.revision, e.event_type, e.user_id, e.created_at, \
+                mb.id AS member_id, e.message_id, \
                 m.sender_id, m.client_message_id, m.body, m.created_at AS message_created_at \
          FROM chat_event e LEFT JOIN chat_message m ON m.id = e.message_id \
+         LEFT JOIN chat_member mb \
+           ON e.event_type <> 1 AND mb.chat_id = e.chat_id AND mb.user_id = e.user_id \
          WHERE e.chat_id = ? AND e.revision > ? ORDER BY e.revision LIMIT ?",
     )
     .bind(chat_id)
@@ -138,6 +145,7 @@ pub async fn replay_batch(
     use std::collections::HashMap;
     // Members: the state each touched user is left in.
     struct Fate {
+        id: Option<u64>,
         before: Option<u8>,
         state: u8,
         created_at: NaiveDateTime,
@@ -169,6 +177,7 @@ pub async fn replay_batch(
         for row in rows.iter().filter(|r| r.event_type != 1) {
             let before = existing.get(&row.user_id).copied();
             let fate = fates.entry(row.user_id.as_str()).or_insert(Fate {
+                id: row.member_id,
                 before,
                 state: before.unwrap_or(2),
                 created_at: row.created_at,
@@ -190,11 +199,14 @@ pub async fn replay_batch(
     let mut delta = 0i64;
     let new: Vec<(&&str, &Fate)> = fates.iter().filter(|(_, f)| f.before.is_none()).collect();
     if !new.is_empty() {
+        let wanted: Vec<u64> = new.iter().filter_map(|(_, f)| f.id).collect();
+        let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
         let mut q = QueryBuilder::new(
-            "INSERT INTO chat_member (chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
+            "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
         );
         q.push_values(&new, |mut b, (user, f)| {
-            b.push_bind(chat_id)
+            b.push_bind(keep_id(&owners, f.id, chat_id, user))
+                .push_bind(chat_id)
                 .push_bind(**user)
                 .push_bind(f.state)
                 .push_bind(f.joined_at.unwrap_or(f.created_at))
@@ -227,16 +239,24 @@ pub async fn replay_batch(
     let messages: Vec<&LogRow> = rows.iter().filter(|r| r.event_type == 1).collect();
     let mut ids: HashMap<u64, u64> = HashMap::new();
     if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
+        let wanted: Vec<u64> = messages.iter().filter_map(|r| r.message_id).collect();
+        let owners = id_owners(&mut *conn, IdTable::Messages, &wanted).await?;
         let mut q = QueryBuilder::new(
-            "INSERT INTO chat_message (chat_id, sender_id, client_message_id, revision, body, created_at) ",
+            "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) ",
         );
         q.push_values(&messages, |mut b, r| {
-            b.push_bind(chat_id)
-                .push_bind(r.sender_id.as_deref().unwrap_or(&r.user_id))
-                .push_bind(r.client_message_id.as_deref().unwrap_or_default())
-                .push_bind(r.revision)
-                .push_bind(r.body.as_deref().unwrap_or_default())
-                .push_bind(r.message_created_at.unwrap_or(r.created_at));
+            b.push_bind(keep_id(
+                &owners,
+                r.message_id,
+                chat_id,
+                &r.revision.to_string(),
+            ))
+            .push_bind(chat_id)
+            .push_bind(r.sender_id.as_deref().unwrap_or(&r.user_id))
+            .push_bind(r.client_message_id.as_deref().unwrap_or_default())
+            .push_bind(r.revision)
+            .push_bind(r.body.as_deref().unwrap_or_default())
+            .push_bind(r.message_created_at.unwrap_or(r.created_at));
         });
         q.build().execute(&mut *conn).await?;
         let read: Vec<(u64, u64)> = sqlx::query_as(
@@ -270,9 +290,63 @@ pub async fn replay_batch(
     Ok(delta)
 }
 
+/// The tables whose ids a copy keeps.
+#[derive(Debug, Clone, Copy)]
+enum IdTable {
+    /// `chat_member`, a row named by its user.
+    Members,
+    /// `chat_message`, a row named by its revision.
+    Messages,
+}
+
+/// Who holds each of `ids` on this shard: the chat and the row's name in it
+/// (user or revision).
+async fn id_owners(
+    conn: &mut MySqlConnection,
+    table: IdTable,
+    ids: &[u64],
+) -> sqlx::Result<std::collections::HashMap<u64, (String, String)>> {
+    if ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut q = sqlx::QueryBuilder::new(match table {
+        IdTable::Members => "SELECT id, chat_id, user_id FROM chat_member WHERE id IN (",
+        IdTable::Messages => {
+            "SELECT id, chat_id, CAST(revision AS CHAR) FROM chat_message WHERE id IN ("
+        }
+    });
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    list.push_unseparated(")");
+    let rows: Vec<(u64, String, String)> = q.build_query_as().fetch_all(conn).await?;
+    Ok(rows.into_iter().map(|(id, c, n)| (id, (c, n))).collect())
+}
+
+/// The id a copied row is inserted with: the source's (`id`), so clients'
+/// `memberId` and `messageId` survive the move, unless another row of the
+/// target already holds it (rows made before the shards' id series were
+/// interleaved, see `storage::server::prepare_session`). Then `None`: the
+/// target gives the row a new id of its own series. The same row there
+/// already (a retried page) keeps its id, and the insert leaves it alone.
+fn keep_id(
+    owners: &std::collections::HashMap<u64, (String, String)>,
+    id: Option<u64>,
+    chat_id: &str,
+    name: &str,
+) -> Option<u64> {
+    id.filter(|id| {
+        owners
+            .get(id)
+            .is_none_or(|(c, n)| c == chat_id && n == name)
+    })
+}
+
 /// A member row as a snapshot copies it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MemberRow {
+    pub id: u64,
     pub user_id: String,
     pub state: u8,
     pub joined_at: NaiveDateTime,
@@ -290,7 +364,7 @@ pub async fn members_after(
     limit: u32,
 ) -> sqlx::Result<Vec<MemberRow>> {
     sqlx::query_as(
-        "SELECT user_id, state, joined_at, left_at, created_at, updated_at FROM chat_member \
+        "SELECT id, user_id, state, joined_at, left_at, created_at, updated_at FROM chat_member \
          WHERE chat_id = ? AND user_id > ? ORDER BY user_id LIMIT ?",
     )
     .bind(chat_id)
@@ -300,8 +374,8 @@ pub async fn members_after(
     .await
 }
 
-/// Copies member rows to the target; a row there already (a retried page)
-/// stays as it is.
+/// Copies member rows to the target with their ids (see [`keep_id`]); a row
+/// there already (a retried page) stays as it is.
 pub async fn insert_members(
     conn: &mut MySqlConnection,
     chat_id: &str,
@@ -310,11 +384,14 @@ pub async fn insert_members(
     if rows.is_empty() {
         return Ok(());
     }
+    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
+    let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
     let mut q = sqlx::QueryBuilder::new(
-        "INSERT INTO chat_member (chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
+        "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
     );
     q.push_values(rows, |mut b, r| {
-        b.push_bind(chat_id)
+        b.push_bind(keep_id(&owners, Some(r.id), chat_id, &r.user_id))
+            .push_bind(chat_id)
             .push_bind(&r.user_id)
             .push_bind(r.state)
             .push_bind(r.joined_at)
@@ -330,6 +407,7 @@ pub async fn insert_members(
 /// A message row as a snapshot copies it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MessageRow {
+    pub id: u64,
     pub sender_id: String,
     pub client_message_id: String,
     pub revision: u64,
@@ -347,7 +425,7 @@ pub async fn messages_after(
     limit: u32,
 ) -> sqlx::Result<Vec<MessageRow>> {
     sqlx::query_as(
-        "SELECT sender_id, client_message_id, revision, body, created_at FROM chat_message \
+        "SELECT id, sender_id, client_message_id, revision, body, created_at FROM chat_message \
          WHERE chat_id = ? AND (sender_id > ? OR (sender_id = ? AND client_message_id > ?)) \
          ORDER BY sender_id, client_message_id LIMIT ?",
     )
@@ -360,8 +438,8 @@ pub async fn messages_after(
     .await
 }
 
-/// Copies message rows to the target (its own ids); a message there already
-/// (a retried page) stays as it is.
+/// Copies message rows to the target with their ids (see [`keep_id`]); a
+/// message there already (a retried page) stays as it is.
 pub async fn insert_messages(
     conn: &mut MySqlConnection,
     chat_id: &str,
@@ -370,16 +448,24 @@ pub async fn insert_messages(
     if rows.is_empty() {
         return Ok(());
     }
+    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
+    let owners = id_owners(&mut *conn, IdTable::Messages, &wanted).await?;
     let mut q = sqlx::QueryBuilder::new(
-        "INSERT INTO chat_message (chat_id, sender_id, client_message_id, revision, body, created_at) ",
+        "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) ",
     );
     q.push_values(rows, |mut b, r| {
-        b.push_bind(chat_id)
-            .push_bind(&r.sender_id)
-            .push_bind(&r.client_message_id)
-            .push_bind(r.revision)
-            .push_bind(&r.body)
-            .push_bind(r.created_at);
+        b.push_bind(keep_id(
+            &owners,
+            Some(r.id),
+            chat_id,
+            &r.revision.to_string(),
+        ))
+        .push_bind(chat_id)
+        .push_bind(&r.sender_id)
+        .push_bind(&r.client_message_id)
+        .push_bind(r.revision)
+        .push_bind(&r.body)
+        .push_bind(r.created_at);
     });
     q.push(" ON DUPLICATE KEY UPDATE revision = revision");
     q.build().execute(conn).await?;

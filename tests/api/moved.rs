@@ -664,6 +664,190 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     }
 }
 
+/// `userId` to `memberId` of a chat's JOINED members, as the API lists them.
+async fn member_ids(app: &TestApp, chat: &str) -> std::collections::BTreeMap<String, u64> {
+    let r = app
+        .get(&format!("/v1/chats/{chat}/members?limit=100"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let page: Value = r.json().await.expect("json");
+    assert!(page["nextCursor"].is_null(), "{page}");
+    page["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["userId"].as_str().expect("user").to_owned(),
+                m["memberId"].as_u64().expect("memberId"),
+            )
+        })
+        .collect()
+}
+
+/// Moves a chat of 20 members and 10 messages (its log purged first when
+/// `purged`, so that its rows are copied as they stand) to a shard where
+/// another chat's rows already hold one member's id and one message's id.
+/// Every other member and message keeps its id; the two that collide get
+/// new ids of the target's series, the squatters keep theirs, and retried
+/// keys answer the ids the rows now have.
+async fn ids_survive_a_move(app: &TestApp, chat: &str, purged: bool) {
+    let series = u64::from(chatshard::storage::server::ID_SERIES);
+    let blocks = app.settings.id_blocks();
+    let r = app.put_chat(chat, None).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for i in 0..20 {
+        assert_eq!(
+            app.join(chat, &format!("u-{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let r = app.post(chat, "u-0", &format!("k-{i}"), "hello").await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let v: Value = r.json().await.expect("json");
+        sent.push(v["messageId"].as_u64().expect("messageId"));
+    }
+    if purged {
+        common::eventually(Duration::from_secs(20), "the purge", || async {
+            app.chat_body(chat).await["firstRevision"].as_u64() > Some(1)
+        })
+        .await;
+    }
+    let home = app.shard_of(chat).await;
+    let target = (home + 1) % app.settings.shards.len();
+    let before = member_ids(app, chat).await;
+    assert_eq!(before.len(), 20);
+    // Ids made on a shard are of its series.
+    for id in before.values().chain(&sent) {
+        assert_eq!(id % series, (u64::from(blocks[home]) + 1) % series, "{id}");
+    }
+    // Another chat's rows on the target hold u-3's id and k-4's id.
+    let squatter = format!("{chat}-squatter");
+    let mut db = app.db(target).await;
+    sqlx::query(
+        "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, created_at, updated_at) \
+         VALUES (?, ?, 'squatter', 1, NOW(6), NOW(6), NOW(6))",
+    )
+    .bind(before["u-3"])
+    .bind(&squatter)
+    .execute(&mut db)
+    .await
+    .expect("squat a member id");
+    sqlx::query(
+        "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) \
+         VALUES (?, ?, 'squatter', 'q', 1, 'mine', NOW(6))",
+    )
+    .bind(sent[4])
+    .bind(&squatter)
+    .execute(&mut db)
+    .await
+    .expect("squat a message id");
+
+    let done = move_to_end(app, chat, &app.settings.shards[target].name).await;
+    assert_eq!(done["phase"], "done", "{done}");
+    assert_eq!(app.shard_of(chat).await, target);
+
+    let target_series = (u64::from(blocks[target]) + 1) % series;
+    let after = member_ids(app, chat).await;
+    assert_eq!(after.len(), 20);
+    for (user, id) in &after {
+        if user == "u-3" {
+            assert_ne!(*id, before["u-3"], "a colliding id is given anew");
+            assert_eq!(id % series, target_series, "{id}");
+        } else {
+            assert_eq!(*id, before[user], "{user} keeps its memberId");
+        }
+    }
+    let mut now = Vec::new();
+    for (i, id) in sent.iter().enumerate() {
+        let r = app.post(chat, "u-0", &format!("k-{i}"), "hello").await;
+        assert_eq!(r.status(), StatusCode::OK, "k-{i} is applied once");
+        let v: Value = r.json().await.expect("json");
+        let again = v["messageId"].as_u64().expect("messageId");
+        if i == 4 {
+            assert_ne!(again, *id, "a colliding id is given anew");
+            assert_eq!(again % series, target_series, "{again}");
+        } else {
+            assert_eq!(again, *id, "k-{i} keeps its messageId");
+        }
+        now.push((v["revision"].as_u64().expect("revision"), again));
+    }
+    // Each stored MESSAGE_SENT names its message's id as it stands now.
+    let first = app.chat_body(chat).await["firstRevision"]
+        .as_u64()
+        .expect("firstRevision");
+    let r = app
+        .get(&format!(
+            "/v1/chats/{chat}/events?after={}&limit=500",
+            first - 1
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let page: Value = r.json().await.expect("json");
+    let events = page["events"].as_array().expect("events");
+    assert_eq!(events.len() as u64, 30 - first + 1, "{page}");
+    for e in events {
+        if e["type"] == "MESSAGE_SENT" {
+            let revision = e["revision"].as_u64().expect("revision");
+            let (_, id) = now
+                .iter()
+                .find(|(r, _)| *r == revision)
+                .expect("a message of the chat");
+            assert_eq!(e["messageId"].as_u64(), Some(*id), "{e}");
+        }
+    }
+    // The squatters are untouched.
+    let held: (String, String) =
+        sqlx::query_as("SELECT chat_id, user_id FROM chat_member WHERE id = ?")
+            .bind(before["u-3"])
+            .fetch_one(&mut db)
+            .await
+            .expect("squatting member");
+    assert_eq!(held, (squatter.clone(), "squatter".to_owned()));
+    let held: (String, String) =
+        sqlx::query_as("SELECT chat_id, body FROM chat_message WHERE id = ?")
+            .bind(sent[4])
+            .fetch_one(&mut db)
+            .await
+            .expect("squatting message");
+    assert_eq!(held, (squatter, "mine".to_owned()));
+    // A member joined on the target gets an id of its series, above the ids
+    // the copy brought in.
+    let r = app.join(chat, "newcomer").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let newcomer = member_ids(app, chat).await["newcomer"];
+    assert_eq!(newcomer % series, target_series, "{newcomer}");
+    assert!(before.values().all(|id| *id != newcomer));
+    common::assert_chat_consistent(&mut db, chat).await;
+    assert_eq!(common::count_and_rows(&mut db, chat).await, (21, 21));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_chat_keeps_its_ids_and_one_that_collides_gets_a_new_one() {
+    let replayed = crate::helpers::unique("keepids");
+    let purged = crate::helpers::unique("keepidsp");
+    let purging = purged.clone();
+    // Fresh shards: no other test's rows hold ids in the way.
+    let settings = crate::helpers::isolated_settings("ids").await;
+    let app = TestApp::spawn_on(settings, move |s| {
+        s.admin.token = TOKEN.to_owned();
+        s.retention.enabled = false;
+        s.retention.overrides.insert(
+            purging,
+            serde_json::from_value(json!({ "enabled": true, "minDays": 0, "minRevisions": 5 }))
+                .expect("override"),
+        );
+        s.purge.interval_ms = 50;
+        s.moves.batch_revisions = 7;
+    })
+    .await;
+    ids_survive_a_move(&app, &replayed, false).await;
+    ids_survive_a_move(&app, &purged, true).await;
+    app.shut_down().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_does_not_verify_is_rolled_back_and_the_chat_stays() {
     let app = TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await;
