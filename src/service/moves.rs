@@ -986,7 +986,16 @@ impl ChatService {
                 self.digest(chat, source).await?,
                 self.digest(chat, target).await?,
             );
-            if from != to || from.revision != frozen {
+            // Writes past the frozen revision: the fence lapsed before the
+            // copies were compared (a slow target), and they cannot agree.
+            // Copy on and fence again, as for a lapse found at the switch.
+            if from.revision != frozen
+                || (from != to && self.source_revision(chat, source).await? != frozen)
+            {
+                tracing::warn!(chat = %chat, attempt, "the fence lapsed before the verification; copying on");
+                continue;
+            }
+            if from != to {
                 return Err(Stop::Mismatch {
                     from: Box::new(from),
                     to: Box::new(to),

@@ -112,6 +112,20 @@ impl Cluster {
         format!("{}{path}", self.base)
     }
 
+    /// The name of the shard at `index`.
+    pub fn shard_name(&self, index: usize) -> String {
+        self.settings.shards[index].name.clone()
+    }
+
+    /// Each shard's URL, straight to its server (not through its proxy).
+    pub fn shard_urls(&self) -> Vec<String> {
+        self.shards
+            .shard_settings()
+            .iter()
+            .map(|s| s.url.clone())
+            .collect()
+    }
+
     pub fn shard_index(&self, name: &str) -> usize {
         self.settings
             .shards

@@ -668,6 +668,36 @@ async fn join(c: &Cluster, chat: &str, user: &str) -> u16 {
         .as_u16()
 }
 
+/// A new chat `{prefix}-N` stored on the shard named `shard`, with `members`
+/// members `m0`, `m1`, ....
+async fn chat_on(c: &Cluster, prefix: &str, shard: &str, members: usize) -> String {
+    let mut chat = String::new();
+    for i in 0.. {
+        chat = format!("{prefix}-{i}");
+        let r = c
+            .http
+            .put(c.url(&format!("/v1/chats/{chat}")))
+            .json(&serde_json::json!({ "maxMembers": 100_000 }))
+            .send()
+            .await
+            .expect("put");
+        let body: Value = r.json().await.expect("json");
+        if body["shard"] == shard {
+            break;
+        }
+    }
+    for n in (0..members).step_by(50) {
+        let users: Vec<String> = (n..(n + 50).min(members))
+            .map(|i| format!("m{i}"))
+            .collect();
+        let joins = users.iter().map(|user| join(c, &chat, user));
+        for status in futures_util::future::join_all(joins).await {
+            assert_eq!(status, 201, "filling {chat}");
+        }
+    }
+    chat
+}
+
 /// The source shard killed while a chat is copied off it, then (the chat
 /// moved again) its new shard killed after the switch. The first move rolls
 /// back and the chat stays whole on its source; after the switch the chat is
@@ -690,39 +720,9 @@ async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
     .await;
     let source = BROKEN;
     let target = (BROKEN + 1) % c.settings.shards.len();
-    let (source_name, target_name) = (
-        c.settings.shards[source].name.clone(),
-        c.settings.shards[target].name.clone(),
-    );
-    // A chat of the source with 1,500 members.
-    let mut chat = String::new();
-    for i in 0.. {
-        chat = format!("moving-{i}");
-        let r = c
-            .http
-            .put(c.url(&format!("/v1/chats/{chat}")))
-            .json(&serde_json::json!({ "maxMembers": 100_000 }))
-            .send()
-            .await
-            .expect("put");
-        let body: Value = r.json().await.expect("json");
-        if body["shard"] == source_name.as_str() {
-            break;
-        }
-    }
-    for n in (0..1500).step_by(50) {
-        let users: Vec<String> = (n..n + 50).map(|i| format!("m{i}")).collect();
-        let joins = users.iter().map(|user| join(&c, &chat, user));
-        for status in futures_util::future::join_all(joins).await {
-            assert_eq!(status, 201, "filling {chat}");
-        }
-    }
-    let urls: Vec<String> = c
-        .shards
-        .shard_settings()
-        .iter()
-        .map(|s| s.url.clone())
-        .collect();
+    let (source_name, target_name) = (c.shard_name(source), c.shard_name(target));
+    let chat = chat_on(&c, "moving", &source_name, 1500).await;
+    let urls = c.shard_urls();
 
     // 1. The source dies mid-copy.
     let id = start_move(&c, &chat, &target_name).await;
@@ -803,4 +803,132 @@ async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
         .expect("target");
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (1502, 1502));
+}
+
+/// The target slowed (every packet to and from it held 30 ms) so that no
+/// fence of 100 ms can cover the final catch-up: each attempt's fence lapses
+/// before the switch, the move rolls back after its third, and the chat
+/// keeps working on its source, with every write acknowledged meanwhile
+/// there, once, and nothing left on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s10_a_fence_that_lapses_rolls_the_move_back() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start_with(|s| {
+        s.moves.fence_ms = 100;
+        // Longer than any step against the slowed target takes, so the move
+        // is not taken for abandoned.
+        s.moves.lease_ms = 10_000;
+        s.moves.max_p99_ratio = 0.0;
+        // Slow, not failing: the target's statements stay within deadlines.
+        s.pool.operation_timeout_ms = 5000;
+        s.pool.connect_timeout_ms = 5000;
+        s.join_throttle.enabled = false;
+    })
+    .await;
+    let target = BROKEN;
+    let source = (BROKEN + 1) % c.settings.shards.len();
+    let (source_name, target_name) = (c.shard_name(source), c.shard_name(target));
+    let chat = chat_on(&c, "lapsing", &source_name, 200).await;
+    let urls = c.shard_urls();
+
+    c.proxies[target].set(Mode::Delay(Duration::from_millis(30)));
+    // A writer joins new members throughout, each retried until acknowledged
+    // (a fenced write is held, or answered 503).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (base, http, chat, stop) = (c.base.clone(), c.http.clone(), chat.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            // 50 joins a second: a copy against the slowed target keeps up.
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pace.tick().await;
+                let user = format!("w{}", acked.len());
+                loop {
+                    let r = http
+                        .post(format!("{base}/v1/chats/{chat}/members"))
+                        .json(&serde_json::json!({ "userId": user }))
+                        .send()
+                        .await
+                        .expect("join");
+                    match r.status().as_u16() {
+                        200 | 201 => break,
+                        503 => tokio::time::sleep(Duration::from_millis(10)).await, // backoff
+                        other => panic!("join {user}: {other}"),
+                    }
+                }
+                acked.push(user);
+            }
+            acked
+        })
+    };
+    let id = start_move(&c, &chat, &target_name).await;
+    let ended = wait_move(&c, &id, Duration::from_secs(60), |m| {
+        m["phase"] == "rolled_back" || m["phase"] == "done"
+    })
+    .await;
+    eprintln!("[s10] the move to a slow target: {ended}");
+    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert!(
+        ended["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lapsed"),
+        "{ended}"
+    );
+    c.proxies[target].set(Mode::Pass);
+    // Writes go on on the source after the roll-back.
+    let after = wait_joined(&c, &chat, "after-rollback").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.expect("writer");
+    eprintln!("[s10] {} joins acknowledged during the move", acked.len());
+
+    let body: Value = c
+        .http
+        .get(c.url(&format!("/v1/chats/{chat}")))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["shard"], source_name.as_str(), "{body}");
+    let mut old = MySqlConnection::connect(&urls[source])
+        .await
+        .expect("source");
+    let mut new = MySqlConnection::connect(&urls[target])
+        .await
+        .expect("target");
+    common::assert_chat_consistent(&mut old, &chat).await;
+    let mut users = common::joined_users(&mut old, &chat).await;
+    users.sort();
+    let mut expected: Vec<String> = (0..200).map(|i| format!("m{i}")).chain(acked).collect();
+    expected.push(after);
+    expected.sort();
+    assert_eq!(users, expected, "every acknowledged join, once");
+    let n = expected.len() as i64;
+    assert_eq!(common::count_and_rows(&mut old, &chat).await, (n, n));
+    for table in ["chat", "chat_member", "chat_event"] {
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE chat_id = ?"
+        )))
+        .bind(&chat)
+        .fetch_one(&mut new)
+        .await
+        .expect("target");
+        assert_eq!(rows, 0, "the target keeps nothing of the chat in {table}");
+    }
+}
+
+/// Joins `user` once the chat takes writes again; the user.
+async fn wait_joined(c: &Cluster, chat: &str, user: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = join(c, chat, user).await;
+        if status / 100 == 2 {
+            return user.to_owned();
+        }
+        assert!(Instant::now() < deadline, "join answered {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
 }
