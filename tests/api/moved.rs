@@ -1345,6 +1345,57 @@ async fn a_mover_process_killed_while_fenced_leaves_the_chat_whole_and_writable(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_while_cleaning_is_finished_by_the_instance() {
+    let (app, chat, home, target) = chat_for_a_killed_mover("cleankill", 800).await;
+    let target_name = app.settings.shards[target].name.clone();
+    // The clean-up of the source in small, paced deletes (seconds for the
+    // 3,000 members and their events), so the kill lands inside it.
+    let mut settings = settings();
+    settings.moves.clean_batch = 10;
+    settings.moves.pause_ms = 20;
+    settings.moves.max_p99_ratio = 0.0;
+    kill_cli_when(
+        &settings,
+        &["move-chat", &chat, "--to", &target_name],
+        |line| line.contains("cleaning"),
+    );
+    // Killed inside the clean-up (the takeover waits for the 1 s lease).
+    let mut old = app.db(home).await;
+    let behind: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_event WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source");
+    assert!(behind > 0, "the clean-up had ended before the kill");
+    // Switched before it died: the chat already lives on the target.
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    assert_eq!(app.shard_of(&chat).await, target);
+    // The instance takes the move over after its lease and finishes it.
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    let mut new = app.db(target).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    for table in ["chat_member", "chat_message", "chat_event"] {
+        let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE chat_id = ?"
+        )))
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source");
+        assert_eq!(left, 0, "{table} is cleaned at the source");
+    }
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("tombstone");
+    assert_eq!(marker, Some(target_name));
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole() {
     let app = std::sync::Arc::new(
         TestApp::spawn_with(|s| {
@@ -2083,7 +2134,7 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_that_meets_a_short_fence_is_held_and_applied_not_refused() {
+async fn writes_and_batches_that_meet_a_short_fence_are_held_and_applied_not_refused() {
     let app = TestApp::spawn().await;
     let chat = crate::helpers::unique("held");
     assert_eq!(
@@ -2101,18 +2152,53 @@ async fn a_write_that_meets_a_short_fence_is_held_and_applied_not_refused() {
     // A fence shorter than moves.hold_writes_ms (800): the join waits it out.
     fence(200).execute(&mut db).await.expect("fence");
     assert_eq!(app.join(&chat, "held").await.status(), StatusCode::CREATED);
-    // With the hold off, a fence is answered at once, and nothing is applied.
+    // A group-commit batch caught by a short fence: 30 joins at once, held
+    // together, then applied, each once.
+    fence(300).execute(&mut db).await.expect("fence");
+    let users: Vec<String> = (0..30).map(|i| format!("batched-{i}")).collect();
+    let joins = users.iter().map(|user| app.join(&chat, user));
+    for r in futures_util::future::join_all(joins).await {
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    // With the hold off, a fence is answered at once, and nothing is applied:
+    // a single write, and batches of writes (30 joins at once take fewer
+    // shard operations than 30).
     let off = TestApp::spawn_with(|s| s.moves.hold_writes_ms = 0).await;
+    let shard = format!(
+        "shard=\"{}\"",
+        app.settings.shards[app.shard_of(&chat).await].name
+    );
+    let operations = || async {
+        common::sum_where(
+            &common::metric_samples(&off.http, &off.base, "chatshard_shard_operations_total").await,
+            &[&shard],
+        )
+    };
     fence(60_000).execute(&mut db).await.expect("fence");
     let r = off.join(&chat, "refused").await;
     crate::helpers::assert_problem(r, 503, "chat_moving").await;
+    let before = operations().await;
+    let users: Vec<String> = (0..30).map(|i| format!("refused-{i}")).collect();
+    let joins = users.iter().map(|user| off.join(&chat, user));
+    for r in futures_util::future::join_all(joins).await {
+        crate::helpers::assert_problem(r, 503, "chat_moving").await;
+    }
+    let batches = operations().await - before;
+    println!("30 fenced joins took {batches} shard operations");
+    assert!(batches < 30.0, "{batches} operations for 30 joins");
     sqlx::query("UPDATE chat SET fenced_until = NULL WHERE chat_id = ?")
         .bind(&chat)
         .execute(&mut db)
         .await
         .expect("unfence");
-    assert_eq!(common::joined_users(&mut db, &chat).await, ["held"]);
+    let mut expected: Vec<String> = (0..30).map(|i| format!("batched-{i}")).collect();
+    expected.push("held".to_owned());
+    expected.sort();
+    let mut joined = common::joined_users(&mut db, &chat).await;
+    joined.sort();
+    assert_eq!(joined, expected);
     common::assert_chat_consistent(&mut db, &chat).await;
+    assert_eq!(common::count_and_rows(&mut db, &chat).await, (31, 31));
     off.shut_down().await;
     app.shut_down().await;
 }
