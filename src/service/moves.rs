@@ -10,12 +10,13 @@
 //!
 //! One move at a time per chat, driven by the instance that started it, with
 //! verification and roll-back when the copies differ or the fence lapses. A
-//! move whose driver died is finished (past its tombstone) or rolled back by
-//! whichever instance takes it over first ([`ChatService::recover_moves`]).
+//! move whose driver died is taken over by whichever instance claims it
+//! first ([`ChatService::recover_moves`]), which becomes its next driver:
+//! the move is finished past its tombstone, rolled back if a cancel was
+//! asked for, and resumed where the target's copy stands otherwise.
 //! A move can be cancelled until its switch ([`ChatService::cancel_move`]).
 //! A chat whose log was purged is first copied from a snapshot of its rows
-//! ([`ChatService::copy_snapshot`]). Not built yet: resuming an abandoned
-//! copy where it stopped.
+//! ([`ChatService::copy_snapshot`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -420,7 +421,16 @@ enum Stop {
     Cancelled,
     #[error("the target's copy changed under the snapshot (another mover?)")]
     SnapshotTaken,
+    /// Another instance took the move over (this driver was too slow to
+    /// renew its lease): it drives the move from here, so this one stops
+    /// without touching it.
+    #[error("taken over by another instance")]
+    Superseded,
 }
+
+/// A move (its record's id on the source) and the driver that holds it
+/// ([`moves::claim`] counts the takeovers).
+type Hold = (u64, u32);
 
 impl From<crate::shard::ShardError> for Stop {
     fn from(e: crate::shard::ShardError) -> Self {
@@ -509,10 +519,11 @@ impl ChatService {
             Err(e) => return Err(e.to_string()),
         };
         self.drive_to_end(
-            recorded.id,
+            (recorded.id, 0),
             chat.clone(),
             (recorded.source, recorded.target),
             Pacer::watching(watch.clone(), baseline, &self.move_settings),
+            false,
         )
         .await
         .map(|()| true)
@@ -579,12 +590,17 @@ impl ChatService {
         }))
     }
 
-    /// Finishes or rolls back the moves whose driver died (their record has
-    /// not changed for `lease`): a move whose source already holds the
-    /// tombstone is switched to the end (target live, home marker) and
-    /// cleaned; any other is rolled back, and the chat goes on at its source.
-    /// One instance takes each move over (a compare-and-set on its record).
-    pub async fn recover_moves(&self) {
+    /// Resumes, finishes or rolls back the moves whose driver died (their
+    /// record has not changed for `lease`). One instance takes each move
+    /// over, by a compare-and-set on its record that also makes it the
+    /// move's next driver:
+    ///
+    /// - a move whose source already holds the tombstone is switched to the
+    ///   end (target live, home marker) and cleaned;
+    /// - a move with a cancel asked for is rolled back, and ends `cancelled`;
+    /// - any other resumes where its target's copy stands (from the start if
+    ///   the target was never opened), in the background.
+    pub async fn recover_moves(self: &Arc<Self>) {
         let lease = self.move_settings.lease.as_secs().max(1);
         for source in self.shards.all() {
             let rows = source
@@ -600,46 +616,38 @@ impl ChatService {
                         Box::pin(async move { Ok(moves::claim(conn, id, seen, now()).await?) })
                     })
                     .await;
-                if matches!(claimed, Ok(true)) {
-                    self.resume(source, row).await;
+                if let Ok(Some(driver)) = claimed {
+                    self.take_over(source, row, driver).await;
                 }
             }
         }
     }
 
-    async fn resume(&self, source: &Arc<Shard>, row: moves::MoveRow) {
+    async fn take_over(self: &Arc<Self>, source: &Arc<Shard>, row: moves::MoveRow, driver: u32) {
         let Ok(chat) = ChatId::parse(&row.chat_id) else {
             return;
         };
+        let hold = (row.id, driver);
         let Some(target) = self.shards.by_name(&row.target).cloned() else {
-            self.record(
-                source,
-                row.id,
-                "rolled_back",
-                row.copied_revision,
-                Some("its target shard is not configured here"),
-                true,
-            )
-            .await;
+            let _ = self
+                .record(
+                    source,
+                    hold,
+                    "rolled_back",
+                    row.copied_revision,
+                    Some("its target shard is not configured here"),
+                    true,
+                )
+                .await;
             return;
         };
         let settings = self.move_settings.clone();
-        // The old driver may only be slow, not dead: it is barred from the
-        // switch first (under the move row's lock, which its switch takes),
-        // and only then is the source read. Either its switch went in
-        // before, and the source says so, or it never will.
-        let id = row.id;
-        let barred = source
-            .write(Some(&chat), "move_bar_switch", move |conn| {
-                Box::pin(async move { Ok(moves::bar_switch(conn, id).await?) })
-            })
-            .await;
-        if let Err(e) = barred {
-            tracing::warn!(chat = %chat, error = %e, "barring an abandoned move's switch failed; retrying later");
-            return;
-        }
-        // A source that cannot be read may hold the tombstone: nothing is
-        // rolled back on a guess.
+        // The claim made this instance the move's driver: the old driver, if
+        // it was only slow, can no longer switch (its switch reads the driver
+        // under the move row's lock, which the claim wrote). Only now is the
+        // source read: either the old switch went in before, and the source
+        // says so, or it never will. A source that cannot be read may hold
+        // the tombstone: nothing is done on a guess.
         let at_source = match self.row_on(&chat, source).await {
             Ok(row) => row,
             Err(e) => {
@@ -648,17 +656,19 @@ impl ChatService {
             }
         };
         let switched = matches!(&at_source, Some((_, Some(to))) if *to == row.target);
-        tracing::warn!(chat = %chat, phase = %row.phase, switched, "taking over an abandoned chat move");
+        tracing::warn!(chat = %chat, phase = %row.phase, switched, driver, "taking over an abandoned chat move");
         if switched {
             match self.finish_switch(&chat, source, &target).await {
                 Ok(()) => {
-                    self.record(source, row.id, "cleaning", row.copied_revision, None, false)
+                    let _ = self
+                        .record(source, hold, "cleaning", row.copied_revision, None, false)
                         .await;
                     let watch = Watch::chat(source, &chat);
                     let mut pacer = Pacer::watching(watch.clone(), watch.baseline(), &settings);
                     self.clean_source(&chat, source, &settings, Some(&mut pacer))
                         .await;
-                    self.record(source, row.id, "done", row.copied_revision, None, true)
+                    let _ = self
+                        .record(source, hold, "done", row.copied_revision, None, true)
                         .await;
                 }
                 Err(e) => {
@@ -666,16 +676,32 @@ impl ChatService {
                     tracing::warn!(chat = %chat, error = %e, "finishing an abandoned switch failed; retrying later");
                 }
             }
-        } else {
+        } else if row.cancel_requested != 0 {
+            // A cancel asked for (1), or the bar an earlier build's takeover
+            // set (2): rolled back.
             self.roll_back(&chat, source, &target, &settings).await;
             if row.cancel_requested == 1 {
-                self.record(source, row.id, "cancelled", 0, None, true)
-                    .await;
+                let _ = self.record(source, hold, "cancelled", 0, None, true).await;
             } else {
                 let reason = format!("abandoned by its driver in phase {}", row.phase);
-                self.record(source, row.id, "rolled_back", 0, Some(&reason), true)
+                let _ = self
+                    .record(source, hold, "rolled_back", 0, Some(&reason), true)
                     .await;
             }
+        } else {
+            // Resumed where the target's copy stands. A target opened by the
+            // old driver is past `requested`.
+            let resuming = row.phase != "requested";
+            let (service, source) = (self.clone(), source.clone());
+            tokio::spawn(async move {
+                let watch = Watch::chat(&source, &chat);
+                let pacer =
+                    Pacer::watching(watch.clone(), watch.baseline(), &service.move_settings);
+                // The outcome is in the move's record.
+                let _ = service
+                    .drive_to_end(hold, chat, (source, target), pacer, resuming)
+                    .await;
+            });
         }
     }
 
@@ -829,42 +855,78 @@ impl ChatService {
         // they had before the move.
         let watch = Watch::chat(&source, &chat);
         let pacer = Pacer::watching(watch.clone(), watch.baseline(), &self.move_settings);
-        self.drive_to_end(id, chat, (source, target), pacer).await
+        self.drive_to_end((id, 0), chat, (source, target), pacer, false)
+            .await
     }
 
+    /// Drives a move to its end (`resuming`: one taken over, whose target's
+    /// copy stands where its old driver left it).
     async fn drive_to_end(
         &self,
-        id: u64,
+        hold: Hold,
         chat: ChatId,
         (source, target): (Arc<Shard>, Arc<Shard>),
         mut pacer: Pacer,
+        resuming: bool,
     ) -> Result<(), String> {
         let settings = self.move_settings.clone();
         let outcome = self
-            .drive(id, &chat, (&source, &target), &settings, &mut pacer)
+            .drive(
+                hold,
+                &chat,
+                (&source, &target),
+                &settings,
+                &mut pacer,
+                resuming,
+            )
             .await;
         match outcome {
             Ok(copied) => {
                 tracing::info!(chat = %chat, from = source.name(), to = target.name(), revision = copied, "chat_moved");
-                self.record(&source, id, "cleaning", copied, None, false)
+                // Switched: whoever holds the move now, the clean-up is the
+                // same (and idempotent).
+                let _ = self
+                    .record(&source, hold, "cleaning", copied, None, false)
                     .await;
                 self.clean_source(&chat, &source, &settings, Some(&mut pacer))
                     .await;
-                self.record(&source, id, "done", copied, None, true).await;
+                let _ = self.record(&source, hold, "done", copied, None, true).await;
                 Ok(())
             }
-            Err(Stop::Cancelled) => {
-                tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_cancelled");
-                self.roll_back(&chat, &source, &target, &settings).await;
-                self.record(&source, id, "cancelled", 0, None, true).await;
-                Err("cancelled".to_owned())
+            Err(Stop::Superseded) => {
+                tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_taken_over");
+                Err(Stop::Superseded.to_string())
             }
             Err(stop) => {
-                let reason = stop.to_string();
-                tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_rolled_back");
+                match self.standing(&source, hold).await {
+                    Some(moves::Standing::Holds | moves::Standing::Cancelled) => {}
+                    // Another driver took the move over meanwhile: its copy
+                    // is not this one's to drop.
+                    Some(moves::Standing::Superseded) => {
+                        tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_taken_over");
+                        return Err(Stop::Superseded.to_string());
+                    }
+                    // The source cannot be asked (nor its record ended):
+                    // the instance that takes the move over after its lease
+                    // resumes it from the target's copy, which is left as
+                    // it stands.
+                    None => {
+                        let reason = stop.to_string();
+                        tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_stopped; left to a takeover");
+                        return Err(reason);
+                    }
+                }
                 // The chat stays where it is.
                 self.roll_back(&chat, &source, &target, &settings).await;
-                self.record(&source, id, "rolled_back", 0, Some(&reason), true)
+                if matches!(stop, Stop::Cancelled) {
+                    tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_cancelled");
+                    let _ = self.record(&source, hold, "cancelled", 0, None, true).await;
+                    return Err("cancelled".to_owned());
+                }
+                let reason = stop.to_string();
+                tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_rolled_back");
+                let _ = self
+                    .record(&source, hold, "rolled_back", 0, Some(&reason), true)
                     .await;
                 Err(reason)
             }
@@ -873,14 +935,14 @@ impl ChatService {
 
     async fn drive(
         &self,
-        id: u64,
+        hold: Hold,
         chat: &ChatId,
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
         pacer: &mut Pacer,
+        resuming: bool,
     ) -> Result<u64, Stop> {
         let chat_id = chat.to_string();
-        // The target's row, marked as held by the source until the switch.
         let c = chat_id.clone();
         let head = source
             .read(Some(chat), "move_head", move |conn| {
@@ -889,36 +951,32 @@ impl ChatService {
             .await?
             .ok_or(Stop::Gone)?;
         let first = head.first_revision;
-        let (c, src) = (chat_id.clone(), source.name().to_owned());
-        let opened = target
-            .write(Some(chat), "move_open", move |conn| {
-                Box::pin(async move {
-                    let mut tx = conn.begin().await?;
-                    match moves::open_target(&mut tx, &c, &head, &src).await {
-                        Ok(()) => {}
-                        Err(moves::OpenError::Sql(e)) => return Err(e.into()),
-                        Err(moves::OpenError::Live) => {
-                            tx.rollback().await?;
-                            return Ok(false);
-                        }
-                    }
-                    tx.commit().await.map_err(OpError::Commit)?;
-                    Ok(true)
-                })
-            })
-            .await?;
-        if !opened {
-            return Err(Stop::TargetLive);
-        }
-        if self.record(source, id, "copying", 0, None, false).await {
-            return Err(Stop::Cancelled);
-        }
-        // A purged log: the rows as they stand first.
-        let mut copied = if first > 1 {
-            self.copy_snapshot(id, chat, (source, target), settings, pacer, first)
-                .await?
+        // A move taken over goes on with its target's copy, if the target
+        // holds one for this source.
+        let resumed = if resuming {
+            match self.row_on(chat, target).await? {
+                Some((at, Some(holder))) if holder == source.name() => Some(at),
+                _ => None,
+            }
         } else {
-            0
+            None
+        };
+        if let Some(at) = resumed {
+            tracing::info!(chat = %chat, revision = at, "resuming a chat move's copy where its target stands");
+        } else {
+            self.open_target(chat, &head, (source, target)).await?;
+        }
+        self.record(source, hold, "copying", resumed.unwrap_or(0), None, false)
+            .await?;
+        // A purged log: the rows as they stand first (again, if a snapshot
+        // was not settled: its pages are idempotent).
+        let mut copied = match resumed {
+            Some(at) if at > 0 => at,
+            _ if first > 1 => {
+                self.copy_snapshot(hold, chat, (source, target), settings, pacer, first)
+                    .await?
+            }
+            _ => 0,
         };
         // Copy while writes go on, each round up to the revision the source
         // had when it began, until the target is close behind; paced.
@@ -938,7 +996,7 @@ impl ChatService {
                 }
                 copied = self
                     .copy_until(
-                        (id, "copying"),
+                        (hold, "copying"),
                         chat,
                         (source, target),
                         settings,
@@ -947,12 +1005,8 @@ impl ChatService {
                     )
                     .await?;
             }
-            if self
-                .record(source, id, "copying", copied, None, false)
-                .await
-            {
-                return Err(Stop::Cancelled);
-            }
+            self.record(source, hold, "copying", copied, None, false)
+                .await?;
             // The fence: from here the source takes no write of the chat.
             let (c, ms) = (chat_id.clone(), settings.fence.as_millis() as u64);
             let frozen = source
@@ -968,13 +1022,12 @@ impl ChatService {
                 })
                 .await?
                 .ok_or(Stop::Gone)?;
-            if self.record(source, id, "fenced", copied, None, false).await {
-                return Err(Stop::Cancelled);
-            }
+            self.record(source, hold, "fenced", copied, None, false)
+                .await?;
             // Under the fence the chat's writes wait: no pause.
             copied = self
                 .copy_until(
-                    (id, "fenced"),
+                    (hold, "fenced"),
                     chat,
                     (source, target),
                     settings,
@@ -1001,12 +1054,8 @@ impl ChatService {
                     to: Box::new(to),
                 });
             }
-            if self
-                .record(source, id, "verified", copied, None, false)
-                .await
-            {
-                return Err(Stop::Cancelled);
-            }
+            self.record(source, hold, "verified", copied, None, false)
+                .await?;
             // The switch, in its order: the tombstone at the source (only if
             // the fence still holds and no cancel came first), then the
             // target made live, then the home shard's marker.
@@ -1015,8 +1064,8 @@ impl ChatService {
                 .write(Some(chat), "move_switch", move |conn| {
                     Box::pin(async move {
                         let mut tx = conn.begin().await?;
-                        let step =
-                            moves::switch_source(&mut tx, id, &c, &to_name, frozen, now()).await?;
+                        let step = moves::switch_source(&mut tx, hold, &c, &to_name, frozen, now())
+                            .await?;
                         if step == moves::SwitchStep::Done {
                             tx.commit().await.map_err(OpError::Commit)?;
                         } else {
@@ -1029,17 +1078,54 @@ impl ChatService {
             match step {
                 moves::SwitchStep::Done => {}
                 moves::SwitchStep::Cancelled => return Err(Stop::Cancelled),
+                moves::SwitchStep::Superseded => return Err(Stop::Superseded),
                 moves::SwitchStep::Lapsed => {
                     tracing::warn!(chat = %chat, attempt, "the fence lapsed before the switch; copying on");
                     continue;
                 }
             }
             self.finish_switch(chat, source, target).await?;
-            self.record(source, id, "switched", copied, None, false)
+            // Switched: the tombstone stands whoever holds the record now.
+            let _ = self
+                .record(source, hold, "switched", copied, None, false)
                 .await;
             return Ok(copied);
         }
         Err(Stop::FenceLapsed(FENCE_ATTEMPTS))
+    }
+
+    /// The target's row, marked as held by the source until the switch (any
+    /// rows a marker there still had dropped); refused if the chat is live
+    /// on the target.
+    async fn open_target(
+        &self,
+        chat: &ChatId,
+        head: &moves::ChatHead,
+        (source, target): (&Arc<Shard>, &Arc<Shard>),
+    ) -> Result<(), Stop> {
+        let (c, src, head) = (chat.to_string(), source.name().to_owned(), head.clone());
+        let opened = target
+            .write(Some(chat), "move_open", move |conn| {
+                Box::pin(async move {
+                    let mut tx = conn.begin().await?;
+                    match moves::open_target(&mut tx, &c, &head, &src).await {
+                        Ok(()) => {}
+                        Err(moves::OpenError::Sql(e)) => return Err(e.into()),
+                        Err(moves::OpenError::Live) => {
+                            tx.rollback().await?;
+                            return Ok(false);
+                        }
+                    }
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if opened {
+            Ok(())
+        } else {
+            Err(Stop::TargetLive)
+        }
     }
 
     /// The copy of a chat whose log was purged (its first stored revision
@@ -1058,7 +1144,7 @@ impl ChatService {
     /// lock or long transaction on the source.
     async fn copy_snapshot(
         &self,
-        id: u64,
+        hold: Hold,
         chat: &ChatId,
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
@@ -1083,7 +1169,7 @@ impl ChatService {
                 Box::pin(async move { moves::insert_members(conn, &c, &rows).await })
             })
             .await?;
-            self.snapshot_step(id, source, settings, pacer, n).await?;
+            self.snapshot_step(hold, source, settings, pacer, n).await?;
         }
         // Messages (none is purged), in the order of their unique key; those
         // above the revision come with the log's replay.
@@ -1106,7 +1192,7 @@ impl ChatService {
                 Box::pin(async move { moves::insert_messages(conn, &c, &rows).await })
             })
             .await?;
-            self.snapshot_step(id, source, settings, pacer, n).await?;
+            self.snapshot_step(hold, source, settings, pacer, n).await?;
         }
         // The stored events, each message event naming the target's message.
         let mut after = first - 1;
@@ -1127,7 +1213,7 @@ impl ChatService {
                 Box::pin(async move { moves::insert_events(conn, &c, &rows).await })
             })
             .await?;
-            self.snapshot_step(id, source, settings, pacer, n).await?;
+            self.snapshot_step(hold, source, settings, pacer, n).await?;
         }
         let c = chat.to_string();
         self.snapshot_page(chat, target, move |conn| {
@@ -1180,15 +1266,13 @@ impl ChatService {
     /// seen), then the pacer's pause.
     async fn snapshot_step(
         &self,
-        id: u64,
+        hold: Hold,
         source: &Arc<Shard>,
         settings: &MoveSettings,
         pacer: &mut Pacer,
         rows: u64,
     ) -> Result<(), Stop> {
-        if self.record(source, id, "copying", 0, None, false).await {
-            return Err(Stop::Cancelled);
-        }
+        self.record(source, hold, "copying", 0, None, false).await?;
         tokio::time::sleep(pacer.pace(settings, rows)).await;
         Ok(())
     }
@@ -1197,7 +1281,7 @@ impl ChatService {
     /// `pacer` if given; the target's revision after.
     async fn copy_until(
         &self,
-        (id, phase): (u64, &'static str),
+        (hold, phase): (Hold, &'static str),
         chat: &ChatId,
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
@@ -1240,9 +1324,7 @@ impl ChatService {
                 .await?;
             // Progress, and the move's lease: a move whose record stops
             // moving is taken for abandoned (see `recover_moves`).
-            if self.record(source, id, phase, last, None, false).await {
-                return Err(Stop::Cancelled);
-            }
+            self.record(source, hold, phase, last, None, false).await?;
             if let Some(pacer) = pacer.as_deref_mut() {
                 tokio::time::sleep(pacer.pace(settings, last - at)).await;
             }
@@ -1337,43 +1419,56 @@ impl ChatService {
             .await;
     }
 
-    /// Records the move's phase and progress (which renews its lease);
-    /// whether a cancel was asked for (`false` when the record cannot be
-    /// read: the next one will tell).
+    /// Writes the move's phase and progress (its lease) as driver `hold`;
+    /// `Err` when the driver is to stop: a cancel was asked for, or another
+    /// driver took the move over. A record that cannot be written is logged
+    /// and the move goes on (its next write renews the lease).
     async fn record(
         &self,
         source: &Arc<Shard>,
-        id: u64,
+        hold: Hold,
         phase: &'static str,
         copied: u64,
         error: Option<&str>,
         finished: bool,
-    ) -> bool {
+    ) -> Result<(), Stop> {
         let error = error.map(str::to_owned);
-        let written =
-            source
-                .write(None, "move_record", move |conn| {
-                    Box::pin(async move {
-                        Ok(moves::set_phase(
-                            conn,
-                            id,
-                            phase,
-                            copied,
-                            error.as_deref(),
-                            finished,
-                            now(),
-                        )
-                        .await?)
-                    })
+        let written = source
+            .write(None, "move_record", move |conn| {
+                Box::pin(async move {
+                    Ok(moves::set_phase(
+                        conn,
+                        hold,
+                        phase,
+                        copied,
+                        error.as_deref(),
+                        finished,
+                        now(),
+                    )
+                    .await?)
                 })
-                .await;
+            })
+            .await;
         match written {
-            Ok(cancel) => cancel,
+            Ok(moves::Standing::Holds) => Ok(()),
+            Ok(moves::Standing::Cancelled) => Err(Stop::Cancelled),
+            Ok(moves::Standing::Superseded) => Err(Stop::Superseded),
             Err(e) => {
-                tracing::warn!(id, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
-                false
+                tracing::warn!(id = hold.0, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
+                Ok(())
             }
         }
+    }
+
+    /// Where driver `hold` stands with the move's record (`None`: the
+    /// source cannot be read).
+    async fn standing(&self, source: &Arc<Shard>, hold: Hold) -> Option<moves::Standing> {
+        source
+            .read(None, "move_standing", move |conn| {
+                Box::pin(async move { Ok(moves::standing(conn, hold).await?) })
+            })
+            .await
+            .ok()
     }
 }
 

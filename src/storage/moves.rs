@@ -787,6 +787,9 @@ pub struct MoveRow {
     pub started_by: String,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// Which driver holds the move: 0 for the one that started it, one more
+    /// with each takeover ([`claim`]).
+    pub driver: u32,
 }
 
 /// Records a new move; a unique violation means the chat has a move running.
@@ -866,16 +869,16 @@ pub async fn insert_isolation_move(
 /// move); whether a cancel was asked for.
 pub async fn set_phase(
     conn: &mut MySqlConnection,
-    id: u64,
+    (id, driver): (u64, u32),
     phase: &str,
     copied_revision: u64,
     error: Option<&str>,
     finished: bool,
     now: NaiveDateTime,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Standing> {
     sqlx::query(
         "UPDATE chat_move SET phase = ?, copied_revision = ?, error = ?, updated_at = ?, \
-         active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ?",
+         active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ? AND driver = ?",
     )
     .bind(phase)
     .bind(copied_revision)
@@ -883,9 +886,44 @@ pub async fn set_phase(
     .bind(now)
     .bind(finished)
     .bind(id)
+    .bind(driver)
     .execute(&mut *conn)
     .await?;
-    cancel_flag(conn, "chat_move", id).await
+    standing(conn, (id, driver)).await
+}
+
+/// Where a move's driver stands with its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It holds the move, and no cancel was asked for.
+    Holds,
+    /// It holds the move, and a cancel was asked for.
+    Cancelled,
+    /// Another driver took the move over (or the record is gone).
+    Superseded,
+}
+
+/// [`Standing`] of driver `driver` of the move `id`.
+pub async fn standing(
+    conn: &mut MySqlConnection,
+    (id, driver): (u64, u32),
+) -> sqlx::Result<Standing> {
+    let row: Option<(u8, u32)> =
+        sqlx::query_as("SELECT cancel_requested, driver FROM chat_move WHERE id = ?")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(match row {
+        // 2: the bar of an earlier build's takeover.
+        Some((c, d)) if d == driver && c != 2 => {
+            if c == 0 {
+                Standing::Holds
+            } else {
+                Standing::Cancelled
+            }
+        }
+        _ => Standing::Superseded,
+    })
 }
 
 /// Whether the move `id` of `table` (`chat_move` or `bucket_move`) has a
@@ -922,19 +960,6 @@ pub async fn request_cancel(
     Ok(done.rows_affected() == 1)
 }
 
-/// Bars the move `id` from its switch (`cancel_requested = 2`, unless a
-/// cancel was asked already): an instance taking over a move whose driver
-/// stopped renewing its lease does this before it looks at the source, so a
-/// driver that was only slow cannot switch behind a roll-back.
-/// [`switch_source`] reads the flag under the move row's lock.
-pub async fn bar_switch(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE chat_move SET cancel_requested = 2 WHERE id = ? AND cancel_requested = 0")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// How the switch's first step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwitchStep {
@@ -944,27 +969,32 @@ pub enum SwitchStep {
     Lapsed,
     /// A cancel came first: nothing changed.
     Cancelled,
+    /// Another driver took the move over: nothing changed.
+    Superseded,
 }
 
 /// The switch at the source (inside the caller's transaction): under the
-/// move row's lock, the tombstone unless the move was cancelled, and the
-/// move recorded as `switching` with it, so a cancel either stops the switch
-/// or finds the move past it.
+/// move row's lock, the tombstone unless the move was cancelled or taken
+/// over by another driver, and the move recorded as `switching` with it, so
+/// a cancel or a takeover ([`claim`], which writes the same row) either
+/// stops the switch or finds the move past it.
 pub async fn switch_source(
     conn: &mut MySqlConnection,
-    id: u64,
+    (id, driver): (u64, u32),
     chat_id: &str,
     to: &str,
     revision: u64,
     now: NaiveDateTime,
 ) -> sqlx::Result<SwitchStep> {
-    let cancel: Option<u8> =
-        sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE id = ? FOR UPDATE")
+    let row: Option<(u8, u32)> =
+        sqlx::query_as("SELECT cancel_requested, driver FROM chat_move WHERE id = ? FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
-    if cancel != Some(0) {
-        return Ok(SwitchStep::Cancelled);
+    match row {
+        Some((0, d)) if d == driver => {}
+        Some((1, d)) if d == driver => return Ok(SwitchStep::Cancelled),
+        _ => return Ok(SwitchStep::Superseded),
     }
     if !tombstone(&mut *conn, chat_id, to, revision).await? {
         return Ok(SwitchStep::Lapsed);
@@ -981,7 +1011,7 @@ pub async fn switch_source(
 /// `seconds`: their driver is taken for gone.
 pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
          FROM chat_move WHERE active = 1 AND updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
     )
     .bind(seconds)
@@ -990,28 +1020,37 @@ pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result
 }
 
 /// Takes an abandoned move over: only if its record is still as `seen`
-/// (another instance did not take it first).
+/// (another instance did not take it first). The record then names the
+/// next driver, which this returns: from here the old driver's record
+/// writes and switch are refused, even if it was only slow.
 pub async fn claim(
     conn: &mut MySqlConnection,
     id: u64,
     seen: NaiveDateTime,
     now: NaiveDateTime,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Option<u32>> {
     let done = sqlx::query(
-        "UPDATE chat_move SET updated_at = ? WHERE id = ? AND active = 1 AND updated_at = ?",
+        "UPDATE chat_move SET updated_at = ?, driver = driver + 1 \
+         WHERE id = ? AND active = 1 AND updated_at = ?",
     )
     .bind(now)
     .bind(id)
     .bind(seen)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT driver FROM chat_move WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
 }
 
 /// One move recorded on this shard.
 pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
          FROM chat_move WHERE id = ?",
     )
     .bind(id)
@@ -1022,7 +1061,7 @@ pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Optio
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at \
+        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
          FROM chat_move ORDER BY id DESC LIMIT ?",
     )
     .bind(limit)

@@ -1045,7 +1045,7 @@ async fn copied_by_a_dead_driver(prefix: &str) -> Copied {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on() {
+async fn a_move_abandoned_before_its_switch_is_resumed_and_ends_on_its_target() {
     let Copied {
         app,
         chat,
@@ -1055,6 +1055,12 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
         mut old,
         mut new,
     } = copied_by_a_dead_driver("abandoned").await;
+    let target = app
+        .settings
+        .shards
+        .iter()
+        .position(|s| s.name == target_name)
+        .expect("target");
     // Its driver died fenced, with the copy made: the source's fence holds
     // for a minute, longer than the move's lease.
     sqlx::query(
@@ -1071,105 +1077,127 @@ async fn a_move_abandoned_before_its_switch_is_rolled_back_and_the_chat_goes_on(
     assert_eq!(body["code"], "chat_moving");
     assert!(body["detail"].is_string());
 
+    // The instance takes the move over and resumes it from the target's
+    // copy: fenced again (its own, shorter fence), verified and switched.
     let ended = ended_move_of(&app, &chat).await;
-    assert_eq!(ended["phase"], "rolled_back", "{ended}");
-    assert!(
-        ended["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("abandoned")),
-        "{ended}"
-    );
-    // The instance barred the move from its switch before rolling it back
-    // (a cancel nobody asked for is not shown as one).
+    assert_eq!(ended["phase"], "done", "{ended}");
     assert_eq!(ended["cancelRequested"], false, "{ended}");
-    let barred: u8 = sqlx::query_scalar("SELECT cancel_requested FROM chat_move WHERE chat_id = ?")
+    let driver: u32 = sqlx::query_scalar("SELECT driver FROM chat_move WHERE chat_id = ?")
         .bind(&chat)
         .fetch_one(&mut old)
         .await
         .expect("move record");
-    assert_eq!(barred, 2);
+    assert_eq!(
+        driver, 1,
+        "driven to its end by the instance that took it over"
+    );
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
-    assert_eq!(app.shard_of(&chat).await, home);
-    common::assert_chat_consistent(&mut old, &chat).await;
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat WHERE chat_id = ?")
+    assert_eq!(app.shard_of(&chat).await, target);
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
         .bind(&chat)
-        .fetch_one(&mut new)
+        .fetch_one(&mut old)
         .await
-        .expect("target");
-    assert_eq!(left, 0, "the half-made copy is dropped");
+        .expect("source");
+    assert_eq!(left, 0, "the source is cleaned");
+    assert_ne!(home, target);
     app.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_barred_by_a_takeover_cannot_switch_even_with_its_fence_live() {
-    use chatshard::storage::moves::{SwitchStep, bar_switch, switch_source};
+async fn a_move_taken_over_cannot_switch_for_its_old_driver_even_with_its_fence_live() {
+    use chatshard::storage::moves::{Standing, SwitchStep, claim, set_phase, switch_source};
     // A driver that was only slow comes back at its switch after another
-    // instance took its move over: the takeover's bar stops it, where a live
-    // fence and the verified revision would have let it through.
+    // instance took its move over: the takeover made the record name the
+    // next driver, which stops the old one where a live fence and the
+    // verified revision would have let it through. The new driver's switch
+    // goes through.
     let app = TestApp::spawn_with(|s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.lease_ms = 600_000;
     })
     .await;
-    let mut ids = Vec::new();
-    for name in ["barred", "unbarred"] {
-        let chat = app.new_chat(name).await;
-        assert_eq!(app.join(&chat, "u").await.status(), StatusCode::CREATED);
-        let home = app.shard_of(&chat).await;
-        let shards = &app.settings.shards;
-        let (home_name, to) = (
-            shards[home].name.clone(),
-            shards[(home + 1) % shards.len()].name.clone(),
-        );
-        let mut db = app.db(home).await;
-        sqlx::query(
-            "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL 60 SECOND) WHERE chat_id = ?",
-        )
-        .bind(&chat)
-        .execute(&mut db)
-        .await
-        .expect("fence");
-        let id: u64 = sqlx::query(
-            "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
-             VALUES (?, ?, ?, 'verified', 1, 1, NOW(6), NOW(6))",
-        )
-        .bind(&chat)
-        .bind(&home_name)
-        .bind(&to)
-        .execute(&mut db)
-        .await
-        .expect("move record")
-        .last_insert_id();
-        ids.push((chat, db, id, home_name, to));
-    }
+    let chat = app.new_chat("takenover").await;
+    assert_eq!(app.join(&chat, "u").await.status(), StatusCode::CREATED);
+    let home = app.shard_of(&chat).await;
+    let shards = &app.settings.shards;
+    let (home_name, to) = (
+        shards[home].name.clone(),
+        shards[(home + 1) % shards.len()].name.clone(),
+    );
+    let mut db = app.db(home).await;
+    sqlx::query(
+        "UPDATE chat SET fenced_until = DATE_ADD(NOW(6), INTERVAL 60 SECOND) WHERE chat_id = ?",
+    )
+    .bind(&chat)
+    .execute(&mut db)
+    .await
+    .expect("fence");
+    let id: u64 = sqlx::query(
+        "INSERT INTO chat_move (chat_id, source, target, phase, active, copied_revision, created_at, updated_at) \
+         VALUES (?, ?, ?, 'verified', 1, 1, NOW(6), NOW(6))",
+    )
+    .bind(&chat)
+    .bind(&home_name)
+    .bind(&to)
+    .execute(&mut db)
+    .await
+    .expect("move record")
+    .last_insert_id();
+    let seen: chrono::NaiveDateTime =
+        sqlx::query_scalar("SELECT updated_at FROM chat_move WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut db)
+            .await
+            .expect("record");
     let now = chrono::Utc::now().naive_utc();
-    let barred = &mut ids[0];
-    bar_switch(&mut barred.1, barred.2).await.expect("bar");
-    let mut tx = barred.1.begin().await.expect("tx");
-    let step = switch_source(&mut tx, barred.2, &barred.0, &barred.4, 1, now)
+    let driver = claim(&mut db, id, seen, now).await.expect("claim");
+    assert_eq!(driver, Some(1), "the takeover is the move's second driver");
+    assert_eq!(
+        claim(&mut db, id, seen, now).await.expect("claim"),
+        None,
+        "one instance takes a move over"
+    );
+    // The old driver: its switch and its record writes are refused.
+    let mut tx = db.begin().await.expect("tx");
+    let step = switch_source(&mut tx, (id, 0), &chat, &to, 1, now)
         .await
         .expect("switch");
-    tx.rollback().await.expect("rollback");
-    assert_eq!(step, SwitchStep::Cancelled);
+    tx.commit().await.expect("commit");
+    assert_eq!(step, SwitchStep::Superseded);
     let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
-        .bind(&barred.0)
-        .fetch_one(&mut barred.1)
+        .bind(&chat)
+        .fetch_one(&mut db)
         .await
         .expect("row");
     assert_eq!(marker, None, "no tombstone");
-    // The same switch of a move nobody barred goes through.
-    let other = &mut ids[1];
-    let mut tx = other.1.begin().await.expect("tx");
-    let step = switch_source(&mut tx, other.2, &other.0, &other.4, 1, now)
+    let standing = set_phase(&mut db, (id, 0), "copying", 7, None, false, now)
+        .await
+        .expect("record");
+    assert_eq!(standing, Standing::Superseded);
+    let view = app
+        .admin_get(&format!("/v1/admin/moves/{home_name}:{id}"))
+        .await;
+    assert_eq!(view["phase"], "verified", "{view}");
+    assert_eq!(view["cancelRequested"], false, "{view}");
+    // The new driver's switch goes through.
+    let mut tx = db.begin().await.expect("tx");
+    let step = switch_source(&mut tx, (id, 1), &chat, &to, 1, now)
         .await
         .expect("switch");
     tx.rollback().await.expect("rollback");
     assert_eq!(step, SwitchStep::Done);
-    // A barred move shows no cancel asked.
-    let view = app
-        .admin_get(&format!("/v1/admin/moves/{}:{}", ids[0].3, ids[0].2))
-        .await;
-    assert_eq!(view["cancelRequested"], false, "{view}");
+    sqlx::query("UPDATE chat SET fenced_until = NULL WHERE chat_id = ?")
+        .bind(&chat)
+        .execute(&mut db)
+        .await
+        .expect("unfence");
+    sqlx::query("UPDATE chat_move SET active = NULL, phase = 'rolled_back' WHERE id = ?")
+        .bind(id)
+        .execute(&mut db)
+        .await
+        .expect("end the record");
     app.shut_down().await;
 }
 
@@ -1245,17 +1273,32 @@ fn kill_cli_when(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Waits for the instance to take the dead mover's move over and roll it
-/// back; then the chat is whole on its shard (3,001 members == rows, the
-/// last one joined after the roll-back).
-async fn rolled_back_and_whole(app: &TestApp, chat: &str, home: usize) {
+/// Waits for the instance to take the dead mover's move over and resume it
+/// to its end; then the chat is whole on `target` (3,001 members == rows,
+/// the last one joined after the move) and nothing is left on `home`.
+async fn resumed_and_whole(app: &TestApp, chat: &str, home: usize, target: usize) {
     let ended = ended_move_of(app, chat).await;
-    assert_eq!(ended["phase"], "rolled_back", "{ended}");
+    assert_eq!(ended["phase"], "done", "{ended}");
     assert_eq!(app.join(chat, "after").await.status(), StatusCode::CREATED);
-    assert_eq!(app.shard_of(chat).await, home);
+    assert_eq!(app.shard_of(chat).await, target);
+    let mut new = app.db(target).await;
+    common::assert_chat_consistent(&mut new, chat).await;
+    assert_eq!(common::count_and_rows(&mut new, chat).await, (3001, 3001));
     let mut old = app.db(home).await;
-    common::assert_chat_consistent(&mut old, chat).await;
-    assert_eq!(common::count_and_rows(&mut old, chat).await, (3001, 3001));
+    let driver: u32 = sqlx::query_scalar(
+        "SELECT driver FROM chat_move WHERE chat_id = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(chat)
+    .fetch_one(&mut old)
+    .await
+    .expect("move record");
+    assert!(driver >= 1, "taken over");
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(chat)
+        .fetch_one(&mut old)
+        .await
+        .expect("source rows");
+    assert_eq!(left, 0, "the source is cleaned");
 }
 
 /// The instance that takes a dead mover's move over (a 1 s lease, fenced
@@ -1286,7 +1329,7 @@ async fn chat_for_a_killed_mover(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
+async fn a_mover_process_killed_mid_copy_is_resumed_by_the_instance() {
     let (app, chat, home, target) = chat_for_a_killed_mover("killed", 800).await;
     let mut settings = settings();
     settings.moves.batch_revisions = 50;
@@ -1297,21 +1340,31 @@ async fn a_mover_process_killed_mid_move_leaves_the_chat_whole() {
         &["move-chat", &chat, "--to", &target_name],
         |line| line.contains("copying"),
     );
+    // Killed inside its copy: the chat takes writes at its source meanwhile.
+    assert_eq!(
+        app.join(&chat, "meanwhile").await.status(),
+        StatusCode::CREATED
+    );
 
-    // The instance takes the abandoned move over and rolls it back: the
-    // chat goes on where it was, whole, and takes writes.
-    rolled_back_and_whole(&app, &chat, home).await;
-    // And it can move again, to the end this time.
-    let moved = move_to_end(&app, &chat, &app.settings.shards[target].name).await;
-    assert_eq!(moved["phase"], "done", "{moved}");
+    // The instance takes the abandoned move over and resumes the copy where
+    // the target stands, to the end.
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    assert_eq!(app.shard_of(&chat).await, target);
     let mut new = app.db(target).await;
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    // And it moves back home.
+    let back = move_to_end(&app, &chat, &app.settings.shards[home].name).await;
+    assert_eq!(back["phase"], "done", "{back}");
+    let mut old = app.db(home).await;
+    common::assert_chat_consistent(&mut old, &chat).await;
+    assert_eq!(common::count_and_rows(&mut old, &chat).await, (3001, 3001));
     app.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mover_process_killed_while_fenced_leaves_the_chat_whole_and_writable() {
+async fn a_mover_process_killed_while_fenced_is_resumed_and_the_chat_ends_on_its_target() {
     // A fenced write is answered at once.
     let (app, chat, home, target) = chat_for_a_killed_mover("fencekill", 0).await;
     let target_name = app.settings.shards[target].name.clone();
@@ -1331,16 +1384,9 @@ async fn a_mover_process_killed_while_fenced_leaves_the_chat_whole_and_writable(
     let r = app.join(&chat, "while-fenced").await;
     crate::helpers::assert_problem(r, 503, "chat_moving").await;
 
-    // The instance takes the move over once its lease ran out: not
-    // switched, so it is rolled back, the fence lifted and the copy dropped.
-    rolled_back_and_whole(&app, &chat, home).await;
-    let mut new = app.db(target).await;
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(&chat)
-        .fetch_one(&mut new)
-        .await
-        .expect("target rows");
-    assert_eq!(left, 0, "the half-made copy is dropped");
+    // The instance takes the move over once its lease ran out (1 s), and
+    // resumes it: the rest of the copy, its own fence, the switch.
+    resumed_and_whole(&app, &chat, home, target).await;
     app.shut_down().await;
 }
 
