@@ -380,7 +380,8 @@ pub struct MoveView {
     pub error: Option<String>,
     /// A cancel was asked for; the move rolls back at its next batch.
     pub cancel_requested: bool,
-    /// `admin` (the admin API or `chatshard move-chat`) or `isolation`.
+    /// `admin` (the admin API or `chatshard move-chat`), `isolation`, or
+    /// `range` (one chat of a bucket-range move).
     pub started_by: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
@@ -426,7 +427,17 @@ enum Stop {
     /// without touching it.
     #[error("taken over by another instance")]
     Superseded,
+    /// Whether the switch went in is not known (the source could not be
+    /// asked): the move is left as it stands to the instance that takes it
+    /// over, which reads the source again.
+    #[error("the switch's outcome is unknown: {0}")]
+    Undecided(String),
 }
+
+/// `startedBy` of a chat move made by a bucket-range move: taken over, it is
+/// rolled back rather than resumed, since its range move (taken over too)
+/// decides where the chat goes, and may be cancelling.
+const RANGE: &str = "range";
 
 /// A move (its record's id on the source) and the driver that holds it
 /// ([`moves::claim`] counts the takeovers).
@@ -486,7 +497,7 @@ impl ChatService {
         to: &str,
         isolation: Option<u32>,
     ) -> Result<Option<MoveView>, ServiceError> {
-        let Some(recorded) = self.record_move(chat, to, isolation).await? else {
+        let Some(recorded) = self.record_move(chat, to, isolation, "admin").await? else {
             return Ok(None);
         };
         let service = self.clone();
@@ -513,7 +524,7 @@ impl ChatService {
         to: &str,
         (watch, baseline): (&Watch, Signals),
     ) -> Result<bool, String> {
-        let recorded = match self.record_move(chat, to, None).await {
+        let recorded = match self.record_move(chat, to, None, RANGE).await {
             Ok(Some(recorded)) => recorded,
             Ok(None) => return Ok(false),
             Err(e) => return Err(e.to_string()),
@@ -529,13 +540,15 @@ impl ChatService {
         .map(|()| true)
     }
 
-    /// Records a move on the chat's shard (its source); `None` when the
-    /// record was refused.
+    /// Records a move on the chat's shard (its source), started by `by`
+    /// (`admin` or [`RANGE`]; an isolation move when `isolation` is given);
+    /// `None` when the record was refused.
     async fn record_move(
         &self,
         chat: &ChatId,
         to: &str,
         isolation: Option<u32>,
+        by: &'static str,
     ) -> Result<Option<RecordedMove>, ServiceError> {
         let target =
             self.shards
@@ -557,8 +570,7 @@ impl ChatService {
             .write(Some(chat), "move_record", move |conn| {
                 Box::pin(async move {
                     let Some(per_hour) = isolation else {
-                        return match moves::insert_move(conn, &id, &src, &dst, "admin", now()).await
-                        {
+                        return match moves::insert_move(conn, &id, &src, &dst, by, now()).await {
                             Ok(n) => Ok(Some(n)),
                             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
                             Err(e) => Err(e.into()),
@@ -676,9 +688,10 @@ impl ChatService {
                     tracing::warn!(chat = %chat, error = %e, "finishing an abandoned switch failed; retrying later");
                 }
             }
-        } else if row.cancel_requested != 0 {
-            // A cancel asked for (1), or the bar an earlier build's takeover
-            // set (2): rolled back.
+        } else if row.cancel_requested != 0 || row.started_by == RANGE {
+            // A cancel asked for (1), the bar an earlier build's takeover set
+            // (2), or a range's chat (its range move moves it again, or
+            // back): rolled back.
             self.roll_back(&chat, source, &target, &settings).await;
             if row.cancel_requested == 1 {
                 let _ = self.record(source, hold, "cancelled", 0, None, true).await;
@@ -897,6 +910,10 @@ impl ChatService {
                 tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_taken_over");
                 Err(Stop::Superseded.to_string())
             }
+            Err(Stop::Undecided(why)) => {
+                tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %why, "chat_move_stopped; left to a takeover");
+                Err(Stop::Undecided(why).to_string())
+            }
             Err(stop) => {
                 match self.standing(&source, hold).await {
                     Some(moves::Standing::Holds | moves::Standing::Cancelled) => {}
@@ -1060,7 +1077,7 @@ impl ChatService {
             // the fence still holds and no cancel came first), then the
             // target made live, then the home shard's marker.
             let (c, to_name) = (chat_id.clone(), target.name().to_owned());
-            let step = source
+            let written = source
                 .write(Some(chat), "move_switch", move |conn| {
                     Box::pin(async move {
                         let mut tx = conn.begin().await?;
@@ -1074,7 +1091,18 @@ impl ChatService {
                         Ok(step)
                     })
                 })
-                .await?;
+                .await;
+            let step = match written {
+                Ok(step) => step,
+                // The commit's outcome may be unknown: the source says
+                // whether the tombstone went in. If it cannot say, the move
+                // is left as it stands to the instance that takes it over.
+                Err(e) => match self.row_on(chat, source).await {
+                    Ok(Some((_, Some(to)))) if to == target.name() => moves::SwitchStep::Done,
+                    Ok(_) => return Err(e.into()),
+                    Err(_) => return Err(Stop::Undecided(e.to_string())),
+                },
+            };
             match step {
                 moves::SwitchStep::Done => {}
                 moves::SwitchStep::Cancelled => return Err(Stop::Cancelled),
@@ -1084,7 +1112,23 @@ impl ChatService {
                     continue;
                 }
             }
-            self.finish_switch(chat, source, target).await?;
+            // Past the tombstone there is no way back: the switch's other
+            // steps are retried until they are done, for as long as this
+            // driver holds the move (the instance that takes it over
+            // finishes them otherwise). Rolling back here would drop the
+            // only live copy.
+            let mut pause = Duration::from_millis(100);
+            while let Err(e) = self.finish_switch(chat, source, target).await {
+                tracing::warn!(chat = %chat, error = %e, "finishing a switch failed; retrying");
+                if let Err(Stop::Superseded) = self
+                    .record(source, hold, "switching", copied, None, false)
+                    .await
+                {
+                    return Err(Stop::Superseded);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
             // Switched: the tombstone stands whoever holds the record now.
             let _ = self
                 .record(source, hold, "switched", copied, None, false)

@@ -489,11 +489,7 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
         .await
         .expect("messages");
     assert_eq!(messages as usize, pa.len() + pb.len());
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(&chat)
-        .fetch_one(&mut old)
-        .await
-        .expect("source rows");
+    let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source's rows are cleaned");
     let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
         .bind(&chat)
@@ -652,16 +648,21 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     common::assert_chat_consistent(&mut new, &chat).await;
     // The source keeps only its tombstone.
     let mut old = a.db(home).await;
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(&chat)
-        .fetch_one(&mut old)
-        .await
-        .expect("source rows");
+    let rows = member_rows(&mut old, &chat).await;
     assert_eq!(rows, 0, "the source's rows are cleaned");
     if let (Ok(a), Ok(b)) = (Arc::try_unwrap(a), Arc::try_unwrap(b)) {
         a.shut_down().await;
         b.shut_down().await;
     }
+}
+
+/// How many member rows (JOINED or LEFT) `db` holds for `chat`.
+async fn member_rows(db: &mut MySqlConnection, chat: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
+        .bind(chat)
+        .fetch_one(db)
+        .await
+        .expect("member rows")
 }
 
 /// `userId` to `memberId` of a chat's JOINED members, as the API lists them.
@@ -1095,11 +1096,7 @@ async fn a_move_abandoned_before_its_switch_is_resumed_and_ends_on_its_target() 
     assert_eq!(app.shard_of(&chat).await, target);
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(&chat)
-        .fetch_one(&mut old)
-        .await
-        .expect("source");
+    let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source is cleaned");
     assert_ne!(home, target);
     app.shut_down().await;
@@ -1225,11 +1222,7 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
     assert_eq!(body["shard"], json!(target_name));
     common::assert_chat_consistent(&mut new, &chat).await;
     assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(&chat)
-        .fetch_one(&mut old)
-        .await
-        .expect("source");
+    let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source is cleaned");
     app.shut_down().await;
 }
@@ -1293,11 +1286,7 @@ async fn resumed_and_whole(app: &TestApp, chat: &str, home: usize, target: usize
     .await
     .expect("move record");
     assert!(driver >= 1, "taken over");
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
-        .bind(chat)
-        .fetch_one(&mut old)
-        .await
-        .expect("source rows");
+    let left = member_rows(&mut old, chat).await;
     assert_eq!(left, 0, "the source is cleaned");
 }
 
@@ -1387,6 +1376,126 @@ async fn a_mover_process_killed_while_fenced_is_resumed_and_the_chat_ends_on_its
     // The instance takes the move over once its lease ran out (1 s), and
     // resumes it: the rest of the copy, its own fence, the switch.
     resumed_and_whole(&app, &chat, home, target).await;
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_process_killed_inside_its_switch_is_finished_by_the_instance() {
+    let (app, chat, home, first) = chat_for_a_killed_mover("switchkill", 800).await;
+    // The chat lives on a shard that is not its home: a move from there has
+    // a third switch step, the marker at its home.
+    let moved = move_to_end(&app, &chat, &app.settings.shards[first].name).await;
+    assert_eq!(moved["phase"], "done", "{moved}");
+    let target = (0..app.settings.shards.len())
+        .find(|i| *i != home && *i != first)
+        .expect("a third shard");
+    let target_name = app.settings.shards[target].name.clone();
+    // The home's chat row held locked from outside: the switch's last step
+    // waits on it, so the mover is killed inside its switch, with the
+    // tombstone at the source and the target live.
+    let mut at_home = app.db(home).await;
+    let mut lock = at_home.begin().await.expect("tx");
+    sqlx::query("SELECT moved_to FROM chat WHERE chat_id = ? FOR UPDATE")
+        .bind(&chat)
+        .fetch_one(&mut *lock)
+        .await
+        .expect("lock the home row");
+    kill_cli_when(
+        &settings(),
+        &["move-chat", &chat, "--to", &target_name],
+        |line| line.contains("switching"),
+    );
+    // Meanwhile the chat is read and written where it now is: its old shard's
+    // tombstone leads there.
+    assert_eq!(
+        app.join(&chat, "inside-the-switch").await.status(),
+        StatusCode::CREATED
+    );
+    lock.rollback().await.expect("release");
+    // The instance takes the move over after its lease and finishes the
+    // switch (the home's marker) and the clean-up.
+    let ended = ended_move_of(&app, &chat).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    assert_eq!(ended["target"], json!(target_name), "{ended}");
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut at_home)
+        .await
+        .expect("home row");
+    assert_eq!(marker.as_deref(), Some(target_name.as_str()));
+    assert_eq!(app.shard_of(&chat).await, target);
+    let mut new = app.db(target).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    let mut old = app.db(first).await;
+    let left = member_rows(&mut old, &chat).await;
+    assert_eq!(left, 0, "the source is cleaned");
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_whose_last_step_fails_is_retried_to_the_end_not_rolled_back() {
+    // A write stuck behind a row lock gives up after 1 s (error 1205).
+    let app = TestApp::spawn_with(|s| {
+        s.admin.token = TOKEN.to_owned();
+        s.pool.lock_wait_timeout_secs = 1;
+        s.pool.operation_timeout_ms = 3000;
+    })
+    .await;
+    let chat = app.new_chat("switchretry").await;
+    for i in 0..5 {
+        assert_eq!(
+            app.join(&chat, &format!("u{i}")).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let home = app.shard_of(&chat).await;
+    let first = (home + 1) % app.settings.shards.len();
+    let target = (home + 2) % app.settings.shards.len();
+    let moved = move_to_end(&app, &chat, &app.settings.shards[first].name).await;
+    assert_eq!(moved["phase"], "done", "{moved}");
+    // The home's row locked from outside: the switch's last step (the
+    // home's marker) fails, after its first two went in.
+    let mut at_home = app.db(home).await;
+    let mut lock = at_home.begin().await.expect("tx");
+    sqlx::query("SELECT moved_to FROM chat WHERE chat_id = ? FOR UPDATE")
+        .bind(&chat)
+        .fetch_one(&mut *lock)
+        .await
+        .expect("lock the home row");
+    let home_label = format!("shard=\"{}\"", app.settings.shards[home].name);
+    let contended = || async {
+        common::sum_where(
+            &common::metric_samples(&app.http, &app.base, "chatshard_shard_operations_total").await,
+            &[&home_label, "outcome=\"chat_contended\""],
+        )
+    };
+    let r = request_move(&app, &chat, &app.settings.shards[target].name).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    common::eventually(
+        Duration::from_secs(20),
+        "the home's marker refused",
+        || async { contended().await >= 1.0 },
+    )
+    .await;
+    lock.rollback().await.expect("release");
+    // Retried until done: the chat's only live copy is not dropped.
+    let ended = wait_move(&app, &id).await;
+    assert_eq!(ended["phase"], "done", "{ended}");
+    let marker: Option<String> = sqlx::query_scalar("SELECT moved_to FROM chat WHERE chat_id = ?")
+        .bind(&chat)
+        .fetch_one(&mut at_home)
+        .await
+        .expect("home row");
+    assert_eq!(marker, Some(app.settings.shards[target].name.clone()));
+    assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
+    let mut new = app.db(target).await;
+    common::assert_chat_consistent(&mut new, &chat).await;
+    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
     app.shut_down().await;
 }
 
