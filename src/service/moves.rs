@@ -374,8 +374,15 @@ pub struct MoveView {
     /// `switched`, `cleaning`, `done`, `cancelled`, or `rolled_back` (with
     /// `error`).
     pub phase: String,
-    /// The last revision copied to the target.
+    /// The last revision copied to the target: each revision is one event
+    /// and the member or message row it wrote (0 while a purged chat's rows
+    /// are copied from a snapshot).
     pub copied_revision: u64,
+    /// While the move runs, how many revisions the target is behind the
+    /// source (the source's revision now minus `copiedRevision`); absent
+    /// once the move has ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_revisions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// A cancel was asked for; the move rolls back at its next batch.
@@ -389,7 +396,12 @@ pub struct MoveView {
 
 impl MoveView {
     fn from_row(row: moves::MoveRow) -> Self {
+        let running = !matches!(row.phase.as_str(), "done" | "cancelled" | "rolled_back");
         Self {
+            lag_revisions: row
+                .source_revision
+                .filter(|_| running)
+                .map(|at| at.saturating_sub(row.copied_revision)),
             id: format!("{}:{}", row.source, row.id),
             chat_id: row.chat_id,
             source: row.source,

@@ -790,6 +790,9 @@ pub struct MoveRow {
     /// Which driver holds the move: 0 for the one that started it, one more
     /// with each takeover ([`claim`]).
     pub driver: u32,
+    /// The chat's revision at the source (the record's shard) as read with
+    /// the record; `None` when the chat has no row there.
+    pub source_revision: Option<u64>,
 }
 
 /// Records a new move; a unique violation means the chat has a move running.
@@ -1011,8 +1014,10 @@ pub async fn switch_source(
 /// `seconds`: their driver is taken for gone.
 pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
-         FROM chat_move WHERE active = 1 AND updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
+        "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
+                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+         FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id \
+         WHERE m.active = 1 AND m.updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
     )
     .bind(seconds)
     .fetch_all(conn)
@@ -1050,8 +1055,9 @@ pub async fn claim(
 /// One move recorded on this shard.
 pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
-         FROM chat_move WHERE id = ?",
+        "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
+                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+         FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id WHERE m.id = ?",
     )
     .bind(id)
     .fetch_optional(conn)
@@ -1061,8 +1067,9 @@ pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Optio
 /// The moves recorded on this shard, newest first.
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
-        "SELECT id, chat_id, source, target, phase, copied_revision, error, cancel_requested, started_by, created_at, updated_at, driver \
-         FROM chat_move ORDER BY id DESC LIMIT ?",
+        "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
+                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+         FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id ORDER BY m.id DESC LIMIT ?",
     )
     .bind(limit)
     .fetch_all(conn)

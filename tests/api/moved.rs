@@ -1592,7 +1592,7 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
         "the copy is under way",
         || {
             let app = app.clone();
-            let id = id.clone();
+            let (id, chat) = (id.clone(), chat.clone());
             async move {
                 let m = app.admin_get(&format!("/v1/admin/moves/{id}")).await;
                 let ended = ["done", "rolled_back", "cancelled"];
@@ -1600,7 +1600,17 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
                     !ended.iter().any(|p| m["phase"] == *p),
                     "the move ended before its copy was seen: {m}"
                 );
-                m["phase"] == "copying" && m["copiedRevision"].as_u64().unwrap_or(0) > 0
+                let copied = m["copiedRevision"].as_u64().unwrap_or(0);
+                if m["phase"] != "copying" || copied == 0 {
+                    return false;
+                }
+                // A running move shows how far its target is behind.
+                let lag = m["lagRevisions"].as_u64().expect("lagRevisions");
+                let now = app.chat_body(&chat).await["revision"]
+                    .as_u64()
+                    .expect("revision");
+                assert!(copied + lag <= now, "{m} (the source at {now})");
+                true
             }
         },
     )
@@ -1615,6 +1625,7 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
     assert_eq!(asked["cancelRequested"], true, "{asked}");
     let ended = wait_move(&app, &id).await;
     assert_eq!(ended["phase"], "cancelled", "{ended}");
+    assert!(ended.get("lagRevisions").is_none(), "{ended}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (joined, posted, _) = writes.await.expect("writer");
     assert!(!joined.is_empty() && !posted.is_empty());
