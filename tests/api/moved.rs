@@ -224,8 +224,7 @@ async fn a_moved_chat_is_followed_by_every_instance_and_never_written_where_it_w
     assert_eq!(revision, 2);
     assert_ne!(max, 77);
     assert_eq!(common::count_and_rows(&mut old, &chat).await, (1, 1));
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3, 3));
+    whole_with(&mut new, &chat, 3).await;
     let on_new: u64 = sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
         .bind(&chat)
         .fetch_one(&mut new)
@@ -821,8 +820,7 @@ async fn ids_survive_a_move(app: &TestApp, chat: &str, purged: bool) {
     let newcomer = member_ids(app, chat).await["newcomer"];
     assert_eq!(newcomer % series, target_series, "{newcomer}");
     assert!(before.values().all(|id| *id != newcomer));
-    common::assert_chat_consistent(&mut db, chat).await;
-    assert_eq!(common::count_and_rows(&mut db, chat).await, (21, 21));
+    whole_with(&mut db, chat, 21).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1094,8 +1092,7 @@ async fn a_move_abandoned_before_its_switch_is_resumed_and_ends_on_its_target() 
     );
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
     assert_eq!(app.shard_of(&chat).await, target);
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
+    whole_with(&mut new, &chat, 6).await;
     let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source is cleaned");
     assert_ne!(home, target);
@@ -1220,8 +1217,7 @@ async fn a_move_abandoned_inside_its_switch_is_finished_by_another_instance() {
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
     let body: Value = app.chat_body(&chat).await;
     assert_eq!(body["shard"], json!(target_name));
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
+    whole_with(&mut new, &chat, 6).await;
     let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source is cleaned");
     app.shut_down().await;
@@ -1266,6 +1262,27 @@ fn kill_cli_when(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs `chatshard move-chat CHAT --to SHARD` on the shared shards' settings
+/// as `configure` leaves them, and SIGKILLs it once it prints `phase`.
+fn kill_mover_in(
+    chat: &str,
+    to: &str,
+    phase: &str,
+    configure: impl FnOnce(&mut chatshard::config::MovesSettings),
+) {
+    let mut settings = settings();
+    configure(&mut settings.moves);
+    kill_cli_when(&settings, &["move-chat", chat, "--to", to], |line| {
+        line.contains(phase)
+    });
+}
+
+/// Asserts `chat` is whole on `db` with `members` members == rows.
+async fn whole_with(db: &mut MySqlConnection, chat: &str, members: i64) {
+    common::assert_chat_consistent(db, chat).await;
+    assert_eq!(common::count_and_rows(db, chat).await, (members, members));
+}
+
 /// Waits for the instance to take the dead mover's move over and resume it
 /// to its end; then the chat is whole on `target` (3,001 members == rows,
 /// the last one joined after the move) and nothing is left on `home`.
@@ -1275,8 +1292,7 @@ async fn resumed_and_whole(app: &TestApp, chat: &str, home: usize, target: usize
     assert_eq!(app.join(chat, "after").await.status(), StatusCode::CREATED);
     assert_eq!(app.shard_of(chat).await, target);
     let mut new = app.db(target).await;
-    common::assert_chat_consistent(&mut new, chat).await;
-    assert_eq!(common::count_and_rows(&mut new, chat).await, (3001, 3001));
+    whole_with(&mut new, chat, 3001).await;
     let mut old = app.db(home).await;
     let driver: u32 = sqlx::query_scalar(
         "SELECT driver FROM chat_move WHERE chat_id = ? ORDER BY id DESC LIMIT 1",
@@ -1320,15 +1336,11 @@ async fn chat_for_a_killed_mover(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mover_process_killed_mid_copy_is_resumed_by_the_instance() {
     let (app, chat, home, target) = chat_for_a_killed_mover("killed", 800).await;
-    let mut settings = settings();
-    settings.moves.batch_revisions = 50;
-    settings.moves.pause_ms = 20;
     let target_name = app.settings.shards[target].name.clone();
-    kill_cli_when(
-        &settings,
-        &["move-chat", &chat, "--to", &target_name],
-        |line| line.contains("copying"),
-    );
+    kill_mover_in(&chat, &target_name, "copying", |m| {
+        m.batch_revisions = 50;
+        m.pause_ms = 20;
+    });
     // Killed inside its copy: the chat takes writes at its source meanwhile.
     assert_eq!(
         app.join(&chat, "meanwhile").await.status(),
@@ -1341,14 +1353,12 @@ async fn a_mover_process_killed_mid_copy_is_resumed_by_the_instance() {
     assert_eq!(ended["phase"], "done", "{ended}");
     assert_eq!(app.shard_of(&chat).await, target);
     let mut new = app.db(target).await;
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    whole_with(&mut new, &chat, 3001).await;
     // And it moves back home.
     let back = move_to_end(&app, &chat, &app.settings.shards[home].name).await;
     assert_eq!(back["phase"], "done", "{back}");
     let mut old = app.db(home).await;
-    common::assert_chat_consistent(&mut old, &chat).await;
-    assert_eq!(common::count_and_rows(&mut old, &chat).await, (3001, 3001));
+    whole_with(&mut old, &chat, 3001).await;
     app.shut_down().await;
 }
 
@@ -1359,16 +1369,12 @@ async fn a_mover_process_killed_while_fenced_is_resumed_and_the_chat_ends_on_its
     let target_name = app.settings.shards[target].name.clone();
     // The mover fences at once and copies the whole log under its fence in
     // small batches (a long fenced phase); the fence outlasts the copy.
-    let mut settings = settings();
-    settings.moves.fence_lag = 1_000_000;
-    settings.moves.batch_revisions = 10;
-    settings.moves.fence_ms = 30_000;
-    settings.moves.lease_ms = 60_000;
-    kill_cli_when(
-        &settings,
-        &["move-chat", &chat, "--to", &target_name],
-        |line| line.contains("fenced"),
-    );
+    kill_mover_in(&chat, &target_name, "fenced", |m| {
+        m.fence_lag = 1_000_000;
+        m.batch_revisions = 10;
+        m.fence_ms = 30_000;
+        m.lease_ms = 60_000;
+    });
     // Killed inside its fence: the chat's writes are refused, not lost.
     let r = app.join(&chat, "while-fenced").await;
     crate::helpers::assert_problem(r, 503, "chat_moving").await;
@@ -1400,11 +1406,7 @@ async fn a_mover_process_killed_inside_its_switch_is_finished_by_the_instance() 
         .fetch_one(&mut *lock)
         .await
         .expect("lock the home row");
-    kill_cli_when(
-        &settings(),
-        &["move-chat", &chat, "--to", &target_name],
-        |line| line.contains("switching"),
-    );
+    kill_mover_in(&chat, &target_name, "switching", |_| {});
     // Meanwhile the chat is read and written where it now is: its old shard's
     // tombstone leads there.
     assert_eq!(
@@ -1425,8 +1427,7 @@ async fn a_mover_process_killed_inside_its_switch_is_finished_by_the_instance() 
     assert_eq!(marker.as_deref(), Some(target_name.as_str()));
     assert_eq!(app.shard_of(&chat).await, target);
     let mut new = app.db(target).await;
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    whole_with(&mut new, &chat, 3001).await;
     let mut old = app.db(first).await;
     let left = member_rows(&mut old, &chat).await;
     assert_eq!(left, 0, "the source is cleaned");
@@ -1494,8 +1495,7 @@ async fn a_switch_whose_last_step_fails_is_retried_to_the_end_not_rolled_back() 
     assert_eq!(marker, Some(app.settings.shards[target].name.clone()));
     assert_eq!(app.join(&chat, "after").await.status(), StatusCode::CREATED);
     let mut new = app.db(target).await;
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (6, 6));
+    whole_with(&mut new, &chat, 6).await;
     app.shut_down().await;
 }
 
@@ -1505,15 +1505,11 @@ async fn a_mover_process_killed_while_cleaning_is_finished_by_the_instance() {
     let target_name = app.settings.shards[target].name.clone();
     // The clean-up of the source in small, paced deletes (seconds for the
     // 3,000 members and their events), so the kill lands inside it.
-    let mut settings = settings();
-    settings.moves.clean_batch = 10;
-    settings.moves.pause_ms = 20;
-    settings.moves.max_p99_ratio = 0.0;
-    kill_cli_when(
-        &settings,
-        &["move-chat", &chat, "--to", &target_name],
-        |line| line.contains("cleaning"),
-    );
+    kill_mover_in(&chat, &target_name, "cleaning", |m| {
+        m.clean_batch = 10;
+        m.pause_ms = 20;
+        m.max_p99_ratio = 0.0;
+    });
     // Killed inside the clean-up (the takeover waits for the 1 s lease).
     let mut old = app.db(home).await;
     let behind: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_event WHERE chat_id = ?")
@@ -1529,8 +1525,7 @@ async fn a_mover_process_killed_while_cleaning_is_finished_by_the_instance() {
     let ended = ended_move_of(&app, &chat).await;
     assert_eq!(ended["phase"], "done", "{ended}");
     let mut new = app.db(target).await;
-    common::assert_chat_consistent(&mut new, &chat).await;
-    assert_eq!(common::count_and_rows(&mut new, &chat).await, (3001, 3001));
+    whole_with(&mut new, &chat, 3001).await;
     for table in ["chat_member", "chat_message", "chat_event"] {
         let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM {table} WHERE chat_id = ?"
@@ -2363,8 +2358,7 @@ async fn writes_and_batches_that_meet_a_short_fence_are_held_and_applied_not_ref
     let mut joined = common::joined_users(&mut db, &chat).await;
     joined.sort();
     assert_eq!(joined, expected);
-    common::assert_chat_consistent(&mut db, &chat).await;
-    assert_eq!(common::count_and_rows(&mut db, &chat).await, (31, 31));
+    whole_with(&mut db, &chat, 31).await;
     off.shut_down().await;
     app.shut_down().await;
 }
