@@ -374,10 +374,13 @@ pub struct MoveView {
     /// `switched`, `cleaning`, `done`, `cancelled`, or `rolled_back` (with
     /// `error`).
     pub phase: String,
-    /// The last revision copied to the target: each revision is one event
-    /// and the member or message row it wrote (0 while a purged chat's rows
+    /// The last revision copied to the target (0 while a purged chat's rows
     /// are copied from a snapshot).
     pub copied_revision: u64,
+    /// Rows written to the target so far: each replayed event with the
+    /// member and message rows it wrote, and each row a snapshot copied (a
+    /// page copied again after a takeover counts again).
+    pub rows_copied: u64,
     /// While the move runs, how many revisions the target is behind the
     /// source (the source's revision now minus `copiedRevision`); absent
     /// once the move has ended.
@@ -408,6 +411,7 @@ impl MoveView {
             target: row.target,
             phase: row.phase,
             copied_revision: row.copied_revision,
+            rows_copied: row.rows_copied,
             error: row.error,
             cancel_requested: row.cancel_requested == 1,
             started_by: row.started_by,
@@ -1328,7 +1332,8 @@ impl ChatService {
         pacer: &mut Pacer,
         rows: u64,
     ) -> Result<(), Stop> {
-        self.record(source, hold, "copying", 0, None, false).await?;
+        self.record_copy(source, hold, "copying", (0, rows), None, false)
+            .await?;
         tokio::time::sleep(pacer.pace(settings, rows)).await;
         Ok(())
     }
@@ -1361,7 +1366,7 @@ impl ChatService {
                 return Ok(at);
             };
             let c = chat.to_string();
-            target
+            let written = target
                 .write(Some(chat), "move_replay", move |conn| {
                     Box::pin(async move {
                         let mut tx = conn.begin().await?;
@@ -1369,18 +1374,19 @@ impl ChatService {
                         // batch replayed already (a retry) is not replayed twice.
                         if moves::lock_revision(&mut tx, &c).await? != Some(at) {
                             tx.rollback().await?;
-                            return Ok(());
+                            return Ok(0);
                         }
-                        let delta = moves::replay_batch(&mut tx, &c, &rows).await?;
+                        let (delta, written) = moves::replay_batch(&mut tx, &c, &rows).await?;
                         moves::settle(&mut tx, &c, last, delta).await?;
                         tx.commit().await.map_err(OpError::Commit)?;
-                        Ok(())
+                        Ok(written)
                     })
                 })
                 .await?;
             // Progress, and the move's lease: a move whose record stops
             // moving is taken for abandoned (see `recover_moves`).
-            self.record(source, hold, phase, last, None, false).await?;
+            self.record_copy(source, hold, phase, (last, written), None, false)
+                .await?;
             if let Some(pacer) = pacer.as_deref_mut() {
                 tokio::time::sleep(pacer.pace(settings, last - at)).await;
             }
@@ -1488,6 +1494,21 @@ impl ChatService {
         error: Option<&str>,
         finished: bool,
     ) -> Result<(), Stop> {
+        self.record_copy(source, hold, phase, (copied, 0), error, finished)
+            .await
+    }
+
+    /// [`Self::record`], adding `rows` to the rows the move has written to
+    /// its target (`(copied revision, rows)`).
+    async fn record_copy(
+        &self,
+        source: &Arc<Shard>,
+        hold: Hold,
+        phase: &'static str,
+        progress: (u64, u64),
+        error: Option<&str>,
+        finished: bool,
+    ) -> Result<(), Stop> {
         let error = error.map(str::to_owned);
         let written = source
             .write(None, "move_record", move |conn| {
@@ -1496,7 +1517,7 @@ impl ChatService {
                         conn,
                         hold,
                         phase,
-                        copied,
+                        progress,
                         error.as_deref(),
                         finished,
                         now(),

@@ -135,12 +135,12 @@ pub async fn lock_revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::R
 /// transaction (which holds the chat's row lock), in a handful of statements:
 /// the member rows as the batch leaves them, the messages (ids of the
 /// target's, read back by revision), and the events. Returns the change of
-/// the member count.
+/// the member count and the rows written.
 pub async fn replay_batch(
     conn: &mut MySqlConnection,
     chat_id: &str,
     rows: &[LogRow],
-) -> sqlx::Result<i64> {
+) -> sqlx::Result<(i64, u64)> {
     use sqlx::QueryBuilder;
     use std::collections::HashMap;
     // Members: the state each touched user is left in.
@@ -287,7 +287,8 @@ pub async fn replay_batch(
         });
         q.build().execute(&mut *conn).await?;
     }
-    Ok(delta)
+    let written = rows.len() + fates.len() + rows.iter().filter(|r| r.event_type == 1).count();
+    Ok((delta, written as u64))
 }
 
 /// The tables whose ids a copy keeps.
@@ -790,6 +791,8 @@ pub struct MoveRow {
     /// Which driver holds the move: 0 for the one that started it, one more
     /// with each takeover ([`claim`]).
     pub driver: u32,
+    /// Rows written to the target so far.
+    pub rows_copied: u64,
     /// The chat's revision at the source (the record's shard) as read with
     /// the record; `None` when the chat has no row there.
     pub source_revision: Option<u64>,
@@ -874,17 +877,19 @@ pub async fn set_phase(
     conn: &mut MySqlConnection,
     (id, driver): (u64, u32),
     phase: &str,
-    copied_revision: u64,
+    (copied_revision, rows): (u64, u64),
     error: Option<&str>,
     finished: bool,
     now: NaiveDateTime,
 ) -> sqlx::Result<Standing> {
     sqlx::query(
-        "UPDATE chat_move SET phase = ?, copied_revision = ?, error = ?, updated_at = ?, \
-         active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ? AND driver = ?",
+        "UPDATE chat_move SET phase = ?, copied_revision = ?, rows_copied = rows_copied + ?, \
+         error = ?, updated_at = ?, active = CASE WHEN ? THEN NULL ELSE active END \
+         WHERE id = ? AND driver = ?",
     )
     .bind(phase)
     .bind(copied_revision)
+    .bind(rows)
     .bind(error)
     .bind(now)
     .bind(finished)
@@ -1015,7 +1020,8 @@ pub async fn switch_source(
 pub async fn abandoned(conn: &mut MySqlConnection, seconds: u64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
         "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
-                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+                m.started_by, m.created_at, m.updated_at, m.driver, m.rows_copied, \
+                c.revision AS source_revision \
          FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id \
          WHERE m.active = 1 AND m.updated_at < DATE_SUB(NOW(6), INTERVAL ? SECOND)",
     )
@@ -1056,7 +1062,8 @@ pub async fn claim(
 pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(
         "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
-                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+                m.started_by, m.created_at, m.updated_at, m.driver, m.rows_copied, \
+                c.revision AS source_revision \
          FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id WHERE m.id = ?",
     )
     .bind(id)
@@ -1068,7 +1075,8 @@ pub async fn get_move(conn: &mut MySqlConnection, id: u64) -> sqlx::Result<Optio
 pub async fn list_moves(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(
         "SELECT m.id, m.chat_id, m.source, m.target, m.phase, m.copied_revision, m.error, m.cancel_requested, \
-                m.started_by, m.created_at, m.updated_at, m.driver, c.revision AS source_revision \
+                m.started_by, m.created_at, m.updated_at, m.driver, m.rows_copied, \
+                c.revision AS source_revision \
          FROM chat_move m LEFT JOIN chat c ON c.chat_id = m.chat_id ORDER BY m.id DESC LIMIT ?",
     )
     .bind(limit)

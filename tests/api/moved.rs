@@ -602,6 +602,8 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     let (stop, [wa, wb]) = start_writers(&a, &b, &chat, 55).await;
     let done = move_to_end(&b, &chat, &target_name).await;
     assert_eq!(done["phase"], "done", "{done}");
+    // The snapshot's 50 member rows and 30 messages at least.
+    assert!(done["rowsCopied"].as_u64() >= Some(80), "{done}");
     let [(ja, pa, _), (jb, pb, _)] = go_on_then_stop(&a, &chat, 5, &stop, [wa, wb]).await;
 
     // On the target: every member (those whose joins were purged too),
@@ -1166,7 +1168,7 @@ async fn a_move_taken_over_cannot_switch_for_its_old_driver_even_with_its_fence_
         .await
         .expect("row");
     assert_eq!(marker, None, "no tombstone");
-    let standing = set_phase(&mut db, (id, 0), "copying", 7, None, false, now)
+    let standing = set_phase(&mut db, (id, 0), "copying", (7, 7), None, false, now)
         .await
         .expect("record");
     assert_eq!(standing, Standing::Superseded);
@@ -1174,6 +1176,7 @@ async fn a_move_taken_over_cannot_switch_for_its_old_driver_even_with_its_fence_
         .admin_get(&format!("/v1/admin/moves/{home_name}:{id}"))
         .await;
     assert_eq!(view["phase"], "verified", "{view}");
+    assert_eq!(view["rowsCopied"], 0, "{view}");
     assert_eq!(view["cancelRequested"], false, "{view}");
     // The new driver's switch goes through.
     let mut tx = db.begin().await.expect("tx");
@@ -1605,6 +1608,8 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
                     .as_u64()
                     .expect("revision");
                 assert!(copied + lag <= now, "{m} (the source at {now})");
+                // Each copied revision wrote its event and at least one row.
+                assert!(m["rowsCopied"].as_u64() >= Some(2 * copied), "{m}");
                 true
             }
         },
