@@ -592,6 +592,32 @@ pub async fn moves(_: Admin, State(state): State<AppState>) -> Json<MovesView> {
     })
 }
 
+/// The chats that live away from their home shard.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MovedChatsView {
+    /// By chat id.
+    pub chats: Vec<crate::service::moves::MovedChat>,
+    /// A shard had more than 1,000 moved chats (only its first 1,000 are
+    /// listed), or could not answer.
+    pub partial: bool,
+}
+
+/// The chats moved off their home shard (the shard their bucket gives
+/// them), and where each lives now: an override on top of the bucket table.
+#[utoipa::path(
+    get, path = "/v1/admin/moved-chats", tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every chat whose home shard holds a marker", body = MovedChatsView),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn moved_chats(_: Admin, State(state): State<AppState>) -> Json<MovedChatsView> {
+    let (chats, partial) = state.service.moved_chats(1000).await;
+    Json(MovedChatsView { chats, partial })
+}
+
 /// One chat move (`moveId` is `<source shard>:<number>`): its phase, how far
 /// its copy is, and its error.
 #[utoipa::path(

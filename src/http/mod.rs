@@ -126,6 +126,7 @@ fn routes(shards: &[String]) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(admin::fleet))
         .routes(routes!(admin::move_chat))
         .routes(routes!(admin::moves))
+        .routes(routes!(admin::moved_chats))
         .routes(routes!(admin::get_move, admin::cancel_move))
         .routes(routes!(admin::buckets))
         .routes(routes!(admin::move_buckets, admin::bucket_moves))

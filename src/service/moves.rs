@@ -421,6 +421,17 @@ impl MoveView {
     }
 }
 
+/// A chat that lives away from its home shard.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MovedChat {
+    pub chat_id: String,
+    /// The shard its bucket gives it.
+    pub home: String,
+    /// The shard that holds it.
+    pub shard: String,
+}
+
 /// Why a move stopped short of its switch.
 #[derive(Debug, thiserror::Error)]
 enum Stop {
@@ -798,6 +809,44 @@ impl ChatService {
                 service.recover_bucket_moves().await;
             }
         });
+    }
+
+    /// The chats that live away from their home shard (the shard their
+    /// bucket gives them), read from the homes' markers: at most `limit` a
+    /// shard, and whether a shard had more (or could not answer).
+    pub async fn moved_chats(&self, limit: u32) -> (Vec<MovedChat>, bool) {
+        let (mut chats, mut partial) = (Vec::new(), false);
+        for shard in self.shards.all() {
+            let rows = shard
+                .read(None, "list_markers", move |conn| {
+                    Box::pin(async move { Ok(moves::markers(conn, limit + 1).await?) })
+                })
+                .await;
+            let Ok(mut rows) = rows else {
+                partial = true;
+                continue;
+            };
+            if rows.len() > limit as usize {
+                rows.truncate(limit as usize);
+                partial = true;
+            }
+            for (chat, to) in rows {
+                // A marker on another shard than the home is a tombstone or
+                // a copy under way: the home's marker says where it lives.
+                let Ok(id) = ChatId::parse(&chat) else {
+                    continue;
+                };
+                if Arc::ptr_eq(self.shards.home_of(&id), shard) {
+                    chats.push(MovedChat {
+                        chat_id: chat,
+                        home: shard.name().to_owned(),
+                        shard: to,
+                    });
+                }
+            }
+        }
+        chats.sort_by(|a, b| a.chat_id.cmp(&b.chat_id));
+        (chats, partial)
     }
 
     /// Every move recorded on any shard, newest first (a shard that cannot

@@ -798,6 +798,22 @@ pub struct MoveRow {
     pub source_revision: Option<u64>,
 }
 
+/// The chats of this shard whose row is a marker (`moved_to` set): the
+/// chat and the shard it names, at most `limit`, in marker order (served
+/// by `ix_chat_moved_to`).
+pub async fn markers(
+    conn: &mut MySqlConnection,
+    limit: u32,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT chat_id, moved_to FROM chat WHERE moved_to IS NOT NULL \
+         ORDER BY moved_to, chat_id LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
 /// Records a new move; a unique violation means the chat has a move running.
 pub async fn insert_move(
     conn: &mut MySqlConnection,

@@ -292,6 +292,18 @@ async fn request_move(app: &TestApp, chat: &str, to: &str) -> reqwest::Response 
     .expect("move")
 }
 
+/// `chat` as `GET /v1/admin/moved-chats` lists it, if it does.
+async fn moved_away(app: &TestApp, chat: &str) -> Option<Value> {
+    let view = app.admin_get("/v1/admin/moved-chats").await;
+    assert_eq!(view["partial"], false, "{view}");
+    view["chats"]
+        .as_array()
+        .expect("chats")
+        .iter()
+        .find(|c| c["chatId"] == chat)
+        .cloned()
+}
+
 /// Starts a move and waits until it ends; the move as it ended.
 async fn move_to_end(app: &TestApp, chat: &str, to: &str) -> Value {
     let r = request_move(app, chat, to).await;
@@ -456,6 +468,12 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
     );
     let done = wait_move(&a, &id).await;
     assert_eq!(done["phase"], "done", "{done}");
+    // The admin view lists the chat as living away from its home.
+    let home_name = a.settings.shards[home].name.clone();
+    assert_eq!(
+        moved_away(&b, &chat).await,
+        Some(json!({"chatId": chat, "home": home_name, "shard": target_name}))
+    );
     // Writes go on after the switch, through both instances.
     let [(ja, pa, ma), (jb, pb, mb)] = go_on_then_stop(&a, &chat, 10, &stop, [wa, wb]).await;
     println!(
@@ -536,6 +554,7 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
         .await
         .expect("home row");
     assert_eq!(marker, None, "home again: no marker");
+    assert_eq!(moved_away(&a, &chat).await, None, "home again");
     if let (Ok(a), Ok(b)) = (Arc::try_unwrap(a), Arc::try_unwrap(b)) {
         a.shut_down().await;
         b.shut_down().await;
