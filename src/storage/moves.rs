@@ -405,16 +405,8 @@ pub async fn insert_members(
     Ok(())
 }
 
-/// A message row as a snapshot copies it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct MessageRow {
-    pub id: u64,
-    pub sender_id: String,
-    pub client_message_id: String,
-    pub revision: u64,
-    pub body: String,
-    pub created_at: NaiveDateTime,
-}
+/// A message row as a snapshot copies it: the row as the chat's reads see it.
+pub use super::messages::MessageRow;
 
 /// The chat's messages after `(sender, key)` in the order of the unique key
 /// `(chat_id, sender_id, client_message_id)`, which serves it; at most
