@@ -2,7 +2,8 @@
 //!
 //! Without it, Nagle's algorithm holds back small protocol writes until the
 //! server's delayed ACK arrives, and shard operations stall 40-200 ms now and
-//! then (sqlx 0.9.0 stopped setting it; `vendor/sqlx-core` restores it). This
+//! then (sqlx 0.9.0 stopped setting it; 0.9.1 sets it again, upstream #4336,
+//! and this test is what says the release really does). This
 //! test opens shard connections the way the service does, over TCP, then reads
 //! the option back from each of the process's sockets connected to the shard.
 //!
