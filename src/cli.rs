@@ -3,7 +3,10 @@
 //! - `chatshard serve [--config FILE] [--listen ADDR]`: run the service.
 //! - `chatshard serve --dev [--shards N] [--redis]`: start N local MariaDB shards, migrate
 //!   them, run the service; Ctrl-C or SIGTERM stops both.
-//! - `chatshard migrate [--status]`: apply (or show) migrations on every shard.
+//! - `chatshard migrate [--shard NAME] [--status | --print-sql | --mark-applied V |
+//!   --mark-applied-through V | --repair-dirty V]`: apply, show, print, record or
+//!   repair migrations on every shard (or one).
+//! - `chatshard check [--instances N] [--for-migrate]`: is every shard fit for chatshard?
 //! - `chatshard repair-counts [--chat ID]`: recompute member counts from rows.
 //! - `chatshard move-chat CHAT --to SHARD`: move one chat to another shard online.
 //! - `chatshard cancel-move MOVE_ID`: cancel a running move before its switch.
@@ -41,8 +44,13 @@ struct Cli {
 enum Command {
     /// Run the REST API.
     Serve(ServeArgs),
-    /// Apply the schema migrations to every shard.
+    /// Apply the schema migrations to every shard; or show, print, record or
+    /// repair them for a DBA (docs/operations.md, "Schema changes").
     Migrate(MigrateArgs),
+    /// Connect to every shard and report whether its settings, the account's
+    /// grants and the schema suit chatshard; exits non-zero when something
+    /// would break it.
+    Check(CheckArgs),
     /// Recompute member counts from member rows and fix those that differ.
     RepairCounts(RepairArgs),
     /// Move one chat to another shard, online (docs/moving-chats.md); waits
@@ -145,9 +153,48 @@ struct ServeArgs {
 struct MigrateArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// Only print each shard's applied version.
+    /// Only this shard, by its configured name.
+    #[arg(long)]
+    shard: Option<String>,
+    #[command(flatten)]
+    action: MigrateAction,
+}
+
+/// What `migrate` does instead of applying; at most one.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct MigrateAction {
+    /// Show each shard's applied, pending, dirty and changed versions;
+    /// change nothing.
     #[arg(long)]
     status: bool,
+    /// Print each shard's pending migrations' SQL in order, with versions
+    /// and checksums; change nothing.
+    #[arg(long)]
+    print_sql: bool,
+    /// Record VERSION, applied by hand, as applied.
+    #[arg(long, value_name = "VERSION")]
+    mark_applied: Option<i64>,
+    /// Record every pending version up to VERSION, applied by hand, as applied.
+    #[arg(long, value_name = "VERSION")]
+    mark_applied_through: Option<i64>,
+    /// Clear VERSION's failed run so that the next `migrate` runs it again
+    /// (after undoing what of it was applied).
+    #[arg(long, value_name = "VERSION")]
+    repair_dirty: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// How many `chatshard serve` instances will share the shards.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Also check what `migrate` needs (DDL grants); pending migrations are
+    /// then expected.
+    #[arg(long)]
+    for_migrate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -203,25 +250,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             telemetry::init(&TelemetrySettings::default())?;
             let settings = load(&args.config)?;
-            let mut failed = false;
-            for shard in &settings.shards {
-                let result = if args.status {
-                    migrate::shard_status(shard).await
-                } else {
-                    migrate::migrate_shard(shard).await
-                };
-                match result {
-                    Ok(schema) => println!("{schema}"),
-                    Err(e) => {
-                        failed = true;
-                        println!("{}: error: {e:#}", shard.name);
-                    }
-                }
-            }
-            if failed {
-                anyhow::bail!("some shards failed");
-            }
-            Ok(())
+            run_migrate(&settings, args.shard.as_deref(), &args.action).await
+        }
+        Command::Check(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let needs = crate::check::Needs {
+                instances: args.instances,
+                pool_size: settings.pool.max_concurrent,
+                for_migrate: args.for_migrate,
+            };
+            check(&settings, &needs).await
         }
         Command::RepairCounts(args) => {
             telemetry::init(&TelemetrySettings::default())?;
@@ -289,6 +328,96 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `chatshard migrate` and its DBA actions, shard by shard; a shard that
+/// fails is reported and the others still run.
+async fn run_migrate(
+    settings: &Settings,
+    only: Option<&str>,
+    action: &MigrateAction,
+) -> anyhow::Result<()> {
+    let shards: Vec<_> = settings
+        .shards
+        .iter()
+        .filter(|s| only.is_none_or(|name| s.name == name))
+        .collect();
+    if shards.is_empty() {
+        anyhow::bail!(
+            "no shard named {:?} in the configuration",
+            only.unwrap_or_default()
+        );
+    }
+    let mut failed = false;
+    for shard in shards {
+        let result = if action.print_sql {
+            migrate::pending(shard)
+                .await
+                .map(|(schema, pending)| migrate::script(&schema, &pending))
+        } else if let Some(v) = action.mark_applied.or(action.mark_applied_through) {
+            let mark = if action.mark_applied.is_some() {
+                migrate::Mark::One(v)
+            } else {
+                migrate::Mark::Through(v)
+            };
+            migrate::mark_applied(shard, mark)
+                .await
+                .map(|(schema, marked)| format!("{schema}\n  recorded as applied: {marked:?}"))
+        } else if let Some(v) = action.repair_dirty {
+            migrate::repair_dirty(shard, v).await.map(|schema| {
+                format!(
+                    "{schema}\n  cleared the failed run of {v}: `chatshard migrate` runs it again"
+                )
+            })
+        } else if action.status {
+            migrate::shard_status(shard).await.map(|schema| {
+                failed |= !schema.state.dirty.is_empty() || !schema.state.mismatched.is_empty();
+                schema.to_string()
+            })
+        } else {
+            migrate::migrate_shard(shard).await.map(|s| s.to_string())
+        };
+        match result {
+            Ok(report) => println!("{report}"),
+            Err(e) => {
+                failed = true;
+                println!("{}: error: {e:#}", shard.name);
+            }
+        }
+    }
+    if failed {
+        anyhow::bail!("some shards failed");
+    }
+    Ok(())
+}
+
+/// `chatshard check`: one line per finding, every shard; fails when any
+/// finding is an error or a shard cannot be read.
+async fn check(settings: &Settings, needs: &crate::check::Needs) -> anyhow::Result<()> {
+    use crate::check::{self, Level};
+    let mut errors = 0;
+    for shard in &settings.shards {
+        match check::gather(shard).await {
+            Ok(facts) => {
+                for finding in check::evaluate(&facts, needs) {
+                    errors += usize::from(finding.level == Level::Error);
+                    println!(
+                        "{}: {:<5} {}: {}",
+                        shard.name, finding.level, finding.subject, finding.detail
+                    );
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                println!("{}: ERROR connection: {e:#}", shard.name);
+            }
+        }
+    }
+    if errors > 0 {
+        anyhow::bail!("{errors} finding(s) would break chatshard");
+    }
+    println!("every shard suits chatshard");
+    Ok(())
 }
 
 /// One purge round of every shard (or its dry run), reported per shard.

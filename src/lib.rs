@@ -36,7 +36,11 @@
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
 //!   Also the connection loop and the event streams (per chat, multiplexed).
-//! - [`migrate`]: applies `migrations/` to every shard and reports versions.
+//! - [`migrate`]: applies `migrations/` to every shard, and the DBA's tools:
+//!   status, the SQL to apply by hand, recording it, repairing a failed run,
+//!   renaming renumbered versions.
+//! - [`check`]: `chatshard check`, a shard's settings, grants and schema
+//!   judged (in pure code) against what chatshard needs.
 //! - [`localdb`]: local `mariadbd` and `redis-server` processes, and
 //!   [`localdb::cluster`], the one kit that starts local shards for `serve --dev`,
 //!   the tests and the benches ([`localdb::redis`] for Redis and Redis Cluster).
@@ -48,6 +52,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -17,6 +17,7 @@ pub mod chats;
 pub mod events;
 pub mod members;
 pub mod messages;
+pub mod migrations;
 pub mod moves;
 pub mod repair;
 pub mod server;

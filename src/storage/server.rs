@@ -58,3 +58,61 @@ pub async fn innodb_settings(conn: &mut MySqlConnection) -> sqlx::Result<(i64, i
     .fetch_one(conn)
     .await
 }
+
+/// The server variables `chatshard check` reads, by name: those of `names`
+/// the server has (MariaDB 10.11 has `tx_isolation`, MySQL 8 only
+/// `transaction_isolation`, so some are absent). Values as the server shows
+/// them (`ON`/`OFF`, numbers as text).
+pub async fn global_variables(conn: &mut MySqlConnection) -> sqlx::Result<Vec<(String, String)>> {
+    // The text protocol: `SHOW` is not preparable on every server.
+    let rows = sqlx::raw_sql(
+        "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('version', 'version_comment', \
+         'innodb_autoinc_lock_mode', 'log_bin', 'binlog_format', \
+         'innodb_flush_log_at_trx_commit', 'sync_binlog', 'transaction_isolation', \
+         'tx_isolation', 'sql_mode', 'time_zone', 'system_time_zone', 'max_connections', \
+         'max_user_connections', 'read_only', 'super_read_only', 'require_secure_transport')",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((text(row, 0)?, text(row, 1)?)))
+        .collect()
+}
+
+/// The account the server authenticated (`CURRENT_USER()`), the
+/// connection's database, and `SHOW GRANTS` for that account.
+pub async fn account(
+    conn: &mut MySqlConnection,
+) -> sqlx::Result<(String, Option<String>, Vec<String>)> {
+    let (user, database): (String, Option<String>) =
+        sqlx::query_as("SELECT CAST(CURRENT_USER() AS CHAR), CAST(DATABASE() AS CHAR)")
+            .fetch_one(&mut *conn)
+            .await?;
+    let rows = sqlx::raw_sql("SHOW GRANTS").fetch_all(&mut *conn).await?;
+    let grants = rows
+        .iter()
+        .map(|row| text(row, 0))
+        .collect::<sqlx::Result<_>>()?;
+    Ok((user, database, grants))
+}
+
+/// The base tables of the connection's database.
+pub async fn tables(conn: &mut MySqlConnection) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A text column that a server may send as a string or as bytes.
+fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> sqlx::Result<String> {
+    use sqlx::Row as _;
+    match row.try_get::<String, _>(i) {
+        Ok(s) => Ok(s),
+        Err(_) => row
+            .try_get::<Vec<u8>, _>(i)
+            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+    }
+}
