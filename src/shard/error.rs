@@ -230,11 +230,9 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        // Too many connections, server shutdown, query interrupted, connection
-        // killed (MariaDB), statement time exceeded (MySQL). Not 1205 (lock
-        // wait timeout): that is one chat's rows, see `is_lock_contention`.
-        sqlx::Error::Database(db) => db_error_number(db.as_ref())
-            .is_some_and(|n| matches!(n, 1040 | 1053 | 1317 | 1927 | 3024)),
+        sqlx::Error::Database(db) => {
+            db_error_number(db.as_ref()).and_then(class_of) == Some(ErrorClass::Connection)
+        }
         _ => false,
     }
 }
@@ -245,17 +243,17 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
 pub fn is_lock_contention(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            db_error_number(db.as_ref()).is_some_and(|n| matches!(n, 1205 | 1213))
+            db_error_number(db.as_ref()).and_then(class_of) == Some(ErrorClass::Contention)
         }
         _ => false,
     }
 }
 
-/// `ER_OPTION_PREVENTS_STATEMENT` (1290) and `ER_READ_ONLY_MODE` (1836).
+/// The server is read-only (`read_only`, MySQL's `super_read_only`).
 pub fn is_read_only_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            db_error_number(db.as_ref()).is_some_and(|n| matches!(n, 1290 | 1836))
+            db_error_number(db.as_ref()).and_then(class_of) == Some(ErrorClass::ReadOnly)
         }
         _ => false,
     }
@@ -270,6 +268,42 @@ pub fn is_deadlock(e: &sqlx::Error) -> bool {
     }
 }
 
+/// What a server error number says, for MariaDB's and MySQL 8's numbers
+/// alike; `None` for an error of the request itself (a duplicate key, a
+/// syntax error), which never counts against the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The server or the connection, not the request.
+    Connection,
+    /// Writers of the same rows waited for each other; the shard answered.
+    Contention,
+    /// The server refuses writes.
+    ReadOnly,
+}
+
+/// Classifies a server error number.
+pub fn class_of(number: u16) -> Option<ErrorClass> {
+    match number {
+        // Too many connections (1040), per account (1203); server shutdown
+        // (1053); net read/write errors (1158-1161); query interrupted
+        // (1317); connection killed (MariaDB 1927); statement time exceeded
+        // (MariaDB's max_statement_time 1969, MySQL's max_execution_time
+        // 3024); server in offline_mode (MySQL 3032); disconnected after
+        // wait_timeout (MySQL 8.0.24+ 4031).
+        1040 | 1203 | 1053 | 1158..=1161 | 1317 | 1927 | 1969 | 3024 | 3032 | 4031 => {
+            Some(ErrorClass::Connection)
+        }
+        // Lock wait timeout (1205: the statement rolled back) and deadlock
+        // (1213: the transaction rolled back). Not connection-class: that is
+        // one chat's rows.
+        1205 | 1213 => Some(ErrorClass::Contention),
+        // ER_OPTION_PREVENTS_STATEMENT (1290: --read-only, or MySQL's
+        // --super-read-only) and ER_READ_ONLY_MODE (1836).
+        1290 | 1836 => Some(ErrorClass::ReadOnly),
+        _ => None,
+    }
+}
+
 fn db_error_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .map(|e| e.number())
@@ -278,6 +312,32 @@ fn db_error_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mariadb_and_mysql_numbers_are_classified_alike() {
+        use ErrorClass::*;
+        for (number, class) in [
+            (1040, Some(Connection)),
+            (1203, Some(Connection)),
+            (1053, Some(Connection)),
+            (1159, Some(Connection)),
+            (1317, Some(Connection)),
+            (1927, Some(Connection)), // MariaDB: connection killed
+            (1969, Some(Connection)), // MariaDB: max_statement_time
+            (3024, Some(Connection)), // MySQL: max_execution_time
+            (3032, Some(Connection)), // MySQL: offline_mode
+            (4031, Some(Connection)), // MySQL 8: idle disconnect
+            (1205, Some(Contention)),
+            (1213, Some(Contention)),
+            (1290, Some(ReadOnly)),
+            (1836, Some(ReadOnly)),
+            (1062, None), // duplicate key: the request's own
+            (1064, None), // syntax
+            (1146, None), // no such table
+        ] {
+            assert_eq!(class_of(number), class, "{number}");
+        }
+    }
 
     #[test]
     fn refusals_are_not_failures_of_the_shard() {
