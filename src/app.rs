@@ -32,7 +32,7 @@ impl App {
     /// binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        let metrics = Metrics::new(settings.telemetry.export()?.as_ref())?;
+        let metrics = Metrics::new(settings.telemetry.metrics_export()?.as_ref())?;
         let shards = build_shards_measured(settings, metrics.shard_instruments())?;
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
         let live = Live::new(settings.live());

@@ -97,6 +97,19 @@ impl TelemetrySettings {
         Ok(Some(OtlpExport { endpoint, protocol }))
     }
 
+    /// Export settings for metrics: those of [`Self::export`], unless
+    /// `OTEL_METRICS_EXPORTER` says metrics are not pushed (`none`, or
+    /// `prometheus`: pulled from `/metrics` only), so a deployment keeps one
+    /// metrics path while its traces go out over OTLP.
+    pub fn metrics_export(&self) -> anyhow::Result<Option<OtlpExport>> {
+        let exporter = std::env::var("OTEL_METRICS_EXPORTER").ok();
+        if pushes_metrics(exporter.as_deref()) {
+            self.export()
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The endpoint to export to, if export is on: `Some("")` means "from the
     /// OTEL_* variables".
     pub fn otlp(&self) -> Option<String> {
@@ -321,6 +334,18 @@ fn tracer_provider(export: &OtlpExport) -> anyhow::Result<SdkTracerProvider> {
         .build())
 }
 
+/// Whether `OTEL_METRICS_EXPORTER` (its value, if set) lets metrics be
+/// pushed over OTLP: unset, empty or naming `otlp` does; `none` or only
+/// `prometheus` does not.
+pub fn pushes_metrics(exporter: Option<&str>) -> bool {
+    match exporter.map(str::trim) {
+        None | Some("") => true,
+        Some(list) => list
+            .split(',')
+            .any(|e| e.trim().eq_ignore_ascii_case("otlp")),
+    }
+}
+
 impl OtlpExport {
     /// The endpoint for one signal: OTLP/HTTP puts each signal under its own
     /// path of the base endpoint; gRPC takes the endpoint as it is.
@@ -410,6 +435,17 @@ mod grpc {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn otel_metrics_exporter_none_or_prometheus_stops_the_push() {
+        assert!(pushes_metrics(None));
+        assert!(pushes_metrics(Some("")));
+        assert!(pushes_metrics(Some("otlp")));
+        assert!(pushes_metrics(Some("prometheus, otlp")));
+        assert!(!pushes_metrics(Some("none")));
+        assert!(!pushes_metrics(Some("prometheus")));
+    }
+
     use super::*;
 
     #[test]

@@ -1,10 +1,13 @@
 //! docker/ cannot run here (no Docker engine), so its files are checked: they
 //! parse, every file the compose file mounts exists, published ports are unique,
 //! Prometheus gets its alerting rules where docker/prometheus.yml names them,
-//! the image runs as a non-root user, chatshard's config there is valid, and
-//! every metric the Grafana dashboard or an alerting rule reads is one
-//! `/metrics` really exports, with the labels and values it selects.
-//! (tests/prometheus.rs runs the same queries in a real Prometheus.)
+//! chatshard's config there is valid, and every metric the Grafana dashboard or
+//! an alerting rule reads is one `/metrics` really exports, with the labels and
+//! values it selects. (tests/prometheus.rs runs the same queries in a real
+//! Prometheus.) The image and nginx are checked in `image.rs`.
+//!
+//! Telemetry: traces go to Jaeger through the collector; metrics have one path,
+//! Prometheus scraping `/metrics`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -13,7 +16,7 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-fn docker(path: &str) -> String {
+pub(crate) fn docker(path: &str) -> String {
     std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("docker")
@@ -22,7 +25,7 @@ fn docker(path: &str) -> String {
     .unwrap_or_else(|e| panic!("docker/{path}: {e}"))
 }
 
-fn yaml(path: &str) -> yaml_serde::Value {
+pub(crate) fn yaml(path: &str) -> yaml_serde::Value {
     yaml_serde::from_str(&docker(path)).unwrap_or_else(|e| panic!("docker/{path}: {e}"))
 }
 
@@ -48,15 +51,9 @@ fn compose_references_files_and_ports_that_exist() {
     let mut ports = HashSet::new();
     for (name, service) in services {
         for port in service["ports"].as_sequence().into_iter().flatten() {
-            let published = port
-                .as_str()
-                .expect("port")
-                .split(':')
-                .next()
-                .unwrap()
-                .to_owned();
+            let (_, published, _) = port_mapping(port.as_str().expect("port"));
             assert!(
-                ports.insert(published.clone()),
+                ports.insert(published.to_owned()),
                 "{name:?}: port {published} published twice"
             );
         }
@@ -83,8 +80,59 @@ fn compose_references_files_and_ports_that_exist() {
             );
         }
     }
-    // The MySQL shards run interleaved auto-increment.
-    assert!(docker("mysql/shard.cnf").contains("innodb_autoinc_lock_mode = 2"));
+    // Current components: Jaeger v2 (OTLP natively, in its default
+    // configuration; v1's COLLECTOR_OTLP_ENABLED means nothing to it),
+    // Prometheus 3, Grafana 12.
+    let image = |service: &str| {
+        compose["services"][service]["image"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{service}: no image"))
+            .to_owned()
+    };
+    for (service, prefix) in [
+        ("jaeger", "jaegertracing/jaeger:2."),
+        ("prometheus", "prom/prometheus:v3."),
+        ("grafana", "grafana/grafana:12."),
+    ] {
+        let found = image(service);
+        assert!(
+            found.starts_with(prefix),
+            "{service}: {found}, not {prefix}*"
+        );
+    }
+    assert!(
+        compose["services"]["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"].is_null(),
+        "COLLECTOR_OTLP_ENABLED is a Jaeger v1 setting"
+    );
+    // The MySQL shards run interleaved auto-increment, and a commit is on disk
+    // (redo log and binary log) when it returns; nothing MySQL 8.4 deprecated
+    // or removed.
+    let cnf = docker("mysql/shard.cnf");
+    let options: Vec<&str> = cnf
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .collect();
+    for wanted in [
+        "innodb_autoinc_lock_mode = 2",
+        "innodb_flush_log_at_trx_commit = 1",
+        "sync_binlog = 1",
+    ] {
+        assert!(
+            options.contains(&wanted),
+            "docker/mysql/shard.cnf lacks {wanted}"
+        );
+    }
+    for gone in [
+        "binlog_format",
+        "default_authentication_plugin",
+        "mysql_native_password",
+    ] {
+        assert!(
+            !options.iter().any(|o| o.starts_with(gone)),
+            "docker/mysql/shard.cnf sets {gone}"
+        );
+    }
     // The image runs as a non-root user, multi-stage.
     let dockerfile = docker("Dockerfile");
     assert!(dockerfile.matches("FROM ").count() >= 2);
@@ -98,17 +146,44 @@ fn compose_references_files_and_ports_that_exist() {
 #[test]
 fn collector_prometheus_grafana_and_chatshard_configs_are_valid() {
     let collector = yaml("otel-collector.yaml");
-    for pipeline in ["traces", "metrics"] {
-        for exporter in collector["service"]["pipelines"][pipeline]["exporters"]
-            .as_sequence()
-            .expect("exporters")
-        {
+    let pipelines = collector["service"]["pipelines"]
+        .as_mapping()
+        .expect("pipelines");
+    for (id, pipeline) in pipelines {
+        for exporter in pipeline["exporters"].as_sequence().expect("exporters") {
             assert!(
                 !collector["exporters"][exporter.as_str().unwrap()].is_null(),
-                "{exporter:?} not defined"
+                "{id:?}: {exporter:?} not defined"
             );
         }
     }
+    // Traces go to Jaeger, over OTLP.
+    let traces = collector["service"]["pipelines"]["traces"]["exporters"]
+        .as_sequence()
+        .expect("a traces pipeline");
+    assert!(
+        traces.iter().any(|e| {
+            let id = e.as_str().unwrap_or("");
+            id.starts_with("otlp")
+                && collector["exporters"][id]["endpoint"].as_str() == Some("jaeger:4317")
+        }),
+        "the traces pipeline does not export to Jaeger: {traces:?}"
+    );
+    // Metrics have one path, Prometheus scraping /metrics: the collector has
+    // no metrics pipeline, and chatshard is told not to push any
+    // (OTEL_METRICS_EXPORTER=none; telemetry::pushes_metrics).
+    assert!(
+        pipelines
+            .keys()
+            .all(|id| id.as_str().and_then(|i| i.split('/').next()) != Some("metrics")),
+        "the collector has a metrics pipeline: a second metrics path"
+    );
+    let env = &yaml("compose.yaml")["services"]["chatshard"]["environment"];
+    let exporter = env["OTEL_METRICS_EXPORTER"].as_str();
+    assert!(
+        !chatshard::telemetry::pushes_metrics(exporter),
+        "chatshard would push its metrics over OTLP too: {exporter:?}"
+    );
     let prometheus = yaml("prometheus.yml");
     // Every replica of the fleet is scraped: discovered by the service's name.
     let sd = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
@@ -487,4 +562,14 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
         }
     }
     assert!(checked >= 20, "{checked} metric references checked");
+}
+
+/// A `ports` entry of the compose file: the host address it binds (`None`:
+/// every interface), the published port and the container's port.
+pub(crate) fn port_mapping(entry: &str) -> (Option<&str>, &str, &str) {
+    match entry.split(':').collect::<Vec<_>>().as_slice() {
+        [host, published, container] => (Some(*host), *published, *container),
+        [published, container] => (None, *published, *container),
+        _ => panic!("port {entry:?} is not [host:]published:container"),
+    }
 }

@@ -11,6 +11,7 @@ mod deploy;
 mod hardening;
 mod helpers;
 mod hot;
+mod image;
 mod lifecycle;
 mod longpoll;
 mod members;
