@@ -38,7 +38,7 @@ impl App {
         let live = Live::new(settings.live());
         let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
         metrics.observe(&shards, &throttle);
-        let fleet = match settings.redis.target() {
+        let fleet = match crate::fleet::Target::from_settings(&settings.redis) {
             Some(_) => Some(
                 crate::fleet::Fleet::start(
                     &settings.redis,

@@ -504,27 +504,31 @@ impl Default for RedisSettings {
 }
 
 impl RedisSettings {
-    /// Where Redis is, if a fleet is configured.
-    pub fn target(&self) -> Option<crate::fleet::Target> {
-        let urls: Vec<String> = self
-            .url
+    /// The Redis URLs of `url` (comma-separated); none when no fleet is
+    /// configured.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
-            .collect();
-        (!urls.is_empty()).then(|| crate::fleet::Target {
-            urls,
-            cluster: self.cluster,
-            response_timeout: Duration::from_millis(self.timeout_ms),
-            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-        })
+            .collect()
+    }
+
+    /// Checks the URLs without connecting.
+    fn check_urls(&self) -> Result<(), String> {
+        let urls = self.urls();
+        for url in &urls {
+            redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
+        }
+        if !self.cluster && urls.len() > 1 {
+            return Err("several URLs name a Redis Cluster: set redis.cluster = true".into());
+        }
+        Ok(())
     }
 
     fn problems(&self, problems: &mut Vec<String>) {
-        if let Some(target) = self.target()
-            && let Err(e) = target.check()
-        {
+        if let Err(e) = self.check_urls() {
             problems.push(format!("redis.url: {e}"));
         }
         for (name, value) in [

@@ -338,6 +338,23 @@ impl EventType {
     }
 }
 
+/// One entry of a chat's event log.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub revision: u64,
+    pub kind: EventType,
+    /// Shared, like the text: the tail hands out a copy of an event to every
+    /// reader, and a copy must not copy the strings.
+    pub user_id: std::sync::Arc<str>,
+    pub message_id: Option<u64>,
+    pub text: Option<std::sync::Arc<str>>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The event as a stream sends it, made once by the first subscriber that
+    /// needs it and shared by every copy of the event (the tail hands out
+    /// copies), so a thousand subscribers cost one encoding, not a thousand.
+    pub encoded: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`serve`, `migrate`, `repair-counts`); parses
-//!   arguments and dispatches, nothing else.
+//! - [`cli`]: the command line (`serve`, `migrate`, `check`, `repair-counts`,
+//!   `purge`, `move-chat`, `cancel-move`, `move-buckets`,
+//!   `cancel-move-buckets`); parses arguments and dispatches, nothing else.
 //! - [`app`]: builds the application from [`config::Settings`], binds and runs
 //!   until stopped; the only place (with `cli`) that reads the configuration
 //!   and hands typed settings down.
@@ -46,9 +47,11 @@
 //!   the tests and the benches ([`localdb::redis`] for Redis and Redis Cluster).
 //!
 //! Dependencies point one way: `http -> service -> {fleet, throttle, shard} -> storage`
-//! (`fleet` feeds the service's tails through `service::tail::TailObserver`);
-//! `domain`, `error`, `live` and `routing` are shared; only `app` and `cli` read
-//! configuration and hand typed settings down.
+//! (`fleet` feeds the service's tails through `fleet::NoticeSink`, and hears of
+//! them through `fleet::TailObserver`, both implemented above it);
+//! `domain`, `error`, `live` and `routing` are shared; `config` imports none of
+//! the layers that take its typed settings, and only `app` and `cli` load it.
+//! `tests/layers.rs` fails when an import makes a cycle between modules.
 #![forbid(unsafe_code)]
 
 pub mod app;

@@ -31,6 +31,15 @@ const SECONDS: [f64; 15] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// What the stream gauges read: implemented by the HTTP layer's stream
+/// registry, so that metrics do not depend on `http`.
+pub trait StreamCounts: Send + Sync {
+    /// Event streams open on this instance.
+    fn open(&self) -> u64;
+    /// Chat subscriptions those streams hold.
+    fn subscriptions(&self) -> u64;
+}
+
 /// The instruments of one chatshard instance.
 pub struct Metrics {
     registry: prometheus::Registry,
@@ -512,7 +521,7 @@ impl Metrics {
 
     /// Registers the gauges of open streams and of the chat subscriptions
     /// they hold.
-    pub fn observe_streams(&self, subscribers: Arc<crate::http::stream::Subscribers>) {
+    pub fn observe_streams(&self, subscribers: Arc<dyn StreamCounts>) {
         let s = subscribers.clone();
         self.meter
             .u64_observable_gauge("chatshard.streams.open")

@@ -36,18 +36,15 @@ pub struct Target {
 }
 
 impl Target {
-    /// Checks the URLs without connecting.
-    pub fn check(&self) -> Result<(), String> {
-        if self.urls.is_empty() {
-            return Err("no Redis URL".into());
-        }
-        for url in &self.urls {
-            redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
-        }
-        if !self.cluster && self.urls.len() > 1 {
-            return Err("several URLs name a Redis Cluster: set redis.cluster = true".into());
-        }
-        Ok(())
+    /// Where the settings say Redis is, if a fleet is configured.
+    pub fn from_settings(settings: &crate::config::RedisSettings) -> Option<Self> {
+        let urls = settings.urls();
+        (!urls.is_empty()).then(|| Self {
+            urls,
+            cluster: settings.cluster,
+            response_timeout: Duration::from_millis(settings.timeout_ms),
+            connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+        })
     }
 }
 

@@ -47,9 +47,8 @@ use wire::{Bus, Names, Notice};
 
 use crate::config::RedisSettings;
 use crate::domain::ChatId;
+use crate::domain::Event;
 use crate::live::{JoinRule, Live, LiveConfig};
-use crate::service::Event;
-use crate::service::tail::{TailObserver, Tails};
 use crate::shard::Breaker;
 use crate::throttle::Throttle;
 use crate::throttle::join::JoinDecision;
@@ -197,7 +196,7 @@ pub struct Fleet {
     gcra: redis::Script,
     live: Arc<Live>,
     throttle: Arc<Throttle>,
-    tails: OnceLock<Arc<Tails>>,
+    tails: OnceLock<Arc<dyn NoticeSink>>,
     counters: Counters,
 }
 
@@ -212,8 +211,7 @@ impl Fleet {
         throttle: Arc<Throttle>,
         tracked_chats: u64,
     ) -> anyhow::Result<Arc<Self>> {
-        let target = settings
-            .target()
+        let target = Target::from_settings(settings)
             .ok_or_else(|| anyhow::anyhow!("redis.url is not set"))?;
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let conn = match Conn::open(&target, push_tx.clone()).await {
@@ -279,7 +277,7 @@ impl Fleet {
     }
 
     /// The tails notices feed (set once, by the service).
-    pub fn attach_tails(&self, tails: Arc<Tails>) {
+    pub fn attach_tails(&self, tails: Arc<dyn NoticeSink>) {
         let _ = self.tails.set(tails);
     }
 
@@ -944,6 +942,24 @@ impl Fleet {
             _ => {}
         }
     }
+}
+
+/// Told when a chat gains or loses its tail on this instance: the fleet
+/// follows the notices of exactly those chats.
+pub trait TailObserver: Send + Sync {
+    fn opened(&self, chat: &ChatId);
+    fn closed(&self, chat: &ChatId);
+}
+
+/// Where the notices of other instances go: the service's tails. A trait so
+/// that the fleet, below the service, does not depend on it.
+pub trait NoticeSink: Send + Sync {
+    /// A committed batch another instance's notice carried.
+    fn committed(&self, chat: &ChatId, events: &[Event]);
+    /// A notice without its events: the chat reached `last`.
+    fn learn(&self, chat: &ChatId, last: u64);
+    /// Notices may have been lost: every tail reads its chat again.
+    fn distrust_all(&self);
 }
 
 impl TailObserver for Fleet {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::Event;
 use crate::domain::{ChatId, EventType};
-use crate::service::Event;
 
 /// Names under one prefix (`redis.key_prefix`), so deployments can share a Redis.
 #[derive(Debug, Clone)]

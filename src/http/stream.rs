@@ -48,6 +48,16 @@ pub struct Subscribers {
     per_chat: DashMap<ChatId, u64>,
 }
 
+impl crate::metrics::StreamCounts for Subscribers {
+    fn open(&self) -> u64 {
+        Subscribers::open(self)
+    }
+
+    fn subscriptions(&self) -> u64 {
+        Subscribers::subscriptions(self)
+    }
+}
+
 /// One open stream's place; dropping it frees the place.
 pub struct StreamSlot {
     registry: Arc<Subscribers>,

@@ -1,6 +1,6 @@
 //! What the use cases return: chats, members, messages, events, pages.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 
@@ -82,22 +82,9 @@ impl Message {
     }
 }
 
-/// One entry of a chat's event log.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub revision: u64,
-    pub kind: EventType,
-    /// Shared, like the text: the tail hands out a copy of an event to every
-    /// reader, and a copy must not copy the strings.
-    pub user_id: Arc<str>,
-    pub message_id: Option<u64>,
-    pub text: Option<Arc<str>>,
-    pub created_at: DateTime<Utc>,
-    /// The event as a stream sends it, made once by the first subscriber that
-    /// needs it and shared by every copy of the event (the tail hands out
-    /// copies), so a thousand subscribers cost one encoding, not a thousand.
-    pub encoded: Arc<OnceLock<Arc<str>>>,
-}
+/// One entry of a chat's event log (defined in `domain`, so the fleet can
+/// carry events without depending on the service).
+pub use crate::domain::Event;
 
 impl Event {
     /// A stored event; an unknown type is an error naming the row, never a

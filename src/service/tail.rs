@@ -46,11 +46,9 @@ pub struct TailSettings {
 }
 
 /// Told when a chat gains or loses its tail here (the fleet follows the
-/// notices of exactly those chats).
-pub trait TailObserver: Send + Sync {
-    fn opened(&self, chat: &ChatId);
-    fn closed(&self, chat: &ChatId);
-}
+/// notices of exactly those chats); defined where the fleet is, which the
+/// service depends on.
+pub use crate::fleet::TailObserver;
 
 /// The tails of this instance.
 pub struct Tails {
@@ -453,6 +451,22 @@ impl Tail {
             self.append(&events, Some(latest));
         }
         Ok(())
+    }
+}
+
+/// The fleet's notices reach the tails through this trait, so the fleet
+/// does not depend on the service.
+impl crate::fleet::NoticeSink for Tails {
+    fn committed(&self, chat: &ChatId, events: &[Event]) {
+        Tails::committed(self, chat, events);
+    }
+
+    fn learn(&self, chat: &ChatId, last: u64) {
+        Tails::learn(self, chat, last);
+    }
+
+    fn distrust_all(&self) {
+        Tails::distrust_all(self);
     }
 }
 
