@@ -202,6 +202,11 @@ async fn applied_versions(db: &mut MySqlConnection) -> Vec<(i64, bool)> {
         .expect("read _sqlx_migrations")
 }
 
+/// Every version of this build, applied successfully.
+fn all_applied() -> Vec<(i64, bool)> {
+    versions().into_iter().map(|v| (v, true)).collect()
+}
+
 /// Columns and indexes of a database, to compare two of them.
 async fn shape(db: &mut MySqlConnection) -> Vec<String> {
     let columns: Vec<(String, String, String, String)> = sqlx::query_as(
@@ -289,13 +294,7 @@ async fn sql_printed_applied_by_hand_and_marked_is_what_migrate_makes_and_serve_
         )),
         "{status}"
     );
-    assert_eq!(
-        applied_versions(&mut db).await,
-        versions()
-            .into_iter()
-            .map(|v| (v, true))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(applied_versions(&mut db).await, all_applied());
     // sqlx's own migrator accepts the recorded checksums: a rerun is a no-op.
     by_hand.ok(&["migrate"]);
 
@@ -447,13 +446,7 @@ async fn a_shard_that_applied_the_old_numbers_is_renumbered_by_migrate() {
         "{status}"
     );
     s.ok(&["migrate"]);
-    assert_eq!(
-        applied_versions(&mut db).await,
-        versions()
-            .into_iter()
-            .map(|v| (v, true))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(applied_versions(&mut db).await, all_applied());
     let status = s.ok(&["migrate", "--status"]);
     assert!(!status.contains("renumbered"), "{status}");
 }
