@@ -204,7 +204,12 @@ pub async fn connect(shard: &ShardSettings) -> anyhow::Result<MySqlConnection> {
 /// Applies pending migrations to one shard.
 pub async fn migrate_shard(shard: &ShardSettings) -> anyhow::Result<ShardSchema> {
     let mut conn = connect(shard).await?;
+    // Renumbered rows first, under the migrator's lock, which sqlx's own run
+    // then takes again.
     locked(shard, &mut conn, |_| Ok(())).await?;
+    conn.unlock()
+        .await
+        .map_err(|e| anyhow::anyhow!("shard {}: {e}", shard.name))?;
     MIGRATOR
         .run(&mut conn)
         .await
