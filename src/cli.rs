@@ -26,6 +26,7 @@ use crate::domain::ChatId;
 use crate::localdb::cluster::{LocalCluster, Location};
 use crate::localdb::redis::{LocalRedis, LocalRedisOptions};
 use crate::migrate;
+use crate::service::move_plan::Phase;
 use crate::service::repair;
 use crate::telemetry::{self, TelemetrySettings};
 
@@ -501,10 +502,10 @@ async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Resu
                 println!("  {} (revision {})", m.phase, m.copied_revision);
                 last.clone_from(&m.phase);
             }
-            match m.phase.as_str() {
-                "done" => return Ok(()),
-                "cancelled" => anyhow::bail!("the move was cancelled"),
-                "rolled_back" => {
+            match Phase::parse(&m.phase) {
+                Some(Phase::Done) => return Ok(()),
+                Some(Phase::Cancelled) => anyhow::bail!("the move was cancelled"),
+                Some(Phase::RolledBack) => {
                     anyhow::bail!("the move was rolled back: {}", m.error.unwrap_or_default())
                 }
                 _ => {}

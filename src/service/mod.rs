@@ -21,6 +21,7 @@ mod group_commit;
 mod isolation;
 pub mod lifecycle;
 pub mod model;
+pub mod move_plan;
 pub mod moves;
 pub mod plan;
 pub mod read;

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+use super::move_plan::{self, Abandoned, Phase, Source, Takeover};
 use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
 use crate::routing::BucketRange;
@@ -399,7 +400,7 @@ pub struct MoveView {
 
 impl MoveView {
     fn from_row(row: moves::MoveRow) -> Self {
-        let running = !matches!(row.phase.as_str(), "done" | "cancelled" | "rolled_back");
+        let running = !Phase::parse(&row.phase).is_some_and(Phase::is_terminal);
         Self {
             lag_revisions: row
                 .source_revision
@@ -667,81 +668,90 @@ impl ChatService {
             return;
         };
         let hold = (row.id, driver);
-        let Some(target) = self.shards.by_name(&row.target).cloned() else {
-            let _ = self
-                .record(
-                    source,
-                    hold,
-                    "rolled_back",
-                    row.copied_revision,
-                    Some("its target shard is not configured here"),
-                    true,
-                )
-                .await;
-            return;
-        };
-        let settings = self.move_settings.clone();
+        let target = self.shards.by_name(&row.target).cloned();
         // The claim made this instance the move's driver: the old driver, if
         // it was only slow, can no longer switch (its switch reads the driver
         // under the move row's lock, which the claim wrote). Only now is the
         // source read: either the old switch went in before, and the source
         // says so, or it never will. A source that cannot be read may hold
         // the tombstone: nothing is done on a guess.
-        let at_source = match self.row_on(&chat, source).await {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::warn!(chat = %chat, error = %e, "reading an abandoned move's source failed; retrying later");
-                return;
-            }
+        let at_source = match &target {
+            None => Source::Holds,
+            Some(_) => match self.row_on(&chat, source).await {
+                Ok(Some((_, Some(to)))) if to == row.target => Source::Switched,
+                Ok(_) => Source::Holds,
+                Err(e) => {
+                    tracing::warn!(chat = %chat, error = %e, "reading an abandoned move's source failed; retrying later");
+                    Source::Unreadable
+                }
+            },
         };
-        let switched = matches!(&at_source, Some((_, Some(to))) if *to == row.target);
-        tracing::warn!(chat = %chat, phase = %row.phase, switched, driver, "taking over an abandoned chat move");
-        if switched {
-            match self.finish_switch(&chat, source, &target).await {
+        let abandoned = Abandoned {
+            // A phase of a newer build counts as under way.
+            phase: Phase::parse(&row.phase).unwrap_or(Phase::Copying),
+            target_known: target.is_some(),
+            source: at_source,
+            cancel: row.cancel_requested,
+            of_range: row.started_by == RANGE,
+        };
+        let step = move_plan::take_over(&abandoned);
+        tracing::warn!(chat = %chat, phase = %row.phase, ?step, driver, "taking over an abandoned chat move");
+        let Some(target) = target else {
+            if let Takeover::End { phase, reason } = step {
+                let _ = self
+                    .record(source, hold, phase, row.copied_revision, Some(reason), true)
+                    .await;
+            }
+            return;
+        };
+        let settings = self.move_settings.clone();
+        match step {
+            Takeover::RetryLater | Takeover::End { .. } => {}
+            Takeover::FinishSwitch => match self.finish_switch(&chat, source, &target).await {
                 Ok(()) => {
                     let _ = self
-                        .record(source, hold, "cleaning", row.copied_revision, None, false)
+                        .record(
+                            source,
+                            hold,
+                            Phase::Cleaning,
+                            row.copied_revision,
+                            None,
+                            false,
+                        )
                         .await;
                     let watch = Watch::chat(source, &chat);
                     let mut pacer = Pacer::watching(watch.clone(), watch.baseline(), &settings);
                     self.clean_source(&chat, source, &settings, Some(&mut pacer))
                         .await;
                     let _ = self
-                        .record(source, hold, "done", row.copied_revision, None, true)
+                        .record(source, hold, Phase::Done, row.copied_revision, None, true)
                         .await;
                 }
                 Err(e) => {
                     // Left running: the next round tries again.
                     tracing::warn!(chat = %chat, error = %e, "finishing an abandoned switch failed; retrying later");
                 }
-            }
-        } else if row.cancel_requested != 0 || row.started_by == RANGE {
-            // A cancel asked for (1), the bar an earlier build's takeover set
-            // (2), or a range's chat (its range move moves it again, or
-            // back): rolled back.
-            self.roll_back(&chat, source, &target, &settings).await;
-            if row.cancel_requested == 1 {
-                let _ = self.record(source, hold, "cancelled", 0, None, true).await;
-            } else {
-                let reason = format!("abandoned by its driver in phase {}", row.phase);
+            },
+            Takeover::RollBack { ends } => {
+                self.roll_back(&chat, source, &target, &settings).await;
+                let reason = (ends == Phase::RolledBack)
+                    .then(|| format!("abandoned by its driver in phase {}", row.phase));
                 let _ = self
-                    .record(source, hold, "rolled_back", 0, Some(&reason), true)
+                    .record(source, hold, ends, 0, reason.as_deref(), true)
                     .await;
             }
-        } else {
-            // Resumed where the target's copy stands. A target opened by the
-            // old driver is past `requested`.
-            let resuming = row.phase != "requested";
-            let (service, source) = (self.clone(), source.clone());
-            tokio::spawn(async move {
-                let watch = Watch::chat(&source, &chat);
-                let pacer =
-                    Pacer::watching(watch.clone(), watch.baseline(), &service.move_settings);
-                // The outcome is in the move's record.
-                let _ = service
-                    .drive_to_end(hold, chat, (source, target), pacer, resuming)
-                    .await;
-            });
+            Takeover::Resume { from_start } => {
+                let (service, source) = (self.clone(), source.clone());
+                tokio::spawn(async move {
+                    let watch = Watch::chat(&source, &chat);
+                    let pacer =
+                        Pacer::watching(watch.clone(), watch.baseline(), &service.move_settings);
+                    // The outcome is in the move's record.
+                    let _ = service
+                        .drive_to_end(hold, chat, (source, target), pacer, !from_start)
+                        .await;
+                });
+            }
         }
     }
 
@@ -908,7 +918,7 @@ impl ChatService {
             .map(MoveView::from_row)
             .ok_or_else(not_found)?;
         // Asking again while the move winds down is answered the same.
-        let ended = matches!(view.phase.as_str(), "done" | "rolled_back" | "cancelled");
+        let ended = Phase::parse(&view.phase).is_some_and(Phase::is_terminal);
         if !asked && (ended || !view.cancel_requested) {
             return Err(ServiceError::MoveRefused {
                 reason: format!(
@@ -964,11 +974,13 @@ impl ChatService {
                 // Switched: whoever holds the move now, the clean-up is the
                 // same (and idempotent).
                 let _ = self
-                    .record(&source, hold, "cleaning", copied, None, false)
+                    .record(&source, hold, Phase::Cleaning, copied, None, false)
                     .await;
                 self.clean_source(&chat, &source, &settings, Some(&mut pacer))
                     .await;
-                let _ = self.record(&source, hold, "done", copied, None, true).await;
+                let _ = self
+                    .record(&source, hold, Phase::Done, copied, None, true)
+                    .await;
                 Ok(())
             }
             Err(Stop::Superseded) => {
@@ -1002,13 +1014,15 @@ impl ChatService {
                 self.roll_back(&chat, &source, &target, &settings).await;
                 if matches!(stop, Stop::Cancelled) {
                     tracing::info!(chat = %chat, from = source.name(), to = target.name(), "chat_move_cancelled");
-                    let _ = self.record(&source, hold, "cancelled", 0, None, true).await;
+                    let _ = self
+                        .record(&source, hold, Phase::Cancelled, 0, None, true)
+                        .await;
                     return Err("cancelled".to_owned());
                 }
                 let reason = stop.to_string();
                 tracing::warn!(chat = %chat, from = source.name(), to = target.name(), error = %reason, "chat_move_rolled_back");
                 let _ = self
-                    .record(&source, hold, "rolled_back", 0, Some(&reason), true)
+                    .record(&source, hold, Phase::RolledBack, 0, Some(&reason), true)
                     .await;
                 Err(reason)
             }
@@ -1048,8 +1062,15 @@ impl ChatService {
         } else {
             self.open_target(chat, &head, (source, target)).await?;
         }
-        self.record(source, hold, "copying", resumed.unwrap_or(0), None, false)
-            .await?;
+        self.record(
+            source,
+            hold,
+            Phase::Copying,
+            resumed.unwrap_or(0),
+            None,
+            false,
+        )
+        .await?;
         // A purged log: the rows as they stand first (again, if a snapshot
         // was not settled: its pages are idempotent).
         let mut copied = match resumed {
@@ -1078,7 +1099,7 @@ impl ChatService {
                 }
                 copied = self
                     .copy_until(
-                        (hold, "copying"),
+                        (hold, Phase::Copying),
                         chat,
                         (source, target),
                         settings,
@@ -1087,7 +1108,7 @@ impl ChatService {
                     )
                     .await?;
             }
-            self.record(source, hold, "copying", copied, None, false)
+            self.record(source, hold, Phase::Copying, copied, None, false)
                 .await?;
             // The fence: from here the source takes no write of the chat.
             let (c, ms) = (chat_id.clone(), settings.fence.as_millis() as u64);
@@ -1104,12 +1125,12 @@ impl ChatService {
                 })
                 .await?
                 .ok_or(Stop::Gone)?;
-            self.record(source, hold, "fenced", copied, None, false)
+            self.record(source, hold, Phase::Fenced, copied, None, false)
                 .await?;
             // Under the fence the chat's writes wait: no pause.
             copied = self
                 .copy_until(
-                    (hold, "fenced"),
+                    (hold, Phase::Fenced),
                     chat,
                     (source, target),
                     settings,
@@ -1136,7 +1157,7 @@ impl ChatService {
                     to: Box::new(to),
                 });
             }
-            self.record(source, hold, "verified", copied, None, false)
+            self.record(source, hold, Phase::Verified, copied, None, false)
                 .await?;
             // The switch, in its order: the tombstone at the source (only if
             // the fence still holds and no cancel came first), then the
@@ -1186,7 +1207,7 @@ impl ChatService {
             while let Err(e) = self.finish_switch(chat, source, target).await {
                 tracing::warn!(chat = %chat, error = %e, "finishing a switch failed; retrying");
                 if let Err(Stop::Superseded) = self
-                    .record(source, hold, "switching", copied, None, false)
+                    .record(source, hold, Phase::Switching, copied, None, false)
                     .await
                 {
                     return Err(Stop::Superseded);
@@ -1196,7 +1217,7 @@ impl ChatService {
             }
             // Switched: the tombstone stands whoever holds the record now.
             let _ = self
-                .record(source, hold, "switched", copied, None, false)
+                .record(source, hold, Phase::Switched, copied, None, false)
                 .await;
             return Ok(copied);
         }
@@ -1381,7 +1402,7 @@ impl ChatService {
         pacer: &mut Pacer,
         rows: u64,
     ) -> Result<(), Stop> {
-        self.record_copy(source, hold, "copying", (0, rows), None, false)
+        self.record_copy(source, hold, Phase::Copying, (0, rows), None, false)
             .await?;
         tokio::time::sleep(pacer.pace(settings, rows)).await;
         Ok(())
@@ -1391,7 +1412,7 @@ impl ChatService {
     /// `pacer` if given; the target's revision after.
     async fn copy_until(
         &self,
-        (hold, phase): (Hold, &'static str),
+        (hold, phase): (Hold, Phase),
         chat: &ChatId,
         (source, target): (&Arc<Shard>, &Arc<Shard>),
         settings: &MoveSettings,
@@ -1538,7 +1559,7 @@ impl ChatService {
         &self,
         source: &Arc<Shard>,
         hold: Hold,
-        phase: &'static str,
+        phase: Phase,
         copied: u64,
         error: Option<&str>,
         finished: bool,
@@ -1553,7 +1574,7 @@ impl ChatService {
         &self,
         source: &Arc<Shard>,
         hold: Hold,
-        phase: &'static str,
+        phase: Phase,
         progress: (u64, u64),
         error: Option<&str>,
         finished: bool,
@@ -1565,7 +1586,7 @@ impl ChatService {
                     Ok(moves::set_phase(
                         conn,
                         hold,
-                        phase,
+                        phase.as_str(),
                         progress,
                         error.as_deref(),
                         finished,
@@ -1580,7 +1601,7 @@ impl ChatService {
             Ok(moves::Standing::Cancelled) => Err(Stop::Cancelled),
             Ok(moves::Standing::Superseded) => Err(Stop::Superseded),
             Err(e) => {
-                tracing::warn!(id = hold.0, phase, error = %crate::error::chain(&e), "cannot record a move's phase");
+                tracing::warn!(id = hold.0, phase = phase.as_str(), error = %crate::error::chain(&e), "cannot record a move's phase");
                 Ok(())
             }
         }
