@@ -26,7 +26,7 @@ use crate::domain::ChatId;
 use crate::localdb::cluster::{LocalCluster, Location};
 use crate::localdb::redis::{LocalRedis, LocalRedisOptions};
 use crate::migrate;
-use crate::service::move_plan::Phase;
+use crate::service::move_plan::{self, Phase};
 use crate::service::repair;
 use crate::telemetry::{self, TelemetrySettings};
 
@@ -502,7 +502,7 @@ async fn move_chat(settings: &Settings, chat: &ChatId, to: &str) -> anyhow::Resu
                 println!("  {} (revision {})", m.phase, m.copied_revision);
                 last.clone_from(&m.phase);
             }
-            match Phase::parse(&m.phase) {
+            match Phase::parse(move_plan::Unit::Chat, &m.phase) {
                 Some(Phase::Done) => return Ok(()),
                 Some(Phase::Cancelled) => anyhow::bail!("the move was cancelled"),
                 Some(Phase::RolledBack) => {
@@ -542,8 +542,8 @@ async fn move_buckets(
                 );
                 last = (m.phase.clone(), m.chats_moved);
             }
-            match m.phase.as_str() {
-                "done" => {
+            match Phase::parse(move_plan::Unit::Range, &m.phase) {
+                Some(Phase::Done) => {
                     println!(
                         "buckets {} are on {} (bucket table version {})",
                         m.buckets,
@@ -552,8 +552,10 @@ async fn move_buckets(
                     );
                     return Ok(());
                 }
-                "failed" => anyhow::bail!("the range move failed: {}", m.error.unwrap_or_default()),
-                "cancelled" => match m.error {
+                Some(Phase::Failed) => {
+                    anyhow::bail!("the range move failed: {}", m.error.unwrap_or_default())
+                }
+                Some(Phase::Cancelled) => match m.error {
                     Some(left) => anyhow::bail!("the range move was cancelled: {left}"),
                     None => anyhow::bail!(
                         "the range move was cancelled; its chats are back on {}",

@@ -279,7 +279,7 @@ pub enum MemberState {
 
 impl MemberState {
     /// The value stored in `chat_member.state`.
-    pub fn code(self) -> u8 {
+    pub const fn code(self) -> u8 {
         match self {
             Self::Joined => 1,
             Self::Left => 2,
@@ -312,7 +312,7 @@ pub enum EventType {
 
 impl EventType {
     /// The value stored in `chat_event.event_type`.
-    pub fn code(self) -> u8 {
+    pub const fn code(self) -> u8 {
         match self {
             Self::MessageSent => 1,
             Self::MemberJoined => 2,

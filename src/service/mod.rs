@@ -15,17 +15,22 @@
 //! - [`lifecycle`]: the purge of old events and the periodic digest check.
 
 pub mod buckets;
+mod chat_move;
 pub mod error;
 pub mod events;
 mod group_commit;
 mod isolation;
 pub mod lifecycle;
 pub mod model;
+mod move_driver;
 pub mod move_plan;
 pub mod moves;
+mod pacer;
 pub mod plan;
+mod range_move;
 pub mod read;
 pub mod repair;
+pub mod replay;
 pub mod tail;
 mod write;
 

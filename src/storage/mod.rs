@@ -18,6 +18,7 @@ pub mod events;
 pub mod members;
 pub mod messages;
 pub mod migrations;
+pub mod move_snapshot;
 pub mod moves;
 pub mod repair;
 pub mod server;

@@ -1,10 +1,17 @@
 //! The statements of a chat move (docs/moving-chats.md): reading the source's
 //! log with what each event needs, replaying it on the target, the fence, the
 //! markers, the digests that verify a copy, the clean-up of the source, and
-//! the move records.
+//! the move records (a purged chat's snapshot: `move_snapshot.rs`).
 
 use chrono::NaiveDateTime;
 use sqlx::MySqlConnection;
+
+pub use super::move_snapshot::*;
+
+/// `chat_event.event_type` of a message.
+pub(super) const MESSAGE_SENT: u8 = crate::domain::EventType::MessageSent.code();
+/// `chat_member.state` of a member who left.
+const LEFT: u8 = crate::domain::MemberState::Left.code();
 
 /// One event of the source's log with the message it names, if any.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -131,83 +138,66 @@ pub async fn lock_revision(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::R
         .await
 }
 
+/// A member row as a replayed batch leaves it (decided by
+/// `service::replay::fold`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberFate {
+    pub user_id: String,
+    /// The source's id of the row.
+    pub id: Option<u64>,
+    /// Its state on the target before the batch (`None`: no row there).
+    pub before: Option<u8>,
+    pub state: u8,
+    pub created_at: NaiveDateTime,
+    pub joined_at: Option<NaiveDateTime>,
+    pub left_at: Option<NaiveDateTime>,
+    pub updated_at: NaiveDateTime,
+}
+
+/// The states of `users`' member rows in the chat, locked for the caller's
+/// transaction (which holds the chat's row lock).
+pub async fn lock_member_states(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    users: &[&str],
+) -> sqlx::Result<std::collections::HashMap<String, u8>> {
+    if users.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut q = sqlx::QueryBuilder::new("SELECT user_id, state FROM chat_member WHERE chat_id = ");
+    q.push_bind(chat_id).push(" AND user_id IN (");
+    let mut list = q.separated(", ");
+    for u in users {
+        list.push_bind(*u);
+    }
+    list.push_unseparated(") FOR UPDATE");
+    let existing: Vec<(String, u8)> = q.build_query_as().fetch_all(&mut *conn).await?;
+    Ok(existing.into_iter().collect())
+}
+
 /// Replays a batch of the source's log on the target, inside the caller's
 /// transaction (which holds the chat's row lock), in a handful of statements:
-/// the member rows as the batch leaves them, the messages (ids of the
-/// target's, read back by revision), and the events. Returns the change of
-/// the member count and the rows written.
+/// the member rows as `members` says the batch leaves them, the messages
+/// (ids of the target's, read back by revision), and the events.
 pub async fn replay_batch(
     conn: &mut MySqlConnection,
     chat_id: &str,
     rows: &[LogRow],
-) -> sqlx::Result<(i64, u64)> {
+    members: &[MemberFate],
+) -> sqlx::Result<()> {
     use sqlx::QueryBuilder;
     use std::collections::HashMap;
-    // Members: the state each touched user is left in.
-    struct Fate {
-        id: Option<u64>,
-        before: Option<u8>,
-        state: u8,
-        created_at: NaiveDateTime,
-        joined_at: Option<NaiveDateTime>,
-        left_at: Option<NaiveDateTime>,
-        updated_at: NaiveDateTime,
-    }
-    let users: Vec<&str> = {
-        let mut u: Vec<&str> = rows
-            .iter()
-            .filter(|r| r.event_type != 1)
-            .map(|r| r.user_id.as_str())
-            .collect();
-        u.sort_unstable();
-        u.dedup();
-        u
-    };
-    let mut fates: HashMap<&str, Fate> = HashMap::new();
-    if !users.is_empty() {
-        let mut q = QueryBuilder::new("SELECT user_id, state FROM chat_member WHERE chat_id = ");
-        q.push_bind(chat_id).push(" AND user_id IN (");
-        let mut list = q.separated(", ");
-        for u in &users {
-            list.push_bind(*u);
-        }
-        list.push_unseparated(") FOR UPDATE");
-        let existing: Vec<(String, u8)> = q.build_query_as().fetch_all(&mut *conn).await?;
-        let existing: HashMap<String, u8> = existing.into_iter().collect();
-        for row in rows.iter().filter(|r| r.event_type != 1) {
-            let before = existing.get(&row.user_id).copied();
-            let fate = fates.entry(row.user_id.as_str()).or_insert(Fate {
-                id: row.member_id,
-                before,
-                state: before.unwrap_or(2),
-                created_at: row.created_at,
-                joined_at: None,
-                left_at: None,
-                updated_at: row.created_at,
-            });
-            fate.updated_at = row.created_at;
-            if row.event_type == 2 {
-                fate.state = 1;
-                fate.joined_at = Some(row.created_at);
-                fate.left_at = None;
-            } else {
-                fate.state = 2;
-                fate.left_at = Some(row.created_at);
-            }
-        }
-    }
-    let mut delta = 0i64;
-    let new: Vec<(&&str, &Fate)> = fates.iter().filter(|(_, f)| f.before.is_none()).collect();
+    let new: Vec<&MemberFate> = members.iter().filter(|f| f.before.is_none()).collect();
     if !new.is_empty() {
-        let wanted: Vec<u64> = new.iter().filter_map(|(_, f)| f.id).collect();
+        let wanted: Vec<u64> = new.iter().filter_map(|f| f.id).collect();
         let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
         let mut q = QueryBuilder::new(
             "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
         );
-        q.push_values(&new, |mut b, (user, f)| {
-            b.push_bind(keep_id(&owners, f.id, chat_id, user))
+        q.push_values(&new, |mut b, f| {
+            b.push_bind(keep_id(&owners, f.id, chat_id, &f.user_id))
                 .push_bind(chat_id)
-                .push_bind(**user)
+                .push_bind(&f.user_id)
                 .push_bind(f.state)
                 .push_bind(f.joined_at.unwrap_or(f.created_at))
                 .push_bind(f.left_at)
@@ -216,27 +206,25 @@ pub async fn replay_batch(
         });
         q.build().execute(&mut *conn).await?;
     }
-    for (user, f) in &fates {
-        let was_joined = f.before == Some(1);
-        delta += i64::from(f.state == 1) - i64::from(was_joined);
-        if f.before.is_none() {
-            continue;
-        }
+    for f in members.iter().filter(|f| f.before.is_some()) {
         sqlx::query(
             "UPDATE chat_member SET state = ?, joined_at = COALESCE(?, joined_at), left_at = ?, updated_at = ? \
              WHERE chat_id = ? AND user_id = ?",
         )
         .bind(f.state)
         .bind(f.joined_at)
-        .bind(if f.state == 2 { f.left_at } else { None })
+        .bind(f.left_at.filter(|_| f.state == LEFT))
         .bind(f.updated_at)
         .bind(chat_id)
-        .bind(*user)
+        .bind(&f.user_id)
         .execute(&mut *conn)
         .await?;
     }
     // Messages, then their ids by revision (unique per chat).
-    let messages: Vec<&LogRow> = rows.iter().filter(|r| r.event_type == 1).collect();
+    let messages: Vec<&LogRow> = rows
+        .iter()
+        .filter(|r| r.event_type == MESSAGE_SENT)
+        .collect();
     let mut ids: HashMap<u64, u64> = HashMap::new();
     if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
         let wanted: Vec<u64> = messages.iter().filter_map(|r| r.message_id).collect();
@@ -278,7 +266,7 @@ pub async fn replay_batch(
                 .push_bind(r.revision)
                 .push_bind(r.event_type)
                 .push_bind(&r.user_id)
-                .push_bind(if r.event_type == 1 {
+                .push_bind(if r.event_type == MESSAGE_SENT {
                     ids.get(&r.revision).copied()
                 } else {
                     None
@@ -287,13 +275,12 @@ pub async fn replay_batch(
         });
         q.build().execute(&mut *conn).await?;
     }
-    let written = rows.len() + fates.len() + rows.iter().filter(|r| r.event_type == 1).count();
-    Ok((delta, written as u64))
+    Ok(())
 }
 
 /// The tables whose ids a copy keeps.
 #[derive(Debug, Clone, Copy)]
-enum IdTable {
+pub(super) enum IdTable {
     /// `chat_member`, a row named by its user.
     Members,
     /// `chat_message`, a row named by its revision.
@@ -302,7 +289,7 @@ enum IdTable {
 
 /// Who holds each of `ids` on this shard: the chat and the row's name in it
 /// (user or revision).
-async fn id_owners(
+pub(super) async fn id_owners(
     conn: &mut MySqlConnection,
     table: IdTable,
     ids: &[u64],
@@ -331,7 +318,7 @@ async fn id_owners(
 /// interleaved, see `storage::server::prepare_session`). Then `None`: the
 /// target gives the row a new id of its own series. The same row there
 /// already (a retried page) keeps its id, and the insert leaves it alone.
-fn keep_id(
+pub(super) fn keep_id(
     owners: &std::collections::HashMap<u64, (String, String)>,
     id: Option<u64>,
     chat_id: &str,
@@ -342,227 +329,6 @@ fn keep_id(
             .get(id)
             .is_none_or(|(c, n)| c == chat_id && n == name)
     })
-}
-
-/// A member row as a snapshot copies it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct MemberRow {
-    pub id: u64,
-    pub user_id: String,
-    pub state: u8,
-    pub joined_at: NaiveDateTime,
-    pub left_at: Option<NaiveDateTime>,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
-}
-
-/// The chat's member rows after `after` in user order, at most `limit` (the
-/// unique key `(chat_id, user_id)` serves it).
-pub async fn members_after(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    after: &str,
-    limit: u32,
-) -> sqlx::Result<Vec<MemberRow>> {
-    sqlx::query_as(
-        "SELECT id, user_id, state, joined_at, left_at, created_at, updated_at FROM chat_member \
-         WHERE chat_id = ? AND user_id > ? ORDER BY user_id LIMIT ?",
-    )
-    .bind(chat_id)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-/// Copies member rows to the target with their ids (see [`keep_id`]); a row
-/// there already (a retried page) stays as it is.
-pub async fn insert_members(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    rows: &[MemberRow],
-) -> sqlx::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
-    let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
-    let mut q = sqlx::QueryBuilder::new(
-        "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
-    );
-    q.push_values(rows, |mut b, r| {
-        b.push_bind(keep_id(&owners, Some(r.id), chat_id, &r.user_id))
-            .push_bind(chat_id)
-            .push_bind(&r.user_id)
-            .push_bind(r.state)
-            .push_bind(r.joined_at)
-            .push_bind(r.left_at)
-            .push_bind(r.created_at)
-            .push_bind(r.updated_at);
-    });
-    q.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-    q.build().execute(conn).await?;
-    Ok(())
-}
-
-/// A message row as a snapshot copies it: the row as the chat's reads see it.
-pub use super::messages::MessageRow;
-
-/// The chat's messages after `(sender, key)` in the order of the unique key
-/// `(chat_id, sender_id, client_message_id)`, which serves it; at most
-/// `limit`.
-pub async fn messages_after(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    (sender, key): (&str, &str),
-    limit: u32,
-) -> sqlx::Result<Vec<MessageRow>> {
-    sqlx::query_as(
-        "SELECT id, sender_id, client_message_id, revision, body, created_at FROM chat_message \
-         WHERE chat_id = ? AND (sender_id > ? OR (sender_id = ? AND client_message_id > ?)) \
-         ORDER BY sender_id, client_message_id LIMIT ?",
-    )
-    .bind(chat_id)
-    .bind(sender)
-    .bind(sender)
-    .bind(key)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-/// Copies message rows to the target with their ids (see [`keep_id`]); a
-/// message there already (a retried page) stays as it is.
-pub async fn insert_messages(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    rows: &[MessageRow],
-) -> sqlx::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
-    let owners = id_owners(&mut *conn, IdTable::Messages, &wanted).await?;
-    let mut q = sqlx::QueryBuilder::new(
-        "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) ",
-    );
-    q.push_values(rows, |mut b, r| {
-        b.push_bind(keep_id(
-            &owners,
-            Some(r.id),
-            chat_id,
-            &r.revision.to_string(),
-        ))
-        .push_bind(chat_id)
-        .push_bind(&r.sender_id)
-        .push_bind(&r.client_message_id)
-        .push_bind(r.revision)
-        .push_bind(&r.body)
-        .push_bind(r.created_at);
-    });
-    q.push(" ON DUPLICATE KEY UPDATE revision = revision");
-    q.build().execute(conn).await?;
-    Ok(())
-}
-
-/// An event row as a snapshot copies it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct EventRow {
-    pub revision: u64,
-    pub event_type: u8,
-    pub user_id: String,
-    pub created_at: NaiveDateTime,
-}
-
-/// The chat's stored events in `(after, until]`, oldest first, at most
-/// `limit` (a primary-key range).
-pub async fn events_between(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    (after, until): (u64, u64),
-    limit: u32,
-) -> sqlx::Result<Vec<EventRow>> {
-    sqlx::query_as(
-        "SELECT revision, event_type, user_id, created_at FROM chat_event \
-         WHERE chat_id = ? AND revision > ? AND revision <= ? ORDER BY revision LIMIT ?",
-    )
-    .bind(chat_id)
-    .bind(after)
-    .bind(until)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-/// Copies event rows to the target, each message event naming the target's
-/// message of its revision (copied before); an event there already (a
-/// retried page) stays as it is.
-pub async fn insert_events(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    rows: &[EventRow],
-) -> sqlx::Result<()> {
-    use std::collections::HashMap;
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
-        return Ok(());
-    };
-    let ids: HashMap<u64, u64> = if rows.iter().any(|r| r.event_type == 1) {
-        let read: Vec<(u64, u64)> = sqlx::query_as(
-            "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
-        )
-        .bind(chat_id)
-        .bind(first.revision)
-        .bind(last.revision)
-        .fetch_all(&mut *conn)
-        .await?;
-        read.into_iter().collect()
-    } else {
-        HashMap::new()
-    };
-    let mut q = sqlx::QueryBuilder::new(
-        "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
-    );
-    q.push_values(rows, |mut b, r| {
-        b.push_bind(chat_id)
-            .push_bind(r.revision)
-            .push_bind(r.event_type)
-            .push_bind(&r.user_id)
-            .push_bind(if r.event_type == 1 {
-                ids.get(&r.revision).copied()
-            } else {
-                None
-            })
-            .push_bind(r.created_at);
-    });
-    q.push(" ON DUPLICATE KEY UPDATE revision = revision");
-    q.build().execute(conn).await?;
-    Ok(())
-}
-
-/// Ends a snapshot on the target (inside the caller's transaction, which
-/// holds the chat's row lock): the chat stands at `revision` with its log
-/// from `first_revision`, and its count is its JOINED rows.
-pub async fn settle_snapshot(
-    conn: &mut MySqlConnection,
-    chat_id: &str,
-    revision: u64,
-    first_revision: u64,
-) -> sqlx::Result<()> {
-    sqlx::query("UPDATE chat SET revision = ?, first_revision = ? WHERE chat_id = ?")
-        .bind(revision)
-        .bind(first_revision)
-        .bind(chat_id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
-        "UPDATE chat_member_count SET member_count = \
-         (SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1) WHERE chat_id = ?",
-    )
-    .bind(chat_id)
-    .bind(chat_id)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Sets the target's revision and count after a replayed batch.
