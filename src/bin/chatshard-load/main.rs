@@ -11,12 +11,40 @@
 //! chatshard-load --url http://127.0.0.1:8080 quiet --shard-url mysql://root@127.0.0.1:3307/chatshard
 //! chatshard-load direct-sql --shard-url mysql://root@127.0.0.1:3307/chatshard --clients 16
 //! ```
+//!
+//! # Files
+//!
+//! - `main.rs`: the command line, its checks, and the run of one scenario.
+//! - `scenarios/`: one file per scenario, named after it (`move` is
+//!   `move_chat.rs`); `mod.rs` lists them.
+//! - `client.rs`: [`Target`], the chatshard instances and the requests the
+//!   scenarios make of them; run names.
+//! - `traffic.rs`: reads and joins on a shard's quiet chats, recorded phase
+//!   by phase (before, during, after a purge or a move).
+//! - `sql.rs`: the shard over SQL without chatshard: connections, chatshard's
+//!   join transaction, member rows, SQL errors as answers.
+//! - `seed.rs`: rows written straight to a shard (an old log, many small
+//!   chats).
+//! - `procfs.rs`: a process's memory and CPU time from `/proc`.
+//! - `sse.rs`: whole SSE messages off a buffer, and an event's commit time.
+//! - `zipf.rs`: Zipf-distributed picks of a chat.
+//! - `report.rs`: the [`Recorder`]: histograms, answers, throughput, the
+//!   progress line, the table and the JSON report.
+//! - `plot.rs`: `--plot`, the SVG chart drawn from the JSON report.
+//! - `proxy.rs`: `proxy`, a TCP proxy that delays what it forwards.
 #![forbid(unsafe_code)]
 
+mod client;
 mod plot;
+mod procfs;
 mod proxy;
 mod report;
 mod scenarios;
+mod seed;
+mod sql;
+mod sse;
+mod traffic;
+mod zipf;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,8 +52,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use client::Target;
 use report::Recorder;
-use scenarios::Target;
 
 #[derive(Debug, Parser)]
 #[command(name = "chatshard-load", about = "Load scenarios against chatshard")]

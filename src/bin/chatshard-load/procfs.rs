@@ -1,0 +1,54 @@
+//! What `/proc` says of a process (the service's, or this tool's own): its
+//! resident memory and the CPU time it has used, for the figures per
+//! subscriber and per request.
+
+/// What `/proc` says of a process: resident memory (bytes) and CPU time used
+/// (seconds).
+pub fn process_usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    usage(&status, &stat)
+}
+
+/// [`process_usage`] from the text of `/proc/PID/status` and `/proc/PID/stat`.
+fn usage(status: &str, stat: &str) -> Option<(u64, f64)> {
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    // Fields after the command (which may hold spaces): utime is the 14th
+    // field of the line, stime the 15th, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((rss_kb * 1024, ticks as f64 / 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rss_and_cpu_past_a_command_with_spaces() {
+        let status = "Name:\tchatshard\nVmPeak:\t  90000 kB\nVmRSS:\t   51200 kB\nThreads:\t9\n";
+        let stat = "4242 (chat shard) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 9 0";
+        assert_eq!(usage(status, stat), Some((51200 * 1024, 3.0)));
+    }
+
+    #[test]
+    fn nothing_from_a_partial_file() {
+        assert_eq!(usage("Name:\tx\n", "1 (x) S 1 2 3"), None);
+        assert_eq!(usage("VmRSS:\t1 kB\n", "1 (x) S 1 2 3"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_is_read() {
+        let (rss, _) = process_usage(std::process::id()).unwrap_or_default();
+        assert!(rss > 0);
+    }
+}

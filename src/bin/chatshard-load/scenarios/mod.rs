@@ -1,0 +1,31 @@
+//! The scenarios, one file each, named after the scenario (`move` is
+//! `move_chat`). Each is bounded by a duration (and the clients it runs),
+//! sends traffic only to the addresses it is given, records into a
+//! [`Recorder`](crate::report::Recorder), and returns its own figures as
+//! JSON.
+
+mod autoinc;
+mod direct_sql;
+mod fanout;
+mod fetch_spike;
+mod isolation;
+mod join_spike;
+mod lifecycle;
+mod mixed;
+mod move_buckets;
+mod move_chat;
+mod quiet;
+mod refusals;
+
+pub use autoinc::autoinc;
+pub use direct_sql::direct_sql;
+pub use fanout::fanout;
+pub use fetch_spike::fetch_spike;
+pub use isolation::isolation;
+pub use join_spike::join_spike;
+pub use lifecycle::lifecycle;
+pub use mixed::mixed;
+pub use move_buckets::move_buckets;
+pub use move_chat::{MoveLoad, move_chat};
+pub use quiet::quiet;
+pub use refusals::refusals;

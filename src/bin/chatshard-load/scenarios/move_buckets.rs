@@ -1,0 +1,282 @@
+//! `move-buckets`: a bucket range and its chats move to another shard under
+//! posts into them and creations of new chats in the range: the move's
+//! time, the longest pauses, and the p99 of the source's other chats.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatshard::routing::{BucketRange, bucket_of};
+use serde_json::{Value, json};
+
+use crate::client::{Target, problem_code, run_id};
+use crate::report::Recorder;
+use crate::traffic;
+
+/// `move-buckets`: a bucket range of `chats` chats (`members` members each)
+/// moves to another shard while `clients` clients post into its chats, one
+/// client keeps creating chats of the range, and `others` clients read and
+/// join chats of the source outside the range. Reports the move's time, the
+/// longest pause a poster and the creator saw, every answer, and the
+/// others' p99 before and during the move.
+pub async fn move_buckets(
+    target: &Target,
+    recorder: &Recorder,
+    (clients, others): (usize, usize),
+    (chats, members): (usize, u64),
+    to: Option<String>,
+) -> anyhow::Result<Value> {
+    let Some(token) = target.admin_token.clone() else {
+        anyhow::bail!(
+            "move-buckets needs --admin-token (it moves the range through the admin API)"
+        );
+    };
+    let table: Value = target
+        .http
+        .get(format!("{}/v1/admin/buckets", target.base))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let shards = table["shards"].as_array().cloned().unwrap_or_default();
+    // The source: the first shard with buckets; the range: the upper half of
+    // its first range; the target: --to, else a shard with no buckets, else
+    // the next one.
+    let (from, owned) = shards
+        .iter()
+        .find_map(|s| {
+            let first = s["buckets"].as_array()?.first()?.as_str()?;
+            Some((
+                s["shard"].as_str()?.to_owned(),
+                BucketRange::parse(first).ok()?,
+            ))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no shard owns buckets"))?;
+    anyhow::ensure!(
+        owned.last > owned.first,
+        "the source's first range is one bucket"
+    );
+    let half = owned.first + (owned.last - owned.first).div_ceil(2);
+    let range = BucketRange {
+        first: half,
+        last: owned.last,
+    };
+    let stays = BucketRange {
+        first: owned.first,
+        last: half - 1,
+    };
+    let names: Vec<&str> = shards.iter().filter_map(|s| s["shard"].as_str()).collect();
+    let to = match to {
+        Some(to) => to,
+        None => shards
+            .iter()
+            .find(|s| s["buckets"].as_array().is_some_and(Vec::is_empty))
+            .and_then(|s| s["shard"].as_str())
+            .or_else(|| names.iter().copied().find(|n| *n != from))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("move-buckets needs a second shard"))?,
+    };
+    // The range's chats and their members, 64 requests at a time.
+    let moving = chats_in("mb", range, chats);
+    for chat in &moving {
+        target.create_chat(chat).await?;
+    }
+    let joins: Vec<(String, String)> = moving
+        .iter()
+        .flat_map(|chat| (0..members).map(move |i| (chat.clone(), format!("f{i}"))))
+        .collect();
+    for batch in joins.chunks(64) {
+        let joined = batch
+            .iter()
+            .map(|(chat, user)| target.join(recorder, "fill", chat, user));
+        futures_util::future::join_all(joined).await;
+    }
+    let quiet = chats_in("mq", stays, if others == 0 { 0 } else { 16 });
+    for chat in &quiet {
+        target.create_chat(chat).await?;
+    }
+    let phase = Arc::new(AtomicU8::new(0));
+    let traffic = traffic::others(target, recorder, &quiet, others, &phase);
+    let stop = Arc::new(AtomicBool::new(false));
+    let longest_pause_us = Arc::new(AtomicU64::new(0));
+    let moving = Arc::new(moving);
+    let mut tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (target, recorder, chats, stop, longest) = (
+                target.instance(i),
+                recorder.clone(),
+                moving.clone(),
+                stop.clone(),
+                longest_pause_us.clone(),
+            );
+            tokio::spawn(async move {
+                let writer = format!("w{i}");
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let chat = &chats[(i * 7919 + n) % chats.len()];
+                    n += 1;
+                    target.join(&recorder, "join", chat, &writer).await;
+                    let key = format!("k{i}-{n}");
+                    let first = Instant::now();
+                    loop {
+                        let started = Instant::now();
+                        let (answer, ok) = target.post(chat, &writer, &key).await;
+                        recorder.record("post", started.elapsed(), &answer, ok);
+                        if ok {
+                            let pause = first.elapsed().as_micros() as u64;
+                            longest.fetch_max(pause, Ordering::Relaxed);
+                            break;
+                        }
+                        if !answer.starts_with("503") || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    // New chats of the range, created throughout (two a second).
+    let longest_create_us = Arc::new(AtomicU64::new(0));
+    let created = Arc::new(AtomicU64::new(0));
+    {
+        let (target, recorder, stop, longest, created) = (
+            target.clone(),
+            recorder.clone(),
+            stop.clone(),
+            longest_create_us.clone(),
+            created.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let fresh = chats_in("mc", range, 100_000);
+            for chat in fresh {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let first = Instant::now();
+                loop {
+                    let started = Instant::now();
+                    let r = target
+                        .http
+                        .put(format!("{}/v1/chats/{chat}", target.base))
+                        .json(&json!({}))
+                        .send()
+                        .await;
+                    let (answer, ok) = match r {
+                        Ok(r) if r.status().is_success() => (r.status().as_str().to_owned(), true),
+                        Ok(r) => {
+                            let status = r.status();
+                            (
+                                format!("{}/{}", status.as_str(), problem_code(r).await),
+                                false,
+                            )
+                        }
+                        Err(_) => ("error".to_owned(), false),
+                    };
+                    recorder.record("create", started.elapsed(), &answer, ok);
+                    if ok {
+                        longest.fetch_max(first.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        created.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    if !answer.starts_with("503") || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // About two new chats a second in the range.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+    }
+    // The others' baseline, then the move.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    recorder.mark("range move starts");
+    phase.store(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let r = target
+        .http
+        .post(format!("{}/v1/admin/bucket-moves", target.base))
+        .bearer_auth(&token)
+        .json(&json!({ "buckets": range.to_string(), "to": to }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "starting the range move: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    let id = r.json::<Value>().await?["id"].as_u64().unwrap_or_default();
+    let ended = loop {
+        let m: Value = target
+            .http
+            .get(format!("{}/v1/admin/bucket-moves/{id}", target.base))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if m["phase"] == "done" || m["phase"] == "failed" {
+            break m;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the range move did not end within an hour: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let move_seconds = started.elapsed().as_secs_f64();
+    // The same traffic for 10 s more with the range on its new shard: what
+    // the new placement costs the others, apart from what the move did.
+    phase.store(2, Ordering::Relaxed);
+    recorder.mark("range move ended");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    phase.store(3, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks.into_iter().chain(traffic) {
+        task.await?;
+    }
+    let [before, during, after] = traffic::others_p99(recorder);
+    Ok(json!({
+        "name": "move-buckets",
+        "buckets": range.to_string(),
+        "from": from,
+        "to": to,
+        "chats": chats,
+        "membersPerChat": members,
+        "clients": clients,
+        "phase": ended["phase"],
+        "error": ended["error"],
+        "chatsTotal": ended["chatsTotal"],
+        "chatsMoved": ended["chatsMoved"],
+        "version": ended["version"],
+        "moveSeconds": move_seconds,
+        "chatsPerSecond": ended["chatsMoved"].as_f64().unwrap_or(0.0) / move_seconds,
+        "longestPostPauseMs": longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "chatsCreatedDuring": created.load(Ordering::Relaxed),
+        "longestCreatePauseMs": longest_create_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "otherChats": quiet.len(),
+        "otherP99BeforeMs": before,
+        "otherP99DuringMs": during,
+        "otherP99Ratio": if before > 0.0 { during / before } else { 0.0 },
+        "otherP99AfterMs": after,
+        "otherP99AfterRatio": if before > 0.0 { after / before } else { 0.0 },
+    }))
+}
+
+/// Chat ids of this run whose bucket is within `range`, `n` of them.
+fn chats_in(prefix: &str, range: BucketRange, n: usize) -> Vec<String> {
+    let run = run_id(prefix);
+    (0..)
+        .map(|i| format!("{run}-{i}"))
+        .filter(|id| {
+            chatshard::domain::ChatId::parse(id).is_ok_and(|c| {
+                let b = bucket_of(&c);
+                range.first <= b && b <= range.last
+            })
+        })
+        .take(n)
+        .collect()
+}
