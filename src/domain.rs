@@ -12,6 +12,10 @@ use std::fmt;
 #[error("{0}")]
 pub struct DomainError(pub String);
 
+/// How many id series the shards share: a shard's `memberId`s and
+/// `messageId`s are those of its series, `id_block + 1` modulo this.
+pub const ID_SERIES: u16 = 1024;
+
 /// The largest length of any identifier.
 pub const MAX_ID_LEN: usize = 64;
 

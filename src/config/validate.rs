@@ -10,8 +10,8 @@
 //! Must not: connect to anything (Redis URLs are parsed, not dialled), read
 //! the environment, or import the layers that take the typed settings
 //! (`crate::shard`, `crate::service`, `crate::fleet`, `crate::http`). The one
-//! outside value it reads is `crate::storage::server::ID_SERIES`, a constant
-//! of a module that takes no settings.
+//! outside value it reads is `crate::domain::ID_SERIES`, shared by every
+//! layer.
 
 use super::{ConfigError, MovesSettings, RedisSettings, Settings};
 use crate::domain::MaxMembers;
@@ -50,11 +50,11 @@ impl Settings {
         }
         let mut blocks = std::collections::HashMap::new();
         for (shard, block) in self.shards.iter().zip(self.id_blocks()) {
-            if block >= crate::storage::server::ID_SERIES {
+            if block >= crate::domain::ID_SERIES {
                 problems.push(format!(
                     "shard {:?}: id_block must be below {}",
                     shard.name,
-                    crate::storage::server::ID_SERIES
+                    crate::domain::ID_SERIES
                 ));
             } else if let Some(other) = blocks.insert(block, shard.name.as_str()) {
                 problems.push(format!(

@@ -2,9 +2,7 @@
 
 use sqlx::MySqlConnection;
 
-/// How many id series the shards share: a shard's `memberId`s and
-/// `messageId`s are those of its series, `id_block + 1` modulo this.
-pub const ID_SERIES: u16 = 1024;
+pub use crate::domain::ID_SERIES;
 
 /// Sets up a new connection:
 ///
