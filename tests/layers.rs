@@ -1,5 +1,6 @@
 //! The map in `src/lib.rs` stays true: the top-level modules of `src/` import
-//! each other without a cycle, and the `# Layout` section names every module
+//! each other without a cycle, every import points down the layers its
+//! `Layers:` line states, and the `# Layout` section names every module
 //! `lib.rs` declares.
 //!
 //! An edge `a -> b` is any `crate::b` path written in a file of module `a`
@@ -259,4 +260,54 @@ fn the_layout_of_lib_rs_names_every_module() {
         .filter(|m| !layout.contains(&format!("[`{m}`]")))
         .collect();
     assert!(missing.is_empty(), "# Layout does not name {missing:?}");
+}
+
+/// The layer of each module, from the `Layers:` line of `src/lib.rs`'s
+/// `# Layout` (lowest first, `|` between layers).
+fn layers(lib: &str) -> BTreeMap<String, usize> {
+    let line = lib
+        .lines()
+        .find_map(|l| l.strip_prefix("//! Layers:"))
+        .expect("src/lib.rs states its layers on a `//! Layers:` line");
+    line.split('|')
+        .enumerate()
+        .flat_map(|(rank, names)| names.split_whitespace().map(move |m| (m.to_owned(), rank)))
+        .collect()
+}
+
+#[test]
+fn every_import_points_down_the_layers_lib_rs_states() {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).expect("src/lib.rs");
+    let rank = layers(&lib);
+    let graph = graph(&src());
+    let unranked: Vec<&String> = graph.keys().filter(|m| !rank.contains_key(*m)).collect();
+    assert!(
+        unranked.is_empty(),
+        "the Layers line does not name {unranked:?}"
+    );
+    let upward: Vec<String> = graph
+        .iter()
+        .flat_map(|(a, edges)| {
+            let rank = &rank;
+            edges
+                .iter()
+                .filter(move |(b, _)| rank[*b] >= rank[a])
+                .map(move |(b, why)| format!("    {a} -> {b}  ({why})"))
+        })
+        .collect();
+    assert!(
+        upward.is_empty(),
+        "imports against the layers of src/lib.rs (a module imports only lower layers):\n{}",
+        upward.join("\n")
+    );
+}
+
+#[test]
+fn the_layer_check_reads_the_order_and_sees_an_upward_import() {
+    let rank = layers("//! Layers: a b | c | d\n");
+    assert_eq!(rank["a"], 0);
+    assert_eq!(rank["b"], 0);
+    assert_eq!(rank["d"], 2);
+    assert!(rank["c"] > rank["b"], "c may import b");
+    assert!(rank["a"] >= rank["b"], "a may not import b, its own layer");
 }
