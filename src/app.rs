@@ -64,6 +64,13 @@ impl App {
         let admin_token = Some(settings.admin.token.as_str())
             .filter(|t| !t.is_empty())
             .map(Arc::from);
+        let callers = Arc::new(http::auth::Callers::new(&settings.api.clients));
+        if callers.is_open() {
+            tracing::warn!(
+                "no [[api.clients]] configured: the data API is open to anyone who reaches {}",
+                settings.listen
+            );
+        }
         if admin_token.is_none() {
             tracing::info!("no admin token configured: the admin API is off");
         }
@@ -88,6 +95,7 @@ impl App {
         let router = http::router(http::Shared {
             service,
             admin_token,
+            callers,
             metrics: metrics.clone(),
             chat_id_in_telemetry: settings.telemetry.chat_id,
             http: settings.http.clone(),

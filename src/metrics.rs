@@ -67,6 +67,9 @@ pub struct Metrics {
     /// `chatshard.http.stalled_connections`: closed because the client took
     /// no bytes for `http.write_stall_timeout_ms`.
     stalled_connections: Counter<u64>,
+    /// `chatshard.http.auth_refusals`: requests refused for their caller,
+    /// by `reason` (`unauthenticated`, `forbidden`).
+    auth_refusals: Counter<u64>,
 }
 
 /// Why event streams end (every one is a series from the start).
@@ -161,6 +164,16 @@ impl Metrics {
             )
             .build();
         stalled_connections.add(0, &[]);
+        let auth_refusals = meter
+            .u64_counter("chatshard.http.auth_refusals")
+            .with_description(
+                "Requests refused for their caller: no known client token (unauthenticated) \
+                 or a client without the route's scope (forbidden)",
+            )
+            .build();
+        for reason in ["unauthenticated", "forbidden"] {
+            auth_refusals.add(0, &[KeyValue::new("reason", reason)]);
+        }
         stream_resyncs.add(0, &[]);
         for reason in STREAM_END_REASONS {
             stream_ends.add(0, &[KeyValue::new("reason", reason)]);
@@ -181,6 +194,7 @@ impl Metrics {
             stream_refusals,
             stream_resyncs,
             stalled_connections,
+            auth_refusals,
         }))
     }
 
@@ -381,6 +395,12 @@ impl Metrics {
     pub fn stream_event(&self, lag: f64) {
         self.stream_events.add(1, &[]);
         self.stream_lag.record(lag.max(0.0), &[]);
+    }
+
+    /// A request refused for its caller (`unauthenticated` or `forbidden`).
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refusals
+            .add(1, &[KeyValue::new("reason", reason)]);
     }
 
     /// A stream ended for `reason` (a fixed set, see the instrument).

@@ -34,9 +34,9 @@ mod validate;
 use std::path::Path;
 
 pub use settings::{
-    AdminSettings, BreakerSettings, ChatDefaults, DigestSettings, GroupCommitSettings,
-    HttpSettings, MovesSettings, PoolSettings, PurgeSettings, RedisSettings, Settings,
-    ShardSettings, StartupSettings, TailSettings, ThrottleSettings, redact_url,
+    AdminSettings, ApiClient, ApiSettings, BreakerSettings, ChatDefaults, DigestSettings,
+    GroupCommitSettings, HttpSettings, MovesSettings, PoolSettings, PurgeSettings, RedisSettings,
+    Scope, Settings, ShardSettings, StartupSettings, TailSettings, ThrottleSettings, redact_url,
 };
 
 /// A configuration that failed to load or validate; lists every problem.

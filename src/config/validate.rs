@@ -48,6 +48,7 @@ impl Settings {
                 ));
             }
         }
+        problems.extend(api_problems(&self.api));
         let mut blocks = std::collections::HashMap::new();
         for (shard, block) in self.shards.iter().zip(self.id_blocks()) {
             if block >= crate::domain::ID_SERIES {
@@ -276,6 +277,43 @@ impl RedisSettings {
             problems.push("redis.key_prefix must be non-empty and hold no braces".to_owned());
         }
     }
+}
+
+/// What is wrong with `[[api.clients]]`.
+fn api_problems(api: &super::ApiSettings) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut digests = std::collections::HashSet::new();
+    for client in &api.clients {
+        if client.name.is_empty()
+            || !client
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            problems.push(format!(
+                "api.clients: name {:?} must be non-empty and use only A-Z, a-z, 0-9, '-', '_' and '.'",
+                client.name
+            ));
+        }
+        match client.digest() {
+            None => problems.push(format!(
+                "api.clients {:?}: token_sha256 must be the 64 hex digits of the token's SHA-256 (printf %s \"$TOKEN\" | sha256sum)",
+                client.name
+            )),
+            Some(d) if !digests.insert(d) => problems.push(format!(
+                "api.clients {:?}: this token_sha256 is given to another client too",
+                client.name
+            )),
+            Some(_) => {}
+        }
+        if client.scopes.is_empty() {
+            problems.push(format!(
+                "api.clients {:?}: scopes must name at least one of read, write, admin",
+                client.name
+            ));
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::auth::bearer_token;
 use super::extract::{JsonValue, needs_body, shaped_as};
 use super::model::BreakerStateView;
 use super::problem::{Code, Problem};
@@ -34,18 +35,25 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         let state = AppState::from_ref(state);
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        // A client of [[api.clients]] with the admin scope, beside the token.
+        if state
+            .callers
+            .identify(header)
+            .is_some_and(|c| c.scopes.contains(&crate::config::Scope::Admin))
+        {
+            return Ok(Admin);
+        }
         let Some(expected) = state.admin_token.as_deref() else {
             return Err(Problem::new(
                 Code::AdminDisabled,
                 "the admin API is off: configure admin.token or CHATSHARD_ADMIN_TOKEN",
             ));
         };
-        let given = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
-            .unwrap_or("");
+        let given = header.and_then(bearer_token).unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(Admin)
         } else {
@@ -55,15 +63,6 @@ where
             ))
         }
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` header; the scheme is
-/// case-insensitive (RFC 9110, section 11.1).
-fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.trim_start().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim_start_matches(' '))
 }
 
 /// The circuit breaker of a shard.

@@ -7,6 +7,7 @@
 //! `/openapi.json`.
 
 pub mod admin;
+pub mod auth;
 pub mod chats;
 mod document;
 pub mod extract;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub service: Arc<ChatService>,
     /// The admin bearer token; `None` turns the admin API off.
     pub admin_token: Option<Arc<str>>,
+    /// The callers of `[[api.clients]]` (none: the data API is open).
+    pub callers: Arc<auth::Callers>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub chat_id_in_telemetry: crate::telemetry::ChatIdInTelemetry,
     /// Connection and request limits (body read timeout, longest URI).
@@ -149,12 +152,20 @@ pub fn router(mut shared: Shared) -> Router {
         .iter()
         .map(|s| s.name().to_owned())
         .collect();
-    let (router, document) = routes(&shards);
+    let (router, mut document) = routes(&shards);
+    if !shared.callers.is_open() {
+        auth::declare(&mut document);
+    }
     let document = Arc::new(document);
     shared.schemas = Arc::new(shape::Schemas::from_document(&document));
     let state = AppState(Arc::new(shared));
     let traced = || axum::middleware::from_fn_with_state(state.clone(), trace::trace_request);
     router
+        // Inside the request's span: a refusal has a span and a request id.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
         .route(
             "/openapi.json",
             get(move || async move { Json(document.as_ref().clone()) }),

@@ -57,6 +57,8 @@ codes! {
     NotFound => "not_found",
     MethodNotAllowed => "method_not_allowed",
     Unauthorized => "unauthorized",
+    Unauthenticated => "unauthenticated",
+    Forbidden => "forbidden",
     AdminDisabled => "admin_disabled",
     ChatNotFound => "chat_not_found",
     MemberNotFound => "member_not_found",
@@ -100,7 +102,8 @@ impl Code {
                 StatusCode::NOT_FOUND
             }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
             Self::ChatFull | Self::MoveRefused => StatusCode::CONFLICT,
             Self::NotAMember => StatusCode::FORBIDDEN,
@@ -136,6 +139,8 @@ impl Code {
             Self::NotFound => "No such resource",
             Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Unauthorized => "Missing or wrong admin token",
+            Self::Unauthenticated => "Missing or unknown client token",
+            Self::Forbidden => "The client lacks the scope this route needs",
             Self::AdminDisabled => "The admin API is off",
             Self::ChatNotFound => "Chat not found",
             Self::MemberNotFound => "Member not found",

@@ -52,6 +52,7 @@ pub async fn trace_request(
         http.response.status_code = tracing::field::Empty,
         chatshard.chat_id = tracing::field::Empty,
         chatshard.shard = tracing::field::Empty,
+        chatshard.client = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,

@@ -22,6 +22,7 @@
 //!   `[digest]`);
 //! - `fleet`: Redis between the instances of a fleet (`[redis]`).
 
+mod api;
 mod background;
 mod fleet;
 mod serving;
@@ -35,6 +36,7 @@ use super::ConfigError;
 use crate::live::{HotChatConfig, JoinThrottleConfig, LiveConfig};
 use crate::routing::{BucketRange, Router};
 
+pub use api::{ApiClient, ApiSettings, Scope};
 pub use background::{DigestSettings, MovesSettings, PurgeSettings};
 pub use fleet::RedisSettings;
 pub use serving::{HttpSettings, TailSettings, ThrottleSettings};
@@ -61,6 +63,9 @@ pub struct Settings {
     pub startup: StartupSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    /// Who may call the data API (`[[api.clients]]`; none: it is open).
+    #[serde(default)]
+    pub api: ApiSettings,
     #[serde(default)]
     pub throttle: ThrottleSettings,
     #[serde(default)]
