@@ -17,9 +17,11 @@ use super::AppState;
 use super::auth::bearer_token;
 use super::extract::{JsonValue, needs_body, shaped_as};
 use super::model::BreakerStateView;
+use super::move_views::{BucketMoveView, BucketTableView, MoveView, MovedChat};
 use super::problem::{Code, Problem};
 use super::shape::Schemas;
-use crate::live::{LiveConfig, UpdateError};
+use crate::live::{LiveConfig, Snapshot};
+use crate::service::live_config::ConfigChangeError;
 use crate::shard::{RECENT_SECS, ShardStatus};
 use crate::throttle::Decisions;
 
@@ -198,20 +200,14 @@ pub async fn shards(_: Admin, State(state): State<AppState>) -> Json<ShardsView>
     Json(ShardsView {
         shards: state
             .service
-            .shards()
-            .all()
-            .iter()
-            .map(|shard| {
-                // The p99s are read here only, not in every status (which
-                // the metrics read on each export): the requests' p99 sorts
-                // up to 65,536 samples.
-                let mut view = ShardView::from(shard.status());
-                let window = std::time::Duration::from_secs(RECENT_SECS);
+            .shard_loads()
+            .into_iter()
+            .map(|load| {
+                let mut view = ShardView::from(load.status);
                 let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-                let requests = shard.request_latency(0.99, window, |_| true);
-                view.recent.call_p99_ms = shard.recent_latency(0.99, window).map(|(d, _)| ms(d));
-                view.recent.requests = requests.map_or(0, |(_, n)| n);
-                view.recent.request_p99_ms = requests.map(|(d, _)| ms(d));
+                view.recent.call_p99_ms = load.call_p99.map(ms);
+                view.recent.requests = load.requests;
+                view.recent.request_p99_ms = load.request_p99.map(ms);
                 view
             })
             .collect(),
@@ -226,11 +222,12 @@ pub struct ConfigView {
     pub config: LiveConfig,
 }
 
-fn config_view(state: &AppState) -> ConfigView {
-    let snapshot = state.service.live().load();
-    ConfigView {
-        version: snapshot.version,
-        config: snapshot.config.clone(),
+impl From<&Snapshot> for ConfigView {
+    fn from(snapshot: &Snapshot) -> Self {
+        Self {
+            version: snapshot.version,
+            config: snapshot.config.clone(),
+        }
     }
 }
 
@@ -245,7 +242,7 @@ fn config_view(state: &AppState) -> ConfigView {
     )
 )]
 pub async fn get_config(_: Admin, State(state): State<AppState>) -> Json<ConfigView> {
-    Json(config_view(&state))
+    Json(ConfigView::from(state.service.live_config().as_ref()))
 }
 
 /// Replaces the whole live configuration: every section and field is
@@ -272,12 +269,14 @@ pub async fn put_config(
     JsonValue(body): JsonValue,
 ) -> Result<Json<ConfigView>, Problem> {
     let body = body.ok_or_else(needs_body)?;
-    let result = state.service.live().update_with("admin API", |_| {
-        shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", body)
-            .and_then(|config| known_shards(&state, config))
-    });
-    share_with_fleet(&state, &result).await;
-    config_answer(&state, result)
+    let config = shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", body)
+        .map_err(unshaped_config)?;
+    let snapshot = state
+        .service
+        .replace_live_config(config, ADMIN_API)
+        .await
+        .map_err(invalid_config)?;
+    Ok(Json(ConfigView::from(snapshot.as_ref())))
 }
 
 /// Changes some fields of the live configuration: an RFC 7396 JSON merge
@@ -309,94 +308,35 @@ pub async fn patch_config(
     if !problems.is_empty() {
         return Err(invalid_config(problems));
     }
-    let result = state.service.live().update_with("admin API", |current| {
-        let mut document = serde_json::to_value(current)
-            .map_err(|e| Problem::from(crate::service::ServiceError::internal(e)))?;
-        merge_patch(&mut document, patch);
-        shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", document)
-            .and_then(|config| known_shards(&state, config))
-    });
-    share_with_fleet(&state, &result).await;
-    config_answer(&state, result)
-}
-
-/// In a fleet, a change made here is stored in Redis under the next
-/// fleet-wide version, which every instance then applies (and this one takes
-/// too). Waits at most `redis.timeout_ms`; without Redis the change stays
-/// local until Redis is back (see docs/fleet.md).
-async fn share_with_fleet<E>(
-    state: &AppState,
-    result: &Result<std::sync::Arc<crate::live::Snapshot>, UpdateError<E>>,
-) {
-    let (Some(fleet), Ok(snapshot)) = (state.service.fleet(), result) else {
-        return;
-    };
-    if let Some(version) = fleet
-        .share_config(snapshot.version.saturating_sub(1), &snapshot.config)
+    let snapshot = state
+        .service
+        .patch_live_config(patch, ADMIN_API, |document| {
+            shaped_as::<LiveConfig>(&state.schemas, "LiveConfigDocument", document)
+        })
         .await
-    {
-        state.service.live().install(
-            version,
-            snapshot.config.clone(),
-            "admin API (fleet version)",
-        );
-    }
+        .map_err(|e| match e {
+            ConfigChangeError::Shape(p) => unshaped_config(p),
+            ConfigChangeError::Invalid(problems) => invalid_config(problems),
+            ConfigChangeError::Internal(e) => Problem::from(e),
+        })?;
+    Ok(Json(ConfigView::from(snapshot.as_ref())))
 }
 
-/// RFC 7396: members of `patch` replace those of `target`, objects merge
-/// recursively, and `null` removes a member.
-fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
-    use serde_json::Value;
-    let Value::Object(patch) = patch else {
-        *target = patch;
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(serde_json::Map::new());
-    }
-    if let Value::Object(fields) = target {
-        for (name, value) in patch {
-            if value.is_null() {
-                fields.remove(&name);
-            } else {
-                merge_patch(fields.entry(name).or_insert(Value::Null), value);
-            }
-        }
-    }
-}
+/// How the live configuration's changes are named in the logs.
+const ADMIN_API: &str = "admin API";
 
-fn config_answer(
-    state: &AppState,
-    result: Result<std::sync::Arc<crate::live::Snapshot>, UpdateError<Problem>>,
-) -> Result<Json<ConfigView>, Problem> {
-    match result {
-        Ok(_) => Ok(Json(config_view(state))),
-        Err(UpdateError::Invalid(problems)) => Err(invalid_config(problems)),
-        // A body that does not fit the configuration's schema is an invalid
-        // configuration too: every problem is listed the same way.
-        Err(UpdateError::Build(p)) if p.code == Code::InvalidRequest.as_str() => {
-            let problems = if p.errors.is_empty() {
-                vec![p.detail.into()]
-            } else {
-                p.errors
-            };
-            Err(invalid_config(problems))
-        }
-        Err(UpdateError::Build(p)) => Err(p),
+/// A body that does not fit the configuration's schema is an invalid
+/// configuration too: every problem is listed the same way.
+fn unshaped_config(p: Problem) -> Problem {
+    if p.code != Code::InvalidRequest.as_str() {
+        return p;
     }
-}
-
-/// A configuration whose `isolation.shard` names no shard of this instance
-/// is refused.
-fn known_shards(state: &AppState, config: LiveConfig) -> Result<LiveConfig, Problem> {
-    let shard = &config.isolation.shard;
-    if shard.is_empty() || state.service.shards().by_name(shard).is_some() {
-        Ok(config)
+    let problems = if p.errors.is_empty() {
+        vec![p.detail.into()]
     } else {
-        Err(invalid_config(vec![format!(
-            "isolation.shard {shard:?} is not a configured shard"
-        )]))
-    }
+        p.errors
+    };
+    invalid_config(problems)
 }
 
 fn invalid_config(problems: Vec<String>) -> Problem {
@@ -541,7 +481,7 @@ pub struct MoveRequest {
     security(("admin_token" = [])),
     request_body(content = MoveRequest, content_type = "application/json"),
     responses(
-        (status = 202, description = "The move, started", body = crate::service::moves::MoveView),
+        (status = 202, description = "The move, started", body = MoveView),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
@@ -558,21 +498,15 @@ pub async fn move_chat(
     State(state): State<AppState>,
     super::extract::ChatPath(chat): super::extract::ChatPath,
     super::extract::JsonBody(body): super::extract::JsonBody<MoveRequest>,
-) -> Result<
-    (
-        axum::http::StatusCode,
-        Json<crate::service::moves::MoveView>,
-    ),
-    Problem,
-> {
+) -> Result<(axum::http::StatusCode, Json<MoveView>), Problem> {
     let view = state.service.start_move(&chat, &body.to).await?;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view.into())))
 }
 
 /// Every chat move recorded on the shards, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MovesView {
-    pub moves: Vec<crate::service::moves::MoveView>,
+    pub moves: Vec<MoveView>,
 }
 
 /// The chat moves, running and ended.
@@ -587,7 +521,13 @@ pub struct MovesView {
 )]
 pub async fn moves(_: Admin, State(state): State<AppState>) -> Json<MovesView> {
     Json(MovesView {
-        moves: state.service.moves().await,
+        moves: state
+            .service
+            .moves()
+            .await
+            .into_iter()
+            .map(MoveView::from)
+            .collect(),
     })
 }
 
@@ -595,7 +535,7 @@ pub async fn moves(_: Admin, State(state): State<AppState>) -> Json<MovesView> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MovedChatsView {
     /// By chat id.
-    pub chats: Vec<crate::service::moves::MovedChat>,
+    pub chats: Vec<MovedChat>,
     /// A shard had more than 1,000 moved chats (only its first 1,000 are
     /// listed), or could not answer.
     pub partial: bool,
@@ -614,7 +554,10 @@ pub struct MovedChatsView {
 )]
 pub async fn moved_chats(_: Admin, State(state): State<AppState>) -> Json<MovedChatsView> {
     let (chats, partial) = state.service.moved_chats(1000).await;
-    Json(MovedChatsView { chats, partial })
+    Json(MovedChatsView {
+        chats: chats.into_iter().map(MovedChat::from).collect(),
+        partial,
+    })
 }
 
 /// One chat move (`moveId` is `<source shard>:<number>`): its phase, how far
@@ -623,7 +566,7 @@ pub async fn moved_chats(_: Admin, State(state): State<AppState>) -> Json<MovedC
     get, path = "/v1/admin/moves/{moveId}", tag = "admin",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The move", body = crate::service::moves::MoveView),
+        (status = 200, description = "The move", body = MoveView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
@@ -633,12 +576,12 @@ pub async fn get_move(
     _: Admin,
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<crate::service::moves::MoveView>, Problem> {
+) -> Result<Json<MoveView>, Problem> {
     state
         .service
         .get_move(&id)
         .await
-        .map(Json)
+        .map(|m| Json(m.into()))
         .ok_or_else(|| Problem::new(Code::NotFound, format!("no move has the id {id:?}")))
 }
 
@@ -649,7 +592,7 @@ pub async fn get_move(
     delete, path = "/v1/admin/moves/{moveId}", tag = "admin",
     security(("admin_token" = [])),
     responses(
-        (status = 202, description = "The cancel is recorded; the move ends `cancelled` shortly", body = crate::service::moves::MoveView),
+        (status = 202, description = "The cancel is recorded; the move ends `cancelled` shortly", body = MoveView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found: no move has this id", body = Problem, content_type = "application/problem+json"),
@@ -661,15 +604,9 @@ pub async fn cancel_move(
     _: Admin,
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<
-    (
-        axum::http::StatusCode,
-        Json<crate::service::moves::MoveView>,
-    ),
-    Problem,
-> {
+) -> Result<(axum::http::StatusCode, Json<MoveView>), Problem> {
     let view = state.service.cancel_move(&id).await?;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view.into())))
 }
 
 /// The bucket table this instance routes by (docs/routing.md): version 1 is
@@ -678,16 +615,13 @@ pub async fn cancel_move(
     get, path = "/v1/admin/buckets", tag = "admin",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The bucket table in use", body = crate::service::buckets::BucketTableView),
+        (status = 200, description = "The bucket table in use", body = BucketTableView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn buckets(
-    _: Admin,
-    State(state): State<AppState>,
-) -> Json<crate::service::buckets::BucketTableView> {
-    Json(state.service.bucket_table())
+pub async fn buckets(_: Admin, State(state): State<AppState>) -> Json<BucketTableView> {
+    Json(state.service.bucket_table().into())
 }
 
 /// `POST /v1/admin/bucket-moves`.
@@ -713,7 +647,7 @@ pub struct BucketMoveRequest {
     security(("admin_token" = [])),
     request_body(content = BucketMoveRequest, content_type = "application/json"),
     responses(
-        (status = 202, description = "The range move, started", body = crate::service::buckets::BucketMoveView),
+        (status = 202, description = "The range move, started", body = BucketMoveView),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
@@ -728,23 +662,17 @@ pub async fn move_buckets(
     _: Admin,
     State(state): State<AppState>,
     super::extract::JsonBody(body): super::extract::JsonBody<BucketMoveRequest>,
-) -> Result<
-    (
-        axum::http::StatusCode,
-        Json<crate::service::buckets::BucketMoveView>,
-    ),
-    Problem,
-> {
+) -> Result<(axum::http::StatusCode, Json<BucketMoveView>), Problem> {
     let range = crate::routing::BucketRange::parse(&body.buckets)
         .map_err(|e| Problem::new(Code::InvalidRequest, format!("buckets: {e}")))?;
     let view = state.service.start_bucket_move(range, &body.to).await?;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view.into())))
 }
 
 /// Every bucket-range move, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BucketMovesView {
-    pub moves: Vec<crate::service::buckets::BucketMoveView>,
+    pub moves: Vec<BucketMoveView>,
 }
 
 /// The bucket-range moves, running and ended.
@@ -759,7 +687,13 @@ pub struct BucketMovesView {
 )]
 pub async fn bucket_moves(_: Admin, State(state): State<AppState>) -> Json<BucketMovesView> {
     Json(BucketMovesView {
-        moves: state.service.bucket_moves().await,
+        moves: state
+            .service
+            .bucket_moves()
+            .await
+            .into_iter()
+            .map(BucketMoveView::from)
+            .collect(),
     })
 }
 
@@ -770,7 +704,7 @@ pub async fn bucket_moves(_: Admin, State(state): State<AppState>) -> Json<Bucke
     security(("admin_token" = [])),
     params(("moveId" = u64, Path, description = "The range move's id")),
     responses(
-        (status = 200, description = "The range move", body = crate::service::buckets::BucketMoveView),
+        (status = 200, description = "The range move", body = BucketMoveView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
@@ -780,12 +714,14 @@ pub async fn get_bucket_move(
     _: Admin,
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<crate::service::buckets::BucketMoveView>, Problem> {
+) -> Result<Json<BucketMoveView>, Problem> {
     let found = match id.parse::<u64>() {
         Ok(n) => state.service.get_bucket_move(n).await,
         Err(_) => None,
     };
-    found.map(Json).ok_or_else(|| no_bucket_move(&id))
+    found
+        .map(|m| Json(m.into()))
+        .ok_or_else(|| no_bucket_move(&id))
 }
 
 /// 404 for a range move id that names none.
@@ -805,7 +741,7 @@ fn no_bucket_move(id: &str) -> Problem {
     security(("admin_token" = [])),
     params(("moveId" = u64, Path, description = "The range move's id")),
     responses(
-        (status = 202, description = "The cancel is recorded; the move ends `cancelled` once its chats are back", body = crate::service::buckets::BucketMoveView),
+        (status = 202, description = "The cancel is recorded; the move ends `cancelled` once its chats are back", body = BucketMoveView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found: no range move has this id", body = Problem, content_type = "application/problem+json"),
@@ -817,16 +753,10 @@ pub async fn cancel_bucket_move(
     _: Admin,
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<
-    (
-        axum::http::StatusCode,
-        Json<crate::service::buckets::BucketMoveView>,
-    ),
-    Problem,
-> {
+) -> Result<(axum::http::StatusCode, Json<BucketMoveView>), Problem> {
     let n = id.parse::<u64>().map_err(|_| no_bucket_move(&id))?;
     let view = state.service.cancel_bucket_move(n).await?;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(view)))
+    Ok((axum::http::StatusCode::ACCEPTED, Json(view.into())))
 }
 
 #[cfg(test)]

@@ -255,10 +255,7 @@ where
         "chatshard.chat_id",
         crate::telemetry::chat_id_attribute(chat.as_str(), state.chat_id_in_telemetry),
     );
-    span.record(
-        "chatshard.shard",
-        state.service.shards().for_chat(chat).name(),
-    );
+    span.record("chatshard.shard", state.service.shard_of(chat));
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ChatPath

@@ -14,6 +14,7 @@ pub mod extract;
 pub mod members;
 pub mod messages;
 pub mod model;
+pub mod move_views;
 pub mod mux;
 pub mod problem;
 pub mod serve;
@@ -145,13 +146,7 @@ pub fn openapi_document() -> serde_json::Value {
 
 /// The application's router and its OpenAPI document.
 pub fn router(mut shared: Shared) -> Router {
-    let shards: Vec<String> = shared
-        .service
-        .shards()
-        .all()
-        .iter()
-        .map(|s| s.name().to_owned())
-        .collect();
+    let shards = shared.service.shard_names();
     let (router, mut document) = routes(&shards);
     if !shared.callers.is_open() {
         auth::declare(&mut document);
@@ -229,18 +224,19 @@ async fn healthz() -> Json<Health> {
     )
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let shards = state.service.shards().all();
-    let checks = shards.iter().map(|shard| async move {
-        let result = shard.ping().await;
-        ShardReadiness {
-            name: shard.name().to_owned(),
-            address: shard.address().to_owned(),
-            ready: result.is_ok(),
-            breaker: shard.breaker_state().into(),
-            error: result.err().map(|e| crate::error::chain(&e)),
-        }
-    });
-    let shards: Vec<ShardReadiness> = futures_util::future::join_all(checks).await;
+    let shards: Vec<ShardReadiness> = state
+        .service
+        .shard_health()
+        .await
+        .into_iter()
+        .map(|health| ShardReadiness {
+            ready: health.ready(),
+            breaker: health.breaker.into(),
+            name: health.name,
+            address: health.address,
+            error: health.error,
+        })
+        .collect();
     let up = shards.iter().filter(|s| s.ready).count();
     let (status, word) = match up {
         0 => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

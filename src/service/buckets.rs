@@ -22,31 +22,22 @@ use crate::routing::{BucketMap, BucketRange};
 use crate::shard::Shard;
 use crate::storage::buckets::{self, BucketMoveRow, Progress};
 
-/// A range move as the admin view shows it.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BucketMoveView {
+/// A range move as recorded on the coordinator.
+#[derive(Debug, Clone)]
+pub struct BucketMoveStatus {
     pub id: u64,
     /// The range, `first-last`.
-    #[schema(example = "256-383")]
     pub buckets: String,
     pub source: String,
     pub target: String,
-    /// `requested`, `copying` (moving the range's chats), `fenced` (the
-    /// last pass: new chats of the range wait), `flipping` (from here a
-    /// cancel is refused), `flipped` (the new version is on the source; the
-    /// other shards are being told), `done`, `failed` (with `error`; the
-    /// chats moved so far stay moved), `cancelling` (the chats moved so far
-    /// are moved back) or `cancelled` (with `error` if some could not be).
+    /// The phase's name (see [`Phase::name`]).
     pub phase: String,
     /// The range's chats found on the source.
     pub chats_total: u64,
     /// The range's chats this move moved.
     pub chats_moved: u64,
     /// The version of the bucket table the move made, once flipped.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// A cancel was asked for; the move stops after the chat moves under
     /// way and moves back what it moved.
@@ -55,7 +46,7 @@ pub struct BucketMoveView {
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-impl BucketMoveView {
+impl BucketMoveStatus {
     fn from_row(row: BucketMoveRow) -> Self {
         Self {
             id: row.id,
@@ -75,34 +66,33 @@ impl BucketMoveView {
 }
 
 /// The bucket table an instance routes by.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BucketTableView {
+#[derive(Debug, Clone)]
+pub struct BucketTable {
     /// 1: the configuration's `buckets`; higher: written by range moves.
     pub version: u64,
     /// Every configured shard and the ranges it owns.
-    pub shards: Vec<ShardBuckets>,
+    pub shards: Vec<ShardRanges>,
 }
 
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ShardBuckets {
+/// The bucket ranges one shard owns.
+#[derive(Debug, Clone)]
+pub struct ShardRanges {
     pub shard: String,
-    #[schema(example = json!(["0-255"]))]
+    /// Each range as `first-last`.
     pub buckets: Vec<String>,
 }
 
 impl ChatService {
     /// The bucket table this instance routes by.
-    pub fn bucket_table(&self) -> BucketTableView {
+    pub fn bucket_table(&self) -> BucketTable {
         let current = self.shards.router();
         let names = self.shards.names();
         let map = BucketMap::of(&current.1, &names);
-        BucketTableView {
+        BucketTable {
             version: current.0,
             shards: names
                 .iter()
-                .map(|name| ShardBuckets {
+                .map(|name| ShardRanges {
                     shard: (*name).to_owned(),
                     buckets: map.0.get(*name).cloned().unwrap_or_default(),
                 })
@@ -197,7 +187,7 @@ impl ChatService {
         self: &Arc<Self>,
         range: BucketRange,
         to: &str,
-    ) -> Result<BucketMoveView, ServiceError> {
+    ) -> Result<BucketMoveStatus, ServiceError> {
         let target =
             self.shards
                 .by_name(to)
@@ -254,18 +244,18 @@ impl ChatService {
 
     /// Every range move, newest first (empty when the coordinator cannot
     /// answer).
-    pub async fn bucket_moves(&self) -> Vec<BucketMoveView> {
+    pub async fn bucket_moves(&self) -> Vec<BucketMoveStatus> {
         self.coordinator()
             .read(None, "bucket_moves", |conn| {
                 Box::pin(async move { Ok(buckets::list_moves(conn, 1000).await?) })
             })
             .await
-            .map(|rows| rows.into_iter().map(BucketMoveView::from_row).collect())
+            .map(|rows| rows.into_iter().map(BucketMoveStatus::from_row).collect())
             .unwrap_or_default()
     }
 
     /// One range move.
-    pub async fn get_bucket_move(&self, id: u64) -> Option<BucketMoveView> {
+    pub async fn get_bucket_move(&self, id: u64) -> Option<BucketMoveStatus> {
         self.coordinator()
             .read(None, "bucket_move", move |conn| {
                 Box::pin(async move { Ok(buckets::get_move(conn, id).await?) })
@@ -273,7 +263,7 @@ impl ChatService {
             .await
             .ok()
             .flatten()
-            .map(BucketMoveView::from_row)
+            .map(BucketMoveStatus::from_row)
     }
 
     /// Asks a running range move to stop (`DELETE /v1/admin/bucket-moves/{id}`),
@@ -281,7 +271,7 @@ impl ChatService {
     /// it over) lets the chat moves under way end, lifts the fence, moves the
     /// chats it moved back to the source, and ends `cancelled`. The bucket
     /// table does not change.
-    pub async fn cancel_bucket_move(&self, id: u64) -> Result<BucketMoveView, ServiceError> {
+    pub async fn cancel_bucket_move(&self, id: u64) -> Result<BucketMoveStatus, ServiceError> {
         let asked = self
             .coordinator()
             .write(None, "bucket_move_cancel", move |conn| {
@@ -294,7 +284,7 @@ impl ChatService {
                 Box::pin(async move { Ok(buckets::get_move(conn, id).await?) })
             })
             .await?
-            .map(BucketMoveView::from_row)
+            .map(BucketMoveStatus::from_row)
             .ok_or_else(|| ServiceError::MoveNotFound { id: id.to_string() })?;
         // Asking again while the move winds down is answered the same.
         let ended = Phase::parse(Unit::Range, &view.phase).is_some_and(Phase::is_terminal);

@@ -13,6 +13,13 @@
 //! - [`repair`]: finding and repairing drift (the digest check and the
 //!   `repair-counts` command).
 //! - [`lifecycle`]: the purge of old events and the periodic digest check.
+//! - [`live_config`]: changing the live configuration (replace or merge
+//!   patch, checked, then shared with the fleet).
+//! - [`shards`]: what callers may know of the shards (names, a chat's shard,
+//!   health and load snapshots), never a shard itself.
+//! - [`moves`], [`buckets`]: chat and bucket-range moves, reported as plain
+//!   records ([`moves::MoveStatus`], [`buckets::BucketMoveStatus`]); their
+//!   JSON views are the caller's.
 
 pub mod buckets;
 mod chat_move;
@@ -21,6 +28,7 @@ pub mod events;
 mod group_commit;
 mod isolation;
 pub mod lifecycle;
+pub mod live_config;
 pub mod model;
 mod move_driver;
 pub mod move_plan;
@@ -31,6 +39,7 @@ mod range_move;
 pub mod read;
 pub mod repair;
 pub mod replay;
+pub mod shards;
 pub mod tail;
 mod write;
 
@@ -117,10 +126,6 @@ impl ChatService {
     /// The fleet this instance belongs to, if any.
     pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
         self.fleet.as_ref()
-    }
-
-    pub fn shards(&self) -> &Arc<ShardSet> {
-        &self.shards
     }
 
     pub fn live(&self) -> &Arc<Live> {

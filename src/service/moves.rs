@@ -83,43 +83,35 @@ impl Default for MoveSettings {
     }
 }
 
-/// A move as the admin view shows it.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MoveView {
+/// A chat move as recorded on its source shard, with how far behind its
+/// copy is while it runs.
+#[derive(Debug, Clone)]
+pub struct MoveStatus {
     /// `<source shard>:<number>`.
     pub id: String,
     pub chat_id: String,
     pub source: String,
     pub target: String,
-    /// `requested`, `copying`, `fenced`, `verified`, `switching`,
-    /// `switched`, `cleaning`, `done`, `cancelled`, or `rolled_back` (with
-    /// `error`).
+    /// The phase's name (see [`Phase::name`]).
     pub phase: String,
     /// The last revision copied to the target (0 while a purged chat's rows
     /// are copied from a snapshot).
     pub copied_revision: u64,
-    /// Rows written to the target so far: each replayed event with the
-    /// member and message rows it wrote, and each row a snapshot copied (a
-    /// page copied again after a takeover counts again).
+    /// Rows written to the target so far.
     pub rows_copied: u64,
     /// While the move runs, how many revisions the target is behind the
-    /// source (the source's revision now minus `copiedRevision`); absent
-    /// once the move has ended.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// source; `None` once the move has ended.
     pub lag_revisions: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// A cancel was asked for; the move rolls back at its next batch.
     pub cancel_requested: bool,
-    /// `admin` (the admin API or `chatshard move-chat`), `isolation`, or
-    /// `range` (one chat of a bucket-range move).
+    /// `admin`, `isolation`, or `range` (one chat of a bucket-range move).
     pub started_by: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-impl MoveView {
+impl MoveStatus {
     fn from_row(row: moves::MoveRow) -> Self {
         let running = !Phase::parse(Unit::Chat, &row.phase).is_some_and(Phase::is_terminal);
         Self {
@@ -144,9 +136,8 @@ impl MoveView {
 }
 
 /// A chat that lives away from its home shard.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MovedChat {
+#[derive(Debug, Clone)]
+pub struct RelocatedChat {
     pub chat_id: String,
     /// The shard its bucket gives it.
     pub home: String,
@@ -197,7 +188,7 @@ impl From<crate::shard::ShardError> for Stop {
 /// A move recorded and not yet running.
 struct RecordedMove {
     id: u64,
-    view: MoveView,
+    view: MoveStatus,
     source: Arc<Shard>,
     target: Arc<Shard>,
 }
@@ -210,7 +201,7 @@ impl ChatService {
         self: &Arc<Self>,
         chat: &ChatId,
         to: &str,
-    ) -> Result<MoveView, ServiceError> {
+    ) -> Result<MoveStatus, ServiceError> {
         self.begin_move(chat, to, None)
             .await?
             .ok_or_else(|| ServiceError::MoveRefused {
@@ -227,7 +218,7 @@ impl ChatService {
         chat: &ChatId,
         to: &str,
         per_hour: u32,
-    ) -> Result<Option<MoveView>, ServiceError> {
+    ) -> Result<Option<MoveStatus>, ServiceError> {
         self.begin_move(chat, to, Some(per_hour)).await
     }
 
@@ -238,7 +229,7 @@ impl ChatService {
         chat: &ChatId,
         to: &str,
         isolation: Option<u32>,
-    ) -> Result<Option<MoveView>, ServiceError> {
+    ) -> Result<Option<MoveStatus>, ServiceError> {
         let Some(recorded) = self.record_move(chat, to, isolation, "admin").await? else {
             return Ok(None);
         };
@@ -453,7 +444,7 @@ impl ChatService {
     /// The chats that live away from their home shard (the shard their
     /// bucket gives them), read from the homes' markers: at most `limit` a
     /// shard, and whether a shard had more (or could not answer).
-    pub async fn moved_chats(&self, limit: u32) -> (Vec<MovedChat>, bool) {
+    pub async fn moved_chats(&self, limit: u32) -> (Vec<RelocatedChat>, bool) {
         let (mut chats, mut partial) = (Vec::new(), false);
         for shard in self.shards.all() {
             let rows = shard
@@ -476,7 +467,7 @@ impl ChatService {
                     continue;
                 };
                 if Arc::ptr_eq(self.shards.home_of(&id), shard) {
-                    chats.push(MovedChat {
+                    chats.push(RelocatedChat {
                         chat_id: chat,
                         home: shard.name().to_owned(),
                         shard: to,
@@ -490,7 +481,7 @@ impl ChatService {
 
     /// Every move recorded on any shard, newest first (a shard that cannot
     /// answer is left out).
-    pub async fn moves(&self) -> Vec<MoveView> {
+    pub async fn moves(&self) -> Vec<MoveStatus> {
         let mut all = Vec::new();
         for shard in self.shards.all() {
             let rows = shard
@@ -499,26 +490,26 @@ impl ChatService {
                 })
                 .await;
             if let Ok(rows) = rows {
-                all.extend(rows.into_iter().map(MoveView::from_row));
+                all.extend(rows.into_iter().map(MoveStatus::from_row));
             }
         }
         all.sort_by_key(|m| std::cmp::Reverse(m.created_at));
         all
     }
 
-    async fn move_view(&self, source: &Shard, id: u64) -> Result<MoveView, ServiceError> {
+    async fn move_view(&self, source: &Shard, id: u64) -> Result<MoveStatus, ServiceError> {
         source
             .read(None, "get_move", move |conn| {
                 Box::pin(async move { Ok(moves::get_move(conn, id).await?) })
             })
             .await?
-            .map(MoveView::from_row)
+            .map(MoveStatus::from_row)
             .ok_or_else(|| ServiceError::internal("a move just recorded cannot be read back"))
     }
 
     /// One move by its id (`<source shard>:<number>`); `None` when no shard
     /// records it (or its shard cannot answer).
-    pub async fn get_move(&self, id: &str) -> Option<MoveView> {
+    pub async fn get_move(&self, id: &str) -> Option<MoveStatus> {
         let (shard, n) = id.rsplit_once(':')?;
         let source = self.shards.by_name(shard)?;
         self.move_view(source, n.parse().ok()?).await.ok()
@@ -529,7 +520,7 @@ impl ChatService {
     /// instance that takes the move over) rolls it back at its next batch:
     /// the fence is lifted, the target's copy dropped, and the move ends
     /// `cancelled`. The chat stays on its source throughout.
-    pub async fn cancel_move(&self, id: &str) -> Result<MoveView, ServiceError> {
+    pub async fn cancel_move(&self, id: &str) -> Result<MoveStatus, ServiceError> {
         let not_found = || ServiceError::MoveNotFound { id: id.to_owned() };
         let (shard, n) = id.rsplit_once(':').ok_or_else(not_found)?;
         let source = self.shards.by_name(shard).ok_or_else(not_found)?;
@@ -544,7 +535,7 @@ impl ChatService {
                 Box::pin(async move { Ok(moves::get_move(conn, n).await?) })
             })
             .await?
-            .map(MoveView::from_row)
+            .map(MoveStatus::from_row)
             .ok_or_else(not_found)?;
         // Asking again while the move winds down is answered the same.
         let ended = Phase::parse(Unit::Chat, &view.phase).is_some_and(Phase::is_terminal);

@@ -4,7 +4,7 @@
 
 use super::{Chat, ChatService, Located, Member, MemberPage, ServiceError, SnapshotPage};
 use crate::domain::{ChatId, MemberCursor, PageLimit, SnapshotCursor, UserId};
-use crate::storage::{chats, members};
+use crate::storage::{chats, members, server};
 
 impl ChatService {
     pub async fn get_chat(&self, chat: &ChatId) -> Result<Chat, ServiceError> {
@@ -114,9 +114,7 @@ impl ChatService {
                 move |conn| {
                     Box::pin(async move {
                         use sqlx::Connection;
-                        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                            .execute(&mut *conn)
-                            .await?;
+                        server::repeatable_read_next(conn).await?;
                         let mut tx = conn.begin().await?;
                         let Some(row) = chats::get(&mut tx, &id).await? else {
                             return Ok(Located::Missing);

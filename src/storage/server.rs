@@ -47,6 +47,16 @@ pub async fn prepare_session(
     Ok(())
 }
 
+/// Makes the session's next transaction (only the next one) REPEATABLE
+/// READ, so that its statements all read the same snapshot; the session
+/// stays READ COMMITTED otherwise. Sent before the transaction begins.
+pub async fn repeatable_read_next(conn: &mut MySqlConnection) -> sqlx::Result<()> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// `@@innodb_autoinc_lock_mode` and `@@innodb_flush_log_at_trx_commit`.
 pub async fn innodb_settings(conn: &mut MySqlConnection) -> sqlx::Result<(i64, i64)> {
     sqlx::query_as(

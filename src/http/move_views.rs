@@ -1,0 +1,181 @@
+//! The admin API's JSON views of moves and of the bucket table, and their
+//! OpenAPI schemas (`MoveView`, `MovedChat`, `BucketMoveView`,
+//! `BucketTableView`, `ShardBuckets`).
+//!
+//! Each view is built from the service's own record of the same thing by a
+//! `From` conversion that copies fields and never decides anything: phases,
+//! lags and progress are the service's. The schema names and fields are part
+//! of the published document and do not change with the service's structs.
+//! Nothing here reads a shard or knows a status code.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::service::buckets::{BucketMoveStatus, BucketTable, ShardRanges};
+use crate::service::moves::{MoveStatus, RelocatedChat};
+
+/// A move as the admin view shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveView {
+    /// `<source shard>:<number>`.
+    pub id: String,
+    pub chat_id: String,
+    pub source: String,
+    pub target: String,
+    /// `requested`, `copying`, `fenced`, `verified`, `switching`,
+    /// `switched`, `cleaning`, `done`, `cancelled`, or `rolled_back` (with
+    /// `error`).
+    pub phase: String,
+    /// The last revision copied to the target (0 while a purged chat's rows
+    /// are copied from a snapshot).
+    pub copied_revision: u64,
+    /// Rows written to the target so far: each replayed event with the
+    /// member and message rows it wrote, and each row a snapshot copied (a
+    /// page copied again after a takeover counts again).
+    pub rows_copied: u64,
+    /// While the move runs, how many revisions the target is behind the
+    /// source (the source's revision now minus `copiedRevision`); absent
+    /// once the move has ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_revisions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// A cancel was asked for; the move rolls back at its next batch.
+    pub cancel_requested: bool,
+    /// `admin` (the admin API or `chatshard move-chat`), `isolation`, or
+    /// `range` (one chat of a bucket-range move).
+    pub started_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<MoveStatus> for MoveView {
+    fn from(m: MoveStatus) -> Self {
+        Self {
+            id: m.id,
+            chat_id: m.chat_id,
+            source: m.source,
+            target: m.target,
+            phase: m.phase,
+            copied_revision: m.copied_revision,
+            rows_copied: m.rows_copied,
+            lag_revisions: m.lag_revisions,
+            error: m.error,
+            cancel_requested: m.cancel_requested,
+            started_by: m.started_by,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+}
+
+/// A chat that lives away from its home shard.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MovedChat {
+    pub chat_id: String,
+    /// The shard its bucket gives it.
+    pub home: String,
+    /// The shard that holds it.
+    pub shard: String,
+}
+
+impl From<RelocatedChat> for MovedChat {
+    fn from(c: RelocatedChat) -> Self {
+        Self {
+            chat_id: c.chat_id,
+            home: c.home,
+            shard: c.shard,
+        }
+    }
+}
+
+/// A range move as the admin view shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketMoveView {
+    pub id: u64,
+    /// The range, `first-last`.
+    #[schema(example = "256-383")]
+    pub buckets: String,
+    pub source: String,
+    pub target: String,
+    /// `requested`, `copying` (moving the range's chats), `fenced` (the
+    /// last pass: new chats of the range wait), `flipping` (from here a
+    /// cancel is refused), `flipped` (the new version is on the source; the
+    /// other shards are being told), `done`, `failed` (with `error`; the
+    /// chats moved so far stay moved), `cancelling` (the chats moved so far
+    /// are moved back) or `cancelled` (with `error` if some could not be).
+    pub phase: String,
+    /// The range's chats found on the source.
+    pub chats_total: u64,
+    /// The range's chats this move moved.
+    pub chats_moved: u64,
+    /// The version of the bucket table the move made, once flipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// A cancel was asked for; the move stops after the chat moves under
+    /// way and moves back what it moved.
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<BucketMoveStatus> for BucketMoveView {
+    fn from(m: BucketMoveStatus) -> Self {
+        Self {
+            id: m.id,
+            buckets: m.buckets,
+            source: m.source,
+            target: m.target,
+            phase: m.phase,
+            chats_total: m.chats_total,
+            chats_moved: m.chats_moved,
+            version: m.version,
+            error: m.error,
+            cancel_requested: m.cancel_requested,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+}
+
+/// The bucket table an instance routes by.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketTableView {
+    /// 1: the configuration's `buckets`; higher: written by range moves.
+    pub version: u64,
+    /// Every configured shard and the ranges it owns.
+    pub shards: Vec<ShardBuckets>,
+}
+
+impl From<BucketTable> for BucketTableView {
+    fn from(t: BucketTable) -> Self {
+        Self {
+            version: t.version,
+            shards: t.shards.into_iter().map(ShardBuckets::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardBuckets {
+    pub shard: String,
+    #[schema(example = json!(["0-255"]))]
+    pub buckets: Vec<String>,
+}
+
+impl From<ShardRanges> for ShardBuckets {
+    fn from(s: ShardRanges) -> Self {
+        Self {
+            shard: s.shard,
+            buckets: s.buckets,
+        }
+    }
+}
