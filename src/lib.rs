@@ -26,7 +26,8 @@
 //!   [`shard::ShardStatus`] snapshots.
 //! - [`storage`]: the SQL, one function per statement; the only place SQL lives.
 //! - [`service`]: the use cases (join, leave, post, fetch...), including the
-//!   per-chat group commit that folds many writes into one transaction.
+//!   per-chat group commit that folds many writes into one transaction, and
+//!   the engine of the multiplexed event streams (`service::mux`).
 //! - [`throttle`]: join throttling, hot-chat detection, the fetch-throttling
 //!   decision, and generic coalescing caches; local, in-process, bounded.
 //! - [`fleet`]: what the instances of a deployment share through Redis (event
@@ -36,7 +37,8 @@
 //!   metrics (Prometheus text on `/metrics`, OTLP when configured).
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status codes.
-//!   Also the connection loop and the event streams (per chat, multiplexed).
+//!   Also the connection loop and the event streams (per chat, multiplexed),
+//!   framed as server-sent events from what the service yields.
 //! - [`migrate`]: applies `migrations/` to every shard, and the DBA's tools:
 //!   status, the SQL to apply by hand, recording it, repairing a failed run,
 //!   renaming renumbered versions.

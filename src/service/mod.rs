@@ -13,6 +13,9 @@
 //! - [`repair`]: finding and repairing drift (the digest check and the
 //!   `repair-counts` command).
 //! - [`lifecycle`]: the purge of old events and the periodic digest check.
+//! - [`mux`]: the multiplexed-stream engine (which chats a stream follows,
+//!   its cursors, resuming, resync); [`subscribers`]: the places every event
+//!   stream holds. The HTTP layer only frames what they yield.
 
 pub mod buckets;
 mod chat_move;
@@ -25,12 +28,14 @@ pub mod model;
 mod move_driver;
 pub mod move_plan;
 pub mod moves;
+pub mod mux;
 mod pacer;
 pub mod plan;
 mod range_move;
 pub mod read;
 pub mod repair;
 pub mod replay;
+pub mod subscribers;
 pub mod tail;
 mod write;
 
