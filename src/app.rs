@@ -75,9 +75,9 @@ impl App {
             tracing::info!("no admin token configured: the admin API is off");
         }
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
-        let subscribers = Arc::new(http::stream::Subscribers::default());
-        let streams = Arc::new(http::mux::Streams::default());
-        http::mux::Streams::sweep_every_second(&streams, live.clone());
+        let subscribers = Arc::new(crate::service::subscribers::Subscribers::default());
+        let streams = Arc::new(crate::service::mux::Streams::default());
+        crate::service::mux::Streams::sweep_every_second(&streams, live.clone());
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();

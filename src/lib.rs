@@ -34,7 +34,8 @@
 //!   in-memory tails; chat and bucket-range moves (`move_plan.rs` decides
 //!   every step, `move_driver.rs` runs them over `chat_move.rs` and
 //!   `range_move.rs`; `replay.rs` decides what a copied batch writes);
-//!   hot-chat isolation, the event log's lifecycle, and repair.
+//!   the engine of the multiplexed event streams (`mux.rs`); hot-chat
+//!   isolation, the event log's lifecycle, and repair.
 //! - [`throttle`]: join throttling, hot-chat detection, the fetch-throttling
 //!   decision, and generic coalescing caches; local, in-process, bounded.
 //! - [`fleet`]: what the instances of a deployment share through Redis (event
@@ -45,7 +46,8 @@
 //! - [`http`]: the axum router, handlers, extractors and the
 //!   `application/problem+json` mapping; the only place that knows status
 //!   codes. Also the connection loop, the admin API and the event streams
-//!   (per chat, multiplexed).
+//!   (per chat, multiplexed),
+//!   framed as server-sent events from what the service yields.
 //! - [`migrate`]: applies `migrations/` to every shard, and the DBA's tools:
 //!   status, the SQL to apply by hand, recording it, repairing a failed run,
 //!   renaming renumbered versions.

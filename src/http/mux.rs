@@ -29,346 +29,36 @@
 //! more than `streams.resyncRevisions` behind gets one `resync` event with the
 //! range to fetch with `GET …/events` instead of its backlog.
 //!
+//! The engine (cursors, followers, resuming, bounds) is
+//! [`crate::service::mux`]; this module only parses the requests, frames what
+//! a connection yields as SSE messages (each event's shared JSON, with its
+//! `chatId` in front), counts them, and maps refusals to problems.
+//!
 //! Other messages: `resync`, `removed` (the chat does not exist, or its
 //! follower failed), and the final `shutdown`, `replaced` and `closed`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::AbortHandle;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::extract::{ChatPath, JsonBody, OptionalJsonBody, StreamPath};
 use super::model::ChatIdParam;
 use super::problem::{Code, Problem};
-use super::stream::{ChatSlot, StreamSlot, event_json, last_event_id, stream_headers};
-use crate::domain::{ChatId, PageLimit, Revision};
-use crate::live::StreamsConfig;
-use crate::service::{ChatService, Event, ServiceError};
+use super::stream::{event_json, last_event_id, refusal, stream_headers};
+use crate::domain::{ChatId, Revision};
+use crate::service::mux::{Attached, EndReason, Item, MuxError, Output, Removal, Standing};
 
-/// Pages a connection's followers may queue before they wait for it.
-const QUEUE_PAGES: usize = 64;
-
-/// The multiplexed streams of this instance.
-#[derive(Default)]
-pub struct Streams {
-    streams: DashMap<String, Arc<MuxStream>>,
-}
-
-impl Streams {
-    /// Drops, every second, the streams that have had no connection for
-    /// longer than `streams.resumeSeconds`; ends with the registry.
-    pub fn sweep_every_second(this: &Arc<Self>, live: Arc<crate::live::Live>) {
-        let registry: Weak<Self> = Arc::downgrade(this);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(streams) = registry.upgrade() else {
-                    return;
-                };
-                let keep = Duration::from_secs(live.load().config.streams.resume_seconds);
-                streams.sweep(keep);
-            }
-        });
-    }
-
-    fn sweep(&self, keep: Duration) {
-        self.streams.retain(|_, stream| {
-            let inner = stream.lock();
-            inner.connection.is_some() || inner.detached_at.elapsed() < keep
-        });
-    }
-
-    fn get(&self, id: &str) -> Result<Arc<MuxStream>, Problem> {
-        self.streams.get(id).map(|s| s.clone()).ok_or_else(|| {
-            Problem::new(
-                Code::StreamNotFound,
-                "no stream has this id on this instance (it ended, or expired without a connection): make a new one",
-            )
-        })
-    }
-}
-
-/// One multiplexed stream.
-struct MuxStream {
-    id: String,
-    inner: Mutex<Inner>,
-    _slot: StreamSlot,
-}
-
-struct Inner {
-    chats: HashMap<ChatId, Cursor>,
-    /// The number of the last message handed to a connection.
-    seq: u64,
-    /// What the recent messages moved, oldest first.
-    log: VecDeque<Moved>,
-    /// The oldest `Last-Event-ID` the log can resume after.
-    floor: u64,
-    connection: Option<Connection>,
-    /// When the last connection left.
-    detached_at: Instant,
-    /// Generations tell a chat's current follower from one it replaced.
-    generations: u64,
-    epochs: u64,
-    closed: bool,
-}
-
-/// Where a stream stands in one chat.
-struct Cursor {
-    /// The last revision handed to a connection.
-    after: u64,
-    generation: u64,
-    _slot: ChatSlot,
-}
-
-/// What one message moved.
-struct Moved {
-    seq: u64,
-    chat: ChatId,
-    generation: u64,
-    before: u64,
-}
-
-/// The connection attached to a stream, and its followers.
-struct Connection {
-    epoch: u64,
-    deliveries: mpsc::Sender<Delivery>,
-    followers: HashMap<ChatId, AbortHandle>,
-    end: Option<oneshot::Sender<End>>,
-}
-
-/// Why a connection ends while its stream goes on (or not).
-#[derive(Debug, Clone, Copy)]
-enum End {
-    Replaced,
-    Closed,
-}
-
-/// What a follower hands to its connection.
-struct Delivery {
-    chat: ChatId,
-    generation: u64,
-    item: Item,
-}
-
-enum Item {
-    Event(Event),
-    Resync { latest: u64 },
-    Removed(&'static str),
-}
-
-impl MuxStream {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Inner {
-    /// Starts the follower of `chat` from its cursor on the attached
-    /// connection, replacing the one it had.
-    fn follow(&mut self, chat: &ChatId, service: &Arc<ChatService>) {
-        let (Some(connection), Some(cursor)) = (self.connection.as_mut(), self.chats.get(chat))
-        else {
-            return;
-        };
-        let task = tokio::spawn(follow(
-            service.clone(),
-            chat.clone(),
-            cursor.after,
-            cursor.generation,
-            connection.deliveries.clone(),
-        ));
-        if let Some(old) = connection
-            .followers
-            .insert(chat.clone(), task.abort_handle())
-        {
-            old.abort();
-        }
-    }
-
-    /// Ends the attached connection's followers, and the connection with
-    /// `end` if given.
-    fn detach(&mut self, end: Option<End>) {
-        if let Some(mut connection) = self.connection.take() {
-            for follower in connection.followers.values() {
-                follower.abort();
-            }
-            if let (Some(end), Some(tx)) = (end, connection.end.take()) {
-                let _ = tx.send(end);
-            }
-            self.detached_at = Instant::now();
-        }
-    }
-
-    /// Winds the cursors back to what the client had after message `seen`.
-    fn resume_after(&mut self, seen: u64) -> Result<(), Problem> {
-        if seen > self.seq {
-            return Err(Problem::invalid(format!(
-                "Last-Event-ID {seen} is ahead of the stream (its last message is {})",
-                self.seq
-            )));
-        }
-        if seen < self.floor {
-            return Err(Problem::new(
-                Code::StreamResumeExpired,
-                format!(
-                    "the stream can resume after message {} at the earliest: make a new stream \
-                     with the revisions you hold",
-                    self.floor
-                ),
-            ));
-        }
-        while self.log.back().is_some_and(|m| m.seq > seen) {
-            let Some(moved) = self.log.pop_back() else {
-                break;
-            };
-            if let Some(cursor) = self.chats.get_mut(&moved.chat)
-                && cursor.generation == moved.generation
-            {
-                cursor.after = moved.before;
-            }
-        }
-        self.seq = seen;
-        Ok(())
-    }
-
-    /// Hands one delivery to the connection: numbers it and moves the chat's
-    /// cursor, or says it is stale (the chat was removed or restated, or the
-    /// event was already handed over).
-    fn hand_over(&mut self, delivery: &Delivery, window: u64) -> Option<(u64, u64)> {
-        let cursor = self.chats.get_mut(&delivery.chat)?;
-        if cursor.generation != delivery.generation {
-            return None;
-        }
-        let before = cursor.after;
-        match &delivery.item {
-            Item::Event(event) if event.revision == before + 1 => cursor.after = event.revision,
-            Item::Event(_) => return None,
-            Item::Resync { latest } if *latest > before => cursor.after = *latest,
-            Item::Resync { .. } => return None,
-            Item::Removed(_) => {
-                self.chats.remove(&delivery.chat);
-                if let Some(connection) = self.connection.as_mut() {
-                    connection.followers.remove(&delivery.chat);
-                }
-            }
-        }
-        self.seq += 1;
-        if !matches!(delivery.item, Item::Removed(_)) {
-            self.log.push_back(Moved {
-                seq: self.seq,
-                chat: delivery.chat.clone(),
-                generation: delivery.generation,
-                before,
-            });
-        }
-        while self.log.len() as u64 > window {
-            if let Some(oldest) = self.log.pop_front() {
-                self.floor = oldest.seq;
-            }
-        }
-        Some((self.seq, before))
-    }
-
-    fn view(&self, id: &str) -> StreamView {
-        StreamView {
-            stream_id: id.to_owned(),
-            last_event_id: self.seq,
-            chats: self
-                .chats
-                .iter()
-                .map(|(chat, cursor)| (chat.to_string(), cursor.after))
-                .collect(),
-        }
-    }
-}
-
-/// Follows one chat for a connection: long-polls it through its tail and
-/// queues what it finds, until aborted.
-async fn follow(
-    service: Arc<ChatService>,
-    chat: ChatId,
-    mut after: u64,
-    generation: u64,
-    deliveries: mpsc::Sender<Delivery>,
-) {
-    let send = |item| {
-        deliveries.send(Delivery {
-            chat: chat.clone(),
-            generation,
-            item,
-        })
-    };
-    loop {
-        let resync_after = service.live().load().config.streams.resync_revisions;
-        let page = service
-            .events(
-                &chat,
-                Revision(after),
-                PageLimit::largest(),
-                crate::service::events::MAX_WAIT,
-            )
-            .await;
-        match page {
-            Ok(page)
-                if resync_after > 0
-                    && page.latest_revision.saturating_sub(after) > resync_after =>
-            {
-                let latest = page.latest_revision;
-                if send(Item::Resync { latest }).await.is_err() {
-                    return;
-                }
-                after = latest;
-            }
-            Ok(page) => {
-                for event in page.events.iter() {
-                    after = event.revision;
-                    if send(Item::Event(event.clone())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(ServiceError::ChatNotFound) => {
-                let _ = send(Item::Removed("chat_not_found")).await;
-                return;
-            }
-            Err(ServiceError::RevisionPurged { .. }) => {
-                // The stream cannot go on from where the client stands: it
-                // full-syncs (the chat's snapshot) and follows the chat again.
-                let _ = send(Item::Removed("revision_purged")).await;
-                return;
-            }
-            Err(
-                ServiceError::ShardUnavailable { .. }
-                | ServiceError::ShardBusy { .. }
-                | ServiceError::ShardTimeout { .. }
-                | ServiceError::ChatBusy { .. }
-                | ServiceError::FetchThrottled { .. },
-            ) => {
-                // The shard is broken or busy: the chat stays followed.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => {
-                tracing::warn!(chat = %chat, error = %crate::error::chain(&e), "a stream stopped following a chat");
-                let _ = send(Item::Removed("error")).await;
-                return;
-            }
-        }
-    }
-}
+/// The multiplexed streams of this instance (the engine is the service's).
+pub use crate::service::mux::Streams;
 
 /// Path of a stream (documentation only).
 #[derive(Debug, IntoParams)]
@@ -412,23 +102,51 @@ pub struct StreamView {
     pub chats: HashMap<String, u64>,
 }
 
-/// Takes a subscription place of `chat`, or the refusal.
-fn take_chat(state: &AppState, config: &StreamsConfig, chat: &ChatId) -> Result<ChatSlot, Problem> {
-    state
-        .subscribers
-        .take_chat(chat, config.max_per_chat)
-        .map_err(|limit| limit.refusal(&state.metrics))
+impl From<Standing> for StreamView {
+    fn from(standing: Standing) -> Self {
+        Self {
+            stream_id: standing.id,
+            last_event_id: standing.last_event_id,
+            chats: standing
+                .chats
+                .into_iter()
+                .map(|(chat, after)| (chat.to_string(), after))
+                .collect(),
+        }
+    }
 }
 
-fn too_many_chats(state: &AppState, max: u64) -> Problem {
-    state.metrics.stream_refused("stream");
-    Problem::new(
-        Code::TooManyChatsInStream,
-        format!(
-            "a stream follows at most {max} chats (streams.maxChatsPerStream): open another stream"
+/// The answer to a refused request (refusals for want of a place are
+/// counted). `gone`: the detail of a stream that is not there.
+fn problem(state: &AppState, error: MuxError, gone: &str) -> Problem {
+    match error {
+        MuxError::NotFound => Problem::new(Code::StreamNotFound, gone.to_owned()),
+        MuxError::Ended => Problem::new(Code::StreamNotFound, "the stream has ended"),
+        MuxError::TooManyChats { max } => {
+            state.metrics.stream_refused("stream");
+            Problem::new(
+                Code::TooManyChatsInStream,
+                format!(
+                    "a stream follows at most {max} chats (streams.maxChatsPerStream): open another stream"
+                ),
+            )
+        }
+        MuxError::Refused(limit) => refusal(limit, &state.metrics),
+        MuxError::ResumeAhead { seen, last } => Problem::invalid(format!(
+            "Last-Event-ID {seen} is ahead of the stream (its last message is {last})"
+        )),
+        MuxError::ResumeExpired { floor } => Problem::new(
+            Code::StreamResumeExpired,
+            format!(
+                "the stream can resume after message {floor} at the earliest: make a new stream \
+                 with the revisions you hold"
+            ),
         ),
-    )
+    }
 }
+
+/// The detail of a stream that is not there, for a request to use it.
+const NOT_FOUND: &str = "no stream has this id on this instance (it ended, or expired without a connection): make a new one";
 
 /// Make a multiplexed stream, optionally following its first chats.
 #[utoipa::path(
@@ -461,55 +179,15 @@ pub async fn create_stream(
             Ok((chat, after.0))
         })
         .collect::<Result<Vec<_>, Problem>>()?;
-    if chats.len() as u64 > config.max_chats_per_stream {
-        return Err(too_many_chats(&state, config.max_chats_per_stream));
-    }
-    let slot = state
-        .subscribers
-        .take_stream(config.max_subscribers)
-        .map_err(|limit| limit.refusal(&state.metrics))?;
-    // All or none: a refusal drops the places already taken.
-    let chats = chats
-        .into_iter()
-        .map(|(chat, after)| take_chat(&state, &config, &chat).map(|slot| (chat, after, slot)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let id = format!("{:032x}", rand::random::<u128>());
-    let mut inner = Inner {
-        chats: HashMap::new(),
-        seq: 0,
-        log: VecDeque::new(),
-        floor: 0,
-        connection: None,
-        detached_at: Instant::now(),
-        generations: 0,
-        epochs: 0,
-        closed: false,
-    };
-    for (chat, after, slot) in chats {
-        inner.generations += 1;
-        inner.chats.insert(
-            chat,
-            Cursor {
-                after,
-                generation: inner.generations,
-                _slot: slot,
-            },
-        );
-    }
-    let view = inner.view(&id);
-    state.streams.streams.insert(
-        id.clone(),
-        Arc::new(MuxStream {
-            id: id.clone(),
-            inner: Mutex::new(inner),
-            _slot: slot,
-        }),
-    );
-    let location = format!("/v1/streams/{id}");
+    let standing = state
+        .streams
+        .create(&state.subscribers, &config, chats)
+        .map_err(|e| problem(&state, e, NOT_FOUND))?;
+    let location = format!("/v1/streams/{}", standing.id);
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::LOCATION, location)],
-        Json(view),
+        Json(StreamView::from(standing)),
     )
         .into_response())
 }
@@ -527,16 +205,10 @@ pub async fn delete_stream(
     State(state): State<AppState>,
     StreamPath(id): StreamPath,
 ) -> Result<StatusCode, Problem> {
-    let (_, stream) = state.streams.streams.remove(&id).ok_or_else(|| {
-        Problem::new(
-            Code::StreamNotFound,
-            "no stream has this id on this instance",
-        )
-    })?;
-    let mut inner = stream.lock();
-    inner.closed = true;
-    inner.detach(Some(End::Closed));
-    inner.chats.clear();
+    state
+        .streams
+        .delete(&id)
+        .map_err(|e| problem(&state, e, "no stream has this id on this instance"))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -566,29 +238,18 @@ pub async fn follow_chat(
         .map_err(|e| Problem::invalid(e.0))?
         .0;
     let config = state.service.live().load().config.streams.clone();
-    let stream = state.streams.get(&id)?;
-    let mut inner = stream.lock();
-    inner.generations += 1;
-    let generation = inner.generations;
-    if let Some(cursor) = inner.chats.get_mut(&chat) {
-        cursor.after = after;
-        cursor.generation = generation;
-    } else {
-        if inner.chats.len() as u64 >= config.max_chats_per_stream {
-            return Err(too_many_chats(&state, config.max_chats_per_stream));
-        }
-        let slot = take_chat(&state, &config, &chat)?;
-        inner.chats.insert(
-            chat.clone(),
-            Cursor {
-                after,
-                generation,
-                _slot: slot,
-            },
-        );
-    }
-    inner.follow(&chat, &state.service);
-    Ok(Json(inner.view(&stream.id)))
+    let standing = state
+        .streams
+        .follow(
+            &id,
+            chat,
+            after,
+            &state.service,
+            &state.subscribers,
+            &config,
+        )
+        .map_err(|e| problem(&state, e, NOT_FOUND))?;
+    Ok(Json(standing.into()))
 }
 
 /// Stop following a chat (nothing happens if the stream does not follow it).
@@ -605,16 +266,10 @@ pub async fn unfollow_chat(
     StreamPath(id): StreamPath,
     ChatPath(chat): ChatPath,
 ) -> Result<StatusCode, Problem> {
-    let stream = state.streams.get(&id)?;
-    let mut inner = stream.lock();
-    inner.chats.remove(&chat);
-    if let Some(follower) = inner
-        .connection
-        .as_mut()
-        .and_then(|c| c.followers.remove(&chat))
-    {
-        follower.abort();
-    }
+    state
+        .streams
+        .unfollow(&id, &chat)
+        .map_err(|e| problem(&state, e, NOT_FOUND))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -642,133 +297,56 @@ pub async fn connect_stream(
         })
         .transpose()?;
     let config = state.service.live().load().config.streams.clone();
-    let stream = state.streams.get(&id)?;
-    let (deliveries, queue) = mpsc::channel(QUEUE_PAGES);
-    let (end_tx, end) = oneshot::channel();
-    let epoch = {
-        let mut inner = stream.lock();
-        if inner.closed {
-            return Err(Problem::new(Code::StreamNotFound, "the stream has ended"));
-        }
-        inner.detach(Some(End::Replaced));
-        if let Some(seen) = seen {
-            inner.resume_after(seen)?;
-        }
-        inner.epochs += 1;
-        let epoch = inner.epochs;
-        inner.connection = Some(Connection {
-            epoch,
-            deliveries,
-            followers: HashMap::new(),
-            end: Some(end_tx),
-        });
-        let chats: Vec<ChatId> = inner.chats.keys().cloned().collect();
-        for chat in &chats {
-            inner.follow(chat, &state.service);
-        }
-        epoch
-    };
-    let attached = Attached {
-        state: state.clone(),
-        stream,
-        epoch,
-        queue,
-        end,
-        closing: state.closing.clone(),
-        pending: VecDeque::new(),
-        finished: false,
-        window: config.resume_messages,
-    };
-    let mut response = Sse::new(futures_util::stream::unfold(attached, next))
+    let attached = state
+        .streams
+        .connect(&id, seen, &state.service, &config, state.closing.clone())
+        .map_err(|e| problem(&state, e, NOT_FOUND))?;
+    let connection = Connection { state, attached };
+    let mut response = Sse::new(futures_util::stream::unfold(connection, next))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(config.keep_alive_seconds)))
         .into_response();
     stream_headers(&mut response);
     Ok(response)
 }
 
-/// One connection of a stream.
-struct Attached {
+/// One connection of a stream, as the SSE body holds it.
+struct Connection {
     state: AppState,
-    stream: Arc<MuxStream>,
-    epoch: u64,
-    queue: mpsc::Receiver<Delivery>,
-    end: oneshot::Receiver<End>,
-    closing: watch::Receiver<bool>,
-    pending: VecDeque<Delivery>,
-    finished: bool,
-    window: u64,
+    attached: Attached,
 }
 
-impl Drop for Attached {
+impl Drop for Connection {
     fn drop(&mut self) {
-        let mut inner = self.stream.lock();
-        if inner
-            .connection
-            .as_ref()
-            .is_some_and(|c| c.epoch == self.epoch)
-        {
-            inner.detach(None);
-        }
-        drop(inner);
-        if !self.finished {
+        if !self.attached.finished() {
+            // Dropped by the connection: the client went away.
             self.state.metrics.stream_ended("client");
         }
     }
 }
 
-/// The next message of a connection, or its end.
-async fn next(mut a: Attached) -> Option<(Result<SseEvent, Infallible>, Attached)> {
-    loop {
-        if a.finished {
-            return None;
-        }
-        while let Some(delivery) = a.pending.pop_front() {
-            let seq = a.stream.lock().hand_over(&delivery, a.window);
-            if let Some((seq, before)) = seq {
-                return Some((Ok(message(&a.state, seq, before, delivery)), a));
-            }
-        }
-        if *a.closing.borrow() {
-            let event = end(
-                &mut a,
-                "shutdown",
-                "the instance is shutting down: reconnect with Last-Event-ID",
-            );
-            return Some((Ok(event), a));
-        }
-        let mut closing = a.closing.clone();
-        let ended = tokio::select! {
-            biased;
-            ended = &mut a.end => ended.ok(),
-            delivery = a.queue.recv() => match delivery {
-                Some(delivery) => {
-                    a.pending.push_back(delivery);
-                    continue;
-                }
-                // Every sender is gone: the connection was detached, and
-                // why was sent just before.
-                None => a.end.try_recv().ok(),
-            },
-            _ = closing.changed() => continue,
-        };
-        let event = match ended {
-            Some(End::Closed) => end(&mut a, "closed", "the stream was deleted"),
-            Some(End::Replaced) | None => end(
-                &mut a,
-                "replaced",
-                "another connection took this stream over",
-            ),
-        };
-        return Some((Ok(event), a));
-    }
+/// The next message of a connection as an SSE message, or its end.
+async fn next(mut c: Connection) -> Option<(Result<SseEvent, Infallible>, Connection)> {
+    let frame = match c.attached.next().await? {
+        Output::Message {
+            seq,
+            chat,
+            before,
+            item,
+        } => message(&c.state, seq, &chat, before, item),
+        Output::End {
+            reason,
+            last_event_id,
+        } => end(&c.state, reason, last_event_id),
+    };
+    Some((Ok(frame), c))
 }
 
-/// One delivery as an SSE message numbered `seq` (`before`: the chat's
-/// cursor before it).
-fn message(state: &AppState, seq: u64, before: u64, delivery: Delivery) -> SseEvent {
+/// One message numbered `seq` of `chat` (`before`: the chat's cursor before
+/// it).
+fn message(state: &AppState, seq: u64, chat: &ChatId, before: u64, item: Item) -> SseEvent {
     let message = SseEvent::default().id(seq.to_string());
-    let chat = delivery.chat.as_str();
-    match delivery.item {
+    let chat = chat.as_str();
+    match item {
         Item::Event(event) => {
             let lag = (chrono::Utc::now() - event.created_at).as_seconds_f64();
             state.metrics.stream_event(lag);
@@ -790,28 +368,42 @@ fn message(state: &AppState, seq: u64, before: u64, delivery: Delivery) -> SseEv
                 .to_string(),
             )
         }
-        Item::Removed(reason) if reason == "revision_purged" => message.event("removed").data(
+        Item::Removed(Removal::RevisionPurged) => message.event("removed").data(
             serde_json::json!({
                 "chatId": chat,
-                "reason": reason,
+                "reason": "revision_purged",
                 "after": before,
                 "snapshot": format!("/v1/chats/{chat}/snapshot"),
                 "detail": "the events after `after` are no longer stored: load the chat's snapshot, then follow the chat again (PUT …/chats/{chatId}) after the snapshot's revision",
             })
             .to_string(),
         ),
-        Item::Removed(reason) => message
-            .event("removed")
-            .data(serde_json::json!({"chatId": chat, "reason": reason}).to_string()),
+        Item::Removed(removal) => {
+            let reason = match removal {
+                Removal::ChatNotFound => "chat_not_found",
+                Removal::RevisionPurged => "revision_purged",
+                Removal::Failed => "error",
+            };
+            message
+                .event("removed")
+                .data(serde_json::json!({"chatId": chat, "reason": reason}).to_string())
+        }
     }
 }
 
-/// The final event of a connection.
-fn end(a: &mut Attached, reason: &'static str, detail: &str) -> SseEvent {
-    a.finished = true;
-    a.state.metrics.stream_ended(reason);
-    let seq = a.stream.lock().seq;
+/// The final event of a connection (counted).
+fn end(state: &AppState, reason: EndReason, last_event_id: u64) -> SseEvent {
+    let (reason, detail) = match reason {
+        EndReason::Shutdown => (
+            "shutdown",
+            "the instance is shutting down: reconnect with Last-Event-ID",
+        ),
+        EndReason::Closed => ("closed", "the stream was deleted"),
+        EndReason::Replaced => ("replaced", "another connection took this stream over"),
+    };
+    state.metrics.stream_ended(reason);
     SseEvent::default().event(reason).data(
-        serde_json::json!({"reason": reason, "detail": detail, "lastEventId": seq}).to_string(),
+        serde_json::json!({"reason": reason, "detail": detail, "lastEventId": last_event_id})
+            .to_string(),
     )
 }

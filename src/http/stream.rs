@@ -22,14 +22,12 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::AppState;
@@ -37,16 +35,11 @@ use super::extract::{ChatPath, PageQuery};
 use super::model::{ChatIdParam, EventStreamParams};
 use super::problem::{Code, Problem};
 use crate::domain::{ChatId, PageLimit, Revision};
+use crate::service::mux::{Setback, setback};
 use crate::service::{Event, ServiceError};
 
-/// The open streams of this instance, in total, and the chat subscriptions
-/// they hold (a per-chat stream holds one; a multiplexed stream one per chat).
-#[derive(Debug, Default)]
-pub struct Subscribers {
-    total: AtomicU64,
-    subscriptions: AtomicU64,
-    per_chat: DashMap<ChatId, u64>,
-}
+/// The places of the open streams (kept by the service).
+pub use crate::service::subscribers::{ChatSlot, Limit, StreamSlot, Subscribers};
 
 impl crate::metrics::StreamCounts for Subscribers {
     fn open(&self) -> u64 {
@@ -58,105 +51,16 @@ impl crate::metrics::StreamCounts for Subscribers {
     }
 }
 
-/// One open stream's place; dropping it frees the place.
-pub struct StreamSlot {
-    registry: Arc<Subscribers>,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.registry.total.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// One chat subscription's place; dropping it frees the place.
-pub struct ChatSlot {
-    registry: Arc<Subscribers>,
-    chat: ChatId,
-}
-
-impl Drop for ChatSlot {
-    fn drop(&mut self) {
-        self.registry.subscriptions.fetch_sub(1, Ordering::AcqRel);
-        self.registry.per_chat.remove_if_mut(&self.chat, |_, n| {
-            *n -= 1;
-            *n == 0
-        });
-    }
-}
-
-/// Which limit refused a stream or a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Instance,
-    Chat,
-}
-
-impl Limit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Instance => "instance",
-            Self::Chat => "chat",
-        }
-    }
-
-    /// The 503 answer of a refusal (counted).
-    pub fn refusal(self, metrics: &crate::metrics::Metrics) -> Problem {
-        metrics.stream_refused(self.as_str());
-        Problem::new(
-            Code::TooManySubscribers,
-            format!(
-                "this instance holds its maximum of streams for this {}; retry shortly or long-poll",
-                self.as_str()
-            ),
-        )
-    }
-}
-
-impl Subscribers {
-    /// Open streams now.
-    pub fn open(&self) -> u64 {
-        self.total.load(Ordering::Acquire)
-    }
-
-    /// Chat subscriptions now.
-    pub fn subscriptions(&self) -> u64 {
-        self.subscriptions.load(Ordering::Acquire)
-    }
-
-    /// Takes a place for one more stream, at most `max_total` on the instance.
-    pub fn take_stream(self: &Arc<Self>, max_total: u64) -> Result<StreamSlot, Limit> {
-        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
-        if total > max_total {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Limit::Instance);
-        }
-        Ok(StreamSlot {
-            registry: self.clone(),
-        })
-    }
-
-    /// Takes a place for one more subscription of `chat`, at most
-    /// `max_per_chat` on the instance.
-    pub fn take_chat(
-        self: &Arc<Self>,
-        chat: &ChatId,
-        max_per_chat: u64,
-    ) -> Result<ChatSlot, Limit> {
-        let mut n = self.per_chat.entry(chat.clone()).or_insert(0);
-        if *n >= max_per_chat {
-            drop(n);
-            // Do not leave an entry behind for a chat nobody holds.
-            self.per_chat.remove_if(chat, |_, n| *n == 0);
-            return Err(Limit::Chat);
-        }
-        *n += 1;
-        self.subscriptions.fetch_add(1, Ordering::AcqRel);
-        Ok(ChatSlot {
-            registry: self.clone(),
-            chat: chat.clone(),
-        })
-    }
+/// The 503 answer of a refusal for want of a place (counted).
+pub(super) fn refusal(limit: Limit, metrics: &crate::metrics::Metrics) -> Problem {
+    metrics.stream_refused(limit.as_str());
+    Problem::new(
+        Code::TooManySubscribers,
+        format!(
+            "this instance holds its maximum of streams for this {}; retry shortly or long-poll",
+            limit.as_str()
+        ),
+    )
 }
 
 /// The events of one chat as server-sent events.
@@ -188,11 +92,11 @@ pub async fn chat_stream(
         state
             .subscribers
             .take_stream(config.max_subscribers)
-            .map_err(|limit| limit.refusal(&state.metrics))?,
+            .map_err(|limit| refusal(limit, &state.metrics))?,
         state
             .subscribers
             .take_chat(&chat, config.max_per_chat)
-            .map_err(|limit| limit.refusal(&state.metrics))?,
+            .map_err(|limit| refusal(limit, &state.metrics))?,
     );
     // The chat must exist before the stream opens; the answer also seeds the
     // tail for what follows.
@@ -278,46 +182,42 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
                 Ok(page) => f.pending.extend(page.events),
                 Err(page) => f.pending.extend(page.events.iter().cloned()),
             },
-            Err(ServiceError::ChatNotFound) => {
-                return Some((
-                    Ok(end(&mut f, "chat_not_found", "the chat does not exist")),
-                    f,
-                ));
-            }
-            Err(ServiceError::RevisionPurged { first_revision }) => {
-                let detail = format!(
-                    "the events after lastEventId are no longer stored (the first stored is \
-                     {first_revision}): load GET /v1/chats/{}/snapshot, then follow again after \
-                     its revision",
-                    f.chat
-                );
-                return Some((Ok(end(&mut f, "revision_purged", &detail)), f));
-            }
-            Err(
-                ServiceError::ShardUnavailable { .. }
-                | ServiceError::ShardBusy { .. }
-                | ServiceError::ShardTimeout { .. }
-                | ServiceError::ChatBusy { .. }
-                | ServiceError::FetchThrottled { .. },
-            ) => {
-                // The shard is broken or busy: stay open, try again shortly.
-                let mut closing = f.closing.clone();
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = closing.changed() => {}
+            Err(e) => match setback(&e) {
+                Setback::Gone => {
+                    return Some((
+                        Ok(end(&mut f, "chat_not_found", "the chat does not exist")),
+                        f,
+                    ));
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %crate::error::chain(&e), "event stream ended by an error");
-                return Some((
-                    Ok(end(
-                        &mut f,
-                        "error",
-                        "an internal error ended the stream: reconnect with Last-Event-ID",
-                    )),
-                    f,
-                ));
-            }
+                Setback::Purged { first_revision } => {
+                    let detail = format!(
+                        "the events after lastEventId are no longer stored (the first stored is \
+                         {first_revision}): load GET /v1/chats/{}/snapshot, then follow again \
+                         after its revision",
+                        f.chat
+                    );
+                    return Some((Ok(end(&mut f, "revision_purged", &detail)), f));
+                }
+                Setback::Retry => {
+                    // The shard is broken or busy: stay open, try again shortly.
+                    let mut closing = f.closing.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = closing.changed() => {}
+                    }
+                }
+                Setback::Failed => {
+                    tracing::warn!(error = %crate::error::chain(&e), "event stream ended by an error");
+                    return Some((
+                        Ok(end(
+                            &mut f,
+                            "error",
+                            "an internal error ended the stream: reconnect with Last-Event-ID",
+                        )),
+                        f,
+                    ));
+                }
+            },
         }
     }
 }

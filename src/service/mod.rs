@@ -20,6 +20,9 @@
 //! - [`moves`], [`buckets`]: chat and bucket-range moves, reported as plain
 //!   records ([`moves::MoveStatus`], [`buckets::BucketMoveStatus`]); their
 //!   JSON views are the caller's.
+//! - [`mux`]: the multiplexed-stream engine (which chats a stream follows,
+//!   its cursors, resuming, resync); [`subscribers`]: the places every event
+//!   stream holds. The HTTP layer only frames what they yield.
 
 pub mod buckets;
 mod chat_move;
@@ -33,6 +36,7 @@ pub mod model;
 mod move_driver;
 pub mod move_plan;
 pub mod moves;
+pub mod mux;
 mod pacer;
 pub mod plan;
 mod range_move;
@@ -40,6 +44,7 @@ pub mod read;
 pub mod repair;
 pub mod replay;
 pub mod shards;
+pub mod subscribers;
 pub mod tail;
 mod write;
 
