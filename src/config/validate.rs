@@ -87,6 +87,8 @@ impl Settings {
                 "http.header_read_timeout_ms",
                 self.http.header_read_timeout_ms,
             ),
+            ("http.idle_timeout_ms", self.http.idle_timeout_ms),
+            ("http.ping_timeout_ms", self.http.ping_timeout_ms),
             ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
             ("http.max_connections", self.http.max_connections as u64),
             ("http.max_uri_bytes", self.http.max_uri_bytes as u64),

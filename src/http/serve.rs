@@ -2,11 +2,28 @@
 //!
 //! `axum::serve` keeps a connection for as long as the client likes: a client
 //! that never finishes its headers (or its body) holds a socket forever, and a
-//! graceful stop waits for it. Here every connection is bounded:
+//! graceful stop waits for it. Here every connection is bounded, whichever
+//! protocol it speaks (HTTP/1 or HTTP/2 with prior knowledge):
 //!
-//! - headers must arrive within `header_read_timeout_ms`; the same timer runs
-//!   while a keep-alive connection waits for its next request, so an idle
-//!   connection is closed after it too (hyper's header-read timeout);
+//! - a connection on which no request has started (headers received) within
+//!   `header_read_timeout_ms` of its accept is closed, by this loop: hyper's
+//!   own header-read timeout covers HTTP/1 only, and not a connection that
+//!   has not sent enough to tell its protocol;
+//! - an HTTP/1 request's headers must arrive within `header_read_timeout_ms`;
+//!   the same timer runs while a keep-alive connection waits for its next
+//!   request, so an idle HTTP/1 connection is closed after it too (hyper's
+//!   header-read timeout);
+//! - a connection with no request open (no response still being sent, so an
+//!   event stream or a long-poll is never idle) for `idle_timeout_ms` is
+//!   closed, by this loop: HTTP/2 gracefully, with GOAWAY;
+//! - an HTTP/2 connection is sent a PING every `ping_interval_ms` and is
+//!   closed when the client does not answer within `ping_timeout_ms`
+//!   (hyper's keep-alive);
+//! - a connection asked to close (the two rules above, or shutdown) that has
+//!   not closed `ping_timeout_ms` after its last request ended, or after it
+//!   was asked if that is later, is closed outright: HTTP/2's graceful close
+//!   waits for the client to answer a PING, which a client that sends nothing
+//!   never does;
 //! - a request body must arrive within `body_read_timeout_ms` (the JSON
 //!   extractor, 408 `request_timeout`);
 //! - at most `max_connections` connections are open; one more is answered at
@@ -20,22 +37,30 @@
 //! - on shutdown the listener closes, connections are asked to finish their
 //!   request in flight, and whatever is still open after `shutdown_grace_ms`
 //!   is closed.
+//!
+//! Each connection is watched by its own task ([`supervise`]); its service
+//! ([`Tracked`]) counts the requests open on it, a request being open from
+//! its headers until its response body is dropped (sent, or the stream reset).
 
-use std::future::Future as _;
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::problem::{Code, Problem};
 use crate::config::HttpSettings;
@@ -47,10 +72,10 @@ pub async fn serve(
     router: axum::Router,
     settings: HttpSettings,
     metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let graceful = GracefulShutdown::new();
+    let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -58,7 +83,18 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout())
         .max_buf_size(settings.send_buffer_bytes);
-    builder.http2().timer(TokioTimer::new());
+    let mut http2 = builder.http2();
+    http2.timer(TokioTimer::new());
+    if settings.ping_interval_ms > 0 {
+        http2
+            .keep_alive_interval(settings.ping_interval())
+            .keep_alive_timeout(settings.ping_timeout());
+    }
+    let limits = Limits {
+        first_request: settings.header_read_timeout(),
+        idle: settings.idle_timeout(),
+        close: settings.ping_timeout(),
+    };
     let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
     loop {
@@ -95,36 +131,251 @@ pub async fn serve(
             limit: settings.write_stall_timeout(),
             stalled: None,
         };
+        let load = Arc::new(watch::Sender::new(Load {
+            open: 0,
+            started: false,
+            since: Instant::now(),
+        }));
+        let tracked = Tracked {
+            inner: service.clone(),
+            load: load.clone(),
+        };
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(guarded), service.clone())
+            .serve_connection_with_upgrades(TokioIo::new(guarded), tracked)
             .into_owned();
         let metrics = metrics.clone();
-        let connection = graceful.watch(connection);
+        let stopped = stopped.clone();
         connections.spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection.await {
-                // Timeouts, resets and protocol errors of one client.
-                let stalled = crate::error::chain(&*e).contains(STALLED);
-                if stalled {
-                    metrics.connection_stalled();
+            match supervise(connection, &load, stopped, limits).await {
+                Ended::Closed(Ok(())) => {}
+                Ended::Closed(Err(e)) => {
+                    // Timeouts, resets and protocol errors of one client.
+                    let stalled = crate::error::chain(&*e).contains(STALLED);
+                    if stalled {
+                        metrics.connection_stalled();
+                    }
+                    tracing::debug!(error = %e, stalled, "client connection ended with an error");
                 }
-                tracing::debug!(error = %e, stalled, "client connection ended with an error");
+                Ended::Dropped(why) => {
+                    tracing::debug!(
+                        why = why.as_str(),
+                        "a client connection asked to close did not; it is closed outright"
+                    );
+                }
             }
         });
     }
     drop(listener);
-    let open = graceful.count();
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(settings.shutdown_grace()) => {
-            tracing::warn!(
-                open,
-                grace_ms = settings.shutdown_grace_ms,
-                "connections still open after the shutdown grace period are closed"
-            );
-        }
+    stop.send_replace(true);
+    let drained = tokio::time::timeout(settings.shutdown_grace(), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            grace_ms = settings.shutdown_grace_ms,
+            "connections still open after the shutdown grace period are closed"
+        );
     }
     connections.shutdown().await;
+}
+
+/// A client connection as the loop serves it.
+type Connection = auto::UpgradeableConnection<'static, TokioIo<StallGuard>, Tracked, TokioExecutor>;
+
+/// How long a connection may go without a request.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// From the accept to the first request's headers.
+    first_request: Duration,
+    /// With no request open, after the first.
+    idle: Duration,
+    /// From being asked to close (or the end of its last request, if later)
+    /// to being closed outright.
+    close: Duration,
+}
+
+/// Why the loop asked a connection to close.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    NoRequest,
+    Idle,
+    Shutdown,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRequest => "no request within http.header_read_timeout_ms",
+            Self::Idle => "idle for http.idle_timeout_ms",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a connection's task ended.
+enum Ended {
+    /// The connection finished (closed by either side, or failed).
+    Closed(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    /// Asked to close, it did not within [`Limits::close`], and was dropped.
+    Dropped(Why),
+}
+
+/// The requests open on one connection, as its [`Tracked`] service sees
+/// them.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// Requests whose headers arrived and whose response is not yet dropped.
+    open: usize,
+    /// Whether any request has started.
+    started: bool,
+    /// When `open` last became 0 (the accept, until a request starts).
+    since: Instant,
+}
+
+impl Limits {
+    /// When the connection is next due to be asked to close (`closing` is
+    /// `None`) or to be dropped (`closing` is when it was asked); `None`
+    /// while a request is open.
+    fn due(self, load: Load, closing: Option<Instant>) -> Option<Instant> {
+        if load.open > 0 {
+            return None;
+        }
+        Some(match closing {
+            // Not before its last response had the time to leave.
+            Some(asked) => asked.max(load.since) + self.close,
+            None if !load.started => load.since + self.first_request,
+            None => load.since + self.idle,
+        })
+    }
+}
+
+/// Serves one connection until it ends, asking it to close once it has gone
+/// without a request for its limit or on shutdown (`stop`), and dropping it
+/// if it then does not close.
+async fn supervise(
+    connection: Connection,
+    load: &watch::Sender<Load>,
+    mut stop: watch::Receiver<bool>,
+    limits: Limits,
+) -> Ended {
+    tokio::pin!(connection);
+    // Never fails while `load` (the sender) lives, which it does here.
+    let mut changes = load.subscribe();
+    let mut closing: Option<(Instant, Why)> = None;
+    loop {
+        let due = limits.due(*changes.borrow_and_update(), closing.map(|(at, _)| at));
+        let timer = async move {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = connection.as_mut() => return Ended::Closed(served),
+            _ = changes.changed() => {}
+            // A closed channel (the loop is gone) means stop too.
+            _ = stop.changed(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some((Instant::now(), Why::Shutdown));
+            }
+            () = timer => {
+                // A request may have started since the timer was set.
+                let now = *changes.borrow_and_update();
+                let still_due = limits
+                    .due(now, closing.map(|(at, _)| at))
+                    .is_some_and(|at| at <= Instant::now());
+                if !still_due {
+                    continue;
+                }
+                if let Some((_, why)) = closing {
+                    return Ended::Dropped(why);
+                }
+                let why = if now.started { Why::Idle } else { Why::NoRequest };
+                tracing::debug!(why = why.as_str(), "asking a client connection to close");
+                connection.as_mut().graceful_shutdown();
+                closing = Some((Instant::now(), why));
+            }
+        }
+    }
+}
+
+/// The router, counting the requests open on its connection in `load`.
+struct Tracked {
+    inner: TowerToHyperService<axum::Router>,
+    load: Arc<watch::Sender<Load>>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let open = Open::start(self.load.clone());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| TrackedBody { body, _open: open }))
+        })
+    }
+}
+
+/// One open request: counted from its headers until dropped, with its
+/// response's body (or with the handler's future, if it never answered).
+struct Open(Arc<watch::Sender<Load>>);
+
+impl Open {
+    fn start(load: Arc<watch::Sender<Load>>) -> Self {
+        // The loop only cares when the connection becomes busy or idle.
+        load.send_if_modified(|l| {
+            l.open += 1;
+            l.started = true;
+            l.open == 1
+        });
+        Self(load)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|l| {
+            l.open = l.open.saturating_sub(1);
+            if l.open == 0 {
+                l.since = Instant::now();
+            }
+            l.open == 0
+        });
+    }
+}
+
+/// A response body that keeps its request counted as open until it is
+/// dropped: an event stream is a request open for as long as it streams.
+struct TrackedBody {
+    body: Body,
+    _open: Open,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Answers a connection over the limit and closes it, without reading it.
@@ -220,5 +471,44 @@ impl AsyncWrite for StallGuard {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        first_request: Duration::from_secs(10),
+        idle: Duration::from_secs(30),
+        close: Duration::from_secs(5),
+    };
+
+    fn load(open: usize, started: bool, since: Instant) -> Load {
+        Load {
+            open,
+            started,
+            since,
+        }
+    }
+
+    #[test]
+    fn a_connection_is_due_to_close_only_while_no_request_is_open() {
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        // No request yet: the first-request timeout from the accept.
+        assert_eq!(LIMITS.due(load(0, false, t), None), Some(t + s(10)));
+        // Between requests: the idle timeout from the last one's end.
+        assert_eq!(LIMITS.due(load(0, true, t), None), Some(t + s(30)));
+        // A request open (an event stream): never, asked to close or not.
+        assert_eq!(LIMITS.due(load(1, true, t), None), None);
+        assert_eq!(LIMITS.due(load(2, true, t), Some(t)), None);
+        // Asked to close: dropped after the close time, counted from the
+        // later of the ask and the last request's end.
+        assert_eq!(LIMITS.due(load(0, true, t), Some(t + s(1))), Some(t + s(6)));
+        assert_eq!(
+            LIMITS.due(load(0, true, t + s(3)), Some(t + s(1))),
+            Some(t + s(8))
+        );
     }
 }

@@ -18,8 +18,20 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     /// Time allowed for a request's headers; also how long an idle keep-alive
-    /// connection is kept waiting for its next request.
+    /// HTTP/1 connection is kept waiting for its next request, and how long
+    /// any connection (HTTP/1 or HTTP/2) may go from its accept to its first
+    /// request.
     pub header_read_timeout_ms: u64,
+    /// A connection with no request open for this long is closed (HTTP/2
+    /// with GOAWAY); a response still being sent (an event stream, a
+    /// long-poll) is an open request.
+    pub idle_timeout_ms: u64,
+    /// How often an HTTP/2 connection is sent a PING; 0 sends none.
+    pub ping_interval_ms: u64,
+    /// How long a client has to answer a PING before its connection is
+    /// closed; also how long a connection asked to close (idle, unused, or
+    /// on shutdown) may take to close once no request is open on it.
+    pub ping_timeout_ms: u64,
     /// Time allowed for a request's whole body (408 `request_timeout` past it).
     pub body_read_timeout_ms: u64,
     /// Open connections at most; one more is answered 503
@@ -48,6 +60,9 @@ impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            ping_interval_ms: 20_000,
+            ping_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             max_connections: 10_000,
             shutdown_grace_ms: 5_000,
@@ -62,6 +77,15 @@ impl Default for HttpSettings {
 impl HttpSettings {
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms)
     }
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_millis(self.body_read_timeout_ms)
