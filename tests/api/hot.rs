@@ -1,7 +1,7 @@
 //! Hot-chat protection through the API: join throttling, hot marking, fetch
 //! throttling, coalescing, and live configuration.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use reqwest::{Method, StatusCode};
@@ -345,15 +345,16 @@ async fn live_config_follows_the_file_and_ignores_an_invalid_one() {
     let version = || get_config(&app);
     // An edit is noticed (polled with a deadline).
     std::fs::write(&path, "[join_throttle]\nlimit = 7\ndry_run = true\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let v = loop {
-        let v = version().await;
-        if v["config"]["joinThrottle"]["limit"] == 7 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "the file change was not applied");
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    };
+    let v = crate::common::Wait::new(Duration::from_secs(10), "the file change applied")
+        .until(|| async {
+            let v = version().await;
+            if v["config"]["joinThrottle"]["limit"] == 7 {
+                Ok(v)
+            } else {
+                Err(v)
+            }
+        })
+        .await;
     assert!(v["version"].as_u64().unwrap() >= 2);
     assert_eq!(v["config"]["joinThrottle"]["dryRun"], true);
     // An invalid file is logged and ignored: the live config stays.
