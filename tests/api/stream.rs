@@ -187,17 +187,22 @@ async fn a_subscriber_that_stops_reading_slows_nobody_and_is_disconnected() {
     };
     let before = stalled().await;
     // 200 events of 4 KB: far more than the slow client's window and the
-    // server's send buffer. The reading subscriber gets every one, in order.
-    let text = "x".repeat(4000);
+    // server's send buffer. The reading subscriber reads as they come (one
+    // that waited for the last post to read would stall, and be cut, too),
+    // and gets every one, in order.
     const POSTS: u64 = 200;
+    let reading = tokio::spawn(async move {
+        for revision in 2..=POSTS + 1 {
+            let event = reader.next(Duration::from_secs(20)).await.expect("open");
+            assert_eq!(event.id, Some(revision.to_string()));
+        }
+    });
+    let text = "x".repeat(4000);
     for i in 0..POSTS {
         let r = app.post(&chat, "w0", &format!("k{i}"), &text).await;
         assert_eq!(r.status(), StatusCode::CREATED);
     }
-    for revision in 2..=POSTS + 1 {
-        let event = reader.next(Duration::from_secs(20)).await.expect("open");
-        assert_eq!(event.id, Some(revision.to_string()));
-    }
+    reading.await.expect("the reading subscriber");
     // The one that stopped reading is closed once its writes stall.
     eventually(
         Duration::from_secs(20),
