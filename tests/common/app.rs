@@ -82,6 +82,8 @@ pub struct Builder<'a> {
     shards: ShardChoice,
     redis: RedisChoice,
     settings: Option<Settings>,
+    /// The given settings name the shared shards of `shards`.
+    settings_name_shared: bool,
     configure: Vec<Configure<'a>>,
     watch: Option<PathBuf>,
     client_timeout: Option<Duration>,
@@ -146,10 +148,15 @@ impl<'a> Builder<'a> {
     /// Starts the servers and computes the settings, without the app: for a
     /// test that puts something between them (a proxy) first.
     pub async fn prepare(self) -> Prepared {
-        let shards = match self.shards {
-            _ if self.settings.is_some() => ShardServers::Given,
-            ShardChoice::Shared(n) => ShardServers::Shared(servers::shared_cluster(n)),
-            ShardChoice::Own(n, location) => ShardServers::Own(servers::cluster(n, location).await),
+        let shards = match (self.shards, self.settings.is_some()) {
+            (ShardChoice::Shared(n), false) => ShardServers::Shared(servers::shared_cluster(n)),
+            (ShardChoice::Shared(n), true) if self.settings_name_shared => {
+                ShardServers::Shared(servers::shared_cluster(n))
+            }
+            (_, true) => ShardServers::Given,
+            (ShardChoice::Own(n, location), false) => {
+                ShardServers::Own(servers::cluster(n, location).await)
+            }
         };
         let mut settings = match (self.settings, &shards) {
             (Some(settings), _) => settings,
@@ -362,10 +369,22 @@ impl TestApp {
             shards: ShardChoice::Shared(DEFAULT_SHARDS),
             redis: RedisChoice::None,
             settings: None,
+            settings_name_shared: false,
             configure: Vec::new(),
             watch: None,
             client_timeout: None,
         }
+    }
+
+    /// A builder starting from the default shared shards' settings changed
+    /// by `configure` (which, unlike [`Builder::configure`], need not be
+    /// `Send`).
+    fn shared_with<'a>(configure: impl FnOnce(&mut Settings)) -> Builder<'a> {
+        let mut settings = shared_settings(DEFAULT_SHARDS);
+        configure(&mut settings);
+        let mut builder = Self::builder().settings(settings);
+        builder.settings_name_shared = true;
+        builder
     }
 
     pub async fn spawn() -> Self {
@@ -373,17 +392,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = shared_settings(DEFAULT_SHARDS);
-        configure(&mut settings);
-        Self::builder().settings(settings).start().await
+        Self::shared_with(configure).start().await
     }
 
     /// An app whose live section follows `path` (checked every 20 ms).
     pub async fn spawn_watching(path: PathBuf, configure: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = shared_settings(DEFAULT_SHARDS);
-        configure(&mut settings);
-        Self::builder()
-            .settings(settings)
+        Self::shared_with(configure)
             .watch_config(path)
             .start()
             .await
