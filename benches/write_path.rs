@@ -8,6 +8,10 @@
 //!
 //! Run with `cargo bench --bench write_path`; docs/benchmarks.md has results.
 
+// The tests' one place that starts local servers.
+#[path = "../tests/common/servers.rs"]
+mod servers;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +20,7 @@ use chatshard::app::{build_shards, service_settings};
 use chatshard::config::GroupCommitSettings;
 use chatshard::domain::{ChatId, UserId};
 use chatshard::live::{Live, LiveConfig};
-use chatshard::localdb::cluster::LocalCluster;
+use chatshard::localdb::cluster::Location;
 use chatshard::routing::bucket_of;
 use chatshard::service::ChatService;
 use chatshard::service::plan::{ChatBefore, WriteOp, plan};
@@ -27,9 +31,7 @@ const JOINS: usize = 400;
 
 fn spike(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cluster = rt
-        .block_on(LocalCluster::start_temp(1))
-        .expect("start MariaDB");
+    let cluster = rt.block_on(servers::cluster(1, Location::Temp));
     let mut settings = cluster.settings().expect("settings");
     settings.pool.max_waiting = JOINS;
     settings.pool.max_wait_ms = 10_000;

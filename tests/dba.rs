@@ -8,12 +8,16 @@
 //! Two servers for the whole binary (one correct, one with
 //! `innodb_autoinc_lock_mode=1`); every test has its own database on them.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chatshard::localdb::{LocalMariaDb, LocalMariaDbOptions};
+use chatshard::localdb::LocalMariaDb;
+use common::{Wait, servers};
 use sqlx::{Connection, MySqlConnection};
 
 struct Servers {
@@ -29,17 +33,11 @@ fn servers() -> &'static Servers {
         std::thread::spawn(|| {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async {
-                let mut bad = LocalMariaDbOptions::temp();
-                bad.extra_args
-                    .push("--innodb-autoinc-lock-mode=1".to_owned());
-                let (good, bad) = tokio::join!(
-                    LocalMariaDb::start(LocalMariaDbOptions::temp()),
-                    LocalMariaDb::start(bad)
+                let (good, lock_mode_1) = tokio::join!(
+                    servers::mariadb(&[]),
+                    servers::mariadb(&["--innodb-autoinc-lock-mode=1"])
                 );
-                Servers {
-                    good: good.expect("start mariadbd"),
-                    lock_mode_1: bad.expect("start mariadbd with lock mode 1"),
-                }
+                Servers { good, lock_mode_1 }
             })
         })
         .join()
@@ -327,21 +325,16 @@ async fn sql_printed_applied_by_hand_and_marked_is_what_migrate_makes_and_serve_
         .expect("spawn serve");
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let created = loop {
-        match http
-            .put(format!("{base}/v1/chats/dba-chat"))
-            .json(&serde_json::json!({"maxMembers": 10}))
-            .send()
-            .await
-        {
-            Ok(r) => break r.status(),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("serve did not answer within 60 s: {e}"),
-        }
-    };
+    let created = Wait::new(Duration::from_secs(60), "serve answering")
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            http.put(format!("{base}/v1/chats/dba-chat"))
+                .json(&serde_json::json!({"maxMembers": 10}))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+        .await;
     let joined = http
         .post(format!("{base}/v1/chats/dba-chat/members"))
         .json(&serde_json::json!({"userId": "alice"}))

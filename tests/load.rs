@@ -4,10 +4,14 @@
 //!
 //! Its own test binary: it runs the built `chatshard-load` binary.
 
-use std::process::Command;
+#[path = "common/mod.rs"]
+mod common;
 
-use chatshard::app::App;
-use chatshard::localdb::cluster::LocalCluster;
+use std::process::Command;
+use std::time::Duration;
+
+use chatshard::localdb::cluster::Location;
+use common::{TestApp, eventually, servers};
 use serde_json::Value;
 
 const TOKEN: &str = "load-smoke-admin-token";
@@ -38,13 +42,13 @@ fn ok(report: &Value, kind: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
     // Two shards: `isolation` needs a chat on each.
-    let cluster = LocalCluster::start_temp(2).await.expect("shards");
-    let mut settings = cluster.settings().expect("settings");
-    settings.admin.token = TOKEN.to_owned();
-    let app = App::build(&settings).await.expect("app");
-    let url = format!("http://{}", app.local_addr().expect("addr"));
-    tokio::spawn(async move { app.run(std::future::pending()).await });
-    let shard_url = cluster.shard_settings()[0].url.clone();
+    let app = TestApp::builder()
+        .own_shards(2, Location::Temp)
+        .configure(|s| s.admin.token = TOKEN.to_owned())
+        .start()
+        .await;
+    let url = app.base.clone();
+    let shard_url = app.shard_servers().shard_settings()[0].url.clone();
     let dir = std::env::temp_dir().join(format!("chatshard-load-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
 
@@ -341,7 +345,7 @@ async fn every_scenario_runs_and_reports() {
     for kind in ["direct_join", "direct_batched"] {
         assert!(ok(&direct, kind) > 0, "{kind}: {direct}");
     }
-    drop(cluster);
+    app.shut_down().await;
 }
 
 /// Two instances of a fleet whose Redis is reached through the tool's own
@@ -349,11 +353,7 @@ async fn every_scenario_runs_and_reports() {
 /// join spike spread over both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_options_and_the_proxy_run() {
-    use chatshard::localdb::redis::{LocalRedis, LocalRedisOptions};
-    let cluster = LocalCluster::start_temp(2).await.expect("shards");
-    let redis = LocalRedis::start(LocalRedisOptions::temp())
-        .await
-        .expect("redis-server");
+    let redis = servers::redis().await;
     let proxy_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
@@ -367,43 +367,38 @@ async fn the_fleet_options_and_the_proxy_run() {
         .expect("start the proxy");
     // Stopped when the test ends, passed or failed.
     let _proxy = KillOnDrop(proxy);
-    let mut urls = Vec::new();
-    for _ in 0..2 {
-        let mut settings = cluster.settings().expect("settings");
-        settings.admin.token = TOKEN.to_owned();
-        settings.redis.url = format!("redis://{proxy_addr}/");
-        settings.redis.heartbeat_ms = 100;
-        settings.redis.instance_ttl_ms = 1000;
-        // `move --purged` waits for a purge round.
-        settings.purge.interval_ms = 200;
-        let app = App::build(&settings).await.expect("app");
-        urls.push(format!("http://{}", app.local_addr().expect("addr")));
-        tokio::spawn(async move { app.run(std::future::pending()).await });
-    }
+    let first = TestApp::builder()
+        .own_shards(2, Location::Temp)
+        .redis_at(format!("redis://{proxy_addr}/"))
+        .configure(|s| {
+            s.admin.token = TOKEN.to_owned();
+            s.redis.heartbeat_ms = 100;
+            s.redis.instance_ttl_ms = 1000;
+            // `move --purged` waits for a purge round.
+            s.purge.interval_ms = 200;
+        })
+        .start()
+        .await;
+    // The second instance: the same shards, Redis and settings.
+    let second = TestApp::builder()
+        .settings(first.settings.clone())
+        .start()
+        .await;
     // Both instances see each other through the proxy.
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    for url in &urls {
-        loop {
-            let fleet: Value = http
-                .get(format!("{url}/v1/admin/fleet"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .expect("fleet")
-                .json()
-                .await
-                .expect("json");
-            if fleet["fleet"]["redisUp"] == true && fleet["fleet"]["countedInstances"] == 2 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{fleet}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+    for i in [&first, &second] {
+        eventually(
+            Duration::from_secs(30),
+            "two instances in the fleet",
+            || async {
+                let fleet = i.fleet().await;
+                fleet["fleet"]["redisUp"] == true && fleet["fleet"]["countedInstances"] == 2
+            },
+        )
+        .await;
     }
     let dir = std::env::temp_dir().join(format!("chatshard-load-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let (a, b) = (urls[0].clone(), urls[1].clone());
+    let (a, b) = (first.base.clone(), second.base.clone());
     let (fanout, spike, moved, purged) = tokio::task::spawn_blocking(move || {
         let fanout = run(
             &[
@@ -520,7 +515,8 @@ async fn the_fleet_options_and_the_proxy_run() {
     assert!(p["purgeSeconds"].as_f64().is_some(), "{purged}");
     assert!(ok(&purged, "post") > 0, "{purged}");
     assert!(ok(&spike, "join") > 0, "{spike}");
-    drop(cluster);
+    second.shut_down().await;
+    first.shut_down().await;
 }
 
 /// A child process killed and reaped when dropped.

@@ -1,10 +1,17 @@
 //! Smoke test of `chatshard::localdb` against a real `mariadbd`: settings, durability
 //! across SIGKILL + restart, SIGSTOP/SIGCONT, clean stop, and cleanup on drop.
+//!
+//! The starter itself is what is tested here, so this file calls it directly
+//! rather than through the test kit's `servers`.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chatshard::localdb::{LocalMariaDb, LocalMariaDbOptions};
+use common::Wait;
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Connection, Row};
 
@@ -20,11 +27,13 @@ async fn scalar_i64(conn: &mut MySqlConnection, sql: &'static str) -> i64 {
 
 fn wait_gone(pid: u32) {
     let proc_dir = format!("/proc/{pid}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&proc_dir).exists() {
-        assert!(Instant::now() < deadline, "mariadbd pid {pid} still exists");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Wait::new(Duration::from_secs(10), format!("mariadbd pid {pid} gone")).until_blocking(|| {
+        if Path::new(&proc_dir).exists() {
+            Err("it still exists")
+        } else {
+            Ok(())
+        }
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]

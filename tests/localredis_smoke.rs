@@ -3,6 +3,11 @@
 //! drop and by the watchdog when the owner dies, and a 3-node cluster.
 //!
 //! Every server gets a free port: none of this touches the system redis on 6379.
+//! The starter itself is what is tested here, so this file calls it directly
+//! rather than through the test kit's `servers`.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -45,11 +50,7 @@ fn is_gone(pid: u32) -> bool {
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::Wait::new(timeout, what).until_blocking(|| if done() { Ok(()) } else { Err("") });
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,10 +9,14 @@
 //!
 //! Its own test binary: it inspects every socket of the process.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 
 use chatshard::app::build_shards;
-use chatshard::localdb::cluster::LocalCluster;
+use chatshard::localdb::cluster::Location;
+use common::servers;
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 
 /// `TCP_NODELAY` of every socket of this process whose peer is `port` on
@@ -51,7 +55,7 @@ fn nodelay_of_sockets_to(port: u16) -> Vec<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shard_connection_has_tcp_nodelay() {
-    let cluster = LocalCluster::start_temp(1).await.expect("shard");
+    let cluster = servers::cluster(1, Location::Temp).await;
     let mut settings = cluster.settings().expect("settings");
     settings.pool.max_concurrent = 4;
     let shards = build_shards(&settings).expect("shards");

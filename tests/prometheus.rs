@@ -50,9 +50,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use chatshard::app::App;
 use chatshard::localdb::LocalMariaDb;
-use chatshard::localdb::cluster::LocalCluster;
+use chatshard::localdb::cluster::Location;
+use common::{TestApp, Wait};
 use serde_json::{Value, json};
 
 /// What `$__rate_interval` becomes: Prometheus scrapes every second here, and
@@ -104,51 +104,52 @@ async fn run() -> Result<()> {
     let dashboard = Dashboard::load()?;
     let alerts = alert_rules()?;
 
-    let cluster = LocalCluster::start_temp(2).await?;
-    // A fleet of one, so the fleet panels have series.
-    let redis = chatshard::localdb::redis::LocalRedis::start(
-        chatshard::localdb::redis::LocalRedisOptions::temp(),
-    )
-    .await?;
-    let mut settings = cluster.settings()?;
-    settings.redis.url = redis.url();
-    // Two overruns of the (default, 1 s) operation deadline open a breaker.
-    settings.breaker.consecutive_failures = 2;
-    settings.admin.token = TOKEN.into();
-    let app = App::build(&settings).await?;
-    let addr = app.local_addr()?;
-    let (stop_app, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run(async move {
-        let _ = stopped.await;
-    }));
-    let base = format!("http://{addr}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    // Two shards of its own (one is hung below), and a fleet of one, so the
+    // fleet panels have series.
+    let app = TestApp::builder()
+        .own_shards(2, Location::Temp)
+        .redis()
+        .client_timeout(Duration::from_secs(5))
+        .configure(|s| {
+            // Two overruns of the (default, 1 s) operation deadline open a
+            // breaker.
+            s.breaker.consecutive_failures = 2;
+            s.admin.token = TOKEN.into();
+        })
+        .start()
+        .await;
+    let addr: SocketAddr = app.base.trim_start_matches("http://").parse()?;
+    let settings = &app.settings;
 
     println!("{} shards, chatshard on {addr}", at());
     let mut prometheus = Prometheus::start(&tools, addr, &rules).await?;
     println!("{} prometheus ready on {}", at(), prometheus.base);
-    let chats = one_chat_per_shard(&http, &base, &settings).await?;
-    let load = Load::start(&http, &base, &chats);
+    let chats = one_chat_per_shard(&app).await?;
+    let load = Load::start(&app.http, &app.base, &chats);
 
     // -- Every query of the dashboard and every alert, with traffic.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let within = Duration::from_secs(30);
     let instance = addr.to_string();
     for (name, expr, label) in &dashboard.variables {
         prometheus
-            .poll(expr, deadline, |s| {
-                s.iter().any(|s| s.label(label) == instance)
-            })
-            .await
-            .with_context(|| format!("dashboard variable ${name} does not list {instance}"))?;
+            .poll(
+                &format!("dashboard variable ${name} lists {instance}"),
+                expr,
+                within,
+                |s| s.iter().any(|s| s.label(label) == instance),
+            )
+            .await;
         println!("ok variable ${name}: label_values({expr}, {label}) lists {instance}");
     }
     for q in &dashboard.queries {
         let samples = prometheus
-            .poll(&q.expr, deadline, |s| !s.is_empty())
-            .await
-            .with_context(|| format!("dashboard {}: no data", q.name))?;
+            .poll(
+                &format!("dashboard {}: data", q.name),
+                &q.expr,
+                within,
+                |s| !s.is_empty(),
+            )
+            .await;
         for s in &samples {
             for label in &q.legend {
                 ensure!(
@@ -169,9 +170,13 @@ async fn run() -> Result<()> {
             format!("{}: no top-level comparison in {}", alert.name, alert.expr)
         })?;
         let samples = prometheus
-            .poll(&signal, deadline, |s| !s.is_empty())
-            .await
-            .with_context(|| format!("alert {}: its signal returns no data", alert.name))?;
+            .poll(
+                &format!("alert {}: data from its signal", alert.name),
+                &signal,
+                within,
+                |s| !s.is_empty(),
+            )
+            .await;
         for s in &samples {
             for label in &alert.annotation_labels {
                 ensure!(
@@ -187,7 +192,7 @@ async fn run() -> Result<()> {
             alert.name
         );
     }
-    prometheus.wait_rules_healthy(&alerts, deadline).await?;
+    prometheus.wait_rules_healthy(&alerts, within).await;
     println!(
         "{} ok every rule of group chatshard evaluated without error",
         at()
@@ -238,63 +243,73 @@ async fn run() -> Result<()> {
     );
 
     // -- Hang the shard of the second chat, with traffic on that chat.
-    let suspended = Suspended::new(cluster.server(1))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Fault::default();
-    loop {
-        seen.breaker |= prometheus
-            .query(breaker_q)
-            .await?
-            .iter()
-            .any(|s| s.label("shard") == broken && s.value >= 1.0);
-        for s in prometheus.query(outcome_q).await? {
-            if s.label("shard") == broken && s.value > 0.0 {
-                match s.label("outcome") {
-                    "timeout" | "unavailable" | "outcome_unknown" => seen.failures = true,
-                    "breaker_open" => seen.refusals = true,
-                    _ => {}
-                }
+    let suspended = Suspended::new(app.shard_servers().server(1))?;
+    let seen = Mutex::new(Fault::default());
+    Wait::new(within, format!("the hung {broken} shown"))
+        .every(POLL)
+        .until(|| async {
+            let now = Fault {
+                breaker: prometheus
+                    .query(breaker_q)
+                    .await?
+                    .iter()
+                    .any(|s| s.label("shard") == broken && s.value >= 1.0),
+                failures: prometheus.query(outcome_q).await?.iter().any(|s| {
+                    s.label("shard") == broken
+                        && s.value > 0.0
+                        && matches!(
+                            s.label("outcome"),
+                            "timeout" | "unavailable" | "outcome_unknown"
+                        )
+                }),
+                refusals: prometheus.query(outcome_q).await?.iter().any(|s| {
+                    s.label("shard") == broken
+                        && s.value > 0.0
+                        && s.label("outcome") == "breaker_open"
+                }),
+                rejections: prometheus.query(rejections_q).await?.iter().any(|s| {
+                    s.label("shard") == broken
+                        && s.label("reason") == "breaker_open"
+                        && s.value > 0.0
+                }),
+                refused_share: prometheus
+                    .query(refused_q)
+                    .await?
+                    .iter()
+                    .any(|s| s.label("shard") == broken && s.value > 0.0),
+                latency: prometheus
+                    .query(latency_q)
+                    .await?
+                    .iter()
+                    .any(|s| s.label("shard") == broken && s.value > 0.5),
+                breaker_expression: prometheus
+                    .query(&open_alert.expr)
+                    .await?
+                    .iter()
+                    .any(|s| s.label("shard") == broken),
+                refusing_expression: prometheus
+                    .query(&refusing_alert.expr)
+                    .await?
+                    .iter()
+                    .any(|s| s.label("shard") == broken),
+                alert: prometheus
+                    .alert_active("ChatshardBreakerOpen", broken)
+                    .await?,
+            };
+            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.merge(&now);
+            if seen.all() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{seen:?}"))
             }
-        }
-        seen.rejections |= prometheus.query(rejections_q).await?.iter().any(|s| {
-            s.label("shard") == broken && s.label("reason") == "breaker_open" && s.value > 0.0
-        });
-        seen.refused_share |= prometheus
-            .query(refused_q)
-            .await?
-            .iter()
-            .any(|s| s.label("shard") == broken && s.value > 0.0);
-        seen.latency |= prometheus
-            .query(latency_q)
-            .await?
-            .iter()
-            .any(|s| s.label("shard") == broken && s.value > 0.5);
-        seen.breaker_expression |= prometheus
-            .query(&open_alert.expr)
-            .await?
-            .iter()
-            .any(|s| s.label("shard") == broken);
-        seen.refusing_expression |= prometheus
-            .query(&refusing_alert.expr)
-            .await?
-            .iter()
-            .any(|s| s.label("shard") == broken);
-        seen.alert |= prometheus
-            .alert_active("ChatshardBreakerOpen", broken)
-            .await?;
-        if seen.all() {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the hung {broken} did not show within 30 s: {seen:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        })
+        .await;
+    let seen = seen.into_inner().unwrap_or_else(PoisonError::into_inner);
     println!("{} ok fault of {broken} shown: {seen:?}", at());
 
     // What Prometheus shows is what the instance says.
-    let shards = common::admin_get(&http, &base, TOKEN, "/v1/admin/shards").await;
+    let shards = app.admin_get("/v1/admin/shards").await;
     let view = shards["shards"]
         .as_array()
         .into_iter()
@@ -306,10 +321,15 @@ async fn run() -> Result<()> {
             && view["rejected"]["breakerOpen"].as_u64().unwrap_or(0) > 0,
         "the admin view of the hung {broken}: {view}"
     );
-    let exported = common::metric_samples(&http, &base, "chatshard_shard_breaker_state").await;
+    let exported = app
+        .metric_sum(
+            "chatshard_shard_breaker_state",
+            &[&format!("shard=\"{broken}\"")],
+        )
+        .await;
     ensure!(
-        common::sum_where(&exported, &[&format!("shard=\"{broken}\"")]) >= 1.0,
-        "/metrics: the breaker of the hung {broken} is closed: {exported:?}"
+        exported >= 1.0,
+        "/metrics: the breaker of the hung {broken} is closed: {exported}"
     );
     // The other shard was not touched.
     for s in prometheus.query(breaker_q).await? {
@@ -326,12 +346,16 @@ async fn run() -> Result<()> {
     // -- Resume it: the breaker closes and the alert's expression clears.
     suspended.resume()?;
     prometheus
-        .poll(breaker_q, Instant::now() + Duration::from_secs(30), |s| {
-            let mut of_broken = s.iter().filter(|s| s.label("shard") == broken).peekable();
-            of_broken.peek().is_some() && of_broken.all(|s| s.value == 0.0)
-        })
-        .await
-        .with_context(|| format!("the breaker of {broken} did not close after resume"))?;
+        .poll(
+            &format!("the breaker of {broken} closed after resume"),
+            breaker_q,
+            within,
+            |s| {
+                let mut of_broken = s.iter().filter(|s| s.label("shard") == broken).peekable();
+                of_broken.peek().is_some() && of_broken.all(|s| s.value == 0.0)
+            },
+        )
+        .await;
     let firing = prometheus.query(&open_alert.expr).await?;
     ensure!(
         firing.is_empty(),
@@ -339,13 +363,15 @@ async fn run() -> Result<()> {
     );
     println!("{} ok {broken} closed again after resume", at());
 
-    load.stop().await;
+    let unanswered = load.stop().await;
+    ensure!(
+        unanswered.is_empty(),
+        "{} requests of the traffic got no answer, e.g. {:?}",
+        unanswered.len(),
+        unanswered.first()
+    );
     prometheus.finish()?;
-    let _ = stop_app.send(());
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .context("chatshard did not stop")???;
-    drop(cluster);
+    app.shut_down().await;
     Ok(())
 }
 
@@ -616,23 +642,32 @@ impl Prometheus {
         fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 
+    /// Waits until Prometheus answers `/-/ready`; an error, without
+    /// waiting further, when it exits first.
     async fn wait_ready(&mut self, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            if self.exited()? {
-                bail!("prometheus exited during startup:\n{}", self.log());
-            }
-            let ready = self.http.get(format!("{}/-/ready", self.base)).send().await;
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "prometheus not ready within {within:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(POLL).await;
+        let (http, url) = (self.http.clone(), format!("{}/-/ready", self.base));
+        let exited = Wait::new(within, "prometheus ready")
+            .every(POLL)
+            .until(|| {
+                let exited = self.exited();
+                let ready = http.get(&url).send();
+                async move {
+                    match exited {
+                        Ok(false) => {}
+                        done => return Ok(done),
+                    }
+                    match ready.await {
+                        Ok(r) if r.status().is_success() => Ok(Ok(false)),
+                        Ok(r) => Err(r.status().to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            })
+            .await;
+        if exited? {
+            bail!("prometheus exited during startup:\n{}", self.log());
         }
+        Ok(())
     }
 
     /// An instant query; fails when Prometheus rejects it (a parse error).
@@ -655,66 +690,70 @@ impl Prometheus {
             .collect()
     }
 
-    /// Polls `expr` until `done` holds for its result, or fails with the last
-    /// result at `deadline`.
+    /// Polls `expr` until `done` holds for its result (`what`), or fails
+    /// with the last result after `within`.
     async fn poll(
         &self,
+        what: &str,
         expr: &str,
-        deadline: Instant,
+        within: Duration,
         done: impl Fn(&[Sample]) -> bool,
-    ) -> Result<Vec<Sample>> {
-        loop {
-            let samples = self.query(expr).await?;
-            if done(&samples) {
-                return Ok(samples);
-            }
-            ensure!(Instant::now() < deadline, "{expr}: last result {samples:?}");
-            tokio::time::sleep(POLL).await;
-        }
+    ) -> Vec<Sample> {
+        Wait::new(within, format!("{what} ({expr})"))
+            .every(POLL)
+            .until(|| async {
+                match self.query(expr).await {
+                    Ok(samples) if done(&samples) => Ok(samples),
+                    Ok(samples) => Err(format!("{samples:?}")),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            })
+            .await
     }
 
     /// Waits until Prometheus has evaluated every alert of the `chatshard`
-    /// group without error.
-    async fn wait_rules_healthy(&self, alerts: &[AlertRule], deadline: Instant) -> Result<()> {
-        loop {
-            let body: Value = self
-                .http
-                .get(format!("{}/api/v1/rules", self.base))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let rules: Vec<&Value> = body["data"]["groups"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|g| g["name"] == "chatshard")
-                .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-                .filter(|r| r["type"] == "alerting")
-                .collect();
-            for rule in &rules {
-                ensure!(
-                    rule["health"] != "err",
-                    "rule {} fails: {}",
-                    rule["name"],
-                    rule["lastError"]
+    /// group without error; fails at once on a rule that fails.
+    async fn wait_rules_healthy(&self, alerts: &[AlertRule], within: Duration) {
+        Wait::new(within, "every rule evaluated")
+            .every(POLL)
+            .until(|| async {
+                let body: Value = self
+                    .http
+                    .get(format!("{}/api/v1/rules", self.base))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let rules: Vec<&Value> = body["data"]["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|g| g["name"] == "chatshard")
+                    .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                    .filter(|r| r["type"] == "alerting")
+                    .collect();
+                for rule in &rules {
+                    assert!(
+                        rule["health"] != "err",
+                        "rule {} fails: {}",
+                        rule["name"],
+                        rule["lastError"]
+                    );
+                }
+                assert_eq!(
+                    rules.len(),
+                    alerts.len(),
+                    "alerting rules loaded by prometheus, and in alerts.yml"
                 );
-            }
-            ensure!(
-                rules.len() == alerts.len(),
-                "prometheus loaded {} alerting rules, alerts.yml has {}",
-                rules.len(),
-                alerts.len()
-            );
-            if rules.iter().all(|r| r["health"] == "ok") {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "rules not all evaluated: {rules:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
+                if rules.iter().all(|r| r["health"] == "ok") {
+                    Ok(())
+                } else {
+                    Err(format!("{rules:?}"))
+                }
+            })
+            .await
     }
 
     /// Whether `alert` is pending or firing for `shard`.
@@ -1136,18 +1175,14 @@ fn anchors_and_by_labels_are_read_as_github_and_promql_do() {
 // chatshard side
 
 /// Creates chats until each shard has one; the chat of shard `i` at `i`.
-async fn one_chat_per_shard(
-    http: &reqwest::Client,
-    base: &str,
-    settings: &chatshard::config::Settings,
-) -> Result<Vec<String>> {
-    let mut chats: Vec<Option<String>> = vec![None; settings.shards.len()];
+async fn one_chat_per_shard(app: &TestApp) -> Result<Vec<String>> {
+    let mut chats: Vec<Option<String>> = vec![None; app.settings.shards.len()];
     for n in 0..500 {
         if chats.iter().all(Option::is_some) {
             break;
         }
         let chat = format!("prom-{}-{n}", std::process::id());
-        let r = http.put(format!("{base}/v1/chats/{chat}")).send().await?;
+        let r = app.put_chat(&chat, None).await;
         ensure!(
             r.status().as_u16() == 201,
             "PUT /v1/chats/{chat}: {}",
@@ -1155,11 +1190,7 @@ async fn one_chat_per_shard(
         );
         let body: Value = r.json().await?;
         let shard = body["shard"].as_str().context("no shard in the answer")?;
-        let i = settings
-            .shards
-            .iter()
-            .position(|s| s.name == shard)
-            .with_context(|| format!("unknown shard {shard}"))?;
+        let i = app.shard_index(shard);
         if chats[i].is_none() {
             chats[i] = Some(chat);
         }
@@ -1177,37 +1208,45 @@ async fn one_chat_per_shard(
 /// 5 s timeout ends it). Bounded in time; stops when told.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// What went wrong with requests that got no answer at all.
+    unanswered: Arc<Mutex<Vec<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Load {
     fn start(http: &reqwest::Client, base: &str, chats: &[String]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let unanswered = Arc::new(Mutex::new(Vec::new()));
         let until = Instant::now() + TEST_TIMEOUT;
         let tasks = chats
             .iter()
             .map(|chat| {
-                let (http, base, chat, stop) =
-                    (http.clone(), base.to_owned(), chat.clone(), stop.clone());
+                let (http, base, chat, stop, unanswered) = (
+                    http.clone(),
+                    base.to_owned(),
+                    chat.clone(),
+                    stop.clone(),
+                    unanswered.clone(),
+                );
                 tokio::spawn(async move {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
                         n += 1;
-                        // Answers are not checked: refusals are what the fault
-                        // phase is about.
-                        let _ = http
-                            .post(format!("{base}/v1/chats/{chat}/members"))
-                            .json(&json!({ "userId": format!("u{n}") }))
-                            .send()
-                            .await;
-                        let _ = http
-                            .get(format!("{base}/v1/chats/{chat}/member-count"))
-                            .send()
-                            .await;
-                        let _ = http
-                            .get(format!("{base}/v1/chats/{chat}/events?after=0&limit=10"))
-                            .send()
-                            .await;
+                        // Any answer will do, refusals are what the fault
+                        // phase is about; but every request gets one.
+                        for request in [
+                            http.post(format!("{base}/v1/chats/{chat}/members"))
+                                .json(&json!({ "userId": format!("u{n}") })),
+                            http.get(format!("{base}/v1/chats/{chat}/member-count")),
+                            http.get(format!("{base}/v1/chats/{chat}/events?after=0&limit=10")),
+                        ] {
+                            if let Err(e) = request.send().await {
+                                unanswered
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .push(e.to_string());
+                            }
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await; // pacing
                     }
                 })
@@ -1222,27 +1261,39 @@ impl Load {
                             .send()
                             .await;
                         match opened {
+                            // Read until the client's time-out cuts it.
                             Ok(mut r) if r.status().is_success() => {
                                 while !stop.load(Ordering::Relaxed)
                                     && matches!(r.chunk().await, Ok(Some(_)))
                                 {
                                 }
                             }
-                            // Refused or failed (the fault phase): try again.
+                            // Refused (the fault phase): try again.
                             _ => tokio::time::sleep(Duration::from_millis(200)).await, // pacing
                         }
                     }
                 })
             }))
             .collect();
-        Self { stop, tasks }
+        Self {
+            stop,
+            unanswered,
+            tasks,
+        }
     }
 
-    async fn stop(self) {
+    /// Stops the traffic; what went wrong with requests that got no answer.
+    async fn stop(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
-            let _ = task.await;
+            task.await.expect("traffic task");
         }
+        std::mem::take(
+            &mut *self
+                .unanswered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 }
 
@@ -1299,6 +1350,19 @@ struct Fault {
 }
 
 impl Fault {
+    /// Adds what `now` has seen.
+    fn merge(&mut self, now: &Fault) {
+        self.breaker |= now.breaker;
+        self.failures |= now.failures;
+        self.refusals |= now.refusals;
+        self.rejections |= now.rejections;
+        self.refused_share |= now.refused_share;
+        self.latency |= now.latency;
+        self.breaker_expression |= now.breaker_expression;
+        self.refusing_expression |= now.refusing_expression;
+        self.alert |= now.alert;
+    }
+
     fn all(&self) -> bool {
         self.breaker
             && self.failures

@@ -3,13 +3,17 @@
 //!
 //! Its own test binary: the tracing subscriber is global to the process.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{TestApp, Wait};
+
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use chatshard::app::App;
 use chatshard::config::ShardSettings;
-use chatshard::localdb::cluster::LocalCluster;
+use chatshard::localdb::cluster::Location;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
@@ -152,45 +156,39 @@ fn hex(bytes: &[u8]) -> String {
 async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     let (endpoint, received) = receiver().await;
     // One real shard, and one whose port answers nothing (connections refused).
-    let cluster = LocalCluster::start_temp(1).await.unwrap();
-    let mut settings = cluster.settings().unwrap();
-    settings.telemetry.otlp_endpoint = endpoint;
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prepared = TestApp::builder()
+        .own_shards(1, Location::Temp)
+        .configure(move |settings| {
+            settings.telemetry.otlp_endpoint = endpoint;
+            settings.shards[0].buckets = vec!["0-511".into()];
+            settings.shards.push(ShardSettings {
+                name: "shard-dead".into(),
+                url: format!("mysql://root@127.0.0.1:{dead_port}/chatshard"),
+                buckets: vec!["512-1023".into()],
+                id_block: None,
+            });
+            settings.admin.token = TOKEN.into();
+            settings.breaker.consecutive_failures = 2;
+            settings.breaker.open_ms = 60_000;
+        })
+        .prepare()
+        .await;
     let logs = LogBuffer::default();
     let tracing = chatshard::telemetry::init_with_writer(
-        &settings.telemetry,
+        &prepared.settings.telemetry,
         chatshard::telemetry::LogFormat::Json,
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(logs.clone()),
         false,
     )
     .unwrap();
     assert!(tracing.exporting());
-
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    settings.shards[0].buckets = vec!["0-511".into()];
-    settings.shards.push(ShardSettings {
-        name: "shard-dead".into(),
-        url: format!("mysql://root@127.0.0.1:{dead_port}/chatshard"),
-        buckets: vec!["512-1023".into()],
-        id_block: None,
-    });
-    settings.admin.token = TOKEN.into();
-    settings.breaker.consecutive_failures = 2;
-    settings.breaker.open_ms = 60_000;
-    let app = App::build(&settings).await.unwrap();
-    let base = format!("http://{}", app.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        app.run(async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap()
-    });
-    let http = reqwest::Client::new();
+    let app = prepared.start().await;
+    let (base, http) = (app.base.clone(), app.http.clone());
     let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
 
     // Two chats on the live shard and one on the dead shard.
@@ -333,18 +331,18 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
         tracing::info!("probe_event");
     });
 
-    // Everything above is exported: poll the receiver with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        tracing.flush().await;
-        let done = {
+    // Everything above is exported: poll the receiver, within a bound.
+    Wait::new(Duration::from_secs(20), "the expected spans exported")
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            tracing.flush().await;
             let r = received.lock().unwrap();
             let names: Vec<&str> = r
                 .spans
                 .iter()
                 .flat_map(|s| s.events.iter().map(|e| e.name.as_str()))
                 .collect();
-            [
+            let done = [
                 "join_throttled",
                 "join_throttled_dry_run",
                 "fetch_throttled",
@@ -364,25 +362,21 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
                     .filter(|s| s.kind == 2 && crowd_traces.contains(&hex(&s.trace_id)))
                     .count()
                     >= CROWD
-                && r.spans.iter().any(|s| s.name == "probe_after_refused_log")
-        };
-        if done {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let r = received.lock().unwrap();
-            for s in &r.spans {
-                eprintln!(
-                    "span {} kind {} events {:?}",
-                    s.name,
-                    s.kind,
-                    s.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>()
-                );
+                && r.spans.iter().any(|s| s.name == "probe_after_refused_log");
+            if done {
+                return Ok(());
             }
-            panic!("the expected spans were not exported");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
-    }
+            let seen: Vec<String> = r
+                .spans
+                .iter()
+                .map(|s| {
+                    let events: Vec<&str> = s.events.iter().map(|e| e.name.as_str()).collect();
+                    format!("{} (kind {}, events {events:?})", s.name, s.kind)
+                })
+                .collect();
+            Err(seen.join("; "))
+        })
+        .await;
 
     let r = std::mem::take(&mut *received.lock().unwrap());
     // Server spans are children of the caller's span, in the caller's trace.
@@ -455,7 +449,7 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     assert_eq!(attr_str(db, "server.address").as_deref(), Some("127.0.0.1"));
     assert_eq!(
         attr_str(db, "server.port"),
-        Some(cluster.server(0).port().to_string())
+        Some(app.shard_servers().server(0).port().to_string())
     );
     assert_eq!(
         attr_str(db, "chatshard.breaker.state").as_deref(),
@@ -588,8 +582,7 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
     assert!(!String::from_utf8_lossy(&logs.0.lock().unwrap()).contains(SECRET));
 
     // Metrics go over OTLP too: a graceful stop flushes them.
-    stop.send(()).unwrap();
-    serving.await.unwrap();
+    app.shut_down().await;
     let metrics = std::mem::take(&mut received.lock().unwrap().metrics);
     for name in [
         "chatshard.shard.breaker.state",

@@ -3,8 +3,13 @@
 //! is global to the process.)
 #![cfg(feature = "otlp-grpc")]
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::Wait;
+
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatshard::telemetry::{OtlpProtocol, TelemetrySettings};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
@@ -95,18 +100,20 @@ async fn traces_and_metrics_reach_a_grpc_collector() {
         .await
         .unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        tracing.flush().await;
-        let spans = collector.spans.lock().unwrap().clone();
-        let probe = spans.iter().find(|(name, _)| name == "grpc_probe");
-        if let Some((_, events)) = probe {
-            assert!(events.iter().any(|e| e == "grpc_event"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "no span over gRPC: {spans:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
-    }
+    Wait::new(Duration::from_secs(20), "a span over gRPC")
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            tracing.flush().await;
+            let spans = collector.spans.lock().unwrap().clone();
+            match spans.iter().find(|(name, _)| name == "grpc_probe") {
+                Some((_, events)) => {
+                    assert!(events.iter().any(|e| e == "grpc_event"), "{events:?}");
+                    Ok(())
+                }
+                None => Err(format!("{spans:?}")),
+            }
+        })
+        .await;
     let names = collector.metrics.lock().unwrap().clone();
     assert!(
         names.iter().any(|n| n == "http.server.request.duration"),

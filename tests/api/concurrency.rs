@@ -74,23 +74,59 @@ async fn join_leave_storm_keeps_count_equal_to_rows() {
                 .contains(&status),
                 "{status}"
             );
+            status
         }
     });
-    join_all(ops).await;
+    let statuses = join_all(ops).await;
     let (count, rows) = app.count_and_rows(&chat).await;
     assert_eq!(count, rows);
-    assert!((0..=20).contains(&count));
-    // Every transition has an event, gapless; replaying them gives the same set.
+    // Every transition has an event, gapless: each 201 is a join that made a
+    // member (200: one already); a leave of a member is an event, one of a
+    // user who had left is a 204 without one.
     let events = app.all_events(&chat).await;
-    let mut joined: HashMap<String, bool> = HashMap::new();
+    let of_type = |t: &str| events.iter().filter(|e| e["type"] == t).count() as i64;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count() as i64;
+    assert_eq!(of_type("MEMBER_JOINED"), created, "a join event per 201");
+    assert_eq!(
+        of_type("MEMBER_JOINED") + of_type("MEMBER_LEFT"),
+        events.len() as i64
+    );
+    assert_eq!(count, of_type("MEMBER_JOINED") - of_type("MEMBER_LEFT"));
+    // Replaying the events gives the members, exactly those the API shows.
+    let mut replayed: HashMap<String, bool> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["revision"].as_u64(), Some(i as u64 + 1));
-        joined.insert(
+        replayed.insert(
             e["userId"].as_str().unwrap().to_owned(),
             e["type"] == "MEMBER_JOINED",
         );
     }
-    assert_eq!(joined.values().filter(|j| **j).count() as i64, count);
+    let mut members = Vec::new();
+    for u in 0..20 {
+        let user = format!("u{u}");
+        let r = app.get(&format!("/v1/chats/{chat}/members/{user}")).await;
+        match r.status() {
+            StatusCode::OK => {
+                let member: Value = r.json().await.expect("json");
+                if member["state"] == "JOINED" {
+                    members.push(user);
+                }
+            }
+            StatusCode::NOT_FOUND => {}
+            other => panic!("member {user}: {other}"),
+        }
+    }
+    let mut from_events: Vec<String> = replayed
+        .into_iter()
+        .filter_map(|(user, joined)| joined.then_some(user))
+        .collect();
+    from_events.sort();
+    members.sort();
+    assert_eq!(from_events, members);
+    assert_eq!(members.len() as i64, count);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,24 +136,32 @@ async fn concurrent_writers_get_gapless_revisions_and_no_event_is_missed() {
     for w in 0..20 {
         app.join(&chat, &format!("w{w}")).await;
     }
-    // A reader polls with its last revision while the writers run.
+    // A reader polls with its last revision while the writers run, until it
+    // has every revision (within 60 s).
     let reader = async {
         let mut last = 0u64;
         let mut seen = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while last < 520 && std::time::Instant::now() < deadline {
-            let page: Value = app
-                .get(&format!("/v1/chats/{chat}/events?after={last}&limit=37"))
-                .await
-                .json()
-                .await
-                .unwrap();
-            for e in page["events"].as_array().unwrap() {
-                let rev = e["revision"].as_u64().unwrap();
-                assert_eq!(rev, last + 1, "reader saw a gap");
-                last = rev;
-                seen.push(rev);
+        let all = async {
+            while last < 520 {
+                let page: Value = app
+                    .get(&format!("/v1/chats/{chat}/events?after={last}&limit=37"))
+                    .await
+                    .json()
+                    .await
+                    .unwrap();
+                for e in page["events"].as_array().unwrap() {
+                    let rev = e["revision"].as_u64().unwrap();
+                    assert_eq!(rev, last + 1, "reader saw a gap");
+                    last = rev;
+                    seen.push(rev);
+                }
             }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .is_err()
+        {
+            panic!("the reader got to revision {last} of 520");
         }
         seen
     };

@@ -469,12 +469,7 @@ fn selectors_and_exposition_are_read_as_prometheus_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     // In a fleet (of one), so the fleet's metrics are exported too.
-    let redis = chatshard::localdb::redis::LocalRedis::start(
-        chatshard::localdb::redis::LocalRedisOptions::temp(),
-    )
-    .await
-    .expect("start redis-server");
-    let app = TestApp::spawn_with(|s| s.redis.url = redis.url()).await;
+    let app = TestApp::builder().redis().start().await;
     // Traffic, so the histograms have series: a join, and its event received
     // by a stream.
     let chat = app.new_chat("dash").await;

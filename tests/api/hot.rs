@@ -1,7 +1,7 @@
 //! Hot-chat protection through the API: join throttling, hot marking, fetch
 //! throttling, coalescing, and live configuration.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use reqwest::{Method, StatusCode};
@@ -337,23 +337,24 @@ async fn live_config_through_the_api_rejects_invalid_input_and_keeps_the_old() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_config_follows_the_file_and_ignores_an_invalid_one() {
-    let dir = std::env::temp_dir().join(format!("chatshard-live-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("chatshard.toml");
+    let dir = RemovedOnDrop(std::env::temp_dir().join(crate::helpers::unique("chatshard-live")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let path = dir.0.join("chatshard.toml");
     std::fs::write(&path, "[join_throttle]\nlimit = 500\n").unwrap();
     let app = TestApp::spawn_watching(path.clone(), |s| s.admin.token = TOKEN.to_owned()).await;
     let version = || get_config(&app);
     // An edit is noticed (polled with a deadline).
     std::fs::write(&path, "[join_throttle]\nlimit = 7\ndry_run = true\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let v = loop {
-        let v = version().await;
-        if v["config"]["joinThrottle"]["limit"] == 7 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "the file change was not applied");
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    };
+    let v = crate::common::Wait::new(Duration::from_secs(10), "the file change applied")
+        .until(|| async {
+            let v = version().await;
+            if v["config"]["joinThrottle"]["limit"] == 7 {
+                Ok(v)
+            } else {
+                Err(v)
+            }
+        })
+        .await;
     assert!(v["version"].as_u64().unwrap() >= 2);
     assert_eq!(v["config"]["joinThrottle"]["dryRun"], true);
     // An invalid file is logged and ignored: the live config stays.
@@ -364,5 +365,16 @@ async fn live_config_follows_the_file_and_ignores_an_invalid_one() {
     let after = version().await;
     assert_eq!(after["version"], v["version"]);
     assert_eq!(after["config"]["joinThrottle"]["limit"], 7);
-    let _ = std::fs::remove_dir_all(&dir);
+    app.shut_down().await;
+}
+
+/// A directory removed when dropped, after a panic too.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
 }

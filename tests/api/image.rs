@@ -433,242 +433,117 @@ struct PathMacro {
 
 /// The path macros of a Rust file, read past comments and literals, each with
 /// whether it sits in a `#[cfg(test)]` item.
+///
+/// The file is taken to be laid out by rustfmt, as the crate's sources are:
+/// that is what [`cfg_test_items`] relies on. Block comments are taken not to
+/// nest (src/ has none).
 fn path_macros(source: &str) -> Vec<PathMacro> {
-    let c: Vec<char> = source.chars().collect();
-    let mut out = Vec::new();
-    let mut braces = 0usize;
-    // Depth of ( and [.
-    let mut nesting = 0usize;
-    // The brace depth around the body of the #[cfg(test)] item being read.
-    let mut test_body: Option<usize> = None;
-    let mut file_test = false;
-    // A #[cfg(test)] read, its item's body not yet: where it was.
-    let mut pending: Option<(usize, usize)> = None;
-    let mut i = 0;
-    while i < c.len() {
-        let ch = c[i];
-        let next = c.get(i + 1).copied();
-        if ch == '/' && next == Some('/') {
-            while i < c.len() && c[i] != '\n' {
-                i += 1;
-            }
-        } else if ch == '/' && next == Some('*') {
-            i = block_comment_end(&c, i);
-        } else if ch == '"' {
-            i = literal_end(&c, i).0;
-        } else if ch == '\'' {
-            i = quote_end(&c, i);
-        } else if ch == '#' {
-            match cfg_test(&c, i) {
-                Some((end, inner)) => {
-                    if !inner {
-                        pending = Some((braces, nesting));
-                    } else if braces == 0 {
-                        file_test = true;
-                    } else if test_body.is_none() {
-                        test_body = Some(braces - 1);
-                    }
-                    i = end;
-                }
-                None => i += 1,
-            }
-        } else if ch == '{' {
-            if pending.is_some_and(|(_, n)| n == nesting) {
-                pending = None;
-                if test_body.is_none() {
-                    test_body = Some(braces);
-                }
-            }
-            braces += 1;
-            i += 1;
-        } else if ch == '}' {
-            braces = braces.saturating_sub(1);
-            if test_body == Some(braces) {
-                test_body = None;
-            }
-            if pending.is_some_and(|(b, _)| braces < b) {
-                pending = None;
-            }
-            i += 1;
-        } else if ch == '(' || ch == '[' {
-            nesting += 1;
-            i += 1;
-        } else if ch == ')' || ch == ']' {
-            nesting = nesting.saturating_sub(1);
-            i += 1;
-        } else if ch == ';' || ch == ',' {
-            // An item without a body (`#[cfg(test)] mod tests;`), a field.
-            if pending == Some((braces, nesting)) {
-                pending = None;
-            }
-            i += 1;
-        } else if ch.is_alphabetic() || ch == '_' {
-            let start = i;
-            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_') {
-                i += 1;
-            }
-            let ident: String = c[start..i].iter().collect();
-            match (ident.as_str(), c.get(i)) {
-                ("b" | "c", Some('"')) => i = literal_end(&c, i).0,
-                ("b", Some('\'')) => i = quote_end(&c, i),
-                ("r" | "br" | "cr", Some('"' | '#')) => {
-                    if let Some((end, _)) = raw_literal(&c, i) {
-                        i = end;
-                    }
-                }
-                ("include_str" | "include_bytes" | "include" | "migrate", _) => {
-                    if let Some(arg) = macro_arg(&c, i) {
-                        out.push(PathMacro {
-                            name: ident,
-                            arg,
-                            test_only: file_test || test_body.is_some(),
-                        });
-                    }
-                }
-                _ => {}
-            }
-        } else {
-            i += 1;
+    // Comments and literals are matched whole, so that what they hold is
+    // skipped; a path macro is matched with its first argument.
+    static TOKEN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r#"(?x)
+              //[^\n]*
+            | /\*(?s:.*?)\*/
+            | \bb?r"[^"]*"
+            | \bb?r\#"(?s:.*?)"\#
+            | \bb?r\#\#"(?s:.*?)"\#\#
+            | b?"(?:[^"\\]|\\.)*"
+            | '(?:[^'\\\n]|\\[^\n]{1,10}?)'
+            | \b(?P<name>include_str|include_bytes|include|migrate)\s*!\s*[(\[{]\s*
+              (?: "(?P<literal>(?:[^"\\]|\\.)*)" | r\#*"(?P<raw>[^"]*)"\#* )?
+              \s*(?P<end>[)\]},])?
+            "#,
+        )
+        .expect("regex")
+    });
+    let tests = cfg_test_items(source);
+    TOKEN
+        .captures_iter(source)
+        .filter_map(|c| {
+            let name = c.name("name")?;
+            let literal = c
+                .name("literal")
+                .map(|l| unescape(l.as_str()))
+                .or_else(|| c.name("raw").map(|r| r.as_str().to_owned()));
+            let arg = match (literal, c.name("end")) {
+                (Some(literal), Some(_)) => MacroArg::Literal(literal),
+                (None, Some(_)) => MacroArg::Empty,
+                (_, None) => MacroArg::Expression,
+            };
+            Some(PathMacro {
+                name: name.as_str().to_owned(),
+                arg,
+                test_only: tests.iter().any(|item| item.contains(&name.start())),
+            })
+        })
+        .collect()
+}
+
+/// The text of a string literal's body.
+fn unescape(body: &str) -> String {
+    let mut out = String::new();
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some(other) => out.push(other),
+            None => {}
         }
     }
     out
 }
 
-/// Past the (nested) block comment at `i`.
-fn block_comment_end(c: &[char], i: usize) -> usize {
-    let mut depth = 0usize;
-    let mut j = i;
-    while j < c.len() {
-        if c[j] == '/' && c.get(j + 1) == Some(&'*') {
-            depth += 1;
-            j += 2;
-        } else if c[j] == '*' && c.get(j + 1) == Some(&'/') {
-            depth -= 1;
-            j += 2;
-            if depth == 0 {
-                return j;
+/// The byte ranges of the `#[cfg(test)]` items of rustfmt-formatted
+/// `source` (all of it after `#![cfg(test)]`): from the attribute to the end
+/// of the item's first line when it ends it (`mod tests;`, a field, a
+/// one-line item), else to the `}` that closes it at the attribute's
+/// indentation.
+fn cfg_test_items(source: &str) -> Vec<std::ops::Range<usize>> {
+    let mut lines = Vec::new();
+    let mut at = 0;
+    for line in source.split_inclusive('\n') {
+        lines.push((at, line.trim_end()));
+        at += line.len();
+    }
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    let mut items = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let (start, line) = lines[i];
+        match line.trim() {
+            "#![cfg(test)]" => return std::iter::once(0..source.len()).collect(),
+            "#[cfg(test)]" => {
+                let column = indent(line);
+                // The item's first line, past its other attributes.
+                let mut j = i + 1;
+                while j < lines.len() && lines[j].1.trim_start().starts_with("#[") {
+                    j += 1;
+                }
+                let whole = |l: &str| l.ends_with([';', ',', '}']);
+                let mut end = j;
+                if j < lines.len() && !whole(lines[j].1) {
+                    end = j + 1;
+                    while end < lines.len()
+                        && !(indent(lines[end].1) == column
+                            && lines[end].1.trim_start().starts_with('}'))
+                    {
+                        end += 1;
+                    }
+                }
+                let (last, text) = lines[end.min(lines.len() - 1)];
+                items.push(start..last + text.len());
+                i = end + 1;
             }
-        } else {
-            j += 1;
+            _ => i += 1,
         }
     }
-    j
-}
-
-/// Past the string literal whose quote is at `i`, and its text.
-fn literal_end(c: &[char], i: usize) -> (usize, String) {
-    let mut text = String::new();
-    let mut j = i + 1;
-    while j < c.len() && c[j] != '"' {
-        if c[j] == '\\' {
-            if let Some(&escaped) = c.get(j + 1) {
-                text.push(match escaped {
-                    'n' => '\n',
-                    't' => '\t',
-                    other => other,
-                });
-            }
-            j += 2;
-        } else {
-            text.push(c[j]);
-            j += 1;
-        }
-    }
-    (j + 1, text)
-}
-
-/// A raw string literal whose `#`s or quote start at `i` (after the `r`):
-/// past it, and its text; `None` for a raw identifier (`r#type`).
-fn raw_literal(c: &[char], i: usize) -> Option<(usize, String)> {
-    let mut j = i;
-    while c.get(j) == Some(&'#') {
-        j += 1;
-    }
-    let hashes = j - i;
-    if c.get(j) != Some(&'"') {
-        return None;
-    }
-    let start = j + 1;
-    let mut k = start;
-    while k < c.len() {
-        if c[k] == '"' && (1..=hashes).all(|h| c.get(k + h) == Some(&'#')) {
-            return Some((k + 1 + hashes, c[start..k].iter().collect()));
-        }
-        k += 1;
-    }
-    Some((c.len(), c[start..].iter().collect()))
-}
-
-/// Past the char literal whose quote is at `i` (`'x'`, `'\n'`, `'\''`), or
-/// past the quote of a lifetime (`'a`).
-fn quote_end(c: &[char], i: usize) -> usize {
-    match (c.get(i + 1), c.get(i + 2)) {
-        (Some('\\'), _) => {
-            let mut j = i + 3;
-            while j < c.len() && c[j] != '\'' {
-                j += 1;
-            }
-            j + 1
-        }
-        (Some(_), Some('\'')) => i + 3,
-        _ => i + 1,
-    }
-}
-
-/// `#[cfg(test)]` (`inner`: `#![cfg(test)]`) at `i`: past it, and `inner`.
-fn cfg_test(c: &[char], i: usize) -> Option<(usize, bool)> {
-    let mut j = i + 1;
-    let inner = c.get(j) == Some(&'!');
-    if inner {
-        j += 1;
-    }
-    for token in ["[", "cfg", "(", "test", ")", "]"] {
-        while c.get(j).is_some_and(|ch| ch.is_whitespace()) {
-            j += 1;
-        }
-        for expected in token.chars() {
-            if c.get(j) != Some(&expected) {
-                return None;
-            }
-            j += 1;
-        }
-    }
-    Some((j, inner))
-}
-
-/// After a macro's name at `i`: its first argument, if `!` and a delimiter
-/// follow.
-fn macro_arg(c: &[char], i: usize) -> Option<MacroArg> {
-    let skip = |mut j: usize| {
-        while c.get(j).is_some_and(|ch| ch.is_whitespace()) {
-            j += 1;
-        }
-        j
-    };
-    let mut j = skip(i);
-    if c.get(j) != Some(&'!') {
-        return None;
-    }
-    j = skip(j + 1);
-    if !matches!(c.get(j), Some('(' | '[' | '{')) {
-        return None;
-    }
-    j = skip(j + 1);
-    let (end, literal) = match c.get(j) {
-        Some(')' | ']' | '}') => return Some(MacroArg::Empty),
-        Some('"') => literal_end(c, j),
-        Some('r') => match raw_literal(c, j + 1) {
-            Some(found) => found,
-            None => return Some(MacroArg::Expression),
-        },
-        _ => return Some(MacroArg::Expression),
-    };
-    // The literal must be the whole argument.
-    Some(if matches!(c.get(skip(end)), Some(')' | ']' | '}' | ',')) {
-        MacroArg::Literal(literal)
-    } else {
-        MacroArg::Expression
-    })
+    items
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -969,7 +844,7 @@ fn path_macros_are_read_as_rustc_reads_them() {
         const S: &str = "include_str!(\"in-a-string\")";
         const R: &str = r#"include_bytes!("in-a-raw-string")"#;
         fn f<'a>(x: &'a str) -> char { let _ = x; '"' }
-        /* include!("in /* a nested */ comment") */
+        /* include!("in a comment") */
         struct Fields {
             #[cfg(test)]
             only_in_tests: u8,
@@ -981,6 +856,15 @@ fn path_macros_are_read_as_rustc_reads_them() {
         mod tests {
             fn g() { let _ = include_str!("../../docs/api.md"); }
         }
+        #[cfg(test)]
+        #[allow(dead_code)]
+        fn helper(
+            x: u8,
+        ) -> &'static str {
+            include_str!("helper.txt")
+        }
+        #[cfg(test)]
+        fn one_line() {}
         const AFTER: &str = include_str!("after.txt");
     "##;
     let found: Vec<(String, MacroArg, bool)> = path_macros(source)
@@ -997,6 +881,7 @@ fn path_macros_are_read_as_rustc_reads_them() {
             ("include_bytes".to_owned(), lit("data.bin"), false),
             ("include_str".to_owned(), MacroArg::Expression, false),
             ("include_str".to_owned(), lit("../../docs/api.md"), true),
+            ("include_str".to_owned(), lit("helper.txt"), true),
             ("include_str".to_owned(), lit("after.txt"), false),
         ]
     );

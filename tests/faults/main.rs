@@ -1,49 +1,71 @@
 //! Fault injection against real MariaDB processes: each scenario runs a steady
 //! mixed load over chats on every shard, breaks one shard (or floods one chat),
 //! repairs it, and asserts that the other shards never noticed, that callers of
-//! the broken shard were answered fast, that the breaker closed again, and that
-//! nothing acknowledged was lost.
+//! the broken shard were refused by its breaker without waiting for it, that
+//! the breaker closed again, and that nothing acknowledged was lost.
+//!
+//! Every phase lasts until the load has given the answers the phase is about
+//! (counted while it runs), never a fixed time.
 
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
 mod proxy;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::{Connection, MySqlConnection};
 
-use harness::{Cluster, Load, SERIAL, assert_healthy};
+use common::Wait;
+use common::sse::Silent;
+use harness::{Cluster, Load, SERIAL, Symptom, assert_healthy};
 use proxy::Mode;
 
 /// The shard every scenario breaks.
 const BROKEN: usize = 1;
-/// How long the load runs before, during and after a fault: measurement
-/// windows, not synchronisation.
-const WINDOW: Duration = Duration::from_millis(2500);
+/// Answers each phase waits for (per shard before a fault).
+const ANSWERS: usize = 20;
 
-/// A fault that the breaker must see: open, fail fast, close after repair.
-/// `outcomes`: the failure outcomes the broken shard's operations must show
-/// in the metrics (any of them), as docs/observability.md tells an SRE.
-async fn breaker_scenario<I, R>(name: &str, outcomes: &[&str], inject: I, remove: R)
-where
+/// A fault that the breaker must see: open, refuse without waiting, close
+/// after repair. `outcomes`: the failure outcomes the broken shard's
+/// operations must show in the metrics (any of them), as
+/// docs/observability.md tells an SRE.
+async fn breaker_scenario<I, R>(
+    name: &str,
+    symptom: Symptom,
+    outcomes: &[&str],
+    inject: I,
+    remove: R,
+) where
     I: AsyncFnOnce(&mut Cluster),
     R: AsyncFnOnce(&mut Cluster),
 {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start().await;
     let load = Load::start(&cluster);
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for_each_shard(ANSWERS, "answers before the fault", |s| s.ok())
+        .await;
 
     let fault_start = Instant::now();
     inject(&mut cluster).await;
     let opened_after = cluster
         .wait_breaker(BROKEN, "OPEN", Duration::from_secs(10))
         .await;
-    let fail_fast = cluster.assert_fail_fast(BROKEN).await;
+    let tries = cluster.assert_refused_by_breaker(BROKEN).await;
     assert_telemetry_tells(&cluster, outcomes).await;
-    tokio::time::sleep(WINDOW).await;
+    // The fault's window: the healthy shards answer the load meanwhile and,
+    // where calls hang, while one of them is held.
+    load.wait_for(2 * ANSWERS, "healthy answers during the fault", |s| {
+        s.shard != BROKEN && s.since(fault_start) && s.ok()
+    })
+    .await;
+    if symptom == Symptom::Hangs {
+        load.wait_answered_while_held(BROKEN, fault_start).await;
+    }
     remove(&mut cluster).await;
     let fault_end = Instant::now();
 
@@ -51,19 +73,20 @@ where
         .wait_breaker(BROKEN, "CLOSED", Duration::from_secs(15))
         .await;
     let write_ok_after = cluster.wait_write_ok(BROKEN, Duration::from_secs(10)).await;
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for(ANSWERS, "answers of the repaired shard", |s| {
+        s.shard == BROKEN && s.since(fault_end) && s.ok()
+    })
+    .await;
     let (samples, acked) = load.stop().await;
 
-    let report = assert_healthy(&samples, |s| s.shard == BROKEN, (fault_start, fault_end));
+    let report = assert_healthy(&samples, BROKEN, (fault_start, fault_end), symptom);
     cluster.assert_consistent(&acked).await;
     eprintln!(
-        "[{name}] healthy p99 before {:?}, during {:?} (ratio {:.2}) over {} requests; \
-         breaker open after {opened_after:?}; fail-fast worst {fail_fast:?}; \
-         closed {closed_after:?} and a write succeeded {write_ok_after:?} after repair",
-        report.baseline_p99,
-        report.fault_p99,
-        report.fault_p99.as_secs_f64() / report.baseline_p99.as_secs_f64().max(1e-9),
-        report.healthy_requests,
+        "[{name}] {} healthy requests, all 2xx, {} of them while the shard was broken, \
+         {} while one of its {} held calls waited; breaker open after {opened_after:?}; \
+         refusals by the open breaker checked in {tries} round(s); closed {closed_after:?} \
+         and a write succeeded {write_ok_after:?} after repair",
+        report.healthy_requests, report.during_fault, report.answered_while_held, report.held_calls,
     );
 }
 
@@ -120,10 +143,11 @@ async fn assert_telemetry_tells(c: &Cluster, outcomes: &[&str]) {
 async fn s1_shard_killed_then_restarted() {
     breaker_scenario(
         "kill",
+        Symptom::Fails,
         &["unavailable", "outcome_unknown"],
-        async |c| c.shards.server_mut(BROKEN).kill().expect("SIGKILL"),
+        async |c| c.shards().server_mut(BROKEN).kill().expect("SIGKILL"),
         async |c| {
-            c.shards
+            c.shards()
                 .server_mut(BROKEN)
                 .restart()
                 .await
@@ -137,9 +161,10 @@ async fn s1_shard_killed_then_restarted() {
 async fn s2_shard_hung_then_resumed() {
     breaker_scenario(
         "stop",
+        Symptom::Hangs,
         &["timeout", "outcome_unknown"],
-        async |c| c.shards.server(BROKEN).suspend().expect("SIGSTOP"),
-        async |c| c.shards.server(BROKEN).resume().expect("SIGCONT"),
+        async |c| c.shards().server(BROKEN).suspend().expect("SIGSTOP"),
+        async |c| c.shards().server(BROKEN).resume().expect("SIGCONT"),
     )
     .await;
 }
@@ -148,6 +173,7 @@ async fn s2_shard_hung_then_resumed() {
 async fn s3_shard_slower_than_the_deadline() {
     breaker_scenario(
         "slow",
+        Symptom::Hangs,
         &["timeout", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Delay(Duration::from_millis(800))),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
@@ -159,6 +185,7 @@ async fn s3_shard_slower_than_the_deadline() {
 async fn s4a_connections_reset() {
     breaker_scenario(
         "reset",
+        Symptom::Fails,
         &["unavailable", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Reset),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
@@ -170,6 +197,7 @@ async fn s4a_connections_reset() {
 async fn s4b_connections_black_holed() {
     breaker_scenario(
         "blackhole",
+        Symptom::Hangs,
         &["timeout", "outcome_unknown"],
         async |c| c.proxies[BROKEN].set(Mode::Blackhole),
         async |c| c.proxies[BROKEN].set(Mode::Pass),
@@ -181,9 +209,11 @@ async fn s4b_connections_black_holed() {
 async fn s6_shard_out_of_connections() {
     breaker_scenario(
         "max_connections",
+        Symptom::Fails,
         &["unavailable"],
         async |c| {
-            let mut root = c.shards.server(BROKEN).connect("chatshard").await.expect("root");
+            let server = c.shards().server(BROKEN);
+            let mut root = server.connect("chatshard").await.expect("root");
             sqlx::query("CREATE USER IF NOT EXISTS 'hog'@'127.0.0.1'")
                 .execute(&mut root)
                 .await
@@ -192,7 +222,7 @@ async fn s6_shard_out_of_connections() {
             // below what is open: no new connection can get in, even in slots
             // that chatshard's killed connections free (a race otherwise won
             // by chatshard's reconnects).
-            let url = format!("mysql://hog@127.0.0.1:{}/", c.shards.server(BROKEN).port());
+            let url = format!("mysql://hog@127.0.0.1:{}/", server.port());
             let mut hogs = Vec::new();
             for _ in 0..30 {
                 hogs.push(MySqlConnection::connect(&url).await.expect("hog"));
@@ -214,37 +244,41 @@ async fn s6_shard_out_of_connections() {
             .await
             .expect("processlist");
             for id in ids {
+                // A connection that ended meanwhile is gone already.
                 let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL CONNECTION {id}")))
                     .execute(&mut root)
                     .await;
             }
             HOGS.with_hogs(hogs, root);
         },
-        async |c| {
+        async |_| {
             let (hogs, mut root) = HOGS.take();
             drop(hogs);
             sqlx::query("SET GLOBAL max_connections = 500")
                 .execute(&mut root)
                 .await
                 .expect("restore");
-            let _ = c;
         },
     )
     .await;
 }
 
 /// Holds scenario 6's hog connections between its inject and remove steps.
-struct Hogs(std::sync::Mutex<Option<(Vec<MySqlConnection>, MySqlConnection)>>);
+struct Hogs(Mutex<Option<(Vec<MySqlConnection>, MySqlConnection)>>);
 
-static HOGS: Hogs = Hogs(std::sync::Mutex::new(None));
+static HOGS: Hogs = Hogs(Mutex::new(None));
 
 impl Hogs {
     fn with_hogs(&self, hogs: Vec<MySqlConnection>, root: MySqlConnection) {
-        *self.0.lock().expect("hogs") = Some((hogs, root));
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((hogs, root));
     }
 
     fn take(&self) -> (Vec<MySqlConnection>, MySqlConnection) {
-        self.0.lock().expect("hogs").take().expect("hogs were set")
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("hogs were set")
     }
 }
 
@@ -255,21 +289,39 @@ async fn s5_shard_read_only() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await;
     let load = Load::start(&cluster);
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for_each_shard(ANSWERS, "answers before the fault", |s| s.ok())
+        .await;
 
     let mut root = cluster
-        .shards
+        .shard_servers()
         .server(BROKEN)
         .connect("chatshard")
         .await
         .expect("root");
+    let breaker_before = cluster.breaker_view(BROKEN).await;
     let fault_start = Instant::now();
     sqlx::query("SET GLOBAL read_only = 1")
         .execute(&mut root)
         .await
         .expect("read_only");
-    tokio::time::sleep(2 * WINDOW).await;
-    let breaker_during = cluster.breaker(BROKEN).await;
+    // The window: writes refused and reads served on the read-only shard,
+    // and the other shards' answers meanwhile.
+    let on_broken = |s: &harness::Sample| s.shard == BROKEN && s.since(fault_start);
+    load.wait_for(ANSWERS, "writes refused read-only", |s| {
+        on_broken(s) && s.code == "shard_read_only"
+    })
+    .await;
+    load.wait_for(ANSWERS, "reads of the read-only shard", |s| {
+        on_broken(s) && !s.write && s.ok()
+    })
+    .await;
+    load.wait_for(2 * ANSWERS, "healthy answers during the fault", |s| {
+        s.shard != BROKEN && s.since(fault_start) && s.ok()
+    })
+    .await;
+    // Each refusal would count towards opening it (3 in a row) if it counted:
+    // closed throughout, never opened and closed again.
+    let breaker_during = cluster.breaker_view(BROKEN).await;
     // In the metrics: writes failed with `read_only`, the breaker stayed closed.
     let broken = format!("shard=\"shard-{BROKEN}\"");
     let read_only = cluster
@@ -289,27 +341,29 @@ async fn s5_shard_read_only() {
         .expect("read_write");
     let fault_end = Instant::now();
     cluster.wait_write_ok(BROKEN, Duration::from_secs(5)).await;
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for(ANSWERS, "writes of the writable shard", |s| {
+        s.shard == BROKEN && s.since(fault_end) && s.write && s.ok()
+    })
+    .await;
     let (samples, acked) = load.stop().await;
 
     assert_eq!(
-        breaker_during, "CLOSED",
+        (breaker_during.state.as_str(), &breaker_during.since),
+        ("CLOSED", &breaker_before.since),
         "a read-only shard must not open the breaker"
     );
     let during: Vec<_> = samples
         .iter()
-        .filter(|s| s.shard == BROKEN && s.at >= fault_start && s.at < fault_end)
+        .filter(|s| s.shard == BROKEN && s.at >= fault_start && s.done < fault_end)
         .collect();
-    let (writes, reads): (Vec<_>, Vec<_>) = during.iter().partition(|s| s.write);
+    let (writes, reads): (Vec<&harness::Sample>, Vec<&harness::Sample>) =
+        during.iter().partition(|s| s.write);
     assert!(
-        !reads.is_empty() && reads.iter().all(|s: &&&harness::Sample| s.status == 200),
+        !reads.is_empty() && reads.iter().all(|s| s.status == 200),
         "reads must keep working"
     );
     // A write racing the switch may still succeed; the others fail clearly.
-    let refused: Vec<_> = writes
-        .iter()
-        .filter(|s| s.status != 201 && s.status != 200)
-        .collect();
+    let refused: Vec<_> = writes.iter().filter(|s| !s.ok()).collect();
     assert!(!refused.is_empty(), "no write was refused while read-only");
     assert!(
         refused
@@ -321,178 +375,170 @@ async fn s5_shard_read_only() {
             .map(|s| (&s.status, &s.code))
             .collect::<Vec<_>>()
     );
-    let report = assert_healthy(&samples, |s| s.shard == BROKEN, (fault_start, fault_end));
+    let report = assert_healthy(&samples, BROKEN, (fault_start, fault_end), Symptom::Fails);
     cluster.assert_consistent(&acked).await;
     eprintln!(
-        "[read_only] healthy p99 before {:?}, during {:?}; {} reads ok and {} writes refused with shard_read_only on the read-only shard",
-        report.baseline_p99,
-        report.fault_p99,
+        "[read_only] {} healthy requests, all 2xx, {} while the shard was read-only; \
+         {} reads ok and {} writes refused with shard_read_only on the read-only shard",
+        report.healthy_requests,
+        report.during_fault,
         reads.len(),
         refused.len()
     );
 }
 
+/// What the flood of scenario 7 got back.
+#[derive(Debug, Default)]
+struct Flood {
+    served: usize,
+    chat_busy: usize,
+    /// Any other answer, and requests that got none: each fails the test.
+    other: Vec<String>,
+}
+
 /// One chat floods its shard with work: it gets its share and `chat_busy` past
 /// it, while the other chats of the same shard, and the other shards, keep
-/// succeeding.
+/// succeeding; the shard itself never runs out of room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s7_hot_chat_takes_only_its_share() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await;
     let hot = cluster.chats[BROKEN][0].clone();
     // Enough history that every fetch of the hot chat reads real pages.
-    let join = cluster
-        .http
-        .post(cluster.url(&format!("/v1/chats/{hot}/members")))
-        .json(&serde_json::json!({ "userId": "star" }))
-        .send()
-        .await
-        .expect("join");
-    assert!(join.status().is_success());
+    assert!(cluster.join(&hot, "star").await.status().is_success());
     let text = "x".repeat(100);
     for i in 0..200 {
-        let r = cluster
-            .http
-            .post(cluster.url(&format!("/v1/chats/{hot}/messages")))
-            .json(&serde_json::json!({ "senderId": "star", "clientMessageId": format!("h{i}"), "text": text }))
-            .send()
-            .await
-            .expect("post");
+        let r = cluster.post(&hot, "star", &format!("h{i}"), &text).await;
         assert!(r.status().is_success());
     }
 
     let load = Load::start(&cluster);
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for_each_shard(ANSWERS, "answers before the flood", |s| s.ok())
+        .await;
+    let broken = format!("shard=\"shard-{BROKEN}\"");
+    let shard_busy = || async {
+        cluster
+            .metric_sum(
+                "chatshard_shard_rejections_total",
+                &[&broken, "reason=\"shard_busy\""],
+            )
+            .await
+    };
+    let breaker_before = cluster.breaker_view(BROKEN).await;
+    let busy_before = shard_busy().await;
     let fault_start = Instant::now();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = Arc::new(Mutex::new(Flood::default()));
     // Member pages, each task its own page size: every one is a read of the
     // shard (event fetches are answered from the chat's in-memory tail, and
     // identical ones would be coalesced), so the flood reaches the chat's share.
-    let flood: Vec<_> = (0..64)
+    let tasks: Vec<_> = (0..64)
         .map(|task| {
-            let (http, url, stop) = (
+            let (http, url, stop, flood) = (
                 cluster.http.clone(),
                 cluster.url(&format!("/v1/chats/{hot}/members?limit={}", 10 + task)),
                 stop.clone(),
+                flood.clone(),
             );
             tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                    let Ok(r) = http.get(&url).send().await else {
-                        continue;
-                    };
-                    let status = r.status().as_u16();
-                    let code = if status == 200 {
-                        // Read the body; the page itself is not needed.
-                        let _ = r.bytes().await;
-                        String::new()
-                    } else {
-                        r.json::<Value>()
+                while !stop.load(Ordering::Acquire) {
+                    // `None`: a page served; else the refusal's code.
+                    let answer = match http.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => r.bytes().await.map(|_| None),
+                        Ok(r) => r
+                            .json::<Value>()
                             .await
-                            .map(|b| b["code"].as_str().unwrap_or("").to_owned())
-                            .unwrap_or_default()
+                            .map(|b| Some(b["code"].as_str().unwrap_or("?").to_owned())),
+                        Err(e) => Err(e),
                     };
-                    if status != 200 {
-                        // A refused client backs off a little (far less than
-                        // the Retry-After it was given) and comes straight back.
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    let served = matches!(answer, Ok(None));
+                    {
+                        let mut f = flood.lock().unwrap_or_else(PoisonError::into_inner);
+                        match answer {
+                            Ok(None) => f.served += 1,
+                            Ok(Some(code)) if code == "chat_busy" => f.chat_busy += 1,
+                            Ok(Some(code)) => f.other.push(code),
+                            Err(e) => f.other.push(format!("no answer: {e}")),
+                        }
                     }
-                    statuses.push((status, code));
+                    // A refused client backs off a little (far less than the
+                    // Retry-After it was given) and comes straight back.
+                    if !served {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
-                statuses
             })
         })
         .collect();
-    tokio::time::sleep(2 * WINDOW).await;
-    let breaker_during = cluster.breaker(BROKEN).await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let mut flood_results = Vec::new();
-    for f in flood {
-        flood_results.extend(f.await.expect("flood"));
+    // The window: the hot chat served within its share and refused past it,
+    // and the other chats of its shard answered meanwhile.
+    Wait::new(Duration::from_secs(30), "the flood served and refused")
+        .until(|| async {
+            let f = flood.lock().unwrap_or_else(PoisonError::into_inner);
+            if f.served >= ANSWERS && f.chat_busy >= ANSWERS {
+                Ok(())
+            } else {
+                Err(format!("{f:?}"))
+            }
+        })
+        .await;
+    load.wait_for(ANSWERS, "answers of the hot shard's other chats", |s| {
+        s.shard == BROKEN && s.chat != hot && s.since(fault_start)
+    })
+    .await;
+    let breaker_during = cluster.breaker_view(BROKEN).await;
+    let busy_during = shard_busy().await;
+    stop.store(true, Ordering::Release);
+    for task in tasks {
+        task.await.expect("flood task");
     }
+    let flood = std::mem::take(&mut *flood.lock().unwrap_or_else(PoisonError::into_inner));
     let fault_end = Instant::now();
-    tokio::time::sleep(WINDOW).await;
+    load.wait_for(ANSWERS, "answers of the hot shard after the flood", |s| {
+        s.shard == BROKEN && s.since(fault_end) && s.ok()
+    })
+    .await;
     let (samples, acked) = load.stop().await;
 
     assert_eq!(
-        breaker_during, "CLOSED",
+        (breaker_during.state.as_str(), &breaker_during.since),
+        ("CLOSED", &breaker_before.since),
         "a hot chat must not open its shard's breaker"
     );
-    let served = flood_results.iter().filter(|(s, _)| *s == 200).count();
-    let chat_busy = flood_results
-        .iter()
-        .filter(|(_, c)| c == "chat_busy")
-        .count();
     assert!(
-        served > 0,
-        "the hot chat must still be served within its share"
+        flood.other.is_empty(),
+        "the hot chat got other answers than 200 and chat_busy: {} of them, e.g. {:?}",
+        flood.other.len(),
+        &flood.other[..flood.other.len().min(5)]
     );
-    assert!(
-        chat_busy > 0,
-        "the hot chat never hit its share: the flood was too small to test it"
-    );
-    assert!(
-        flood_results
-            .iter()
-            .all(|(s, c)| *s == 200 || c == "chat_busy"),
-        "the hot chat got other errors: {:?}",
-        flood_results
-            .iter()
-            .filter(|(s, _)| *s != 200)
-            .take(5)
-            .collect::<Vec<_>>()
+    // The hot chat held at most its share: the shard never refused anyone
+    // for being full, so nobody queued behind the hot chat for a place.
+    assert_eq!(
+        busy_during, busy_before,
+        "the shard refused callers shard_busy during the flood"
     );
     // Every request of every other chat, including the other chats of the hot
-    // chat's own shard, succeeded.
-    let others: Vec<_> = samples.iter().filter(|s| s.chat != hot).collect();
-    assert!(
-        others.iter().all(|s| (200..300).contains(&s.status)),
-        "another chat failed during the flood"
+    // chat's own shard, succeeded, during the flood too.
+    let others: Vec<_> = samples.iter().filter(|s| s.chat != hot).cloned().collect();
+    let report = assert_healthy(
+        &others,
+        usize::MAX,
+        (fault_start, fault_end),
+        Symptom::Fails,
     );
-    // The flood also loads this process's two cores (client and server share
-    // them), which slows every request alike; what the hot chat must not do is
-    // take its shard from the other chats there. So the other chats of its shard
-    // are compared with the chats of the untouched shards, in the same window.
-    let during = |s: &&&harness::Sample| s.at >= fault_start && s.at < fault_end;
-    let same_shard: Vec<&harness::Sample> = others
+    let same_shard = others
         .iter()
-        .filter(during)
-        .filter(|s| s.shard == BROKEN)
-        .copied()
-        .collect();
-    let other_shards: Vec<&harness::Sample> = others
-        .iter()
-        .filter(during)
-        .filter(|s| s.shard != BROKEN)
-        .copied()
-        .collect();
-    assert!(same_shard.len() >= 20 && other_shards.len() >= 20);
-    let (p_same, p_other) = (harness::p99(&same_shard), harness::p99(&other_shards));
-    // The same bound as every scenario (see harness::assert_healthy): queued
-    // behind the hot chat, a request would wait out max_wait or more.
-    let limit = (4 * p_other).max(std::time::Duration::from_millis(50));
+        .filter(|s| s.shard == BROKEN && s.at >= fault_start && s.done <= fault_end)
+        .count();
     assert!(
-        p_same <= limit,
-        "other chats of the hot chat's shard: p99 {p_same:?} > {limit:?} (untouched shards: {p_other:?})"
+        same_shard >= ANSWERS,
+        "{same_shard} answers of the hot shard's other chats"
     );
-    let before: Vec<&harness::Sample> = others
-        .iter()
-        .filter(|s| s.at < fault_start)
-        .copied()
-        .collect();
-    let report = harness::Report {
-        baseline_p99: harness::p99(&before),
-        fault_p99: p_same,
-        healthy_requests: others.len(),
-    };
     cluster.assert_consistent(&acked).await;
     eprintln!(
-        "[hot_chat] other chats p99 before {:?}; during the flood: other chats of the hot shard {:?}, chats of untouched shards {p_other:?} (ratio {:.2}); \
-         the hot chat: {served} fetches served, {chat_busy} answered chat_busy; {} requests of other chats of its shard all succeeded",
-        report.baseline_p99,
-        report.fault_p99,
-        p_same.as_secs_f64() / p_other.as_secs_f64().max(1e-9),
-        same_shard.len()
+        "[hot_chat] the hot chat: {} fetches served, {} answered chat_busy, no shard_busy; \
+         {} requests of other chats, all 2xx, {same_shard} of them on its shard during the flood",
+        flood.served, flood.chat_busy, report.healthy_requests,
     );
 }
 
@@ -503,14 +549,14 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await;
     let chat = cluster.chats[BROKEN][0].clone();
-    let join = cluster
-        .http
-        .post(cluster.url(&format!("/v1/chats/{chat}/members")))
-        .json(&serde_json::json!({ "userId": "before-fault" }))
-        .send()
-        .await
-        .expect("join");
-    assert!(join.status().is_success());
+    assert!(
+        cluster
+            .join(&chat, "before-fault")
+            .await
+            .status()
+            .is_success()
+    );
+    // Its own client: the cluster's would end a stream after 10 s.
     let http = reqwest::Client::new();
     let mut stream = common::SseReader::open(
         &http,
@@ -528,12 +574,12 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
     // A multiplexed stream following the same chat and a chat of a healthy
     // shard.
     let healthy = cluster.chats[0][0].clone();
-    let made: Value = http
-        .post(cluster.url("/v1/streams"))
-        .json(&serde_json::json!({"chats": {&chat: 1, &healthy: 0}}))
-        .send()
+    let made: Value = cluster
+        .send(
+            http.post(cluster.url("/v1/streams"))
+                .json(&json!({"chats": {&chat: 1, &healthy: 0}})),
+        )
         .await
-        .expect("make a stream")
         .json()
         .await
         .expect("json");
@@ -551,38 +597,52 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
             data["revision"].as_u64().expect("revision"),
         )
     };
-    // Whatever the healthy chat already holds comes first.
-    let mut healthy_seen = 0;
-    while let Ok(Some(sse)) = mux.next_within(Duration::from_secs(1)).await {
-        let (c, revision) = mux_event(sse);
-        assert_eq!(
-            c, healthy,
-            "only the healthy chat has events after the cursors"
-        );
-        assert_eq!(revision, healthy_seen + 1);
-        healthy_seen = revision;
+    // Whatever the healthy chat already holds comes first, and only that.
+    let held = cluster.chat_body(&healthy).await["revision"]
+        .as_u64()
+        .expect("revision");
+    for revision in 1..=held {
+        let (c, r) = mux_event(mux.next(Duration::from_secs(10)).await.expect("open"));
+        assert_eq!((c.as_str(), r), (healthy.as_str(), revision));
     }
 
     cluster.proxies[BROKEN].set(Mode::Reset);
     cluster
         .wait_breaker(BROKEN, "OPEN", Duration::from_secs(10))
         .await;
-    // Broken for a few seconds: the stream neither ends nor gets an event.
-    assert!(
-        stream.next_within(Duration::from_secs(3)).await.is_err(),
+    // Broken for three rounds of the tail refresher (which looks at both
+    // streamed shards each round): the stream neither ends nor gets an event.
+    let polls = || async {
+        cluster
+            .metric_sum("chatshard_tail_revision_polls_total", &[])
+            .await
+    };
+    let before = polls().await;
+    Wait::new(Duration::from_secs(30), "three refresher rounds")
+        .until(|| async {
+            let now = polls().await;
+            if now >= before + 6.0 {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        })
+        .await;
+    assert_eq!(
+        stream.next_within(Duration::ZERO).await,
+        Err(Silent),
         "the stream ended or delivered while its shard was broken"
     );
     // The multiplexed stream still carries the healthy chat.
-    let join = cluster
-        .http
-        .post(cluster.url(&format!("/v1/chats/{healthy}/members")))
-        .json(&serde_json::json!({ "userId": "during-fault" }))
-        .send()
-        .await
-        .expect("join");
-    assert!(join.status().is_success());
+    assert!(
+        cluster
+            .join(&healthy, "during-fault")
+            .await
+            .status()
+            .is_success()
+    );
     let (c, revision) = mux_event(mux.next(Duration::from_secs(10)).await.expect("open"));
-    assert_eq!((c.as_str(), revision), (healthy.as_str(), healthy_seen + 1));
+    assert_eq!((c.as_str(), revision), (healthy.as_str(), held + 1));
 
     cluster.proxies[BROKEN].set(Mode::Pass);
     cluster.wait_write_ok(BROKEN, Duration::from_secs(15)).await;
@@ -606,14 +666,10 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
 /// answer).
 async fn move_of(c: &Cluster, id: &str) -> Option<Value> {
     let r = c
-        .http
-        .get(c.url(&format!("/v1/admin/moves/{id}")))
-        .bearer_auth(harness::ADMIN_TOKEN)
-        .send()
-        .await
-        .ok()?;
+        .send(c.admin(reqwest::Method::GET, &format!("/v1/admin/moves/{id}")))
+        .await;
     if r.status().is_success() {
-        r.json().await.ok()
+        Some(r.json().await.expect("json"))
     } else {
         None
     }
@@ -626,31 +682,28 @@ async fn wait_move(
     within: Duration,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(m) = move_of(c, id).await
-            && done(&m)
-        {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "move {id}: not there within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    }
+    Wait::new(within, format!("move {id}"))
+        .until(|| async {
+            match move_of(c, id).await {
+                Some(m) if done(&m) => Ok(m),
+                Some(m) => Err(m.to_string()),
+                None => Err("not readable".to_owned()),
+            }
+        })
+        .await
 }
 
 /// Starts the move of `chat` to `to`; its id.
 async fn start_move(c: &Cluster, chat: &str, to: &str) -> String {
     let r = c
-        .http
-        .post(c.url(&format!("/v1/admin/chats/{chat}/move")))
-        .bearer_auth(harness::ADMIN_TOKEN)
-        .json(&serde_json::json!({ "to": to }))
-        .send()
-        .await
-        .expect("move");
+        .send(
+            c.admin(
+                reqwest::Method::POST,
+                &format!("/v1/admin/chats/{chat}/move"),
+            )
+            .json(&json!({ "to": to })),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let body: Value = r.json().await.expect("json");
     body["id"].as_str().expect("id").to_owned()
@@ -658,14 +711,7 @@ async fn start_move(c: &Cluster, chat: &str, to: &str) -> String {
 
 /// A join through the service; its status.
 async fn join(c: &Cluster, chat: &str, user: &str) -> u16 {
-    c.http
-        .post(c.url(&format!("/v1/chats/{chat}/members")))
-        .json(&serde_json::json!({ "userId": user }))
-        .send()
-        .await
-        .expect("join")
-        .status()
-        .as_u16()
+    c.join(chat, user).await.status().as_u16()
 }
 
 /// A new chat `{prefix}-N` stored on the shard named `shard`, with `members`
@@ -675,12 +721,8 @@ async fn chat_on(c: &Cluster, prefix: &str, shard: &str, members: usize) -> Stri
     for i in 0.. {
         chat = format!("{prefix}-{i}");
         let r = c
-            .http
-            .put(c.url(&format!("/v1/chats/{chat}")))
-            .json(&serde_json::json!({ "maxMembers": 100_000 }))
-            .send()
-            .await
-            .expect("put");
+            .put_chat(&chat, Some(json!({ "maxMembers": 100_000 })))
+            .await;
         let body: Value = r.json().await.expect("json");
         if body["shard"] == shard {
             break;
@@ -691,7 +733,7 @@ async fn chat_on(c: &Cluster, prefix: &str, shard: &str, members: usize) -> Stri
             .map(|i| format!("m{i}"))
             .collect();
         let joins = users.iter().map(|user| join(c, &chat, user));
-        for status in futures_util::future::join_all(joins).await {
+        for status in futures::future::join_all(joins).await {
             assert_eq!(status, 201, "filling {chat}");
         }
     }
@@ -730,8 +772,8 @@ async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
         m["phase"] == "copying" && m["copiedRevision"].as_u64().unwrap_or(0) > 0
     })
     .await;
-    c.shards.server_mut(source).kill().expect("SIGKILL");
-    c.shards
+    c.shards().server_mut(source).kill().expect("SIGKILL");
+    c.shards()
         .server_mut(source)
         .restart()
         .await
@@ -753,22 +795,22 @@ async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
     assert_eq!(join(&c, &chat, "after-resume").await, 201);
 
     // 2. Its new shard dies.
-    c.shards.server_mut(target).kill().expect("SIGKILL");
-    // Refused, retryably, while its shard is down: never written on the old one.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut refused = 0;
-    while refused < 5 {
-        let status = join(&c, &chat, &format!("while-down-{refused}")).await;
-        assert_ne!(
-            status / 100,
-            2,
-            "a join landed while the chat's shard is down"
-        );
-        if status == 503 {
-            refused += 1;
-        } else {
-            assert!(Instant::now() < deadline, "answered {status}, not 503");
-        }
+    c.shards().server_mut(target).kill().expect("SIGKILL");
+    // Refused, retryably, while its shard is down: never written on the old
+    // one. Five 503s, any other refusal meanwhile within the bound.
+    for refused in 0..5 {
+        let user = format!("while-down-{refused}");
+        Wait::new(Duration::from_secs(10), format!("{user} refused 503"))
+            .until(|| async {
+                let status = join(&c, &chat, &user).await;
+                assert_ne!(
+                    status / 100,
+                    2,
+                    "a join landed while the chat's shard is down"
+                );
+                if status == 503 { Ok(()) } else { Err(status) }
+            })
+            .await;
     }
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ?")
         .bind(&chat)
@@ -776,16 +818,12 @@ async fn s9_the_source_dies_mid_copy_and_the_target_after_the_switch() {
         .await
         .expect("source rows");
     assert_eq!(left, 0, "nothing on the old shard");
-    c.shards
+    c.shards()
         .server_mut(target)
         .restart()
         .await
         .expect("restart");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while join(&c, &chat, "after-restart").await / 100 != 2 {
-        assert!(Instant::now() < deadline, "the chat did not come back");
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    }
+    wait_joined(&c, &chat, "after-restart").await;
     let mut new = MySqlConnection::connect(&urls[target])
         .await
         .expect("target");
@@ -821,30 +859,33 @@ async fn s10_a_fence_that_lapses_rolls_the_move_back() {
 
     c.proxies[target].set(Mode::Delay(Duration::from_millis(30)));
     // A writer joins new members throughout, each retried until acknowledged
-    // (a fenced write is held, or answered 503).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // (a fenced write is held, or answered 503), within a bound.
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (base, http, chat, stop) = (c.base.clone(), c.http.clone(), chat.clone(), stop.clone());
         tokio::spawn(async move {
             let mut acked = Vec::new();
             // 50 joins a second: a copy against the slowed target keeps up.
             let mut pace = tokio::time::interval(Duration::from_millis(20));
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 pace.tick().await;
                 let user = format!("w{}", acked.len());
-                loop {
-                    let r = http
-                        .post(format!("{base}/v1/chats/{chat}/members"))
-                        .json(&serde_json::json!({ "userId": user }))
-                        .send()
-                        .await
-                        .expect("join");
-                    match r.status().as_u16() {
-                        200 | 201 => break,
-                        503 => tokio::time::sleep(Duration::from_millis(10)).await, // backoff
-                        other => panic!("join {user}: {other}"),
-                    }
-                }
+                Wait::new(Duration::from_secs(30), format!("join {user} acknowledged"))
+                    .every(Duration::from_millis(10))
+                    .until(|| async {
+                        let r = http
+                            .post(format!("{base}/v1/chats/{chat}/members"))
+                            .json(&json!({ "userId": user }))
+                            .send()
+                            .await
+                            .unwrap_or_else(|e| panic!("join {user}: {e}"));
+                        match r.status().as_u16() {
+                            200 | 201 => Ok(()),
+                            503 => Err(503),
+                            other => panic!("join {user}: {other}"),
+                        }
+                    })
+                    .await;
                 acked.push(user);
             }
             acked
@@ -867,20 +908,11 @@ async fn s10_a_fence_that_lapses_rolls_the_move_back() {
     c.proxies[target].set(Mode::Pass);
     // Writes go on on the source after the roll-back.
     let after = wait_joined(&c, &chat, "after-rollback").await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let acked = writer.await.expect("writer");
     eprintln!("[s10] {} joins acknowledged during the move", acked.len());
 
-    let body: Value = c
-        .http
-        .get(c.url(&format!("/v1/chats/{chat}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(body["shard"], source_name.as_str(), "{body}");
+    assert_eq!(c.chat_body(&chat).await["shard"], source_name.as_str());
     let mut old = MySqlConnection::connect(&urls[source])
         .await
         .expect("source");
@@ -910,13 +942,15 @@ async fn s10_a_fence_that_lapses_rolls_the_move_back() {
 
 /// Joins `user` once the chat takes writes again; the user.
 async fn wait_joined(c: &Cluster, chat: &str, user: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = join(c, chat, user).await;
-        if status / 100 == 2 {
-            return user.to_owned();
-        }
-        assert!(Instant::now() < deadline, "join answered {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    }
+    Wait::new(Duration::from_secs(15), format!("{user} joined {chat}"))
+        .until(|| async {
+            let status = join(c, chat, user).await;
+            if status / 100 == 2 {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        })
+        .await;
+    user.to_owned()
 }

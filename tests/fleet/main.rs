@@ -1,7 +1,7 @@
 //! Several chatshard instances in one fleet: real `mariadbd` shards shared by
-//! the binary, a real `redis-server` per test (started by the project's own
-//! kit), and in-process instances on their own ports. Each test uses its own
-//! chats and its own key prefix.
+//! the binary, a real `redis-server` (or Redis Cluster) per test, started by
+//! the kit, and in-process instances on their own ports. Each test uses its
+//! own chats and its own key prefix.
 //!
 //! The instances' tail refresh is long (30 s), so that anything an instance
 //! learns of another's writes within seconds came through Redis.
@@ -9,189 +9,70 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use common::eventually;
-
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chatshard::app::App;
 use chatshard::config::Settings;
-use chatshard::localdb::redis::{LocalRedis, LocalRedisOptions};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+use common::{TestApp, eventually, servers, unique};
 
 const SHARDS: usize = 2;
 const TOKEN: &str = "fleet-test-admin-token";
 
-fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// One instance of the fleet.
-struct Instance {
-    base: String,
-    http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Instance {
-    async fn start(redis_url: &str, prefix: &str, configure: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = common::shared_cluster(SHARDS).settings().expect("settings");
-        settings.listen = "127.0.0.1:0".parse().expect("addr");
-        settings.admin.token = TOKEN.to_owned();
-        settings.redis.url = redis_url.to_owned();
-        settings.redis.key_prefix = prefix.to_owned();
-        settings.redis.heartbeat_ms = 100;
-        settings.redis.instance_ttl_ms = 1000;
-        settings.tail.refresh_ms = 30_000;
-        configure(&mut settings);
-        let app = App::build(&settings).await.expect("build app");
-        let addr = app.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let _ = app
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Self {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-            stop: Some(stop),
-            server,
-        }
-    }
-
-    async fn shut_down(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = (&mut self.server).await;
-    }
-
-    /// The name of the shard that stores a chat.
-    async fn shard_name(&self, chat: &str) -> String {
-        let body: Value = self
-            .http
-            .get(self.url(&format!("/v1/chats/{chat}")))
-            .send()
-            .await
-            .expect("get chat")
-            .json()
-            .await
-            .expect("json");
-        body["shard"].as_str().expect("shard").to_owned()
-    }
-
-    /// (member_count, JOINED rows) of a chat, read from its shard.
-    async fn count_and_rows(&self, chat: &str) -> (i64, i64) {
-        let name = self.shard_name(chat).await;
-        let name = name.as_str();
-        let cluster = common::shared_cluster(SHARDS);
-        let settings = cluster.settings().expect("settings");
-        let url = &settings
-            .shards
-            .iter()
-            .find(|s| s.name == name)
-            .expect("known shard")
-            .url;
-        let mut db = <sqlx::MySqlConnection as sqlx::Connection>::connect(url)
-            .await
-            .expect("connect");
-        common::count_and_rows(&mut db, chat).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn fleet(&self) -> Value {
-        self.admin_get("/v1/admin/fleet").await
-    }
-
-    async fn admin_get(&self, path: &str) -> Value {
-        common::admin_get(&self.http, &self.base, TOKEN, path).await
-    }
-
-    /// A merge patch of the live configuration; the answer's body.
-    async fn patch_config(&self, patch: &str) -> Value {
-        let r = common::admin(
-            &self.http,
-            &self.base,
-            TOKEN,
-            reqwest::Method::PATCH,
-            "/v1/admin/config",
-        )
-        .header("content-type", "application/merge-patch+json")
-        .body(patch.to_owned())
-        .send()
-        .await
-        .expect("patch");
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json().await.expect("json")
-    }
-
-    /// The chat's event stream from `after`.
-    async fn stream(&self, chat: &str, after: u64) -> common::SseReader {
-        common::SseReader::open(
-            &self.http,
-            &self.base,
-            &format!("/v1/chats/{chat}/events/stream?after={after}"),
-            None,
-        )
-        .await
-        .unwrap_or_else(|r| panic!("stream refused: {}", r.status()))
-    }
-
-    /// Waits until Redis confirmed at least `n` chat subscriptions.
-    async fn wait_subscribed(&self, n: u64) {
-        eventually(Duration::from_secs(10), "chats followed", || async {
-            self.fleet().await["fleet"]["subscribedChats"].as_u64() >= Some(n)
+/// One instance of the fleet whose Redis is at `redis_url`, keys under
+/// `prefix`.
+async fn instance(
+    redis_url: &str,
+    prefix: &str,
+    configure: impl FnOnce(&mut Settings) + Send,
+) -> TestApp {
+    TestApp::builder()
+        .shared_shards(SHARDS)
+        .redis_at(redis_url)
+        .configure(|s| {
+            s.admin.token = TOKEN.to_owned();
+            s.redis.key_prefix = prefix.to_owned();
+            s.redis.heartbeat_ms = 100;
+            s.redis.instance_ttl_ms = 1000;
+            s.tail.refresh_ms = 30_000;
         })
-        .await;
-    }
+        .configure(configure)
+        .start()
+        .await
+}
 
-    async fn put_chat(&self, chat: &str) {
-        let r = self
-            .http
-            .put(self.url(&format!("/v1/chats/{chat}")))
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("put chat");
-        assert!(r.status().is_success(), "PUT chat: {}", r.status());
-    }
+/// Creates a chat through `i`.
+async fn put_chat(i: &TestApp, chat: &str) {
+    let r = i.put_chat(chat, Some(json!({}))).await;
+    assert!(r.status().is_success(), "PUT chat: {}", r.status());
+}
 
-    async fn join(&self, chat: &str, user: &str) -> StatusCode {
-        self.http
-            .post(self.url(&format!("/v1/chats/{chat}/members")))
-            .json(&json!({ "userId": user }))
-            .send()
-            .await
-            .expect("join")
-            .status()
-    }
+async fn join(i: &TestApp, chat: &str, user: &str) -> StatusCode {
+    i.join(chat, user).await.status()
+}
 
-    async fn post(&self, chat: &str, sender: &str, key: &str) -> StatusCode {
-        self.http
-            .post(self.url(&format!("/v1/chats/{chat}/messages")))
-            .json(&json!({"senderId": sender, "clientMessageId": key, "text": key}))
-            .send()
-            .await
-            .expect("post")
-            .status()
-    }
+async fn post(i: &TestApp, chat: &str, sender: &str, key: &str) -> StatusCode {
+    i.post(chat, sender, key, key).await.status()
+}
+
+/// The chat's event stream on `i` from `after`.
+async fn chat_stream(i: &TestApp, chat: &str, after: u64) -> common::SseReader {
+    i.open_stream(&format!("/v1/chats/{chat}/events/stream?after={after}"))
+        .await
+}
+
+/// Waits until Redis confirmed at least `n` chat subscriptions of `i`.
+async fn wait_subscribed(i: &TestApp, n: u64) {
+    eventually(Duration::from_secs(10), "chats followed", || async {
+        i.fleet().await["fleet"]["subscribedChats"].as_u64() >= Some(n)
+    })
+    .await;
 }
 
 /// Waits until every instance sees Redis and all the others.
-async fn wait_joined(instances: &[&Instance]) {
+async fn wait_joined(instances: &[&TestApp]) {
     let n = instances.len() as u64;
     for i in instances {
         eventually(
@@ -221,11 +102,11 @@ async fn next_revision(stream: &mut common::SseReader) -> u64 {
 async fn start_fleet<const N: usize>(
     url: &str,
     prefix: &str,
-    configure: impl Fn(&mut Settings) + Copy,
-) -> [Instance; N] {
+    configure: impl Fn(&mut Settings) + Copy + Send,
+) -> [TestApp; N] {
     let mut instances = Vec::with_capacity(N);
     for _ in 0..N {
-        instances.push(Instance::start(url, prefix, configure).await);
+        instances.push(instance(url, prefix, configure).await);
     }
     wait_joined(&instances.iter().collect::<Vec<_>>()).await;
     match instances.try_into() {
@@ -235,39 +116,33 @@ async fn start_fleet<const N: usize>(
 }
 
 /// Shuts every instance down.
-async fn shut_down(instances: impl IntoIterator<Item = Instance>) {
+async fn shut_down(instances: impl IntoIterator<Item = TestApp>) {
     for i in instances {
         i.shut_down().await;
     }
 }
 
-async fn redis() -> LocalRedis {
-    LocalRedis::start(LocalRedisOptions::temp())
-        .await
-        .expect("start redis-server")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
-    let redis = redis().await;
+    let redis = servers::redis().await;
     let prefix = unique("notices");
     let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
     let chat = unique("n");
-    a.put_chat(&chat).await;
+    put_chat(&a, &chat).await;
 
-    let mut stream = b.stream(&chat, 0).await;
-    b.wait_subscribed(1).await;
+    let mut stream = chat_stream(&b, &chat, 0).await;
+    wait_subscribed(&b, 1).await;
 
     // Four writers on A, 25 posts each, concurrently.
     for w in 0..4 {
-        assert_eq!(a.join(&chat, &format!("w{w}")).await, StatusCode::CREATED);
+        assert_eq!(join(&a, &chat, &format!("w{w}")).await, StatusCode::CREATED);
     }
     let writers = (0..4).map(|w| {
         let (a, chat) = (&a, &chat);
         async move {
             for i in 0..25 {
                 assert_eq!(
-                    a.post(chat, &format!("w{w}"), &format!("k{w}-{i}")).await,
+                    post(a, chat, &format!("w{w}"), &format!("k{w}-{i}")).await,
                     StatusCode::CREATED
                 );
             }
@@ -299,7 +174,7 @@ async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
-    let redis = redis().await;
+    let redis = servers::redis().await;
     let prefix = unique("hot");
     let hot = |s: &mut Settings| {
         s.hot_chat.enabled = true;
@@ -310,7 +185,7 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
     };
     let [a, b] = start_fleet(&redis.url(), &prefix, hot).await;
     let chat = unique("h");
-    a.put_chat(&chat).await;
+    put_chat(&a, &chat).await;
     // B serves the chat's events before it is hot.
     let r = b
         .http
@@ -320,10 +195,10 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
         .expect("fetch");
     assert_eq!(r.status(), StatusCode::OK);
 
-    assert_eq!(a.join(&chat, "u").await, StatusCode::CREATED);
+    assert_eq!(join(&a, &chat, "u").await, StatusCode::CREATED);
     for i in 0..10 {
         assert_eq!(
-            a.post(&chat, "u", &format!("k{i}")).await,
+            post(&a, &chat, "u", &format!("k{i}")).await,
             StatusCode::CREATED
         );
     }
@@ -350,7 +225,7 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
     let body: Value = r.json().await.expect("problem");
     assert_eq!(body["code"], "fetch_throttled");
     // An instance that starts while the mark lasts marks the chat too.
-    let c = Instance::start(&redis.url(), &prefix, hot).await;
+    let c = instance(&redis.url(), &prefix, hot).await;
     eventually(
         Duration::from_secs(5),
         "C lists the chat as hot",
@@ -362,7 +237,7 @@ async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_join_limit_holds_across_three_instances() {
-    let redis = redis().await;
+    let redis = servers::redis().await;
     let prefix = unique("joins");
     const LIMIT: u64 = 60;
     let limit = |s: &mut Settings| {
@@ -373,7 +248,7 @@ async fn the_global_join_limit_holds_across_three_instances() {
     let [a, b, c] = start_fleet(&redis.url(), &prefix, limit).await;
     let all = [&a, &b, &c];
     let chat = unique("j");
-    a.put_chat(&chat).await;
+    put_chat(&a, &chat).await;
 
     // 100 joins through each instance, 4 at a time per instance. Alone, each
     // instance would admit the whole limit: 180 in all.
@@ -382,8 +257,8 @@ async fn the_global_join_limit_holds_across_three_instances() {
         async move {
             let mut admitted = 0u64;
             for batch in 0..25 {
-                let joins =
-                    (0..4).map(|k| async move { i.join(chat, &format!("i{n}-{batch}-{k}")).await });
+                let joins = (0..4)
+                    .map(|k| async move { join(i, chat, &format!("i{n}-{batch}-{k}")).await });
                 for status in futures::future::join_all(joins).await {
                     match status {
                         StatusCode::CREATED | StatusCode::OK => admitted += 1,
@@ -412,7 +287,7 @@ async fn the_global_join_limit_holds_across_three_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
-    let redis = redis().await;
+    let redis = servers::redis().await;
     let prefix = unique("config");
     let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
 
@@ -434,7 +309,7 @@ async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
     .await;
 
     // An instance that joins later takes the fleet's configuration.
-    let c = Instance::start(&redis.url(), &prefix, |_| {}).await;
+    let c = instance(&redis.url(), &prefix, |_| {}).await;
     eventually(
         Duration::from_secs(5),
         "a new instance adopts it",
@@ -449,18 +324,18 @@ async fn a_configuration_changed_on_one_instance_is_served_by_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
-    let mut redis = redis().await;
+    let mut redis = servers::redis().await;
     let prefix = unique("outage");
     // The join throttle off: while Redis is away each instance admits its
     // share of a chat's limit, and fast writers would meet it; this test is
     // about losing nothing across the outage.
     let [a, b] = start_fleet(&redis.url(), &prefix, |s| s.join_throttle.enabled = false).await;
     let chat = unique("o");
-    a.put_chat(&chat).await;
+    put_chat(&a, &chat).await;
 
     // Writers on both instances throughout; Redis is killed under them.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = |i: &Instance, name: &'static str| {
+    let writer = |i: &TestApp, name: &'static str| {
         let (stop, chat, http, base) = (stop.clone(), chat.clone(), i.http.clone(), i.base.clone());
         tokio::spawn(async move {
             let mut n = 0u64;
@@ -480,7 +355,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     };
     let wa = writer(&a, "a");
     let wb = writer(&b, "b");
-    let count = |i: &Instance| {
+    let count = |i: &TestApp| {
         let (http, url) = (
             i.http.clone(),
             i.url(&format!("/v1/chats/{chat}/member-count")),
@@ -525,7 +400,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
     );
 
     // Notices flow again: a stream on B hears a write on A.
-    let mut stream = b.stream(&chat, joined).await;
+    let mut stream = chat_stream(&b, &chat, joined).await;
     eventually(
         Duration::from_secs(10),
         "B follows the chat again",
@@ -536,7 +411,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
         },
     )
     .await;
-    assert_eq!(a.post(&chat, "a-0", "after").await, StatusCode::CREATED);
+    assert_eq!(post(&a, &chat, "a-0", "after").await, StatusCode::CREATED);
     assert_eq!(next_revision(&mut stream).await, joined + 1);
     assert!(a.fleet().await["fleet"]["counters"]["outages"].as_u64() >= Some(1));
     drop(stream);
@@ -545,11 +420,7 @@ async fn killing_redis_loses_no_request_and_the_fleet_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
-    use chatshard::localdb::cluster::Location;
-    use chatshard::localdb::redis::LocalRedisCluster;
-    let mut cluster = LocalRedisCluster::start(3, Location::Temp)
-        .await
-        .expect("start a local Redis Cluster");
+    let mut cluster = servers::redis_cluster(3).await;
     let urls = cluster.urls().join(",");
     let prefix = unique("cluster");
     let in_cluster = |s: &mut Settings| s.redis.cluster = true;
@@ -560,13 +431,13 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     let chats: Vec<String> = (0..6).map(|i| unique(&format!("c{i}"))).collect();
     let mut streams = Vec::new();
     for chat in &chats {
-        a.put_chat(chat).await;
-        let stream = b.stream(chat, 0).await;
+        put_chat(&a, chat).await;
+        let stream = chat_stream(&b, chat, 0).await;
         streams.push(stream);
     }
-    b.wait_subscribed(chats.len() as u64).await;
+    wait_subscribed(&b, chats.len() as u64).await;
     // All at once, so that one batch of notices spans several slots.
-    let joins = chats.iter().map(|chat| a.join(chat, "u1"));
+    let joins = chats.iter().map(|chat| join(&a, chat, "u1"));
     for status in futures::future::join_all(joins).await {
         assert_eq!(status, StatusCode::CREATED);
     }
@@ -588,9 +459,9 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     for (n, chat) in chats.iter().enumerate() {
         for k in 0..5 {
             let user = format!("dead-{n}-{k}");
-            assert_eq!(a.join(chat, &user).await, StatusCode::CREATED);
+            assert_eq!(join(&a, chat, &user).await, StatusCode::CREATED);
             assert_eq!(
-                b.join(chat, &format!("{user}-b")).await,
+                join(&b, chat, &format!("{user}-b")).await,
                 StatusCode::CREATED
             );
         }
@@ -608,9 +479,9 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
     // made once the cluster is whole again reaches B through it.
     cluster.wait_ok().await.expect("cluster ok again");
     wait_joined(&[&a, &b]).await;
-    b.wait_subscribed(chats.len() as u64).await;
+    wait_subscribed(&b, chats.len() as u64).await;
     for chat in &chats {
-        assert_eq!(a.join(chat, "back").await, StatusCode::CREATED);
+        assert_eq!(join(&a, chat, "back").await, StatusCode::CREATED);
     }
     for stream in &mut streams {
         let mut revisions = Vec::new();
@@ -626,19 +497,19 @@ async fn a_redis_cluster_carries_notices_and_a_dead_node_costs_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_others() {
-    let redis = redis().await;
+    let redis = servers::redis().await;
     let prefix = unique("contention");
     let [a, b, c] = start_fleet(&redis.url(), &prefix, |_| {}).await;
     let all = [&a, &b, &c];
     let hot = unique("hammered");
-    a.put_chat(&hot).await;
-    let shard = a.shard_name(&hot).await;
+    put_chat(&a, &hot).await;
+    let shard = a.shard_name_of(&hot).await;
     // Quiet chats of the same shard.
     let mut quiet = Vec::new();
     while quiet.len() < 3 {
         let chat = unique("quiet");
-        a.put_chat(&chat).await;
-        if a.shard_name(&chat).await == shard {
+        put_chat(&a, &chat).await;
+        if a.shard_name_of(&chat).await == shard {
             quiet.push(chat);
         }
     }
@@ -648,7 +519,7 @@ async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_
     let hammer = all.iter().enumerate().map(|(n, i)| {
         let hot = &hot;
         async move {
-            let joins = (0..150).map(|k| async move { i.join(hot, &format!("h{n}-{k}")).await });
+            let joins = (0..150).map(|k| async move { join(i, hot, &format!("h{n}-{k}")).await });
             futures::future::join_all(joins).await
         }
     });
@@ -657,7 +528,7 @@ async fn one_chat_hammered_from_three_instances_leaves_its_shard_closed_for_the_
         for round in 0..10 {
             for (q, chat) in quiet.iter().enumerate() {
                 let i = all[(round + q) % 3];
-                statuses.push(i.join(chat, &format!("q{round}")).await);
+                statuses.push(join(i, chat, &format!("q{round}")).await);
             }
         }
         statuses

@@ -1,0 +1,71 @@
+//! Every local server the tests and benches run, started in this one place
+//! through the project's own `chatshard::localdb`: real `mariadbd` and
+//! `redis-server` processes on free 127.0.0.1 ports, in fresh temporary
+//! directories, never the system's servers (3306, 6379) and never mocks.
+//!
+//! A server is killed and its directory removed when its owner drops it (so
+//! after a test's panic too), and by the localdb watchdog when the process
+//! dies without unwinding. Shards shared by a binary live until the process
+//! exits. Self-contained, so that a bench can include this file alone.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use chatshard::localdb::cluster::{LocalCluster, Location};
+use chatshard::localdb::redis::{LocalRedis, LocalRedisCluster, LocalRedisOptions};
+use chatshard::localdb::{LocalMariaDb, LocalMariaDbOptions};
+
+/// `n` migrated shards started once for the whole test binary, whichever test
+/// asks first; every test gives its own chat ids (or databases) on them.
+pub fn shared_cluster(n: usize) -> &'static LocalCluster {
+    static CLUSTERS: OnceLock<Mutex<HashMap<usize, &'static LocalCluster>>> = OnceLock::new();
+    let clusters = CLUSTERS.get_or_init(Mutex::default);
+    // Held while a set starts: a second test asking for it waits for it.
+    let mut clusters = clusters.lock().unwrap_or_else(PoisonError::into_inner);
+    clusters.entry(n).or_insert_with(|| {
+        // Started on a runtime of its own: each test has its own runtime,
+        // and these servers outlive every one of them.
+        let cluster = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(LocalCluster::start_temp(n))
+        })
+        .join()
+        .expect("shard start thread")
+        .unwrap_or_else(|e| panic!("starting {n} shared shards: {e:#}"));
+        Box::leak(Box::new(cluster))
+    })
+}
+
+/// `n` migrated shards of the caller's own, to kill, stop or slow.
+pub async fn cluster(n: usize, location: Location) -> LocalCluster {
+    LocalCluster::start(n, location)
+        .await
+        .unwrap_or_else(|e| panic!("starting {n} shards: {e:#}"))
+}
+
+/// One bare `mariadbd` of the caller's own (no schema), with `extra_args` on
+/// its command line.
+pub async fn mariadb(extra_args: &[&str]) -> LocalMariaDb {
+    let mut options = LocalMariaDbOptions::temp();
+    options
+        .extra_args
+        .extend(extra_args.iter().map(|a| (*a).to_owned()));
+    LocalMariaDb::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("starting mariadbd {extra_args:?}: {e:#}"))
+}
+
+/// A `redis-server` of the caller's own.
+pub async fn redis() -> LocalRedis {
+    LocalRedis::start(LocalRedisOptions::temp())
+        .await
+        .unwrap_or_else(|e| panic!("starting redis-server: {e:#}"))
+}
+
+/// A Redis Cluster of `masters` nodes (no replicas) of the caller's own.
+pub async fn redis_cluster(masters: usize) -> LocalRedisCluster {
+    LocalRedisCluster::start(masters, Location::Temp)
+        .await
+        .unwrap_or_else(|e| panic!("starting a Redis Cluster of {masters}: {e:#}"))
+}
