@@ -134,12 +134,24 @@ impl App {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A new content read once, not yet applied.
+            let mut pending = None;
             loop {
                 tick.tick().await;
                 let now = std::fs::read(&path).ok();
-                if now != seen {
+                if now == seen {
+                    pending = None;
+                    continue;
+                }
+                // A file read while it is being written (truncated, half
+                // rewritten) must not be applied: a new content counts once
+                // two reads a period apart agree on it.
+                if pending.as_ref() == Some(&now) {
                     seen = now;
+                    pending = None;
                     reload_live(&live, &path);
+                } else {
+                    pending = Some(now);
                 }
             }
         });
