@@ -6,7 +6,7 @@
 use chrono::NaiveDateTime;
 use sqlx::MySqlConnection;
 
-use super::moves::{IdTable, MESSAGE_SENT, id_owners, keep_id};
+use super::moves::{IdTable, MESSAGE_SENT, id_owners, keep_id, message_ids};
 
 /// A member row as a snapshot copies it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -171,15 +171,7 @@ pub async fn insert_events(
         return Ok(());
     };
     let ids: HashMap<u64, u64> = if rows.iter().any(|r| r.event_type == MESSAGE_SENT) {
-        let read: Vec<(u64, u64)> = sqlx::query_as(
-            "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
-        )
-        .bind(chat_id)
-        .bind(first.revision)
-        .bind(last.revision)
-        .fetch_all(&mut *conn)
-        .await?;
-        read.into_iter().collect()
+        message_ids(&mut *conn, chat_id, (first.revision, last.revision)).await?
     } else {
         HashMap::new()
     };

@@ -247,15 +247,7 @@ pub async fn replay_batch(
             .push_bind(r.message_created_at.unwrap_or(r.created_at));
         });
         q.build().execute(&mut *conn).await?;
-        let read: Vec<(u64, u64)> = sqlx::query_as(
-            "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
-        )
-        .bind(chat_id)
-        .bind(first.revision)
-        .bind(last.revision)
-        .fetch_all(&mut *conn)
-        .await?;
-        ids = read.into_iter().collect();
+        ids = message_ids(&mut *conn, chat_id, (first.revision, last.revision)).await?;
     }
     if !rows.is_empty() {
         let mut q = QueryBuilder::new(
@@ -276,6 +268,24 @@ pub async fn replay_batch(
         q.build().execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// The ids of the chat's messages between two revisions (inclusive), by
+/// revision (unique per chat): what a copied event names.
+pub(super) async fn message_ids(
+    conn: &mut MySqlConnection,
+    chat_id: &str,
+    (first, last): (u64, u64),
+) -> sqlx::Result<std::collections::HashMap<u64, u64>> {
+    let read: Vec<(u64, u64)> = sqlx::query_as(
+        "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
+    )
+    .bind(chat_id)
+    .bind(first)
+    .bind(last)
+    .fetch_all(conn)
+    .await?;
+    Ok(read.into_iter().collect())
 }
 
 /// The tables whose ids a copy keeps.
