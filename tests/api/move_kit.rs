@@ -7,7 +7,7 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -23,24 +23,25 @@ pub const TOKEN: &str = "moved-test-admin-token";
 /// shard): far longer than any fence of these tests.
 const RETRY_WITHIN: Duration = Duration::from_secs(60);
 
-/// Calls `step` every 20 ms until it gives `Break(value)`: the value. Fails
-/// after `within`, saying `what` and the state the last `Continue` reported.
+/// [`crate::common::Wait::until`] for steps that say `Break(value)` when
+/// done and `Continue(state)` otherwise: the value. Fails after `within`,
+/// saying `what` and the state the last `Continue` reported.
 pub async fn until<T, F, Fut>(within: Duration, what: &str, mut step: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ControlFlow<T, String>>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        match step().await {
-            ControlFlow::Break(value) => return value,
-            ControlFlow::Continue(last) => assert!(
-                Instant::now() < deadline,
-                "{what}: not within {within:?}; last seen: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::common::Wait::new(within, what)
+        .until(|| {
+            let step = step();
+            async move {
+                match step.await {
+                    ControlFlow::Break(value) => Ok(value),
+                    ControlFlow::Continue(last) => Err(last),
+                }
+            }
+        })
+        .await
 }
 
 /// Sends a request (`send` makes it anew each time) until it is answered
