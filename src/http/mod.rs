@@ -183,7 +183,27 @@ fn status_for(created: Created) -> StatusCode {
 }
 
 /// Prometheus text exposition of every metric.
-async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let expected = state.http.metrics_token.as_bytes();
+    if !expected.is_empty() {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer_token)
+            .unwrap_or("");
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), expected)) {
+            state.metrics.auth_refused("unauthenticated");
+            return Problem::new(
+                Code::Unauthenticated,
+                "send http.metrics_token as Authorization: Bearer <token>",
+            )
+            .into_response();
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -191,6 +211,7 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
         )],
         state.metrics.encode(),
     )
+        .into_response()
 }
 
 async fn not_found() -> Problem {

@@ -238,3 +238,28 @@ async fn a_client_entry_that_is_not_a_digest_is_refused_at_start() {
         "the value is not repeated: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_ask_for_their_token_once_one_is_set() {
+    let app = TestApp::spawn_with(|s| s.http.metrics_token = "scrape-token".to_owned()).await;
+    for token in [None, Some("wrong")] {
+        let r = call(&app, Method::GET, "/metrics", token, None).await;
+        assert_problem(r, 401, "unauthenticated").await;
+    }
+    let r = call(&app, Method::GET, "/metrics", Some("scrape-token"), None).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("text");
+    let refused: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("chatshard_http_auth_refusals_total{")
+                && l.contains("reason=\"unauthenticated\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 2.0, "the two refusals are counted");
+    // The data API stays open: no client is configured.
+    let r = call(&app, Method::GET, "/v1/chats/none-such", None, None).await;
+    assert_problem(r, 404, "chat_not_found").await;
+    app.shut_down().await;
+}

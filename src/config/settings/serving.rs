@@ -54,6 +54,9 @@ pub struct HttpSettings {
     /// it to the kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum,
     /// 4 MiB by default, per connection).
     pub socket_send_buffer_bytes: usize,
+    /// A bearer token `/metrics` asks for; empty: `/metrics` is open.
+    /// `CHATSHARD__HTTP__METRICS_TOKEN` sets it without the file.
+    pub metrics_token: String,
 }
 
 impl Default for HttpSettings {
@@ -70,6 +73,7 @@ impl Default for HttpSettings {
             write_stall_timeout_ms: 30_000,
             send_buffer_bytes: 65_536,
             socket_send_buffer_bytes: 0,
+            metrics_token: String::new(),
         }
     }
 }
