@@ -285,9 +285,14 @@ pub fn build_shards_measured(
 /// Warns about (or, when `require` is set, refuses) shards whose InnoDB settings
 /// would take the AUTO-INC table lock or lose commits. A shard that cannot be
 /// reached is reported and does not stop the start: the service must come up
-/// with one shard down.
+/// with one shard down. A shard that answers but refuses the connection (a
+/// TLS handshake that fails, a certificate that does not verify,
+/// `ssl-mode=DISABLED` against `require_secure_transport=ON`, a refused
+/// login) is a configuration error that no retry mends: the start is
+/// refused, with one error naming every such shard and its cause.
 pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()> {
     let mut unsafe_shards = Vec::new();
+    let mut refused = Vec::new();
     for shard in shards.all() {
         match shard.read_innodb().await {
             Ok(s) if s.is_safe() => {
@@ -312,10 +317,20 @@ pub async fn check_innodb(shards: &ShardSet, require: bool) -> anyhow::Result<()
                     s.flush_log_at_trx_commit
                 ));
             }
-            Err(e) => {
-                tracing::warn!(shard = shard.name(), error = %crate::error::chain(&e), "cannot check InnoDB settings: shard unreachable");
-            }
+            Err(e) => match e.connect_refusal() {
+                Some((why, cause)) => refused.push(format!(
+                    "shard {} ({}) refused the connection: {why}: {cause}",
+                    shard.name(),
+                    shard.redacted_url(),
+                )),
+                None => {
+                    tracing::warn!(shard = shard.name(), error = %crate::error::chain(&e), "cannot check InnoDB settings: shard unreachable");
+                }
+            },
         }
+    }
+    if !refused.is_empty() {
+        anyhow::bail!("refusing to start: {}", refused.join("; "));
     }
     if require && !unsafe_shards.is_empty() {
         anyhow::bail!(

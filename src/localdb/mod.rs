@@ -24,6 +24,7 @@
 
 pub mod cluster;
 pub mod redis;
+pub mod tls;
 
 use std::ffi::OsString;
 use std::fs;
@@ -69,6 +70,23 @@ pub struct LocalMariaDbOptions {
     pub on_exit: OnExit,
     /// Appended to the `mariadbd` command line (not passed to `mariadb-install-db`).
     pub extra_args: Vec<String>,
+    /// TLS of the server; `None`: plain TCP only.
+    pub tls: Option<LocalTls>,
+}
+
+/// A server's TLS: `--ssl-ca`, `--ssl-cert`, `--ssl-key` and, when
+/// `require_secure_transport` is set, `--require-secure-transport=ON` (TCP
+/// clients without TLS are refused; the Unix socket still counts as
+/// secure). [`tls::TestCertificates`] makes throw-away ones.
+#[derive(Debug, Clone)]
+pub struct LocalTls {
+    /// The CA that signed `cert` (clients verify against it).
+    pub ca: PathBuf,
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+    pub require_secure_transport: bool,
 }
 
 impl LocalMariaDbOptions {
@@ -79,6 +97,7 @@ impl LocalMariaDbOptions {
             port,
             on_exit: OnExit::Shutdown,
             extra_args: vec![],
+            tls: None,
         }
     }
 
@@ -97,6 +116,7 @@ impl LocalMariaDbOptions {
             port: 0,
             on_exit: OnExit::KillAndRemove,
             extra_args: vec![],
+            tls: None,
         }
     }
 }
@@ -116,6 +136,7 @@ pub struct LocalMariaDb {
     port: u16,
     on_exit: OnExit,
     extra_args: Vec<String>,
+    tls: Option<LocalTls>,
     mariadbd: PathBuf,
     process: ServerProcess,
     /// Set once `data_dir` is known to be a MariaDB data dir: only then may Drop remove it
@@ -135,6 +156,7 @@ impl LocalMariaDb {
             port: opts.port,
             on_exit: opts.on_exit,
             extra_args: opts.extra_args,
+            tls: opts.tls,
             mariadbd: bins.mariadbd,
             process: ServerProcess::new("mariadbd"),
             owns_dir: false,
@@ -162,9 +184,26 @@ impl LocalMariaDb {
         &self.socket
     }
 
-    /// `mysql://root@127.0.0.1:{port}/{database}` (root has no password).
+    /// `mysql://root@127.0.0.1:{port}/{database}` (root has no password);
+    /// on a server with TLS, `?ssl-mode=VERIFY_CA&ssl-ca={ca}`: encrypted and
+    /// checked against the server's CA, whatever name its certificate holds.
     pub fn url(&self, database: &str) -> String {
+        let url = self.plain_url(database);
+        match &self.tls {
+            Some(tls) => format!("{url}?ssl-mode=VERIFY_CA&ssl-ca={}", tls.ca.display()),
+            None => url,
+        }
+    }
+
+    /// `mysql://root@127.0.0.1:{port}/{database}`, without TLS options: a
+    /// caller adds its own (`?ssl-mode=...`).
+    pub fn plain_url(&self, database: &str) -> String {
         format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The server's TLS, if it has any.
+    pub fn tls(&self) -> Option<&LocalTls> {
+        self.tls.as_ref()
     }
 
     /// Convenience: a fresh TCP connection as root to `database`.
@@ -282,6 +321,16 @@ impl LocalMariaDb {
             .map(OsString::from),
         );
         args.extend(root_user_arg().map(OsString::from));
+        if let Some(tls) = &self.tls {
+            args.extend([
+                flag("--ssl-ca=", &tls.ca),
+                flag("--ssl-cert=", &tls.cert),
+                flag("--ssl-key=", &tls.key),
+            ]);
+            if tls.require_secure_transport {
+                args.push("--require-secure-transport=ON".into());
+            }
+        }
         args.extend(self.extra_args.iter().map(OsString::from));
         args
     }
@@ -687,7 +736,7 @@ pub fn ensure_binaries() -> Result<MariaDbBinaries> {
 
 /// `find()`, or else, when we are root and have apt-get, `apt-get install -y package`
 /// and `find()` again (`None`: still not found).
-fn find_or_install<T>(find: impl Fn() -> Option<T>, package: &str) -> Result<Option<T>> {
+pub(crate) fn find_or_install<T>(find: impl Fn() -> Option<T>, package: &str) -> Result<Option<T>> {
     if let Some(found) = find() {
         return Ok(Some(found));
     }
@@ -723,7 +772,7 @@ fn find_binaries() -> Option<MariaDbBinaries> {
     })
 }
 
-fn find_program(names: &[&str]) -> Option<PathBuf> {
+pub(crate) fn find_program(names: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = [
         "/usr/sbin",

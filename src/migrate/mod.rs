@@ -193,10 +193,13 @@ pub async fn connect(shard: &ShardSettings) -> anyhow::Result<MySqlConnection> {
         .parse()
         .map_err(|e| anyhow::anyhow!("shard {}: invalid url: {e}", shard.name))?;
     options.connect().await.map_err(|e| {
+        let why = crate::error::connect_refusal(&e)
+            .map(|why| format!("{why}: "))
+            .unwrap_or_default();
         anyhow::anyhow!(
-            "shard {} ({}): cannot connect: {e}",
+            "shard {} ({}): cannot connect: {why}{e}",
             shard.name,
-            shard.redacted_url()
+            shard.redacted_url(),
         )
     })
 }

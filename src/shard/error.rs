@@ -110,6 +110,17 @@ pub const OUTCOMES: [&str; 11] = [
 
 impl ShardError {
     /// The shard the error came from.
+    /// The driver's error and what it means when the shard answered and
+    /// refused the connection (see [`crate::error::connect_refusal`]).
+    pub fn connect_refusal(&self) -> Option<(crate::error::ConnectRefusal, &sqlx::Error)> {
+        match self {
+            Self::Unavailable { source, .. } | Self::Database { source, .. } => {
+                crate::error::connect_refusal(source).map(|why| (why, source))
+            }
+            _ => None,
+        }
+    }
+
     pub fn shard(&self) -> &str {
         match self {
             Self::Open { shard, .. }

@@ -111,6 +111,8 @@ impl InnodbSettings {
 pub struct Shard {
     name: String,
     address: String,
+    /// The URL without its secrets (`ShardSettings::redacted_url`).
+    url: String,
     host: String,
     port: u16,
     database: String,
@@ -178,6 +180,7 @@ impl Shard {
         Ok(Self {
             name: settings.name.clone(),
             address,
+            url: settings.redacted_url(),
             host,
             port,
             database,
@@ -199,6 +202,12 @@ impl Shard {
     /// `host:port` of the server.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The shard's URL without its password nor its key path, with its
+    /// `ssl-mode`: for messages about how the shard is reached.
+    pub fn redacted_url(&self) -> &str {
+        &self.url
     }
 
     /// The breaker's state now.

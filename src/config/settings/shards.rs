@@ -3,8 +3,9 @@
 //! transaction (`[group_commit]`).
 //!
 //! Invariants: the defaults here are the documented ones (a change is a
-//! behaviour change); logs and views show a shard URL only through
-//! [`redact_url`], which never shows a password.
+//! behaviour change); logs, errors and views show a shard URL only through
+//! [`redact_url`], which never shows a password nor the path of a client key
+//! (`ssl-key`); `Debug` shows the redacted URL too.
 //!
 //! Must not: open connections, import `crate::shard` (it takes these
 //! structs) or `crate::storage`, or check values (`config::validate` does).
@@ -14,12 +15,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// One MySQL shard.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSettings {
     /// A stable name, used in logs, metrics and the `shard` field of a chat.
     pub name: String,
-    /// `mysql://user:password@host:port/database`.
+    /// `mysql://user:password@host:port/database`, optionally with sqlx's
+    /// MySQL options: `?ssl-mode=VERIFY_IDENTITY&ssl-ca=/path/ca.pem` (and
+    /// `ssl-cert`, `ssl-key` for a client certificate).
     pub url: String,
     /// Bucket ranges this shard owns, e.g. `["0-511"]`.
     pub buckets: Vec<String>,
@@ -33,24 +36,81 @@ pub struct ShardSettings {
 }
 
 impl ShardSettings {
-    /// The URL without its password, for logs and the admin view.
+    /// The URL without its password nor its key path, for logs and the
+    /// admin view.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
 }
 
-/// Drops the password from a `scheme://user:password@host/...` URL.
+impl std::fmt::Debug for ShardSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardSettings")
+            .field("name", &self.name)
+            .field("url", &self.redacted_url())
+            .field("buckets", &self.buckets)
+            .field("id_block", &self.id_block)
+            .finish()
+    }
+}
+
+/// Shown in place of a secret.
+const REDACTED: &str = "<redacted>";
+
+/// Query options whose values are secrets: the path of a client's private
+/// key (sqlx spells it both ways) and a password given as an option.
+/// `ssl-mode`, `ssl-ca` and `ssl-cert` stay visible: they say how a shard is
+/// reached and are no secret.
+const SECRET_OPTIONS: [&str; 3] = ["ssl-key", "sslkey", "password"];
+
+/// Drops the password from a `scheme://user:password@host/...?options` URL
+/// and the values of secret options (`ssl-key`).
+///
+/// The user information ends at the last `@` before the options, as a URL
+/// parser reads it; a URL whose `@` only comes after a `?` cannot be read
+/// safely and is not shown at all.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<unparseable url>".to_owned();
     };
-    match rest.split_once('@') {
+    let (head, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
+    };
+    let head = match head.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}@{host}")
+            format!("{user}@{host}")
         }
-        None => url.to_owned(),
+        // A password holding a `?` would put its `@` among the options.
+        None if query.is_some_and(|q| q.contains('@')) => {
+            return "<unparseable url>".to_owned();
+        }
+        None => head.to_owned(),
+    };
+    match query {
+        Some(query) => format!("{scheme}://{head}?{}", redact_options(query)),
+        None => format!("{scheme}://{head}"),
     }
+}
+
+/// `key=value&...` with the values of [`SECRET_OPTIONS`] replaced.
+fn redact_options(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            let secret = SECRET_OPTIONS
+                .iter()
+                .any(|s| key.replace('_', "-").eq_ignore_ascii_case(s));
+            if secret {
+                format!("{key}={REDACTED}")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The bulkhead of each shard: how much work one shard may hold.
@@ -159,5 +219,62 @@ impl Default for GroupCommitSettings {
             max_batch: 256,
             max_pending_per_chat: 4096,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_drops_the_password_and_the_key_path_and_keeps_ssl_mode() {
+        assert_eq!(
+            redact_url("mysql://app:s3cret@db1:3306/chat"),
+            "mysql://app@db1:3306/chat"
+        );
+        assert_eq!(
+            redact_url(
+                "mysql://app:s3cret@db1:3306/chat?ssl-mode=VERIFY_IDENTITY\
+                 &ssl-ca=/etc/ca.pem&ssl-cert=/etc/c.pem&ssl-key=/etc/secret/c.key"
+            ),
+            "mysql://app@db1:3306/chat?ssl-mode=VERIFY_IDENTITY\
+             &ssl-ca=/etc/ca.pem&ssl-cert=/etc/c.pem&ssl-key=<redacted>"
+        );
+        assert_eq!(
+            redact_url("mysql://app@db1/chat?sslkey=/k&SSL_KEY=/k2&sslmode=REQUIRED"),
+            "mysql://app@db1/chat?sslkey=<redacted>&SSL_KEY=<redacted>&sslmode=REQUIRED"
+        );
+        // The last `@` ends the user information, as the URL parser reads it.
+        assert_eq!(
+            redact_url("mysql://app:p@ss@db1/chat"),
+            "mysql://app@db1/chat"
+        );
+        assert_eq!(redact_url("mysql://db1/chat"), "mysql://db1/chat");
+        assert_eq!(redact_url("db1/chat"), "<unparseable url>");
+    }
+
+    #[test]
+    fn no_form_of_a_url_shows_its_secrets() {
+        for url in [
+            "mysql://app:hun?ter2@db1/chat?ssl-mode=REQUIRED",
+            "mysql://app:hun/ter2@db1/chat",
+            "mysql://app:hunter2@db1/chat?ssl-key=/secret/k.pem",
+            "mysql://app@db1/chat?password=hunter2",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("ter2"), "{url} shown as {shown}");
+            assert!(!shown.contains("/secret/"), "{url} shown as {shown}");
+        }
+        let shard = ShardSettings {
+            name: "s0".into(),
+            url: "mysql://app:hunter2@db1/chat?ssl-key=/secret/k.pem".into(),
+            buckets: vec![],
+            id_block: None,
+        };
+        let debug = format!("{shard:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("/secret/"),
+            "{debug}"
+        );
     }
 }
