@@ -6,7 +6,10 @@
 //!   instances with a tail of that chat subscribe to it; they feed the tail,
 //!   wake its readers and retire the chat's kept pages. Notices are hints: the
 //!   log in the shard stays the truth, a missed notice is made up by the next
-//!   one, by the tail refresher or by a read.
+//!   one, by the tail refresher or by a read. A purge sends a notice of its
+//!   own on the same channel (the chat's new first revision), so that every
+//!   instance's tail drops the purged events at once; without it, the next
+//!   refresh of each tail learns the new floor.
 //! - **Hot marks.** A chat marked hot on one instance is marked on every
 //!   instance, with the same expiry (one message on the fleet channel).
 //! - **The global join limit** of a chat ([`leases`]).
@@ -43,7 +46,7 @@ use tokio::sync::mpsc;
 use conn::Conn;
 pub use conn::Target;
 pub use wire::InstanceInfo;
-use wire::{Bus, Names, Notice};
+use wire::{Bus, Names, Notice, Purge};
 
 use crate::config::RedisSettings;
 use crate::domain::ChatId;
@@ -336,6 +339,24 @@ impl Fleet {
         }
         let Some(payload) = Notice::encode(&self.info.id, events, self.settings.notice_max_bytes)
         else {
+            return;
+        };
+        let channel = self.names.chat_channel(chat);
+        self.send(Outgoing {
+            cmd: self.conn.publish_cmd(&channel, &payload),
+            key: channel,
+            notice: true,
+        });
+    }
+
+    /// After a purge of the chat's events below `first_revision`: queue its
+    /// notice (never waits).
+    pub fn purged(&self, chat: &ChatId, first_revision: u64) {
+        if !self.is_up() {
+            bump(&self.counters.notices_dropped);
+            return;
+        }
+        let Some(payload) = Purge::encode(&self.info.id, first_revision) else {
             return;
         };
         let channel = self.names.chat_channel(chat);
@@ -902,6 +923,14 @@ impl Fleet {
     fn on_message(self: &Arc<Self>, channel: &str, payload: &[u8]) {
         if let Some(chat) = self.names.chat_of_channel(channel) {
             let Some(notice) = Notice::decode(payload) else {
+                if let Some(purge) = Purge::decode(payload).filter(|p| p.o != self.info.id) {
+                    bump(&self.counters.notices_received);
+                    // Pages kept by this instance may hold purged events.
+                    self.throttle.hot.retire(&chat);
+                    if let Some(tails) = self.tails.get() {
+                        tails.purged(&chat, purge.purged);
+                    }
+                }
                 return;
             };
             if notice.o == self.info.id {
@@ -958,6 +987,8 @@ pub trait NoticeSink: Send + Sync {
     fn committed(&self, chat: &ChatId, events: &[Event]);
     /// A notice without its events: the chat reached `last`.
     fn learn(&self, chat: &ChatId, last: u64);
+    /// A purge notice: the chat's events below `first_revision` are gone.
+    fn purged(&self, chat: &ChatId, first_revision: u64);
     /// Notices may have been lost: every tail reads its chat again.
     fn distrust_all(&self);
 }

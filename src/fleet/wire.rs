@@ -158,6 +158,33 @@ impl Notice {
     }
 }
 
+/// "Chat `chat` had its events below `purged` purged", sent on the chat's
+/// notice channel after a purge, so that the instances holding the chat's
+/// tail drop them too. A notice of another shape (an older instance's
+/// commit notice) does not decode as one, nor this as a commit notice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Purge {
+    /// The instance that purged them.
+    pub o: String,
+    /// The chat's first stored revision after the purge.
+    pub purged: u64,
+}
+
+impl Purge {
+    pub fn encode(origin: &str, first_revision: u64) -> Option<Vec<u8>> {
+        serde_json::to_vec(&Purge {
+            o: origin.to_owned(),
+            purged: first_revision,
+        })
+        .ok()
+    }
+
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let purge: Self = serde_json::from_slice(payload).ok()?;
+        (purge.purged >= 1).then_some(purge)
+    }
+}
+
 /// A fleet-wide message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -225,6 +252,17 @@ mod tests {
         assert_eq!((notice.first, notice.last), (7, 8));
         assert!(notice.events().is_none());
         assert!(Notice::decode(b"{\"o\":\"a\",\"first\":3,\"last\":2}").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_purge_notice_and_a_commit_notice_never_pass_for_each_other() -> crate::TestResult {
+        let purge = Purge::encode("a", 56).ok_or("no notice")?;
+        let back = Purge::decode(&purge).ok_or("undecodable")?;
+        assert_eq!((back.o.as_str(), back.purged), ("a", 56));
+        assert!(Notice::decode(&purge).is_none());
+        let commit = Notice::encode("a", &[ev(7, None)], 4096).ok_or("no notice")?;
+        assert!(Purge::decode(&commit).is_none());
         Ok(())
     }
 

@@ -5,8 +5,15 @@
 //!   429 and 503 answers carry `Retry-After`; every operation takes an
 //!   optional W3C `traceparent` / `tracestate`;
 //! - operations without the admin token declare `security: []`;
-//! - `PUT /v1/chats/{chatId}` takes an optional body (utoipa writes an
-//!   optional body as `oneOf [T, null]`, which a generated client cannot omit);
+//! - `PUT /v1/chats/{chatId}` and `POST /v1/streams` take an optional body
+//!   that is never `null` (utoipa writes an optional body as `oneOf [T,
+//!   null]`, which a generated client cannot omit, and the server refuses a
+//!   JSON `null` body);
+//! - the `Last-Event-ID` header of both streams is an optional string of the
+//!   documented pattern, not a nullable one;
+//! - the events of both streams: the JSON `data` of each kind of event is a
+//!   named component schema, listed in the 200 answer's description and in
+//!   its `x-sse-events` (event name → schema);
 //! - `PUT /v1/admin/config` replaces the whole live configuration, so its body
 //!   is `LiveConfigDocument`: `LiveConfig` with every field required;
 //!   `PATCH` takes `LiveConfigPatch`, a merge patch of it (the server checks
@@ -62,11 +69,17 @@ pub fn finish(api: utoipa::openapi::OpenApi, shards: &[String]) -> Value {
             body["schema"] = json!({ "$ref": format!("#/components/schemas/{schema}") });
         }
     }
-    if let Some(body) = document.pointer_mut("/paths/~1v1~1chats~1{chatId}/put/requestBody") {
-        body["required"] = Value::Bool(false);
-        body["content"]["application/json"]["schema"] =
-            json!({ "$ref": "#/components/schemas/CreateChatRequest" });
+    for (path, schema) in [
+        ("~1v1~1chats~1{chatId}/put", "CreateChatRequest"),
+        ("~1v1~1streams/post", "CreateStreamRequest"),
+    ] {
+        if let Some(body) = document.pointer_mut(&format!("/paths/{path}/requestBody")) {
+            body["required"] = Value::Bool(false);
+            body["content"]["application/json"]["schema"] =
+                json!({ "$ref": format!("#/components/schemas/{schema}") });
+        }
     }
+    stream_events(&mut document);
     let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
         return document;
     };
@@ -86,6 +99,147 @@ pub fn finish(api: utoipa::openapi::OpenApi, shards: &[String]) -> Value {
     }
     document
 }
+
+/// The two event streams: their `Last-Event-ID` header, and the schema of
+/// each kind of event's `data`.
+fn stream_events(document: &mut Value) {
+    let reference = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+    let end = |reasons: &[&str], description: &str| {
+        json!({
+            "type": "object",
+            "description": description,
+            "required": ["reason", "detail", "lastEventId"],
+            "properties": {
+                "reason": {"type": "string", "enum": reasons},
+                "detail": {"type": "string"},
+                "lastEventId": {"type": "integer", "format": "int64", "minimum": 0,
+                    "description": "The id to reconnect with (`Last-Event-ID`)"},
+            },
+        })
+    };
+    let schemas = [
+        (
+            "ChatStreamEnd",
+            end(
+                &["shutdown", "chat_not_found", "revision_purged", "error"],
+                "The data of a per-chat stream's final `shutdown` or `error` event",
+            ),
+        ),
+        (
+            "StreamEvent",
+            json!({
+                "description": "The data of a multiplexed stream's event message (no `event:` field): the Event with its chat's id",
+                "allOf": [
+                    reference("Event"),
+                    {"type": "object", "required": ["chatId"],
+                     "properties": {"chatId": {"type": "string", "pattern": crate::domain::ID_PATTERN}}},
+                ],
+            }),
+        ),
+        (
+            "StreamResync",
+            json!({
+                "type": "object",
+                "description": "The data of a `resync` event: the chat was too far behind; fetch its events after `after` up to `latestRevision` with GET /v1/chats/{chatId}/events, the stream goes on after `latestRevision`",
+                "required": ["chatId", "after", "latestRevision", "detail"],
+                "properties": {
+                    "chatId": {"type": "string"},
+                    "after": {"type": "integer", "format": "int64", "minimum": 0},
+                    "latestRevision": {"type": "integer", "format": "int64", "minimum": 0},
+                    "detail": {"type": "string"},
+                },
+            }),
+        ),
+        (
+            "StreamRemoved",
+            json!({
+                "type": "object",
+                "description": "The data of a `removed` event: the stream no longer follows the chat (with `revision_purged`: load `snapshot`, then follow the chat again after its revision)",
+                "required": ["chatId", "reason"],
+                "properties": {
+                    "chatId": {"type": "string"},
+                    "reason": {"type": "string", "enum": ["chat_not_found", "revision_purged", "error"]},
+                    "after": {"type": "integer", "format": "int64", "minimum": 0},
+                    "snapshot": {"type": "string"},
+                    "detail": {"type": "string"},
+                },
+            }),
+        ),
+        (
+            "StreamEnd",
+            end(
+                &["shutdown", "replaced", "closed"],
+                "The data of a multiplexed stream's final `shutdown`, `replaced` or `closed` event",
+            ),
+        ),
+    ];
+    if let Some(components) = document
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        for (name, schema) in schemas {
+            components.insert(name.to_owned(), schema);
+        }
+    }
+    let streams = [
+        (
+            "~1v1~1chats~1{chatId}~1events~1stream",
+            vec![
+                ("message", "Event"),
+                ("shutdown", "ChatStreamEnd"),
+                ("error", "ChatStreamEnd"),
+            ],
+        ),
+        (
+            "~1v1~1streams~1{streamId}",
+            vec![
+                ("message", "StreamEvent"),
+                ("resync", "StreamResync"),
+                ("removed", "StreamRemoved"),
+                ("shutdown", "StreamEnd"),
+                ("replaced", "StreamEnd"),
+                ("closed", "StreamEnd"),
+            ],
+        ),
+    ];
+    for (path, events) in streams {
+        let Some(operation) = document.pointer_mut(&format!("/paths/{path}/get")) else {
+            continue;
+        };
+        if let Some(parameters) = operation
+            .get_mut("parameters")
+            .and_then(Value::as_array_mut)
+        {
+            for parameter in parameters
+                .iter_mut()
+                .filter(|p| p["name"] == "Last-Event-ID")
+            {
+                parameter["required"] = Value::Bool(false);
+                parameter["schema"] = json!({"type": "string", "pattern": LAST_EVENT_ID_PATTERN});
+            }
+        }
+        let Some(ok) = operation.pointer_mut("/responses/200") else {
+            continue;
+        };
+        let listed: Vec<String> = events
+            .iter()
+            .map(|(event, schema)| format!("`{event}`: [{schema}](#/components/schemas/{schema})"))
+            .collect();
+        let description = ok["description"].as_str().unwrap_or_default().to_owned();
+        ok["description"] = Value::String(format!(
+            "{description}. Each event's `data` is JSON; its schema by event name (`message` is an event without an `event:` field): {}",
+            listed.join(", ")
+        ));
+        ok["x-sse-events"] = events
+            .iter()
+            .map(|(event, schema)| ((*event).to_owned(), reference(schema)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+}
+
+/// What a `Last-Event-ID` may be: empty (no id), or up to 18 digits.
+const LAST_EVENT_ID_PATTERN: &str = "^[0-9]{0,18}$";
 
 fn finish_operation(operation: &mut Value) {
     if operation.get("security").is_none() {

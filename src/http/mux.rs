@@ -276,12 +276,12 @@ pub async fn unfollow_chat(
 /// The stream: every event of every chat it follows, as server-sent events.
 #[utoipa::path(
     get, path = "/v1/streams/{streamId}", tag = "events", params(StreamIdParam,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$", description = "The number of the last message received: the stream resumes after it")),
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$", description = "The number of the last message received: the stream resumes after it (empty means none; any other value is refused with 422 invalid_request)")),
     responses(
         (status = 200, description = "The stream: `id` = the message's number; data of an event = the Event with its `chatId`; `resync`, `removed`, and the final `shutdown`, `replaced` and `closed` events", content_type = "text/event-stream", body = String),
         (status = 404, description = "stream_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "stream_resume_expired", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid id, or Last-Event-ID ahead of the stream", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_request: invalid id, a Last-Event-ID that is not 1 to 18 digits, or one ahead of the stream", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn connect_stream(
@@ -289,13 +289,7 @@ pub async fn connect_stream(
     StreamPath(id): StreamPath,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let seen = last_event_id(&headers)
-        .map(|id| {
-            Revision::parse_after(Some(id))
-                .map(|r| r.0)
-                .map_err(|_| Problem::invalid("Last-Event-ID must be a message number"))
-        })
-        .transpose()?;
+    let seen = last_event_id(&headers, "a message number")?;
     let config = state.service.live().load().config.streams.clone();
     let attached = state
         .streams

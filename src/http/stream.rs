@@ -67,12 +67,12 @@ pub(super) fn refusal(limit: Limit, metrics: &crate::metrics::Metrics) -> Proble
 #[utoipa::path(
     get, path = "/v1/chats/{chatId}/events/stream", tag = "events",
     params(ChatIdParam, EventStreamParams,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$", description = "The revision last received: the stream resumes after it (wins over `after`; empty means none)")),
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$", description = "The revision last received: the stream resumes after it (wins over `after`; empty means none; any other value is refused with 422 invalid_request)")),
     responses(
         (status = 200, description = "The stream: one message per event, `id` = its revision, data = the Event as JSON; `shutdown` and `error` events end it", content_type = "text/event-stream", body = String),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "revision_purged: the events after the revision asked for are no longer stored; full-sync from the snapshot", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid id or revision", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid_request: invalid id or revision, or a Last-Event-ID that is not 1 to 18 digits", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "too_many_subscribers, or the shard is unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -82,11 +82,10 @@ pub async fn chat_stream(
     headers: HeaderMap,
     query: PageQuery,
 ) -> Result<Response, Problem> {
-    let after = match last_event_id(&headers) {
-        Some(id) => Revision::parse_after(Some(id)),
-        None => Revision::parse_after(query.after.as_deref()),
-    }
-    .map_err(|e| Problem::invalid(e.0))?;
+    let after = match last_event_id(&headers, "a revision")? {
+        Some(id) => Revision(id),
+        None => Revision::parse_after(query.after.as_deref()).map_err(|e| Problem::invalid(e.0))?,
+    };
     let config = state.service.live().load().config.streams.clone();
     let subscription = (
         state
@@ -243,15 +242,27 @@ pub(super) fn event_json(event: &Event) -> Arc<str> {
         .clone()
 }
 
-/// The `Last-Event-ID` header of a reconnect; an empty one is no id at all
-/// (the SSE spec resets to it).
-pub(super) fn last_event_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
+/// The `Last-Event-ID` header of a reconnect, the same on both streams: an
+/// absent or empty one is no id at all (the SSE spec resets to it); anything
+/// else must be 1 to 18 digits (the documented pattern), or the request is
+/// refused with 422 `invalid_request` naming `what` the id is.
+pub(super) fn last_event_id(headers: &HeaderMap, what: &str) -> Result<Option<u64>, Problem> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let invalid = || Problem::invalid(format!("Last-Event-ID must be {what} (1 to 18 digits)"));
+    let id = value.to_str().map_err(|_| invalid())?.trim();
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if id.len() > LAST_EVENT_ID_DIGITS || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    id.parse().map(Some).map_err(|_| invalid())
 }
+
+/// The most digits a `Last-Event-ID` has (below `i64::MAX`).
+const LAST_EVENT_ID_DIGITS: usize = 18;
 
 /// The answer headers of every event stream (no caching, no proxy buffering).
 pub(super) fn stream_headers(response: &mut Response) {

@@ -7,7 +7,9 @@
 //! nothing to return waits for the tail to move (a commit here, or a refresh
 //! that found new events) until `wait` passes, then answers an empty page with
 //! the latest revision. A fetch older than the tail reads the log, with the
-//! coalescing and short-lived pages of hot chats.
+//! coalescing and short-lived pages of hot chats. A fetch below the chat's
+//! first stored revision is answered 410 `revision_purged` whether the tail
+//! or the log answers it: the tail knows the floor (see [`super::tail`]).
 //!
 //! A plain poll of a hot chat may be throttled (the decision is the
 //! throttle's, see `throttle::fetch`); a long-poll is a subscriber and never
@@ -112,6 +114,9 @@ impl ChatService {
                 // The read paths below are boxed: inline, the shard's read
                 // machinery would make every waiting caller's future (every
                 // stream and long-poll) tens of KiB, waiting or not.
+                Answer::Purged { first_revision } => {
+                    return Err(ServiceError::RevisionPurged { first_revision });
+                }
                 Answer::TooOld => {
                     Decisions::bump(&decisions.tail_behind);
                     return Box::pin(self.events_from_log(chat, after, limit, keep, generation))
@@ -125,14 +130,7 @@ impl ChatService {
                         .await;
                 }
                 Answer::Stale => {
-                    Box::pin(tail.refresh(after.0, |from| async move {
-                        Decisions::bump(&self.throttle.decisions.fetch_queries);
-                        let page = self
-                            .load_events(chat, Revision(from), PageLimit::largest())
-                            .await?;
-                        Ok::<_, ServiceError>((page.events, page.latest_revision))
-                    }))
-                    .await?;
+                    Box::pin(tail.refresh(after.0, |from| self.tail_page(chat, from))).await?;
                     refreshed = true;
                     missed = true;
                 }
@@ -195,8 +193,11 @@ impl ChatService {
                 Box::pin(async move { Ok(chats::revisions(conn, &ids).await?) })
             })
             .await;
-        let revisions: HashMap<String, u64> = match revisions {
-            Ok(r) => r.into_iter().collect(),
+        let revisions: HashMap<String, (u64, u64)> = match revisions {
+            Ok(r) => r
+                .into_iter()
+                .map(|(chat, latest, first)| (chat, (latest, first)))
+                .collect(),
             Err(e) => {
                 tracing::debug!(error = %crate::error::chain(&e), "the tail refresher skipped a shard");
                 return;
@@ -205,21 +206,18 @@ impl ChatService {
         // A chat the shard did not list has moved away (its row there is a
         // marker): its tail is refreshed like a moved one, which follows the
         // marker, so its waiters hear of the chat's new writes within a round.
+        // The floor is learnt on the way: a purge elsewhere reaches the
+        // tails within a round even without its notice.
         let moved = chunk.iter().filter(|(chat, tail)| {
-            let latest = revisions.get(chat.as_str()).copied().unwrap_or(u64::MAX);
+            let Some(&(latest, first)) = revisions.get(chat.as_str()) else {
+                return !tail.vouch(u64::MAX);
+            };
+            tail.floor(first);
             !tail.vouch(latest)
         });
         futures_util::future::join_all(moved.map(|(chat, tail)| async move {
             let from = tail.end().unwrap_or(0);
-            let filled = tail
-                .refresh(from, |from| async move {
-                    Decisions::bump(&self.throttle.decisions.fetch_queries);
-                    let page = self
-                        .load_events(chat, Revision(from), PageLimit::largest())
-                        .await?;
-                    Ok::<_, ServiceError>((page.events, page.latest_revision))
-                })
-                .await;
+            let filled = tail.refresh(from, |from| self.tail_page(chat, from)).await;
             if let Err(e) = filled {
                 tracing::debug!(error = %crate::error::chain(&e), "the tail refresher could not fill a tail");
             }
@@ -266,12 +264,49 @@ impl ChatService {
         Ok(page)
     }
 
+    /// What a tail refresh reads: the events after `from` that the purge
+    /// kept (a tail behind the floor restarts at it), the latest revision and
+    /// the first stored one.
+    async fn tail_page(
+        &self,
+        chat: &ChatId,
+        from: u64,
+    ) -> Result<(Vec<Event>, u64, u64), ServiceError> {
+        Decisions::bump(&self.throttle.decisions.fetch_queries);
+        let (page, first_revision) = self
+            .read_log(chat, Revision(from), PageLimit::largest())
+            .await?;
+        let mut events = page.events;
+        events.retain(|e| e.revision >= first_revision);
+        Ok((events, page.latest_revision, first_revision))
+    }
+
     async fn load_events(
         &self,
         chat: &ChatId,
         after: Revision,
         limit: PageLimit,
     ) -> Result<EventPage, ServiceError> {
+        let (page, first_revision) = self.read_log(chat, after, limit).await?;
+        // Events below the first stored revision are purged (or going): the
+        // reader must full-sync. The purge raises first_revision before it
+        // deletes, and the bound is read after the page, so a page read
+        // before the raise is refused too, never holed.
+        if after.0 + 1 < first_revision {
+            return Err(ServiceError::RevisionPurged { first_revision });
+        }
+        Ok(page)
+    }
+
+    /// A page of the log after `after` and the chat's first stored revision
+    /// (read after the page). The page may hold events below it (purged, not
+    /// yet deleted): the caller decides.
+    async fn read_log(
+        &self,
+        chat: &ChatId,
+        after: Revision,
+        limit: PageLimit,
+    ) -> Result<(EventPage, u64), ServiceError> {
         let n = limit.get();
         self.read_located(chat, "fetch_events", || {
             let (id, owner) = (chat.to_string(), chat.clone());
@@ -286,26 +321,21 @@ impl ChatService {
                     if let Some(to) = bounds.moved_to {
                         return Ok(Located::Moved(to));
                     }
-                    // Events below the first stored revision are purged (or
-                    // going): the reader must full-sync. The purge raises
-                    // first_revision before it deletes, so a page read before
-                    // that, and checked after, is refused too, never holed.
-                    if after.0 + 1 < bounds.first_revision {
-                        return Ok(Located::Here(Err(bounds.first_revision)));
-                    }
                     let latest_revision = bounds.revision;
                     let events = rows
                         .into_iter()
                         .map(|r| Event::from_row(&owner, r))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok(Located::Here(Ok(EventPage {
-                        events,
-                        latest_revision,
-                    })))
+                    Ok(Located::Here((
+                        EventPage {
+                            events,
+                            latest_revision,
+                        },
+                        bounds.first_revision,
+                    )))
                 })
             }
         })
-        .await?
-        .map_err(|first_revision| ServiceError::RevisionPurged { first_revision })
+        .await
     }
 }

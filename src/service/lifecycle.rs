@@ -29,6 +29,7 @@ use chrono::NaiveDateTime;
 use super::ChatService;
 use super::repair::{self, Repair};
 use crate::config::{DigestSettings, PurgeSettings};
+use crate::domain::ChatId;
 use crate::live::Live;
 use crate::shard::{Shard, ShardError};
 use crate::storage::repair as sql;
@@ -129,6 +130,19 @@ pub async fn purge_shard(
     dry_run: bool,
     stats: Option<&LifecycleStats>,
 ) -> ShardPurge {
+    purge_shard_telling(shard, live, settings, dry_run, stats, &|_, _| {}).await
+}
+
+/// [`purge_shard`], telling `purged` of each chat whose first revision it
+/// raised, and to what.
+pub async fn purge_shard_telling(
+    shard: &Shard,
+    live: &Live,
+    settings: &PurgeSettings,
+    dry_run: bool,
+    stats: Option<&LifecycleStats>,
+    purged: &(dyn Fn(&str, u64) + Sync),
+) -> ShardPurge {
     let mut report = ShardPurge {
         shard: shard.name().to_owned(),
         ..ShardPurge::default()
@@ -166,8 +180,11 @@ pub async fn purge_shard(
             }
             let cutoff = now - chrono::Duration::days(i64::try_from(rule.min_days).unwrap_or(0));
             match purge_chat(shard, &chat, upto, cutoff, settings, dry_run, &pace).await {
-                Ok(0) => {}
-                Ok(n) => {
+                Ok((0, _)) => {}
+                Ok((n, first)) => {
+                    if !dry_run && first > chat.first_revision {
+                        purged(&chat.chat_id, first);
+                    }
                     report.chats += 1;
                     report.events += n;
                     if let Some(stats) = stats {
@@ -185,7 +202,8 @@ pub async fn purge_shard(
 }
 
 /// Purges one chat's events in `[first, upto]` older than `cutoff`, a batch
-/// at a time; the events purged (or, dry, that would be).
+/// at a time; the events purged (or, dry, that would be), and the chat's first
+/// revision after it.
 async fn purge_chat(
     shard: &Shard,
     chat: &sql::ChatLog,
@@ -194,7 +212,7 @@ async fn purge_chat(
     settings: &PurgeSettings,
     dry_run: bool,
     pace: &Pace,
-) -> Result<u64, ShardError> {
+) -> Result<(u64, u64), ShardError> {
     let mut first = chat.first_revision;
     let mut purged = 0;
     let batch = settings.batch_rows;
@@ -238,6 +256,7 @@ async fn purge_chat(
                 // Moved away, or a move started: leave it.
                 break;
             };
+            first = last + 1;
             purged += deleted;
             pace.spend(deleted).await;
         }
@@ -246,7 +265,7 @@ async fn purge_chat(
         }
         first = last + 1;
     }
-    Ok(purged)
+    Ok((purged, first))
 }
 
 /// What one digest round of one shard did.
@@ -347,12 +366,14 @@ impl ChatService {
                     {
                         continue;
                     }
-                    let report = purge_shard(
+                    let told = |chat: &str, first: u64| service.purged(chat, first);
+                    let report = purge_shard_telling(
                         &shard,
                         &service.live,
                         &settings,
                         false,
                         Some(&service.lifecycle),
+                        &told,
                     )
                     .await;
                     LifecycleStats::add(&service.lifecycle.purge_rounds, 1);
@@ -402,6 +423,20 @@ impl ChatService {
                     }
                 }
             });
+        }
+    }
+
+    /// After the purge raised the chat's first revision to `first_revision`:
+    /// this instance's tail drops what went and its kept pages retire, and
+    /// the fleet is told, so that every instance answers reads below it 410.
+    fn purged(&self, chat: &str, first_revision: u64) {
+        let Ok(chat) = ChatId::parse(chat) else {
+            return;
+        };
+        self.tails.purged(&chat, first_revision);
+        self.throttle.hot.retire(&chat);
+        if let Some(fleet) = &self.fleet {
+            fleet.purged(&chat, first_revision);
         }
     }
 

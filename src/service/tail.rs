@@ -17,6 +17,11 @@
 //!   costs a read of its events. A quiet chat followed by many streams costs
 //!   its shard nothing but its share of that one query.
 //! - Waiters are woken when the latest known revision moves.
+//! - A tail knows its chat's floor, the first revision the purge kept (from
+//!   the purge itself on this instance, from another instance's purge notice,
+//!   and from every read that refreshes it): the events below it are dropped,
+//!   and a read below it is answered [`Answer::Purged`], as the log answers
+//!   it, so no instance serves from memory what the log no longer holds.
 //! - Tails are created by readers and dropped when nobody read them for a
 //!   minute, and their number is bounded (`tail.chats`).
 
@@ -153,6 +158,14 @@ impl Tails {
         }
     }
 
+    /// Told that the chat's events below `first_revision` were purged (by
+    /// this instance, or by another one's notice): see [`Tail::floor`].
+    pub fn purged(&self, chat: &ChatId, first_revision: u64) {
+        if let Some(tail) = self.cache.get(chat) {
+            tail.floor(first_revision);
+        }
+    }
+
     /// Distrusts every tail: after notices may have been lost (Redis was
     /// away), each tail is read again before it answers, and its waiters are
     /// woken to read it now (one read per tail, shared by its waiters).
@@ -221,6 +234,9 @@ struct State {
     bytes: u64,
     /// Evicted from the cache: its bytes were given back.
     released: bool,
+    /// The chat's first stored revision as last known (0 or 1: nothing
+    /// purged): the events below it are purged, and never served.
+    first: u64,
 }
 
 /// What a tail can say about the events after a revision.
@@ -230,6 +246,9 @@ pub enum Answer {
     Events { events: Vec<Event>, latest: u64 },
     /// The revision is older than what the tail holds: read the log.
     TooOld,
+    /// The events after the revision were purged: the chat's first stored
+    /// revision is given (the reader must full-sync, 410 `revision_purged`).
+    Purged { first_revision: u64 },
     /// The tail knows nothing recent enough to vouch for: refresh it first.
     Stale,
 }
@@ -269,6 +288,41 @@ impl Tail {
     pub fn waiting(&self) -> Waiting<'_> {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Waiting(self)
+    }
+
+    /// Told that the chat's events below `first_revision` are purged: the tail
+    /// drops the ones it holds and answers reads below the floor with
+    /// [`Answer::Purged`]. The floor only rises.
+    pub fn floor(&self, first_revision: u64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if first_revision <= state.first {
+            return;
+        }
+        state.first = first_revision;
+        if !state.known {
+            return;
+        }
+        let end = state.base + state.events.len() as u64;
+        let mut freed = 0;
+        while state.base + 1 < first_revision {
+            let Some(oldest) = state.events.pop_front() else {
+                break;
+            };
+            state.base += 1;
+            freed += weight(&oldest);
+        }
+        if state.base + 1 < first_revision {
+            // The tail ended below the floor: it was behind, and what it
+            // lacks up to the floor is gone. It starts at the floor, stale.
+            state.base = first_revision - 1;
+            if state.base > end {
+                state.refreshed = None;
+            }
+        }
+        if !state.released {
+            state.bytes -= freed;
+            self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        }
     }
 
     /// Told by the refresher that the chat's latest revision was `latest`
@@ -321,6 +375,11 @@ impl Tail {
             return Answer::Stale;
         }
         let end = state.base + state.events.len() as u64;
+        if after + 1 < state.first {
+            return Answer::Purged {
+                first_revision: state.first,
+            };
+        }
         if after < state.base {
             return Answer::TooOld;
         }
@@ -425,13 +484,14 @@ impl Tail {
     /// Refreshes the tail with one `read(after)` of what follows it (or of
     /// what follows `from` when the tail knows nothing), unless another caller
     /// refreshed it meanwhile. `read` returns the events after a revision
-    /// (oldest first, one page) and the chat's latest revision. A page that
+    /// (oldest first, one page; none below the floor), the chat's latest
+    /// revision and its first stored revision (the floor). A page that
     /// does not reach the latest revision leaves the tail stale: its readers
     /// are too far behind for it and read the log.
     pub async fn refresh<F, Fut, E>(&self, from: u64, read: F) -> Result<(), E>
     where
         F: FnOnce(u64) -> Fut,
-        Fut: std::future::Future<Output = Result<(Vec<Event>, u64), E>>,
+        Fut: std::future::Future<Output = Result<(Vec<Event>, u64, u64), E>>,
     {
         let _one = self.fill.lock().await;
         let after = {
@@ -446,7 +506,8 @@ impl Tail {
                 from
             }
         };
-        let (events, latest) = read(after).await?;
+        let (events, latest, first_revision) = read(after).await?;
+        self.floor(first_revision);
         if events.last().map_or(after, |e| e.revision) >= latest {
             self.append(&events, Some(latest));
         }
@@ -463,6 +524,10 @@ impl crate::fleet::NoticeSink for Tails {
 
     fn learn(&self, chat: &ChatId, last: u64) {
         Tails::learn(self, chat, last);
+    }
+
+    fn purged(&self, chat: &ChatId, first_revision: u64) {
+        Tails::purged(self, chat, first_revision);
     }
 
     fn distrust_all(&self) {
@@ -529,7 +594,7 @@ mod tests {
         assert!(matches!(t.read(0, 10), Answer::Stale));
         t.refresh(0, |after| async move {
             assert_eq!(after, 0);
-            Ok::<_, ()>(((1..=2).map(ev).collect(), 2))
+            Ok::<_, ()>(((1..=2).map(ev).collect(), 2, 1))
         })
         .await
         .map_err(|()| "read")?;
@@ -559,6 +624,55 @@ mod tests {
         assert!(!t.vouch(3));
         assert!(matches!(t.read(2, 10), Answer::Stale));
         assert_eq!(t.end(), Some(2));
+    }
+
+    #[test]
+    fn a_purge_raises_the_floor_and_reads_below_it_are_purged() {
+        let shared = budget(u64::MAX);
+        let t = Tail::new(100, Duration::from_secs(60), shared.clone());
+        t.append(&(1..=10).map(ev).collect::<Vec<_>>(), Some(10));
+        assert_eq!(revisions(t.read(0, 100)).len(), 10);
+        t.floor(7);
+        // Below the floor: purged, as the log says; from it on: served.
+        assert!(matches!(
+            t.read(0, 100),
+            Answer::Purged { first_revision: 7 }
+        ));
+        assert!(matches!(
+            t.read(5, 100),
+            Answer::Purged { first_revision: 7 }
+        ));
+        assert_eq!(revisions(t.read(6, 100)), [7, 8, 9, 10]);
+        let kept: u64 = (7..=10).map(|r| weight(&ev(r))).sum();
+        assert_eq!(shared.used.load(Ordering::Relaxed), kept);
+        // The floor never goes down.
+        t.floor(3);
+        assert!(matches!(
+            t.read(4, 100),
+            Answer::Purged { first_revision: 7 }
+        ));
+        // A tail behind the floor starts at it, and is stale.
+        let behind = tail(100);
+        behind.append(&[ev(1), ev(2)], Some(2));
+        behind.floor(6);
+        assert_eq!(behind.end(), Some(5));
+        assert!(matches!(behind.read(5, 100), Answer::Stale));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_learns_the_floor() -> crate::TestResult {
+        let t = tail(10);
+        t.refresh(0, |_| async move {
+            Ok::<_, ()>(((4..=6).map(ev).collect(), 6, 4))
+        })
+        .await
+        .map_err(|()| "read")?;
+        assert!(matches!(
+            t.read(0, 10),
+            Answer::Purged { first_revision: 4 }
+        ));
+        assert_eq!(revisions(t.read(3, 10)), [4, 5, 6]);
+        Ok(())
     }
 
     #[test]

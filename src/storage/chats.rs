@@ -129,17 +129,18 @@ pub async fn log_bounds(
         .await
 }
 
-/// The latest revisions of several chats (of those that exist here and have
-/// not moved away).
+/// The latest and first stored revisions of several chats (of those that
+/// exist here and have not moved away).
 pub async fn revisions(
     conn: &mut MySqlConnection,
     chat_ids: &[String],
-) -> sqlx::Result<Vec<(String, u64)>> {
+) -> sqlx::Result<Vec<(String, u64, u64)>> {
     if chat_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut query =
-        sqlx::QueryBuilder::new("SELECT chat_id, revision FROM chat WHERE chat_id IN (");
+    let mut query = sqlx::QueryBuilder::new(
+        "SELECT chat_id, revision, first_revision FROM chat WHERE chat_id IN (",
+    );
     let mut ids = query.separated(", ");
     for id in chat_ids {
         ids.push_bind(id);

@@ -357,3 +357,57 @@ async fn set_streams(app: &TestApp, streams: Value) {
         .expect("request");
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_that_is_not_a_message_number_is_refused_like_the_chat_streams() {
+    use crate::stream::{NOT_IDS, with_last_event_id};
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("mux-id").await;
+    let stream = create(&app, cursors(&[(&chat, 0)])).await;
+    let path = format!("/v1/streams/{stream}");
+    for value in NOT_IDS {
+        let r = with_last_event_id(&app, Method::GET, &path, value).await;
+        let p = assert_problem(r, 422, "invalid_request").await;
+        assert!(
+            p["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("Last-Event-ID")),
+            "{value:?}: {p}"
+        );
+    }
+    // Empty is no id at all: the stream starts from its cursors.
+    let r = with_last_event_id(&app, Method::GET, &path, b"").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(r);
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_made_without_a_body_and_a_null_body_is_refused_as_documented() {
+    let app = TestApp::spawn().await;
+    // The document declares the body optional and never null.
+    let document: Value = app.get("/openapi.json").await.json().await.expect("json");
+    let body = &document["paths"]["/v1/streams"]["post"]["requestBody"];
+    assert_eq!(body["required"], json!(false));
+    assert_eq!(
+        body["content"]["application/json"]["schema"],
+        json!({"$ref": "#/components/schemas/CreateStreamRequest"})
+    );
+    let r = app
+        .http
+        .post(app.url("/v1/streams"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app
+        .http
+        .post(app.url("/v1/streams"))
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .expect("request");
+    assert_problem(r, 422, "invalid_request").await;
+    app.shut_down().await;
+}

@@ -149,3 +149,56 @@ async fn openapi_document_is_valid_and_a_generated_client_runs_the_readme_sessio
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_streams_document_their_events_data_and_the_same_last_event_id() {
+    let app = TestApp::spawn().await;
+    let document: serde_json::Value = app.get("/openapi.json").await.json().await.expect("json");
+    let schemas = &document["components"]["schemas"];
+    for (path, events) in [
+        (
+            "/v1/chats/{chatId}/events/stream",
+            &["message", "shutdown", "error"][..],
+        ),
+        (
+            "/v1/streams/{streamId}",
+            &[
+                "message", "resync", "removed", "shutdown", "replaced", "closed",
+            ][..],
+        ),
+    ] {
+        let operation = &document["paths"][path]["get"];
+        let ok = &operation["responses"]["200"];
+        let described = ok["description"].as_str().expect("description");
+        for event in events {
+            let reference = ok["x-sse-events"][event]["$ref"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{path}: no schema for `{event}`"));
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .expect("a component schema");
+            assert!(schemas[name].is_object(), "{path}: {name} is not defined");
+            assert!(
+                described.contains(&format!("`{event}`: [{name}]")),
+                "{path}: {described}"
+            );
+        }
+        let header = operation["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .find(|p| p["name"] == "Last-Event-ID")
+            .expect("Last-Event-ID");
+        assert_eq!(header["required"], serde_json::json!(false), "{path}");
+        assert_eq!(
+            header["schema"],
+            serde_json::json!({"type": "string", "pattern": "^[0-9]{0,18}$"}),
+            "{path}"
+        );
+        let refused = operation["responses"]["422"]["description"]
+            .as_str()
+            .expect("422");
+        assert!(refused.contains("Last-Event-ID"), "{path}: {refused}");
+    }
+    app.shut_down().await;
+}

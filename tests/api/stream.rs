@@ -223,3 +223,54 @@ async fn a_subscriber_that_stops_reading_slows_nobody_and_is_disconnected() {
     .await;
     assert!(closed.is_ok(), "the slow connection stayed open");
 }
+
+/// The answer of `path` to `Last-Event-ID: value`.
+pub(crate) async fn with_last_event_id(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    value: &[u8],
+) -> reqwest::Response {
+    let header = reqwest::header::HeaderValue::from_bytes(value).expect("a header value");
+    app.http
+        .request(method, app.url(path))
+        .header("last-event-id", header)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// `Last-Event-ID` values that are not ids: both streams refuse them (422).
+pub(crate) const NOT_IDS: [&[u8]; 6] = [
+    b"\xc2\x84",
+    b"null",
+    b"-1",
+    b"+5",
+    b"1e3",
+    b"1234567890123456789",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_that_is_not_a_revision_is_refused_with_422() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("sse-id").await;
+    let path = format!("/v1/chats/{chat}/events/stream?after=0");
+    // The rule of the multiplexed stream too (tests/api/mux.rs): 1 to 18
+    // digits, or empty for none.
+    for value in NOT_IDS {
+        let r = with_last_event_id(&app, Method::GET, &path, value).await;
+        let p = assert_problem(r, 422, "invalid_request").await;
+        assert!(
+            p["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("Last-Event-ID")),
+            "{value:?}: {p}"
+        );
+    }
+    // Empty is no id at all (the SSE spec resets to it): `after` applies.
+    for value in [&b""[..], b"0"] {
+        let r = with_last_event_id(&app, Method::GET, &path, value).await;
+        assert_eq!(r.status(), StatusCode::OK, "{value:?}");
+    }
+    app.shut_down().await;
+}

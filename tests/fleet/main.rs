@@ -172,6 +172,98 @@ async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
     shut_down([a, b]).await;
 }
 
+/// The chat's first stored revision, if `r` is a 410 `revision_purged`.
+async fn purged_since(r: reqwest::Response) -> Option<u64> {
+    if r.status() != StatusCode::GONE {
+        return None;
+    }
+    let problem: Value = r.json().await.ok()?;
+    (problem["code"] == "revision_purged")
+        .then(|| problem["firstRevision"].as_u64())
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_on_one_instance_trims_the_tail_another_holds() {
+    let redis = servers::redis().await;
+    let prefix = unique("purge");
+    let chat = unique("p");
+    // A purges this chat (its last 10 revisions and its last 5 days stay);
+    // B purges nothing, and its tail would be trusted for 45 s: within
+    // seconds, only A's notice can tell it of the purge.
+    let a = instance(&redis.url(), &prefix, |s| {
+        s.retention.enabled = false;
+        s.retention.overrides.insert(
+            chat.clone(),
+            serde_json::from_value(json!({ "enabled": true, "minDays": 5, "minRevisions": 10 }))
+                .expect("override"),
+        );
+        s.purge.interval_ms = 50;
+    })
+    .await;
+    let b = instance(&redis.url(), &prefix, |s| {
+        s.retention.enabled = false;
+        s.retention.overrides.clear();
+    })
+    .await;
+    wait_joined(&[&a, &b]).await;
+    put_chat(&a, &chat).await;
+    a.join_writers(&chat, 2, 0).await;
+    a.post_concurrently(&chat, 2, 24).await; // revisions 1..=50
+
+    // B holds the whole log in its tail, and follows the chat's notices.
+    let r = b.get(&format!("/v1/chats/{chat}/events?after=0")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let page: Value = r.json().await.expect("json");
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(50));
+    assert_eq!(page["events"][0]["revision"], 1);
+    wait_subscribed(&b, 1).await;
+
+    // Revisions 1..=30 become ten days old: A's purge lets them go.
+    let mut db = a.db(a.shard_of(&chat).await).await;
+    sqlx::query(
+        "UPDATE chat_event SET created_at = DATE_SUB(created_at, INTERVAL 10 DAY) \
+         WHERE chat_id = ? AND revision <= 30",
+    )
+    .bind(&chat)
+    .execute(&mut db)
+    .await
+    .expect("backdate");
+    eventually(Duration::from_secs(20), "the purge", || async {
+        a.chat_body(&chat).await["firstRevision"] == 31
+    })
+    .await;
+
+    // Both instances refuse what was purged: polls, long-polls, streams.
+    for i in [&a, &b] {
+        eventually(Duration::from_secs(10), "410 below the floor", || async {
+            purged_since(i.get(&format!("/v1/chats/{chat}/events?after=0")).await).await == Some(31)
+        })
+        .await;
+        for path in [
+            format!("/v1/chats/{chat}/events?after=29"),
+            format!("/v1/chats/{chat}/events?after=3&waitMs=200"),
+            format!("/v1/chats/{chat}/events/stream?after=0"),
+        ] {
+            assert_eq!(purged_since(i.get(&path).await).await, Some(31), "{path}");
+        }
+        // What the purge kept is served whole.
+        let r = i.get(&format!("/v1/chats/{chat}/events?after=30")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let page: Value = r.json().await.expect("json");
+        let revisions: Vec<u64> = page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["revision"].as_u64().expect("revision"))
+            .collect();
+        assert_eq!(revisions, (31..=50).collect::<Vec<u64>>());
+    }
+    let fb = b.fleet().await;
+    assert!(fb["fleet"]["counters"]["noticesReceived"].as_u64() > Some(0));
+    shut_down([a, b]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_marked_hot_on_one_instance_is_throttled_on_another() {
     let redis = servers::redis().await;
