@@ -795,8 +795,13 @@ fn the_image_check_fails_on_what_the_build_would_fail_on() {
         .collect();
     assert_ne!(without_benches, dockerfile);
     let stage = lay_out_build_stage(&without_benches, &context).unwrap_or_else(|e| panic!("{e}"));
-    let err = cargo_metadata(&stage).expect_err("Cargo.toml declares a bench in benches/");
-    assert!(err.contains("write_path"), "{err}");
+    let err = cargo_metadata(&stage).expect_err("Cargo.toml declares benches in benches/");
+    assert!(
+        ["write_path", "auth"]
+            .iter()
+            .any(|b| err.contains(&format!("`{b}` bench"))),
+        "{err}"
+    );
 
     // The runtime stage: a good one, then one that runs as root, checks its
     // health with no program the build stage compiles, and ships other files
