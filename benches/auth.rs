@@ -39,8 +39,7 @@ fn authorize(c: &mut Criterion) {
         );
         group.bench_function(BenchmarkId::from_parameter(format!("{n}_clients")), |b| {
             b.iter(|| {
-                std::hint::black_box(callers.authorize(Some(header.as_str()), Scope::Write))
-                    .is_ok()
+                std::hint::black_box(callers.authorize(Some(header.as_str()), Scope::Write)).is_ok()
             })
         });
     }
