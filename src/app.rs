@@ -21,6 +21,8 @@ pub struct App {
     /// Tells streams the instance is shutting down.
     closing: tokio::sync::watch::Sender<bool>,
     http: crate::config::HttpSettings,
+    /// TLS on the listener (`http.tls`), if configured.
+    tls: Option<Arc<http::tls::Tls>>,
     router: axum::Router,
     shards: Arc<ShardSet>,
     live: Arc<Live>,
@@ -32,6 +34,7 @@ impl App {
     /// binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
+        let tls = http::tls::Tls::from_settings(&settings.http.tls)?;
         let metrics = Metrics::new(settings.telemetry.metrics_export()?.as_ref())?;
         let shards = build_shards_measured(settings, metrics.shard_instruments())?;
         check_innodb(&shards, settings.startup.require_safe_innodb).await?;
@@ -111,11 +114,18 @@ impl App {
             listener,
             closing,
             http: settings.http.clone(),
+            tls,
             router,
             shards,
             live,
             metrics,
         })
+    }
+
+    /// The listener's TLS, whose certificate [`http::tls::Tls::reload`]
+    /// swaps (SIGHUP); `None` on plain HTTP.
+    pub fn tls(&self) -> Option<&Arc<http::tls::Tls>> {
+        self.tls.as_ref()
     }
 
     pub fn live(&self) -> &Arc<Live> {
@@ -182,6 +192,7 @@ impl App {
             self.listener,
             self.router,
             self.http,
+            self.tls,
             metrics.clone(),
             shutdown,
         )

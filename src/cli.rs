@@ -594,16 +594,25 @@ const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
-    if let Some(path) = config {
-        // The live section follows the file: checked every second, and at once
-        // on SIGHUP.
+    // The live section follows the file: checked every second, and at once
+    // on SIGHUP. SIGHUP also reloads the API listener's TLS certificate.
+    let tls = app.tls().cloned();
+    if let Some(path) = &config {
         app.watch_config(path.clone(), CONFIG_POLL);
+    }
+    if config.is_some() || tls.is_some() {
         let live = app.live().clone();
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        app::reload_live(&live, &path);
+                        if let Some(path) = &config {
+                            app::reload_live(&live, path);
+                        }
+                        if let Some(tls) = &tls {
+                            // Logged there; the previous certificate stays.
+                            let _ = tls.reload();
+                        }
                     }
                 });
             }
@@ -613,8 +622,13 @@ async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<(
         }
     }
     let addr = app.local_addr()?;
-    tracing::info!(%addr, shards = settings.shards.len(), "chatshard listening");
-    println!("chatshard listening on http://{addr}");
+    let scheme = if settings.http.tls.enabled() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, shards = settings.shards.len(), scheme, "chatshard listening");
+    println!("chatshard listening on {scheme}://{addr}");
     app.run(shutdown_signal()).await
 }
 

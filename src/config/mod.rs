@@ -35,8 +35,9 @@ use std::path::Path;
 
 pub use settings::{
     AdminSettings, ApiClient, ApiSettings, BreakerSettings, ChatDefaults, DigestSettings,
-    GroupCommitSettings, HttpSettings, MovesSettings, PoolSettings, PurgeSettings, RedisSettings,
-    Scope, Settings, ShardSettings, StartupSettings, TailSettings, ThrottleSettings, redact_url,
+    GroupCommitSettings, HttpSettings, HttpTlsSettings, MovesSettings, PoolSettings, PurgeSettings,
+    RedisSettings, Scope, Settings, ShardSettings, StartupSettings, TailSettings, ThrottleSettings,
+    redact_url,
 };
 
 /// A configuration that failed to load or validate; lists every problem.

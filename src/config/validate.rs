@@ -117,6 +117,7 @@ impl Settings {
         if self.http.send_buffer_bytes < 8_192 {
             problems.push("http.send_buffer_bytes must be at least 8192".to_owned());
         }
+        tls_problems(&self.http.tls, &mut problems);
         if self.pool.lock_wait_timeout_secs > 0
             && self.pool.lock_wait_timeout_secs * 1000 >= self.pool.operation_timeout_ms
         {
@@ -282,6 +283,24 @@ impl RedisSettings {
 }
 
 /// What is wrong with `[[api.clients]]`.
+/// `[http.tls]`: both files or neither, a client CA only with them. Whether
+/// the files can be read and parsed is checked when the listener is built.
+fn tls_problems(tls: &super::HttpTlsSettings, problems: &mut Vec<String>) {
+    if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+        problems.push(
+            "http.tls.cert_file and http.tls.key_file must be set together (or neither)".to_owned(),
+        );
+    }
+    if !tls.client_ca_file.is_empty() && !tls.enabled() {
+        problems.push(
+            "http.tls.client_ca_file needs http.tls.cert_file and http.tls.key_file".to_owned(),
+        );
+    }
+    if tls.handshake_timeout_ms == 0 {
+        problems.push("http.tls.handshake_timeout_ms must be greater than 0".to_owned());
+    }
+}
+
 fn api_problems(api: &super::ApiSettings) -> Vec<String> {
     let mut problems = Vec::new();
     let mut digests = std::collections::HashSet::new();
@@ -354,6 +373,23 @@ mod tests {
             .ok_or("id_block 1024 was accepted")?;
         assert!(err.to_string().contains("below 1024"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let with = |section: &str| format!("{TWO_SHARDS}\n[http.tls]\n{section}\n");
+        let problems = |section: &str| match Settings::from_toml(&with(section), []) {
+            Ok(_) => String::new(),
+            Err(e) => e.0.join("\n"),
+        };
+        assert_eq!(problems("cert_file = \"c.pem\"\nkey_file = \"k.pem\""), "");
+        assert!(problems("cert_file = \"c.pem\"").contains("set together"));
+        assert!(problems("key_file = \"k.pem\"").contains("set together"));
+        assert!(problems("client_ca_file = \"ca.pem\"").contains("needs http.tls.cert_file"));
+        assert!(
+            problems("cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nhandshake_timeout_ms = 0")
+                .contains("http.tls.handshake_timeout_ms")
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod problem;
 pub mod serve;
 pub mod shape;
 pub mod stream;
+pub mod tls;
 pub mod trace;
 
 use std::sync::Arc;

@@ -3,8 +3,13 @@
 //! `axum::serve` keeps a connection for as long as the client likes: a client
 //! that never finishes its headers (or its body) holds a socket forever, and a
 //! graceful stop waits for it. Here every connection is bounded, whichever
-//! protocol it speaks (HTTP/1 or HTTP/2 with prior knowledge):
+//! protocol it speaks (HTTP/1 or HTTP/2 with prior knowledge, or either over
+//! TLS when `http.tls` is set, chosen by ALPN):
 //!
+//! - over TLS, a connection that has not completed its handshake within
+//!   `tls.handshake_timeout_ms` of its accept is closed, its slot freed; the
+//!   rules below then count from the handshake's end, and the [`StallGuard`]
+//!   sits under TLS (it sees what the client takes of the encrypted bytes);
 //! - a connection on which no request has started (headers received) within
 //!   `header_read_timeout_ms` of its accept is closed, by this loop: hyper's
 //!   own header-read timeout covers HTTP/1 only, and not a connection that
@@ -26,17 +31,19 @@
 //!   never does;
 //! - a request body must arrive within `body_read_timeout_ms` (the JSON
 //!   extractor, 408 `request_timeout`);
-//! - at most `max_connections` connections are open; one more is answered at
-//!   once with 503 `too_many_connections` (problem+json, `Retry-After`) and
-//!   closed, before anything of it is read;
+//! - at most `max_connections` connections are open (a TLS one from its
+//!   accept, handshake included); one more is answered at once with 503
+//!   `too_many_connections` (problem+json, `Retry-After`) and closed, before
+//!   anything of it is read; over TLS it is closed at once, before its
+//!   handshake, unanswered (an answer would need a handshake);
 //! - a connection whose client takes none of the bytes written to it for
 //!   `write_stall_timeout_ms` is closed ([`StallGuard`]): a stream subscriber
 //!   that stopped reading holds its socket's send buffer (the kernel's, or
 //!   `socket_send_buffer_bytes`), the server's `send_buffer_bytes` and one
 //!   page of events, and then nothing;
-//! - on shutdown the listener closes, connections are asked to finish their
-//!   request in flight, and whatever is still open after `shutdown_grace_ms`
-//!   is closed.
+//! - on shutdown the listener closes, connections still in their TLS
+//!   handshake are closed, connections are asked to finish their request in
+//!   flight, and whatever is still open after `shutdown_grace_ms` is closed.
 //!
 //! Each connection is watched by its own task ([`supervise`]); its service
 //! ([`Tracked`]) counts the requests open on it, a request being open from
@@ -63,14 +70,17 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::problem::{Code, Problem};
+use super::tls::Tls;
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// With `tls`, every connection is a TLS one.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     settings: HttpSettings,
+    tls: Option<Arc<Tls>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -95,6 +105,8 @@ pub async fn serve(
         idle: settings.idle_timeout(),
         close: settings.ping_timeout(),
     };
+    let builder = Arc::new(builder);
+    let handshake = settings.tls.handshake_timeout();
     let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
     loop {
@@ -114,7 +126,16 @@ pub async fn serve(
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, settings.max_connections));
+            if tls.is_some() {
+                // No answer without a handshake, and none is spent on a
+                // connection that cannot be served: closed at once.
+                tracing::debug!(
+                    limit = settings.max_connections,
+                    "a TLS connection over http.max_connections is closed before its handshake"
+                );
+            } else {
+                tokio::spawn(refuse(stream, settings.max_connections));
+            }
             continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
@@ -131,22 +152,49 @@ pub async fn serve(
             limit: settings.write_stall_timeout(),
             stalled: None,
         };
-        let load = Arc::new(watch::Sender::new(Load {
-            open: 0,
-            started: false,
-            since: Instant::now(),
-        }));
-        let tracked = Tracked {
-            inner: service.clone(),
-            load: load.clone(),
-        };
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(guarded), tracked)
-            .into_owned();
+        let service = service.clone();
+        let builder = builder.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         let metrics = metrics.clone();
-        let stopped = stopped.clone();
+        let mut stopped = stopped.clone();
         connections.spawn(async move {
             let _slot = slot;
+            let io = match acceptor {
+                None => Io::Plain(guarded),
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(handshake, acceptor.accept(guarded));
+                    tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(
+                                    "no TLS handshake within http.tls.handshake_timeout_ms; \
+                                     the connection is closed"
+                                );
+                                return;
+                            }
+                        },
+                        // Shutdown: a connection not yet serving has nothing to finish.
+                        _ = stopped.changed() => return,
+                    }
+                }
+            };
+            let load = Arc::new(watch::Sender::new(Load {
+                open: 0,
+                started: false,
+                since: Instant::now(),
+            }));
+            let tracked = Tracked {
+                inner: service,
+                load: load.clone(),
+            };
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), tracked)
+                .into_owned();
             match supervise(connection, &load, stopped, limits).await {
                 Ended::Closed(Ok(())) => {}
                 Ended::Closed(Err(e)) => {
@@ -183,7 +231,7 @@ pub async fn serve(
 }
 
 /// A client connection as the loop serves it.
-type Connection = auto::UpgradeableConnection<'static, TokioIo<StallGuard>, Tracked, TokioExecutor>;
+type Connection = auto::UpgradeableConnection<'static, TokioIo<Io>, Tracked, TokioExecutor>;
 
 /// How long a connection may go without a request.
 #[derive(Debug, Clone, Copy)]
@@ -398,6 +446,72 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
     };
     // A client that does not read its refusal is not waited for.
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// A client connection's bytes: the socket itself, or TLS over it; the
+/// [`StallGuard`] is under TLS, so it sees what the client takes of the
+/// encrypted stream.
+enum Io {
+    Plain(StallGuard),
+    Tls(Box<tokio_rustls::server::TlsStream<StallGuard>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// The error a stalled connection ends with.

@@ -32,5 +32,6 @@ mod repair;
 mod routing;
 mod schemathesis;
 mod stream;
+mod tls;
 mod unreadable;
 mod validation;

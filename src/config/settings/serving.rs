@@ -1,6 +1,7 @@
 //! What a server holds while it serves: client connections (`[http]`), the
 //! in-process throttling state (`[throttle]`) and the in-memory tails of
-//! chats with readers (`[tail]`); all fixed at start.
+//! chats with readers (`[tail]`); all fixed at start (the files of
+//! `[http.tls]` are read again on SIGHUP, their paths are not).
 //!
 //! Invariants: the defaults here are the documented ones (a change is a
 //! behaviour change); each `*_ms` field has a `Duration` helper where the
@@ -57,6 +58,47 @@ pub struct HttpSettings {
     /// A bearer token `/metrics` asks for; empty: `/metrics` is open.
     /// `CHATSHARD__HTTP__METRICS_TOKEN` sets it without the file.
     pub metrics_token: String,
+    /// TLS on the listener (`[http.tls]`); plain HTTP while its files are
+    /// unset.
+    pub tls: HttpTlsSettings,
+}
+
+/// TLS on the API listener. The certificate and key are read at start and
+/// again on SIGHUP; the client CA only at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTlsSettings {
+    /// The server's certificate chain (PEM, leaf first); empty: no TLS.
+    pub cert_file: String,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// CA certificates (PEM) a client's certificate must chain to; empty:
+    /// clients are not asked for one.
+    pub client_ca_file: String,
+    /// Time a client has, from its accept, to complete the TLS handshake.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for HttpTlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl HttpTlsSettings {
+    /// Whether the listener speaks TLS (either file set; validation requires
+    /// both).
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty() || !self.key_file.is_empty()
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
 }
 
 impl Default for HttpSettings {
@@ -74,6 +116,7 @@ impl Default for HttpSettings {
             send_buffer_bytes: 65_536,
             socket_send_buffer_bytes: 0,
             metrics_token: String::new(),
+            tls: HttpTlsSettings::default(),
         }
     }
 }
