@@ -41,8 +41,10 @@ impl App {
         let live = Live::new(settings.live());
         let throttle = Throttle::new(Arc::new(SystemClock::default()), &settings.throttle);
         metrics.observe(&shards, &throttle);
-        let fleet = match crate::fleet::Target::from_settings(&settings.redis) {
-            Some(_) => Some(
+        let fleet = if settings.redis.urls().is_empty() {
+            None
+        } else {
+            Some(
                 crate::fleet::Fleet::start(
                     &settings.redis,
                     settings.listen,
@@ -51,8 +53,7 @@ impl App {
                     settings.throttle.tracked_chats,
                 )
                 .await?,
-            ),
-            None => None,
+            )
         };
         if let Some(fleet) = &fleet {
             metrics.observe_fleet(fleet.clone());

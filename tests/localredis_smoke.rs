@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chatshard::localdb::cluster::Location;
 use chatshard::localdb::redis::{
-    LocalRedis, LocalRedisCluster, LocalRedisOptions, ensure_redis_binaries,
+    LocalRedis, LocalRedisCluster, LocalRedisOptions, LocalRedisTls, ensure_redis_binaries,
 };
 
 const SYSTEM_PORT: u16 = 6379;
@@ -241,4 +241,63 @@ async fn cluster_of_three_masters() {
         assert!(!Path::new(dir).exists(), "{} not removed", dir.display());
     }
     eprintln!("cluster test took {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_only_server_answers_over_tls_and_comes_back_after_a_kill() {
+    let pki = chatshard::localdb::tls::TestCertificates::temp().unwrap();
+    let server = pki.server("redis", &["127.0.0.1"]).unwrap();
+    let client = pki.client("client", "probe").unwrap();
+    let mut options = LocalRedisOptions::temp();
+    options.tls = Some(LocalRedisTls {
+        server,
+        ca: pki.ca().to_path_buf(),
+        auth_clients: true,
+        client: Some(client.clone()),
+    });
+    let mut redis = LocalRedis::start(options).await.unwrap();
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("rediss://127.0.0.1:{port}/"));
+    redis.ping().await.unwrap();
+
+    let cli = ensure_redis_binaries().unwrap().redis_cli;
+    let cli = |with_cert: bool| {
+        let mut cmd = Command::new(&cli);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--tls",
+            "--cacert",
+        ])
+        .arg(pki.ca());
+        if with_cert {
+            cmd.arg("--cert")
+                .arg(&client.cert)
+                .arg("--key")
+                .arg(&client.key);
+        }
+        let out = cmd.arg("PING").stdin(Stdio::null()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(cli(true), "PONG");
+    assert_ne!(
+        cli(false),
+        "PONG",
+        "a client without a certificate was served"
+    );
+    // No plain-TCP listener: the port speaks TLS only.
+    let plain = Command::new(ensure_redis_binaries().unwrap().redis_cli)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout).trim(), "PONG");
+
+    redis.kill().unwrap();
+    redis.restart().await.unwrap();
+    assert_eq!(redis.port(), port);
+    assert_eq!(cli(true), "PONG");
+    redis.stop().await.unwrap();
 }

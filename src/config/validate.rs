@@ -243,7 +243,8 @@ impl RedisSettings {
     fn check_urls(&self) -> Result<(), String> {
         let urls = self.urls();
         for url in &urls {
-            redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("{}: {e}", super::redact_url(url)))?;
         }
         if !self.cluster && urls.len() > 1 {
             return Err("several URLs name a Redis Cluster: set redis.cluster = true".into());
@@ -254,6 +255,31 @@ impl RedisSettings {
     fn problems(&self, problems: &mut Vec<String>) {
         if let Err(e) = self.check_urls() {
             problems.push(format!("redis.url: {e}"));
+        }
+        let tls = &self.tls;
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            problems.push(
+                "redis.tls.cert_file and redis.tls.key_file must be set together (or neither)"
+                    .to_owned(),
+            );
+        }
+        // Certificates only mean something over TLS, and every node of a
+        // fleet's Redis is reached the same way.
+        let urls = self.urls();
+        let secure = urls
+            .iter()
+            .filter(|u| {
+                u.get(..9)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+            })
+            .count();
+        if tls.is_set() && secure < urls.len() {
+            problems.push(
+                "redis.tls.* needs rediss:// URLs (redis.url names a Redis without TLS)".to_owned(),
+            );
+        }
+        if secure > 0 && secure < urls.len() {
+            problems.push("redis.url: mixes rediss:// and redis:// nodes".to_owned());
         }
         for (name, value) in [
             ("redis.timeout_ms", self.timeout_ms),
@@ -390,6 +416,33 @@ mod tests {
             problems("cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nhandshake_timeout_ms = 0")
                 .contains("http.tls.handshake_timeout_ms")
         );
+    }
+
+    #[test]
+    fn redis_tls_files_come_in_pairs_and_only_with_rediss() {
+        let with = |redis: &str| {
+            let text = format!("{TWO_SHARDS}\n[redis]\n{redis}\n");
+            match Settings::from_toml(&text, []) {
+                Ok(_) => String::new(),
+                Err(e) => e.0.join("\n"),
+            }
+        };
+        let ok = with(
+            "url = \"rediss://r1:6380/\"\ntls.ca_file = \"ca.pem\"\n\
+                       tls.cert_file = \"c.pem\"\ntls.key_file = \"c.key\"",
+        );
+        assert_eq!(ok, "");
+        let half = with("url = \"rediss://r1:6380/\"\ntls.cert_file = \"c.pem\"");
+        assert!(
+            half.contains("redis.tls.cert_file and redis.tls.key_file"),
+            "{half}"
+        );
+        let plain = with("url = \"redis://r1/\"\ntls.ca_file = \"ca.pem\"");
+        assert!(plain.contains("redis.tls.* needs rediss://"), "{plain}");
+        let mixed = with("url = \"rediss://r1/,redis://r2/\"\ncluster = true");
+        assert!(mixed.contains("mixes rediss://"), "{mixed}");
+        let secret = with("url = \"redis://:s3cret@r1/,x\"");
+        assert!(!secret.contains("s3cret"), "{secret}");
     }
 
     #[test]

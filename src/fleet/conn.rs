@@ -8,6 +8,9 @@
 //!   owns its channel's slot, where plain `PUBLISH` in a cluster goes to every
 //!   node. The connection follows slot moves and failover, and resubscribes.
 //!
+//! `rediss://` URLs are TLS (rustls), checked against `redis.tls.ca_file` or
+//! the system's roots, with `redis.tls.cert_file` presented when set.
+//!
 //! Both speak RESP3, whose pushes (messages, subscription confirmations and the
 //! library's own `Disconnection`) arrive on one channel, and both resubscribe
 //! by themselves after a reconnect.
@@ -15,7 +18,7 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ProtocolVersion, PushInfo, RedisFuture, Value};
+use redis::{ClientTlsConfig, Cmd, ProtocolVersion, PushInfo, RedisFuture, TlsCertificates, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A cheap-to-clone handle on the connection.
@@ -33,19 +36,79 @@ pub struct Target {
     pub cluster: bool,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The private CA and client certificate of `[redis.tls]`, read once at
+    /// start; `None`: the system's roots (over `rediss://`) and no client
+    /// certificate.
+    pub certificates: Option<TlsCertificates>,
 }
 
 impl Target {
-    /// Where the settings say Redis is, if a fleet is configured.
-    pub fn from_settings(settings: &crate::config::RedisSettings) -> Option<Self> {
+    /// Where the settings say Redis is, if a fleet is configured; reads the
+    /// files of `[redis.tls]`, and fails naming the setting and the file
+    /// that cannot be read.
+    pub fn from_settings(settings: &crate::config::RedisSettings) -> anyhow::Result<Option<Self>> {
         let urls = settings.urls();
-        (!urls.is_empty()).then(|| Self {
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
             urls,
             cluster: settings.cluster,
             response_timeout: Duration::from_millis(settings.timeout_ms),
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
-        })
+            certificates: certificates(&settings.tls)?,
+        }))
     }
+}
+
+/// The PEM files of `[redis.tls]`, read and checked (certificates hold at
+/// least one certificate, the key file a private key).
+fn certificates(tls: &crate::config::RedisTlsSettings) -> anyhow::Result<Option<TlsCertificates>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    if !tls.is_set() {
+        return Ok(None);
+    }
+    let read = |setting: &str, path: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{setting} {path}: cannot be read: {e}"))
+    };
+    let certs = |setting: &str, path: &str| -> anyhow::Result<Vec<u8>> {
+        let pem = read(setting, path)?;
+        let n = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{setting} {path}: not PEM certificates: {e}"))?
+            .len();
+        if n == 0 {
+            anyhow::bail!("{setting} {path}: holds no PEM certificate");
+        }
+        Ok(pem)
+    };
+    let root_cert = match tls.ca_file.as_str() {
+        "" => None,
+        path => Some(certs("redis.tls.ca_file", path)?),
+    };
+    let client_tls = match (tls.cert_file.as_str(), tls.key_file.as_str()) {
+        ("", "") => None,
+        ("", _) | (_, "") => {
+            anyhow::bail!("redis.tls.cert_file and redis.tls.key_file must be set together")
+        }
+        (cert, key) => {
+            let client_cert = certs("redis.tls.cert_file", cert)?;
+            let client_key = read("redis.tls.key_file", key)?;
+            PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                anyhow::anyhow!("redis.tls.key_file {key}: no private key read: {e}")
+            })?;
+            Some(ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 fn resp3(url: &str) -> redis::RedisResult<redis::ConnectionInfo> {
@@ -71,7 +134,11 @@ impl Conn {
                 .iter()
                 .map(|u| resp3(u))
                 .collect::<redis::RedisResult<Vec<_>>>()?;
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes);
+            if let Some(certificates) = &target.certificates {
+                builder = builder.certs(certificates.clone());
+            }
+            let client = builder
                 .use_protocol(ProtocolVersion::RESP3)
                 .push_sender(pushes)
                 .connection_timeout(target.connect_timeout)
@@ -84,7 +151,12 @@ impl Conn {
             Ok(Self::Cluster(conn))
         } else {
             let url = target.urls.first().map(String::as_str).unwrap_or_default();
-            let client = redis::Client::open(resp3(url)?)?;
+            let client = match &target.certificates {
+                Some(certificates) => {
+                    redis::Client::build_with_tls(resp3(url)?, certificates.clone())?
+                }
+                None => redis::Client::open(resp3(url)?)?,
+            };
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_push_sender(pushes)
                 .set_automatic_resubscription()
@@ -186,5 +258,61 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisSettings;
+
+    fn settings(ca: &str, cert: &str, key: &str) -> RedisSettings {
+        let mut s = RedisSettings {
+            url: "rediss://127.0.0.1:6380/".to_owned(),
+            ..RedisSettings::default()
+        };
+        s.tls.ca_file = ca.to_owned();
+        s.tls.cert_file = cert.to_owned();
+        s.tls.key_file = key.to_owned();
+        s
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_named_with_their_setting() -> crate::TestResult {
+        let err = Target::from_settings(&settings("/nonexistent/ca.pem", "", ""))
+            .err()
+            .ok_or("a missing CA file was accepted")?
+            .to_string();
+        assert!(
+            err.contains("redis.tls.ca_file /nonexistent/ca.pem: cannot be read"),
+            "{err}"
+        );
+
+        let pki = crate::localdb::tls::TestCertificates::temp()?;
+        let ca = pki.ca().display().to_string();
+        let client = pki.client("instance", "chatshard-instance")?;
+        let (cert, key) = (
+            client.cert.display().to_string(),
+            client.key.display().to_string(),
+        );
+        let err = Target::from_settings(&settings(&ca, &cert, &ca))
+            .err()
+            .ok_or("a certificate was taken for a key")?
+            .to_string();
+        assert!(err.contains("redis.tls.key_file"), "{err}");
+        let err = Target::from_settings(&settings(&key, "", ""))
+            .err()
+            .ok_or("a key was taken for a CA")?
+            .to_string();
+        assert!(
+            err.contains("redis.tls.ca_file") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+
+        let target = Target::from_settings(&settings(&ca, &cert, &key))?.ok_or("no target")?;
+        let certificates = target.certificates.ok_or("no certificates")?;
+        assert!(certificates.root_cert.is_some() && certificates.client_tls.is_some());
+        assert!(Target::from_settings(&RedisSettings::default())?.is_none());
+        Ok(())
     }
 }

@@ -214,7 +214,7 @@ impl Fleet {
         throttle: Arc<Throttle>,
         tracked_chats: u64,
     ) -> anyhow::Result<Arc<Self>> {
-        let target = Target::from_settings(settings)
+        let target = Target::from_settings(settings)?
             .ok_or_else(|| anyhow::anyhow!("redis.url is not set"))?;
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let conn = match Conn::open(&target, push_tx.clone()).await {
@@ -236,7 +236,12 @@ impl Fleet {
                     }
                 }
             }
-            Err(e) => return Err(anyhow::anyhow!("cannot use Redis at {}: {e}", settings.url)),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot use Redis at {}: {e}",
+                    settings.redacted_url()
+                ));
+            }
         };
         let (outbox, outbox_rx) = mpsc::channel(settings.publish_queue.max(1));
         let (follow, follow_rx) = mpsc::unbounded_channel();

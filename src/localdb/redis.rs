@@ -12,6 +12,9 @@
 //!   nodes, `nodes.conf` live in the dir;
 //! * a server never outlives its owner: the same `sh` watchdog as for `mariadbd` applies
 //!   [`OnExit`] when our process dies, and is disarmed as soon as we reap the server;
+//! * a TLS server ([`LocalRedisTls`]) is TLS-only (`--port 0 --tls-port P`, and
+//!   `--tls-cluster yes` for a cluster node, whose bus is then TLS on P + 10000):
+//!   our probes and `redis-cli` speak TLS to it, trusting its CA;
 //! * all waits are bounded polls on an observable condition (a `PING` answered `+PONG`,
 //!   `cluster_state:ok`), never fixed sleeps; signals are sent with the `kill` command.
 
@@ -20,14 +23,19 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite,
+    AsyncWriteExt as _,
+};
 use tracing::{info, warn};
 
 use super::cluster::Location;
+use super::tls::CertifiedKey;
 use super::{
     LocalServer, OnExit, POLL, ServerProcess, ensure_port_free, find_or_install, find_program,
     free_port, tail,
@@ -60,6 +68,88 @@ pub struct LocalRedisOptions {
     pub extra_args: Vec<String>,
     /// Start as a cluster node (`--cluster-enabled yes`, `DIR/nodes.conf`).
     pub cluster: bool,
+    /// Serve TLS only, with these certificates.
+    pub tls: Option<LocalRedisTls>,
+}
+
+/// The certificates of a TLS-only local server (PEM files, e.g. made by
+/// [`super::tls::TestCertificates`]).
+#[derive(Debug, Clone)]
+pub struct LocalRedisTls {
+    /// The server's certificate and key (valid for 127.0.0.1).
+    pub server: CertifiedKey,
+    /// The CA that signed it, and that client certificates must be signed by.
+    pub ca: PathBuf,
+    /// `--tls-auth-clients yes`: every client must present a certificate.
+    pub auth_clients: bool,
+    /// The certificate our own probes and `redis-cli` present (needed when
+    /// `auth_clients`; a cluster's nodes also present it to each other).
+    pub client: Option<CertifiedKey>,
+}
+
+impl LocalRedisTls {
+    /// The connector of our probes: trusts `ca`, presents `client` if any.
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>> {
+            CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow!("{}: {e}", path.display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs(&self.ca)? {
+            roots.add(cert)?;
+        }
+        // ring, as the rest of the tree (see `crate::http::tls`).
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match &self.client {
+            Some(client) => {
+                let key = PrivateKeyDer::from_pem_file(&client.key)
+                    .map_err(|e| anyhow!("{}: {e}", client.key.display()))?;
+                builder.with_client_auth_cert(certs(&client.cert)?, key)?
+            }
+            None if self.auth_clients => {
+                bail!("a local Redis with --tls-auth-clients yes needs a client certificate")
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
+
+    /// `redis-cli` arguments to reach the server.
+    fn cli_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--tls".into(), "--cacert".into(), (&self.ca).into()];
+        if let Some(client) = &self.client {
+            args.extend([
+                "--cert".into(),
+                (&client.cert).into(),
+                "--key".into(),
+                (&client.key).into(),
+            ]);
+        }
+        args
+    }
+}
+
+/// How to reach a local server: its port, over TLS or not.
+#[derive(Clone)]
+struct Dial {
+    port: u16,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dial")
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl LocalRedisOptions {
@@ -71,6 +161,7 @@ impl LocalRedisOptions {
             on_exit: OnExit::Shutdown,
             extra_args: vec![],
             cluster: false,
+            tls: None,
         }
     }
 
@@ -90,6 +181,7 @@ impl LocalRedisOptions {
             on_exit: OnExit::KillAndRemove,
             extra_args: vec![],
             cluster: false,
+            tls: None,
         }
     }
 }
@@ -121,13 +213,16 @@ fn find_redis_binaries() -> Option<RedisBinaries> {
 }
 
 /// A running (or stopped/killed, restartable) local `redis-server`.
-#[derive(Debug)]
 pub struct LocalRedis {
     dir: PathBuf,
     port: u16,
     on_exit: OnExit,
     extra_args: Vec<String>,
     cluster: bool,
+    /// Boxed: most servers have none.
+    tls: Option<Box<LocalRedisTls>>,
+    /// The probes' TLS connector, made from `tls` at start.
+    connector: Option<tokio_rustls::TlsConnector>,
     redis_server: PathBuf,
     process: ServerProcess,
     /// Set once `dir` is known to be ours (created, empty, or holding our `redis.log`):
@@ -135,17 +230,36 @@ pub struct LocalRedis {
     owns_dir: bool,
 }
 
+impl std::fmt::Debug for LocalRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRedis")
+            .field("dir", &self.dir)
+            .field("port", &self.port)
+            .field("cluster", &self.cluster)
+            .field("tls", &self.tls)
+            .field("pid", &self.process.pid)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LocalRedis {
     /// Prepares `dir`, starts `redis-server` and waits until it answers `PING`.
     pub async fn start(opts: LocalRedisOptions) -> Result<Self> {
         let redis_server = tokio::task::spawn_blocking(ensure_redis_server).await??;
         let dir = std::path::absolute(&opts.dir)?;
+        let connector = opts
+            .tls
+            .as_ref()
+            .map(LocalRedisTls::connector)
+            .transpose()?;
         let mut redis = Self {
             dir,
             port: opts.port,
             on_exit: opts.on_exit,
             extra_args: opts.extra_args,
             cluster: opts.cluster,
+            tls: opts.tls.map(Box::new),
+            connector,
             redis_server,
             process: ServerProcess::new("redis-server"),
             owns_dir: false,
@@ -170,14 +284,27 @@ impl LocalRedis {
         &self.dir
     }
 
-    /// `redis://127.0.0.1:{port}/` (no password).
+    /// `redis://127.0.0.1:{port}/`, or `rediss://...` over TLS (no password).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
-    /// One `PING` over a fresh TCP connection, answered `+PONG` within 5 s.
+    /// How to reach this server now.
+    fn dial(&self) -> Dial {
+        Dial {
+            port: self.port,
+            tls: self.connector.clone(),
+        }
+    }
+
+    /// One `PING` over a fresh TCP (or TLS) connection, answered `+PONG` within 5 s.
     pub async fn ping(&self) -> Result<()> {
-        match command(self.port, &[&["PING"]]).await?.as_slice() {
+        match command(&self.dial(), &[&["PING"]]).await?.as_slice() {
             [Reply::Simple(pong)] if pong == "PONG" => Ok(()),
             other => bail!("PING on port {} answered {other:?}", self.port),
         }
@@ -212,7 +339,7 @@ impl LocalRedis {
 
     /// `CLUSTER INFO` of this node (`cluster_state:ok`, ...).
     async fn cluster_info(&self) -> Result<String> {
-        match command(self.port, &[&["CLUSTER", "INFO"]])
+        match command(&self.dial(), &[&["CLUSTER", "INFO"]])
             .await?
             .as_slice()
         {
@@ -250,9 +377,24 @@ impl LocalRedis {
         let d = &self.dir;
         // Separate `--name value` arguments; the first must start with `--`, or
         // redis-server would take it for a config file.
-        let mut args: Vec<OsString> = vec![
-            "--port".into(),
-            self.port.to_string().into(),
+        let mut args: Vec<OsString> = match self.tls.as_deref() {
+            None => vec!["--port".into(), self.port.to_string().into()],
+            Some(tls) => vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                self.port.to_string().into(),
+                "--tls-cert-file".into(),
+                (&tls.server.cert).into(),
+                "--tls-key-file".into(),
+                (&tls.server.key).into(),
+                "--tls-ca-cert-file".into(),
+                (&tls.ca).into(),
+                "--tls-auth-clients".into(),
+                if tls.auth_clients { "yes" } else { "no" }.into(),
+            ],
+        };
+        args.extend::<[OsString; 14]>([
             "--bind".into(),
             "127.0.0.1".into(),
             "--dir".into(),
@@ -267,9 +409,19 @@ impl LocalRedis {
             "no".into(),
             "--logfile".into(),
             d.join(LOG).into(),
-        ];
+        ]);
         if self.cluster {
             args.extend(["--cluster-enabled".into(), "yes".into()]);
+            if let Some(tls) = self.tls.as_deref() {
+                // The bus is TLS too; nodes present the client certificate
+                // to each other (the server's, by default, lacks clientAuth).
+                args.extend(["--tls-cluster".into(), "yes".into()]);
+                args.extend(["--tls-replication".into(), "yes".into()]);
+                if let Some(client) = &tls.client {
+                    args.extend(["--tls-client-cert-file".into(), (&client.cert).into()]);
+                    args.extend(["--tls-client-key-file".into(), (&client.key).into()]);
+                }
+            }
             args.extend(["--cluster-config-file".into(), d.join(NODES_CONF).into()]);
             args.extend(["--cluster-node-timeout".into(), "2000".into()]);
         }
@@ -279,7 +431,7 @@ impl LocalRedis {
 
     /// `PING` answered `+PONG`, by *our* server (`process_id` of `INFO server`).
     async fn probe(&self) -> Result<()> {
-        let replies = command(self.port, &[&["PING"], &["INFO", "server"]]).await?;
+        let replies = command(&self.dial(), &[&["PING"], &["INFO", "server"]]).await?;
         let [Reply::Simple(pong), Reply::Bulk(Some(info))] = replies.as_slice() else {
             bail!("PING / INFO on port {} answered {replies:?}", self.port);
         };
@@ -388,13 +540,23 @@ impl LocalRedisCluster {
     /// the logs: its stale `nodes.conf` files are removed and the cluster created anew.
     /// If anything fails, the started servers are stopped and every failure reported.
     pub async fn start(n_masters: usize, location: Location) -> Result<Self> {
+        Self::start_with(n_masters, location, None).await
+    }
+
+    /// Like [`Self::start`], every node TLS-only with `tls` (`--tls-cluster yes`).
+    pub async fn start_with(
+        n_masters: usize,
+        location: Location,
+        tls: Option<LocalRedisTls>,
+    ) -> Result<Self> {
         if !(3..=64).contains(&n_masters) {
             bail!("a local Redis cluster has 3 to 64 masters, not {n_masters}");
         }
         let bins = tokio::task::spawn_blocking(ensure_redis_binaries).await??;
         let mut starts = Vec::with_capacity(n_masters);
         for i in 0..n_masters {
-            let options = cluster_options(&location, i)?;
+            let mut options = cluster_options(&location, i)?;
+            options.tls.clone_from(&tls);
             starts.push(LocalRedis::start(options));
         }
         let mut nodes = Vec::with_capacity(n_masters);
@@ -434,7 +596,7 @@ impl LocalRedisCluster {
         &mut self.nodes[i]
     }
 
-    /// `redis://127.0.0.1:PORT/` of every node.
+    /// `redis://127.0.0.1:PORT/` (`rediss://` over TLS) of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(LocalRedis::url).collect()
     }
@@ -480,6 +642,9 @@ impl LocalRedisCluster {
     /// `redis-cli --cluster create 127.0.0.1:P1 ... --cluster-replicas 0 --cluster-yes`.
     async fn create(&self, redis_cli: &Path) -> Result<()> {
         let mut cmd = tokio::process::Command::new(redis_cli);
+        if let Some(tls) = self.nodes.first().and_then(|n| n.tls.as_ref()) {
+            cmd.args(tls.cli_args());
+        }
         cmd.args(["--cluster", "create"])
             .args(self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -575,24 +740,42 @@ enum Reply {
     Bulk(Option<Vec<u8>>),
 }
 
-/// Sends `commands` pipelined over a fresh connection to 127.0.0.1:`port` and reads one
-/// reply each, all within [`STEP_TIMEOUT`].
-async fn command(port: u16, commands: &[&[&str]]) -> Result<Vec<Reply>> {
+/// Sends `commands` pipelined over a fresh connection (TLS if the server is) to
+/// 127.0.0.1:`port` and reads one reply each, all within [`STEP_TIMEOUT`].
+async fn command(dial: &Dial, commands: &[&[&str]]) -> Result<Vec<Reply>> {
+    let port = dial.port;
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let request: Vec<u8> = commands.iter().flat_map(|c| encode(c)).collect();
-        stream.write_all(&request).await?;
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut replies = Vec::with_capacity(commands.len());
-        for _ in commands {
-            replies.push(read_reply(&mut reader).await?);
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        match &dial.tls {
+            None => exchange(stream, commands).await,
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from(
+                    std::net::Ipv4Addr::LOCALHOST,
+                ));
+                exchange(tls.connect(name, stream).await?, commands).await
+            }
         }
-        anyhow::Ok(replies)
     };
     match tokio::time::timeout(STEP_TIMEOUT, exchange).await {
         Ok(replies) => replies.with_context(|| format!("talking to 127.0.0.1:{port}")),
         Err(_) => bail!("127.0.0.1:{port} did not answer within {STEP_TIMEOUT:?}"),
     }
+}
+
+/// Writes `commands` to `stream` and reads one reply each.
+async fn exchange(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    commands: &[&[&str]],
+) -> Result<Vec<Reply>> {
+    let request: Vec<u8> = commands.iter().flat_map(|c| encode(c)).collect();
+    stream.write_all(&request).await?;
+    stream.flush().await?;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut replies = Vec::with_capacity(commands.len());
+    for _ in commands {
+        replies.push(read_reply(&mut reader).await?);
+    }
+    Ok(replies)
 }
 
 /// A command as a RESP array of bulk strings.
@@ -692,6 +875,8 @@ mod tests {
             on_exit: opts.on_exit,
             extra_args: vec!["--maxmemory".into(), "10mb".into()],
             cluster: opts.cluster,
+            tls: None,
+            connector: None,
             redis_server: PathBuf::from("redis-server"),
             process: ServerProcess::new("redis-server"),
             owns_dir: false,
@@ -725,6 +910,55 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_server_listens_on_its_tls_port_only() {
+        let key = |name: &str| CertifiedKey {
+            cert: PathBuf::from(format!("/pki/{name}.pem")),
+            key: PathBuf::from(format!("/pki/{name}.key")),
+        };
+        let redis = LocalRedis {
+            dir: PathBuf::from("/d"),
+            port: 4243,
+            on_exit: OnExit::KillAndRemove,
+            extra_args: vec![],
+            cluster: true,
+            tls: Some(Box::new(LocalRedisTls {
+                server: key("server"),
+                ca: PathBuf::from("/pki/ca.pem"),
+                auth_clients: true,
+                client: Some(key("client")),
+            })),
+            connector: None,
+            redis_server: PathBuf::from("redis-server"),
+            process: ServerProcess::new("redis-server"),
+            owns_dir: false,
+        };
+        assert_eq!(redis.url(), "rediss://127.0.0.1:4243/");
+        let args: Vec<String> = redis
+            .server_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let pairs: Vec<(&str, &str)> = args
+            .chunks(2)
+            .map(|p| (p[0].as_str(), p[1].as_str()))
+            .collect();
+        for want in [
+            ("--port", "0"),
+            ("--tls-port", "4243"),
+            ("--tls-cert-file", "/pki/server.pem"),
+            ("--tls-key-file", "/pki/server.key"),
+            ("--tls-ca-cert-file", "/pki/ca.pem"),
+            ("--tls-auth-clients", "yes"),
+            ("--tls-cluster", "yes"),
+            ("--tls-client-cert-file", "/pki/client.pem"),
+            ("--tls-client-key-file", "/pki/client.key"),
+        ] {
+            assert!(pairs.contains(&want), "{want:?} missing from {args:?}");
+        }
+        assert!(!pairs.contains(&("--port", "4243")), "{args:?}");
+    }
+
+    #[test]
     fn cluster_ports_leave_room_for_the_bus() -> crate::TestResult {
         for _ in 0..20 {
             let port = pick_port(true)?;
@@ -745,6 +979,8 @@ mod tests {
             on_exit: opts.on_exit,
             extra_args: vec![],
             cluster: false,
+            tls: None,
+            connector: None,
             redis_server: PathBuf::from("redis-server"),
             process: ServerProcess::new("redis-server"),
             owns_dir: false,

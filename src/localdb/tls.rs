@@ -103,8 +103,19 @@ impl TestCertificates {
     /// addresses in `names` (the first is also its common name), in
     /// `<dir>/<file>.pem` and `<dir>/<file>.key`.
     pub fn server(&self, file: &str, names: &[&str]) -> Result<CertifiedKey> {
+        self.issue(file, names, "serverAuth")
+    }
+
+    /// A client certificate signed by the CA (for servers that ask clients
+    /// for one), named `name`, in `<dir>/<file>.pem` and `<dir>/<file>.key`.
+    pub fn client(&self, file: &str, name: &str) -> Result<CertifiedKey> {
+        self.issue(file, &[name], "clientAuth")
+    }
+
+    /// A certificate for `names` with the extended key usage `usage`.
+    fn issue(&self, file: &str, names: &[&str], usage: &str) -> Result<CertifiedKey> {
         let Some(first) = names.first() else {
-            bail!("a server certificate needs at least one name");
+            bail!("a certificate needs at least one name");
         };
         let alt_names: Vec<String> = names
             .iter()
@@ -121,7 +132,7 @@ impl TestCertificates {
                  [dn]\nCN = {first}\n\
                  [v3]\nbasicConstraints = CA:FALSE\n\
                  keyUsage = critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage = serverAuth\n\
+                 extendedKeyUsage = {usage}\n\
                  subjectAltName = {}\nauthorityKeyIdentifier = keyid\n",
                 alt_names.join(",")
             ),

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use chatshard::localdb::cluster::{LocalCluster, Location};
-use chatshard::localdb::redis::{LocalRedis, LocalRedisCluster, LocalRedisOptions};
+use chatshard::localdb::redis::{LocalRedis, LocalRedisCluster, LocalRedisOptions, LocalRedisTls};
+use chatshard::localdb::tls::{CertifiedKey, TestCertificates};
 use chatshard::localdb::{LocalMariaDb, LocalMariaDbOptions};
 
 /// `n` migrated shards started once for the whole test binary, whichever test
@@ -68,4 +69,61 @@ pub async fn redis_cluster(masters: usize) -> LocalRedisCluster {
     LocalRedisCluster::start(masters, Location::Temp)
         .await
         .unwrap_or_else(|e| panic!("starting a Redis Cluster of {masters}: {e:#}"))
+}
+
+/// A test CA with a server certificate for 127.0.0.1 and a client
+/// certificate, for TLS-only Redis servers; removed when dropped.
+pub struct RedisPki {
+    pub pki: TestCertificates,
+    pub server: CertifiedKey,
+    pub client: CertifiedKey,
+}
+
+impl RedisPki {
+    pub fn new() -> Self {
+        let pki = TestCertificates::temp().unwrap_or_else(|e| panic!("test CA: {e:#}"));
+        let server = pki
+            .server("redis", &["localhost", "127.0.0.1"])
+            .unwrap_or_else(|e| panic!("Redis server certificate: {e:#}"));
+        let client = pki
+            .client("instance", "chatshard-instance")
+            .unwrap_or_else(|e| panic!("client certificate: {e:#}"));
+        Self {
+            pki,
+            server,
+            client,
+        }
+    }
+
+    /// The TLS of a server signed by this CA; `auth_clients`: clients must
+    /// present a certificate of this CA (our probes present `client`).
+    pub fn tls(&self, auth_clients: bool) -> LocalRedisTls {
+        LocalRedisTls {
+            server: self.server.clone(),
+            ca: self.pki.ca().to_path_buf(),
+            auth_clients,
+            client: Some(self.client.clone()),
+        }
+    }
+
+    /// `redis.tls.ca_file`, as a setting.
+    pub fn ca_file(&self) -> String {
+        self.pki.ca().display().to_string()
+    }
+}
+
+/// A TLS-only `redis-server` of the caller's own (`rediss://` URL).
+pub async fn tls_redis(pki: &RedisPki, auth_clients: bool) -> LocalRedis {
+    let mut options = LocalRedisOptions::temp();
+    options.tls = Some(pki.tls(auth_clients));
+    LocalRedis::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("starting a TLS redis-server: {e:#}"))
+}
+
+/// A TLS-only Redis Cluster (`--tls-cluster yes`) of the caller's own.
+pub async fn tls_redis_cluster(masters: usize, pki: &RedisPki) -> LocalRedisCluster {
+    LocalRedisCluster::start_with(masters, Location::Temp, Some(pki.tls(false)))
+        .await
+        .unwrap_or_else(|e| panic!("starting a TLS Redis Cluster of {masters}: {e:#}"))
 }

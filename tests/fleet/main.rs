@@ -125,8 +125,86 @@ async fn shut_down(instances: impl IntoIterator<Item = TestApp>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_written_on_one_instance_reach_a_stream_on_another_in_order() {
     let redis = servers::redis().await;
+    notices_reach_a_stream_on_another_instance(&redis.url(), |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_events_written_on_one_instance_reach_a_stream_on_another() {
+    let pki = servers::RedisPki::new();
+    let redis = servers::tls_redis(&pki, false).await;
+    assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
+    let ca_file = pki.ca_file();
+    notices_reach_a_stream_on_another_instance(&redis.url(), |s| {
+        s.redis.tls.ca_file.clone_from(&ca_file);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_tls_redis_cluster_events_reach_a_stream_on_another_instance() {
+    let pki = servers::RedisPki::new();
+    let mut cluster = servers::tls_redis_cluster(3, &pki).await;
+    let urls = cluster.urls().join(",");
+    assert!(urls.starts_with("rediss://"), "{urls}");
+    let ca_file = pki.ca_file();
+    notices_reach_a_stream_on_another_instance(&urls, |s| {
+        s.redis.cluster = true;
+        s.redis.tls.ca_file.clone_from(&ca_file);
+    })
+    .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_asking_for_client_certificates_admits_only_instances_with_one() {
+    let pki = servers::RedisPki::new();
+    let redis = servers::tls_redis(&pki, true).await;
+    let (ca_file, client) = (pki.ca_file(), pki.client.clone());
+    // With the certificate: a fleet, as over plain TCP.
+    notices_reach_a_stream_on_another_instance(&redis.url(), |s| {
+        s.redis.tls.ca_file.clone_from(&ca_file);
+        s.redis.tls.cert_file = client.cert.display().to_string();
+        s.redis.tls.key_file = client.key.display().to_string();
+    })
+    .await;
+
+    // Without it: the instance starts and serves, acting alone, as when
+    // Redis is unreachable; Redis refuses it on every heartbeat.
+    let prefix = unique("no-cert");
+    let alone = instance(&redis.url(), &prefix, |s| {
+        s.redis.tls.ca_file.clone_from(&ca_file);
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "a heartbeat refused by Redis",
+        || async {
+            let f = alone.fleet().await;
+            f["fleet"]["redisUp"] == json!(false)
+                && f["fleet"]["lastError"]
+                    .as_str()
+                    .is_some_and(|e| e != "not connected yet")
+        },
+    )
+    .await;
+    let chat = unique("alone");
+    put_chat(&alone, &chat).await;
+    assert_eq!(join(&alone, &chat, "u1").await, StatusCode::CREATED);
+    let f = alone.fleet().await;
+    assert_eq!(f["fleet"]["redisUp"], json!(false), "{f}");
+    assert_eq!(f["fleet"]["countedInstances"], json!(1), "{f}");
+    alone.shut_down().await;
+}
+
+/// Two instances of a fleet whose Redis is at `url` (each configured by
+/// `configure`): 100 events written concurrently on A reach a stream on B, in
+/// revision order, long before B's own refresh.
+async fn notices_reach_a_stream_on_another_instance(
+    url: &str,
+    configure: impl Fn(&mut Settings) + Copy + Send,
+) {
     let prefix = unique("notices");
-    let [a, b] = start_fleet(&redis.url(), &prefix, |_| {}).await;
+    let [a, b] = start_fleet(url, &prefix, configure).await;
     let chat = unique("n");
     put_chat(&a, &chat).await;
 

@@ -10,15 +10,18 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::BreakerSettings;
+use super::{BreakerSettings, redact_url};
 
 /// Redis between the instances of a fleet (see `docs/fleet.md`). With no
 /// `url`, the instance works alone, exactly as without a fleet.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+///
+/// `Debug` shows the URLs without their passwords.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
-    /// `redis://host:port/`; for a Redis Cluster, any of its nodes, separated
-    /// by commas, with `cluster = true`. Empty: no fleet.
+    /// `redis://host:port/`, or `rediss://host:port/` for TLS; for a Redis
+    /// Cluster, any of its nodes, separated by commas, with `cluster = true`.
+    /// Empty: no fleet.
     pub url: String,
     /// The URLs name Redis Cluster nodes (sharded pub/sub, slot routing).
     pub cluster: bool,
@@ -44,6 +47,49 @@ pub struct RedisSettings {
     pub join_lease_max: u64,
     /// Redis's own circuit breaker (same fields as `[breaker]`).
     pub breaker: BreakerSettings,
+    /// Certificates for `rediss://` URLs.
+    pub tls: RedisTlsSettings,
+}
+
+/// `[redis.tls]`: certificates for `rediss://` URLs. Without any, the server's
+/// certificate is checked against the system's roots and none is presented.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisTlsSettings {
+    /// PEM file of the CA(s) that signed Redis's certificates, for a private
+    /// CA; empty: the system's roots.
+    pub ca_file: String,
+    /// PEM certificate (chain) this instance presents when Redis asks for
+    /// one (`tls-auth-clients`); with `key_file`.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+}
+
+impl RedisTlsSettings {
+    /// Whether any certificate is configured.
+    pub fn is_set(&self) -> bool {
+        !(self.ca_file.is_empty() && self.cert_file.is_empty() && self.key_file.is_empty())
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.redacted_url())
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("instance_ttl_ms", &self.instance_ttl_ms)
+            .field("notice_max_bytes", &self.notice_max_bytes)
+            .field("publish_queue", &self.publish_queue)
+            .field("join_lease_max", &self.join_lease_max)
+            .field("breaker", &self.breaker)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Default for RedisSettings {
@@ -64,6 +110,7 @@ impl Default for RedisSettings {
                 open_ms: 1000,
                 ..BreakerSettings::default()
             },
+            tls: RedisTlsSettings::default(),
         }
     }
 }
@@ -78,5 +125,46 @@ impl RedisSettings {
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// `url` with every password left out, to show.
+    pub fn redacted_url(&self) -> String {
+        self.urls()
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Whether the URLs ask for TLS (`rediss://`); with several, whether any does.
+    pub fn wants_tls(&self) -> bool {
+        self.urls().iter().any(|u| {
+            u.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_of_redis_urls_are_never_shown() {
+        let settings = RedisSettings {
+            url: "rediss://:s3cret@r1:6380/, redis://app:hunter2@r2/".to_owned(),
+            ..RedisSettings::default()
+        };
+        assert_eq!(
+            settings.redacted_url(),
+            "rediss://@r1:6380/,redis://app@r2/"
+        );
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(settings.wants_tls());
+        assert!(!RedisSettings::default().wants_tls());
     }
 }

@@ -38,7 +38,7 @@ use crate::routing::{BucketRange, Router};
 
 pub use api::{ApiClient, ApiSettings, Scope};
 pub use background::{DigestSettings, MovesSettings, PurgeSettings};
-pub use fleet::RedisSettings;
+pub use fleet::{RedisSettings, RedisTlsSettings};
 pub use serving::{HttpSettings, HttpTlsSettings, TailSettings, ThrottleSettings};
 pub use shards::{BreakerSettings, GroupCommitSettings, PoolSettings, ShardSettings, redact_url};
 
