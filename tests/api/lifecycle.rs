@@ -102,12 +102,7 @@ async fn the_purge_keeps_its_floors_and_readers_behind_it_get_410() {
     let r = app.get(&format!("/v1/chats/{id}/events?after=30")).await;
     assert_eq!(r.status(), StatusCode::OK);
     let page: Value = r.json().await.expect("json");
-    let revisions: Vec<u64> = page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["revision"].as_u64().expect("revision"))
-        .collect();
+    let revisions = common::page_revisions(&page);
     assert_eq!(revisions, (31..=50).collect::<Vec<_>>());
 
     // A multiplexed stream following the chat from before its first stored

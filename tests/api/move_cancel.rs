@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use crate::common;
 use crate::helpers::{TestApp, assert_problem, unique};
 use crate::move_kit::{
-    TOKEN, all_rows_of, fill, messages_of, move_to_end, request_move, started_id, wait_move, writer,
+    TOKEN, all_rows_of, fill, home_and_next, messages_of, move_to_end, request_move, started_id,
+    wait_move, writer,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,8 +39,7 @@ async fn a_move_cancelled_before_its_switch_rolls_back_and_the_chat_stays_whole(
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     fill(&app, &chat, 10, 50).await;
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    let (home, target) = home_and_next(&app, &chat).await;
     let target_name = app.settings.shards[target].name.clone();
     // Writes go on throughout.
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, assert_problem, settings, unique};
 use crate::move_kit::{
-    TOKEN, driver_of_last_move, ended_move_of, fill, kill_cli_when, lock_chat_row, marker_of,
-    member_rows, move_to_end, rows_in, whole_with,
+    TOKEN, driver_of_last_move, ended_move_of, fill, home_and_next, kill_cli_when, lock_chat_row,
+    marker_of, member_rows, move_to_end, rows_in, whole_with,
 };
 
 /// Runs `chatshard move-chat CHAT --to SHARD` on the shared shards' settings
@@ -69,8 +69,7 @@ async fn chat_for_a_killed_mover(
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     fill(&app, &chat, 30, 100).await;
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    let (home, target) = home_and_next(&app, &chat).await;
     (app, chat, home, target)
 }
 

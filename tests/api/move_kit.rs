@@ -685,3 +685,20 @@ pub async fn squat_message_id(db: &mut MySqlConnection, id: u64, squatter: &str)
     .await
     .expect("squat a message id");
 }
+
+/// Joins `{prefix}0` .. `{prefix}{n-1}` to `chat` one at a time, each
+/// answered 201.
+pub async fn join_each(app: &TestApp, chat: &str, prefix: &str, n: usize) {
+    for i in 0..n {
+        assert_eq!(
+            app.join(chat, &format!("{prefix}{i}")).await.status(),
+            reqwest::StatusCode::CREATED
+        );
+    }
+}
+
+/// The shard that holds `chat` and the next one, a move's usual target.
+pub async fn home_and_next(app: &TestApp, chat: &str) -> (usize, usize) {
+    let home = app.shard_of(chat).await;
+    (home, (home + 1) % app.settings.shards.len())
+}

@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 use crate::common;
 use crate::helpers::{TestApp, assert_problem, isolated_settings, unique};
 use crate::move_kit::{
-    TOKEN, all_rows_of, drift_count, go_on_then_stop, left_rows, marker_of, member_by_id,
-    member_rows, message_by_id, messages_of, move_to_end, moved_away, request_move, revision_of,
-    squat_member_id, squat_message_id, start_writers, started_id, wait_move, whole_with,
+    TOKEN, all_rows_of, drift_count, go_on_then_stop, home_and_next, join_each, left_rows,
+    marker_of, member_by_id, member_rows, message_by_id, messages_of, move_to_end, moved_away,
+    request_move, revision_of, squat_member_id, squat_message_id, start_writers, started_id,
+    wait_move, whole_with,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,14 +36,8 @@ async fn a_chat_moves_online_under_writes_from_two_instances_with_nothing_lost()
     let chat = unique("moving");
     let r = a.put_chat(&chat, Some(json!({"maxMembers": 100000}))).await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    for i in 0..50 {
-        assert_eq!(
-            a.join(&chat, &format!("early-{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
-    let home = a.shard_of(&chat).await;
-    let target = (home + 1) % a.settings.shards.len();
+    join_each(&a, &chat, "early-", 50).await;
+    let (home, target) = home_and_next(&a, &chat).await;
     let target_name = a.settings.shards[target].name.clone();
     // A stream on B follows the chat throughout.
     let mut stream = common::SseReader::open(
@@ -184,12 +179,7 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
     let b = Arc::new(TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await);
     let r = a.put_chat(&chat, Some(json!({"maxMembers": 100000}))).await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    for i in 0..50 {
-        assert_eq!(
-            a.join(&chat, &format!("early-{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
+    join_each(&a, &chat, "early-", 50).await;
     for i in 0..5 {
         assert_eq!(
             a.leave(&chat, &format!("early-{i}")).await.status(),
@@ -210,8 +200,7 @@ async fn a_chat_whose_log_was_purged_moves_from_a_snapshot_under_writes() {
         c["firstRevision"].as_u64().zip(c["revision"].as_u64()) == Some((66, 85))
     })
     .await;
-    let home = a.shard_of(&chat).await;
-    let target = (home + 1) % a.settings.shards.len();
+    let (home, target) = home_and_next(&a, &chat).await;
     let target_name = a.settings.shards[target].name.clone();
 
     let (stop, [wa, wb]) = start_writers(&a, &b, &chat, 55).await;
@@ -436,14 +425,8 @@ async fn a_moved_chat_keeps_its_ids_and_one_that_collides_gets_a_new_one() {
 async fn a_copy_that_does_not_verify_is_rolled_back_and_the_chat_stays() {
     let app = TestApp::spawn_with(|s| s.admin.token = TOKEN.to_owned()).await;
     let chat = app.new_chat("drift").await;
-    for i in 0..5 {
-        assert_eq!(
-            app.join(&chat, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    join_each(&app, &chat, "u", 5).await;
+    let (home, target) = home_and_next(&app, &chat).await;
     let mut old = app.db(home).await;
     // The source's count drifted from its rows behind chatshard's back: the
     // replayed copy cannot match it, and the move must not switch.
@@ -492,8 +475,7 @@ async fn a_stream_on_an_instance_that_never_wrote_follows_the_chat_to_its_new_sh
     .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
     let first = stream.next(Duration::from_secs(10)).await.expect("event 1");
     assert_eq!(first.id.as_deref(), Some("1"));
-    let home = a.shard_of(&chat).await;
-    let target = (home + 1) % a.settings.shards.len();
+    let (_, target) = home_and_next(&a, &chat).await;
     let moved = move_to_end(&a, &chat, &a.settings.shards[target].name).await;
     assert_eq!(moved["phase"], "done", "{moved}");
     // Written through A on the new shard; B, which only reads, hears of it

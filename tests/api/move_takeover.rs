@@ -16,8 +16,8 @@ use crate::common;
 use crate::helpers::TestApp;
 use crate::move_kit::{
     TOKEN, abandoned_move, copy_chat, driver_of_last_move, end_move_record, ended_move_of, fence,
-    lock_chat_row, mark, marker_of, member_rows, move_to_end, move_updated_at, request_move,
-    started_id, unfence, verified_move, wait_move, whole_with,
+    home_and_next, join_each, lock_chat_row, mark, marker_of, member_rows, move_to_end,
+    move_updated_at, request_move, started_id, unfence, verified_move, wait_move, whole_with,
 };
 
 /// A chat of 5 members copied to the next shard, the copy still marked as
@@ -44,14 +44,8 @@ async fn copied_by_a_dead_driver(prefix: &str) -> Copied {
     })
     .await;
     let chat = app.new_chat(prefix).await;
-    for i in 0..5 {
-        assert_eq!(
-            app.join(&chat, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    join_each(&app, &chat, "u", 5).await;
+    let (home, target) = home_and_next(&app, &chat).await;
     let (home_name, target_name) = (
         app.settings.shards[home].name.clone(),
         app.settings.shards[target].name.clone(),
@@ -224,12 +218,7 @@ async fn a_switch_whose_last_step_fails_is_retried_to_the_end_not_rolled_back() 
     })
     .await;
     let chat = app.new_chat("switchretry").await;
-    for i in 0..5 {
-        assert_eq!(
-            app.join(&chat, &format!("u{i}")).await.status(),
-            StatusCode::CREATED
-        );
-    }
+    join_each(&app, &chat, "u", 5).await;
     let home = app.shard_of(&chat).await;
     let first = (home + 1) % app.settings.shards.len();
     let target = (home + 2) % app.settings.shards.len();

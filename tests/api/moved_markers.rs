@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::common;
 use crate::helpers::{TestApp, settings};
-use crate::move_kit::{copy_chat, mark, revision_and_max, revision_of, whole_with};
+use crate::move_kit::{copy_chat, home_and_next, mark, revision_and_max, revision_of, whole_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_chat_is_followed_by_every_instance_and_never_written_where_it_was() {
@@ -22,8 +22,7 @@ async fn a_moved_chat_is_followed_by_every_instance_and_never_written_where_it_w
         app.post(&chat, "u1", "k1", "before").await.status(),
         StatusCode::CREATED
     );
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    let (home, target) = home_and_next(&app, &chat).await;
     let target_name = app.settings.shards[target].name.clone();
     let mut old = app.db(home).await;
     let mut new = app.db(target).await;
@@ -103,8 +102,7 @@ async fn a_moved_chat_is_followed_by_every_instance_and_never_written_where_it_w
 async fn markers_that_point_at_each_other_answer_a_retryable_503() {
     let app = TestApp::spawn().await;
     let chat = app.new_chat("loop").await;
-    let home = app.shard_of(&chat).await;
-    let target = (home + 1) % app.settings.shards.len();
+    let (home, target) = home_and_next(&app, &chat).await;
     let (home_name, target_name) = (
         app.settings.shards[home].name.clone(),
         app.settings.shards[target].name.clone(),

@@ -250,15 +250,11 @@ pub(crate) const NOT_IDS: [&[u8]; 6] = [
     b"1234567890123456789",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_last_event_id_that_is_not_a_revision_is_refused_with_422() {
-    let app = TestApp::spawn().await;
-    let chat = app.new_chat("sse-id").await;
-    let path = format!("/v1/chats/{chat}/events/stream?after=0");
-    // The rule of the multiplexed stream too (tests/api/mux.rs): 1 to 18
-    // digits, or empty for none.
+/// Every value of [`NOT_IDS`] as `Last-Event-ID` of a GET of `path` is
+/// answered 422 `invalid_request`, naming the header.
+pub async fn refuses_every_bad_last_event_id(app: &TestApp, path: &str) {
     for value in NOT_IDS {
-        let r = with_last_event_id(&app, Method::GET, &path, value).await;
+        let r = with_last_event_id(app, Method::GET, path, value).await;
         let p = assert_problem(r, 422, "invalid_request").await;
         assert!(
             p["detail"]
@@ -267,6 +263,16 @@ async fn a_last_event_id_that_is_not_a_revision_is_refused_with_422() {
             "{value:?}: {p}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_that_is_not_a_revision_is_refused_with_422() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("sse-id").await;
+    let path = format!("/v1/chats/{chat}/events/stream?after=0");
+    // The rule of the multiplexed stream too (tests/api/mux.rs): 1 to 18
+    // digits, or empty for none.
+    refuses_every_bad_last_event_id(&app, &path).await;
     // Empty is no id at all (the SSE spec resets to it): `after` applies.
     for value in [&b""[..], b"0"] {
         let r = with_last_event_id(&app, Method::GET, &path, value).await;

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use app::TestApp;
 pub use metrics::{admin, admin_get, metric_samples, sum_where};
-pub use rows::{assert_chat_consistent, count_and_rows, joined_users};
+pub use rows::{assert_chat_consistent, count_and_rows, joined_users, page_revisions};
 pub use servers::shared_cluster;
 pub use sse::{Sse, SseReader};
 pub use wait::{Wait, eventually};

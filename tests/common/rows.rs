@@ -57,3 +57,13 @@ pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
         "gap in {chat} (revision {latest}, first stored {first})"
     );
 }
+
+/// The revisions of a `GET /events` page, in order.
+pub fn page_revisions(page: &serde_json::Value) -> Vec<u64> {
+    page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["revision"].as_u64().expect("revision"))
+        .collect()
+}

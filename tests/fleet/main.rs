@@ -329,12 +329,7 @@ async fn a_purge_on_one_instance_trims_the_tail_another_holds() {
         let r = i.get(&format!("/v1/chats/{chat}/events?after=30")).await;
         assert_eq!(r.status(), StatusCode::OK);
         let page: Value = r.json().await.expect("json");
-        let revisions: Vec<u64> = page["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .map(|e| e["revision"].as_u64().expect("revision"))
-            .collect();
+        let revisions = common::page_revisions(&page);
         assert_eq!(revisions, (31..=50).collect::<Vec<u64>>());
     }
     let fb = b.fleet().await;
