@@ -21,7 +21,12 @@ pub fn bucket_of(chat: &ChatId) -> u16 {
 
 /// The chat's routing hash: its bucket is [`bucket_of_key`] of it.
 pub fn chat_key(chat: &ChatId) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(chat.as_str().as_bytes())
+    key_of(chat.as_str())
+}
+
+/// The routing hash of a chat id as stored (a row's `chat_id`).
+pub fn key_of(chat_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(chat_id.as_bytes())
 }
 
 /// The bucket of a chat's key.

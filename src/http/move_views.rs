@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::service::buckets::{BucketMoveStatus, BucketTable, ShardRanges};
+use crate::service::buckets::{BucketMoveStatus, BucketTable, RangeStats, ShardRanges};
 use crate::service::moves::{MoveStatus, RelocatedChat};
 
 /// A move as the admin view shows it.
@@ -102,17 +102,25 @@ pub struct BucketMoveView {
     pub buckets: String,
     pub source: String,
     pub target: String,
-    /// `requested`, `copying` (moving the range's chats), `fenced` (the
-    /// last pass: new chats of the range wait), `flipping` (from here a
-    /// cancel is refused), `flipped` (the new version is on the source; the
-    /// other shards are being told), `done`, `failed` (with `error`; the
-    /// chats moved so far stay moved), `cancelling` (the chats moved so far
-    /// are moved back) or `cancelled` (with `error` if some could not be).
+    /// `requested`, `copying` (the bulk copy, then catch-up passes),
+    /// `fenced` (the range's writes and new chats held for the last pass),
+    /// `flipping` (from here a cancel is refused), `flipped` (the new table
+    /// and the tombstones are on the source; the other shards are being
+    /// told, and the source cleaned), `done`, `failed` (with `error`; the
+    /// target's copies are dropped and the range stays where it was),
+    /// `cancelling` (the copies are being dropped) or `cancelled` (with
+    /// `error` if some could not be).
     pub phase: String,
-    /// The range's chats found on the source.
+    /// The range's chats found on the source (live or held elsewhere).
     pub chats_total: u64,
-    /// The range's chats this move moved.
+    /// Chats copied whole to the target so far (a chat copied again
+    /// counts again).
     pub chats_moved: u64,
+    /// What the move measured so far: rows and chats copied and their
+    /// rates, the catch-up passes, the fence, the source's other chats'
+    /// p99 before, during and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<RangeStatsView>,
     /// The version of the bucket table the move made, once flipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -135,11 +143,90 @@ impl From<BucketMoveStatus> for BucketMoveView {
             phase: m.phase,
             chats_total: m.chats_total,
             chats_moved: m.chats_moved,
+            stats: m.stats.map(RangeStatsView::from),
             version: m.version,
             error: m.error,
             cancel_requested: m.cancel_requested,
             created_at: m.created_at,
             updated_at: m.updated_at,
+        }
+    }
+}
+
+/// What a range move measured.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeStatsView {
+    /// Rows written to the target (chat rows, members, messages, events).
+    pub rows_copied: u64,
+    /// Chats copied whole.
+    pub chats_copied: u64,
+    /// Revisions replayed by the catch-up passes.
+    pub revisions_replayed: u64,
+    /// The bulk copy (the first pass): seconds, rows and chats per second.
+    pub copy_seconds: f64,
+    pub rows_per_second: f64,
+    pub chats_per_second: f64,
+    /// Catch-up passes so far, the fenced one included.
+    pub pass_count: u64,
+    /// The last 20 catch-up passes, oldest first.
+    pub passes: Vec<PassView>,
+    /// `false` once the passes stopped shrinking (the range changes about
+    /// as fast as it is copied); after 60 passes the move fails.
+    pub converging: bool,
+    /// Fences set (a lapsed fence is set again, three times at most).
+    pub fences: u32,
+    /// How long the range's writes were held, from the last fence to the
+    /// flip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fence_ms: Option<u64>,
+    /// The source's other chats' p99 (ms) before the move, the highest
+    /// 2 s window during its copy, and after its clean-up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_before_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_during_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_after_ms: Option<f64>,
+}
+
+/// One catch-up pass of a range move.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassView {
+    /// Chats copied whole or caught up.
+    pub chats: u64,
+    pub revisions: u64,
+    pub rows: u64,
+    pub ms: u64,
+}
+
+impl From<RangeStats> for RangeStatsView {
+    fn from(s: RangeStats) -> Self {
+        Self {
+            rows_copied: s.rows_copied,
+            chats_copied: s.chats_copied,
+            revisions_replayed: s.revisions_replayed,
+            copy_seconds: s.copy_seconds,
+            rows_per_second: s.rows_per_second,
+            chats_per_second: s.chats_per_second,
+            pass_count: s.pass_count,
+            passes: s
+                .passes
+                .into_iter()
+                .map(|p| PassView {
+                    chats: p.chats,
+                    revisions: p.revisions,
+                    rows: p.rows,
+                    ms: p.ms,
+                })
+                .collect(),
+            converging: s.converging,
+            fences: s.fences,
+            fence_ms: s.fence_ms,
+            p99_before_ms: s.p99_before_ms,
+            p99_during_ms: s.p99_during_ms,
+            p99_after_ms: s.p99_after_ms,
         }
     }
 }

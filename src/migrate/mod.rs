@@ -217,7 +217,26 @@ pub async fn migrate_shard(shard: &ShardSettings) -> anyhow::Result<ShardSchema>
         .run(&mut conn)
         .await
         .map_err(|e| anyhow::anyhow!("shard {}: migration failed: {e}", shard.name))?;
+    fill_buckets(shard, &mut conn).await?;
     status_on(shard, &mut conn).await
+}
+
+/// Fills the bucket of every chat row made before the column existed
+/// (migration `20261207000010`), a page of 1,000 rows per statement.
+pub async fn fill_buckets(
+    shard: &ShardSettings,
+    conn: &mut MySqlConnection,
+) -> anyhow::Result<u64> {
+    let mut filled = 0;
+    loop {
+        let n = crate::storage::chats::fill_buckets(conn, 1000)
+            .await
+            .map_err(|e| anyhow::anyhow!("shard {}: filling chat buckets: {e}", shard.name))?;
+        if n == 0 {
+            return Ok(filled);
+        }
+        filled += n;
+    }
 }
 
 /// Reads one shard's migration table; creates nothing.

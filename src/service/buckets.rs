@@ -22,6 +22,51 @@ use crate::routing::{BucketMap, BucketRange};
 use crate::shard::Shard;
 use crate::storage::buckets::{self, BucketMoveRow, Progress};
 
+/// What a range move measured (stored with its record as JSON).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RangeStats {
+    /// Rows written to the target: chat rows, members, messages and events.
+    pub rows_copied: u64,
+    /// Chats copied whole (a chat copied again counts again).
+    pub chats_copied: u64,
+    /// Revisions replayed by the catch-up passes.
+    pub revisions_replayed: u64,
+    /// The first pass, the bulk copy: its seconds and rates.
+    pub copy_seconds: f64,
+    pub rows_per_second: f64,
+    pub chats_per_second: f64,
+    /// Passes after the bulk copy, including the one under the fence.
+    pub pass_count: u64,
+    /// The last 20 catch-up passes, oldest first.
+    pub passes: Vec<PassStats>,
+    /// `false` once the catch-up passes stopped shrinking: the range
+    /// changes about as fast as it is copied.
+    pub converging: bool,
+    /// Fences set (a lapsed one is set again).
+    pub fences: u32,
+    /// From the last fence to the flip: how long the range's writes were
+    /// held.
+    pub fence_ms: Option<u64>,
+    /// The p99 of the source's other chats (this instance's requests, else
+    /// the shard's calls) before the move, the highest 2 s window during
+    /// the copy, and after the clean-up.
+    pub p99_before_ms: Option<f64>,
+    pub p99_during_ms: Option<f64>,
+    pub p99_after_ms: Option<f64>,
+}
+
+/// One catch-up pass.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PassStats {
+    /// Chats copied whole or caught up.
+    pub chats: u64,
+    pub revisions: u64,
+    pub rows: u64,
+    pub ms: u64,
+}
+
 /// A range move as recorded on the coordinator.
 #[derive(Debug, Clone)]
 pub struct BucketMoveStatus {
@@ -42,6 +87,8 @@ pub struct BucketMoveStatus {
     /// A cancel was asked for; the move stops after the chat moves under
     /// way and moves back what it moved.
     pub cancel_requested: bool,
+    /// What the move measured so far.
+    pub stats: Option<RangeStats>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -59,6 +106,10 @@ impl BucketMoveStatus {
             version: row.version,
             error: row.error,
             cancel_requested: row.cancel_requested != 0,
+            stats: row
+                .stats
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
             created_at: crate::storage::utc(row.created_at),
             updated_at: crate::storage::utc(row.updated_at),
         }

@@ -14,7 +14,8 @@ use super::move_driver::{self, Outcome};
 use super::move_plan::{Act, Phase, Seen, Unit};
 use super::moves::{Hold, MoveSettings, SUPERSEDED, Stop};
 use super::pacer::Pacer;
-use super::{ChatService, ServiceError, now, replay};
+use super::range_copy::replay_onto;
+use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
 use crate::shard::{OpError, Shard};
 use crate::storage::moves::{self, CleanTable, Digest, LogRow};
@@ -669,17 +670,12 @@ impl ChatService {
                         let mut tx = conn.begin().await?;
                         // The copy goes on from where the target stands: a
                         // batch replayed already (a retry) is not replayed twice.
-                        if moves::lock_revision(&mut tx, &c).await? != Some(at) {
+                        let Some(written) = replay_onto(&mut tx, &c, at, &rows).await? else {
                             tx.rollback().await?;
                             return Ok(0);
-                        }
-                        let touched = replay::members_touched(&rows);
-                        let existing = moves::lock_member_states(&mut tx, &c, &touched).await?;
-                        let replay = replay::fold(&rows, &existing);
-                        moves::replay_batch(&mut tx, &c, &rows, &replay.members).await?;
-                        moves::settle(&mut tx, &c, last, replay.delta).await?;
+                        };
                         tx.commit().await.map_err(OpError::Commit)?;
-                        Ok(replay.written)
+                        Ok(written)
                     })
                 })
                 .await?;

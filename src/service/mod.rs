@@ -39,6 +39,8 @@ pub mod moves;
 pub mod mux;
 mod pacer;
 pub mod plan;
+mod range_copy;
+pub mod range_diff;
 mod range_move;
 pub mod read;
 pub mod repair;
@@ -239,6 +241,13 @@ impl ChatService {
                 // the switch, a moment, rather than being refused; then it
                 // follows the chat to its new shard.
                 Ok(WriteOutcome::Fenced) if held.elapsed() < self.move_settings.hold_writes => {
+                    tokio::time::sleep(FENCE_RECHECK).await;
+                }
+                // The markers point at each other: a switch is between its
+                // steps (the source's tombstone is in, the target not live
+                // yet). Held the same way, then refused (retryable).
+                Ok(WriteOutcome::Moved(_)) if held.elapsed() < self.move_settings.hold_writes => {
+                    hops = 0;
                     tokio::time::sleep(FENCE_RECHECK).await;
                 }
                 Ok(WriteOutcome::Moved(_)) => break Err(self.unsettled(chat)),

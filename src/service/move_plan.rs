@@ -430,10 +430,8 @@ pub fn next(run: &mut Run, seen: Seen) -> Step {
                 run.phase = Phase::Cancelling;
                 Step::record(Phase::Cancelling, Act::RollBack)
             }
-            (Some(Ending::Failed(why)), Unit::Range) => Step::End {
-                phase: Phase::Failed,
-                reason: Some(why.clone()),
-            },
+            // A failed range drops its copies too (`RolledBack` ends it
+            // `failed`).
             _ => Step::act(Act::RollBack),
         },
         Seen::RolledBack(left) => match (&run.ending, unit) {

@@ -26,7 +26,7 @@ use sqlx::Connection;
 use super::chat_move::ChatMove;
 use super::move_driver;
 use super::move_plan::{self, Abandoned, Phase, Run, Source, Takeover, Unit};
-use super::pacer::{Pacer, Signals, Watch};
+use super::pacer::{Pacer, Watch};
 use super::{ChatService, ServiceError, now};
 use crate::domain::ChatId;
 use crate::shard::{OpError, Shard};
@@ -243,34 +243,6 @@ impl ChatService {
                 .await;
         });
         Ok(Some(view))
-    }
-
-    /// Moves `chat` to `to` and waits for the end (a bucket-range move's
-    /// step): `Ok(true)` when it moved, `Ok(false)` when it has a move
-    /// running already (it is tried again later), and the reason otherwise.
-    /// `paced`: what the copy is paced by, and against (a range move's
-    /// watch and its baseline from before it began, rather than this chat's
-    /// moment).
-    pub(super) async fn move_and_wait(
-        &self,
-        chat: &ChatId,
-        to: &str,
-        (watch, baseline): (&Watch, Signals),
-    ) -> Result<bool, String> {
-        let recorded = match self.record_move(chat, to, None, RANGE).await {
-            Ok(Some(recorded)) => recorded,
-            Ok(None) => return Ok(false),
-            Err(e) => return Err(e.to_string()),
-        };
-        self.drive_to_end(
-            (recorded.id, 0),
-            chat.clone(),
-            (recorded.source, recorded.target),
-            Pacer::watching(watch.clone(), baseline, &self.move_settings),
-            false,
-        )
-        .await
-        .map(|()| true)
     }
 
     /// Records a move on the chat's shard (its source), started by `by`

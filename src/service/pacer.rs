@@ -163,8 +163,8 @@ impl Pacer {
         }
     }
 
-    /// The p99s paced against, as trusted signals (a range move hands its
-    /// baseline to each chat's copy).
+    /// The p99s paced against, as trusted signals (what a range move
+    /// reports as the other chats' p99 before it).
     pub(super) fn baseline(&self) -> Signals {
         let signal = |b: Option<Duration>| b.map(|p99| (p99, PACER_MIN_CALLS));
         Signals {

@@ -1,41 +1,43 @@
 //! A bucket-range move carried out on its shards: the [`RangeMove`] the
-//! move driver (`move_driver.rs`) runs, and the steps it is made of (walk
-//! the source and move the range's chats with the chat move, fence new
-//! chats of the range, flip the bucket table, tell every shard, move the
-//! chats back after a cancel). Which step comes next is decided in
-//! `move_plan.rs`; the bucket table and the range moves' records are
-//! `buckets.rs`'s.
+//! move driver (`move_driver.rs`) runs. The range moves as a range, the way
+//! a resharding copies a key range: passes of bulk copy and catch-up while
+//! writes go on (`range_copy.rs`, deciding each pass in `range_diff.rs`),
+//! then one fence over the whole range (its writes and its new chats held),
+//! one last pass, and the flip: the new bucket table and every chat's
+//! tombstone at the source in one transaction, then the copies made live on
+//! the target. Which step comes next is decided in `move_plan.rs`; the
+//! bucket table and the range moves' records are `buckets.rs`'s.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use sqlx::Connection;
 
+use super::buckets::RangeStats;
 use super::move_driver::{self, Outcome};
 use super::move_plan::{Act, Phase, Run, Seen, Unit};
-use super::pacer::{Pacer, Watch};
+use super::pacer::{Pacer, Signals, Watch};
+use super::range_diff::Diff;
 use super::{ChatService, ServiceError, now};
-use crate::domain::ChatId;
-use crate::routing::{BucketMap, BucketRange, bucket_of};
+use crate::routing::{BucketMap, BucketRange};
 use crate::shard::{OpError, Shard};
 use crate::storage::buckets::{self, Flip, Progress};
+use crate::storage::moves::CleanTable;
+use crate::storage::range_copy;
 
-/// Chats read per page when a range move walks its source.
-const PAGE: u32 = 500;
-/// Passes over the source before the fence; chats whose move failed (a move
-/// of theirs was running, say, whose driver died) are tried again on the
-/// next one, half a lease later, when such a move has been taken over.
-const PASSES: u32 = 5;
+/// Catch-up passes before a range that does not converge is given up.
+const MAX_PASSES: usize = 60;
+/// Passes in a row that did not shrink: the view says the move does not
+/// converge.
+const NOT_SHRINKING: usize = 3;
+/// Tombstoned chats cleaned per round at the source.
+const CLEAN_CHATS: u32 = 200;
 
 /// Why a range move stopped.
 #[derive(Debug, thiserror::Error)]
-enum RangeStop {
+pub(super) enum RangeStop {
     #[error(transparent)]
     Service(#[from] ServiceError),
-    #[error("the range's fence lapsed")]
-    Lapsed,
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -46,22 +48,6 @@ impl From<crate::shard::ShardError> for RangeStop {
     fn from(e: crate::shard::ShardError) -> Self {
         Self::Service(e.into())
     }
-}
-
-/// What every walk of one range move shares.
-struct Walk<'a> {
-    id: u64,
-    range: BucketRange,
-    /// The source, its other chats left out of the range.
-    watch: Watch,
-    pacer: &'a tokio::sync::Mutex<Pacer>,
-}
-
-/// What a range move has done so far.
-#[derive(Debug, Default)]
-struct Tally {
-    total: std::collections::HashSet<String>,
-    moved: u64,
 }
 
 impl ChatService {
@@ -90,95 +76,6 @@ impl ChatService {
         let outcome = move_driver::drive(&mut mover, Run::start(Unit::Range)).await;
         heartbeat.abort();
         mover.log(&outcome);
-    }
-
-    /// A cancelled range move's roll-back: every chat of the range that the
-    /// source's marker says is on the target is moved back,
-    /// `moves.concurrent_chats` at a time, each copy paced against the
-    /// target's p99 (the shard the chats now leave), in passes until none
-    /// is left. What is found
-    /// from the source's rows, so an instance that takes the roll-back over
-    /// finds the same. A description of the chats left on the target, if
-    /// any could not be moved back.
-    async fn move_back(
-        &self,
-        id: u64,
-        range: BucketRange,
-        (source, target): (&Arc<Shard>, &Arc<Shard>),
-        (total, moved): (u64, u64),
-    ) -> Option<String> {
-        let cancelling = Progress {
-            phase: range_name(Phase::Cancelling),
-            chats_total: total,
-            chats_moved: moved,
-            ..Progress::default()
-        };
-        let watch = Watch::buckets(target, range);
-        let baseline = watch.baseline();
-        let mut left = Vec::new();
-        for pass in 1..=PASSES {
-            left.clear();
-            let mut after = String::new();
-            loop {
-                let from = after.clone();
-                let page = match source
-                    .read(None, "bucket_chats", move |conn| {
-                        Box::pin(async move { Ok(buckets::chats_after(conn, &from, PAGE).await?) })
-                    })
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(e) => {
-                        left.push(format!("the walk of {} stopped: {e}", source.name()));
-                        break;
-                    }
-                };
-                let Some((last, _)) = page.last() else {
-                    break;
-                };
-                after.clone_from(last);
-                let there: Vec<ChatId> = page
-                    .into_iter()
-                    .filter(|(_, moved_to)| moved_to.as_deref() == Some(target.name()))
-                    .filter_map(|(chat, _)| ChatId::parse(&chat).ok())
-                    .filter(|chat| (range.first..=range.last).contains(&bucket_of(chat)))
-                    .collect();
-                let home = source.name().to_owned();
-                let mut back = futures_util::stream::iter(there)
-                    .map(|chat| {
-                        let (home, watch) = (home.clone(), &watch);
-                        async move {
-                            let outcome = self.move_and_wait(&chat, &home, (watch, baseline)).await;
-                            (chat, outcome)
-                        }
-                    })
-                    .buffer_unordered(self.move_settings.concurrent_chats.max(1));
-                while let Some((chat, outcome)) = back.next().await {
-                    match outcome {
-                        Ok(true) => {}
-                        Ok(false) => left.push(format!("{chat}: a move of it is running")),
-                        Err(why) => left.push(format!("{chat}: {why}")),
-                    }
-                    self.record_range(id, cancelling.clone()).await;
-                }
-            }
-            if left.is_empty() {
-                return None;
-            }
-            tracing::info!(
-                id,
-                pass,
-                left = left.len(),
-                "chats of a cancelled range move are still on its target"
-            );
-            tokio::time::sleep(self.move_settings.lease / 2).await;
-        }
-        Some(format!(
-            "{} chat(s) stay on {} (move them with move-chat), e.g. {}",
-            left.len(),
-            target.name(),
-            left.first().map_or("", String::as_str)
-        ))
     }
 
     fn index_of(&self, shard: &Arc<Shard>) -> Result<usize, RangeStop> {
@@ -218,13 +115,7 @@ impl ChatService {
 
     /// Stores the source's newest version on every other shard (each tried
     /// until it answers, while the move's lease is kept).
-    async fn tell_every_shard(
-        &self,
-        id: u64,
-        version: u64,
-        (source, target): (&Arc<Shard>, &Arc<Shard>),
-        tally: &Tally,
-    ) {
+    async fn tell_every_shard(&self, version: u64, (source, target): (&Arc<Shard>, &Arc<Shard>)) {
         let newest = source
             .read(None, "bucket_map_read", |conn| {
                 Box::pin(async move { Ok(buckets::latest(conn).await?) })
@@ -256,7 +147,6 @@ impl ChatService {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(shard = shard.name(), error = %crate::error::chain(&e), "cannot store the new bucket table there yet; retrying");
-                        self.progress(id, Phase::Switched, tally).await;
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(5));
                     }
@@ -265,139 +155,9 @@ impl ChatService {
         }
     }
 
-    /// One walk over the source's chats: the range's live chats are moved
-    /// (`moves.concurrent_chats` at once), and the target gets a marker for
-    /// each chat of the range held by a third shard. Under a fence
-    /// (`fenced`: its length), the fence is renewed as the walk goes, and a
-    /// lapse stops the walk. The chats whose move failed, with the reason.
-    async fn range_pass(
-        &self,
-        walk: &Walk<'_>,
-        (source, target): (&Arc<Shard>, &Arc<Shard>),
-        fenced: Option<u64>,
-        tally: &mut Tally,
-    ) -> Result<Vec<(String, String)>, RangeStop> {
-        let (id, range) = (walk.id, walk.range);
-        let phase = if fenced.is_some() {
-            Phase::Fenced
-        } else {
-            Phase::Copying
-        };
-        let mut failed = Vec::new();
-        let cancelled = AtomicBool::new(false);
-        let mut after = String::new();
-        loop {
-            let from = after.clone();
-            let page = source
-                .read(None, "bucket_chats", move |conn| {
-                    Box::pin(async move { Ok(buckets::chats_after(conn, &from, PAGE).await?) })
-                })
-                .await?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            after.clone_from(last);
-            let mut live = Vec::new();
-            let mut markers = Vec::new();
-            for (chat, moved_to) in page {
-                let Ok(chat) = ChatId::parse(&chat) else {
-                    continue;
-                };
-                let b = bucket_of(&chat);
-                if b < range.first || b > range.last {
-                    continue;
-                }
-                tally.total.insert(chat.to_string());
-                match moved_to {
-                    None => live.push(chat),
-                    Some(to) if to != target.name() => markers.push((chat.to_string(), to)),
-                    Some(_) => {}
-                }
-            }
-            if !markers.is_empty() {
-                target
-                    .write(None, "bucket_markers", move |conn| {
-                        Box::pin(async move {
-                            let mut tx = conn.begin().await?;
-                            for (chat, to) in &markers {
-                                buckets::insert_marker(&mut tx, chat, to, now()).await?;
-                            }
-                            tx.commit().await.map_err(OpError::Commit)?;
-                            Ok(())
-                        })
-                    })
-                    .await?;
-            }
-            let to = target.name().to_owned();
-            let cancelled = &cancelled;
-            let mut moves = futures_util::stream::iter(live)
-                .map(|chat| {
-                    let to = to.clone();
-                    async move {
-                        if cancelled.load(Ordering::Relaxed) {
-                            return (chat, Ok(None));
-                        }
-                        // Chat moves start one pause apart, the pause paced
-                        // by the source's p99s against the range's baseline,
-                        // which each chat's copy is paced against too.
-                        // Under the fence new chats wait: no pause.
-                        let baseline = {
-                            let mut pacer = walk.pacer.lock().await;
-                            if fenced.is_none() {
-                                let pause = pacer.pace(&self.move_settings, 0);
-                                tokio::time::sleep(pause).await;
-                            }
-                            pacer.baseline()
-                        };
-                        let outcome = self
-                            .move_and_wait(&chat, &to, (&walk.watch, baseline))
-                            .await;
-                        (chat, outcome.map(Some))
-                    }
-                })
-                .buffer_unordered(self.move_settings.concurrent_chats.max(1));
-            while let Some((chat, outcome)) = moves.next().await {
-                match outcome {
-                    Ok(None) => {}
-                    Ok(Some(true)) => tally.moved += 1,
-                    Ok(Some(false)) => {
-                        failed.push((chat.to_string(), "a move of it is running".to_owned()))
-                    }
-                    Err(why) => failed.push((chat.to_string(), why)),
-                }
-                if let Some(ms) = fenced {
-                    self.renew_fence(source, id, ms).await?;
-                }
-                self.progress(id, phase, tally).await;
-                // A cancel lets the chat moves under way end (a move cut
-                // short would wait for its lease) and starts no more.
-                if !cancelled.load(Ordering::Relaxed) && self.cancel_asked(id).await {
-                    cancelled.store(true, Ordering::Relaxed);
-                }
-            }
-            if cancelled.load(Ordering::Relaxed) {
-                return Err(RangeStop::Cancelled);
-            }
-            if let Some(ms) = fenced {
-                self.renew_fence(source, id, ms).await?;
-            }
-            self.progress(id, phase, tally).await;
-        }
-        Ok(failed)
-    }
-
-    async fn renew_fence(&self, source: &Arc<Shard>, id: u64, ms: u64) -> Result<(), RangeStop> {
-        let held = source
-            .write(None, "bucket_fence_renew", move |conn| {
-                Box::pin(async move { Ok(buckets::renew_fence(conn, id, ms).await?) })
-            })
-            .await?;
-        if held { Ok(()) } else { Err(RangeStop::Lapsed) }
-    }
-
     /// Whether a cancel was asked for (a record that cannot be read is not
     /// a cancel: the move goes on).
-    async fn cancel_asked(&self, id: u64) -> bool {
+    pub(super) async fn cancel_asked(&self, id: u64) -> bool {
         let asked = self
             .coordinator()
             .read(None, "bucket_move_cancelled", move |conn| {
@@ -405,16 +165,6 @@ impl ChatService {
             })
             .await;
         matches!(asked, Ok(true))
-    }
-
-    async fn progress(&self, id: u64, phase: Phase, tally: &Tally) {
-        let p = Progress {
-            phase: range_name(phase),
-            chats_total: tally.total.len() as u64,
-            chats_moved: tally.moved,
-            ..Progress::default()
-        };
-        self.record_range(id, p).await;
     }
 
     pub(super) async fn record_range(&self, id: u64, p: Progress) {
@@ -435,22 +185,36 @@ fn range_name(phase: Phase) -> &'static str {
     phase.name(Unit::Range).unwrap_or("")
 }
 
+/// The other chats' p99 a move reports, in ms: their requests' where this
+/// instance saw enough of them, else the shard's calls'.
+fn p99_ms(s: &Signals) -> Option<f64> {
+    let trusted = |x: Option<(Duration, u64)>| x.filter(|(_, n)| *n >= 50).map(|(p, _)| p);
+    trusted(s.requests)
+        .or(trusted(s.calls))
+        .map(|p| (p.as_secs_f64() * 1e4).round() / 10.0)
+}
+
 /// One range move as the driver sees it ([`move_driver::Mover`]): the acts
 /// the machine decides, carried out over the range's chats and the shards'
 /// bucket tables.
-struct RangeMove<'a> {
-    service: &'a ChatService,
-    id: u64,
-    range: BucketRange,
-    source: Arc<Shard>,
-    target: Arc<Shard>,
-    /// The source, its other chats left out of the range: the source's
-    /// p99s before the range move (its calls, and this instance's requests
-    /// of its chats outside the range) are what every chat's copy, and the
-    /// start of every chat move, is paced against.
+pub(super) struct RangeMove<'a> {
+    pub(super) service: &'a ChatService,
+    pub(super) id: u64,
+    pub(super) range: BucketRange,
+    pub(super) source: Arc<Shard>,
+    pub(super) target: Arc<Shard>,
+    /// The source, its other chats left out of the range: what the copy is
+    /// paced against, and what the view's p99s are.
     watch: Watch,
-    pacer: tokio::sync::Mutex<Pacer>,
-    tally: Tally,
+    pub(super) pacer: Pacer,
+    pub(super) stats: RangeStats,
+    /// The range's chats on the source, at the last pass.
+    chats_total: u64,
+    pub(super) last_record: Instant,
+    /// When the current fence was set, and the chats and revisions it froze.
+    fenced: Option<(Instant, Vec<(String, u64)>)>,
+    /// When the copy began.
+    began: Instant,
     /// The bucket table version the flip made (or found).
     version: Option<u64>,
     /// That version's table, as stored.
@@ -465,7 +229,13 @@ impl<'a> RangeMove<'a> {
         (source, target): (Arc<Shard>, Arc<Shard>),
     ) -> Self {
         let watch = Watch::buckets(&source, range);
-        let pacer = Pacer::watching(watch.clone(), watch.baseline(), &service.move_settings);
+        let before = watch.baseline();
+        let pacer = Pacer::watching(watch.clone(), before, &service.move_settings);
+        let stats = RangeStats {
+            p99_before_ms: p99_ms(&pacer.baseline()),
+            converging: true,
+            ..RangeStats::default()
+        };
         Self {
             service,
             id,
@@ -473,8 +243,12 @@ impl<'a> RangeMove<'a> {
             source,
             target,
             watch,
-            pacer: tokio::sync::Mutex::new(pacer),
-            tally: Tally::default(),
+            pacer,
+            stats,
+            chats_total: 0,
+            last_record: Instant::now(),
+            fenced: None,
+            began: Instant::now(),
             version: None,
             ranges: None,
         }
@@ -483,11 +257,12 @@ impl<'a> RangeMove<'a> {
     fn log(&self, outcome: &Outcome) {
         let (id, range) = (self.id, self.range);
         let (from, to) = (self.source.name(), self.target.name());
+        let s = &self.stats;
         match outcome {
             Outcome::Ended {
                 phase: Phase::Done, ..
             } => {
-                tracing::info!(id, buckets = %range, from, to, version = self.version, chats = self.tally.moved, "bucket_range_moved")
+                tracing::info!(id, buckets = %range, from, to, version = self.version, chats = s.chats_copied, rows = s.rows_copied, seconds = s.copy_seconds, passes = s.pass_count, fence_ms = s.fence_ms, "bucket_range_moved")
             }
             Outcome::Ended {
                 phase: Phase::Cancelled,
@@ -502,21 +277,16 @@ impl<'a> RangeMove<'a> {
         }
     }
 
-    /// A walk over the source's chats (`fenced`: the fence's length).
-    async fn pass(&mut self, fenced: Option<u64>) -> Result<Vec<(String, String)>, RangeStop> {
-        let walk = Walk {
-            id: self.id,
-            range: self.range,
-            watch: self.watch.clone(),
-            pacer: &self.pacer,
-        };
-        self.service
-            .range_pass(&walk, (&self.source, &self.target), fenced, &mut self.tally)
-            .await
+    /// The highest p99 the other chats saw during the copy, kept.
+    pub(super) fn note_p99_during(&mut self) {
+        let now = p99_ms(&self.watch.now(Duration::from_secs(2)));
+        if let Some(now) = now {
+            self.stats.p99_during_ms = Some(self.stats.p99_during_ms.map_or(now, |d| d.max(now)));
+        }
     }
 
-    /// Taken over after its flip, only the telling is left; a cancel asked
-    /// before the start is honoured at once.
+    /// Taken over after its flip, only the finishing is left; a cancel
+    /// asked before the start is honoured at once.
     async fn open(&mut self) -> Result<Seen, RangeStop> {
         let service = self.service;
         if let Some(version) = service
@@ -529,72 +299,148 @@ impl<'a> RangeMove<'a> {
         if service.cancel_asked(self.id).await {
             return Ok(Seen::Cancelled);
         }
+        self.fill_buckets().await?;
+        self.began = Instant::now();
         Ok(Seen::Opened)
     }
 
-    /// Passes over the source until every chat of the range moved (chats
-    /// whose move failed are tried again half a lease later), at most
-    /// [`PASSES`].
+    /// Whether a pass was short enough that the next, under the fence, holds
+    /// the range's writes briefly: its revisions within `moves.fence_lag`,
+    /// or its time within a quarter of `moves.hold_writes_ms`.
+    fn caught_up(&self, work: u64, took: Duration) -> bool {
+        let settings = &self.service.move_settings;
+        work <= settings.fence_lag
+            || took <= (settings.hold_writes / 4).max(Duration::from_millis(50))
+    }
+
+    /// Copy passes until one is short (see [`Self::caught_up`]), then the
+    /// digest check of every chat in step, then one more pass. A range whose
+    /// passes stop shrinking says so in its view; after [`MAX_PASSES`] it
+    /// is given up.
     async fn copy(&mut self) -> Result<(), RangeStop> {
-        for pass in 1..=PASSES {
-            let failed = self.pass(None).await?;
-            if failed.is_empty() {
-                break;
+        let mut verified = false;
+        loop {
+            let d = self.diff().await?;
+            self.chats_total = d.chats;
+            let first = self.stats.pass_count == 0;
+            let pass = self.pass(&d, false).await?;
+            self.stats.pass_count += 1;
+            if first {
+                self.stats.copy_seconds =
+                    (self.began.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+                let secs = self.began.elapsed().as_secs_f64().max(1e-3);
+                self.stats.rows_per_second = (self.stats.rows_copied as f64 / secs).round();
+                self.stats.chats_per_second = (self.stats.chats_copied as f64 / secs).round();
+            } else {
+                self.stats.passes.push(pass.stats());
+                if self.stats.passes.len() > 20 {
+                    self.stats.passes.remove(0);
+                }
+                let recent: Vec<u64> = self.stats.passes.iter().map(|p| p.revisions).collect();
+                self.stats.converging = recent.len() <= NOT_SHRINKING
+                    || recent
+                        .windows(2)
+                        .rev()
+                        .take(NOT_SHRINKING)
+                        .any(|w| w[1] < w[0]);
             }
-            tracing::info!(
-                id = self.id,
-                pass,
-                left = failed.len(),
-                "a range pass left chats behind; passing again"
-            );
-            tokio::time::sleep(self.service.move_settings.lease / 2).await;
+            self.record_now().await;
+            if self.service.cancel_asked(self.id).await {
+                return Err(RangeStop::Cancelled);
+            }
+            if !first && self.caught_up(pass.revisions, pass.took) {
+                if verified {
+                    return Ok(());
+                }
+                let differ = self.verify().await?;
+                if let Some(chat) = differ.first() {
+                    return Err(RangeStop::Failed(format!(
+                        "{} chat(s) differ from their copy on {}, e.g. {chat}",
+                        differ.len(),
+                        self.target.name()
+                    )));
+                }
+                verified = true;
+            }
+            if self.stats.pass_count as usize > MAX_PASSES {
+                let sizes: Vec<String> = self
+                    .stats
+                    .passes
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .map(|p| p.revisions.to_string())
+                    .collect();
+                return Err(RangeStop::Failed(format!(
+                    "the range changes faster than it is copied: {MAX_PASSES} catch-up passes, the last of {} revisions",
+                    sizes.join(", ")
+                )));
+            }
         }
-        Ok(())
     }
 
     fn fence_ms(&self) -> u64 {
-        self.service.move_settings.lease.as_millis() as u64
+        self.service.move_settings.fence.as_millis() as u64
     }
 
+    /// One fence for the whole range, in one source transaction: no chat of
+    /// the range is created, and every live chat's writes are held.
     async fn fence(&mut self) -> Result<(), RangeStop> {
-        let (id, range, ms) = (self.id, self.range, self.fence_ms());
-        self.source
+        let (id, span, ms) = (
+            self.id,
+            (self.range.first, self.range.last),
+            self.fence_ms(),
+        );
+        let frozen = self
+            .source
             .write(None, "bucket_fence", move |conn| {
                 Box::pin(async move {
                     let mut tx = conn.begin().await?;
-                    buckets::fence(&mut tx, id, (range.first, range.last), ms).await?;
+                    buckets::fence(&mut tx, id, span, ms).await?;
+                    let frozen = range_copy::fence(&mut tx, span, ms).await?;
                     tx.commit().await.map_err(OpError::Commit)?;
-                    Ok(())
+                    Ok(frozen)
                 })
             })
             .await?;
+        self.stats.fences += 1;
+        self.fenced = Some((Instant::now(), frozen));
         Ok(())
     }
 
-    /// The last pass, under the fence: every chat of the range must move.
+    /// The last pass, under the fence, and the check that every chat the
+    /// fence froze is in step on the target.
     async fn copy_fenced(&mut self) -> Result<Seen, RangeStop> {
-        let failed = match self.pass(Some(self.fence_ms())).await {
-            Ok(failed) => failed,
-            Err(RangeStop::Lapsed) => {
-                tracing::warn!(
-                    id = self.id,
-                    "the range's fence lapsed during its last pass; fencing again"
-                );
-                return Ok(Seen::Lapsed);
-            }
-            Err(e) => return Err(e),
-        };
-        if let Some((chat, why)) = failed.first() {
-            return Err(RangeStop::Failed(format!(
-                "{} chat(s) of the range could not be moved, e.g. {chat}: {why}",
-                failed.len()
-            )));
+        let d = self.diff().await?;
+        self.chats_total = d.chats;
+        let pass = self.pass(&d, true).await?;
+        self.stats.passes.push(pass.stats());
+        let again: Diff = self.diff().await?;
+        if again.is_empty() {
+            return Ok(Seen::Verified);
         }
-        Ok(Seen::Verified)
+        let lapsed = self
+            .fenced
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= self.service.move_settings.fence);
+        if lapsed {
+            tracing::warn!(
+                id = self.id,
+                "the range's fence lapsed during its last pass; fencing again"
+            );
+            return Ok(Seen::Lapsed);
+        }
+        Err(RangeStop::Failed(format!(
+            "the range's copy is not whole under the fence: {} to copy, {} behind",
+            again.snapshot.len(),
+            again.behind.len()
+        )))
     }
 
-    /// Every chat of the range is held elsewhere now: the new version,
-    /// unless a cancel came first (from here on it is refused).
+    /// The flip, unless a cancel came first (from here on it is refused):
+    /// in one source transaction, while the fence holds and no chat of the
+    /// range changed since it froze them, the new bucket table and every
+    /// live chat's tombstone.
     async fn switch(&mut self) -> Result<Seen, RangeStop> {
         let (service, id) = (self.service, self.id);
         let began = service
@@ -618,24 +464,46 @@ impl<'a> RangeMove<'a> {
             .with_range(self.range, service.index_of(&self.target)?);
         let ranges = serde_json::to_string(&BucketMap::of(&moved, &service.shards.names()))
             .map_err(|e| RangeStop::Failed(e.to_string()))?;
-        let stored = ranges.clone();
+        let frozen = self.fenced.as_ref().map(|(_, f)| {
+            (
+                f.len() as i64,
+                f.iter().map(|(_, r)| *r as i64).sum::<i64>(),
+            )
+        });
+        let Some(frozen) = frozen else {
+            return Ok(Seen::Lapsed);
+        };
+        let (stored, span, to) = (
+            ranges.clone(),
+            (self.range.first, self.range.last),
+            self.target.name().to_owned(),
+        );
         let flip = self
             .source
             .write(None, "bucket_flip", move |conn| {
                 Box::pin(async move {
                     let mut tx = conn.begin().await?;
                     let flip = buckets::flip(&mut tx, id, version, &stored, now()).await?;
-                    if flip == Flip::Done {
-                        tx.commit().await.map_err(OpError::Commit)?;
-                    } else {
+                    if flip != Flip::Done {
                         tx.rollback().await?;
+                        return Ok(flip);
                     }
+                    let (unfenced, count, revisions) = range_copy::unfenced(&mut tx, span).await?;
+                    if unfenced > 0 || (count, revisions) != frozen {
+                        tx.rollback().await?;
+                        return Ok(Flip::Lapsed);
+                    }
+                    range_copy::tombstone(&mut tx, span, &to).await?;
+                    tx.commit().await.map_err(OpError::Commit)?;
                     Ok(flip)
                 })
             })
             .await?;
         match flip {
             Flip::Done => {
+                if let Some((at, _)) = &self.fenced {
+                    self.stats.fence_ms = Some(at.elapsed().as_millis() as u64);
+                }
                 self.version = Some(version);
                 self.ranges = Some(ranges);
                 Ok(Seen::Switched)
@@ -655,30 +523,186 @@ impl<'a> RangeMove<'a> {
         }
     }
 
-    /// This instance routes by the table just written.
-    fn adopt(&self) {
-        let (Some(version), Some(ranges)) = (self.version, &self.ranges) else {
-            return;
-        };
-        match serde_json::from_str::<BucketMap>(ranges) {
-            Ok(map) => {
-                if let Err(e) = self.service.shards.adopt_map(version, &map) {
-                    tracing::error!(error = %e, "cannot route by the bucket table just written");
+    /// The copies made live on the target (retried until done: the source's
+    /// tombstones point there already), and this instance routes by the
+    /// table just written.
+    async fn finish(&mut self) {
+        let (span, source) = (
+            (self.range.first, self.range.last),
+            self.source.name().to_owned(),
+        );
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let from = source.clone();
+            let live = self
+                .target
+                .write(None, "bucket_go_live", move |conn| {
+                    Box::pin(async move { Ok(range_copy::go_live(conn, span, &from).await?) })
+                })
+                .await;
+            match live {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), "cannot make the range's copies live yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
-            Err(e) => tracing::error!(error = %e, "cannot read the bucket table just written"),
         }
-        tracing::info!(id = self.id, version, buckets = %self.range, "bucket_range_flipped");
+        if let (Some(version), Some(ranges)) = (self.version, &self.ranges) {
+            match serde_json::from_str::<BucketMap>(ranges) {
+                Ok(map) => {
+                    if let Err(e) = self.service.shards.adopt_map(version, &map) {
+                        tracing::error!(error = %e, "cannot route by the bucket table just written");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the bucket table just written"),
+            }
+            tracing::info!(id = self.id, version, buckets = %self.range, fence_ms = self.stats.fence_ms, "bucket_range_flipped");
+        } else {
+            self.service.refresh_bucket_map().await;
+        }
+    }
+
+    /// After the flip: every other shard told, then the source's rows of
+    /// the range deleted behind their tombstones, paced.
+    async fn clean(&mut self) {
+        self.finish().await;
+        if let Some(version) = self.version {
+            self.service
+                .tell_every_shard(version, (&self.source, &self.target))
+                .await;
+        }
+        let (span, to) = (
+            (self.range.first, self.range.last),
+            self.target.name().to_owned(),
+        );
+        let settings = &self.service.move_settings;
+        let mut after = String::new();
+        loop {
+            let (from, to) = (after.clone(), to.clone());
+            let page = self
+                .source
+                .read(None, "bucket_clean_chats", move |conn| {
+                    Box::pin(async move {
+                        Ok(range_copy::marked(conn, span, &to, &from, CLEAN_CHATS).await?)
+                    })
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), "cleaning the range's rows at its source stopped; they stay behind its tombstones");
+                    break;
+                }
+            };
+            let Some(last) = page.last() else {
+                break;
+            };
+            after.clone_from(last);
+            for table in [
+                CleanTable::Events,
+                CleanTable::Messages,
+                CleanTable::Members,
+            ] {
+                loop {
+                    let (ids, n) = (page.clone(), self.pacer.clean_batch(settings).max(1000));
+                    let deleted = self
+                        .source
+                        .write(None, "move_clean", move |conn| {
+                            Box::pin(
+                                async move { Ok(range_copy::clean(conn, table, &ids, n).await?) },
+                            )
+                        })
+                        .await;
+                    match deleted {
+                        Ok(n) if n > 0 => tokio::time::sleep(self.pacer.pace(settings, 0)).await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(id = self.id, error = %crate::error::chain(&e), "cleaning the range's rows at its source stopped; they stay behind its tombstones");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        self.stats.p99_after_ms = p99_ms(&self.watch.now(Duration::from_secs(2)));
+    }
+
+    /// The range's fences lifted at the source.
+    async fn lift_fence(&mut self) {
+        let (id, span) = (self.id, (self.range.first, self.range.last));
+        let _ = self
+            .source
+            .write(None, "bucket_unfence", move |conn| {
+                Box::pin(async move {
+                    let mut tx = conn.begin().await?;
+                    buckets::lift_fence(&mut tx, id).await?;
+                    range_copy::unfence(&mut tx, span).await?;
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(())
+                })
+            })
+            .await;
+        self.fenced = None;
+    }
+
+    /// Undo before the flip: the target's copies dropped (nothing was ever
+    /// served from them). What could not be dropped, if anything.
+    async fn roll_back(&mut self) -> Option<String> {
+        let (span, source) = (
+            (self.range.first, self.range.last),
+            self.source.name().to_owned(),
+        );
+        loop {
+            let from = source.clone();
+            let dropped = self
+                .target
+                .write(None, "move_range_drop", move |conn| {
+                    Box::pin(async move {
+                        let ids = range_copy::marked(conn, span, &from, "", CLEAN_CHATS).await?;
+                        let mut tx = conn.begin().await?;
+                        let n = range_copy::drop_rows(&mut tx, &ids, Some(&from)).await?;
+                        tx.commit().await.map_err(OpError::Commit)?;
+                        Ok(n)
+                    })
+                })
+                .await;
+            match dropped {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    return Some(format!(
+                        "the range's copies on {} could not all be dropped: {}",
+                        self.target.name(),
+                        crate::error::chain(&e)
+                    ));
+                }
+            }
+        }
     }
 
     fn progress(&self, phase: Phase) -> Progress {
         Progress {
             phase: range_name(phase),
-            chats_total: self.tally.total.len() as u64,
-            chats_moved: self.tally.moved,
+            chats_total: self.chats_total,
+            chats_moved: self.stats.chats_copied,
             version: self.version,
+            stats: serde_json::to_string(&self.stats).ok(),
             ..Progress::default()
         }
+    }
+
+    /// Records the progress in the phase the move is in.
+    pub(super) async fn record_now(&self) {
+        let phase = if self.fenced.is_some() {
+            Phase::Fenced
+        } else {
+            Phase::Copying
+        };
+        self.service
+            .record_range(self.id, self.progress(phase))
+            .await;
     }
 }
 
@@ -686,7 +710,6 @@ impl From<RangeStop> for Seen {
     fn from(stop: RangeStop) -> Self {
         match stop {
             RangeStop::Cancelled => Seen::Cancelled,
-            RangeStop::Lapsed => Seen::Lapsed,
             other => Seen::Failed(other.to_string()),
         }
     }
@@ -705,7 +728,6 @@ impl move_driver::Mover for RangeMove<'_> {
     }
 
     async fn act(&mut self, act: Act) -> Seen {
-        let service = self.service;
         match act {
             Act::Nothing | Act::Confirm => Seen::Recorded,
             Act::Open => self.open().await.unwrap_or_else(Seen::from),
@@ -714,39 +736,18 @@ impl move_driver::Mover for RangeMove<'_> {
             Act::CopyFenced => self.copy_fenced().await.unwrap_or_else(Seen::from),
             Act::Switch => self.switch().await.unwrap_or_else(Seen::from),
             Act::FinishSwitch => {
-                self.adopt();
+                self.finish().await;
                 Seen::Finished
             }
             Act::Clean => {
-                if let Some(version) = self.version {
-                    service
-                        .tell_every_shard(
-                            self.id,
-                            version,
-                            (&self.source, &self.target),
-                            &self.tally,
-                        )
-                        .await;
-                }
+                self.clean().await;
                 Seen::Cleaned
             }
             Act::LiftFence => {
-                let id = self.id;
-                let _ = self
-                    .source
-                    .write(None, "bucket_unfence", move |conn| {
-                        Box::pin(async move { Ok(buckets::lift_fence(conn, id).await?) })
-                    })
-                    .await;
+                self.lift_fence().await;
                 Seen::FenceLifted
             }
-            Act::RollBack => {
-                let done = (self.tally.total.len() as u64, self.tally.moved);
-                let left = service
-                    .move_back(self.id, self.range, (&self.source, &self.target), done)
-                    .await;
-                Seen::RolledBack(left)
-            }
+            Act::RollBack => Seen::RolledBack(self.roll_back().await),
         }
     }
 

@@ -235,12 +235,14 @@ pub struct BucketMoveRow {
     pub error: Option<String>,
     /// 1 once a cancel was asked for (`DELETE /v1/admin/bucket-moves/{id}`).
     pub cancel_requested: u8,
+    /// What the move measured, as JSON.
+    pub stats: Option<String>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
 }
 
 const SELECT_MOVE: &str = "SELECT id, first_bucket, last_bucket, source, target, phase, chats_total, chats_moved, \
-     version, error, cancel_requested, created_at, updated_at FROM bucket_move";
+     version, error, cancel_requested, stats, created_at, updated_at FROM bucket_move";
 
 /// Records a new range move; a unique violation means one is running.
 pub async fn insert_move(
@@ -274,6 +276,8 @@ pub struct Progress {
     pub version: Option<u64>,
     pub error: Option<String>,
     pub finished: bool,
+    /// What the move measured, as JSON (kept when `None`).
+    pub stats: Option<String>,
 }
 
 pub async fn set_progress(
@@ -284,13 +288,14 @@ pub async fn set_progress(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE bucket_move SET phase = ?, chats_total = ?, chats_moved = ?, \
-         version = COALESCE(?, version), error = ?, updated_at = ?, \
+         version = COALESCE(?, version), stats = COALESCE(?, stats), error = ?, updated_at = ?, \
          active = CASE WHEN ? THEN NULL ELSE active END WHERE id = ? AND active = 1",
     )
     .bind(p.phase)
     .bind(p.chats_total)
     .bind(p.chats_moved)
     .bind(p.version)
+    .bind(p.stats.as_deref())
     .bind(p.error.as_deref())
     .bind(now)
     .bind(p.finished)

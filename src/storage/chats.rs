@@ -47,6 +47,38 @@ pub async fn lock(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Opt
     .await
 }
 
+/// The bucket stored with a chat row: the routing bucket of its id.
+pub fn bucket_of(chat_id: &str) -> u16 {
+    crate::routing::bucket_of_key(crate::routing::key_of(chat_id))
+}
+
+/// Fills the bucket of up to `limit` chat rows made before the column
+/// existed (migration `20261207000010`); the rows filled (0: none left).
+pub async fn fill_buckets(conn: &mut MySqlConnection, limit: u32) -> sqlx::Result<u64> {
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT chat_id FROM chat WHERE bucket IS NULL LIMIT ?")
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET bucket = CASE chat_id");
+    for id in &ids {
+        q.push(" WHEN ")
+            .push_bind(id)
+            .push(" THEN ")
+            .push_bind(bucket_of(id));
+    }
+    q.push(" END WHERE bucket IS NULL AND chat_id IN (");
+    let mut list = q.separated(", ");
+    for id in &ids {
+        list.push_bind(id);
+    }
+    list.push_unseparated(")");
+    Ok(q.build().execute(conn).await?.rows_affected())
+}
+
 /// Inserts a new chat and its zero count. Fails with a unique violation when the
 /// chat exists.
 pub async fn insert(
@@ -56,11 +88,12 @@ pub async fn insert(
     now: NaiveDateTime,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO chat (chat_id, max_members, revision, created_at) VALUES (?, ?, 0, ?)",
+        "INSERT INTO chat (chat_id, max_members, revision, created_at, bucket) VALUES (?, ?, 0, ?, ?)",
     )
     .bind(chat_id)
     .bind(max_members)
     .bind(now)
+    .bind(bucket_of(chat_id))
     .execute(&mut *conn)
     .await?;
     sqlx::query("INSERT INTO chat_member_count (chat_id, member_count) VALUES (?, 0)")

@@ -20,6 +20,7 @@ pub mod messages;
 pub mod migrations;
 pub mod move_snapshot;
 pub mod moves;
+pub mod range_copy;
 pub mod repair;
 pub mod server;
 

@@ -6,7 +6,7 @@
 use chrono::NaiveDateTime;
 use sqlx::MySqlConnection;
 
-use super::moves::{IdTable, MESSAGE_SENT, id_owners, keep_id, message_ids};
+use super::moves::{IdTable, MESSAGE_SENT, id_owners, keep_id};
 
 /// A member row as a snapshot copies it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -46,17 +46,26 @@ pub async fn insert_members(
     chat_id: &str,
     rows: &[MemberRow],
 ) -> sqlx::Result<()> {
+    let rows: Vec<(&str, &MemberRow)> = rows.iter().map(|r| (chat_id, r)).collect();
+    insert_member_rows(conn, &rows).await
+}
+
+/// [`insert_members`] of rows of several chats, each with its chat.
+pub async fn insert_member_rows(
+    conn: &mut MySqlConnection,
+    rows: &[(&str, &MemberRow)],
+) -> sqlx::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
+    let wanted: Vec<u64> = rows.iter().map(|(_, r)| r.id).collect();
     let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
     let mut q = sqlx::QueryBuilder::new(
         "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
     );
-    q.push_values(rows, |mut b, r| {
+    q.push_values(rows, |mut b, (chat_id, r)| {
         b.push_bind(keep_id(&owners, Some(r.id), chat_id, &r.user_id))
-            .push_bind(chat_id)
+            .push_bind(*chat_id)
             .push_bind(&r.user_id)
             .push_bind(r.state)
             .push_bind(r.joined_at)
@@ -102,22 +111,31 @@ pub async fn insert_messages(
     chat_id: &str,
     rows: &[MessageRow],
 ) -> sqlx::Result<()> {
+    let rows: Vec<(&str, &MessageRow)> = rows.iter().map(|r| (chat_id, r)).collect();
+    insert_message_rows(conn, &rows).await
+}
+
+/// [`insert_messages`] of rows of several chats, each with its chat.
+pub async fn insert_message_rows(
+    conn: &mut MySqlConnection,
+    rows: &[(&str, &MessageRow)],
+) -> sqlx::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let wanted: Vec<u64> = rows.iter().map(|r| r.id).collect();
+    let wanted: Vec<u64> = rows.iter().map(|(_, r)| r.id).collect();
     let owners = id_owners(&mut *conn, IdTable::Messages, &wanted).await?;
     let mut q = sqlx::QueryBuilder::new(
         "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) ",
     );
-    q.push_values(rows, |mut b, r| {
+    q.push_values(rows, |mut b, (chat_id, r)| {
         b.push_bind(keep_id(
             &owners,
             Some(r.id),
             chat_id,
             &r.revision.to_string(),
         ))
-        .push_bind(chat_id)
+        .push_bind(*chat_id)
         .push_bind(&r.sender_id)
         .push_bind(&r.client_message_id)
         .push_bind(r.revision)
@@ -166,25 +184,53 @@ pub async fn insert_events(
     chat_id: &str,
     rows: &[EventRow],
 ) -> sqlx::Result<()> {
-    use std::collections::HashMap;
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+    let rows: Vec<(&str, &EventRow)> = rows.iter().map(|r| (chat_id, r)).collect();
+    insert_event_rows(conn, &rows).await
+}
+
+/// [`insert_events`] of rows of several chats, each with its chat.
+pub async fn insert_event_rows(
+    conn: &mut MySqlConnection,
+    rows: &[(&str, &EventRow)],
+) -> sqlx::Result<()> {
+    use std::collections::{BTreeMap, HashMap};
+    if rows.is_empty() {
         return Ok(());
-    };
-    let ids: HashMap<u64, u64> = if rows.iter().any(|r| r.event_type == MESSAGE_SENT) {
-        message_ids(&mut *conn, chat_id, (first.revision, last.revision)).await?
-    } else {
-        HashMap::new()
-    };
+    }
+    // Each chat's span of message events, whose target ids are read back.
+    let mut spans: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (chat_id, r) in rows.iter().filter(|(_, r)| r.event_type == MESSAGE_SENT) {
+        let span = spans.entry(chat_id).or_insert((r.revision, r.revision));
+        span.0 = span.0.min(r.revision);
+        span.1 = span.1.max(r.revision);
+    }
+    let mut ids: HashMap<(String, u64), u64> = HashMap::new();
+    if !spans.is_empty() {
+        let mut q =
+            sqlx::QueryBuilder::new("SELECT chat_id, revision, id FROM chat_message WHERE ");
+        let mut any = q.separated(" OR ");
+        for (chat_id, (first, last)) in &spans {
+            any.push("(chat_id = ")
+                .push_bind_unseparated(*chat_id)
+                .push_unseparated(" AND revision BETWEEN ")
+                .push_bind_unseparated(*first)
+                .push_unseparated(" AND ")
+                .push_bind_unseparated(*last)
+                .push_unseparated(")");
+        }
+        let read: Vec<(String, u64, u64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        ids = read.into_iter().map(|(c, r, id)| ((c, r), id)).collect();
+    }
     let mut q = sqlx::QueryBuilder::new(
         "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
     );
-    q.push_values(rows, |mut b, r| {
-        b.push_bind(chat_id)
+    q.push_values(rows, |mut b, (chat_id, r)| {
+        b.push_bind(*chat_id)
             .push_bind(r.revision)
             .push_bind(r.event_type)
             .push_bind(&r.user_id)
-            .push_bind(if r.event_type == 1 {
-                ids.get(&r.revision).copied()
+            .push_bind(if r.event_type == MESSAGE_SENT {
+                ids.get(&((*chat_id).to_owned(), r.revision)).copied()
             } else {
                 None
             })

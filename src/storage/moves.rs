@@ -450,6 +450,18 @@ pub struct Digest {
     pub events: (i64, i64),
 }
 
+/// [`digest`] of a chat that may have no row here (`None`).
+pub async fn digest_of(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<Digest>> {
+    let here: Option<u64> = sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
+        .bind(chat_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match here {
+        Some(_) => digest(conn, chat_id).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 pub async fn digest(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Digest> {
     let (revision, first_revision, member_count): (u64, u64, i64) = sqlx::query_as(
         "SELECT c.revision, c.first_revision, CAST(n.member_count AS SIGNED) FROM chat c \
