@@ -40,18 +40,62 @@ pub(super) async fn replay_onto(
     at: u64,
     rows: &[LogRow],
 ) -> sqlx::Result<Option<u64>> {
-    let Some(last) = rows.last().map(|r| r.revision) else {
+    if rows.is_empty() {
         return Ok(Some(0));
-    };
-    if moves::lock_revision(&mut *tx, chat).await? != Some(at) {
-        return Ok(None);
     }
-    let touched = replay::members_touched(rows);
-    let existing = moves::lock_member_states(&mut *tx, chat, &touched).await?;
-    let replay = replay::fold(rows, &existing);
-    moves::replay_batch(&mut *tx, chat, rows, &replay.members).await?;
-    moves::settle(&mut *tx, chat, last, replay.delta).await?;
-    Ok(Some(replay.written))
+    let (reached, written) = replay_many(tx, &[(chat, at, rows)]).await?;
+    Ok((!reached.is_empty()).then_some(written))
+}
+
+/// [`replay_onto`] of many chats in the caller's transaction, in a handful
+/// of statements for them all: their revisions and member rows locked, the
+/// member rows, messages and events written, the revisions and counts
+/// settled. Each chat applies only where its copy stands at its `from`.
+/// The chats applied with the revision each reached, and the rows written.
+async fn replay_many(
+    tx: &mut sqlx::MySqlConnection,
+    batches: &[(&str, u64, &[LogRow])],
+) -> sqlx::Result<(Vec<(String, u64)>, u64)> {
+    let ids: Vec<&str> = batches.iter().map(|(c, ..)| *c).collect();
+    let at = moves::lock_revisions(&mut *tx, &ids).await?;
+    let ready: Vec<&(&str, u64, &[LogRow])> = batches
+        .iter()
+        .filter(|(c, from, rows)| !rows.is_empty() && at.get(*c) == Some(from))
+        .collect();
+    let users: Vec<(&str, Vec<&str>)> = ready
+        .iter()
+        .map(|(c, _, rows)| (*c, replay::members_touched(rows)))
+        .collect();
+    let mut states: HashMap<String, HashMap<String, u8>> = HashMap::new();
+    for ((chat, user), state) in moves::lock_member_states_of(&mut *tx, &users).await? {
+        states.entry(chat).or_default().insert(user, state);
+    }
+    let none = HashMap::new();
+    let folds: Vec<replay::Replay> = ready
+        .iter()
+        .map(|(c, _, rows)| replay::fold(rows, states.get(*c).unwrap_or(&none)))
+        .collect();
+    let parts: Vec<moves::ChatReplay<'_>> = ready
+        .iter()
+        .zip(&folds)
+        .map(|((c, _, rows), f)| moves::ChatReplay {
+            chat_id: c,
+            rows,
+            members: &f.members,
+        })
+        .collect();
+    moves::replay_chats(&mut *tx, &parts).await?;
+    let settled: Vec<(&str, u64, i64)> = ready
+        .iter()
+        .zip(&folds)
+        .filter_map(|((c, _, rows), f)| Some((*c, rows.last()?.revision, f.delta)))
+        .collect();
+    moves::settle_chats(&mut *tx, &settled).await?;
+    let reached = settled
+        .iter()
+        .map(|(c, r, _)| ((*c).to_owned(), *r))
+        .collect();
+    Ok((reached, folds.iter().map(|f| f.written).sum()))
 }
 
 /// What one pass did.
@@ -180,6 +224,9 @@ impl RangeMove<'_> {
             let ids: Vec<String> = d.snapshot[at..(at + n).min(d.snapshot.len())].to_vec();
             at += ids.len();
             let (copied, rows, revisions) = self.copy_snapshot(ids).await?;
+            if copied > 0 {
+                self.rows_per_chat = rows as f64 / copied as f64;
+            }
             pass.copied += copied;
             pass.rows += rows;
             pass.revisions += revisions;
@@ -200,15 +247,17 @@ impl RangeMove<'_> {
         Ok(pass)
     }
 
-    /// Chats per snapshot batch: the pacer's batch of revisions over ten
-    /// (a hundred chats at the default 1,000), at least one.
+    /// Chats per snapshot batch: about twice the pacer's batch of
+    /// revisions in rows (2,000 at the default 1,000), by the rows per chat
+    /// the last batch had; at least one, at most 500.
     fn chats_per_batch(&self, fenced: bool) -> usize {
         let batch = if fenced {
             self.service.move_settings.batch
         } else {
             self.pacer.batch
         };
-        (batch as usize / 10).max(1)
+        let n = f64::from(batch) * 2.0 / self.rows_per_chat.max(1.0);
+        (n as usize).clamp(1, 500)
     }
 
     /// After each batch: the pause (none under the fence), the record (at
@@ -287,7 +336,8 @@ impl RangeMove<'_> {
     /// events and one target transaction. The rows and revisions written.
     async fn replay(&self, mut behind: Vec<Behind>) -> Result<(u64, u64), RangeStop> {
         let (mut rows_written, mut revisions) = (0, 0);
-        let limit = self.service.move_settings.batch.max(1);
+        // About twice the batch of revisions per transaction, over the chats.
+        let limit = (self.service.move_settings.batch * 2 / behind.len().max(1) as u32).max(10);
         while !behind.is_empty() {
             let from: Vec<(String, u64)> =
                 behind.iter().map(|b| (b.chat.clone(), b.from)).collect();
@@ -319,17 +369,13 @@ impl RangeMove<'_> {
                 .write(None, "move_replay", move |conn| {
                     Box::pin(async move {
                         let mut tx = conn.begin().await?;
-                        let mut applied = Vec::new();
-                        let mut written = 0;
-                        for (chat, at, rows) in &batches {
-                            if let Some(w) = replay_onto(&mut tx, chat, *at, rows).await? {
-                                written += w;
-                                applied
-                                    .push((chat.clone(), rows.last().map_or(*at, |r| r.revision)));
-                            }
-                        }
+                        let parts: Vec<(&str, u64, &[LogRow])> = batches
+                            .iter()
+                            .map(|(c, at, rows)| (c.as_str(), *at, rows.as_slice()))
+                            .collect();
+                        let applied = replay_many(&mut tx, &parts).await?;
                         tx.commit().await.map_err(OpError::Commit)?;
-                        Ok((applied, written))
+                        Ok(applied)
                     })
                 })
                 .await?;

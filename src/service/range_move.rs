@@ -208,6 +208,9 @@ pub(super) struct RangeMove<'a> {
     watch: Watch,
     pub(super) pacer: Pacer,
     pub(super) stats: RangeStats,
+    /// Rows per chat in the last snapshot batch: how many chats the next
+    /// one takes.
+    pub(super) rows_per_chat: f64,
     /// The range's chats on the source, at the last pass.
     chats_total: u64,
     pub(super) last_record: Instant,
@@ -245,6 +248,7 @@ impl<'a> RangeMove<'a> {
             watch,
             pacer,
             stats,
+            rows_per_chat: 50.0,
             chats_total: 0,
             last_record: Instant::now(),
             fenced: None,

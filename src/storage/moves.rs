@@ -185,18 +185,54 @@ pub async fn replay_batch(
     rows: &[LogRow],
     members: &[MemberFate],
 ) -> sqlx::Result<()> {
+    replay_chats(
+        conn,
+        &[ChatReplay {
+            chat_id,
+            rows,
+            members,
+        }],
+    )
+    .await
+}
+
+/// One chat's share of a replay: its log rows and the member rows as they
+/// leave them.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatReplay<'a> {
+    pub chat_id: &'a str,
+    pub rows: &'a [LogRow],
+    pub members: &'a [MemberFate],
+}
+
+/// [`replay_batch`] of several chats at once (the caller's transaction holds
+/// every chat's row lock): one insert of the new member rows of them all,
+/// one update per member row that changes state, one insert of their
+/// messages, one read of the messages' ids, one insert of their events.
+pub async fn replay_chats(
+    conn: &mut MySqlConnection,
+    chats: &[ChatReplay<'_>],
+) -> sqlx::Result<()> {
     use sqlx::QueryBuilder;
     use std::collections::HashMap;
-    let new: Vec<&MemberFate> = members.iter().filter(|f| f.before.is_none()).collect();
+    let new: Vec<(&str, &MemberFate)> = chats
+        .iter()
+        .flat_map(|c| {
+            c.members
+                .iter()
+                .filter(|f| f.before.is_none())
+                .map(|f| (c.chat_id, f))
+        })
+        .collect();
     if !new.is_empty() {
-        let wanted: Vec<u64> = new.iter().filter_map(|f| f.id).collect();
+        let wanted: Vec<u64> = new.iter().filter_map(|(_, f)| f.id).collect();
         let owners = id_owners(&mut *conn, IdTable::Members, &wanted).await?;
         let mut q = QueryBuilder::new(
             "INSERT INTO chat_member (id, chat_id, user_id, state, joined_at, left_at, created_at, updated_at) ",
         );
-        q.push_values(&new, |mut b, f| {
+        q.push_values(&new, |mut b, (chat_id, f)| {
             b.push_bind(keep_id(&owners, f.id, chat_id, &f.user_id))
-                .push_bind(chat_id)
+                .push_bind(*chat_id)
                 .push_bind(&f.user_id)
                 .push_bind(f.state)
                 .push_bind(f.joined_at.unwrap_or(f.created_at))
@@ -206,40 +242,47 @@ pub async fn replay_batch(
         });
         q.build().execute(&mut *conn).await?;
     }
-    for f in members.iter().filter(|f| f.before.is_some()) {
-        sqlx::query(
-            "UPDATE chat_member SET state = ?, joined_at = COALESCE(?, joined_at), left_at = ?, updated_at = ? \
-             WHERE chat_id = ? AND user_id = ?",
-        )
-        .bind(f.state)
-        .bind(f.joined_at)
-        .bind(f.left_at.filter(|_| f.state == LEFT))
-        .bind(f.updated_at)
-        .bind(chat_id)
-        .bind(&f.user_id)
-        .execute(&mut *conn)
-        .await?;
+    for c in chats {
+        for f in c.members.iter().filter(|f| f.before.is_some()) {
+            sqlx::query(
+                "UPDATE chat_member SET state = ?, joined_at = COALESCE(?, joined_at), left_at = ?, updated_at = ? \
+                 WHERE chat_id = ? AND user_id = ?",
+            )
+            .bind(f.state)
+            .bind(f.joined_at)
+            .bind(f.left_at.filter(|_| f.state == LEFT))
+            .bind(f.updated_at)
+            .bind(c.chat_id)
+            .bind(&f.user_id)
+            .execute(&mut *conn)
+            .await?;
+        }
     }
     // Messages, then their ids by revision (unique per chat).
-    let messages: Vec<&LogRow> = rows
+    let messages: Vec<(&str, &LogRow)> = chats
         .iter()
-        .filter(|r| r.event_type == MESSAGE_SENT)
+        .flat_map(|c| {
+            c.rows
+                .iter()
+                .filter(|r| r.event_type == MESSAGE_SENT)
+                .map(|r| (c.chat_id, r))
+        })
         .collect();
-    let mut ids: HashMap<u64, u64> = HashMap::new();
-    if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
-        let wanted: Vec<u64> = messages.iter().filter_map(|r| r.message_id).collect();
+    let mut ids: HashMap<(&str, u64), u64> = HashMap::new();
+    if !messages.is_empty() {
+        let wanted: Vec<u64> = messages.iter().filter_map(|(_, r)| r.message_id).collect();
         let owners = id_owners(&mut *conn, IdTable::Messages, &wanted).await?;
         let mut q = QueryBuilder::new(
             "INSERT INTO chat_message (id, chat_id, sender_id, client_message_id, revision, body, created_at) ",
         );
-        q.push_values(&messages, |mut b, r| {
+        q.push_values(&messages, |mut b, (chat_id, r)| {
             b.push_bind(keep_id(
                 &owners,
                 r.message_id,
                 chat_id,
                 &r.revision.to_string(),
             ))
-            .push_bind(chat_id)
+            .push_bind(*chat_id)
             .push_bind(r.sender_id.as_deref().unwrap_or(&r.user_id))
             .push_bind(r.client_message_id.as_deref().unwrap_or_default())
             .push_bind(r.revision)
@@ -247,19 +290,48 @@ pub async fn replay_batch(
             .push_bind(r.message_created_at.unwrap_or(r.created_at));
         });
         q.build().execute(&mut *conn).await?;
-        ids = message_ids(&mut *conn, chat_id, (first.revision, last.revision)).await?;
+        let mut q = QueryBuilder::new("SELECT chat_id, revision, id FROM chat_message WHERE ");
+        let mut any = q.separated(" OR ");
+        for c in chats {
+            let sent = || {
+                c.rows
+                    .iter()
+                    .filter(|r| r.event_type == MESSAGE_SENT)
+                    .map(|r| r.revision)
+            };
+            let (Some(first), Some(last)) = (sent().min(), sent().max()) else {
+                continue;
+            };
+            any.push("(chat_id = ")
+                .push_bind_unseparated(c.chat_id)
+                .push_unseparated(" AND revision BETWEEN ")
+                .push_bind_unseparated(first)
+                .push_unseparated(" AND ")
+                .push_bind_unseparated(last)
+                .push_unseparated(")");
+        }
+        let read: Vec<(String, u64, u64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        for (chat, revision, id) in read {
+            if let Some(c) = chats.iter().find(|c| c.chat_id == chat) {
+                ids.insert((c.chat_id, revision), id);
+            }
+        }
     }
-    if !rows.is_empty() {
+    let events: Vec<(&str, &LogRow)> = chats
+        .iter()
+        .flat_map(|c| c.rows.iter().map(|r| (c.chat_id, r)))
+        .collect();
+    if !events.is_empty() {
         let mut q = QueryBuilder::new(
             "INSERT INTO chat_event (chat_id, revision, event_type, user_id, message_id, created_at) ",
         );
-        q.push_values(rows, |mut b, r| {
-            b.push_bind(chat_id)
+        q.push_values(&events, |mut b, (chat_id, r)| {
+            b.push_bind(*chat_id)
                 .push_bind(r.revision)
                 .push_bind(r.event_type)
                 .push_bind(&r.user_id)
                 .push_bind(if r.event_type == MESSAGE_SENT {
-                    ids.get(&r.revision).copied()
+                    ids.get(&(*chat_id, r.revision)).copied()
                 } else {
                     None
                 })
@@ -270,22 +342,98 @@ pub async fn replay_batch(
     Ok(())
 }
 
-/// The ids of the chat's messages between two revisions (inclusive), by
-/// revision (unique per chat): what a copied event names.
-pub(super) async fn message_ids(
+/// The revisions of `chat_ids` here, locked for the caller's transaction:
+/// where each copy goes on from.
+pub async fn lock_revisions(
     conn: &mut MySqlConnection,
-    chat_id: &str,
-    (first, last): (u64, u64),
-) -> sqlx::Result<std::collections::HashMap<u64, u64>> {
-    let read: Vec<(u64, u64)> = sqlx::query_as(
-        "SELECT revision, id FROM chat_message WHERE chat_id = ? AND revision BETWEEN ? AND ?",
-    )
-    .bind(chat_id)
-    .bind(first)
-    .bind(last)
-    .fetch_all(conn)
-    .await?;
-    Ok(read.into_iter().collect())
+    chat_ids: &[&str],
+) -> sqlx::Result<std::collections::HashMap<String, u64>> {
+    if chat_ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut q = sqlx::QueryBuilder::new("SELECT chat_id, revision FROM chat WHERE chat_id IN (");
+    let mut list = q.separated(", ");
+    for c in chat_ids {
+        list.push_bind(*c);
+    }
+    list.push_unseparated(") FOR UPDATE");
+    let rows: Vec<(String, u64)> = q.build_query_as().fetch_all(conn).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The states of each chat's `users`' member rows, locked for the caller's
+/// transaction (which holds the chats' row locks): one statement for them all.
+pub async fn lock_member_states_of(
+    conn: &mut MySqlConnection,
+    users: &[(&str, Vec<&str>)],
+) -> sqlx::Result<std::collections::HashMap<(String, String), u8>> {
+    let users: Vec<&(&str, Vec<&str>)> = users.iter().filter(|(_, u)| !u.is_empty()).collect();
+    if users.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut q = sqlx::QueryBuilder::new("SELECT chat_id, user_id, state FROM chat_member WHERE ");
+    let mut any = q.separated(" OR ");
+    for (chat, list) in users {
+        any.push("(chat_id = ")
+            .push_bind_unseparated(*chat)
+            .push_unseparated(" AND user_id IN (");
+        for (i, u) in list.iter().enumerate() {
+            if i > 0 {
+                any.push_unseparated(", ");
+            }
+            any.push_bind_unseparated(*u);
+        }
+        any.push_unseparated("))");
+    }
+    q.push(" FOR UPDATE");
+    let rows: Vec<(String, String, u8)> = q.build_query_as().fetch_all(conn).await?;
+    Ok(rows.into_iter().map(|(c, u, s)| ((c, u), s)).collect())
+}
+
+/// [`settle`] of several chats in two statements: each chat's revision, and
+/// its count changed by its delta.
+pub async fn settle_chats(
+    conn: &mut MySqlConnection,
+    chats: &[(&str, u64, i64)],
+) -> sqlx::Result<()> {
+    if chats.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET revision = CASE chat_id");
+    for (chat, revision, _) in chats {
+        q.push(" WHEN ")
+            .push_bind(*chat)
+            .push(" THEN ")
+            .push_bind(*revision);
+    }
+    q.push(" ELSE revision END WHERE chat_id IN (");
+    let mut list = q.separated(", ");
+    for (chat, ..) in chats {
+        list.push_bind(*chat);
+    }
+    list.push_unseparated(")");
+    q.build().execute(&mut *conn).await?;
+    let changed: Vec<&(&str, u64, i64)> = chats.iter().filter(|(_, _, d)| *d != 0).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::QueryBuilder::new(
+        "UPDATE chat_member_count SET member_count = CAST(member_count AS SIGNED) + CASE chat_id",
+    );
+    for (chat, _, delta) in &changed {
+        q.push(" WHEN ")
+            .push_bind(*chat)
+            .push(" THEN ")
+            .push_bind(*delta);
+    }
+    q.push(" ELSE 0 END WHERE chat_id IN (");
+    let mut list = q.separated(", ");
+    for (chat, ..) in &changed {
+        list.push_bind(*chat);
+    }
+    list.push_unseparated(")");
+    q.build().execute(conn).await?;
+    Ok(())
 }
 
 /// The tables whose ids a copy keeps.

@@ -256,12 +256,19 @@ enum Scenario {
         /// Members each chat has before the move.
         #[arg(long, default_value_t = 20)]
         members: u64,
+        /// Messages each chat has before the move.
+        #[arg(long, default_value_t = 0)]
+        messages: u64,
         #[arg(long)]
         to: Option<String>,
         /// Clients reading and joining 16 chats of the source outside the
         /// range throughout; 0: none.
         #[arg(long, default_value_t = 8)]
         others: usize,
+        /// New chats of the range created a second throughout (each joined
+        /// by one member); 0: none.
+        #[arg(long, default_value_t = 2.0)]
+        create_rate: f64,
     },
     /// A TCP proxy that delays every chunk by --delay-ms in each direction
     /// (a slow Redis, say), for --seconds; it records nothing.
@@ -500,8 +507,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             chats,
             members,
+            messages,
             to,
             others,
+            create_rate,
         } => {
             anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
             anyhow::ensure!(others <= 1024, "--others must be at most 1024");
@@ -510,12 +519,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "--chats must be 1 to 100000"
             );
             anyhow::ensure!(members <= 10_000, "--members must be at most 10000");
+            anyhow::ensure!(messages <= 10_000, "--messages must be at most 10000");
+            anyhow::ensure!(
+                (0.0..=1000.0).contains(&create_rate),
+                "--create-rate must be 0 to 1000"
+            );
             let report = scenarios::move_buckets(
                 &target,
                 &recorder,
                 (clients, others),
-                (chats, members),
-                to,
+                (chats, members, messages),
+                (to, create_rate),
             )
             .await;
             if let Ok(r) = &report {

@@ -1,6 +1,12 @@
 //! `move-buckets`: a bucket range and its chats move to another shard under
 //! posts into them and creations of new chats in the range: the move's
-//! time, the longest pauses, and the p99 of the source's other chats.
+//! time and its own figures (rows and chats copied a second, the catch-up
+//! passes, the fence), the longest pauses, the p99 of the source's other
+//! chats, and a count of every acknowledged write against the chats'
+//! revisions afterwards (nothing lost, nothing doubled).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -13,18 +19,30 @@ use crate::client::{Target, problem_code, run_id};
 use crate::report::Recorder;
 use crate::traffic;
 
-/// `move-buckets`: a bucket range of `chats` chats (`members` members each)
-/// moves to another shard while `clients` clients post into its chats, one
-/// client keeps creating chats of the range, and `others` clients read and
-/// join chats of the source outside the range. Reports the move's time, the
-/// longest pause a poster and the creator saw, every answer, and the
-/// others' p99 before and during the move.
+/// The events each chat of the run must hold: one per acknowledged new
+/// join and one per acknowledged message key.
+type Expected = Arc<Mutex<HashMap<String, u64>>>;
+
+fn expect(expected: &Expected, chat: &str) {
+    if let Ok(mut e) = expected.lock() {
+        *e.entry(chat.to_owned()).or_default() += 1;
+    }
+}
+
+/// `move-buckets`: a bucket range of `chats` chats (`members` members and
+/// `messages` messages each) moves to another shard while `clients`
+/// clients post into its chats, new chats of the range are created
+/// `create_rate` a second (each joined by one member), and `others` clients
+/// read and join chats of the source outside the range. Reports the move's
+/// time and figures, the longest pause a poster and a creation saw, every
+/// answer, the others' p99 before, during and after the move, and how many
+/// chats hold fewer or more events than were acknowledged.
 pub async fn move_buckets(
     target: &Target,
     recorder: &Recorder,
     (clients, others): (usize, usize),
-    (chats, members): (usize, u64),
-    to: Option<String>,
+    (chats, members, messages): (usize, u64, u64),
+    (to, create_rate): (Option<String>, f64),
 ) -> anyhow::Result<Value> {
     let Some(token) = target.admin_token.clone() else {
         anyhow::bail!(
@@ -77,20 +95,58 @@ pub async fn move_buckets(
             .map(str::to_owned)
             .ok_or_else(|| anyhow::anyhow!("move-buckets needs a second shard"))?,
     };
-    // The range's chats and their members, 64 requests at a time.
+    // The range's chats, their members and messages, 128 requests at a time.
+    let expected: Expected = Arc::default();
     let moving = chats_in("mb", range, chats);
-    for chat in &moving {
-        target.create_chat(chat).await?;
+    let never = AtomicBool::new(false);
+    for batch in moving.chunks(64) {
+        let made = batch
+            .iter()
+            .map(|chat| create_until_done(target, recorder, chat, &never));
+        let made = futures_util::future::join_all(made).await;
+        anyhow::ensure!(made.iter().all(|m| *m), "creating the range's chats failed");
     }
     let joins: Vec<(String, String)> = moving
         .iter()
         .flat_map(|chat| (0..members).map(move |i| (chat.clone(), format!("f{i}"))))
         .collect();
     for batch in joins.chunks(64) {
-        let joined = batch
-            .iter()
-            .map(|(chat, user)| target.join(recorder, "fill", chat, user));
+        let joined = batch.iter().map(|(chat, user)| async {
+            // A busy shard's 503 is retried: the fill is the same every run.
+            for _ in 0..100 {
+                let (answer, _) = target.join(recorder, "fill", chat, user).await;
+                if answer == "201" {
+                    expect(&expected, chat);
+                }
+                if !answer.starts_with("503") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
         futures_util::future::join_all(joined).await;
+    }
+    let posts: Vec<(String, u64)> = moving
+        .iter()
+        .flat_map(|chat| (0..messages).map(move |i| (chat.clone(), i)))
+        .collect();
+    for batch in posts.chunks(64) {
+        let expected = &expected;
+        let posted = batch.iter().map(|(chat, i)| async move {
+            for _ in 0..100 {
+                let (answer, ok) = target
+                    .post(chat, &format!("f{i}"), &format!("fill-{i}"))
+                    .await;
+                if ok {
+                    expect(expected, chat);
+                }
+                if !answer.starts_with("503") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        futures_util::future::join_all(posted).await;
     }
     let quiet = chats_in("mq", stays, if others == 0 { 0 } else { 16 });
     for chat in &quiet {
@@ -103,12 +159,13 @@ pub async fn move_buckets(
     let moving = Arc::new(moving);
     let mut tasks: Vec<_> = (0..clients)
         .map(|i| {
-            let (target, recorder, chats, stop, longest) = (
+            let (target, recorder, chats, stop, longest, expected) = (
                 target.instance(i),
                 recorder.clone(),
                 moving.clone(),
                 stop.clone(),
                 longest_pause_us.clone(),
+                expected.clone(),
             );
             tokio::spawn(async move {
                 let writer = format!("w{i}");
@@ -116,7 +173,10 @@ pub async fn move_buckets(
                 while !stop.load(Ordering::Relaxed) {
                     let chat = &chats[(i * 7919 + n) % chats.len()];
                     n += 1;
-                    target.join(&recorder, "join", chat, &writer).await;
+                    let (answer, _) = target.join(&recorder, "join", chat, &writer).await;
+                    if answer == "201" {
+                        expect(&expected, chat);
+                    }
                     let key = format!("k{i}-{n}");
                     let first = Instant::now();
                     loop {
@@ -124,6 +184,7 @@ pub async fn move_buckets(
                         let (answer, ok) = target.post(chat, &writer, &key).await;
                         recorder.record("post", started.elapsed(), &answer, ok);
                         if ok {
+                            expect(&expected, chat);
                             let pause = first.elapsed().as_micros() as u64;
                             longest.fetch_max(pause, Ordering::Relaxed);
                             break;
@@ -137,56 +198,57 @@ pub async fn move_buckets(
             })
         })
         .collect();
-    // New chats of the range, created throughout (two a second).
+    // New chats of the range, created throughout, `create_rate` a second,
+    // each joined by one member.
     let longest_create_us = Arc::new(AtomicU64::new(0));
     let created = Arc::new(AtomicU64::new(0));
-    {
-        let (target, recorder, stop, longest, created) = (
+    let fresh_chats: Arc<Mutex<Vec<String>>> = Arc::default();
+    if create_rate > 0.0 {
+        let (target, recorder, stop, longest, created, expected, fresh_chats) = (
             target.clone(),
             recorder.clone(),
             stop.clone(),
             longest_create_us.clone(),
             created.clone(),
+            expected.clone(),
+            fresh_chats.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let fresh = chats_in("mc", range, 100_000);
+            let fresh = chats_in("mc", range, 1_000_000);
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / create_rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut making = Vec::new();
             for chat in fresh {
+                tick.tick().await;
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let first = Instant::now();
-                loop {
-                    let started = Instant::now();
-                    let r = target
-                        .http
-                        .put(format!("{}/v1/chats/{chat}", target.base))
-                        .json(&json!({}))
-                        .send()
-                        .await;
-                    let (answer, ok) = match r {
-                        Ok(r) if r.status().is_success() => (r.status().as_str().to_owned(), true),
-                        Ok(r) => {
-                            let status = r.status();
-                            (
-                                format!("{}/{}", status.as_str(), problem_code(r).await),
-                                false,
-                            )
-                        }
-                        Err(_) => ("error".to_owned(), false),
-                    };
-                    recorder.record("create", started.elapsed(), &answer, ok);
-                    if ok {
+                let (target, recorder, longest, created, expected, fresh_chats, stop) = (
+                    target.clone(),
+                    recorder.clone(),
+                    longest.clone(),
+                    created.clone(),
+                    expected.clone(),
+                    fresh_chats.clone(),
+                    stop.clone(),
+                );
+                making.push(tokio::spawn(async move {
+                    let first = Instant::now();
+                    if create_until_done(&target, &recorder, &chat, &stop).await {
                         longest.fetch_max(first.elapsed().as_micros() as u64, Ordering::Relaxed);
                         created.fetch_add(1, Ordering::Relaxed);
-                        break;
+                        if let Ok(mut f) = fresh_chats.lock() {
+                            f.push(chat.clone());
+                        }
+                        let (answer, _) = target.join(&recorder, "join", &chat, "founder").await;
+                        if answer == "201" {
+                            expect(&expected, &chat);
+                        }
                     }
-                    if !answer.starts_with("503") || stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                // About two new chats a second in the range.
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                }));
+            }
+            for m in making {
+                let _ = m.await;
             }
         }));
     }
@@ -239,6 +301,48 @@ pub async fn move_buckets(
         task.await?;
     }
     let [before, during, after] = traffic::others_p99(recorder);
+    // Every chat of the run against what was acknowledged in it.
+    let expected: HashMap<String, u64> = expected.lock().map(|e| e.clone()).unwrap_or_default();
+    let mut all: Vec<String> = moving.iter().cloned().collect();
+    all.extend(fresh_chats.lock().map(|f| f.clone()).unwrap_or_default());
+    let (mut lost, mut doubled, mut unread) = (0u64, 0u64, 0u64);
+    for batch in all.chunks(32) {
+        let read = batch.iter().map(|chat| async move {
+            let mut revision = None;
+            for _ in 0..100 {
+                let r = target
+                    .http
+                    .get(format!("{}/v1/chats/{chat}", target.base))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        revision = r
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["revision"].as_u64());
+                        break;
+                    }
+                    Ok(r) if r.status().as_u16() == 503 => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => break,
+                }
+            }
+            (chat, revision)
+        });
+        for (chat, revision) in futures_util::future::join_all(read).await {
+            let want = expected.get(chat.as_str()).copied().unwrap_or(0);
+            match revision {
+                None => unread += 1,
+                Some(r) if r < want => lost += 1,
+                Some(r) if r > want => doubled += 1,
+                Some(_) => {}
+            }
+        }
+    }
+    let stats = &ended["stats"];
     Ok(json!({
         "name": "move-buckets",
         "buckets": range.to_string(),
@@ -254,6 +358,24 @@ pub async fn move_buckets(
         "version": ended["version"],
         "moveSeconds": move_seconds,
         "chatsPerSecond": ended["chatsMoved"].as_f64().unwrap_or(0.0) / move_seconds,
+        "messagesPerChat": messages,
+        "createRate": create_rate,
+        "rowsCopied": stats["rowsCopied"],
+        "copySeconds": stats["copySeconds"],
+        "copyRowsPerSecond": stats["rowsPerSecond"],
+        "copyChatsPerSecond": stats["chatsPerSecond"],
+        "catchUpPasses": stats["passCount"],
+        "catchUpPassSizes": stats["passes"],
+        "converging": stats["converging"],
+        "fences": stats["fences"],
+        "fenceMs": stats["fenceMs"],
+        "viewP99BeforeMs": stats["p99BeforeMs"],
+        "viewP99DuringMs": stats["p99DuringMs"],
+        "viewP99AfterMs": stats["p99AfterMs"],
+        "chatsChecked": all.len(),
+        "chatsWithLostWrites": lost,
+        "chatsWithDoubledWrites": doubled,
+        "chatsUnreadable": unread,
         "longestPostPauseMs": longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
         "chatsCreatedDuring": created.load(Ordering::Relaxed),
         "longestCreatePauseMs": longest_create_us.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -279,4 +401,41 @@ fn chats_in(prefix: &str, range: BucketRange, n: usize) -> Vec<String> {
         })
         .take(n)
         .collect()
+}
+
+/// Creates `chat`, retrying on a 503 until `stop`; whether it was created.
+async fn create_until_done(
+    target: &Target,
+    recorder: &Recorder,
+    chat: &str,
+    stop: &AtomicBool,
+) -> bool {
+    loop {
+        let started = Instant::now();
+        let r = target
+            .http
+            .put(format!("{}/v1/chats/{chat}", target.base))
+            .json(&json!({}))
+            .send()
+            .await;
+        let (answer, ok) = match r {
+            Ok(r) if r.status().is_success() => (r.status().as_str().to_owned(), true),
+            Ok(r) => {
+                let status = r.status();
+                (
+                    format!("{}/{}", status.as_str(), problem_code(r).await),
+                    false,
+                )
+            }
+            Err(_) => ("error".to_owned(), false),
+        };
+        recorder.record("create", started.elapsed(), &answer, ok);
+        if ok {
+            return true;
+        }
+        if !answer.starts_with("503") || stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
