@@ -25,8 +25,12 @@ use crate::storage::{buckets, server};
 
 /// Range chats read per statement when a pass reads a side.
 const READ_PAGE: u32 = 5_000;
-/// Chats replayed per target transaction.
+/// Chats dropped or given markers per target transaction.
 const REPLAY_CHATS: usize = 100;
+/// Chats whose digests are compared per read.
+const VERIFY_CHATS: usize = 500;
+/// Chats replayed per target transaction, at most.
+const MAX_REPLAY_CHATS: usize = 200;
 /// Chat rows filled with their bucket per statement.
 const FILL_PAGE: u32 = 1_000;
 
@@ -234,7 +238,7 @@ impl RangeMove<'_> {
             self.stats.rows_copied += rows;
             self.after_batch(fenced, revisions).await?;
         }
-        for chunk in d.behind.chunks(REPLAY_CHATS) {
+        for chunk in self.replay_chunks(&d.behind, fenced) {
             let (rows, revisions) = self.replay(chunk.to_vec()).await?;
             pass.replayed += chunk.len() as u64;
             pass.rows += rows;
@@ -247,16 +251,38 @@ impl RangeMove<'_> {
         Ok(pass)
     }
 
-    /// Chats per snapshot batch: about twice the pacer's batch of
-    /// revisions in rows (2,000 at the default 1,000), by the rows per chat
-    /// the last batch had; at least one, at most 500.
-    fn chats_per_batch(&self, fenced: bool) -> usize {
-        let batch = if fenced {
+    /// The behind chats in batches of about three times the pacer's batch
+    /// of revisions (3,000 at the default), at most [`MAX_REPLAY_CHATS`].
+    fn replay_chunks<'b>(&self, behind: &'b [Behind], fenced: bool) -> Vec<&'b [Behind]> {
+        let budget = u64::from(self.batch(fenced)) * 3;
+        let mut chunks = Vec::new();
+        let (mut start, mut sum) = (0, 0);
+        for (i, b) in behind.iter().enumerate() {
+            if i > start && (sum + (b.to - b.from) > budget || i - start >= MAX_REPLAY_CHATS) {
+                chunks.push(&behind[start..i]);
+                (start, sum) = (i, 0);
+            }
+            sum += b.to - b.from;
+        }
+        if start < behind.len() {
+            chunks.push(&behind[start..]);
+        }
+        chunks
+    }
+
+    fn batch(&self, fenced: bool) -> u32 {
+        if fenced {
             self.service.move_settings.batch
         } else {
             self.pacer.batch
-        };
-        let n = f64::from(batch) * 2.0 / self.rows_per_chat.max(1.0);
+        }
+    }
+
+    /// Chats per snapshot batch: about five times the pacer's batch of
+    /// revisions in rows (5,000 at the default 1,000), by the rows per chat
+    /// the last batch had; at least one, at most 500.
+    fn chats_per_batch(&self, fenced: bool) -> usize {
+        let n = f64::from(self.batch(fenced)) * 5.0 / self.rows_per_chat.max(1.0);
         (n as usize).clamp(1, 500)
     }
 
@@ -336,8 +362,9 @@ impl RangeMove<'_> {
     /// events and one target transaction. The rows and revisions written.
     async fn replay(&self, mut behind: Vec<Behind>) -> Result<(u64, u64), RangeStop> {
         let (mut rows_written, mut revisions) = (0, 0);
-        // About twice the batch of revisions per transaction, over the chats.
-        let limit = (self.service.move_settings.batch * 2 / behind.len().max(1) as u32).max(10);
+        // About three times the batch of revisions per transaction, over
+        // the chats.
+        let limit = (self.service.move_settings.batch * 3 / behind.len().max(1) as u32).max(10);
         while !behind.is_empty() {
             let from: Vec<(String, u64)> =
                 behind.iter().map(|b| (b.chat.clone(), b.from)).collect();
@@ -408,7 +435,7 @@ impl RangeMove<'_> {
             .map(|c| c.chat_id.clone())
             .collect();
         let mut differ = Vec::new();
-        for chunk in live.chunks(REPLAY_CHATS * 2) {
+        for chunk in live.chunks(VERIFY_CHATS) {
             let there = self.digests(&self.source, chunk.to_vec()).await?;
             let here = self.digests(&self.target, chunk.to_vec()).await?;
             for (chat, d) in &there {
@@ -437,12 +464,7 @@ impl RangeMove<'_> {
                 Box::pin(async move {
                     server::repeatable_read_next(&mut *conn).await?;
                     let mut tx = conn.begin().await?;
-                    let mut all = HashMap::new();
-                    for chat in &ids {
-                        if let Some(d) = moves::digest_of(&mut tx, chat).await? {
-                            all.insert(chat.clone(), d);
-                        }
-                    }
+                    let all = moves::digests(&mut tx, &ids).await?;
                     tx.commit().await?;
                     Ok(all)
                 })

@@ -30,6 +30,10 @@ const MAX_PASSES: usize = 60;
 /// Passes in a row that did not shrink: the view says the move does not
 /// converge.
 const NOT_SHRINKING: usize = 3;
+/// Passes in a row that may fail on a shard's error (a deadline, a lost
+/// connection) before the copy gives up: every step of a pass can run
+/// again.
+const PASS_RETRIES: u32 = 5;
 /// Tombstoned chats cleaned per round at the source.
 const CLEAN_CHATS: u32 = 200;
 
@@ -323,11 +327,22 @@ impl<'a> RangeMove<'a> {
     /// is given up.
     async fn copy(&mut self) -> Result<(), RangeStop> {
         let mut verified = false;
+        let mut failures = 0;
         loop {
             let d = self.diff().await?;
             self.chats_total = d.chats;
             let first = self.stats.pass_count == 0;
-            let pass = self.pass(&d, false).await?;
+            let pass = match self.pass(&d, false).await {
+                Ok(pass) => pass,
+                Err(RangeStop::Service(e)) if failures < PASS_RETRIES => {
+                    failures += 1;
+                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), failures, "a range pass failed; passing again");
+                    tokio::time::sleep(Duration::from_millis(200) * failures).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            failures = 0;
             self.stats.pass_count += 1;
             if first {
                 self.stats.copy_seconds =
@@ -417,7 +432,17 @@ impl<'a> RangeMove<'a> {
     async fn copy_fenced(&mut self) -> Result<Seen, RangeStop> {
         let d = self.diff().await?;
         self.chats_total = d.chats;
-        let pass = self.pass(&d, true).await?;
+        let pass = match self.pass(&d, true).await {
+            Ok(pass) => pass,
+            // A shard's error under the fence: the fence is set again (three
+            // times at most), and the pass runs again under it.
+            Err(RangeStop::Service(e)) => {
+                tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last pass failed; fencing again");
+                return Ok(Seen::Lapsed);
+            }
+            Err(e) => return Err(e),
+        };
+        self.stats.pass_count += 1;
         self.stats.passes.push(pass.stats());
         let again: Diff = self.diff().await?;
         if again.is_empty() {

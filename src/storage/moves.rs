@@ -598,62 +598,91 @@ pub struct Digest {
     pub events: (i64, i64),
 }
 
-/// [`digest`] of a chat that may have no row here (`None`).
-pub async fn digest_of(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Option<Digest>> {
-    let here: Option<u64> = sqlx::query_scalar("SELECT revision FROM chat WHERE chat_id = ?")
-        .bind(chat_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match here {
-        Some(_) => digest(conn, chat_id).await.map(Some),
-        None => Ok(None),
-    }
+pub async fn digest(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Digest> {
+    let ids = [chat_id.to_owned()];
+    digests(conn, &ids)
+        .await?
+        .remove(chat_id)
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
-pub async fn digest(conn: &mut MySqlConnection, chat_id: &str) -> sqlx::Result<Digest> {
-    let (revision, first_revision, member_count): (u64, u64, i64) = sqlx::query_as(
-        "SELECT c.revision, c.first_revision, CAST(n.member_count AS SIGNED) FROM chat c \
-         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id = ?",
+/// [`digest`] of each of `chat_ids` that has a row here, in four statements
+/// for them all (run them in one REPEATABLE READ transaction for a
+/// consistent view).
+pub async fn digests(
+    conn: &mut MySqlConnection,
+    chat_ids: &[String],
+) -> sqlx::Result<std::collections::HashMap<String, Digest>> {
+    use std::collections::HashMap;
+    if chat_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let within = |sql: &str| {
+        let mut q = sqlx::QueryBuilder::new(sql);
+        q.push(" (");
+        let mut list = q.separated(", ");
+        for c in chat_ids {
+            list.push_bind(c.as_str());
+        }
+        list.push_unseparated(")");
+        q
+    };
+    let heads: Vec<(String, u64, u64, i64)> = within(
+        "SELECT c.chat_id, c.revision, c.first_revision, CAST(n.member_count AS SIGNED) FROM chat c \
+         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id IN",
     )
-    .bind(chat_id)
-    .fetch_one(&mut *conn)
+    .build_query_as()
+    .fetch_all(&mut *conn)
     .await?;
-    let joined: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM chat_member WHERE chat_id = ? AND state = 1")
-            .bind(chat_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    let members: (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', user_id, state))), 0) AS SIGNED) \
-         FROM chat_member WHERE chat_id = ?",
-    )
-    .bind(chat_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let messages: (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', sender_id, client_message_id, revision, body))), 0) AS SIGNED) \
-         FROM chat_message WHERE chat_id = ?",
-    )
-    .bind(chat_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let events: (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', revision, event_type, user_id, created_at))), 0) AS SIGNED) \
-         FROM chat_event WHERE chat_id = ? AND revision >= ?",
-    )
-    .bind(chat_id)
-    .bind(first_revision)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Digest {
-        revision,
-        first_revision,
-        member_count,
-        joined,
-        members,
-        messages,
-        events,
-    })
+    let mut all: HashMap<String, Digest> = heads
+        .into_iter()
+        .map(|(chat, revision, first_revision, member_count)| {
+            let d = Digest {
+                revision,
+                first_revision,
+                member_count,
+                ..Digest::default()
+            };
+            (chat, d)
+        })
+        .collect();
+    let mut q = within(
+        "SELECT chat_id, COUNT(*), CAST(COALESCE(SUM(state = 1), 0) AS SIGNED), \
+         CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', user_id, state))), 0) AS SIGNED) \
+         FROM chat_member WHERE chat_id IN",
+    );
+    q.push(" GROUP BY chat_id");
+    let members: Vec<(String, i64, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+    for (chat, n, joined, sum) in members {
+        if let Some(d) = all.get_mut(&chat) {
+            d.joined = joined;
+            d.members = (n, sum);
+        }
+    }
+    let mut q = within(
+        "SELECT chat_id, COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', sender_id, client_message_id, revision, body))), 0) AS SIGNED) \
+         FROM chat_message WHERE chat_id IN",
+    );
+    q.push(" GROUP BY chat_id");
+    let messages: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+    for (chat, n, sum) in messages {
+        if let Some(d) = all.get_mut(&chat) {
+            d.messages = (n, sum);
+        }
+    }
+    let mut q = within(
+        "SELECT e.chat_id, COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', e.revision, e.event_type, e.user_id, e.created_at))), 0) AS SIGNED) \
+         FROM chat_event e JOIN chat c ON c.chat_id = e.chat_id \
+         WHERE e.revision >= c.first_revision AND e.chat_id IN",
+    );
+    q.push(" GROUP BY e.chat_id");
+    let events: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+    for (chat, n, sum) in events {
+        if let Some(d) = all.get_mut(&chat) {
+            d.events = (n, sum);
+        }
+    }
+    Ok(all)
 }
 
 /// Deletes up to `limit` of the chat's rows of one table from the source;
