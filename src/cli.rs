@@ -215,6 +215,8 @@ pub fn main() -> ExitCode {
 /// Runs a command's future on a new multi-threaded runtime; an error is
 /// printed with its causes and becomes a failing exit code.
 pub fn block_on_main(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Before any TLS client (reqwest's takes the process default) is built.
+    crate::crypto::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
