@@ -70,7 +70,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::problem::{Code, Problem};
-use super::tls::Tls;
+use super::tls::{ClientCertificate, Tls};
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 
@@ -159,13 +159,16 @@ pub async fn serve(
         let mut stopped = stopped.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let io = match acceptor {
-                None => Io::Plain(guarded),
+            let (io, certificate) = match acceptor {
+                None => (Io::Plain(guarded), None),
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(handshake, acceptor.accept(guarded));
                     tokio::select! {
                         done = handshake => match done {
-                            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                            Ok(Ok(stream)) => {
+                                let certificate = ClientCertificate::of(stream.get_ref().1);
+                                (Io::Tls(Box::new(stream)), certificate)
+                            }
                             Ok(Err(e)) => {
                                 tracing::debug!(error = %e, "TLS handshake failed");
                                 return;
@@ -191,6 +194,7 @@ pub async fn serve(
             let tracked = Tracked {
                 inner: service,
                 load: load.clone(),
+                certificate,
             };
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), tracked)
@@ -350,10 +354,12 @@ async fn supervise(
     }
 }
 
-/// The router, counting the requests open on its connection in `load`.
+/// The router, counting the requests open on its connection in `load`, and
+/// giving each request the connection's verified client certificate.
 struct Tracked {
     inner: TowerToHyperService<axum::Router>,
     load: Arc<watch::Sender<Load>>,
+    certificate: Option<ClientCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -361,8 +367,11 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let open = Open::start(self.load.clone());
+        if let Some(certificate) = &self.certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;

@@ -118,6 +118,35 @@ impl Tls {
     }
 }
 
+/// The client certificate a connection's handshake verified against
+/// `client_ca_file`, kept in the extensions of each of its requests
+/// (`[[api.clients]]` `cert_common_name` names a client by it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The first common name (`CN`) of the certificate's subject, if any
+    /// (and valid UTF-8).
+    pub common_name: Option<Arc<str>>,
+}
+
+impl ClientCertificate {
+    /// The verified certificate of a connection (its leaf), if the client
+    /// showed one. Only called for a handshake that succeeded, so with
+    /// `client_ca_file` set the certificate chains to one of its CAs.
+    pub fn of(connection: &rustls::ServerConnection) -> Option<Self> {
+        let leaf = connection.peer_certificates()?.first()?;
+        Some(Self {
+            common_name: common_name(leaf.as_ref()).map(Arc::from),
+        })
+    }
+}
+
+/// The first common name of a DER certificate's subject.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 /// The certificate and key in force, which every handshake takes.
 #[derive(Debug)]
 struct Current(ArcSwap<CertifiedKey>);
