@@ -597,7 +597,7 @@ const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
     // The live section follows the file: checked every second, and at once
-    // on SIGHUP. SIGHUP also reloads the API listener's TLS certificate.
+    // on SIGHUP. SIGHUP also reloads the API listener's TLS certificate and client CAs.
     let tls = app.tls().cloned();
     if let Some(path) = &config {
         app.watch_config(path.clone(), CONFIG_POLL);

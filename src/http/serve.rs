@@ -154,7 +154,7 @@ pub async fn serve(
         };
         let service = service.clone();
         let builder = builder.clone();
-        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let metrics = metrics.clone();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
@@ -170,10 +170,13 @@ pub async fn serve(
                                 (Io::Tls(Box::new(stream)), certificate)
                             }
                             Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
+                                let reason = handshake_failure(&e);
+                                metrics.tls_handshake_failed(reason);
+                                tracing::debug!(error = %e, reason, "TLS handshake failed");
                                 return;
                             }
                             Err(_) => {
+                                metrics.tls_handshake_failed("timeout");
                                 tracing::debug!(
                                     "no TLS handshake within http.tls.handshake_timeout_ms; \
                                      the connection is closed"
@@ -232,6 +235,28 @@ pub async fn serve(
         );
     }
     connections.shutdown().await;
+}
+
+/// Why a TLS handshake failed, as the metric names it (one of
+/// [`crate::metrics::TLS_HANDSHAKE_FAILURE_REASONS`] but `timeout`).
+fn handshake_failure(e: &io::Error) -> &'static str {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
+        // On a server, the certificate that did not verify is the client's.
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_client_cert",
+        Some(rustls::Error::AlertReceived(_)) => "client_refused",
+        Some(_) => "protocol",
+        None => match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => "closed",
+            _ => "protocol",
+        },
+    }
 }
 
 /// A client connection as the loop serves it.
@@ -600,6 +625,42 @@ impl AsyncWrite for StallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_failures_are_named_by_what_the_client_did() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                tls(rustls::Error::NoCertificatesPresented),
+                "no_client_cert",
+            ),
+            (
+                tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "bad_client_cert",
+            ),
+            (
+                tls(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::UnknownCA,
+                )),
+                "client_refused",
+            ),
+            (
+                tls(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "protocol",
+            ),
+            (io::Error::from(io::ErrorKind::UnexpectedEof), "closed"),
+            (io::Error::from(io::ErrorKind::ConnectionReset), "closed"),
+            (io::Error::other("something else"), "protocol"),
+        ];
+        for (e, reason) in cases {
+            assert_eq!(handshake_failure(&e), reason, "{e}");
+            assert!(crate::metrics::TLS_HANDSHAKE_FAILURE_REASONS.contains(&reason));
+        }
+    }
 
     const LIMITS: Limits = Limits {
         first_request: Duration::from_secs(10),

@@ -357,6 +357,19 @@ async fn https_serves_http1_and_http2() {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), plain.read_to_end(&mut answer)).await;
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // A client that does not trust the server's certificate says so.
+    let stranger = Pki::new("serve-other");
+    assert!(
+        Http::open(server.addr, &client(stranger.ca_der(), H1, None))
+            .await
+            .is_err()
+    );
+    wait_for_handshake_failures(
+        server.addr,
+        &client(pki.ca_der(), H1, None),
+        &[("protocol", 1.0), ("client_refused", 1.0)],
+    )
+    .await;
     server.shut_down().await;
 }
 
@@ -397,7 +410,53 @@ async fn client_certificates_must_come_from_the_configured_ca() {
         let (status, _) = http.call("GET", "/healthz", None).await.unwrap();
         assert_eq!(status, 200);
     }
+    // Each refusal is counted by what the client lacked.
+    let trusted = client(pki.ca_der(), H1, Some(pki.client("chat server")));
+    wait_for_handshake_failures(
+        server.addr,
+        &trusted,
+        &[("no_client_cert", 2.0), ("bad_client_cert", 2.0)],
+    )
+    .await;
     server.shut_down().await;
+}
+
+/// Waits until `/metrics`, read over connections `connector` opens, counts
+/// at least `at_least` TLS handshake failures for each reason given.
+async fn wait_for_handshake_failures(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    expected: &[(&str, f64)],
+) {
+    Wait::new(
+        Duration::from_secs(30),
+        format!("handshake failures {expected:?}"),
+    )
+    .until(|| async {
+        let (_, mut http) = Http::open(addr, connector).await?;
+        let (status, text) = http.call("GET", "/metrics", None).await?;
+        if status != 200 {
+            return Err(format!("/metrics: {status}"));
+        }
+        let samples = crate::common::metrics::samples_of(
+            &text,
+            "chatshard_http_tls_handshake_failures_total",
+        );
+        let short: Vec<String> = expected
+            .iter()
+            .filter_map(|(reason, at_least)| {
+                let label = format!("reason=\"{reason}\"");
+                let seen = crate::common::sum_where(&samples, &[label.as_str()]);
+                (seen < *at_least).then(|| format!("{reason}: {seen}"))
+            })
+            .collect();
+        if short.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{short:?} of {samples:?}"))
+        }
+    })
+    .await;
 }
 
 /// The `code` of a problem+json body.
@@ -577,6 +636,40 @@ async fn a_reload_swaps_the_certificate_and_open_streams_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_client_cas_again() {
+    let pki = Pki::new("careload");
+    pki.write_server("chatshard careload");
+    let ca_file = pki.ca_file();
+    let server = Served::start(&pki, |s| {
+        s.http.tls.client_ca_file = ca_file.display().to_string();
+    })
+    .await;
+    let newer = Pki::new("careload-new");
+    let served = |identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)| {
+        let connector = client(pki.ca_der(), H1, Some(identity));
+        let addr = server.addr;
+        async move {
+            match Http::open(addr, &connector).await {
+                Err(_) => false,
+                Ok((_, mut http)) => http.call("GET", "/healthz", None).await.is_ok(),
+            }
+        }
+    };
+    assert!(served(pki.client("old client")).await);
+    assert!(!served(newer.client("new client")).await);
+    // The chat servers move to the new CA: its certificate replaces the old.
+    std::fs::write(&ca_file, newer.ca.pem()).unwrap();
+    server.tls.reload().unwrap();
+    assert!(served(newer.client("new client")).await);
+    assert!(!served(pki.client("old client")).await);
+    // A CA file that does not parse changes nothing.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    assert!(server.tls.reload().is_err());
+    assert!(served(newer.client("new client")).await);
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_shakes_hands_is_closed_and_frees_its_slot() {
     const HANDSHAKE_MS: u64 = 1_000;
     let pki = Pki::new("handshake");
@@ -616,6 +709,7 @@ async fn a_client_that_never_shakes_hands_is_closed_and_frees_its_slot() {
         }
     })
     .await;
+    wait_for_handshake_failures(server.addr, &connector, &[("timeout", 1.0)]).await;
     server.shut_down().await;
 }
 
