@@ -456,7 +456,10 @@ pub struct OtlpTls {
 
 #[derive(Debug)]
 struct ClientIdentity {
+    // The gRPC channel takes the PEM; the HTTP client the parsed chain.
+    #[cfg_attr(not(feature = "otlp-grpc"), allow(dead_code))]
     cert_pem: Vec<u8>,
+    #[cfg_attr(not(feature = "otlp-grpc"), allow(dead_code))]
     key_pem: Vec<u8>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
