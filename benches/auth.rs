@@ -20,6 +20,7 @@ fn client(i: usize) -> ApiClient {
             .map(|b| format!("{b:02x}"))
             .collect(),
         scopes: vec![Scope::Read, Scope::Write],
+        ..ApiClient::default()
     }
 }
 
@@ -39,7 +40,8 @@ fn authorize(c: &mut Criterion) {
         );
         group.bench_function(BenchmarkId::from_parameter(format!("{n}_clients")), |b| {
             b.iter(|| {
-                std::hint::black_box(callers.authorize(Some(header.as_str()), Scope::Write)).is_ok()
+                std::hint::black_box(callers.authorize(Some(header.as_str()), None, Scope::Write))
+                    .is_ok()
             })
         });
     }

@@ -215,6 +215,8 @@ pub fn main() -> ExitCode {
 /// Runs a command's future on a new multi-threaded runtime; an error is
 /// printed with its causes and becomes a failing exit code.
 pub fn block_on_main(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Before any TLS client (reqwest's takes the process default) is built.
+    crate::crypto::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -595,7 +597,7 @@ const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
     // The live section follows the file: checked every second, and at once
-    // on SIGHUP. SIGHUP also reloads the API listener's TLS certificate.
+    // on SIGHUP. SIGHUP also reloads the API listener's TLS certificate and client CAs.
     let tls = app.tls().cloned();
     if let Some(path) = &config {
         app.watch_config(path.clone(), CONFIG_POLL);

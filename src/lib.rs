@@ -21,6 +21,8 @@
 //! - [`domain`]: newtypes parsed once at the edge (`ChatId`, `UserId`, ...),
 //!   and the event log's entry (`Event`, `EventType`, `MemberState`).
 //! - [`error`]: error helpers any layer may use (it depends on nothing).
+//! - [`crypto`]: the process's rustls provider (ring) and PEM files read
+//!   with the setting that names them.
 //! - [`routing`]: `chatId -> bucket -> shard`, a frozen hash, and the
 //!   versioned bucket table.
 //! - [`shard`]: one [`shard::Shard`] = circuit breaker + per-chat share +
@@ -61,7 +63,7 @@
 //! below its own; layers, lowest first (`tests/layers.rs` reads this line and
 //! fails on an import against it):
 //!
-//! Layers: domain error telemetry | routing live | config | storage | shard migrate | throttle check localdb | fleet | service | metrics | http | app | cli
+//! Layers: domain error crypto | telemetry | routing live | config | storage | shard migrate | throttle check localdb | fleet | service | metrics | http | app | cli
 //!
 //! So `http -> service -> {fleet, throttle, shard} -> storage`. `fleet`
 //! feeds the service's tails through `fleet::NoticeSink`, and hears of them
@@ -75,6 +77,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod fleet;

@@ -70,7 +70,27 @@ pub struct Metrics {
     /// `chatshard.http.auth_refusals`: requests refused for their caller,
     /// by `reason` (`unauthenticated`, `forbidden`).
     auth_refusals: Counter<u64>,
+    /// `chatshard.http.tls_handshake_failures`: TLS handshakes on the API
+    /// listener that did not complete, by `reason`
+    /// ([`TLS_HANDSHAKE_FAILURE_REASONS`]).
+    tls_handshake_failures: Counter<u64>,
 }
+
+/// Why a TLS handshake on the listener failed (every one is a series from
+/// the start): no handshake within `http.tls.handshake_timeout_ms`; a client
+/// without a certificate, or with one that does not verify, when
+/// `client_ca_file` asks for one; a client that refused the server's
+/// certificate (it sent an alert); anything else the peer sent that is not
+/// a TLS handshake we accept (plain HTTP, no common version or cipher); a
+/// connection closed or reset during the handshake.
+pub const TLS_HANDSHAKE_FAILURE_REASONS: [&str; 6] = [
+    "timeout",
+    "no_client_cert",
+    "bad_client_cert",
+    "client_refused",
+    "protocol",
+    "closed",
+];
 
 /// Why event streams end (every one is a series from the start).
 const STREAM_END_REASONS: [&str; 6] = [
@@ -174,6 +194,16 @@ impl Metrics {
         for reason in ["unauthenticated", "forbidden"] {
             auth_refusals.add(0, &[KeyValue::new("reason", reason)]);
         }
+        let tls_handshake_failures = meter
+            .u64_counter("chatshard.http.tls_handshake_failures")
+            .with_description(
+                "TLS handshakes on the API listener that did not complete, by reason \
+                 (timeout, no_client_cert, bad_client_cert, client_refused, protocol, closed)",
+            )
+            .build();
+        for reason in TLS_HANDSHAKE_FAILURE_REASONS {
+            tls_handshake_failures.add(0, &[KeyValue::new("reason", reason)]);
+        }
         stream_resyncs.add(0, &[]);
         for reason in STREAM_END_REASONS {
             stream_ends.add(0, &[KeyValue::new("reason", reason)]);
@@ -195,6 +225,7 @@ impl Metrics {
             stream_resyncs,
             stalled_connections,
             auth_refusals,
+            tls_handshake_failures,
         }))
     }
 
@@ -412,6 +443,13 @@ impl Metrics {
     pub fn stream_refused(&self, limit: &'static str) {
         self.stream_refusals
             .add(1, &[KeyValue::new("limit", limit)]);
+    }
+
+    /// A TLS handshake on the listener failed for `reason` (one of
+    /// [`TLS_HANDSHAKE_FAILURE_REASONS`]).
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .add(1, &[KeyValue::new("reason", reason)]);
     }
 
     /// A client connection was closed for taking no bytes.

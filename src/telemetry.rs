@@ -9,15 +9,26 @@
 //! feature, on by default), batched on its own thread; `OTEL_SERVICE_NAME`,
 //! `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` apply.
 //!
+//! TLS: an `https://` endpoint is reached over rustls (ring), trusting the
+//! system's CAs, or only those of `OTEL_EXPORTER_OTLP_CERTIFICATE`; with
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY`
+//! the exporter shows a client certificate. Each has a `_TRACES_` and a
+//! `_METRICS_` variant, which wins for its signal ([`OtlpTlsFiles`]). The
+//! files are read when the exporter is built, so one that is missing or
+//! unreadable fails `serve` at start, naming its variable.
+//!
 //! Spans (see docs/observability.md): one server span per request (the
 //! `http` middleware), a child span per shard operation (`shard`), and span
 //! events for throttle decisions, breaker transitions and bulkhead rejections.
 //! Events of this crate reach traces at DEBUG and above; logs follow RUST_LOG.
 //! User content (message text) never goes into telemetry.
 
+use std::path::PathBuf;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tracing::subscriber::Interest;
 use tracing::{Metadata, Subscriber};
@@ -361,55 +372,314 @@ impl OtlpExport {
     }
 
     fn span_exporter(&self) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-        use opentelemetry_otlp::WithExportConfig;
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
         let endpoint = self.signal_endpoint("v1/traces");
+        let tls = OtlpTlsFiles::from_env(Signal::Traces)?.load()?;
         Ok(match self.protocol {
             OtlpProtocol::HttpProtobuf => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_http_client(http_client(&tls, Signal::Traces)?);
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e);
                 }
                 b.build()?
             }
-            OtlpProtocol::Grpc => grpc::span_exporter(endpoint)?,
+            OtlpProtocol::Grpc => grpc::span_exporter(endpoint, &tls)?,
         })
     }
 
     /// The OTLP exporter of the metrics (see [`crate::metrics`]).
     pub fn metric_exporter(&self) -> anyhow::Result<opentelemetry_otlp::MetricExporter> {
-        use opentelemetry_otlp::WithExportConfig;
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
         let endpoint = self.signal_endpoint("v1/metrics");
+        let tls = OtlpTlsFiles::from_env(Signal::Metrics)?.load()?;
         Ok(match self.protocol {
             OtlpProtocol::HttpProtobuf => {
                 let mut b = opentelemetry_otlp::MetricExporter::builder()
                     .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_http_client(http_client(&tls, Signal::Metrics)?);
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e);
                 }
                 b.build()?
             }
-            OtlpProtocol::Grpc => grpc::metric_exporter(endpoint)?,
+            OtlpProtocol::Grpc => grpc::metric_exporter(endpoint, &tls)?,
         })
     }
 }
 
+/// The signal an exporter carries, which names its own variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Traces => "TRACES",
+            Signal::Metrics => "METRICS",
+        }
+    }
+}
+
+/// A file named by an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    pub variable: String,
+    pub path: PathBuf,
+}
+
+/// The TLS files of one signal's exporter, as the standard variables name
+/// them: `OTEL_EXPORTER_OTLP_{TRACES_|METRICS_}CERTIFICATE` (the CAs that
+/// verify the collector, instead of the system's), `..._CLIENT_CERTIFICATE`
+/// and `..._CLIENT_KEY` (the exporter's own certificate, both or neither).
+/// The per-signal variable wins over the general one; an empty one is unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpTlsFiles {
+    pub ca: Option<NamedFile>,
+    pub client_cert: Option<NamedFile>,
+    pub client_key: Option<NamedFile>,
+}
+
+/// The TLS files read and checked: the CAs' PEM (and certificates), the
+/// client certificate's chain and key.
+#[derive(Debug, Default)]
+pub struct OtlpTls {
+    ca: Option<(Vec<u8>, Vec<CertificateDer<'static>>)>,
+    client: Option<ClientIdentity>,
+}
+
+#[derive(Debug)]
+struct ClientIdentity {
+    // The gRPC channel takes the PEM; the HTTP client the parsed chain.
+    #[cfg_attr(not(feature = "otlp-grpc"), allow(dead_code))]
+    cert_pem: Vec<u8>,
+    #[cfg_attr(not(feature = "otlp-grpc"), allow(dead_code))]
+    key_pem: Vec<u8>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl OtlpTlsFiles {
+    /// From the process's environment.
+    pub fn from_env(signal: Signal) -> anyhow::Result<Self> {
+        Self::from_lookup(signal, |k| std::env::var(k).ok())
+    }
+
+    /// From `lookup` (a variable's value, if set).
+    pub fn from_lookup(
+        signal: Signal,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
+        let named = |suffix: &str| {
+            [
+                format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.name()),
+                format!("OTEL_EXPORTER_OTLP_{suffix}"),
+            ]
+            .into_iter()
+            .find_map(|variable| {
+                let value = lookup(&variable).filter(|v| !v.trim().is_empty())?;
+                Some(NamedFile {
+                    variable,
+                    path: PathBuf::from(value.trim()),
+                })
+            })
+        };
+        let files = Self {
+            ca: named("CERTIFICATE"),
+            client_cert: named("CLIENT_CERTIFICATE"),
+            client_key: named("CLIENT_KEY"),
+        };
+        match (&files.client_cert, &files.client_key) {
+            (Some(cert), None) => anyhow::bail!(
+                "{} is set but no OTEL_EXPORTER_OTLP_CLIENT_KEY (or its {} variant): \
+                 a client certificate needs its key",
+                cert.variable,
+                signal.name()
+            ),
+            (None, Some(key)) => anyhow::bail!(
+                "{} is set but no OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE (or its {} variant): \
+                 a client key needs its certificate",
+                key.variable,
+                signal.name()
+            ),
+            _ => Ok(files),
+        }
+    }
+
+    /// Reads and checks the files; an error names the variable and the file.
+    pub fn load(&self) -> anyhow::Result<OtlpTls> {
+        let read = |f: &NamedFile| {
+            std::fs::read(&f.path)
+                .map_err(|e| anyhow::anyhow!("{} {}: {e}", f.variable, f.path.display()))
+        };
+        let ca = match &self.ca {
+            Some(f) => Some((
+                read(f)?,
+                crate::crypto::load_certificates(&f.path, &f.variable)?,
+            )),
+            None => None,
+        };
+        let client = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+                chain: crate::crypto::load_certificates(&cert.path, &cert.variable)?,
+                key: crate::crypto::load_private_key(&key.path, &key.variable)?,
+            }),
+            _ => None,
+        };
+        Ok(OtlpTls { ca, client })
+    }
+}
+
+impl OtlpTls {
+    /// The rustls client configuration of an OTLP/HTTP exporter: the given
+    /// CAs (else the system's), and the client certificate if any.
+    fn client_config(&self, signal: Signal) -> anyhow::Result<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some((_, certs)) => {
+                for ca in certs {
+                    roots.add(ca.clone()).map_err(|e| {
+                        anyhow::anyhow!("OTEL_EXPORTER_OTLP_CERTIFICATE ({}): {e}", signal.name())
+                    })?;
+                }
+            }
+            None => {
+                // A system without CAs can still export over plain HTTP;
+                // an https:// collector then fails each export, logged.
+                let native = rustls_native_certs::load_native_certs();
+                for e in &native.errors {
+                    tracing::debug!(error = %e, "reading the system's CAs");
+                }
+                let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow::anyhow!("OTLP TLS: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match &self.client {
+            Some(c) => builder
+                .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "OTEL_EXPORTER_OTLP_CLIENT_KEY ({}): not a usable key for the client certificate: {e}",
+                        signal.name()
+                    )
+                })?,
+            None => builder.with_no_client_auth(),
+        };
+        // The blocking client speaks HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// Whether the signal's endpoint (`endpoint`, else the variables the
+/// exporter reads) is an `https://` one.
+#[cfg_attr(not(feature = "otlp-grpc"), allow(dead_code))]
+fn is_https(endpoint: Option<&str>, signal: Signal) -> bool {
+    let from_env = || {
+        [
+            format!("OTEL_EXPORTER_OTLP_{}_ENDPOINT", signal.name()),
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+        ]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    };
+    endpoint
+        .map(str::to_owned)
+        .or_else(from_env)
+        .is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("https://"))
+}
+
+/// The timeout of one export: `OTEL_EXPORTER_OTLP_{signal_}TIMEOUT` in
+/// milliseconds, else the exporter's default of 10 s.
+fn export_timeout(signal: Signal) -> std::time::Duration {
+    let ms = [
+        format!("OTEL_EXPORTER_OTLP_{}_TIMEOUT", signal.name()),
+        "OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(),
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse::<u64>().ok())
+    .unwrap_or(10_000);
+    std::time::Duration::from_millis(ms)
+}
+
+/// The blocking HTTP client of an OTLP/HTTP exporter, with its TLS. Built on
+/// a thread of its own: reqwest's blocking client runs its own runtime, which
+/// may not be made (or dropped) on an async worker.
+fn http_client(tls: &OtlpTls, signal: Signal) -> anyhow::Result<reqwest::blocking::Client> {
+    let config = tls.client_config(signal)?;
+    let timeout = export_timeout(signal);
+    std::thread::Builder::new()
+        .name("otlp-http-client".into())
+        .spawn(move || {
+            reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .tls_backend_preconfigured(config)
+                .build()
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the OTLP HTTP client panicked"))?
+        .map_err(|e| anyhow::anyhow!("building the OTLP HTTP client: {e}"))
+}
+
 #[cfg(feature = "otlp-grpc")]
 mod grpc {
-    use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+    use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig, WithTonicConfig};
 
-    pub fn span_exporter(endpoint: Option<String>) -> anyhow::Result<SpanExporter> {
+    use super::OtlpTls;
+
+    /// The channel's TLS (tonic uses it for an `https://` endpoint only):
+    /// the given CAs, else the system's; `None` when neither a file nor an
+    /// `https://` endpoint asks for TLS, so a plain collector does not need
+    /// the system's CAs to be readable.
+    fn tls_config(
+        endpoint: Option<&str>,
+        signal: super::Signal,
+        tls: &OtlpTls,
+    ) -> Option<ClientTlsConfig> {
+        let config = match &tls.ca {
+            Some((pem, _)) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None if tls.client.is_some() || super::is_https(endpoint, signal) => {
+                ClientTlsConfig::new().with_native_roots()
+            }
+            None => return None,
+        };
+        Some(match &tls.client {
+            Some(c) => config.identity(Identity::from_pem(&c.cert_pem, &c.key_pem)),
+            None => config,
+        })
+    }
+
+    pub fn span_exporter(endpoint: Option<String>, tls: &OtlpTls) -> anyhow::Result<SpanExporter> {
         let mut b = SpanExporter::builder().with_tonic();
+        if let Some(config) = tls_config(endpoint.as_deref(), super::Signal::Traces, tls) {
+            b = b.with_tls_config(config);
+        }
         if let Some(e) = endpoint {
             b = b.with_endpoint(e);
         }
         Ok(b.build()?)
     }
 
-    pub fn metric_exporter(endpoint: Option<String>) -> anyhow::Result<MetricExporter> {
+    pub fn metric_exporter(
+        endpoint: Option<String>,
+        tls: &OtlpTls,
+    ) -> anyhow::Result<MetricExporter> {
         let mut b = MetricExporter::builder().with_tonic();
+        if let Some(config) = tls_config(endpoint.as_deref(), super::Signal::Metrics, tls) {
+            b = b.with_tls_config(config);
+        }
         if let Some(e) = endpoint {
             b = b.with_endpoint(e);
         }
@@ -421,14 +691,22 @@ mod grpc {
 mod grpc {
     use opentelemetry_otlp::{MetricExporter, SpanExporter};
 
+    use super::OtlpTls;
+
     const MISSING: &str =
         "OTLP over gRPC needs a build with the `otlp-grpc` feature (on by default)";
 
-    pub fn span_exporter(_endpoint: Option<String>) -> anyhow::Result<SpanExporter> {
+    pub fn span_exporter(
+        _endpoint: Option<String>,
+        _tls: &OtlpTls,
+    ) -> anyhow::Result<SpanExporter> {
         anyhow::bail!(MISSING)
     }
 
-    pub fn metric_exporter(_endpoint: Option<String>) -> anyhow::Result<MetricExporter> {
+    pub fn metric_exporter(
+        _endpoint: Option<String>,
+        _tls: &OtlpTls,
+    ) -> anyhow::Result<MetricExporter> {
         anyhow::bail!(MISSING)
     }
 }
@@ -488,6 +766,71 @@ mod tests {
         );
         assert!(toml::from_str::<TelemetrySettings>("otlp_protocol = \"http/json\"").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn a_signals_own_tls_variable_wins_and_a_client_certificate_needs_its_key() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let both = env(&[
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/general/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/traces/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE", " "),
+        ]);
+        let traces = OtlpTlsFiles::from_lookup(Signal::Traces, both).ok();
+        let metrics = OtlpTlsFiles::from_lookup(Signal::Metrics, both).ok();
+        let ca = |f: Option<OtlpTlsFiles>| f.and_then(|f| f.ca).map(|c| (c.variable, c.path));
+        assert_eq!(
+            ca(traces),
+            Some((
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE".to_owned(),
+                PathBuf::from("/traces/ca.pem")
+            ))
+        );
+        // A blank variable is unset; the other signal takes the general one.
+        assert_eq!(
+            ca(metrics),
+            Some((
+                "OTEL_EXPORTER_OTLP_CERTIFICATE".to_owned(),
+                PathBuf::from("/general/ca.pem")
+            ))
+        );
+        let lonely = env(&[("OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE", "/c.pem")]);
+        let e = OtlpTlsFiles::from_lookup(Signal::Metrics, lonely)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE") && e.contains("CLIENT_KEY"),
+            "{e}"
+        );
+        // The traces do not see the metrics' certificate.
+        assert_eq!(
+            OtlpTlsFiles::from_lookup(Signal::Traces, lonely).ok(),
+            Some(OtlpTlsFiles::default())
+        );
+        let missing = OtlpTlsFiles {
+            ca: Some(NamedFile {
+                variable: "OTEL_EXPORTER_OTLP_CERTIFICATE".to_owned(),
+                path: PathBuf::from("/nonexistent/chatshard/ca.pem"),
+            }),
+            ..OtlpTlsFiles::default()
+        };
+        let e = missing
+            .load()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE /nonexistent"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -324,6 +324,8 @@ async fn sql_printed_applied_by_hand_and_marked_is_what_migrate_makes_and_serve_
         .spawn()
         .expect("spawn serve");
     let base = format!("http://127.0.0.1:{port}");
+    // reqwest's TLS takes the process's default provider.
+    chatshard::crypto::install_default_provider();
     let http = reqwest::Client::new();
     let created = Wait::new(Duration::from_secs(60), "serve answering")
         .every(Duration::from_millis(50))

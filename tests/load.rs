@@ -351,6 +351,46 @@ async fn every_scenario_runs_and_reports() {
 /// Two instances of a fleet whose Redis is reached through the tool's own
 /// delaying proxy: fanout streams on one and posts through the other, and a
 /// join spike spread over both.
+#[test]
+fn tls_cost_runs_every_setup_against_its_own_tls_shard() {
+    let dir = std::env::temp_dir().join(common::unique("load-tls-cost"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let report = run(
+        &[
+            "tls-cost",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+            "--seconds",
+            "0.5",
+            "--chatshard-bin",
+            env!("CARGO_BIN_EXE_chatshard"),
+        ],
+        &dir.join("tls-cost.json"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = &report["scenario"];
+    let setups: Vec<&str> = s["runs"]
+        .as_array()
+        .map(|runs| runs.iter().filter_map(|r| r["setup"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(setups, ["plain", "shard-tls", "api-tls"], "{report}");
+    for run in s["runs"].as_array().into_iter().flatten() {
+        assert!(run["p50Ms"].as_f64().is_some_and(|ms| ms > 0.0), "{run}");
+        assert!(
+            run["joinsPerSecond"].as_f64().is_some_and(|n| n > 0.0),
+            "{run}"
+        );
+    }
+    for setup in ["shard-tls", "api-tls"] {
+        assert!(
+            s["setups"][setup]["overPlain"]["p50"].is_f64(),
+            "{setup}: {report}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_options_and_the_proxy_run() {
     let redis = servers::redis().await;

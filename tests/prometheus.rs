@@ -518,6 +518,8 @@ impl Prometheus {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("data"))?;
+        // reqwest's TLS takes the process's default provider.
+        chatshard::crypto::install_default_provider();
         let mut prometheus = Self {
             dir,
             server: None,

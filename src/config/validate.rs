@@ -48,7 +48,10 @@ impl Settings {
                 ));
             }
         }
-        problems.extend(api_problems(&self.api));
+        problems.extend(api_problems(
+            &self.api,
+            !self.http.tls.client_ca_file.is_empty(),
+        ));
         let mut blocks = std::collections::HashMap::new();
         for (shard, block) in self.shards.iter().zip(self.id_blocks()) {
             if block >= crate::domain::ID_SERIES {
@@ -327,9 +330,12 @@ fn tls_problems(tls: &super::HttpTlsSettings, problems: &mut Vec<String>) {
     }
 }
 
-fn api_problems(api: &super::ApiSettings) -> Vec<String> {
+/// `mutual_tls`: whether `http.tls.client_ca_file` is set, which a client
+/// known by its certificate needs.
+fn api_problems(api: &super::ApiSettings, mutual_tls: bool) -> Vec<String> {
     let mut problems = Vec::new();
     let mut digests = std::collections::HashSet::new();
+    let mut common_names = std::collections::HashMap::new();
     for client in &api.clients {
         if client.name.is_empty()
             || !client
@@ -342,16 +348,42 @@ fn api_problems(api: &super::ApiSettings) -> Vec<String> {
                 client.name
             ));
         }
-        match client.digest() {
-            None => problems.push(format!(
-                "api.clients {:?}: token_sha256 must be the 64 hex digits of the token's SHA-256 (printf %s \"$TOKEN\" | sha256sum)",
+        let by_token = !client.token_sha256.is_empty();
+        let by_cert = !client.cert_common_name.is_empty();
+        if !by_token && !by_cert {
+            problems.push(format!(
+                "api.clients {:?}: give a token_sha256, a cert_common_name, or both",
                 client.name
-            )),
-            Some(d) if !digests.insert(d) => problems.push(format!(
-                "api.clients {:?}: this token_sha256 is given to another client too",
-                client.name
-            )),
-            Some(_) => {}
+            ));
+        }
+        if by_token {
+            match client.digest() {
+                None => problems.push(format!(
+                    "api.clients {:?}: token_sha256 must be the 64 hex digits of the token's SHA-256 (printf %s \"$TOKEN\" | sha256sum)",
+                    client.name
+                )),
+                Some(d) if !digests.insert(d) => problems.push(format!(
+                    "api.clients {:?}: this token_sha256 is given to another client too",
+                    client.name
+                )),
+                Some(_) => {}
+            }
+        }
+        if by_cert {
+            if !mutual_tls {
+                problems.push(format!(
+                    "api.clients {:?}: cert_common_name needs mutual TLS (http.tls.client_ca_file)",
+                    client.name
+                ));
+            }
+            if let Some(other) = common_names.insert(client.cert_common_name.as_str(), &client.name)
+                && *other != client.name
+            {
+                problems.push(format!(
+                    "api.clients {:?}: cert_common_name {:?} is given to client {other:?} too",
+                    client.name, client.cert_common_name
+                ));
+            }
         }
         if client.scopes.is_empty() {
             problems.push(format!(

@@ -41,11 +41,13 @@ where
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        // A client of [[api.clients]] with the admin scope, beside the token.
+        // A client of [[api.clients]] with the admin scope (by its token, or
+        // its certificate when no header is sent), beside the token.
+        let certificate = parts.extensions.get::<super::tls::ClientCertificate>();
         if state
             .callers
-            .identify(header)
-            .is_some_and(|c| c.scopes.contains(&crate::config::Scope::Admin))
+            .authorize(header, certificate, crate::config::Scope::Admin)
+            .is_ok()
         {
             return Ok(Admin);
         }

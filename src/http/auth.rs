@@ -3,8 +3,11 @@
 //!
 //! With no client configured the data API is open, as it always was (`serve`
 //! says so once at start). With clients, every `/v1/` route but the admin
-//! API's needs a token whose SHA-256 is a client's, with the scope the route
-//! needs: 401 `unauthenticated` without one, 403 `forbidden` without the
+//! API's needs a token whose SHA-256 is a client's, or (over mutual TLS) a
+//! verified client certificate whose common name is a client's
+//! `cert_common_name`, with the scope the route needs. A request that sends
+//! an `Authorization` header is judged by its token alone; one that sends
+//! none, by its connection's certificate. Without either: 401 `unauthenticated` without one, 403 `forbidden` without the
 //! scope. The admin API keeps its own token ([`super::admin::Admin`]), and
 //! also lets in a client with the `admin` scope. `/healthz`, `/readyz`,
 //! `/openapi.json` and `/metrics` stay open.
@@ -25,12 +28,16 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::problem::{Code, Problem};
+use super::tls::ClientCertificate;
 use crate::config::{ApiClient, Scope};
 
 /// The configured callers.
 #[derive(Debug, Default)]
 pub struct Callers {
+    /// The clients with a token.
     clients: Vec<Caller>,
+    /// The clients with a certificate, by its common name.
+    by_certificate: std::collections::HashMap<Arc<str>, Authenticated>,
 }
 
 #[derive(Debug)]
@@ -50,7 +57,7 @@ pub struct Authenticated {
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// No token, or one no client has.
+    /// No token (nor a client's certificate), or one no client has.
     Unauthenticated,
     /// A client's token, without the scope the route needs.
     Forbidden { client: Arc<str>, needs: Scope },
@@ -83,8 +90,21 @@ impl From<Refusal> for Problem {
 
 impl Callers {
     /// The callers of `[[api.clients]]` (validated: every digest is 64 hex
-    /// digits; one that is not is left out).
+    /// digits; one that is not is left out, as is an empty one).
     pub fn new(clients: &[ApiClient]) -> Self {
+        let by_certificate = clients
+            .iter()
+            .filter(|c| !c.cert_common_name.is_empty())
+            .map(|c| {
+                (
+                    Arc::from(c.cert_common_name.as_str()),
+                    Authenticated {
+                        name: Arc::from(c.name.as_str()),
+                        scopes: c.scopes.clone(),
+                    },
+                )
+            })
+            .collect();
         let clients = clients
             .iter()
             .filter_map(|c| {
@@ -95,12 +115,15 @@ impl Callers {
                 })
             })
             .collect();
-        Self { clients }
+        Self {
+            clients,
+            by_certificate,
+        }
     }
 
     /// No client is configured: the data API is open.
     pub fn is_open(&self) -> bool {
-        self.clients.is_empty()
+        self.clients.is_empty() && self.by_certificate.is_empty()
     }
 
     /// The client whose token an `Authorization` header carries.
@@ -121,15 +144,23 @@ impl Callers {
         })
     }
 
-    /// Whether the header's client may do what `needs` names.
+    /// Whether the caller may do what `needs` names: the client of the
+    /// `Authorization` header if one is sent, else the client whose
+    /// `cert_common_name` the connection's verified certificate bears.
     pub fn authorize(
         &self,
         authorization: Option<&str>,
+        certificate: Option<&ClientCertificate>,
         needs: Scope,
     ) -> Result<Authenticated, Refusal> {
-        let caller = self
-            .identify(authorization)
-            .ok_or(Refusal::Unauthenticated)?;
+        let caller = match authorization {
+            Some(header) => self.identify(Some(header)),
+            None => certificate
+                .and_then(|c| c.common_name.as_deref())
+                .and_then(|cn| self.by_certificate.get(cn))
+                .cloned(),
+        }
+        .ok_or(Refusal::Unauthenticated)?;
         if caller.scopes.contains(&needs) {
             Ok(caller)
         } else {
@@ -177,7 +208,8 @@ pub async fn require(State(state): State<AppState>, mut req: Request, next: Next
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match state.callers.authorize(header, needs) {
+    let certificate = req.extensions().get::<ClientCertificate>();
+    match state.callers.authorize(header, certificate, needs) {
         Ok(caller) => {
             tracing::Span::current().record("chatshard.client", &*caller.name);
             req.extensions_mut().insert(caller);
@@ -236,6 +268,7 @@ mod tests {
             name: name.to_owned(),
             token_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
             scopes: scopes.to_vec(),
+            ..ApiClient::default()
         }
     }
 
@@ -246,10 +279,10 @@ mod tests {
             client("writer", "w-token", &[Scope::Read, Scope::Write]),
         ]);
         assert!(!callers.is_open());
-        let ok = callers.authorize(Some("Bearer w-token"), Scope::Write);
+        let ok = callers.authorize(Some("Bearer w-token"), None, Scope::Write);
         assert_eq!(ok.map(|c| c.name.to_string()), Ok("writer".to_owned()));
         assert_eq!(
-            callers.authorize(Some("bearer r-token"), Scope::Write),
+            callers.authorize(Some("bearer r-token"), None, Scope::Write),
             Err(Refusal::Forbidden {
                 client: Arc::from("reader"),
                 needs: Scope::Write
@@ -263,7 +296,7 @@ mod tests {
             Some("Bearer R-TOKEN"),
         ] {
             assert_eq!(
-                callers.authorize(bad, Scope::Read).map(|_| ()),
+                callers.authorize(bad, None, Scope::Read).map(|_| ()),
                 Err(Refusal::Unauthenticated),
                 "{bad:?}"
             );
@@ -277,8 +310,72 @@ mod tests {
             client("app", "new", &[Scope::Read]),
         ]);
         for token in ["Bearer old", "Bearer new"] {
-            assert!(callers.authorize(Some(token), Scope::Read).is_ok());
+            assert!(callers.authorize(Some(token), None, Scope::Read).is_ok());
         }
+    }
+
+    #[test]
+    fn a_certificates_common_name_stands_for_its_client_unless_a_token_is_sent() {
+        let mut by_cert = client("chat-server-1", "t1", &[Scope::Read, Scope::Write]);
+        by_cert.cert_common_name = "chat-server-1.example".to_owned();
+        let cert_only = ApiClient {
+            name: "reader".to_owned(),
+            cert_common_name: "reader.example".to_owned(),
+            scopes: vec![Scope::Read],
+            ..ApiClient::default()
+        };
+        let callers = Callers::new(&[by_cert, cert_only]);
+        let cert = |cn: &str| ClientCertificate {
+            common_name: Some(Arc::from(cn)),
+        };
+        let name = |r: Result<Authenticated, Refusal>| r.map(|c| c.name.to_string());
+        assert_eq!(
+            name(callers.authorize(None, Some(&cert("chat-server-1.example")), Scope::Write)),
+            Ok("chat-server-1".to_owned())
+        );
+        assert_eq!(
+            callers.authorize(None, Some(&cert("reader.example")), Scope::Write),
+            Err(Refusal::Forbidden {
+                client: Arc::from("reader"),
+                needs: Scope::Write
+            })
+        );
+        // Names are compared exactly.
+        for other in ["Reader.example", "reader", "reader.example "] {
+            assert_eq!(
+                callers
+                    .authorize(None, Some(&cert(other)), Scope::Read)
+                    .map(|_| ()),
+                Err(Refusal::Unauthenticated),
+                "{other:?}"
+            );
+        }
+        let no_name = ClientCertificate { common_name: None };
+        assert_eq!(
+            callers
+                .authorize(None, Some(&no_name), Scope::Read)
+                .map(|_| ()),
+            Err(Refusal::Unauthenticated)
+        );
+        // A sent token decides, even a wrong one over a known certificate.
+        assert_eq!(
+            name(callers.authorize(
+                Some("Bearer t1"),
+                Some(&cert("reader.example")),
+                Scope::Write
+            )),
+            Ok("chat-server-1".to_owned())
+        );
+        assert_eq!(
+            callers
+                .authorize(
+                    Some("Bearer wrong"),
+                    Some(&cert("reader.example")),
+                    Scope::Read
+                )
+                .map(|_| ()),
+            Err(Refusal::Unauthenticated)
+        );
     }
 
     #[test]

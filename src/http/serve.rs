@@ -70,7 +70,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::problem::{Code, Problem};
-use super::tls::Tls;
+use super::tls::{ClientCertificate, Tls};
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 
@@ -154,23 +154,29 @@ pub async fn serve(
         };
         let service = service.clone();
         let builder = builder.clone();
-        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let metrics = metrics.clone();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let io = match acceptor {
-                None => Io::Plain(guarded),
+            let (io, certificate) = match acceptor {
+                None => (Io::Plain(guarded), None),
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(handshake, acceptor.accept(guarded));
                     tokio::select! {
                         done = handshake => match done {
-                            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                            Ok(Ok(stream)) => {
+                                let certificate = ClientCertificate::of(stream.get_ref().1);
+                                (Io::Tls(Box::new(stream)), certificate)
+                            }
                             Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
+                                let reason = handshake_failure(&e);
+                                metrics.tls_handshake_failed(reason);
+                                tracing::debug!(error = %e, reason, "TLS handshake failed");
                                 return;
                             }
                             Err(_) => {
+                                metrics.tls_handshake_failed("timeout");
                                 tracing::debug!(
                                     "no TLS handshake within http.tls.handshake_timeout_ms; \
                                      the connection is closed"
@@ -191,6 +197,7 @@ pub async fn serve(
             let tracked = Tracked {
                 inner: service,
                 load: load.clone(),
+                certificate,
             };
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), tracked)
@@ -228,6 +235,28 @@ pub async fn serve(
         );
     }
     connections.shutdown().await;
+}
+
+/// Why a TLS handshake failed, as the metric names it (one of
+/// [`crate::metrics::TLS_HANDSHAKE_FAILURE_REASONS`] but `timeout`).
+fn handshake_failure(e: &io::Error) -> &'static str {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
+        // On a server, the certificate that did not verify is the client's.
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_client_cert",
+        Some(rustls::Error::AlertReceived(_)) => "client_refused",
+        Some(_) => "protocol",
+        None => match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => "closed",
+            _ => "protocol",
+        },
+    }
 }
 
 /// A client connection as the loop serves it.
@@ -350,10 +379,12 @@ async fn supervise(
     }
 }
 
-/// The router, counting the requests open on its connection in `load`.
+/// The router, counting the requests open on its connection in `load`, and
+/// giving each request the connection's verified client certificate.
 struct Tracked {
     inner: TowerToHyperService<axum::Router>,
     load: Arc<watch::Sender<Load>>,
+    certificate: Option<ClientCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -361,8 +392,11 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let open = Open::start(self.load.clone());
+        if let Some(certificate) = &self.certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
@@ -591,6 +625,42 @@ impl AsyncWrite for StallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_failures_are_named_by_what_the_client_did() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                tls(rustls::Error::NoCertificatesPresented),
+                "no_client_cert",
+            ),
+            (
+                tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "bad_client_cert",
+            ),
+            (
+                tls(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::UnknownCA,
+                )),
+                "client_refused",
+            ),
+            (
+                tls(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "protocol",
+            ),
+            (io::Error::from(io::ErrorKind::UnexpectedEof), "closed"),
+            (io::Error::from(io::ErrorKind::ConnectionReset), "closed"),
+            (io::Error::other("something else"), "protocol"),
+        ];
+        for (e, reason) in cases {
+            assert_eq!(handshake_failure(&e), reason, "{e}");
+            assert!(crate::metrics::TLS_HANDSHAKE_FAILURE_REASONS.contains(&reason));
+        }
+    }
 
     const LIMITS: Limits = Limits {
         first_request: Duration::from_secs(10),

@@ -20,6 +20,7 @@ fn client(name: &str, token: &str, scopes: &[Scope]) -> ApiClient {
             .map(|b| format!("{b:02x}"))
             .collect(),
         scopes: scopes.to_vec(),
+        ..ApiClient::default()
     }
 }
 
@@ -226,6 +227,7 @@ async fn a_client_entry_that_is_not_a_digest_is_refused_at_start() {
         name: "app".to_owned(),
         token_sha256: "the-token-in-clear".to_owned(),
         scopes: vec![Scope::Read],
+        ..ApiClient::default()
     }];
     let err = settings.validate().expect_err("a clear token is refused");
     let text = err.to_string();
@@ -236,6 +238,48 @@ async fn a_client_entry_that_is_not_a_digest_is_refused_at_start() {
     assert!(
         !text.contains("the-token-in-clear"),
         "the value is not repeated: {text}"
+    );
+}
+
+#[test]
+fn a_client_known_by_certificate_needs_mutual_tls_and_a_name_of_its_own() {
+    let by_cert = |name: &str, cn: &str| ApiClient {
+        name: name.to_owned(),
+        cert_common_name: cn.to_owned(),
+        scopes: vec![Scope::Read],
+        ..ApiClient::default()
+    };
+    let mut settings = crate::helpers::settings();
+    settings.api.clients = vec![by_cert("a", "a.internal")];
+    let text = settings
+        .validate()
+        .expect_err("no client CA configured")
+        .to_string();
+    assert!(
+        text.contains("cert_common_name needs mutual TLS (http.tls.client_ca_file)"),
+        "{text}"
+    );
+    settings.http.tls.cert_file = "/etc/chatshard/api.pem".to_owned();
+    settings.http.tls.key_file = "/etc/chatshard/api.key".to_owned();
+    settings.http.tls.client_ca_file = "/etc/chatshard/clients-ca.pem".to_owned();
+    settings
+        .validate()
+        .expect("a client known by its certificate");
+    settings.api.clients = vec![by_cert("a", "same.internal"), by_cert("b", "same.internal")];
+    let text = settings
+        .validate()
+        .expect_err("one name, two clients")
+        .to_string();
+    assert!(text.contains("is given to client \"a\" too"), "{text}");
+    settings.api.clients = vec![ApiClient {
+        name: "nobody".to_owned(),
+        scopes: vec![Scope::Read],
+        ..ApiClient::default()
+    }];
+    let text = settings.validate().expect_err("neither").to_string();
+    assert!(
+        text.contains("token_sha256, a cert_common_name, or both"),
+        "{text}"
     );
 }
 

@@ -27,6 +27,8 @@ async fn poll(app: &TestApp, chat: &str, after: u64, wait_ms: u64) -> Value {
 /// added to each request; every revision received, in order. Fails when it
 /// has not got there within 60 s.
 async fn follow(base: &str, chat: &str, after: u64, until: u64, options: &str) -> Vec<u64> {
+    // reqwest's TLS takes the process's default provider.
+    chatshard::crypto::install_default_provider();
     let http = reqwest::Client::new();
     let mut seen = Vec::new();
     let mut after = after;

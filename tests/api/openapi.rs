@@ -1,7 +1,8 @@
 //! The served OpenAPI document, as its users consume it: checked by
 //! openapi-spec-validator (PyPI), turned into a Python client by
 //! openapi-python-client (PyPI), and the README's curl session replayed through
-//! that generated client (tests/openapi/readme_session.py) against a real app.
+//! that generated client (tests/openapi/readme_session.py) against a real app,
+//! open and with a client's bearer token (`[[api.clients]]`).
 //!
 //! Both tools are installed on first use into one virtualenv under the cargo
 //! target dir (kept between runs); each run writes the document and the
@@ -90,9 +91,67 @@ fn path_with(bin: &Path) -> std::ffi::OsString {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_valid_and_a_generated_client_runs_the_readme_session() {
+    let app = TestApp::spawn().await;
+    readme_session_through_a_generated_client(&app, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_client_runs_the_readme_session_with_a_clients_token() {
+    use chatshard::config::{ApiClient, Scope};
+    use sha2::Digest as _;
+    const TOKEN: &str = "openapi-readme-session-client-token";
+    let app = TestApp::builder()
+        .configure(|s| {
+            s.api.clients = vec![ApiClient {
+                name: "readme".to_owned(),
+                token_sha256: sha2::Sha256::digest(TOKEN.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                scopes: vec![Scope::Read, Scope::Write],
+                ..ApiClient::default()
+            }];
+        })
+        .start()
+        .await;
+    // The document says so: the bearer scheme, on every data route the
+    // session calls, and not on the open ones.
+    let document: serde_json::Value = app.get("/openapi.json").await.json().await.expect("json");
+    assert_eq!(
+        document["components"]["securitySchemes"]["client_token"],
+        serde_json::json!({"type": "http", "scheme": "bearer", "description": "A token of [[api.clients]]"})
+    );
+    let bearer = serde_json::json!([{ "client_token": [] }]);
+    for (path, method) in [
+        ("/v1/chats/{chatId}", "put"),
+        ("/v1/chats/{chatId}/members", "post"),
+        ("/v1/chats/{chatId}/member-count", "get"),
+        ("/v1/chats/{chatId}/messages", "post"),
+        ("/v1/chats/{chatId}/events", "get"),
+        ("/v1/streams", "post"),
+    ] {
+        assert_eq!(
+            document["paths"][path][method]["security"], bearer,
+            "{method} {path}"
+        );
+    }
+    let open = &document["paths"]["/healthz"]["get"]["security"];
+    assert!(
+        !open.to_string().contains("client_token"),
+        "/healthz: {open}"
+    );
+    // Without the token the session's first step is refused.
+    let refused = app.put_chat(&unique("readme"), None).await;
+    assert_eq!(refused.status().as_u16(), 401);
+    readme_session_through_a_generated_client(&app, Some(TOKEN)).await;
+}
+
+/// Validates the app's document, generates a Python client from it and runs
+/// the README session through that client (with `token` as a client's bearer
+/// token, if given).
+async fn readme_session_through_a_generated_client(app: &TestApp, token: Option<&str>) {
     let venv = tools().await;
     let bin = venv.join("bin");
-    let app = TestApp::spawn().await;
 
     let dir = RunDir(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("openapi-run")));
     std::fs::create_dir_all(&dir.0).expect("create run dir");
@@ -135,14 +194,18 @@ async fn openapi_document_is_valid_and_a_generated_client_runs_the_readme_sessio
         env!("CARGO_MANIFEST_DIR"),
         "/tests/openapi/readme_session.py"
     );
-    let out = run(Command::new(bin.join("python"))
+    let mut session = Command::new(bin.join("python"));
+    session
         .env("PYTHONPATH", &dir.0)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(script)
         .args(["--base-url", &app.base])
         .args(["--chat-id", &unique("readme")])
-        .args(["--missing-chat-id", &unique("readme-missing")]))
-    .await;
+        .args(["--missing-chat-id", &unique("readme-missing")]);
+    if let Some(token) = token {
+        session.args(["--token", token]);
+    }
+    let out = run(&mut session).await;
     assert!(
         out.status.success(),
         "the README session through the generated client failed {kept}:\n{}",

@@ -236,9 +236,23 @@ impl Http {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<hyper::Response<Incoming>, String> {
+        self.send_with(method, path, body, None).await
+    }
+
+    /// [`Self::send`], with `Authorization: Bearer <token>` if given.
+    async fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> Result<hyper::Response<Incoming>, String> {
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("https://localhost{path}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
         if matches!(self, Self::One(_)) {
             request = request.header("host", "localhost");
         }
@@ -270,7 +284,18 @@ impl Http {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<(u16, String), String> {
-        let mut answer = self.send(method, path, body).await?;
+        self.call_with(method, path, body, None).await
+    }
+
+    /// [`Self::call`], with a bearer token if given.
+    async fn call_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> Result<(u16, String), String> {
+        let mut answer = self.send_with(method, path, body, token).await?;
         let status = answer.status().as_u16();
         let mut text = Vec::new();
         while let Some(data) = next_data(answer.body_mut()).await {
@@ -332,6 +357,19 @@ async fn https_serves_http1_and_http2() {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), plain.read_to_end(&mut answer)).await;
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // A client that does not trust the server's certificate says so.
+    let stranger = Pki::new("serve-other");
+    assert!(
+        Http::open(server.addr, &client(stranger.ca_der(), H1, None))
+            .await
+            .is_err()
+    );
+    wait_for_handshake_failures(
+        server.addr,
+        &client(pki.ca_der(), H1, None),
+        &[("protocol", 1.0), ("client_refused", 1.0)],
+    )
+    .await;
     server.shut_down().await;
 }
 
@@ -371,6 +409,165 @@ async fn client_certificates_must_come_from_the_configured_ca() {
         let (_, mut http) = Http::open(server.addr, &connector).await.unwrap();
         let (status, _) = http.call("GET", "/healthz", None).await.unwrap();
         assert_eq!(status, 200);
+    }
+    // Each refusal is counted by what the client lacked.
+    let trusted = client(pki.ca_der(), H1, Some(pki.client("chat server")));
+    wait_for_handshake_failures(
+        server.addr,
+        &trusted,
+        &[("no_client_cert", 2.0), ("bad_client_cert", 2.0)],
+    )
+    .await;
+    server.shut_down().await;
+}
+
+/// Waits until `/metrics`, read over connections `connector` opens, counts
+/// at least `at_least` TLS handshake failures for each reason given.
+async fn wait_for_handshake_failures(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    expected: &[(&str, f64)],
+) {
+    Wait::new(
+        Duration::from_secs(30),
+        format!("handshake failures {expected:?}"),
+    )
+    .until(|| async {
+        let (_, mut http) = Http::open(addr, connector).await?;
+        let (status, text) = http.call("GET", "/metrics", None).await?;
+        if status != 200 {
+            return Err(format!("/metrics: {status}"));
+        }
+        let samples = crate::common::metrics::samples_of(
+            &text,
+            "chatshard_http_tls_handshake_failures_total",
+        );
+        let short: Vec<String> = expected
+            .iter()
+            .filter_map(|(reason, at_least)| {
+                let label = format!("reason=\"{reason}\"");
+                let seen = crate::common::sum_where(&samples, &[label.as_str()]);
+                (seen < *at_least).then(|| format!("{reason}: {seen}"))
+            })
+            .collect();
+        if short.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{short:?} of {samples:?}"))
+        }
+    })
+    .await;
+}
+
+/// The `code` of a problem+json body.
+fn problem_code(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("not a problem: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificates_common_name_stands_for_its_client() {
+    use chatshard::config::{ApiClient, Scope};
+    use sha2::Digest as _;
+    let pki = Pki::new("certname");
+    pki.write_server("chatshard certname");
+    let ca_file = pki.ca_file();
+    const TOKEN: &str = "certname-writer-token";
+    let server = Served::start(&pki, |s| {
+        s.http.tls.client_ca_file = ca_file.display().to_string();
+        s.api.clients = vec![
+            ApiClient {
+                name: "chat-server-1".to_owned(),
+                cert_common_name: "chat-server-1.internal".to_owned(),
+                scopes: vec![Scope::Read, Scope::Write],
+                ..ApiClient::default()
+            },
+            ApiClient {
+                name: "dashboard".to_owned(),
+                cert_common_name: "dashboard.internal".to_owned(),
+                scopes: vec![Scope::Read],
+                ..ApiClient::default()
+            },
+            ApiClient {
+                name: "tokened".to_owned(),
+                token_sha256: sha2::Sha256::digest(TOKEN.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                scopes: vec![Scope::Read, Scope::Write],
+                ..ApiClient::default()
+            },
+        ];
+    })
+    .await;
+    let open = |cn: &str, alpn: &'static [u8]| {
+        let connector = client(pki.ca_der(), alpn, Some(pki.client(cn)));
+        let addr = server.addr;
+        async move { Http::open(addr, &connector).await.unwrap().1 }
+    };
+    for alpn in [H1, H2] {
+        // The writer's certificate: it creates a chat and joins a member.
+        let mut writer = open("chat-server-1.internal", alpn).await;
+        let chat = chat_with_member(&mut writer, "u1").await;
+
+        // The reader's certificate: it reads, and may not write.
+        let mut reader = open("dashboard.internal", alpn).await;
+        let (status, body) = reader
+            .call("GET", &format!("/v1/chats/{chat}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = reader
+            .call("PUT", &format!("/v1/chats/{}", unique("certname")), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, problem_code(&body)),
+            (403, "forbidden".to_owned()),
+            "{body}"
+        );
+        assert!(
+            body.contains("dashboard"),
+            "the refusal names the client: {body}"
+        );
+
+        // A token sent over the reader's connection decides: its client writes.
+        let (status, body) = reader
+            .call_with(
+                "PUT",
+                &format!("/v1/chats/{}", unique("certname")),
+                None,
+                Some(TOKEN),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+        // And a wrong one is refused, the certificate notwithstanding.
+        let (status, body) = reader
+            .call_with("GET", &format!("/v1/chats/{chat}"), None, Some("wrong"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, problem_code(&body)),
+            (401, "unauthenticated".to_owned()),
+            "{body}"
+        );
+
+        // A certificate of the right CA whose name is no client's.
+        let mut stranger = open("someone-else.internal", alpn).await;
+        let (status, body) = stranger
+            .call("GET", &format!("/v1/chats/{chat}"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, problem_code(&body)),
+            (401, "unauthenticated".to_owned()),
+            "{body}"
+        );
+        let (status, _) = stranger.call("GET", "/healthz", None).await.unwrap();
+        assert_eq!(status, 200, "/healthz stays open");
     }
     server.shut_down().await;
 }
@@ -439,6 +636,40 @@ async fn a_reload_swaps_the_certificate_and_open_streams_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_client_cas_again() {
+    let pki = Pki::new("careload");
+    pki.write_server("chatshard careload");
+    let ca_file = pki.ca_file();
+    let server = Served::start(&pki, |s| {
+        s.http.tls.client_ca_file = ca_file.display().to_string();
+    })
+    .await;
+    let newer = Pki::new("careload-new");
+    let served = |identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)| {
+        let connector = client(pki.ca_der(), H1, Some(identity));
+        let addr = server.addr;
+        async move {
+            match Http::open(addr, &connector).await {
+                Err(_) => false,
+                Ok((_, mut http)) => http.call("GET", "/healthz", None).await.is_ok(),
+            }
+        }
+    };
+    assert!(served(pki.client("old client")).await);
+    assert!(!served(newer.client("new client")).await);
+    // The chat servers move to the new CA: its certificate replaces the old.
+    std::fs::write(&ca_file, newer.ca.pem()).unwrap();
+    server.tls.reload().unwrap();
+    assert!(served(newer.client("new client")).await);
+    assert!(!served(pki.client("old client")).await);
+    // A CA file that does not parse changes nothing.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    assert!(server.tls.reload().is_err());
+    assert!(served(newer.client("new client")).await);
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_shakes_hands_is_closed_and_frees_its_slot() {
     const HANDSHAKE_MS: u64 = 1_000;
     let pki = Pki::new("handshake");
@@ -478,6 +709,7 @@ async fn a_client_that_never_shakes_hands_is_closed_and_frees_its_slot() {
         }
     })
     .await;
+    wait_for_handshake_failures(server.addr, &connector, &[("timeout", 1.0)]).await;
     server.shut_down().await;
 }
 

@@ -225,6 +225,8 @@ impl Prepared {
         if let Some(path) = self.watch {
             app.watch_config(path, Duration::from_millis(20));
         }
+        // reqwest's TLS takes the process's default provider.
+        chatshard::crypto::install_default_provider();
         let mut http = reqwest::Client::builder();
         if let Some(timeout) = self.client_timeout {
             http = http.timeout(timeout);

@@ -557,6 +557,8 @@ async fn s8_streams_stay_open_across_a_broken_shard() {
             .is_success()
     );
     // Its own client: the cluster's would end a stream after 10 s.
+    // reqwest's TLS takes the process's default provider.
+    chatshard::crypto::install_default_provider();
     let http = reqwest::Client::new();
     let mut stream = common::SseReader::open(
         &http,

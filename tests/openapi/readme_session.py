@@ -6,7 +6,10 @@ through the generated client (its operations and models), never raw HTTP, so a
 document that a client generator reads wrongly shows up here.
 
     python readme_session.py --base-url http://127.0.0.1:PORT \
-        --chat-id CHAT --missing-chat-id OTHER
+        --chat-id CHAT --missing-chat-id OTHER [--token TOKEN]
+
+With --token (an instance with [[api.clients]]), every request goes through
+the generated AuthenticatedClient, which sends `Authorization: Bearer TOKEN`.
 
 Exits 0 when every answer is as the README says; otherwise prints each mismatch
 and exits 1.
@@ -80,10 +83,13 @@ def main() -> int:
     parser.add_argument(
         "--missing-chat-id", required=True, help="a chat id that is never created"
     )
+    parser.add_argument(
+        "--token", help="a client's bearer token, for an instance with [[api.clients]]"
+    )
     args = parser.parse_args()
 
     try:
-        from chatshard_client import Client, models
+        from chatshard_client import AuthenticatedClient, Client, models
         from chatshard_client.api.chats import put_chat
         from chatshard_client.api.events import create_stream, get_events
         from chatshard_client.api.members import get_member_count, join
@@ -100,9 +106,17 @@ def main() -> int:
     chat = args.chat_id
     # An undocumented status raises instead of parsing to None: the document must
     # list every status the session sees.
-    client = Client(
-        base_url=args.base_url, raise_on_unexpected_status=True, timeout=30.0
-    )
+    if args.token is None:
+        client = Client(
+            base_url=args.base_url, raise_on_unexpected_status=True, timeout=30.0
+        )
+    else:
+        client = AuthenticatedClient(
+            base_url=args.base_url,
+            token=args.token,
+            raise_on_unexpected_status=True,
+            timeout=30.0,
+        )
 
     with client:
         # 1. PUT /v1/chats/{chatId} {"maxMembers": 5000} -> 201

@@ -10,6 +10,7 @@
 //! chatshard-load --url http://127.0.0.1:8080 --admin-token $TOKEN join-spike --clients 64 --seconds 10
 //! chatshard-load --url http://127.0.0.1:8080 quiet --shard-url mysql://root@127.0.0.1:3307/chatshard
 //! chatshard-load direct-sql --shard-url mysql://root@127.0.0.1:3307/chatshard --clients 16
+//! chatshard-load tls-cost --rounds 3 --clients 16 --seconds 10
 //! ```
 //!
 //! # Files
@@ -282,6 +283,23 @@ enum Scenario {
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
     },
+    /// What TLS costs a join: one local shard the tool starts with TLS, and
+    /// a `chatshard serve` per run, the shard over plain TCP and over TLS,
+    /// the API over HTTP and over HTTPS, in turn for --rounds rounds; the
+    /// medians of p50, p99, joins/s and the service's CPU per join, and their
+    /// ratios to the plain runs.
+    TlsCost {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Per run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The `chatshard` binary (default: the one beside this tool).
+        #[arg(long)]
+        chatshard_bin: Option<PathBuf>,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -461,6 +479,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             anyhow::ensure!(paced > 0, "--paced must be above 0");
             scenarios::lifecycle(&recorder, clients, events, paced, seconds(s)?, digest_chats).await
+        }
+        Scenario::TlsCost {
+            rounds,
+            clients,
+            seconds: s,
+            chatshard_bin,
+        } => {
+            anyhow::ensure!((1..=20).contains(&rounds), "--rounds must be 1 to 20");
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            let report = scenarios::tls_cost(rounds, clients, seconds(s)?, chatshard_bin).await;
+            if let Ok(r) = &report {
+                eprintln!(
+                    "{}",
+                    serde_json::to_string_pretty(&r["setups"]).unwrap_or_default()
+                );
+            }
+            report
         }
         Scenario::Autoinc {
             writers,

@@ -2,8 +2,9 @@
 //! deployment").
 //!
 //! Each `[[api.clients]]` entry names a caller, the SHA-256 of its bearer
-//! token (so the file holds no secret) and its scopes. No entry: the data
-//! API is open, as it was before clients existed. Must not: hold a token in
+//! token (so the file holds no secret) and/or the common name of its client
+//! certificate (with mutual TLS, `http.tls.client_ca_file`), and its scopes.
+//! No entry: the data API is open, as it was before clients existed. Must not: hold a token in
 //! clear, or decide what a route needs (`http::auth` does).
 
 use serde::{Deserialize, Serialize};
@@ -18,13 +19,21 @@ pub struct ApiSettings {
 }
 
 /// One caller of the API.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiClient {
     /// Shown on the request's span and in logs (never the token).
     pub name: String,
-    /// The hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
+    /// The hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`);
+    /// empty: the client is known by its certificate only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token_sha256: String,
+    /// The common name (the subject's `CN`, compared exactly) of the client
+    /// certificate that stands for this client over mutual TLS; empty: none.
+    /// Only a certificate that the handshake verified against
+    /// `http.tls.client_ca_file` is looked at.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert_common_name: String,
     /// What the caller may do.
     pub scopes: Vec<Scope>,
 }

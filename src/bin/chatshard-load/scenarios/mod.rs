@@ -16,6 +16,7 @@ mod move_buckets;
 mod move_chat;
 mod quiet;
 mod refusals;
+mod tls_cost;
 
 pub use autoinc::autoinc;
 pub use direct_sql::direct_sql;
@@ -29,3 +30,4 @@ pub use move_buckets::move_buckets;
 pub use move_chat::{MoveLoad, move_chat};
 pub use quiet::quiet;
 pub use refusals::refusals;
+pub use tls_cost::tls_cost;
