@@ -58,8 +58,6 @@ pub struct MoveSettings {
     pub lease: Duration,
     /// A write that meets a fence waits up to this long for the switch.
     pub hold_writes: Duration,
-    /// A bucket-range move moves this many of its chats at once.
-    pub concurrent_chats: usize,
     /// How often the newest bucket table is read from the shards.
     pub map_poll: Duration,
 }
@@ -77,7 +75,6 @@ impl Default for MoveSettings {
             revisions_per_second: 20_000,
             lease: Duration::from_secs(30),
             hold_writes: Duration::from_millis(800),
-            concurrent_chats: 4,
             map_poll: Duration::from_secs(1),
         }
     }

@@ -43,7 +43,8 @@ pub struct MovesSettings {
     /// switch (checking again every 20 ms) before it is answered 503
     /// `chat_moving`; 0 answers at once.
     pub hold_writes_ms: u64,
-    /// A bucket-range move moves this many of its chats at once.
+    /// Unused since range moves copy in bulk: still accepted (1 to 64), so
+    /// a configuration that sets it loads.
     pub concurrent_chats: u32,
     /// How often every instance reads the newest version of the bucket
     /// table from the shards (and at once when a shard names another owner).
