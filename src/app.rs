@@ -252,6 +252,7 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
             clean_batch: settings.moves.clean_batch,
             lease: Duration::from_millis(settings.moves.lease_ms),
             hold_writes: Duration::from_millis(settings.moves.hold_writes_ms),
+            concurrent_batches: settings.moves.concurrent_chats as usize,
             map_poll: Duration::from_millis(settings.moves.map_poll_ms),
         },
         tail: crate::service::tail::TailSettings {

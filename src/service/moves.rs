@@ -58,6 +58,8 @@ pub struct MoveSettings {
     pub lease: Duration,
     /// A write that meets a fence waits up to this long for the switch.
     pub hold_writes: Duration,
+    /// A range move's copy batches in flight at once.
+    pub concurrent_batches: usize,
     /// How often the newest bucket table is read from the shards.
     pub map_poll: Duration,
 }
@@ -75,6 +77,7 @@ impl Default for MoveSettings {
             revisions_per_second: 20_000,
             lease: Duration::from_secs(30),
             hold_writes: Duration::from_millis(800),
+            concurrent_batches: 4,
             map_poll: Duration::from_secs(1),
         }
     }

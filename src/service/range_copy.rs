@@ -222,12 +222,23 @@ impl RangeMove<'_> {
                 })
                 .await?;
         }
+        // `moves.concurrent_chats` batches at once, each its own
+        // transactions; the pause (and the record) after each round.
+        let lanes = self.service.move_settings.concurrent_batches.max(1);
         let mut at = 0;
         while at < d.snapshot.len() {
             let n = self.chats_per_batch(fenced);
-            let ids: Vec<String> = d.snapshot[at..(at + n).min(d.snapshot.len())].to_vec();
-            at += ids.len();
-            let (copied, rows, revisions) = self.copy_snapshot(ids).await?;
+            let mut round = Vec::new();
+            while at < d.snapshot.len() && round.len() < lanes {
+                let ids: Vec<String> = d.snapshot[at..(at + n).min(d.snapshot.len())].to_vec();
+                at += ids.len();
+                round.push(self.copy_snapshot(ids));
+            }
+            let (mut copied, mut rows, mut revisions) = (0, 0, 0);
+            for done in futures_util::future::join_all(round).await {
+                let (c, r, v) = done?;
+                (copied, rows, revisions) = (copied + c, rows + r, revisions + v);
+            }
             if copied > 0 {
                 self.rows_per_chat = rows as f64 / copied as f64;
             }
@@ -238,9 +249,15 @@ impl RangeMove<'_> {
             self.stats.rows_copied += rows;
             self.after_batch(fenced, revisions).await?;
         }
-        for chunk in self.replay_chunks(&d.behind, fenced) {
-            let (rows, revisions) = self.replay(chunk.to_vec()).await?;
-            pass.replayed += chunk.len() as u64;
+        let chunks = self.replay_chunks(&d.behind, fenced);
+        for round in chunks.chunks(lanes) {
+            let replays = round.iter().map(|chunk| self.replay(chunk.to_vec()));
+            let (mut rows, mut revisions) = (0, 0);
+            for done in futures_util::future::join_all(replays).await {
+                let (r, v) = done?;
+                (rows, revisions) = (rows + r, revisions + v);
+            }
+            pass.replayed += round.iter().map(|c| c.len() as u64).sum::<u64>();
             pass.rows += rows;
             pass.revisions += revisions;
             self.stats.rows_copied += rows;

@@ -345,6 +345,7 @@ async fn range_move_killed_after(
     let chats = range_chats(&app, tag, 8, fill).await;
     let mut settings = base.clone();
     settings.moves.batch_revisions = 5;
+    settings.moves.concurrent_chats = 1;
     settings.moves.pause_ms = 300;
     settings.moves.lease_ms = 1000;
     settings.moves.fence_ms = 500;
@@ -418,9 +419,10 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
     // the takeover went on from the copies the killed process made.
     let moves = app.admin_get("/v1/admin/moves").await;
     assert_eq!(moves["moves"].as_array().map(Vec::len), Some(0), "{moves}");
-    let stats = &ended["stats"];
-    assert!(stats["chatsCopied"].as_u64() >= Some(1), "{ended}");
-    assert!(stats["fenceMs"].as_u64().is_some(), "{ended}");
+    // The view's figures are the last driver's: the range's chats, and
+    // how long its one fence held their writes.
+    assert_eq!(ended["chatsTotal"], 8, "{ended}");
+    assert!(ended["stats"]["fenceMs"].as_u64().is_some(), "{ended}");
     app.shut_down().await;
 }
 
@@ -433,7 +435,9 @@ async fn a_range_move_cancelled_midway_moves_its_chats_back_and_the_table_stays(
     let app = TestApp::spawn_on(base, |s| {
         s.admin.token = TOKEN.to_owned();
         s.moves.map_poll_ms = 200;
-        s.moves.batch_revisions = 10;
+        // A batch is about five times this in rows: one 11-row chat.
+        s.moves.batch_revisions = 2;
+        s.moves.concurrent_chats = 1;
         s.moves.pause_ms = 300;
     })
     .await;

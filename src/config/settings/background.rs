@@ -43,8 +43,8 @@ pub struct MovesSettings {
     /// switch (checking again every 20 ms) before it is answered 503
     /// `chat_moving`; 0 answers at once.
     pub hold_writes_ms: u64,
-    /// Unused since range moves copy in bulk: still accepted (1 to 64), so
-    /// a configuration that sets it loads.
+    /// A bucket-range move's copy batches in flight at once (each batch
+    /// many chats); the name is from when a range moved chat by chat.
     pub concurrent_chats: u32,
     /// How often every instance reads the newest version of the bucket
     /// table from the shards (and at once when a shard names another owner).
