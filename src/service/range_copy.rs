@@ -30,7 +30,7 @@ const REPLAY_CHATS: usize = 100;
 /// Chats whose digests are compared per read.
 const VERIFY_CHATS: usize = 500;
 /// Chats replayed per target transaction, at most.
-const MAX_REPLAY_CHATS: usize = 200;
+const MAX_REPLAY_CHATS: usize = 100;
 /// Chat rows filled with their bucket per statement.
 const FILL_PAGE: u32 = 1_000;
 
@@ -222,7 +222,7 @@ impl RangeMove<'_> {
                 })
                 .await?;
         }
-        // `moves.concurrent_chats` batches at once, each its own
+        // `moves.concurrent_chats` snapshot batches at once, each its own
         // transactions; the pause (and the record) after each round.
         let lanes = self.service.move_settings.concurrent_batches.max(1);
         let mut at = 0;
@@ -249,8 +249,10 @@ impl RangeMove<'_> {
             self.stats.rows_copied += rows;
             self.after_batch(fenced, revisions).await?;
         }
+        // Replays run one batch at a time: concurrent replay batches on the
+        // target overran the shard's deadline under 16 writers (measured).
         let chunks = self.replay_chunks(&d.behind, fenced);
-        for round in chunks.chunks(lanes) {
+        for round in chunks.chunks(1) {
             let replays = round.iter().map(|chunk| self.replay(chunk.to_vec()));
             let (mut rows, mut revisions) = (0, 0);
             for done in futures_util::future::join_all(replays).await {
