@@ -381,9 +381,9 @@ async fn a_failed_migration_is_reported_dirty_and_repaired_step_by_step() {
         "{unknown}"
     );
 
-    // The last migration creates ix_chat_moved_to; an index of that name
+    // The last migration creates ix_chat_bucket; an index of that name
     // made by hand makes it fail after its row was written.
-    sqlx::query("CREATE INDEX ix_chat_moved_to ON chat (created_at)")
+    sqlx::query("CREATE INDEX ix_chat_bucket ON chat (created_at)")
         .execute(&mut db)
         .await
         .expect("conflicting index");
@@ -400,7 +400,7 @@ async fn a_failed_migration_is_reported_dirty_and_repaired_step_by_step() {
     // The DBA's steps (docs/operations.md): undo what ran, clear, rerun.
     let not_dirty = s.fails(&["migrate", "--repair-dirty", &before_last.to_string()]);
     assert!(not_dirty.contains("is not dirty"), "{not_dirty}");
-    sqlx::query("DROP INDEX ix_chat_moved_to ON chat")
+    sqlx::query("DROP INDEX ix_chat_bucket ON chat")
         .execute(&mut db)
         .await
         .expect("drop the conflicting index");
@@ -410,12 +410,13 @@ async fn a_failed_migration_is_reported_dirty_and_repaired_step_by_step() {
     assert_eq!(applied_versions(&mut db).await.last(), Some(&(last, true)));
     let index: Vec<(String,)> = sqlx::query_as(
         "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.STATISTICS \
-         WHERE TABLE_SCHEMA = DATABASE() AND INDEX_NAME = 'ix_chat_moved_to'",
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'chat' AND INDEX_NAME = 'ix_chat_bucket' \
+         ORDER BY SEQ_IN_INDEX",
     )
     .fetch_all(&mut db)
     .await
     .expect("index");
-    assert_eq!(index, vec![("moved_to".to_owned(),)]);
+    assert_eq!(index, vec![("bucket".to_owned(),), ("chat_id".to_owned(),)]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -63,7 +63,7 @@ pub async fn fill_buckets(conn: &mut MySqlConnection, limit: u32) -> sqlx::Resul
     if ids.is_empty() {
         return Ok(0);
     }
-    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET bucket = CASE chat_id");
+    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET bucket = CASE chat_id ");
     for id in &ids {
         q.push(" WHEN ")
             .push_bind(id)

@@ -399,7 +399,7 @@ pub async fn settle_chats(
     if chats.is_empty() {
         return Ok(());
     }
-    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET revision = CASE chat_id");
+    let mut q = sqlx::QueryBuilder::new("UPDATE chat SET revision = CASE chat_id ");
     for (chat, revision, _) in chats {
         q.push(" WHEN ")
             .push_bind(*chat)
@@ -418,7 +418,7 @@ pub async fn settle_chats(
         return Ok(());
     }
     let mut q = sqlx::QueryBuilder::new(
-        "UPDATE chat_member_count SET member_count = CAST(member_count AS SIGNED) + CASE chat_id",
+        "UPDATE chat_member_count SET member_count = CAST(member_count AS SIGNED) + CASE chat_id ",
     );
     for (chat, _, delta) in &changed {
         q.push(" WHEN ")
@@ -619,7 +619,7 @@ pub async fn digests(
     }
     let within = |sql: &str| {
         let mut q = sqlx::QueryBuilder::new(sql);
-        q.push(" (");
+        q.push("(");
         let mut list = q.separated(", ");
         for c in chat_ids {
             list.push_bind(c.as_str());
@@ -629,7 +629,7 @@ pub async fn digests(
     };
     let heads: Vec<(String, u64, u64, i64)> = within(
         "SELECT c.chat_id, c.revision, c.first_revision, CAST(n.member_count AS SIGNED) FROM chat c \
-         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id IN",
+         JOIN chat_member_count n ON n.chat_id = c.chat_id WHERE c.chat_id IN ",
     )
     .build_query_as()
     .fetch_all(&mut *conn)
@@ -649,7 +649,7 @@ pub async fn digests(
     let mut q = within(
         "SELECT chat_id, COUNT(*), CAST(COALESCE(SUM(state = 1), 0) AS SIGNED), \
          CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', user_id, state))), 0) AS SIGNED) \
-         FROM chat_member WHERE chat_id IN",
+         FROM chat_member WHERE chat_id IN ",
     );
     q.push(" GROUP BY chat_id");
     let members: Vec<(String, i64, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
@@ -661,7 +661,7 @@ pub async fn digests(
     }
     let mut q = within(
         "SELECT chat_id, COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', sender_id, client_message_id, revision, body))), 0) AS SIGNED) \
-         FROM chat_message WHERE chat_id IN",
+         FROM chat_message WHERE chat_id IN ",
     );
     q.push(" GROUP BY chat_id");
     let messages: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
@@ -673,7 +673,7 @@ pub async fn digests(
     let mut q = within(
         "SELECT e.chat_id, COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', e.revision, e.event_type, e.user_id, e.created_at))), 0) AS SIGNED) \
          FROM chat_event e JOIN chat c ON c.chat_id = e.chat_id \
-         WHERE e.revision >= c.first_revision AND e.chat_id IN",
+         WHERE e.revision >= c.first_revision AND e.chat_id IN ",
     );
     q.push(" GROUP BY e.chat_id");
     let events: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
