@@ -35,6 +35,16 @@ pub async fn joined_users(db: &mut MySqlConnection, chat: &str) -> Vec<String> {
 pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
     let (count, rows) = count_and_rows(db, chat).await;
     assert_eq!(count, rows, "count of {chat}");
+    // The log and the chat row from one snapshot: a purge round (which
+    // raises `first_revision`, then deletes) may run between two reads.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *db)
+        .await
+        .expect("isolation");
+    sqlx::query("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .execute(&mut *db)
+        .await
+        .expect("snapshot");
     let revisions: Vec<i64> = sqlx::query_scalar(
         "SELECT CAST(e.revision AS SIGNED) FROM chat_event e JOIN chat c ON c.chat_id = e.chat_id \
          WHERE e.chat_id = ? AND e.revision >= c.first_revision ORDER BY e.revision",
@@ -51,6 +61,7 @@ pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
     .fetch_one(&mut *db)
     .await
     .expect("chat");
+    sqlx::query("COMMIT").execute(&mut *db).await.expect("commit");
     assert_eq!(
         revisions,
         (first..=latest).collect::<Vec<_>>(),
