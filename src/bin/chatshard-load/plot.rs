@@ -32,13 +32,13 @@ pub fn svg(report: &Value) -> String {
             .unwrap_or_default()
     };
     let seconds = report["seconds"].as_f64().unwrap_or(1.0).max(1.0);
-    let rate_max = nice(
+    let (rate_max, rate_step) = axis(
         kinds
             .iter()
             .flat_map(|(_, v)| numbers(v, "okPerSecondTimeline"))
             .fold(1.0, f64::max),
     );
-    let ms_max = nice(
+    let (ms_max, ms_step) = axis(
         kinds
             .iter()
             .flat_map(|(_, v)| numbers(v, "p99MsTimeline"))
@@ -52,14 +52,14 @@ pub fn svg(report: &Value) -> String {
          font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
     let panels = [
-        ("successes per second", TOP, rate_max),
+        ("successes per second", TOP, (rate_max, rate_step)),
         (
             "p99 (solid) and p50 (dashed), ms",
             TOP + PANEL + GAP,
-            ms_max,
+            (ms_max, ms_step),
         ),
     ];
-    for (title, top, max) in panels {
+    for (title, top, (max, step)) in panels {
         let _ = writeln!(
             out,
             "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{title}</text>",
@@ -69,9 +69,8 @@ pub fn svg(report: &Value) -> String {
             out,
             "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{PANEL}\" fill=\"none\" stroke=\"#999\"/>"
         );
-        for i in 0..=4 {
-            let value = max * f64::from(i) / 4.0;
-            let y = top + PANEL - PANEL * f64::from(i) / 4.0;
+        for value in ticks(max, step) {
+            let y = top + PANEL - PANEL * value / max;
             let _ = writeln!(
                 out,
                 "<line x1=\"{LEFT}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eee\"/>\
@@ -148,23 +147,40 @@ pub fn svg(report: &Value) -> String {
     out + "</svg>\n"
 }
 
-/// A round upper bound for an axis: 1, 2 or 5 times a power of ten.
-fn nice(max: f64) -> f64 {
-    let power = 10f64.powf(max.log10().floor());
+/// The smallest of 1, 2 or 5 times a power of ten that is at least `v`.
+fn nice(v: f64) -> f64 {
+    let power = 10f64.powf(v.log10().floor());
     [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * power)
-        .find(|v| *v >= max)
-        .unwrap_or(max)
+        .find(|x| *x >= v)
+        .unwrap_or(v)
 }
 
+/// An axis for values up to `max`: its step on a 1-2-5 value (about five
+/// steps) and its top, a whole number of steps at or above `max`.
+fn axis(max: f64) -> (f64, f64) {
+    let step = nice(max.max(1e-9) / 5.0);
+    ((max / step).ceil().max(1.0) * step, step)
+}
+
+/// The tick values of an axis: 0, `step`, 2 × `step`, … up to `max`.
+fn ticks(max: f64, step: f64) -> Vec<f64> {
+    let n = (max / step).round() as u32;
+    (0..=n).map(|i| step * f64::from(i)).collect()
+}
+
+/// A tick's label: the value itself, in thousands as `k` from 1,000 on
+/// (`2.5k`, never rounded to another tick's value).
 fn label(v: f64) -> String {
+    fn plain(v: f64) -> String {
+        let s = format!("{:.3}", (v * 1000.0).round() / 1000.0);
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
     if v >= 1000.0 {
-        format!("{:.0}k", v / 1000.0)
-    } else if v >= 10.0 || v == 0.0 {
-        format!("{v:.0}")
+        format!("{}k", plain(v / 1000.0))
     } else {
-        format!("{v:.1}")
+        plain(v)
     }
 }
 
@@ -195,5 +211,31 @@ mod tests {
         assert!(svg.contains("a&lt;b"));
         assert_eq!(nice(37.0), 50.0);
         assert_eq!(nice(0.7), 1.0);
+    }
+
+    fn labels(max: f64) -> Vec<String> {
+        let (top, step) = axis(max);
+        ticks(top, step).into_iter().map(label).collect()
+    }
+
+    #[test]
+    fn ticks_sit_on_round_values_and_say_what_they_are() {
+        // The celebrity chat's 2,460 reads/s: ticks every 500, labelled as such.
+        assert_eq!(labels(2460.0), ["0", "500", "1k", "1.5k", "2k", "2.5k"]);
+        assert_eq!(labels(4900.0), ["0", "1k", "2k", "3k", "4k", "5k"]);
+        assert_eq!(labels(37.0), ["0", "10", "20", "30", "40"]);
+        assert_eq!(labels(0.7), ["0", "0.2", "0.4", "0.6", "0.8"]);
+        assert_eq!(labels(13.0), ["0", "5", "10", "15"]);
+        // Every step is 1, 2 or 5 times a power of ten, the top at or above
+        // the data.
+        for max in [0.3, 1.0, 7.0, 99.0, 1234.0, 250_000.0] {
+            let (top, step) = axis(max);
+            assert!(top >= max, "{max}");
+            let mantissa = step / 10f64.powf(step.log10().floor());
+            assert!(
+                [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-9),
+                "{max}: {step}"
+            );
+        }
     }
 }
