@@ -61,7 +61,10 @@ pub async fn assert_chat_consistent(db: &mut MySqlConnection, chat: &str) {
     .fetch_one(&mut *db)
     .await
     .expect("chat");
-    sqlx::query("COMMIT").execute(&mut *db).await.expect("commit");
+    sqlx::query("COMMIT")
+        .execute(&mut *db)
+        .await
+        .expect("commit");
     assert_eq!(
         revisions,
         (first..=latest).collect::<Vec<_>>(),
