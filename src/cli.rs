@@ -65,7 +65,7 @@ enum Command {
     /// move ends and prints its progress.
     MoveBuckets(MoveBucketsArgs),
     /// Cancel a running bucket-range move before its flip; whoever drives it
-    /// moves the chats it moved back, and the bucket table stays as it was.
+    /// drops the copies it made, and the bucket table stays as it was.
     CancelMoveBuckets(CancelMoveBucketsArgs),
     /// Delete the events past the retention policy now, every shard, paced
     /// like the background purge; with --dry-run, report per shard what would

@@ -734,16 +734,16 @@ fn no_bucket_move(id: &str) -> Problem {
     )
 }
 
-/// Cancels a bucket-range move before its flip: the chat moves under way
-/// end, the fence is lifted, the chats it moved go back to the source, and
-/// it ends `cancelled`; the bucket table does not change. Answers the move
+/// Cancels a bucket-range move before its flip: its fences are lifted, the
+/// copies it made on the target are dropped (nothing was served from them),
+/// and it ends `cancelled`; the bucket table and the source do not change. Answers the move
 /// with `cancelRequested`.
 #[utoipa::path(
     delete, path = "/v1/admin/bucket-moves/{moveId}", tag = "admin",
     security(("admin_token" = [])),
     params(("moveId" = u64, Path, description = "The range move's id")),
     responses(
-        (status = 202, description = "The cancel is recorded; the move ends `cancelled` once its chats are back", body = BucketMoveView),
+        (status = 202, description = "The cancel is recorded; the move ends `cancelled` once its copies are dropped", body = BucketMoveView),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found: no range move has this id", body = Problem, content_type = "application/problem+json"),

@@ -126,8 +126,8 @@ pub struct BucketMoveView {
     pub version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// A cancel was asked for; the move stops after the chat moves under
-    /// way and moves back what it moved.
+    /// A cancel was asked for; the move stops within a batch, lifts its
+    /// fences and drops its copies on the target.
     pub cancel_requested: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

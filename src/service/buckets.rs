@@ -3,11 +3,12 @@
 //! the range move that splits a shard.
 //!
 //! The configuration's `buckets` are version 1. A range move gives a range
-//! to another shard in four steps: it moves every chat of the range with the
-//! single-chat move (several at once, each throttled like any move), fences
-//! the creation of new chats of the range on the source and moves the ones
-//! created meanwhile, stores version N + 1 on the source in the transaction
-//! that lifts that fence (the flip), then on every other shard. Instances
+//! to another shard as a range (`range_move.rs`): it copies the range's
+//! chats in bulk and catches up in passes, fences the whole range (its
+//! writes and the creation of its chats) for a last pass, stores version
+//! N + 1 and every chat's tombstone on the source in one transaction (the
+//! flip), makes the copies live, then stores the version on every other
+//! shard. Instances
 //! read the newest version every `moves.map_poll_ms`; one that routes by an
 //! older version meets the source's tombstones (existing chats) or its
 //! bucket table (new chats), which name the new owner.
@@ -319,9 +320,9 @@ impl ChatService {
 
     /// Asks a running range move to stop (`DELETE /v1/admin/bucket-moves/{id}`),
     /// allowed until its flip begins: the driver (or the instance that takes
-    /// it over) lets the chat moves under way end, lifts the fence, moves the
-    /// chats it moved back to the source, and ends `cancelled`. The bucket
-    /// table does not change.
+    /// it over) stops within a batch, lifts the fences, drops the copies on
+    /// the target, and ends `cancelled`. The bucket table and the source do
+    /// not change.
     pub async fn cancel_bucket_move(&self, id: u64) -> Result<BucketMoveStatus, ServiceError> {
         let asked = self
             .coordinator()
