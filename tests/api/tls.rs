@@ -136,6 +136,24 @@ impl Served {
         }
     }
 
+    /// A server whose certificate is `tag`'s and which asks every client
+    /// for a certificate of `tag`'s CA (mutual TLS), further configured by
+    /// `configure`.
+    async fn mutual(
+        tag: &str,
+        configure: impl FnOnce(&mut chatshard::config::Settings),
+    ) -> (Pki, Self) {
+        let pki = Pki::new(tag);
+        pki.write_server(&format!("chatshard {tag}"));
+        let ca_file = pki.ca_file();
+        let server = Self::start(&pki, |s| {
+            s.http.tls.client_ca_file = ca_file.display().to_string();
+            configure(s);
+        })
+        .await;
+        (pki, server)
+    }
+
     async fn shut_down(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -375,13 +393,7 @@ async fn https_serves_http1_and_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_must_come_from_the_configured_ca() {
-    let pki = Pki::new("mtls");
-    pki.write_server("chatshard mtls");
-    let ca_file = pki.ca_file();
-    let server = Served::start(&pki, |s| {
-        s.http.tls.client_ca_file = ca_file.display().to_string();
-    })
-    .await;
+    let (pki, server) = Served::mutual("mtls", |_| {}).await;
     let other = Pki::new("mtls-other");
     for (what, identity) in [
         ("no certificate", None),
@@ -471,12 +483,8 @@ fn problem_code(body: &str) -> String {
 async fn a_client_certificates_common_name_stands_for_its_client() {
     use chatshard::config::{ApiClient, Scope};
     use sha2::Digest as _;
-    let pki = Pki::new("certname");
-    pki.write_server("chatshard certname");
-    let ca_file = pki.ca_file();
     const TOKEN: &str = "certname-writer-token";
-    let server = Served::start(&pki, |s| {
-        s.http.tls.client_ca_file = ca_file.display().to_string();
+    let (pki, server) = Served::mutual("certname", |s| {
         s.api.clients = vec![
             ApiClient {
                 name: "chat-server-1".to_owned(),
@@ -637,13 +645,8 @@ async fn a_reload_swaps_the_certificate_and_open_streams_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_reads_the_client_cas_again() {
-    let pki = Pki::new("careload");
-    pki.write_server("chatshard careload");
+    let (pki, server) = Served::mutual("careload", |_| {}).await;
     let ca_file = pki.ca_file();
-    let server = Served::start(&pki, |s| {
-        s.http.tls.client_ca_file = ca_file.display().to_string();
-    })
-    .await;
     let newer = Pki::new("careload-new");
     let served = |identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)| {
         let connector = client(pki.ca_der(), H1, Some(identity));
