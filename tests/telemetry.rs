@@ -171,6 +171,7 @@ async fn spans_reach_the_collector_with_parents_attributes_and_events() {
                 url: format!("mysql://root@127.0.0.1:{dead_port}/chatshard"),
                 buckets: vec!["512-1023".into()],
                 id_block: None,
+                replicas: vec![],
             });
             settings.admin.token = TOKEN.into();
             settings.breaker.consecutive_failures = 2;

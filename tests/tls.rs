@@ -48,6 +48,7 @@ fn shard(server: &LocalMariaDb, options: &str) -> ShardSettings {
         url: format!("{}?{options}", server.plain_url("chatshard")),
         buckets: vec!["0-1023".into()],
         id_block: None,
+        replicas: vec![],
     }
 }
 

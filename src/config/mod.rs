@@ -36,8 +36,8 @@ use std::path::Path;
 pub use settings::{
     AdminSettings, ApiClient, ApiSettings, BreakerSettings, ChatDefaults, DigestSettings,
     GroupCommitSettings, HttpSettings, HttpTlsSettings, MovesSettings, PoolSettings, PurgeSettings,
-    RedisSettings, RedisTlsSettings, Scope, Settings, ShardSettings, StartupSettings, TailSettings,
-    ThrottleSettings, redact_url,
+    RedisSettings, RedisTlsSettings, ReplicaSettings, Scope, Settings, ShardSettings,
+    StartupSettings, TailSettings, ThrottleSettings, redact_url,
 };
 
 /// A configuration that failed to load or validate; lists every problem.

@@ -132,6 +132,41 @@ impl Settings {
         if !(self.pool.chat_share > 0.0 && self.pool.chat_share <= 1.0) {
             problems.push("pool.chat_share must be greater than 0 and at most 1".to_owned());
         }
+        let r = &self.replicas;
+        if !(r.primary_fallback_share > 0.0 && r.primary_fallback_share <= 1.0) {
+            problems.push(
+                "replicas.primary_fallback_share must be greater than 0 and at most 1".to_owned(),
+            );
+        }
+        for (name, value) in [
+            ("replicas.monitor_ms", r.monitor_ms),
+            ("replicas.confirm_ms", r.confirm_ms),
+            ("replicas.max_lag_ms", r.max_lag_ms),
+            ("replicas.acked_keep_secs", r.acked_keep_secs),
+            ("replicas.acked_chats", r.acked_chats),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        for shard in &self.shards {
+            let mut seen = std::collections::HashSet::new();
+            for url in shard.member_urls() {
+                if url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
+                    problems.push(format!(
+                        "shard {:?}: member {} is not a MySQL URL",
+                        shard.name,
+                        crate::config::redact_url(url)
+                    ));
+                } else if !seen.insert(url) {
+                    problems.push(format!(
+                        "shard {:?}: member {} is listed twice",
+                        shard.name,
+                        crate::config::redact_url(url)
+                    ));
+                }
+            }
+        }
         let b = &self.breaker;
         if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) {
             problems.push("breaker.failure_rate must be greater than 0 and at most 1".to_owned());

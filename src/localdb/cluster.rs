@@ -188,6 +188,7 @@ fn shard_settings(servers: &[LocalMariaDb]) -> Vec<ShardSettings> {
             url: server.url(DEFAULT_DATABASE),
             buckets: vec![range.to_string()],
             id_block: None,
+            replicas: vec![],
         })
         .collect()
 }

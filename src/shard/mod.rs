@@ -612,6 +612,7 @@ mod tests {
             url: "mysql://root@127.0.0.1:1/x".into(),
             buckets: vec![],
             id_block: None,
+            replicas: vec![],
         };
         let shard = Shard::new(
             &settings,

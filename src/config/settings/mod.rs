@@ -40,7 +40,9 @@ pub use api::{ApiClient, ApiSettings, Scope};
 pub use background::{DigestSettings, MovesSettings, PurgeSettings};
 pub use fleet::{RedisSettings, RedisTlsSettings};
 pub use serving::{HttpSettings, HttpTlsSettings, TailSettings, ThrottleSettings};
-pub use shards::{BreakerSettings, GroupCommitSettings, PoolSettings, ShardSettings, redact_url};
+pub use shards::{
+    BreakerSettings, GroupCommitSettings, PoolSettings, ReplicaSettings, ShardSettings, redact_url,
+};
 
 /// The whole static configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,6 +61,9 @@ pub struct Settings {
     pub group_commit: GroupCommitSettings,
     #[serde(default)]
     pub breaker: BreakerSettings,
+    /// Replicated shards: the member monitor and replica reads.
+    #[serde(default)]
+    pub replicas: ReplicaSettings,
     #[serde(default)]
     pub startup: StartupSettings,
     #[serde(default)]

@@ -33,9 +33,20 @@ pub struct ShardSettings {
     /// ids (docs/moving-chats.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_block: Option<u16>,
+    /// Replicas of the shard, each a URL like `url` (same database, TLS
+    /// options as for `url`). With replicas, reads may be served by them and
+    /// the writer is followed across a failover (docs/replicas.md): the
+    /// members are `url` (the writer at start) then these, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 impl ShardSettings {
+    /// Every member's URL: `url` first, then the replicas.
+    pub fn member_urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.replicas.iter().map(String::as_str))
+    }
+
     /// The URL without its password nor its key path, for logs and the
     /// admin view.
     pub fn redacted_url(&self) -> String {
@@ -50,6 +61,14 @@ impl std::fmt::Debug for ShardSettings {
             .field("url", &self.redacted_url())
             .field("buckets", &self.buckets)
             .field("id_block", &self.id_block)
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -203,6 +222,60 @@ impl Default for BreakerSettings {
     }
 }
 
+/// Replicated shards (`[[shards]] replicas`): how members are watched and
+/// when a replica may serve a read (docs/replicas.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSettings {
+    /// How often every member's `read_only`, reachability and lag are read.
+    pub monitor_ms: u64,
+    /// A candidate writer is read again this soon before it is followed
+    /// (the confirmation after one monitor period).
+    pub confirm_ms: u64,
+    /// A replica behind the writer by more than this (by the heartbeat row)
+    /// leaves the rotation until it catches up; it is also the staleness a
+    /// read without `minRevision` may see.
+    pub max_lag_ms: u64,
+    /// The share (0 < share <= 1) of the writer's `max_concurrent` that reads
+    /// meant for replicas may take on the writer when no replica can serve
+    /// them, so a replica outage cannot double the writer's load.
+    pub primary_fallback_share: f64,
+    /// How long the highest revision this instance acknowledged per chat is
+    /// kept, to find revisions lost in a failover.
+    pub acked_keep_secs: u64,
+    /// Chats whose acknowledged revision is kept at once.
+    pub acked_chats: u64,
+}
+
+impl Default for ReplicaSettings {
+    fn default() -> Self {
+        Self {
+            monitor_ms: 500,
+            confirm_ms: 100,
+            max_lag_ms: 2000,
+            primary_fallback_share: 0.25,
+            acked_keep_secs: 600,
+            acked_chats: 200_000,
+        }
+    }
+}
+
+impl ReplicaSettings {
+    pub fn monitor(&self) -> Duration {
+        Duration::from_millis(self.monitor_ms)
+    }
+    pub fn confirm(&self) -> Duration {
+        Duration::from_millis(self.confirm_ms)
+    }
+    pub fn max_lag(&self) -> Duration {
+        Duration::from_millis(self.max_lag_ms)
+    }
+    /// Fallback reads the writer takes at once (at least 1).
+    pub fn fallback_slots(&self, max_concurrent: usize) -> usize {
+        ((max_concurrent as f64 * self.primary_fallback_share).floor() as usize).max(1)
+    }
+}
+
 /// Group commit: writes to one chat are folded into one transaction.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -270,6 +343,7 @@ mod tests {
             url: "mysql://app:hunter2@db1/chat?ssl-key=/secret/k.pem".into(),
             buckets: vec![],
             id_block: None,
+            replicas: vec![],
         };
         let debug = format!("{shard:?}");
         assert!(

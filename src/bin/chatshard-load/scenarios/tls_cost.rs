@@ -138,6 +138,7 @@ impl Bench {
             url,
             buckets: vec!["0-1023".into()],
             id_block: None,
+            replicas: vec![],
         }
     }
 
