@@ -15,7 +15,11 @@
 //! * a server never outlives its owner: a tiny `sh` watchdog holds the read end of a pipe
 //!   whose write end only we hold; when our process dies for any reason the pipe closes and
 //!   the watchdog applies [`OnExit`]. The watchdog is disarmed as soon as we reap the server
-//!   ourselves, so it can never signal a reused pid.
+//!   ourselves, so it can never signal a reused pid;
+//! * a member of a replicated shard ([`Replication`]) writes nothing of its own to its binary
+//!   log (its database and accounts are made with `sql_log_bin=0`): with `gtid_strict_mode`
+//!   such a transaction would stop replication. The replication SQL itself lives in
+//!   [`crate::storage::replication`].
 //!
 //! What it must not do: touch the system server or its files, use `unsafe`/libc (signals
 //! are sent with the `kill` command), or sleep for a fixed time as synchronisation (all
@@ -42,6 +46,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
 use sqlx::{Connection as _, Row as _};
 use tracing::{info, warn};
 
+use crate::storage::replication::{self, GtidPositions, ReplicaStatus};
+
 /// Database created (if missing) on every start (the literal is repeated in `wait_ready`
 /// because `sqlx::query` wants a `&'static str` literal, not built SQL).
 pub const DEFAULT_DATABASE: &str = "chatshard";
@@ -50,6 +56,26 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Drop cannot report errors, so it waits less; the watchdog finishes the job if needed.
 const DROP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(25);
+/// The account replicas log in to their source with (`'chatshard_repl'@'127.0.0.1'`),
+/// made on every member of a replicated shard with the binary log off.
+pub const REPLICATION_USER: &str = "chatshard_repl";
+/// Its password: these servers listen on 127.0.0.1 only, and root has none.
+const REPLICATION_PASSWORD: &str = "chatshard-repl-local";
+/// `--rpl-semi-sync-master-timeout` of a replicated shard's members, in ms.
+///
+/// With semi-sync (wait point `AFTER_SYNC`) a commit on the primary returns
+/// only once a replica has the transaction in its relay log, so a write the
+/// client saw acknowledged survives the loss of the primary. A commit that
+/// waits longer than this goes through anyway and the primary falls back to
+/// asynchronous replication (`Rpl_semi_sync_master_status` OFF) until a
+/// replica catches up, silently dropping that guarantee: 5 s is long enough
+/// that a replica that is merely busy (catching up, or on a loaded test
+/// machine) acknowledges in time, and short enough that a shard whose
+/// replicas are all gone stalls its writes for 5 s once, not for good.
+pub const SEMI_SYNC_TIMEOUT_MS: u64 = 5000;
+/// How long a replication step (connecting, catching up, applying what was
+/// received before a promotion) may take before it is reported as failed.
+pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(60);
 const INSTALL_HINT: &str =
     "install the mariadb-server package, e.g. `sudo apt-get install -y mariadb-server`";
 
@@ -72,6 +98,39 @@ pub struct LocalMariaDbOptions {
     pub extra_args: Vec<String>,
     /// TLS of the server; `None`: plain TCP only.
     pub tls: Option<LocalTls>,
+    /// Its part in a replicated shard; `None`: a lone server, without a
+    /// binary log.
+    pub replication: Option<Replication>,
+}
+
+/// The part a member plays in a replicated shard, which decides its
+/// replication flags (see [`Replication`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Writable, and semi-sync source: `--rpl-semi-sync-master-enabled=ON`.
+    Primary,
+    /// `--read-only=ON`; replicates once pointed at its source
+    /// ([`LocalMariaDb::replicate_from`]).
+    Replica,
+}
+
+/// A member of a replicated shard (MariaDB GTID replication, semi-sync).
+///
+/// Every member gets `--server-id`, a binary log (`--log-bin`,
+/// `--binlog-format=ROW`, `--log-slave-updates`, so that any replica can be
+/// promoted and the others follow it), `--gtid-strict-mode=ON`,
+/// `--skip-slave-start` (a restarted replica reconnects only once it is
+/// pointed at its source again: a dev cluster's ports change between runs),
+/// semi-sync as a replica, and semi-sync's wait point (`AFTER_SYNC`) and
+/// timeout ([`SEMI_SYNC_TIMEOUT_MS`]) for when it is a source. Then per
+/// [`Role`]: a primary is a semi-sync source and writable, a replica is
+/// read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// `--server-id`: unique among the members; kept across restarts
+    /// (GTIDs carry it).
+    pub server_id: u32,
+    pub role: Role,
 }
 
 /// A server's TLS: `--ssl-ca`, `--ssl-cert`, `--ssl-key` and, when
@@ -98,6 +157,7 @@ impl LocalMariaDbOptions {
             on_exit: OnExit::Shutdown,
             extra_args: vec![],
             tls: None,
+            replication: None,
         }
     }
 
@@ -117,6 +177,7 @@ impl LocalMariaDbOptions {
             on_exit: OnExit::KillAndRemove,
             extra_args: vec![],
             tls: None,
+            replication: None,
         }
     }
 }
@@ -137,6 +198,10 @@ pub struct LocalMariaDb {
     on_exit: OnExit,
     extra_args: Vec<String>,
     tls: Option<LocalTls>,
+    replication: Option<Replication>,
+    /// The port of the source it replicates from, once pointed at one: a
+    /// restart points it there again.
+    source_port: Option<u16>,
     mariadbd: PathBuf,
     process: ServerProcess,
     /// Set once `data_dir` is known to be a MariaDB data dir: only then may Drop remove it
@@ -157,6 +222,8 @@ impl LocalMariaDb {
             on_exit: opts.on_exit,
             extra_args: opts.extra_args,
             tls: opts.tls,
+            replication: opts.replication,
+            source_port: None,
             mariadbd: bins.mariadbd,
             process: ServerProcess::new("mariadbd"),
             owns_dir: false,
@@ -232,9 +299,235 @@ impl LocalMariaDb {
     }
 
     /// Start again on the same port and data dir after [`Self::stop`], [`Self::kill`] or a
-    /// crash; waits until it accepts connections (InnoDB crash recovery included).
+    /// crash; waits until it accepts connections (InnoDB crash recovery included). A
+    /// replica that was pointed at a source ([`Self::replicate_from`]) is pointed at it
+    /// again and replicates (it starts with `--skip-slave-start`).
     pub async fn restart(&mut self) -> Result<()> {
-        self.respawn().await
+        self.respawn().await?;
+        if let (
+            Some(Replication {
+                role: Role::Replica,
+                ..
+            }),
+            Some(port),
+        ) = (self.replication, self.source_port)
+        {
+            self.point_at(port).await?;
+        }
+        Ok(())
+    }
+
+    /// Its part in a replicated shard (`None`: a lone server without a binary log).
+    pub fn replication(&self) -> Option<Replication> {
+        self.replication
+    }
+
+    /// The port of the source it replicates from (`None`: none, or promoted).
+    pub fn source_port(&self) -> Option<u16> {
+        self.source_port
+    }
+
+    /// Whether its `mariadbd` runs (not stopped, killed nor crashed).
+    pub fn is_running(&mut self) -> bool {
+        !matches!(self.process.poll_exit(), Ok(true))
+    }
+
+    /// `SHOW SLAVE STATUS` (`None`: it replicates from nothing).
+    pub async fn replica_status(&self) -> Result<Option<ReplicaStatus>> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::replica_status(&mut conn).await?)
+    }
+
+    /// Its GTID positions (binlog, slave, current).
+    pub async fn gtid_positions(&self) -> Result<GtidPositions> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::gtid_positions(&mut conn).await?)
+    }
+
+    /// `@@read_only`.
+    pub async fn is_read_only(&self) -> Result<bool> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::is_read_only(&mut conn).await?)
+    }
+
+    /// Makes it read-only (`true`) or writable (`false`), as an orchestrator fences an
+    /// old primary. Root, which the local URLs log in as, writes either way
+    /// (`READ_ONLY ADMIN`).
+    pub async fn set_read_only(&self, read_only: bool) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::set_read_only(&mut conn, read_only).await?)
+    }
+
+    /// Stops applying what it receives (`STOP SLAVE SQL_THREAD`): it falls behind.
+    pub async fn stop_sql_thread(&self) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::stop_sql_thread(&mut conn).await?)
+    }
+
+    /// Applies again what it received (`START SLAVE SQL_THREAD`): it catches up.
+    pub async fn start_sql_thread(&self) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        Ok(replication::start_sql_thread(&mut conn).await?)
+    }
+
+    /// Makes it a replica of the local server on `source_port` (which must have a
+    /// binary log and [`REPLICATION_USER`]): read-only, no longer a semi-sync source,
+    /// replicating from what it has applied (GTID `slave_pos`). Returns once pointed;
+    /// [`Self::wait_replicating`] waits until it runs. Also repoints a replica after a
+    /// failover, or demotes an old primary (whose GTIDs the new source must hold).
+    pub async fn replicate_from(&mut self, source_port: u16) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        replication::set_read_only(&mut conn, true).await?;
+        if self.replication.is_some() {
+            replication::set_semi_sync_master(&mut conn, false).await?;
+        }
+        drop(conn);
+        self.point_at(source_port).await?;
+        if let Some(r) = &mut self.replication {
+            r.role = Role::Replica;
+        }
+        self.source_port = Some(source_port);
+        Ok(())
+    }
+
+    /// Promotes this replica to a writable primary, as an orchestrator would: stops
+    /// receiving (`STOP SLAVE IO_THREAD`), applies to the end what it received
+    /// (starting the SQL thread if it was stopped; at most `timeout`), then `STOP
+    /// SLAVE; RESET SLAVE ALL; SET GLOBAL read_only=OFF` and makes it a semi-sync
+    /// source. It does not touch the old primary: fence it first (read-only, or kill
+    /// it) when it still runs.
+    pub async fn promote(&mut self, timeout: Duration) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        replication::stop_io_thread(&mut conn).await?;
+        replication::start_sql_thread(&mut conn).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(status) = replication::replica_status(&mut conn).await? else {
+                bail!("port {}: not a replica, nothing to promote", self.port);
+            };
+            if status.applied_all_received() {
+                break;
+            }
+            if status.sql_running != "Yes" && status.last_sql_errno != 0 {
+                bail!(
+                    "port {}: the SQL thread stopped before applying what it received: {} {}",
+                    self.port,
+                    status.last_sql_errno,
+                    status.last_sql_error
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "port {}: has not applied what it received within {timeout:?} ({status:?})",
+                    self.port
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        replication::promote(&mut conn).await?;
+        if self.replication.is_some() {
+            replication::set_semi_sync_master(&mut conn, true).await?;
+        }
+        if let Some(r) = &mut self.replication {
+            r.role = Role::Primary;
+        }
+        self.source_port = None;
+        info!(port = self.port, "promoted to primary");
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) until both replication threads run; fails early with
+    /// the replica's last error when a thread stopped on one.
+    pub async fn wait_replicating(&self, timeout: Duration) -> Result<ReplicaStatus> {
+        let mut conn = self.connect("").await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = replication::replica_status(&mut conn).await?;
+            match status {
+                Some(s) if s.is_replicating() => return Ok(s),
+                Some(s) if s.io_running == "No" && s.last_io_errno != 0 => bail!(
+                    "port {}: replication from port {} failed: I/O error {}: {}",
+                    self.port,
+                    s.source_port,
+                    s.last_io_errno,
+                    s.last_io_error
+                ),
+                Some(s) if s.sql_running == "No" && s.last_sql_errno != 0 => bail!(
+                    "port {}: replication from port {} failed: SQL error {}: {}",
+                    self.port,
+                    s.source_port,
+                    s.last_sql_errno,
+                    s.last_sql_error
+                ),
+                s if Instant::now() > deadline => bail!(
+                    "port {}: not replicating after {timeout:?}: {s:?}",
+                    self.port
+                ),
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// Waits (at most `timeout`) until it has applied the GTID position `pos` (e.g. its
+    /// source's `@@gtid_binlog_pos`); fails early when its SQL thread stopped on an
+    /// error.
+    pub async fn wait_applied(&self, pos: &str, timeout: Duration) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Short waits, so that a replication error is seen between them.
+            let step = left.min(Duration::from_millis(500));
+            if replication::wait_for_gtid(&mut conn, pos, step).await? {
+                return Ok(());
+            }
+            let status = replication::replica_status(&mut conn).await?;
+            if let Some(s) = &status
+                && s.last_sql_errno != 0
+            {
+                bail!(
+                    "port {}: stopped applying before {pos}: SQL error {}: {}",
+                    self.port,
+                    s.last_sql_errno,
+                    s.last_sql_error
+                );
+            }
+            if left.is_zero() {
+                let have = replication::gtid_positions(&mut conn).await?;
+                bail!(
+                    "port {}: has not applied {pos} after {timeout:?} (it has {}; {status:?})",
+                    self.port,
+                    have.slave
+                );
+            }
+        }
+    }
+
+    /// Creates [`REPLICATION_USER`] (binary log off, so on every member).
+    async fn create_replication_user(&self) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        replication::create_replication_user(
+            &mut conn,
+            REPLICATION_USER,
+            "127.0.0.1",
+            REPLICATION_PASSWORD,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `CHANGE MASTER` to the local server on `port` and `START SLAVE`.
+    async fn point_at(&self, port: u16) -> Result<()> {
+        let mut conn = self.connect("").await?;
+        replication::point_at(
+            &mut conn,
+            "127.0.0.1",
+            port,
+            REPLICATION_USER,
+            REPLICATION_PASSWORD,
+        )
+        .await
+        .with_context(|| format!("pointing port {} at port {port}", self.port))
     }
 
     async fn init_data_dir(&mut self, install_db: &Path) -> Result<()> {
@@ -313,7 +606,6 @@ impl LocalMariaDb {
                 "--max-connections=500",
                 "--innodb-buffer-pool-size=64M",
                 "--innodb-log-file-size=48M",
-                "--skip-log-bin",
                 "--character-set-server=utf8mb4",
                 "--collation-server=utf8mb4_bin",
                 "--default-time-zone=+00:00",
@@ -321,6 +613,7 @@ impl LocalMariaDb {
             .map(OsString::from),
         );
         args.extend(root_user_arg().map(OsString::from));
+        args.extend(self.replication_args());
         if let Some(tls) = &self.tls {
             args.extend([
                 flag("--ssl-ca=", &tls.ca),
@@ -333,6 +626,40 @@ impl LocalMariaDb {
         }
         args.extend(self.extra_args.iter().map(OsString::from));
         args
+    }
+
+    /// The binary log and replication flags (see [`Replication`]); `--skip-log-bin`
+    /// for a lone server.
+    fn replication_args(&self) -> Vec<OsString> {
+        let Some(replication) = self.replication else {
+            return vec!["--skip-log-bin".into()];
+        };
+        let mut args: Vec<String> = [
+            "--log-bin=mariadb-bin",
+            "--relay-log=relay-bin",
+            "--binlog-format=ROW",
+            "--gtid-strict-mode=ON",
+            "--log-slave-updates",
+            "--skip-slave-start",
+            "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
+            "--rpl-semi-sync-slave-enabled=ON",
+            "--report-host=127.0.0.1",
+        ]
+        .map(String::from)
+        .into();
+        args.push(format!("--server-id={}", replication.server_id));
+        args.push(format!(
+            "--rpl-semi-sync-master-timeout={SEMI_SYNC_TIMEOUT_MS}"
+        ));
+        args.push(format!("--report-port={}", self.port));
+        args.extend(
+            match replication.role {
+                Role::Primary => ["--rpl-semi-sync-master-enabled=ON", "--read-only=OFF"],
+                Role::Replica => ["--rpl-semi-sync-master-enabled=OFF", "--read-only=ON"],
+            }
+            .map(String::from),
+        );
+        args.into_iter().map(OsString::from).collect()
     }
 
     /// TCP connect (cheap) then a real login + ping, then check it is *our* server.
@@ -361,6 +688,8 @@ impl LocalMariaDb {
             .socket(&self.socket)
             .username("root");
         let mut conn = MySqlConnection::connect_with(&opts).await?;
+        // Each member makes its own accounts: none in the binary log (see below).
+        replication::set_session_binlog(&mut conn, false).await?;
         for sql in [
             "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'",
             "ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY ''",
@@ -436,6 +765,10 @@ impl LocalServer for LocalMariaDb {
             tokio::time::sleep(POLL).await;
         }
         let mut conn = self.connect("").await?;
+        // Every member of a replicated shard makes the database for itself, unlogged:
+        // with gtid_strict_mode, a transaction of a replica's own in its binary log
+        // would stop replication (and it would reach the others after a promotion).
+        replication::set_session_binlog(&mut conn, false).await?;
         sqlx::query("CREATE DATABASE IF NOT EXISTS `chatshard`")
             .execute(&mut conn)
             .await?;
