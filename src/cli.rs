@@ -1,8 +1,9 @@
 //! The command line: parse, set up logging, dispatch. Nothing else.
 //!
 //! - `chatshard serve [--config FILE] [--listen ADDR]`: run the service.
-//! - `chatshard serve --dev [--shards N] [--redis]`: start N local MariaDB shards, migrate
-//!   them, run the service; Ctrl-C or SIGTERM stops both.
+//! - `chatshard serve --dev [--shards N] [--replicas R] [--redis]`: start N local MariaDB
+//!   shards (each with R replicas), migrate them, run the service; Ctrl-C or SIGTERM
+//!   stops both.
 //! - `chatshard migrate [--shard NAME] [--status | --print-sql | --mark-applied V |
 //!   --mark-applied-through V | --repair-dirty V]`: apply, show, print, record or
 //!   repair migrations on every shard (or one).
@@ -138,6 +139,15 @@ struct ServeArgs {
     /// Number of local shards with --dev.
     #[arg(long, default_value_t = 4)]
     shards: usize,
+    /// With --dev, replicas per shard (0 to 8): MariaDB GTID replication,
+    /// semi-synchronous, listed in each shard's `replicas`.
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "dev",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=8)
+    )]
+    replicas: usize,
     /// Where --dev keeps its shards' data.
     #[arg(long, default_value = ".chatshard")]
     data_dir: PathBuf,
@@ -654,15 +664,30 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         println!("admin token: the one configured (admin.token or CHATSHARD_ADMIN_TOKEN)");
     }
+    let replicas = match args.replicas {
+        0 => String::new(),
+        1 => " (1 replica each)".to_owned(),
+        r => format!(" ({r} replicas each)"),
+    };
     println!(
-        "starting {} local MariaDB shards under {} ...",
+        "starting {} local MariaDB shards{replicas} under {} ...",
         args.shards,
         args.data_dir.display()
     );
-    let mut shards =
-        LocalCluster::start(args.shards, Location::Persistent(args.data_dir.clone())).await?;
+    let mut shards = LocalCluster::start_replicated(
+        args.shards,
+        args.replicas,
+        Location::Persistent(args.data_dir.clone()),
+        &[],
+    )
+    .await?;
     for schema in shards.schemas() {
         println!("  {schema}");
+    }
+    for shard in shards.shard_settings() {
+        for url in &shard.replicas {
+            println!("  {} replica: {url}", shard.name);
+        }
     }
     settings.shards = shards.shard_settings().to_vec();
     let mut redis = None;
