@@ -11,8 +11,8 @@
 //!
 //! Administrative statements go over the text protocol (`raw_sql`): not
 //! every one is preparable. The few values that cannot be bound (host,
-//! user and password of `CHANGE MASTER`, `CREATE USER`) are quoted by
-//! [`quote`], never pasted in as they come.
+//! user and password of `CHANGE MASTER`, `CREATE USER`) are quoted as
+//! string literals (`quote`), never pasted in as they come.
 
 use std::time::Duration;
 
