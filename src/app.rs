@@ -85,6 +85,7 @@ impl App {
         metrics.observe_streams(subscribers.clone());
         let service = Arc::new(service);
         service.spawn_tail_refresher();
+        service.spawn_replica_monitors();
         // Follows the newest bucket table the shards hold (a range moved
         // since the configuration was written), from the first poll on: no
         // read at start, so no shard gets a breaker verdict before any
@@ -234,6 +235,7 @@ pub fn service_settings(settings: &Settings) -> anyhow::Result<ServiceSettings> 
         default_max_members: MaxMembers::parse(i64::from(settings.defaults.max_members))
             .map_err(|e| anyhow::anyhow!(e))?,
         page_cache_bytes: settings.throttle.page_cache_bytes,
+        replicas: settings.replicas.clone(),
         moves: crate::service::moves::MoveSettings {
             batch: settings.moves.batch_revisions,
             fence_lag: settings.moves.fence_lag,
@@ -286,6 +288,7 @@ pub fn build_shards_measured(
                 block,
                 &settings.pool,
                 &settings.breaker,
+                &settings.replicas,
                 instruments.clone(),
             )
             .map(Arc::new)

@@ -26,7 +26,9 @@
 //! - [`routing`]: `chatId -> bucket -> shard`, a frozen hash, and the
 //!   versioned bucket table.
 //! - [`shard`]: one [`shard::Shard`] = circuit breaker + per-chat share +
-//!   bulkhead (admission and a bounded pool) + a deadline per operation; the
+//!   bulkhead (admission and a bounded pool) + a deadline per operation, per
+//!   member (its writer and, when replicated, its replicas); the member
+//!   monitor and the pure [`shard::topology`] decide where writes go. The
 //!   only place that knows there are N databases. Seen from outside through
 //!   [`shard::ShardStatus`] snapshots.
 //! - [`storage`]: the SQL, one function per statement; the only place SQL

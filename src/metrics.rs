@@ -268,6 +268,88 @@ impl Metrics {
                 o.observe(s.waiting as i64, &[shard]);
             },
         );
+        self.observe_shards(
+            shards,
+            "chatshard.shard.writes_gate",
+            "Where the shard's writes go: 0 to its writer, 1 a new writer awaits its \
+             confirmation, 2 no member is writable, 3 split brain (several are)",
+            |s, o, shard| {
+                let v = match s.gate {
+                    crate::shard::topology::Gate::Writer(_) => 0,
+                    crate::shard::topology::Gate::Pending(_) => 1,
+                    crate::shard::topology::Gate::NoWriter => 2,
+                    crate::shard::topology::Gate::SplitBrain => 3,
+                };
+                o.observe(v, &[shard]);
+            },
+        );
+        let s = shards.clone();
+        self.meter
+            .u64_observable_counter("chatshard.shard.writer_changes")
+            .with_description("Times the shard's writes went to another member since start")
+            .with_callback(move |o| {
+                for shard in s.all() {
+                    o.observe(
+                        shard.status().role_changes,
+                        &[KeyValue::new("shard", shard.name().to_owned())],
+                    );
+                }
+            })
+            .build();
+        let s = shards.clone();
+        self.meter
+            .i64_observable_gauge("chatshard.shard.member.lag_ms")
+            .with_description(
+                "How far each member of a replicated shard is behind its writer, by the \
+                 heartbeat (milliseconds; -1 when unknown: down, or no writer to compare with)",
+            )
+            .with_callback(move |o| {
+                for shard in s.all() {
+                    let status = shard.status();
+                    if status.members.is_empty() {
+                        // A shard without replicas: its one member, the
+                        // writer, is behind nobody.
+                        o.observe(
+                            0,
+                            &[
+                                KeyValue::new("shard", shard.name().to_owned()),
+                                KeyValue::new("member", status.address.clone()),
+                                KeyValue::new("role", "writer"),
+                            ],
+                        );
+                    }
+                    for m in status.members {
+                        o.observe(
+                            m.lag_ms
+                                .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+                            &[
+                                KeyValue::new("shard", shard.name().to_owned()),
+                                KeyValue::new("member", m.address.clone()),
+                                KeyValue::new("role", m.role.as_str()),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+        let s = shards.clone();
+        self.meter
+            .i64_observable_gauge("chatshard.shard.member.in_rotation")
+            .with_description("1 when the replica serves reads now (read-only, answering, lag within replicas.max_lag_ms)")
+            .with_callback(move |o| {
+                for shard in s.all() {
+                    for m in shard.status().members {
+                        o.observe(
+                            i64::from(m.in_rotation),
+                            &[
+                                KeyValue::new("shard", shard.name().to_owned()),
+                                KeyValue::new("member", m.address.clone()),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
         let s = shards.clone();
         self.meter
             .u64_observable_counter("chatshard.shard.rejections")
@@ -483,6 +565,15 @@ impl Metrics {
 
     /// Registers the counters of the purge and the digest check.
     pub fn observe_lifecycle(&self, service: Arc<crate::service::ChatService>) {
+        let s = service.clone();
+        self.meter
+            .u64_observable_counter("chatshard.failover.lost_chats")
+            .with_description(
+                "Chats found, after a change of writer, below the revision this instance \
+                 acknowledged (acknowledged writes lost in a failover)",
+            )
+            .with_callback(move |o| o.observe(s.acked().lost_total(), &[]))
+            .build();
         use crate::service::lifecycle::LifecycleStats as S;
         use opentelemetry::KeyValue;
         let s = service.clone();

@@ -381,12 +381,12 @@ async fn a_failed_migration_is_reported_dirty_and_repaired_step_by_step() {
         "{unknown}"
     );
 
-    // The last migration creates ix_chat_bucket; an index of that name
+    // The last migration creates shard_heartbeat; a table of that name
     // made by hand makes it fail after its row was written.
-    sqlx::query("CREATE INDEX ix_chat_bucket ON chat (created_at)")
+    sqlx::query("CREATE TABLE shard_heartbeat (other INT)")
         .execute(&mut db)
         .await
-        .expect("conflicting index");
+        .expect("conflicting table");
     let failed = s.fails(&["migrate"]);
     assert!(failed.contains(&last.to_string()), "{failed}");
     assert_eq!(applied_versions(&mut db).await.last(), Some(&(last, false)));
@@ -400,23 +400,23 @@ async fn a_failed_migration_is_reported_dirty_and_repaired_step_by_step() {
     // The DBA's steps (docs/operations.md): undo what ran, clear, rerun.
     let not_dirty = s.fails(&["migrate", "--repair-dirty", &before_last.to_string()]);
     assert!(not_dirty.contains("is not dirty"), "{not_dirty}");
-    sqlx::query("DROP INDEX ix_chat_bucket ON chat")
+    sqlx::query("DROP TABLE shard_heartbeat")
         .execute(&mut db)
         .await
-        .expect("drop the conflicting index");
+        .expect("drop the conflicting table");
     s.ok(&["migrate", "--repair-dirty", &last.to_string()]);
     let done = s.ok(&["migrate"]);
     assert!(done.contains("0 pending"), "{done}");
     assert_eq!(applied_versions(&mut db).await.last(), Some(&(last, true)));
-    let index: Vec<(String,)> = sqlx::query_as(
-        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.STATISTICS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'chat' AND INDEX_NAME = 'ix_chat_bucket' \
-         ORDER BY SEQ_IN_INDEX",
+    let columns: Vec<(String,)> = sqlx::query_as(
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'shard_heartbeat' \
+         ORDER BY ORDINAL_POSITION",
     )
     .fetch_all(&mut db)
     .await
-    .expect("index");
-    assert_eq!(index, vec![("bucket".to_owned(),), ("chat_id".to_owned(),)]);
+    .expect("columns");
+    assert_eq!(columns, vec![("id".to_owned(),), ("beat_ms".to_owned(),)]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -200,6 +200,9 @@ pub struct Fleet {
     live: Arc<Live>,
     throttle: Arc<Throttle>,
     tails: OnceLock<Arc<dyn NoticeSink>>,
+    /// Told the name of a replicated shard whose writer another instance
+    /// saw change (set once, by the service).
+    writers: OnceLock<WriterSink>,
     counters: Counters,
 }
 
@@ -275,6 +278,7 @@ impl Fleet {
             live,
             throttle,
             tails: OnceLock::new(),
+            writers: OnceLock::new(),
             counters: Counters::default(),
         });
         tokio::spawn(Self::receive(Arc::downgrade(&fleet), push_rx));
@@ -287,6 +291,32 @@ impl Fleet {
     /// The tails notices feed (set once, by the service).
     pub fn attach_tails(&self, tails: Arc<dyn NoticeSink>) {
         let _ = self.tails.set(tails);
+    }
+
+    /// What is told when another instance saw a shard's writer change (set
+    /// once, by the service).
+    pub fn attach_writers(&self, sink: WriterSink) {
+        let _ = self.writers.set(sink);
+    }
+
+    /// This instance saw the writer of `shard` change: tell the others, so
+    /// that every instance switches within one round trip rather than at
+    /// its next monitor round.
+    pub fn announce_writer(&self, shard: &str) {
+        if !self.is_up() {
+            return;
+        }
+        let message = Bus::Writer {
+            origin: self.info.id.clone(),
+            shard: shard.to_owned(),
+        };
+        if let Ok(payload) = serde_json::to_vec(&message) {
+            self.send(Outgoing {
+                cmd: self.conn.publish_cmd(&self.names.bus(), &payload),
+                key: self.names.bus(),
+                notice: false,
+            });
+        }
     }
 
     /// Whether Redis answers now.
@@ -966,6 +996,11 @@ impl Fleet {
                     self.throttle.hot.mark(&chat, expires_in_ms);
                 }
             }
+            Ok(Bus::Writer { origin, shard }) if origin != self.info.id => {
+                if let Some(sink) = self.writers.get() {
+                    sink(&shard);
+                }
+            }
             // Read in the background: the receive loop never waits.
             Ok(Bus::Config { origin, version })
                 if origin != self.info.id && version > self.live.load().version =>
@@ -977,6 +1012,10 @@ impl Fleet {
         }
     }
 }
+
+/// Told the name of a replicated shard whose writer another instance saw
+/// change.
+pub type WriterSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Told when a chat gains or loses its tail on this instance: the fleet
 /// follows the notices of exactly those chats.

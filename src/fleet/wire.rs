@@ -200,6 +200,11 @@ pub enum Bus {
     /// config key).
     #[serde(rename_all = "camelCase")]
     Config { origin: String, version: u64 },
+    /// `origin`'s monitor saw the writes of replicated shard `shard` go to
+    /// another member: every instance looks at its members now rather than
+    /// at its next monitor round (docs/replicas.md).
+    #[serde(rename_all = "camelCase")]
+    Writer { origin: String, shard: String },
 }
 
 /// What an instance says about itself in the instance registry.

@@ -142,12 +142,60 @@ pub struct ShardView {
     pub autoinc_lock_mode: Option<i64>,
     /// `@@innodb_flush_log_at_trx_commit` as read at start-up (null if unknown).
     pub flush_log_at_trx_commit: Option<i64>,
+    /// Where writes go: `open` (to the writer, the member at `address`),
+    /// `confirming` (a new writer awaits its confirmation), `no_writer`, or
+    /// `split_brain` (docs/replicas.md).
+    pub writes: String,
+    /// Times the writes went to another member since start.
+    pub writer_changes: u64,
+    /// Every member of a replicated shard (empty without replicas).
+    pub members: Vec<MemberView>,
+}
+
+/// One member of a replicated shard.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberView {
+    /// `host:port`.
+    pub address: String,
+    /// The URL without secrets.
+    pub url: String,
+    /// `writer`, `candidate`, `writable` (split brain), `replica`, `down` or
+    /// `unknown` (not read yet).
+    pub role: String,
+    /// Behind the writer by this much, by the heartbeat (null: unknown).
+    pub lag_ms: Option<u64>,
+    /// Whether it serves reads now.
+    pub in_rotation: bool,
+    pub breaker: BreakerStateView,
+    pub in_flight: usize,
+    pub pool_size: usize,
+    /// Why it did not answer the monitor's last round.
+    pub last_error: Option<String>,
+}
+
+/// A chat found, after a change of writer, below a revision this instance
+/// acknowledged.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostChatView {
+    pub chat_id: String,
+    pub shard: String,
+    /// The highest revision this instance acknowledged.
+    pub acknowledged: u64,
+    /// The chat's revision on the new writer.
+    pub found: u64,
+    pub at: DateTime<Utc>,
 }
 
 /// `GET /v1/admin/shards`.
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ShardsView {
     pub shards: Vec<ShardView>,
+    /// Chats whose acknowledged writes a failover lost (the newest 100
+    /// this instance found; docs/replicas.md).
+    pub lost_in_failover: Vec<LostChatView>,
 }
 
 impl From<ShardStatus> for ShardView {
@@ -184,6 +232,23 @@ impl From<ShardStatus> for ShardView {
             },
             autoinc_lock_mode: s.innodb.map(|i| i.autoinc_lock_mode),
             flush_log_at_trx_commit: s.innodb.map(|i| i.flush_log_at_trx_commit),
+            writes: s.gate.as_str().to_owned(),
+            writer_changes: s.role_changes,
+            members: s
+                .members
+                .into_iter()
+                .map(|m| MemberView {
+                    address: m.address,
+                    url: m.url,
+                    role: m.role.as_str().to_owned(),
+                    lag_ms: m.lag_ms,
+                    in_rotation: m.in_rotation,
+                    breaker: m.breaker.into(),
+                    in_flight: m.in_flight,
+                    pool_size: m.pool_size,
+                    last_error: m.last_error,
+                })
+                .collect(),
         }
     }
 }
@@ -211,6 +276,19 @@ pub async fn shards(_: Admin, State(state): State<AppState>) -> Json<ShardsView>
                 view.recent.requests = load.requests;
                 view.recent.request_p99_ms = load.request_p99.map(ms);
                 view
+            })
+            .collect(),
+        lost_in_failover: state
+            .service
+            .acked()
+            .lost()
+            .into_iter()
+            .map(|l| LostChatView {
+                chat_id: l.chat_id,
+                shard: l.shard,
+                acknowledged: l.acknowledged,
+                found: l.found,
+                at: l.at,
             })
             .collect(),
     })

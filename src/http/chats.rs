@@ -3,11 +3,13 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 
 use super::extract::PageQuery;
-use super::extract::{ChatPath, OptionalJsonBody};
+use super::extract::{ChatPath, Consistency, OptionalJsonBody};
 use super::model::{
-    Chat, ChatIdParam, ChatSnapshot, CreateChatRequest, MemberCount, SnapshotPageParams,
+    Chat, ChatIdParam, ChatSnapshot, ConsistencyParams, CreateChatRequest, MemberCount,
+    SnapshotPageParams, served_headers,
 };
 use super::problem::Problem;
 use super::{AppState, status_for};
@@ -44,9 +46,13 @@ pub async fn put_chat(
 
 /// Get a chat.
 #[utoipa::path(
-    get, path = "/v1/chats/{chatId}", tag = "chats", params(ChatIdParam),
+    get, path = "/v1/chats/{chatId}", tag = "chats", params(ChatIdParam, ConsistencyParams),
     responses(
-        (status = 200, description = "The chat", body = Chat),
+        (status = 200, description = "The chat", body = Chat, headers(
+            ("Chatshard-Served-By" = String, description = "`writer` or `replica`: which member of the shard answered"),
+            ("Chatshard-Member" = String, description = "The `host:port` of the member that answered"),
+            ("Chatshard-Staleness-Ms" = u64, description = "How stale the answer may be, in milliseconds (0 from the writer)"),
+        )),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid chatId", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
@@ -55,15 +61,21 @@ pub async fn put_chat(
 pub async fn get_chat(
     State(state): State<AppState>,
     ChatPath(chat): ChatPath,
-) -> Result<Json<Chat>, Problem> {
-    Ok(Json(state.service.get_chat(&chat).await?.into()))
+    Consistency(at): Consistency,
+) -> Result<impl IntoResponse, Problem> {
+    let read = state.service.get_chat(&chat, at).await?;
+    Ok((served_headers(&read.served), Json(Chat::from(read.value))))
 }
 
 /// Get a chat's member count (one key lookup, never a scan).
 #[utoipa::path(
-    get, path = "/v1/chats/{chatId}/member-count", tag = "members", params(ChatIdParam),
+    get, path = "/v1/chats/{chatId}/member-count", tag = "members", params(ChatIdParam, ConsistencyParams),
     responses(
-        (status = 200, description = "The count", body = MemberCount),
+        (status = 200, description = "The count", body = MemberCount, headers(
+            ("Chatshard-Served-By" = String, description = "`writer` or `replica`: which member of the shard answered"),
+            ("Chatshard-Member" = String, description = "The `host:port` of the member that answered"),
+            ("Chatshard-Staleness-Ms" = u64, description = "How stale the answer may be, in milliseconds (0 from the writer)"),
+        )),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid chatId", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Shard busy or unavailable", body = Problem, content_type = "application/problem+json"),
@@ -72,12 +84,16 @@ pub async fn get_chat(
 pub async fn get_member_count(
     State(state): State<AppState>,
     ChatPath(chat): ChatPath,
-) -> Result<Json<MemberCount>, Problem> {
-    let member_count = state.service.member_count(&chat).await?;
-    Ok(Json(MemberCount {
-        chat_id: chat.to_string(),
-        member_count,
-    }))
+    Consistency(at): Consistency,
+) -> Result<impl IntoResponse, Problem> {
+    let read = state.service.member_count(&chat, at).await?;
+    Ok((
+        served_headers(&read.served),
+        Json(MemberCount {
+            chat_id: chat.to_string(),
+            member_count: read.value,
+        }),
+    ))
 }
 
 /// A page of the chat's snapshot: the chat and its JOINED members, with the
@@ -85,9 +101,13 @@ pub async fn get_member_count(
 /// (410 `revision_purged`) loads every page, then fetches the events after
 /// `revision`: every join or leave since is among them.
 #[utoipa::path(
-    get, path = "/v1/chats/{chatId}/snapshot", tag = "chats", params(ChatIdParam, SnapshotPageParams),
+    get, path = "/v1/chats/{chatId}/snapshot", tag = "chats", params(ChatIdParam, SnapshotPageParams, ConsistencyParams),
     responses(
-        (status = 200, description = "A page of the snapshot", body = ChatSnapshot),
+        (status = 200, description = "A page of the snapshot", body = ChatSnapshot, headers(
+            ("Chatshard-Served-By" = String, description = "`writer` or `replica`: which member of the shard answered"),
+            ("Chatshard-Member" = String, description = "The `host:port` of the member that answered"),
+            ("Chatshard-Staleness-Ms" = u64, description = "How stale the answer may be, in milliseconds (0 from the writer)"),
+        )),
         (status = 400, description = "Undecodable query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "chat_not_found", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "revision_purged: the events after this snapshot's revision were purged while it was paged; start again", body = Problem, content_type = "application/problem+json"),
@@ -99,7 +119,8 @@ pub async fn get_snapshot(
     State(state): State<AppState>,
     ChatPath(chat): ChatPath,
     query: PageQuery,
-) -> Result<Json<ChatSnapshot>, Problem> {
+    Consistency(at): Consistency,
+) -> Result<impl IntoResponse, Problem> {
     let cursor = query
         .after
         .as_deref()
@@ -109,11 +130,14 @@ pub async fn get_snapshot(
     let limit = PageLimit::parse(query.limit.as_deref()).map_err(|e| Problem::invalid(e.0))?;
     let page = state
         .service
-        .snapshot(&chat, cursor, limit)
+        .snapshot(&chat, cursor, limit, at)
         .await
         .map_err(|e| match e {
             ServiceError::RevisionPurged { .. } => Problem::from(e).with_snapshot(&chat),
             e => Problem::from(e),
         })?;
-    Ok(Json(page.into()))
+    Ok((
+        served_headers(&page.served),
+        Json(ChatSnapshot::from(page.value)),
+    ))
 }

@@ -15,6 +15,7 @@ use super::AppState;
 use super::problem::{Code, Problem};
 use super::shape::Schemas;
 use crate::domain::{ChatId, UserId};
+use crate::service::ReadAt;
 
 /// The most a request body may hold.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -342,6 +343,66 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
             }
         }
         Ok(query)
+    }
+}
+
+/// Where a read may be served (docs/replicas.md): `minRevision` as a query
+/// parameter or the `Chatshard-Min-Revision` header (the larger wins when
+/// both are sent). A read with it is answered from a replica only once that
+/// replica holds the chat at that revision; without it, any replica within
+/// `replicas.max_lag_ms` may answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Consistency(pub ReadAt);
+
+/// The header form of `minRevision`.
+pub const MIN_REVISION_HEADER: &str = "chatshard-min-revision";
+
+fn parse_revision(value: &str, name: &str) -> Result<u64, Problem> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|r| i64::try_from(*r).is_ok())
+        .ok_or_else(|| {
+            Problem::invalid(format!(
+                "`{name}` must be a revision: a whole number from 0 to 9223372036854775807"
+            ))
+        })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Consistency {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let Query(pairs) = Query::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Problem::invalid("the query string cannot be decoded"))?;
+        let mut min: Option<u64> = None;
+        let mut seen = false;
+        for (name, value) in pairs {
+            if name == "minRevision" {
+                if seen {
+                    return Err(Problem::invalid(
+                        "the query parameter `minRevision` is given more than once",
+                    ));
+                }
+                seen = true;
+                min = Some(parse_revision(&value, "minRevision")?);
+            }
+        }
+        let mut headers = parts.headers.get_all(MIN_REVISION_HEADER).iter();
+        if let Some(value) = headers.next() {
+            if headers.next().is_some() {
+                return Err(Problem::invalid(
+                    "the header `Chatshard-Min-Revision` is given more than once",
+                ));
+            }
+            let text = value
+                .to_str()
+                .map_err(|_| Problem::invalid("`Chatshard-Min-Revision` must be a revision"))?;
+            let header = parse_revision(text.trim(), "Chatshard-Min-Revision")?;
+            min = Some(min.map_or(header, |m| m.max(header)));
+        }
+        Ok(Self(ReadAt::Replica { min_revision: min }))
     }
 }
 

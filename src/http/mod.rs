@@ -257,6 +257,17 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             name: health.name,
             address: health.address,
             error: health.error,
+            writes: health.writes.to_owned(),
+            members: health
+                .members
+                .into_iter()
+                .map(|m| model::MemberReadiness {
+                    address: m.address,
+                    role: m.role.as_str().to_owned(),
+                    lag_ms: m.lag_ms,
+                    in_rotation: m.in_rotation,
+                })
+                .collect(),
         })
         .collect();
     let up = shards.iter().filter(|s| s.ready).count();

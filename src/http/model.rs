@@ -273,6 +273,25 @@ pub struct ShardReadiness {
     /// Why the shard is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where writes go: `open`, `confirming`, `no_writer` or `split_brain`
+    /// (docs/replicas.md).
+    pub writes: String,
+    /// The members of a replicated shard (absent without replicas).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberReadiness>,
+}
+
+/// One member of a replicated shard in `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberReadiness {
+    pub address: String,
+    /// `writer`, `candidate`, `writable`, `replica`, `down` or `unknown`.
+    pub role: String,
+    /// Behind the writer by this much (null: unknown).
+    pub lag_ms: Option<u64>,
+    /// Whether it serves reads now.
+    pub in_rotation: bool,
 }
 
 /// A circuit breaker's state, as `/readyz` and the admin view show it.
@@ -323,6 +342,54 @@ pub struct MemberIdParams(
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)] String,
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)] String,
 );
+
+/// `Chatshard-Revision`: the chat's revision once a write committed, the
+/// token a later read sends as `minRevision` (docs/replicas.md).
+pub fn revision_header(revision: u64) -> (axum::http::HeaderName, axum::http::HeaderValue) {
+    (
+        axum::http::HeaderName::from_static("chatshard-revision"),
+        axum::http::HeaderValue::from(revision),
+    )
+}
+
+/// The headers of an answer a replica may have served: who served it
+/// (`writer` or `replica`), the member's `host:port`, and how stale the
+/// answer may be in milliseconds (0 from the writer).
+pub fn served_headers(
+    served: &crate::service::Served,
+) -> [(axum::http::HeaderName, axum::http::HeaderValue); 3] {
+    use axum::http::{HeaderName, HeaderValue};
+    [
+        (
+            HeaderName::from_static("chatshard-served-by"),
+            HeaderValue::from_static(if served.writer { "writer" } else { "replica" }),
+        ),
+        (
+            HeaderName::from_static("chatshard-member"),
+            HeaderValue::from_str(&served.member)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        ),
+        (
+            HeaderName::from_static("chatshard-staleness-ms"),
+            HeaderValue::from(served.staleness_ms),
+        ),
+    ]
+}
+
+/// `?minRevision=` of the reads a replica may serve (documentation only;
+/// parsing is in `extract::Consistency`).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ConsistencyParams {
+    /// The lowest revision of the chat the answer may reflect: the
+    /// `revision` of the caller's last write answer. A replica serves the
+    /// read only once it holds the chat at this revision; otherwise the
+    /// writer does. Also accepted as the `Chatshard-Min-Revision` header.
+    /// Without it, a replica at most `replicas.max_lag_ms` behind may answer.
+    #[param(rename = "minRevision", minimum = 0, maximum = 9223372036854775807_i64)]
+    min_revision: Option<i64>,
+}
 
 /// `?after=&limit=` of the members page (documentation only).
 #[derive(Debug, IntoParams)]

@@ -75,6 +75,7 @@ codes! {
     ShardTimeout => "shard_timeout",
     ShardUnavailable => "shard_unavailable",
     ShardReadOnly => "shard_read_only",
+    ShardSplitBrain => "shard_split_brain",
     OutcomeUnknown => "outcome_unknown",
     ChatMoving => "chat_moving",
     UnknownShard => "unknown_shard",
@@ -116,6 +117,7 @@ impl Code {
             | Self::ShardTimeout
             | Self::ShardUnavailable
             | Self::ShardReadOnly
+            | Self::ShardSplitBrain
             | Self::OutcomeUnknown
             | Self::ChatMoving => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -160,6 +162,7 @@ impl Code {
             Self::ShardTimeout => "The chat's shard did not answer in time",
             Self::ShardUnavailable => "The chat's shard is unavailable",
             Self::ShardReadOnly => "The chat's shard accepts no writes",
+            Self::ShardSplitBrain => "The chat's shard has several writable servers",
             Self::OutcomeUnknown => "The outcome of the write is unknown",
             Self::Internal => "Internal error",
         }
@@ -369,6 +372,14 @@ impl From<ServiceError> for Problem {
                 Code::ShardReadOnly,
                 format!("shard {shard} is read-only; reads still work, writes do not"),
             ),
+            ServiceError::ShardSplitBrain { shard } => Self::new(
+                Code::ShardSplitBrain,
+                format!(
+                    "several servers of shard {shard} accept writes; writes wait until an \
+                     operator makes all but one read-only (reads still work)"
+                ),
+            )
+            .with_retry_after(1),
             ServiceError::OutcomeUnknown { shard, cause } => Self::new(
                 Code::OutcomeUnknown,
                 format!(

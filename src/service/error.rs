@@ -43,6 +43,10 @@ pub enum ServiceError {
     },
     #[error("shard {shard} is read-only")]
     ShardReadOnly { shard: String },
+    /// Several members of the chat's shard are writable: writes wait until
+    /// an operator demotes one (docs/replicas.md).
+    #[error("shard {shard} has several writable members")]
+    ShardSplitBrain { shard: String },
     /// `cause` says why, in words for the problem's detail.
     #[error("the outcome of the write on shard {shard} is unknown: {cause}")]
     OutcomeUnknown { shard: String, cause: String },
@@ -129,6 +133,11 @@ impl From<ShardError> for ServiceError {
                 retry_after_secs: 1,
             },
             ShardError::ReadOnly { .. } => Self::ShardReadOnly { shard },
+            ShardError::NoWriter { .. } => Self::ShardUnavailable {
+                shard,
+                retry_after_secs: 1,
+            },
+            ShardError::SplitBrain { .. } => Self::ShardSplitBrain { shard },
             ShardError::OutcomeUnknown { cause, .. } => Self::OutcomeUnknown {
                 shard,
                 cause: cause.to_string(),

@@ -77,6 +77,14 @@ impl ChatService {
             let mut moved = tail.subscribe();
             moved.borrow_and_update();
             match tail.read(after.0, limit.get() as usize) {
+                // A reader ahead of a log that lost revisions in a
+                // failover saw events the writer no longer has: it
+                // full-syncs (docs/replicas.md).
+                Answer::Events { latest, .. } if after.0 > latest && self.acked.was_reset(chat) => {
+                    return Err(ServiceError::RevisionPurged {
+                        first_revision: latest + 1,
+                    });
+                }
                 Answer::Events { events, latest } => {
                     let now = Instant::now();
                     if !events.is_empty() || now >= deadline {
@@ -308,7 +316,7 @@ impl ChatService {
         limit: PageLimit,
     ) -> Result<(EventPage, u64), ServiceError> {
         let n = limit.get();
-        self.read_located(chat, "fetch_events", || {
+        self.read_located(chat, "fetch_events", super::ReadAt::Writer, || {
             let (id, owner) = (chat.to_string(), chat.clone());
             move |conn| {
                 Box::pin(async move {
@@ -337,5 +345,6 @@ impl ChatService {
             }
         })
         .await
+        .map(|read| read.value)
     }
 }

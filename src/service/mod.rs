@@ -28,6 +28,7 @@ pub mod buckets;
 mod chat_move;
 pub mod error;
 pub mod events;
+pub mod failover;
 mod group_commit;
 mod isolation;
 pub mod lifecycle;
@@ -55,6 +56,7 @@ use std::sync::Arc;
 use crate::config::GroupCommitSettings;
 use crate::domain::{ChatId, ClientMessageId, MaxMembers, MessageText, UserId};
 use crate::live::Live;
+pub use crate::shard::Served;
 use crate::shard::{OpError, Shard, ShardSet};
 use crate::storage::{self, chats};
 use crate::throttle::join::JoinDecision;
@@ -86,6 +88,8 @@ pub struct ChatService {
     lifecycle: lifecycle::LifecycleStats,
     /// Wakes the bucket table's poller: a shard named another owner.
     map_nudge: Arc<tokio::sync::Notify>,
+    /// The revisions this instance acknowledged, checked after a failover.
+    acked: failover::Acked,
 }
 
 /// How the service is sized (fixed at start).
@@ -100,6 +104,8 @@ pub struct ServiceSettings {
     pub tail: tail::TailSettings,
     /// How chat moves copy and fence.
     pub moves: moves::MoveSettings,
+    /// Replicated shards: how long acknowledged revisions are kept.
+    pub replicas: crate::config::ReplicaSettings,
 }
 
 impl ChatService {
@@ -114,6 +120,12 @@ impl ChatService {
         let tails = Arc::new(tail::Tails::observed(settings.tail, observer));
         if let Some(fleet) = &fleet {
             fleet.attach_tails(tails.clone());
+            let named = shards.clone();
+            fleet.attach_writers(Arc::new(move |shard: &str| {
+                if let Some(shard) = named.by_name(shard) {
+                    shard.nudge();
+                }
+            }));
         }
         Self {
             shards,
@@ -127,6 +139,7 @@ impl ChatService {
             move_settings: settings.moves,
             lifecycle: lifecycle::LifecycleStats::default(),
             map_nudge: Arc::new(tokio::sync::Notify::new()),
+            acked: failover::Acked::new(&settings.replicas),
         }
     }
 
@@ -254,6 +267,18 @@ impl ChatService {
                 _ => break result,
             }
         };
+        // Kept only where a failover can happen: a shard with replicas.
+        if self.shard(chat).is_replicated() {
+            match &result {
+                Ok(WriteOutcome::Joined { revision, .. } | WriteOutcome::Left { revision, .. }) => {
+                    self.acked.record(chat, *revision);
+                }
+                Ok(WriteOutcome::Posted { message, .. }) => {
+                    self.acked.record(chat, message.revision);
+                }
+                _ => {}
+            }
+        }
         // Feeds the hot-chat detector (in this request's span, so a chat marked
         // hot shows on the request that tipped it) and retires the chat's kept
         // pages; a failed write may still have been applied, so it retires them too.
@@ -281,7 +306,7 @@ impl ChatService {
         &self,
         chat: &ChatId,
         user: &UserId,
-    ) -> Result<(Member, Created), ServiceError> {
+    ) -> Result<(Member, Created, u64), ServiceError> {
         // Decided before any database work: no network hop, no delay.
         // In a fleet, the local window holds this instance's share (the whole
         // limit while Redis holds the global one), and a chat's joins are also
@@ -316,18 +341,23 @@ impl ChatService {
             .write(chat, WriteOp::Join { user: user.clone() })
             .await?
         {
-            WriteOutcome::Joined { member, created } => Ok((member, Created::from_bool(created))),
+            WriteOutcome::Joined {
+                member,
+                created,
+                revision,
+            } => Ok((member, Created::from_bool(created), revision)),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Leaves: succeeds when the user left now or had already left.
-    pub async fn leave(&self, chat: &ChatId, user: &UserId) -> Result<(), ServiceError> {
+    /// Leaves: succeeds when the user left now or had already left. Returns
+    /// the chat's revision after the write (its consistency token).
+    pub async fn leave(&self, chat: &ChatId, user: &UserId) -> Result<u64, ServiceError> {
         match self
             .write(chat, WriteOp::Leave { user: user.clone() })
             .await?
         {
-            WriteOutcome::Left { .. } => Ok(()),
+            WriteOutcome::Left { revision, .. } => Ok(revision),
             other => Err(unexpected(other)),
         }
     }
@@ -373,6 +403,61 @@ impl<T> Located<T> {
     }
 }
 
+/// `op`, run only when the chat on this connection is at `min_revision` at
+/// least (or has moved: `op` then says where); `None` when it is behind or
+/// not there yet.
+fn at_least<T, F>(
+    chat: &ChatId,
+    min_revision: Option<u64>,
+    op: F,
+) -> impl for<'c> FnOnce(
+    &'c mut sqlx::MySqlConnection,
+) -> crate::shard::BoxFuture<'c, Result<Option<Located<T>>, OpError>>
++ Send
++ 'static
+where
+    F: for<'c> FnOnce(
+            &'c mut sqlx::MySqlConnection,
+        ) -> crate::shard::BoxFuture<'c, Result<Located<T>, OpError>>
+        + Send
+        + 'static,
+    T: Send + 'static,
+{
+    let id = chat.to_string();
+    move |conn| {
+        Box::pin(async move {
+            if let Some(min) = min_revision {
+                match chats::revision(conn, &id).await? {
+                    Some((_, Some(_))) => {}
+                    Some((revision, None)) if revision >= min => {}
+                    _ => return Ok(None),
+                }
+            }
+            op(conn).await.map(Some)
+        })
+    }
+}
+
+/// Where a read may be served (docs/replicas.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadAt {
+    /// On the writer: the service's own reads, and event pages (which the
+    /// instance's tails already serve from memory).
+    #[default]
+    Writer,
+    /// On a replica in rotation, if it holds the chat at `min_revision` at
+    /// least (the revision a write answered the caller); on the writer
+    /// otherwise.
+    Replica { min_revision: Option<u64> },
+}
+
+/// A read's value and where it was served.
+#[derive(Debug, Clone)]
+pub struct Read<T> {
+    pub value: T,
+    pub served: Served,
+}
+
 /// How often a write held by a move's fence checks again.
 const FENCE_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -380,30 +465,112 @@ const FENCE_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 const MAX_HOPS: usize = 3;
 
 impl ChatService {
-    /// Runs a read of `chat` on the shard that holds it. When that shard's
-    /// marker says the chat moved, the location is learnt and the read runs
-    /// there: an instance whose routing is stale is corrected by the shard.
+    /// Runs a read of `chat` where it is: on its shard, following the
+    /// shards' markers (at most [`MAX_HOPS`]) when it moved. On the writer
+    /// unless `at` lets a replica serve it (docs/replicas.md).
     pub(super) async fn read_located<T, M, F>(
         &self,
         chat: &ChatId,
         name: &'static str,
+        at: ReadAt,
         make: M,
-    ) -> Result<T, ServiceError>
+    ) -> Result<Read<T>, ServiceError>
     where
         M: Fn() -> F,
         F: for<'c> FnOnce(
-            &'c mut sqlx::MySqlConnection,
-        ) -> crate::shard::BoxFuture<'c, Result<Located<T>, OpError>>,
+                &'c mut sqlx::MySqlConnection,
+            ) -> crate::shard::BoxFuture<'c, Result<Located<T>, OpError>>
+            + Send
+            + 'static,
+        T: Send + 'static,
     {
         for _ in 0..MAX_HOPS {
             let shard = self.shard(chat);
-            match shard.read(Some(chat), name, make()).await? {
-                Located::Here(value) => return Ok(value),
+            let (located, served) = self.read_on(shard, chat, name, at, &make).await?;
+            match located {
+                Located::Here(value) => return Ok(Read { value, served }),
                 Located::Missing => return Err(ServiceError::ChatNotFound),
                 Located::Moved(to) => self.follow(chat, shard.name(), &to)?,
             }
         }
         Err(self.unsettled(chat))
+    }
+
+    /// One read on one shard: on a replica in rotation when `at` allows and
+    /// the replica holds the chat at `min_revision` at least; otherwise on
+    /// the writer. A read meant for a replica that none could serve (none in
+    /// rotation, or the one asked failed) takes a slot of the writer's
+    /// fallback share, or is refused when that share is full. A replica
+    /// behind the caller's revision hands the read to the writer as any
+    /// read of the writer: that is the normal cost of reading one's writes.
+    async fn read_on<T, M, F>(
+        &self,
+        shard: &Shard,
+        chat: &ChatId,
+        name: &'static str,
+        at: ReadAt,
+        make: &M,
+    ) -> Result<(Located<T>, Served), ServiceError>
+    where
+        M: Fn() -> F,
+        F: for<'c> FnOnce(
+                &'c mut sqlx::MySqlConnection,
+            ) -> crate::shard::BoxFuture<'c, Result<Located<T>, OpError>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let ReadAt::Replica { min_revision } = at else {
+            let value = shard.read(Some(chat), name, make()).await?;
+            return Ok((value, shard.served_by_writer()));
+        };
+        if !shard.is_replicated() {
+            let value = shard.read(Some(chat), name, make()).await?;
+            return Ok((value, shard.served_by_writer()));
+        }
+        let mut _fallback = None;
+        match shard.pick_replica() {
+            Some(i) => {
+                match shard
+                    .read_member(i, Some(chat), name, at_least(chat, min_revision, make()))
+                    .await
+                {
+                    // The replica may not have the chat yet: the writer says.
+                    Ok(Some(Located::Missing)) | Ok(None) => {}
+                    Ok(Some(value)) => return Ok((value, shard.served(i))),
+                    Err(e) => {
+                        tracing::debug!(shard = %shard.name(), error = %e, "replica_read_failed");
+                        _fallback =
+                            Some(shard.fallback_slot().ok_or_else(|| ServiceError::from(e))?);
+                    }
+                }
+            }
+            None => {
+                _fallback = Some(
+                    shard
+                        .fallback_slot()
+                        .ok_or_else(|| ServiceError::ShardBusy {
+                            shard: shard.name().to_owned(),
+                        })?,
+                );
+            }
+        }
+        if shard.has_writer() {
+            let value = shard.read(Some(chat), name, make()).await?;
+            return Ok((value, shard.served_by_writer()));
+        }
+        // No writer: the freshest replica serves it, if it holds the
+        // caller's revision.
+        match shard
+            .read(Some(chat), name, at_least(chat, min_revision, make()))
+            .await?
+        {
+            Some(value) => Ok((value, shard.served_by_writer())),
+            None => Err(ServiceError::ShardUnavailable {
+                shard: shard.name().to_owned(),
+                retry_after_secs: 1,
+            }),
+        }
     }
 
     /// Learns that `chat` is on the shard named `to` (said by `from`).

@@ -263,7 +263,7 @@ impl ChatService {
                     shard: to.to_owned(),
                 })?;
         // Where the chat is now (following markers), and that it exists.
-        self.get_chat(chat).await?;
+        self.get_chat(chat, super::ReadAt::Writer).await?;
         let source = self.shard(chat).clone();
         if Arc::ptr_eq(&source, &target) {
             return Err(ServiceError::MoveRefused {

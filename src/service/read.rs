@@ -2,14 +2,16 @@
 //! queue. Rows are turned into answers inside the operation, so a row the code
 //! cannot read fails the operation (`bad_data`) instead of being skipped.
 
-use super::{Chat, ChatService, Located, Member, MemberPage, ServiceError, SnapshotPage};
+use super::{
+    Chat, ChatService, Located, Member, MemberPage, Read, ReadAt, ServiceError, SnapshotPage,
+};
 use crate::domain::{ChatId, MemberCursor, PageLimit, SnapshotCursor, UserId};
 use crate::storage::{chats, members, server};
 
 impl ChatService {
-    pub async fn get_chat(&self, chat: &ChatId) -> Result<Chat, ServiceError> {
+    pub async fn get_chat(&self, chat: &ChatId, at: ReadAt) -> Result<Read<Chat>, ServiceError> {
         let row = self
-            .read_located(chat, "get_chat", || {
+            .read_located(chat, "get_chat", at, || {
                 let id = chat.to_string();
                 move |conn| {
                     Box::pin(async move {
@@ -21,12 +23,20 @@ impl ChatService {
                 }
             })
             .await?;
-        Ok(self.to_chat(chat, row))
+        Ok(Read {
+            value: self.to_chat(chat, row.value),
+            served: row.served,
+        })
     }
 
-    pub async fn get_member(&self, chat: &ChatId, user: &UserId) -> Result<Member, ServiceError> {
+    pub async fn get_member(
+        &self,
+        chat: &ChatId,
+        user: &UserId,
+        at: ReadAt,
+    ) -> Result<Read<Member>, ServiceError> {
         let found = self
-            .read_located(chat, "get_member", || {
+            .read_located(chat, "get_member", at, || {
                 let (id, uid, owner) = (chat.to_string(), user.to_string(), chat.clone());
                 move |conn| {
                     Box::pin(async move {
@@ -42,7 +52,10 @@ impl ChatService {
                 }
             })
             .await?;
-        found.ok_or(ServiceError::MemberNotFound)
+        Ok(Read {
+            value: found.value.ok_or(ServiceError::MemberNotFound)?,
+            served: found.served,
+        })
     }
 
     /// A page of JOINED members in id order; `after` is the previous page's
@@ -52,10 +65,14 @@ impl ChatService {
         chat: &ChatId,
         after: MemberCursor,
         limit: PageLimit,
-    ) -> Result<MemberPage, ServiceError> {
+        at: ReadAt,
+    ) -> Result<Read<MemberPage>, ServiceError> {
         let n = limit.get();
-        let members = self
-            .read_located(chat, "list_members", || {
+        let Read {
+            value: members,
+            served,
+        } = self
+            .read_located(chat, "list_members", at, || {
                 let (id, owner) = (chat.to_string(), chat.clone());
                 move |conn| {
                     Box::pin(async move {
@@ -84,9 +101,12 @@ impl ChatService {
         } else {
             None
         };
-        Ok(MemberPage {
-            members,
-            next_cursor,
+        Ok(Read {
+            value: MemberPage {
+                members,
+                next_cursor,
+            },
+            served,
         })
     }
 
@@ -106,10 +126,23 @@ impl ChatService {
         chat: &ChatId,
         cursor: Option<SnapshotCursor>,
         limit: PageLimit,
-    ) -> Result<SnapshotPage, ServiceError> {
+        at: ReadAt,
+    ) -> Result<Read<SnapshotPage>, ServiceError> {
         let n = limit.get();
-        let found = self
-            .read_located(chat, "snapshot", || {
+        // A later page is read where the chat is at the first page's
+        // revision at least: a replica further behind would lack changes
+        // made before it, which the events after it do not hold.
+        let at = match (at, cursor) {
+            (ReadAt::Replica { min_revision }, Some(c)) => ReadAt::Replica {
+                min_revision: Some(min_revision.map_or(c.revision, |m| m.max(c.revision))),
+            },
+            (at, _) => at,
+        };
+        let Read {
+            value: found,
+            served,
+        } = self
+            .read_located(chat, "snapshot", at, || {
                 let (id, owner) = (chat.to_string(), chat.clone());
                 move |conn| {
                     Box::pin(async move {
@@ -152,17 +185,20 @@ impl ChatService {
         } else {
             None
         };
-        Ok(SnapshotPage {
-            chat: self.to_chat(chat, row),
-            revision,
-            members,
-            next_cursor,
+        Ok(Read {
+            value: SnapshotPage {
+                chat: self.to_chat(chat, row),
+                revision,
+                members,
+                next_cursor,
+            },
+            served,
         })
     }
 
     /// The member count: one primary-key read.
-    pub async fn member_count(&self, chat: &ChatId) -> Result<u32, ServiceError> {
-        self.read_located(chat, "member_count", || {
+    pub async fn member_count(&self, chat: &ChatId, at: ReadAt) -> Result<Read<u32>, ServiceError> {
+        self.read_located(chat, "member_count", at, || {
             let id = chat.to_string();
             move |conn| {
                 Box::pin(async move {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::ChatService;
 use crate::domain::ChatId;
-use crate::shard::{BreakerState, RECENT_SECS, ShardStatus};
+use crate::shard::{BreakerState, MemberStatus, RECENT_SECS, ShardStatus};
 
 /// One shard's answer to a ping.
 #[derive(Debug, Clone)]
@@ -21,6 +21,10 @@ pub struct ShardHealth {
     pub breaker: BreakerState,
     /// Why the ping failed (its cause chain); `None` when the shard answered.
     pub error: Option<String>,
+    /// Where writes go (`Gate::as_str`).
+    pub writes: &'static str,
+    /// The members of a replicated shard (empty without replicas).
+    pub members: Vec<MemberStatus>,
 }
 
 impl ShardHealth {
@@ -60,11 +64,14 @@ impl ChatService {
     pub async fn shard_health(&self) -> Vec<ShardHealth> {
         let checks = self.shards.all().iter().map(|shard| async move {
             let result = shard.ping().await;
+            let status = shard.status();
             ShardHealth {
                 name: shard.name().to_owned(),
                 address: shard.address().to_owned(),
                 breaker: shard.breaker_state(),
                 error: result.err().map(|e| crate::error::chain(&e)),
+                writes: status.gate.as_str(),
+                members: status.members,
             }
         });
         futures_util::future::join_all(checks).await

@@ -166,6 +166,15 @@ impl Tails {
         }
     }
 
+    /// Drops the chat's tail (its log lost revisions in a failover): its
+    /// waiters are woken and read a new one.
+    pub fn forget(&self, chat: &ChatId) {
+        if let Some(tail) = self.cache.get(chat) {
+            self.cache.invalidate(chat);
+            tail.latest.send_modify(|_| {});
+        }
+    }
+
     /// Distrusts every tail: after notices may have been lost (Redis was
     /// away), each tail is read again before it answers, and its waiters are
     /// woken to read it now (one read per tail, shared by its waiters).

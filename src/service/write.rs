@@ -22,13 +22,17 @@ use crate::storage::{self, UnreadableRow, chats, events, members, messages};
 /// The answer to one write of a batch.
 #[derive(Debug, Clone)]
 pub enum WriteOutcome {
+    /// `revision`: the chat's revision once the batch committed, the
+    /// consistency token of the answer (`minRevision`, docs/replicas.md).
     Joined {
         member: Member,
         created: bool,
+        revision: u64,
     },
     /// `now` when this write made the user leave (an event was appended).
     Left {
         now: bool,
+        revision: u64,
     },
     Posted {
         message: Message,
@@ -227,7 +231,15 @@ pub async fn commit_batch(
     let outcomes = plan
         .outcomes
         .into_iter()
-        .map(|planned| outcome(chat, planned, &ids_after, &message_rows))
+        .map(|planned| {
+            outcome(
+                chat,
+                planned,
+                before.revision + new_events.len() as u64,
+                &ids_after,
+                &message_rows,
+            )
+        })
         .collect::<Result<Vec<_>, OpError>>()?;
     tx.commit().await.map_err(OpError::Commit)?;
     Ok(Committed {
@@ -241,7 +253,7 @@ impl WriteOutcome {
     pub fn events(&self) -> u64 {
         match self {
             Self::Joined { created, .. } | Self::Posted { created, .. } => u64::from(*created),
-            Self::Left { now } => u64::from(*now),
+            Self::Left { now, .. } => u64::from(*now),
             Self::Rejected(_) | Self::Moved(_) | Self::Fenced => 0,
         }
     }
@@ -299,6 +311,7 @@ fn message_key(
 fn outcome(
     chat: &ChatId,
     planned: Planned,
+    revision: u64,
     ids: &HashMap<String, u64>,
     messages: &HashMap<(&str, &str), &messages::MessageRow>,
 ) -> Result<WriteOutcome, OpError> {
@@ -320,10 +333,11 @@ fn outcome(
                     joined_at: storage::utc(joined_at),
                 },
                 created,
+                revision,
             },
             None => return Err(missing("a member row")),
         },
-        Planned::Left { now } => WriteOutcome::Left { now },
+        Planned::Left { now } => WriteOutcome::Left { now, revision },
         Planned::Posted {
             sender,
             client_message_id,

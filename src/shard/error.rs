@@ -33,6 +33,15 @@ pub enum ShardError {
         #[source]
         source: sqlx::Error,
     },
+    /// The replicated shard has no writer now: its writer died or was made
+    /// read-only and no other member is writable yet (or one is, and waits
+    /// for its confirmation). Nothing was sent.
+    #[error("shard {shard} has no writer now")]
+    NoWriter { shard: String },
+    /// Several members of the replicated shard are writable: writes are
+    /// refused until one is demoted. Nothing was sent.
+    #[error("shard {shard} has several writable members (split brain)")]
+    SplitBrain { shard: String },
     /// The shard refuses writes (`read_only`).
     #[error("shard {shard} is read-only")]
     ReadOnly {
@@ -94,7 +103,7 @@ pub enum OutcomeCause {
 }
 
 /// Every outcome of a shard operation, as telemetry names them; `ok` first.
-pub const OUTCOMES: [&str; 11] = [
+pub const OUTCOMES: [&str; 13] = [
     "ok",
     "breaker_open",
     "chat_busy",
@@ -106,6 +115,8 @@ pub const OUTCOMES: [&str; 11] = [
     "chat_contended",
     "database",
     "bad_data",
+    "no_writer",
+    "split_brain",
 ];
 
 impl ShardError {
@@ -132,7 +143,9 @@ impl ShardError {
             | Self::OutcomeUnknown { shard, .. }
             | Self::Contended { shard, .. }
             | Self::Database { shard, .. }
-            | Self::BadData { shard, .. } => shard,
+            | Self::BadData { shard, .. }
+            | Self::NoWriter { shard }
+            | Self::SplitBrain { shard } => shard,
         }
     }
 
@@ -149,6 +162,8 @@ impl ShardError {
             Self::Contended { .. } => "chat_contended",
             Self::Database { .. } => "database",
             Self::BadData { .. } => "bad_data",
+            Self::NoWriter { .. } => "no_writer",
+            Self::SplitBrain { .. } => "split_brain",
         }
     }
 
@@ -157,7 +172,11 @@ impl ShardError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Self::Open { .. } | Self::ChatBusy { .. } | Self::Busy { .. }
+            Self::Open { .. }
+                | Self::ChatBusy { .. }
+                | Self::Busy { .. }
+                | Self::NoWriter { .. }
+                | Self::SplitBrain { .. }
         )
     }
 
@@ -172,7 +191,9 @@ impl ShardError {
             | Self::ReadOnly { .. }
             | Self::Contended { .. }
             | Self::Database { .. }
-            | Self::BadData { .. } => false,
+            | Self::BadData { .. }
+            | Self::NoWriter { .. }
+            | Self::SplitBrain { .. } => false,
         }
     }
 }

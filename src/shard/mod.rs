@@ -25,28 +25,35 @@
 //!
 //! Outside this module the shard is seen through [`ShardStatus`] snapshots and
 //! the [`Instruments`] it records into; its counters and pool stay private.
+//!
+//! A shard may be replicated (docs/replicas.md): it is then several
+//! [`member`]s, each one server behind all of the protections above, its
+//! own. Writes go to the member the [`monitor`] found writable
+//! ([`topology`] decides from what it saw); reads that may be served by a
+//! replica ask for one in rotation ([`Shard::pick_replica`]) and fall back to
+//! the writer only within `replicas.primary_fallback_share` of its slots.
 
 mod breaker;
 pub mod error;
 mod manager;
+mod member;
+mod monitor;
 mod set;
 mod share;
 mod stats;
+pub mod topology;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::Duration;
 
-use deadpool::managed::{Object, Pool, PoolError, TimeoutType, Timeouts};
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use sqlx::MySqlConnection;
-use sqlx::mysql::MySqlConnectOptions;
-use tokio::sync::Semaphore;
-use tracing::Instrument as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{BreakerSettings, PoolSettings, ShardSettings};
+use crate::config::{BreakerSettings, PoolSettings, ReplicaSettings, ShardSettings};
 use crate::domain::ChatId;
 
 pub use breaker::{Breaker, BreakerState};
@@ -54,11 +61,12 @@ pub use error::{
     BadData, OUTCOMES, OpError, OutcomeCause, ShardError, is_connection_error, is_deadlock,
     is_lock_contention, is_read_only_error,
 };
-use manager::MySqlManager;
+use member::Member;
+pub use monitor::{MemberRole, MemberStatus};
 pub use set::ShardSet;
-use share::ChatShares;
+use stats::ShardStats;
 pub use stats::{RECENT_SECS, Rejections, ShardStatus};
-use stats::{Refusal, ShardStats};
+use topology::Gate;
 
 /// A future borrowing a connection, as handed to [`Shard::read`] / [`Shard::write`].
 pub type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -107,37 +115,80 @@ impl InnodbSettings {
     }
 }
 
-/// One MySQL shard behind its breaker and bulkhead.
+/// One shard: its writer and its replicas, each behind its own protections.
 pub struct Shard {
     name: String,
-    address: String,
-    /// The URL without its secrets (`ShardSettings::redacted_url`).
-    url: String,
-    host: String,
-    port: u16,
-    database: String,
-    instruments: Instruments,
-    pool: Pool<MySqlManager>,
-    breaker: Breaker,
-    shares: Arc<ChatShares>,
-    admission: Arc<Semaphore>,
-    settings: PoolSettings,
-    stats: ShardStats,
-    innodb: Mutex<Option<InnodbSettings>>,
+    members: Vec<Member>,
+    /// Where writes go, as [`Gate`] encoded by [`encode`].
+    gate: AtomicU64,
+    /// The member reads of the writer go to while the gate is not open: the
+    /// last writer (split brain, confirmation), or none.
+    last_writer: AtomicUsize,
+    /// What the monitor last saw of each member.
+    seen: Vec<Mutex<monitor::Seen>>,
+    /// Reads meant for replicas that the writer takes when none can serve.
+    fallback: Arc<Semaphore>,
+    next_replica: AtomicUsize,
+    settings: ReplicaSettings,
+    /// End-to-end requests of the shard's chats (the move pacer's view).
+    requests: ShardStats,
+    /// Asks the monitor for a round now (a write met a read-only member, or
+    /// another instance saw the writer change).
+    nudge: Arc<tokio::sync::Notify>,
+    /// Bumped each time writes go to another member.
+    writer_changes: tokio::sync::watch::Sender<u64>,
+    role_changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard")
             .field("name", &self.name)
-            .field("address", &self.address)
+            .field("members", &self.members)
             .finish_non_exhaustive()
     }
 }
 
+const GATE_WRITER: u64 = 0;
+const GATE_PENDING: u64 = 1;
+const GATE_NONE: u64 = 2;
+const GATE_SPLIT: u64 = 3;
+
+fn encode(gate: Gate) -> u64 {
+    match gate {
+        Gate::Writer(i) => (GATE_WRITER << 32) | i as u64,
+        Gate::Pending(i) => (GATE_PENDING << 32) | i as u64,
+        Gate::NoWriter => GATE_NONE << 32,
+        Gate::SplitBrain => GATE_SPLIT << 32,
+    }
+}
+
+fn decode(v: u64) -> Gate {
+    let i = (v & 0xffff_ffff) as usize;
+    match v >> 32 {
+        GATE_WRITER => Gate::Writer(i),
+        GATE_PENDING => Gate::Pending(i),
+        GATE_NONE => Gate::NoWriter,
+        _ => Gate::SplitBrain,
+    }
+}
+
+/// Where a read was served, for the answer's headers and the span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The member's `host:port`.
+    pub member: String,
+    /// Whether it was the writer.
+    pub writer: bool,
+    /// How stale the answer may be, in milliseconds (0 from the writer).
+    pub staleness_ms: u64,
+}
+
 impl Shard {
-    /// Builds the shard's pool; connects lazily. `id_block` picks the
-    /// shard's series of auto-increment ids (see [`Settings::id_blocks`]).
+    /// Builds the shard's members (its `url`, then its replicas); connects
+    /// lazily. `id_block` picks the shard's series of auto-increment ids
+    /// (see [`Settings::id_blocks`]). Writes go to `url` until the monitor
+    /// says otherwise.
     ///
     /// [`Settings::id_blocks`]: crate::config::Settings::id_blocks
     pub fn new(
@@ -145,53 +196,43 @@ impl Shard {
         id_block: u16,
         pool: &PoolSettings,
         breaker: &BreakerSettings,
+        replicas: &ReplicaSettings,
         instruments: Instruments,
     ) -> anyhow::Result<Self> {
-        let options: MySqlConnectOptions = settings
-            .url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("shard {}: invalid url: {e}", settings.name))?;
-        let (host, port) = (options.get_host().to_owned(), options.get_port());
-        let database = options.get_database().unwrap_or_default().to_owned();
-        let address = format!("{host}:{port}");
-        let built = Pool::builder(MySqlManager::new(
-            options,
-            pool.lock_wait_timeout_secs,
-            id_block,
-        ))
-        .max_size(pool.max_concurrent)
-        .wait_timeout(Some(pool.max_wait()))
-        .create_timeout(Some(pool.connect_timeout()))
-        .recycle_timeout(Some(pool.connect_timeout()))
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .map_err(|e| anyhow::anyhow!("shard {}: {e}", settings.name))?;
-        // Every outcome series exists from the start, so a rate over it sees
-        // its first increment.
-        for outcome in OUTCOMES {
-            instruments.operations.add(
-                0,
-                &[
-                    KeyValue::new("shard", settings.name.clone()),
-                    KeyValue::new("outcome", outcome),
-                ],
-            );
-        }
+        let replicated = !settings.replicas.is_empty();
+        let members = settings
+            .member_urls()
+            .map(|url| {
+                let member = Member::new(
+                    &settings.name,
+                    url,
+                    replicated,
+                    id_block,
+                    pool,
+                    breaker,
+                    instruments.clone(),
+                )?;
+                Ok(member)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        members[0].set_writer(true);
+        let seen = members
+            .iter()
+            .map(|_| Mutex::new(monitor::Seen::default()))
+            .collect();
         Ok(Self {
             name: settings.name.clone(),
-            address,
-            url: settings.redacted_url(),
-            host,
-            port,
-            database,
-            instruments,
-            pool: built,
-            breaker: Breaker::new(&settings.name, breaker),
-            shares: ChatShares::new(pool.per_chat_concurrent(), pool.per_chat_waiting()),
-            admission: Arc::new(Semaphore::new(pool.max_concurrent + pool.max_waiting)),
-            settings: pool.clone(),
-            stats: ShardStats::default(),
-            innodb: Mutex::new(None),
+            gate: AtomicU64::new(encode(Gate::Writer(0))),
+            last_writer: AtomicUsize::new(0),
+            seen,
+            fallback: Arc::new(Semaphore::new(replicas.fallback_slots(pool.max_concurrent))),
+            next_replica: AtomicUsize::new(0),
+            settings: replicas.clone(),
+            requests: ShardStats::default(),
+            nudge: Arc::new(tokio::sync::Notify::new()),
+            writer_changes: tokio::sync::watch::channel(0).0,
+            role_changes: AtomicU64::new(0),
+            members,
         })
     }
 
@@ -199,38 +240,66 @@ impl Shard {
         &self.name
     }
 
-    /// `host:port` of the server.
-    pub fn address(&self) -> &str {
-        &self.address
+    /// Whether the shard has replicas (and so a monitor).
+    pub fn is_replicated(&self) -> bool {
+        self.members.len() > 1
     }
 
-    /// The shard's URL without its password nor its key path, with its
+    /// Whether writes (and the writer's reads) have a member now.
+    pub fn has_writer(&self) -> bool {
+        !matches!(self.gate(), Gate::NoWriter)
+    }
+
+    /// Where writes go now.
+    pub fn gate(&self) -> Gate {
+        decode(self.gate.load(Ordering::Acquire))
+    }
+
+    /// The member that serves the writer's reads: the writer, else the last
+    /// one while writes wait for a confirmation or a split brain ends.
+    fn reader(&self) -> Option<&Member> {
+        match self.gate() {
+            Gate::Writer(i) => Some(&self.members[i]),
+            Gate::Pending(_) | Gate::SplitBrain => {
+                Some(&self.members[self.last_writer.load(Ordering::Acquire)])
+            }
+            Gate::NoWriter => None,
+        }
+    }
+
+    /// The writer, or the last one: what views and the pacer describe.
+    fn primary(&self) -> &Member {
+        &self.members[self.last_writer.load(Ordering::Acquire)]
+    }
+
+    /// `host:port` of the writer (or the last one).
+    pub fn address(&self) -> &str {
+        self.primary().address()
+    }
+
+    /// The writer's URL without its password nor its key path, with its
     /// `ssl-mode`: for messages about how the shard is reached.
     pub fn redacted_url(&self) -> &str {
-        &self.url
+        self.primary().redacted_url()
     }
 
-    /// The breaker's state now.
+    /// The writer's breaker state now.
     pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
+        self.primary().breaker_state()
     }
 
-    /// The `q` quantile of the latency its callers saw over the last
+    /// The `q` quantile of the latency the writer's callers saw over the last
     /// `window` (at most 10 s), with the number of calls it comes from; a
     /// move's own calls (`move_*`) are not counted.
-    pub fn recent_latency(
-        &self,
-        q: f64,
-        window: std::time::Duration,
-    ) -> Option<(std::time::Duration, u64)> {
-        self.stats.recent_latency(q, window)
+    pub fn recent_latency(&self, q: f64, window: Duration) -> Option<(Duration, u64)> {
+        self.primary().recent_latency(q, window)
     }
 
     /// Counts a request of one of the shard's chats (`chat`: its key,
     /// [`crate::routing::chat_key`]), end to end: what a move's pacer watches
     /// besides the shard's own calls.
-    pub fn record_request(&self, chat: u64, took: std::time::Duration) {
-        self.stats.record_request(chat, took);
+    pub fn record_request(&self, chat: u64, took: Duration) {
+        self.requests.record_request(chat, took);
     }
 
     /// The `q` quantile of this instance's requests of the shard's chats over
@@ -239,60 +308,36 @@ impl Shard {
     pub fn request_latency(
         &self,
         q: f64,
-        window: std::time::Duration,
+        window: Duration,
         keep: impl Fn(u64) -> bool,
-    ) -> Option<(std::time::Duration, u64)> {
-        self.stats.request_latency(q, window, keep)
+    ) -> Option<(Duration, u64)> {
+        self.requests.request_latency(q, window, keep)
     }
 
-    /// Everything the admin view and the metrics show of the shard, now.
+    /// Everything the admin view and the metrics show of the shard, now: the
+    /// writer's protections, and every member when it is replicated.
     pub fn status(&self) -> ShardStatus {
-        let pool = self.pool.status();
-        let in_flight = self.stats.in_flight();
-        let admitted = (self.settings.max_concurrent + self.settings.max_waiting)
-            - self.admission.available_permits();
-        let (recent_calls, recent_failure_rate) = self.stats.recent();
-        ShardStatus {
-            name: self.name.clone(),
-            address: self.address.clone(),
-            breaker: self.breaker.state(),
-            breaker_since: self.breaker.since(),
-            in_flight,
-            waiting: admitted.saturating_sub(in_flight),
-            capacity: self.settings.max_concurrent,
-            waiting_capacity: self.settings.max_waiting,
-            per_chat_capacity: self.settings.per_chat_concurrent(),
-            pool_size: pool.size,
-            pool_idle: pool.available,
-            recent_calls,
-            recent_failure_rate,
-            last_failure: self.stats.last_failure(),
-            rejected: self.stats.rejections(),
-            innodb: *self.innodb.lock().unwrap_or_else(PoisonError::into_inner),
+        let mut status = self.primary().status();
+        status.gate = self.gate();
+        status.role_changes = self.role_changes.load(Ordering::Relaxed);
+        if self.is_replicated() {
+            status.members = self.member_statuses();
+        }
+        status
+    }
+
+    /// Reads the writer's InnoDB settings (through the protections) and
+    /// keeps them for [`Self::status`].
+    pub async fn read_innodb(&self) -> Result<InnodbSettings, ShardError> {
+        match self.reader() {
+            Some(m) => m.read_innodb().await,
+            None => Err(self.no_writer()),
         }
     }
 
-    /// Reads the shard's InnoDB settings (through the protections) and keeps
-    /// them for [`Self::status`].
-    pub async fn read_innodb(&self) -> Result<InnodbSettings, ShardError> {
-        let settings = self
-            .read(None, "read_innodb_settings", |conn| {
-                Box::pin(async move {
-                    let (autoinc_lock_mode, flush_log_at_trx_commit) =
-                        crate::storage::server::innodb_settings(conn).await?;
-                    Ok(InnodbSettings {
-                        autoinc_lock_mode,
-                        flush_log_at_trx_commit,
-                    })
-                })
-            })
-            .await?;
-        *self.innodb.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
-        Ok(settings)
-    }
-
-    /// Runs a read for `chat` (or for the shard itself when `None`). A timeout
-    /// or lost connection means nothing was changed.
+    /// Runs a read for `chat` (or for the shard itself when `None`) on the
+    /// writer; while the shard has no writer, on the freshest replica that
+    /// answers. A timeout or lost connection means nothing was changed.
     pub async fn read<T, F>(
         &self,
         chat: Option<&ChatId>,
@@ -302,12 +347,20 @@ impl Shard {
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Read, chat, name, op).await
+        match self.reader() {
+            Some(m) => m.read(chat, name, op).await,
+            None => match self.freshest_replica() {
+                Some(i) => self.members[i].read(chat, name, op).await,
+                None => Err(self.no_writer()),
+            },
+        }
     }
 
-    /// Runs a write transaction. A timeout, or a lost connection during COMMIT,
-    /// is reported as [`ShardError::OutcomeUnknown`]: every write of chatshard is
-    /// idempotent by a unique key, so the caller may retry it safely.
+    /// Runs a write transaction on the writer. A timeout, or a lost
+    /// connection during COMMIT, is reported as
+    /// [`ShardError::OutcomeUnknown`]: every write of chatshard is idempotent
+    /// by a unique key, so the caller may retry it safely. While the shard
+    /// has no writer (or a split brain) the write is refused at once.
     pub async fn write<T, F>(
         &self,
         chat: Option<&ChatId>,
@@ -317,14 +370,84 @@ impl Shard {
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        self.run(Access::Write, chat, name, op).await
+        let writer = match self.gate() {
+            Gate::Writer(i) => &self.members[i],
+            Gate::SplitBrain => {
+                return Err(ShardError::SplitBrain {
+                    shard: self.name.clone(),
+                });
+            }
+            Gate::Pending(_) | Gate::NoWriter => return Err(self.no_writer()),
+        };
+        let result = writer.write(chat, name, op).await;
+        if self.is_replicated()
+            && let Err(ShardError::ReadOnly { .. }) = &result
+        {
+            // The writer was demoted under us: look again now, and answer as
+            // a shard between writers does.
+            self.nudge.notify_one();
+            return Err(self.no_writer());
+        }
+        result
     }
 
-    /// One client span per operation, following the database semantic
-    /// conventions, around the protections.
-    async fn run<T, F>(
+    fn no_writer(&self) -> ShardError {
+        ShardError::NoWriter {
+            shard: self.name.clone(),
+        }
+    }
+
+    /// Checks that the shard's writer answers, through the breaker and the
+    /// bulkhead.
+    pub async fn ping(&self) -> Result<(), ShardError> {
+        match self.reader() {
+            Some(m) => m.ping().await,
+            None => Err(self.no_writer()),
+        }
+    }
+
+    /// A replica that may serve a read now, taken in turn: read-only,
+    /// answering the monitor, its lag within `replicas.max_lag_ms` and its
+    /// breaker not open. `None` without replicas or when none qualifies.
+    pub fn pick_replica(&self) -> Option<usize> {
+        if !self.is_replicated() {
+            return None;
+        }
+        let n = self.members.len();
+        let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.in_rotation(i))
+    }
+
+    /// Whether member `i` may serve replica reads now.
+    fn in_rotation(&self, i: usize) -> bool {
+        if self.gate().writer() == Some(i) {
+            return false;
+        }
+        let seen = self.seen[i].lock().unwrap_or_else(PoisonError::into_inner);
+        seen.in_rotation(self.settings.max_lag())
+            && self.members[i].breaker_state() != BreakerState::Open
+    }
+
+    /// The replica with the least lag that answered the monitor: where reads
+    /// go while the shard has no writer.
+    fn freshest_replica(&self) -> Option<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].breaker_state() != BreakerState::Open)
+            .filter_map(|i| {
+                let seen = self.seen[i].lock().unwrap_or_else(PoisonError::into_inner);
+                seen.answering()
+                    .then_some((seen.lag_ms.unwrap_or(u64::MAX), i))
+            })
+            .min()
+            .map(|(_, i)| i)
+    }
+
+    /// Runs a read on member `i` (from [`Self::pick_replica`]).
+    pub async fn read_member<T, F>(
         &self,
-        access: Access,
+        i: usize,
         chat: Option<&ChatId>,
         name: &'static str,
         op: F,
@@ -332,267 +455,55 @@ impl Shard {
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
-        let span = tracing::info_span!(
-            "db",
-            otel.name = %format_args!("{name} {}", self.database),
-            otel.kind = "client",
-            db.system.name = "mysql",
-            db.namespace = %self.database,
-            db.operation.name = name,
-            server.address = %self.host,
-            server.port = self.port,
-            chatshard.shard = %self.name,
-            chatshard.breaker.state = self.breaker.state().as_str(),
-            chatshard.bulkhead.wait_ms = tracing::field::Empty,
-            chatshard.bulkhead.in_flight = tracing::field::Empty,
-            db.operation.batch.size = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        let started = Instant::now();
-        let result = self
-            .protected(access, chat, op)
-            .instrument(span.clone())
-            .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => {
-                span.record("error.type", e.code());
-                if e.counts_against_shard()
-                    || matches!(e, ShardError::Database { .. } | ShardError::BadData { .. })
-                {
-                    span.record("otel.status_code", "ERROR");
-                }
-                e.code()
-            }
-        };
-        let shard = KeyValue::new("shard", self.name.clone());
-        if !result.as_ref().is_err_and(ShardError::is_refusal) {
-            let took = started.elapsed();
-            if !name.starts_with("move_") {
-                self.stats.record_latency(took);
-            }
-            self.instruments.operation_seconds.record(
-                took.as_secs_f64(),
-                &[
-                    shard.clone(),
-                    KeyValue::new("operation", name),
-                    KeyValue::new("outcome", outcome),
-                ],
-            );
+        self.members[i].read(chat, name, op).await
+    }
+
+    /// A slot of the writer's share for reads that no replica could serve;
+    /// `None` when that share is taken (the read is then refused, so a
+    /// replica outage cannot double the writer's load).
+    pub fn fallback_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.fallback.clone().try_acquire_owned().ok()
+    }
+
+    /// Where a read on member `i` was served and how stale it may be: the
+    /// lag the monitor last measured, the time since, and one monitor period
+    /// (the heartbeat's resolution).
+    pub fn served(&self, i: usize) -> Served {
+        let member = &self.members[i];
+        if self.gate().writer() == Some(i) {
+            return Served {
+                member: member.address().to_owned(),
+                writer: true,
+                staleness_ms: 0,
+            };
         }
-        self.instruments
-            .operations
-            .add(1, &[shard, KeyValue::new("outcome", outcome)]);
-        result
-    }
-
-    /// The order of protections; see the module docs.
-    async fn protected<T, F>(
-        &self,
-        access: Access,
-        chat: Option<&ChatId>,
-        op: F,
-    ) -> Result<T, ShardError>
-    where
-        F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
-    {
-        let start = Instant::now();
-        let wait_until = start + self.settings.max_wait();
-        // 1. The breaker: a broken shard costs its callers nothing.
-        let Some(_probe) = self.breaker.admit() else {
-            self.stats.refused(Refusal::BreakerOpen);
-            tracing::debug!(reason = "breaker_open", "bulkhead_rejected");
-            return Err(ShardError::Open {
-                shard: self.name.clone(),
-                retry_after_secs: self.breaker.retry_after_secs(),
-            });
-        };
-        // 2. The chat's share of the shard.
-        let _chat_slot = match chat {
-            Some(chat) => Some(
-                self.shares
-                    .acquire(chat, self.settings.max_wait())
-                    .await
-                    .map_err(|_| {
-                        self.stats.refused(Refusal::ChatBusy);
-                        tracing::debug!(reason = "chat_busy", "bulkhead_rejected");
-                        ShardError::ChatBusy {
-                            shard: self.name.clone(),
-                        }
-                    })?,
-            ),
-            None => None,
-        };
-        let result = self.run_admitted(access, start, wait_until, op).await;
-        self.record(&result);
-        result
-    }
-
-    /// Steps 3 to 5, once the breaker and the chat's share let the caller in.
-    async fn run_admitted<T, F>(
-        &self,
-        access: Access,
-        start: Instant,
-        wait_until: Instant,
-        op: F,
-    ) -> Result<T, ShardError>
-    where
-        F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
-    {
-        // 3. Admission: refuse at once rather than queue without bound.
-        let _permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| self.busy())?;
-        // 4. The pool, within what is left of the caller's bounded wait.
-        let timeouts = Timeouts {
-            wait: Some(wait_until.saturating_duration_since(Instant::now())),
-            create: Some(self.settings.connect_timeout()),
-            recycle: Some(self.settings.connect_timeout()),
-        };
-        let mut conn = InUse(Some(
-            self.pool
-                .timeout_get(&timeouts)
-                .await
-                .map_err(|e| self.pool_error(e))?,
-        ));
-        let _in_flight = self.stats.start();
-        let span = tracing::Span::current();
-        span.record(
-            "chatshard.bulkhead.wait_ms",
-            start.elapsed().as_secs_f64() * 1000.0,
-        );
-        span.record(
-            "chatshard.bulkhead.in_flight",
-            self.stats.in_flight() as u64,
-        );
-        // 5. The deadline around the database work.
-        let deadline = self.settings.operation_timeout();
-        let Some(connection) = conn.0.as_deref_mut() else {
-            return Err(self.busy());
-        };
-        match tokio::time::timeout(deadline, op(connection)).await {
-            Ok(Ok(value)) => {
-                conn.release();
-                Ok(value)
-            }
-            Ok(Err(err)) => {
-                let err = error::classify(&self.name, err);
-                // The shard answered these on a healthy connection; any other
-                // failure leaves the connection in doubt.
-                if matches!(
-                    err,
-                    ShardError::Database { .. }
-                        | ShardError::ReadOnly { .. }
-                        | ShardError::Contended { .. }
-                        | ShardError::BadData { .. }
-                ) {
-                    conn.release();
-                }
-                Err(err)
-            }
-            Err(_elapsed) => {
-                // The connection is mid-protocol: `conn` is dropped, never reused.
-                Err(match access {
-                    Access::Read => ShardError::Timeout {
-                        shard: self.name.clone(),
-                        deadline,
-                    },
-                    Access::Write => ShardError::OutcomeUnknown {
-                        shard: self.name.clone(),
-                        cause: OutcomeCause::Deadline(deadline),
-                    },
-                })
-            }
+        let seen = self.seen[i].lock().unwrap_or_else(PoisonError::into_inner);
+        let since = seen.at.map_or(0, |at| at.elapsed().as_millis() as u64);
+        Served {
+            member: member.address().to_owned(),
+            writer: false,
+            staleness_ms: seen.lag_ms.unwrap_or(0) + since + self.settings.monitor_ms,
         }
     }
 
-    /// Feeds an outcome to the breaker and the stats.
-    fn record<T>(&self, result: &Result<T, ShardError>) {
-        match result {
-            Ok(_) => {
-                self.breaker.record_success();
-                self.stats.record_ok();
-            }
-            Err(e) if e.counts_against_shard() => {
-                let reason = crate::error::chain(e);
-                self.breaker.record_failure(&reason);
-                self.stats.record_failure(reason);
-            }
-            Err(
-                e @ (ShardError::ReadOnly { .. }
-                | ShardError::Database { .. }
-                | ShardError::Contended { .. }
-                | ShardError::BadData { .. }),
-            ) => {
-                // The shard answered: not its outage, but worth showing.
-                self.stats.record_failure(crate::error::chain(e));
-            }
-            Err(_) => {}
-        }
+    /// Where a read of the writer was served (for a read that went through
+    /// [`Self::read`]).
+    pub fn served_by_writer(&self) -> Served {
+        let i = self
+            .gate()
+            .writer()
+            .unwrap_or_else(|| self.last_writer.load(Ordering::Acquire));
+        self.served(i)
     }
 
-    fn busy(&self) -> ShardError {
-        self.stats.refused(Refusal::ShardBusy);
-        tracing::debug!(reason = "shard_busy", "bulkhead_rejected");
-        ShardError::Busy {
-            shard: self.name.clone(),
-        }
+    /// A receiver that changes each time writes go to another member.
+    pub fn writer_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer_changes.subscribe()
     }
 
-    fn pool_error(&self, e: PoolError<sqlx::Error>) -> ShardError {
-        match e {
-            PoolError::Timeout(TimeoutType::Wait) => self.busy(),
-            PoolError::Timeout(_) => ShardError::Timeout {
-                shard: self.name.clone(),
-                deadline: self.settings.connect_timeout(),
-            },
-            PoolError::Backend(source) => ShardError::Unavailable {
-                shard: self.name.clone(),
-                source,
-            },
-            PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
-                ShardError::Unavailable {
-                    shard: self.name.clone(),
-                    source: sqlx::Error::PoolClosed,
-                }
-            }
-        }
-    }
-
-    /// Checks that the shard answers, through the breaker and the bulkhead.
-    pub async fn ping(&self) -> Result<(), ShardError> {
-        self.read(None, "ping", |c| {
-            Box::pin(async move {
-                sqlx::Connection::ping(c).await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-}
-
-/// A connection taken from the pool for one operation. Unless the operation
-/// ended in a state the connection can be reused from ([`InUse::release`]),
-/// dropping it closes the connection instead of returning it: an operation
-/// cut short (its deadline, or its caller went away mid-query) leaves the
-/// connection mid-protocol, and the next user would read another's answer.
-struct InUse(Option<Object<MySqlManager>>);
-
-impl InUse {
-    /// Back to the pool (recycling checks it is not inside a transaction).
-    fn release(mut self) {
-        drop(self.0.take());
-    }
-}
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(Object::take(conn));
-        }
+    /// Asks the monitor for a round now.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
     }
 }
 
@@ -619,6 +530,7 @@ mod tests {
             0,
             &PoolSettings::default(),
             &BreakerSettings::default(),
+            &ReplicaSettings::default(),
             Instruments::unmeasured(),
         )?;
         let err = ShardSet::new(vec![Arc::new(shard)], router).unwrap_err();

@@ -132,6 +132,12 @@ pub struct ShardStatus {
     pub rejected: Rejections,
     /// The InnoDB settings read at start-up, if the shard answered then.
     pub innodb: Option<super::InnodbSettings>,
+    /// Where writes go (always the one member of a shard without replicas).
+    pub gate: super::topology::Gate,
+    /// Times writes went to another member since start.
+    pub role_changes: u64,
+    /// Every member of a replicated shard; empty without replicas.
+    pub members: Vec<super::MemberStatus>,
 }
 
 impl Default for ShardStats {

@@ -114,6 +114,31 @@ pub async fn tables(conn: &mut MySqlConnection) -> sqlx::Result<Vec<String>> {
     .await
 }
 
+/// What the member monitor reads of a member in one round: whether it is
+/// read-only, and its heartbeat (`None` before the first beat reached it).
+pub async fn member_probe(conn: &mut MySqlConnection) -> sqlx::Result<(bool, Option<i64>)> {
+    let (read_only, beat): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT CAST(@@global.read_only AS SIGNED), \
+         (SELECT beat_ms FROM shard_heartbeat WHERE id = 1)",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((read_only != 0, beat))
+}
+
+/// Moves the writer's heartbeat forward to `now_ms` (never back).
+pub async fn beat(conn: &mut MySqlConnection, now_ms: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO shard_heartbeat (id, beat_ms) VALUES (1, ?) \
+         ON DUPLICATE KEY UPDATE beat_ms = GREATEST(beat_ms, ?)",
+    )
+    .bind(now_ms)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A text column that a server may send as a string or as bytes.
 fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> sqlx::Result<String> {
     use sqlx::Row as _;

@@ -50,6 +50,8 @@ pub fn shared_settings(n: usize) -> Settings {
 enum ShardChoice {
     Shared(usize),
     Own(usize, Location),
+    /// `n` shards of the app's own, each with this many replicas.
+    OwnReplicated(usize, usize),
 }
 
 /// Which Redis an app's fleet uses.
@@ -99,6 +101,13 @@ impl<'a> Builder<'a> {
     /// `n` shards of this app's own, killed when it is dropped.
     pub fn own_shards(mut self, n: usize, location: Location) -> Self {
         self.shards = ShardChoice::Own(n, location);
+        self
+    }
+
+    /// `n` shards of this app's own, each a primary with `replicas`
+    /// replicas, named in `[[shards]] replicas`; killed when it is dropped.
+    pub fn replicated_shards(mut self, n: usize, replicas: usize) -> Self {
+        self.shards = ShardChoice::OwnReplicated(n, replicas);
         self
     }
 
@@ -156,6 +165,9 @@ impl<'a> Builder<'a> {
             (_, true) => ShardServers::Given,
             (ShardChoice::Own(n, location), false) => {
                 ShardServers::Own(servers::cluster(n, location).await)
+            }
+            (ShardChoice::OwnReplicated(n, replicas), false) => {
+                ShardServers::Own(servers::replicated_cluster(n, replicas).await)
             }
         };
         let mut settings = match (self.settings, &shards) {

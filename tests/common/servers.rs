@@ -45,6 +45,14 @@ pub async fn cluster(n: usize, location: Location) -> LocalCluster {
         .unwrap_or_else(|e| panic!("starting {n} shards: {e:#}"))
 }
 
+/// `n` shards of the caller's own, each a primary with `replicas` replicas
+/// (GTID, semi-synchronous), in temporary directories.
+pub async fn replicated_cluster(n: usize, replicas: usize) -> LocalCluster {
+    LocalCluster::start_replicated(n, replicas, Location::Temp, &[])
+        .await
+        .unwrap_or_else(|e| panic!("starting {n} shards with {replicas} replicas each: {e:#}"))
+}
+
 /// One bare `mariadbd` of the caller's own (no schema), with `extra_args` on
 /// its command line.
 pub async fn mariadb(extra_args: &[&str]) -> LocalMariaDb {
