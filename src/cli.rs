@@ -68,6 +68,14 @@ enum Command {
     /// Cancel a running bucket-range move before its flip; whoever drives it
     /// drops the copies it made, and the bucket table stays as it was.
     CancelMoveBuckets(CancelMoveBucketsArgs),
+    /// Planned switchover of a replicated shard to one of its replicas
+    /// (docs/replicas.md, "Reparents"): writes held for the pause, the old
+    /// writer made read-only, the replica caught up and promoted, the other
+    /// members pointed at it.
+    Switchover(SwitchoverArgs),
+    /// Emergency failover of a replicated shard whose writer is gone: the
+    /// most advanced replica is promoted and the others pointed at it.
+    Failover(FailoverArgs),
     /// Delete the events past the retention policy now, every shard, paced
     /// like the background purge; with --dry-run, report per shard what would
     /// go and delete nothing (docs/event-log.md).
@@ -103,6 +111,30 @@ struct MoveBucketsArgs {
     /// The shard to give it to, by its configured name.
     #[arg(long)]
     to: String,
+}
+
+#[derive(Debug, Args)]
+struct SwitchoverArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The shard, by its configured name.
+    #[arg(long)]
+    shard: String,
+    /// The replica to promote, `host:port` as `GET /v1/admin/shards` lists it.
+    #[arg(long)]
+    to: String,
+}
+
+#[derive(Debug, Args)]
+struct FailoverArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The shard, by its configured name.
+    #[arg(long)]
+    shard: String,
+    /// Promote the most advanced replica even if it lacks acknowledged writes.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +345,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let range = crate::routing::BucketRange::parse(&args.buckets)
                 .map_err(|e| anyhow::anyhow!("BUCKETS: {e}"))?;
             move_buckets(&settings, range, &args.to).await
+        }
+        Command::Switchover(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let service = mover(&settings)?;
+            service.look_at_members().await;
+            let done = service
+                .switchover(&args.shard, &args.to)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+            println!(
+                "shard {}: writer {} -> {} (writes held {:.1} ms)",
+                done.shard,
+                done.from,
+                done.to,
+                done.write_pause.map_or(0.0, |d| d.as_secs_f64() * 1e3)
+            );
+            Ok(())
+        }
+        Command::Failover(args) => {
+            telemetry::init(&TelemetrySettings::default())?;
+            let settings = load(&args.config)?;
+            let service = mover(&settings)?;
+            service.look_at_members().await;
+            let done = service
+                .failover(&args.shard, args.force)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))?;
+            println!("shard {}: writer {} -> {}", done.shard, done.from, done.to);
+            Ok(())
         }
         Command::CancelMove(args) => {
             telemetry::init(&TelemetrySettings::default())?;
@@ -690,6 +752,7 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     settings.shards = shards.shard_settings().to_vec();
+    shards.fill_replication(&mut settings);
     let mut redis = None;
     if args.redis {
         let dir = args.data_dir.join("redis");

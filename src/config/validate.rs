@@ -144,6 +144,9 @@ impl Settings {
             ("replicas.max_lag_ms", r.max_lag_ms),
             ("replicas.acked_keep_secs", r.acked_keep_secs),
             ("replicas.acked_chats", r.acked_chats),
+            ("replicas.hold_writes_ms", r.hold_writes_ms),
+            ("replicas.catch_up_ms", r.catch_up_ms),
+            ("replicas.auto_failover_after_ms", r.auto_failover_after_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));

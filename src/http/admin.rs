@@ -9,7 +9,7 @@ use axum::extract::{FromRef, FromRequestParts, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
@@ -851,4 +851,105 @@ mod tests {
         assert_eq!(bearer_token("Basic t0k"), None);
         assert_eq!(bearer_token("Bearer"), None);
     }
+}
+
+/// `POST /v1/admin/shards/{name}/switchover`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// The replica to promote, by its `host:port` (as `GET /v1/admin/shards`
+    /// lists the members).
+    #[schema(min_length = 1, max_length = 255)]
+    pub to: String,
+}
+
+/// `POST /v1/admin/shards/{name}/failover`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// Promote the most advanced replica even when it lacks writes this
+    /// instance acknowledged (they are then lost, and reported).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A reparent that ran.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReparentView {
+    pub shard: String,
+    /// The writer before.
+    pub from: String,
+    /// The writer now.
+    pub to: String,
+    /// How long this instance held the shard's writes (switchover only).
+    pub write_pause_ms: Option<f64>,
+}
+
+impl From<crate::service::failover::Reparented> for ReparentView {
+    fn from(r: crate::service::failover::Reparented) -> Self {
+        Self {
+            shard: r.shard,
+            from: r.from,
+            to: r.to,
+            write_pause_ms: r.write_pause.map(|d| d.as_secs_f64() * 1e3),
+        }
+    }
+}
+
+/// A planned switchover of a replicated shard to one of its replicas, under
+/// load (docs/replicas.md, "Reparents"): writes held (not refused) for the
+/// pause, the old writer made read-only, the target caught up, promoted,
+/// the other members pointed at it. Answers once it is done.
+#[utoipa::path(
+    post, path = "/v1/admin/shards/{name}/switchover", tag = "admin", params(("name" = String, Path, description = "The shard's configured name")),
+    security(("admin_token" = [])),
+    request_body(content = SwitchoverRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done", body = ReparentView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "reparent_refused (rolled back when it failed part-way)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "unknown_shard, or an invalid body", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn switchover(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    super::extract::JsonBody(body): super::extract::JsonBody<SwitchoverRequest>,
+) -> Result<Json<ReparentView>, Problem> {
+    let done = state.service.switchover(&name, &body.to).await?;
+    Ok(Json(done.into()))
+}
+
+/// An emergency failover of a replicated shard whose writer is gone: the
+/// replica holding everything the others hold is promoted and the others
+/// pointed at it; refused while a member is writable, and (unless `force`)
+/// when that replica lacks writes this instance acknowledged.
+#[utoipa::path(
+    post, path = "/v1/admin/shards/{name}/failover", tag = "admin", params(("name" = String, Path, description = "The shard's configured name")),
+    security(("admin_token" = [])),
+    request_body(content = Option<FailoverRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done", body = ReparentView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "admin_disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "reparent_refused", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "unknown_shard, or an invalid body", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn failover(
+    _: Admin,
+    State(state): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    super::extract::OptionalJsonBody(body): super::extract::OptionalJsonBody<FailoverRequest>,
+) -> Result<Json<ReparentView>, Problem> {
+    let force = body.unwrap_or_default().force;
+    let done = state.service.failover(&name, force).await?;
+    Ok(Json(done.into()))
 }

@@ -122,6 +122,8 @@ fn routes(shards: &[String]) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(admin::shards))
+        .routes(routes!(admin::switchover))
+        .routes(routes!(admin::failover))
         .routes(routes!(
             admin::get_config,
             admin::put_config,

@@ -80,6 +80,7 @@ codes! {
     ChatMoving => "chat_moving",
     UnknownShard => "unknown_shard",
     MoveRefused => "move_refused",
+    ReparentRefused => "reparent_refused",
     Internal => "internal",
 }
 
@@ -106,7 +107,7 @@ impl Code {
             Self::Unauthorized | Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
-            Self::ChatFull | Self::MoveRefused => StatusCode::CONFLICT,
+            Self::ChatFull | Self::MoveRefused | Self::ReparentRefused => StatusCode::CONFLICT,
             Self::NotAMember => StatusCode::FORBIDDEN,
             Self::ChatBusy
             | Self::ChatQueueFull
@@ -154,6 +155,7 @@ impl Code {
             Self::ChatMoving => "The chat is moving to another shard",
             Self::UnknownShard => "No shard has this name",
             Self::MoveRefused => "The move cannot start",
+            Self::ReparentRefused => "The switchover or failover cannot run",
             Self::ChatContended => "Writes to this chat are waiting for each other",
             Self::JoinThrottled => "Too many joins to this chat",
             Self::FetchThrottled => "This chat is hot: event fetches are throttled",
@@ -335,6 +337,7 @@ impl From<ServiceError> for Problem {
                 format!("no configured shard is named {shard:?}"),
             ),
             ServiceError::MoveRefused { reason } => Self::new(Code::MoveRefused, reason),
+            ServiceError::ReparentRefused { reason } => Self::new(Code::ReparentRefused, reason),
             ServiceError::MoveNotFound { id } => {
                 Self::new(Code::NotFound, format!("no move has the id {id:?}"))
             }

@@ -262,7 +262,19 @@ impl LocalCluster {
     pub fn settings(&self) -> Result<Settings> {
         let mut settings = Settings::from_toml_unvalidated("listen = \"127.0.0.1:0\"", [])?;
         settings.shards = self.shards.clone();
+        self.fill_replication(&mut settings);
         Ok(settings)
+    }
+
+    /// Gives `settings` the account replicas log in with, when the cluster
+    /// has replicas (reparents run by chatshard repoint them with it).
+    pub fn fill_replication(&self, settings: &mut Settings) {
+        if self.replicas.iter().any(|r| !r.is_empty())
+            && settings.replicas.replication_user.is_empty()
+        {
+            settings.replicas.replication_user = super::REPLICATION_USER.to_owned();
+            settings.replicas.replication_password = super::REPLICATION_PASSWORD.to_owned();
+        }
     }
 
     /// The schema of each shard after migration.

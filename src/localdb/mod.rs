@@ -60,7 +60,7 @@ const POLL: Duration = Duration::from_millis(25);
 /// made on every member of a replicated shard with the binary log off.
 pub const REPLICATION_USER: &str = "chatshard_repl";
 /// Its password: these servers listen on 127.0.0.1 only, and root has none.
-const REPLICATION_PASSWORD: &str = "chatshard-repl-local";
+pub const REPLICATION_PASSWORD: &str = "chatshard-repl-local";
 /// `--rpl-semi-sync-master-timeout` of a replicated shard's members, in ms.
 ///
 /// With semi-sync (wait point `AFTER_SYNC`) a commit on the primary returns

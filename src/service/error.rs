@@ -63,6 +63,9 @@ pub enum ServiceError {
     /// A move that cannot start (the chat is there already, or moving).
     #[error("{reason}")]
     MoveRefused { reason: String },
+    /// A switchover or failover cannot run (or failed and was rolled back).
+    #[error("the reparent cannot run: {reason}")]
+    ReparentRefused { reason: String },
     /// No shard records a move with this id.
     #[error("no move has the id {id:?}")]
     MoveNotFound { id: String },

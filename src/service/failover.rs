@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::ChatService;
+use super::{ChatService, ServiceError};
 use crate::config::ReplicaSettings;
 use crate::domain::ChatId;
 use crate::shard::Shard;
@@ -51,6 +51,9 @@ pub struct Acked {
     lost: Mutex<VecDeque<LostChat>>,
     lost_total: AtomicU64,
     checks: AtomicU64,
+    /// `replicas.auto_failover`: after how long without a writer this
+    /// instance promotes a replica itself.
+    auto_failover: Option<Duration>,
 }
 
 impl Acked {
@@ -68,6 +71,9 @@ impl Acked {
             lost: Mutex::new(VecDeque::new()),
             lost_total: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            auto_failover: settings
+                .auto_failover
+                .then(|| settings.auto_failover_after()),
         }
     }
 
@@ -117,6 +123,9 @@ impl ChatService {
                 continue;
             }
             shard.spawn_monitor();
+            if let Some(after) = self.acked.auto_failover {
+                self.spawn_auto_failover(shard, after);
+            }
             let mut changes = shard.writer_changes();
             let service = Arc::downgrade(self);
             let shard = Arc::downgrade(shard);
@@ -132,6 +141,49 @@ impl ChatService {
                 }
             });
         }
+    }
+
+    /// `replicas.auto_failover`: once `shard` has had no writable member for
+    /// `after`, the most advanced replica is promoted as `failover` without
+    /// `force` would. A refusal (a replica lacks acknowledged writes, the
+    /// replicas diverged, another instance's reparent runs) is logged and
+    /// tried again after another `after` without a writer; a member made
+    /// writable by anyone else ends the wait.
+    fn spawn_auto_failover(self: &Arc<Self>, shard: &Arc<Shard>, after: Duration) {
+        let service = Arc::downgrade(self);
+        let shard = Arc::downgrade(shard);
+        tokio::spawn(async move {
+            let mut without_writer: Option<tokio::time::Instant> = None;
+            loop {
+                let Some(current) = shard.upgrade() else {
+                    return;
+                };
+                let period = current.monitor_period();
+                if current.gate() == crate::shard::topology::Gate::NoWriter {
+                    let since = *without_writer.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= after {
+                        let Some(service) = service.upgrade() else {
+                            return;
+                        };
+                        match service.failover(current.name(), false).await {
+                            Ok(done) => tracing::warn!(
+                                shard = %done.shard, from = %done.from, to = %done.to,
+                                "auto_failover_done"
+                            ),
+                            Err(e) => tracing::warn!(
+                                shard = %current.name(), error = %e,
+                                "auto_failover_refused"
+                            ),
+                        }
+                        without_writer = None;
+                    }
+                } else {
+                    without_writer = None;
+                }
+                drop(current);
+                tokio::time::sleep(period).await;
+            }
+        });
     }
 
     /// Reads, on the shard's new writer, every chat of the shard this
@@ -215,5 +267,139 @@ impl ChatService {
     /// The acknowledged revisions and what the checks found.
     pub fn acked(&self) -> &Acked {
         &self.acked
+    }
+
+    fn replicated(&self, name: &str) -> Result<Arc<Shard>, ServiceError> {
+        let shard =
+            self.shards
+                .by_name(name)
+                .cloned()
+                .ok_or_else(|| ServiceError::UnknownShard {
+                    shard: name.to_owned(),
+                })?;
+        if !shard.is_replicated() {
+            return Err(ServiceError::ReparentRefused {
+                reason: format!("shard {name} has no replicas"),
+            });
+        }
+        Ok(shard)
+    }
+
+    /// Reads every replicated shard's members twice (a round and its
+    /// confirmation), so that a process that just started knows the writers:
+    /// the commands that reparent run in their own process.
+    pub async fn look_at_members(&self) {
+        for shard in self.shards.all() {
+            shard.settle().await;
+        }
+    }
+
+    /// A planned switchover of shard `name` to member `to` (`host:port`):
+    /// returns the write pause this instance saw (docs/replicas.md).
+    pub async fn switchover(&self, name: &str, to: &str) -> Result<Reparented, ServiceError> {
+        let shard = self.replicated(name)?;
+        let from = shard.address().to_owned();
+        let pause = shard
+            .switchover(to, &self.driver_name())
+            .await
+            .map_err(refused)?;
+        Ok(Reparented {
+            shard: name.to_owned(),
+            from,
+            to: shard.address().to_owned(),
+            write_pause: Some(pause),
+        })
+    }
+
+    /// An emergency failover of shard `name`: the most advanced replica is
+    /// promoted, once it holds every revision this instance acknowledged of
+    /// the shard's chats (unless `force`).
+    pub async fn failover(&self, name: &str, force: bool) -> Result<Reparented, ServiceError> {
+        let shard = self.replicated(name)?;
+        let from = shard.address().to_owned();
+        let candidate = shard.failover_candidate().await.map_err(refused)?;
+        if !force {
+            let behind = self.behind_on(&shard, candidate).await?;
+            if !behind.is_empty() {
+                return Err(ServiceError::ReparentRefused {
+                    reason: format!(
+                        "the most advanced replica lacks writes this instance acknowledged \
+                         ({} chat(s), e.g. {}); send force to promote it anyway",
+                        behind.len(),
+                        behind
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+        shard
+            .promote(candidate, &self.driver_name())
+            .await
+            .map_err(refused)?;
+        Ok(Reparented {
+            shard: name.to_owned(),
+            from,
+            to: shard.address().to_owned(),
+            write_pause: None,
+        })
+    }
+
+    /// The chats of `shard` whose revision on member `i` is below what this
+    /// instance acknowledged.
+    async fn behind_on(&self, shard: &Arc<Shard>, i: usize) -> Result<Vec<String>, ServiceError> {
+        let mine: Vec<(ChatId, u64)> = self
+            .acked
+            .revisions
+            .iter()
+            .filter(|(chat, _)| Arc::ptr_eq(self.shard(chat), shard))
+            .map(|(chat, revision)| (ChatId::clone(&chat), revision))
+            .collect();
+        let mut behind = Vec::new();
+        for batch in mine.chunks(CHECK_BATCH) {
+            let ids: Vec<String> = batch.iter().map(|(c, _)| c.to_string()).collect();
+            let rows = shard
+                .read_member(i, None, "failover_check", move |conn| {
+                    Box::pin(async move { Ok(chats::revisions(conn, &ids).await?) })
+                })
+                .await?;
+            let found: std::collections::HashMap<&str, u64> =
+                rows.iter().map(|(id, r, _)| (id.as_str(), *r)).collect();
+            behind.extend(
+                batch
+                    .iter()
+                    .filter(|(c, acked)| found.get(c.as_str()).copied().unwrap_or(0) < *acked)
+                    .map(|(c, _)| c.to_string()),
+            );
+        }
+        Ok(behind)
+    }
+
+    /// This instance's name in a reparent's record.
+    fn driver_name(&self) -> String {
+        self.fleet.as_ref().map_or_else(
+            || format!("pid-{}", std::process::id()),
+            |f| f.view().instance.id.clone(),
+        )
+    }
+}
+
+/// A reparent that ran.
+#[derive(Debug, Clone)]
+pub struct Reparented {
+    pub shard: String,
+    /// The writer before, and after.
+    pub from: String,
+    pub to: String,
+    /// How long this instance held the shard's writes (switchover).
+    pub write_pause: Option<Duration>,
+}
+
+fn refused(e: crate::shard::reparent::ReparentError) -> ServiceError {
+    ServiceError::ReparentRefused {
+        reason: e.to_string(),
     }
 }

@@ -38,6 +38,7 @@ pub mod error;
 mod manager;
 mod member;
 mod monitor;
+pub mod reparent;
 mod set;
 mod share;
 mod stats;
@@ -138,6 +139,15 @@ pub struct Shard {
     /// Bumped each time writes go to another member.
     writer_changes: tokio::sync::watch::Sender<u64>,
     role_changes: AtomicU64,
+    /// Until when this instance holds the shard's writes (a switchover).
+    hold: tokio::sync::watch::Sender<Option<std::time::Instant>>,
+    /// A switchover driven here owns the gate: the monitor leaves it be.
+    switching: std::sync::atomic::AtomicBool,
+    /// One change of the gate at a time (the monitor or a reparent).
+    gate_lock: Mutex<()>,
+    /// The heartbeat's connection; a switchover holds it so that no beat
+    /// lands on the writer it fences.
+    beat: Arc<tokio::sync::Mutex<monitor::Beat>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -232,6 +242,10 @@ impl Shard {
             nudge: Arc::new(tokio::sync::Notify::new()),
             writer_changes: tokio::sync::watch::channel(0).0,
             role_changes: AtomicU64::new(0),
+            hold: tokio::sync::watch::channel(None).0,
+            switching: std::sync::atomic::AtomicBool::new(false),
+            gate_lock: Mutex::new(()),
+            beat: Arc::new(tokio::sync::Mutex::new(monitor::Beat::default())),
             members,
         })
     }
@@ -248,6 +262,11 @@ impl Shard {
     /// Whether writes (and the writer's reads) have a member now.
     pub fn has_writer(&self) -> bool {
         !matches!(self.gate(), Gate::NoWriter)
+    }
+
+    /// How often the members are read (`replicas.monitor_ms`).
+    pub fn monitor_period(&self) -> Duration {
+        self.settings.monitor()
     }
 
     /// Where writes go now.
@@ -370,6 +389,11 @@ impl Shard {
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
+        // A switchover holds the writes for a moment rather than refusing
+        // them (docs/replicas.md).
+        if self.hold.borrow().is_some() {
+            self.wait_for_hold().await;
+        }
         let writer = match self.gate() {
             Gate::Writer(i) => &self.members[i],
             Gate::SplitBrain => {

@@ -52,7 +52,7 @@ impl Seen {
 
 /// The heartbeat's connection, and the member it is to.
 #[derive(Default)]
-struct Beat {
+pub(super) struct Beat {
     member: Option<usize>,
     conn: Option<MySqlConnection>,
 }
@@ -153,7 +153,6 @@ impl Shard {
         let nudge = self.nudge.clone();
         tokio::spawn(async move {
             let mut conns: Vec<Option<MySqlConnection>> = (0..n).map(|_| None).collect();
-            let beat = Arc::new(tokio::sync::Mutex::new(Beat::default()));
             loop {
                 // The shard is held only during a round, so dropping it
                 // ends the monitor.
@@ -161,6 +160,7 @@ impl Shard {
                     let Some(shard) = shard.upgrade() else {
                         return;
                     };
+                    let beat = shard.beat.clone();
                     let gate = shard.round(&mut conns, &beat).await;
                     if topology::confirm_soon(gate) {
                         shard.settings.confirm()
@@ -178,12 +178,41 @@ impl Shard {
         });
     }
 
+    /// Two rounds (a round and its confirmation) on connections of their
+    /// own: for a process that runs no monitor.
+    pub async fn settle(&self) {
+        if !self.is_replicated() {
+            return;
+        }
+        let mut conns: Vec<Option<MySqlConnection>> =
+            (0..self.members.len()).map(|_| None).collect();
+        let beat = Arc::new(tokio::sync::Mutex::new(Beat::default()));
+        for _ in 0..2 {
+            self.probe_round(&mut conns, &beat, false).await;
+        }
+    }
+
     /// One round: probe every member at once, decide, and write the
     /// heartbeat. Returns the gate it left.
     async fn round(
         self: &Arc<Self>,
         conns: &mut [Option<MySqlConnection>],
         beat: &Arc<tokio::sync::Mutex<Beat>>,
+    ) -> Gate {
+        let gate = self.probe_round(conns, beat, true).await;
+        if let Some(w) = gate.writer() {
+            self.beat(w, beat);
+        }
+        gate
+    }
+
+    /// Probes, decides, and (when `recover`) looks after a reparent left by
+    /// a dead driver.
+    async fn probe_round(
+        &self,
+        conns: &mut [Option<MySqlConnection>],
+        _beat: &Arc<tokio::sync::Mutex<Beat>>,
+        recover: bool,
     ) -> Gate {
         let timeout = self.members[0].connect_timeout();
         let probes =
@@ -222,9 +251,25 @@ impl Shard {
                 Err(_) => Probe::Down,
             })
             .collect();
-        let before = self.gate();
-        let after = topology::decide(before, &round);
-        self.apply(before, after);
+        let after = {
+            let _gate = self
+                .gate_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let before = self.gate();
+            if self.switching.load(Ordering::Acquire) {
+                // A switchover driven here owns the gate for its moment.
+                before
+            } else {
+                let after = topology::decide(before, &round);
+                self.gate.store(encode(after), Ordering::Release);
+                self.note_change(before, after);
+                after
+            }
+        };
+        if recover {
+            self.recover_reparent(conns, &round).await;
+        }
         // Lags against the writer's heartbeat (or, without a writer, the
         // most advanced member's).
         let reference = match after.writer() {
@@ -252,9 +297,6 @@ impl Shard {
                     seen.lag_ms = None;
                 }
             }
-        }
-        if let Some(w) = after.writer() {
-            self.beat(w, beat);
         }
         after
     }
@@ -301,12 +343,12 @@ impl Shard {
         });
     }
 
-    /// Makes `after` the gate, and says so when writes change hands.
-    fn apply(&self, before: Gate, after: Gate) {
+    /// Says so when the gate moved from `before` to `after` (already
+    /// stored, under `gate_lock`), and when writes changed hands.
+    pub(super) fn note_change(&self, before: Gate, after: Gate) {
         if before == after {
             return;
         }
-        self.gate.store(encode(after), Ordering::Release);
         match after {
             Gate::Writer(w) => {
                 let old = self.last_writer.swap(w, Ordering::AcqRel);

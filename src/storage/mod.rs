@@ -22,6 +22,7 @@ pub mod move_snapshot;
 pub mod moves;
 pub mod range_copy;
 pub mod repair;
+pub mod reparent;
 pub mod replication;
 pub mod server;
 

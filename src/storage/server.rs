@@ -126,13 +126,15 @@ pub async fn member_probe(conn: &mut MySqlConnection) -> sqlx::Result<(bool, Opt
     Ok((read_only != 0, beat))
 }
 
-/// Moves the writer's heartbeat forward to `now_ms` (never back).
+/// Moves the writer's heartbeat forward to `now_ms` (never back), only
+/// while the member is writable: the check is in the statement, so an
+/// account that may write past `read_only` adds nothing to a fenced writer.
+/// An UPDATE that changes no row writes nothing to the binary log.
 pub async fn beat(conn: &mut MySqlConnection, now_ms: i64) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO shard_heartbeat (id, beat_ms) VALUES (1, ?) \
-         ON DUPLICATE KEY UPDATE beat_ms = GREATEST(beat_ms, ?)",
+        "UPDATE shard_heartbeat SET beat_ms = GREATEST(beat_ms, ?) \
+         WHERE id = 1 AND @@global.read_only = 0",
     )
-    .bind(now_ms)
     .bind(now_ms)
     .execute(conn)
     .await?;

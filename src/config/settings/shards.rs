@@ -224,7 +224,7 @@ impl Default for BreakerSettings {
 
 /// Replicated shards (`[[shards]] replicas`): how members are watched and
 /// when a replica may serve a read (docs/replicas.md).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicaSettings {
     /// How often every member's `read_only`, reachability and lag are read.
@@ -245,6 +245,29 @@ pub struct ReplicaSettings {
     pub acked_keep_secs: u64,
     /// Chats whose acknowledged revision is kept at once.
     pub acked_chats: u64,
+    /// The account a repointed replica logs in to its new source with, in a
+    /// reparent run by chatshard (empty: reparents are refused).
+    pub replication_user: String,
+    pub replication_password: String,
+    /// The account reparents run their statements with (`read_only`,
+    /// promotion, repointing); empty: the member's own account. Give the data
+    /// account no `READ_ONLY ADMIN` (nor `SUPER` on MySQL) and this one the
+    /// reparent privileges, so that a demoted writer refuses every
+    /// instance's writes.
+    pub admin_user: String,
+    pub admin_password: String,
+    /// How long a switchover holds the shard's writes (then they are
+    /// refused, retryable).
+    pub hold_writes_ms: u64,
+    /// How long a reparent waits for its target to apply the old writer's
+    /// last transaction before it gives up (and rolls back).
+    pub catch_up_ms: u64,
+    /// Whether this instance runs an emergency failover by itself when a
+    /// replicated shard had no writable member for `auto_failover_after_ms`
+    /// (the most advanced replica is promoted, as `chatshard failover`
+    /// without `--force` would; refused when it lacks acknowledged writes).
+    pub auto_failover: bool,
+    pub auto_failover_after_ms: u64,
 }
 
 impl Default for ReplicaSettings {
@@ -256,7 +279,42 @@ impl Default for ReplicaSettings {
             primary_fallback_share: 0.25,
             acked_keep_secs: 600,
             acked_chats: 200_000,
+            replication_user: String::new(),
+            replication_password: String::new(),
+            admin_user: String::new(),
+            admin_password: String::new(),
+            hold_writes_ms: 1000,
+            catch_up_ms: 5000,
+            auto_failover: false,
+            auto_failover_after_ms: 5000,
         }
+    }
+}
+
+impl std::fmt::Debug for ReplicaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSettings")
+            .field("monitor_ms", &self.monitor_ms)
+            .field("max_lag_ms", &self.max_lag_ms)
+            .field("replication_user", &self.replication_user)
+            .field(
+                "replication_password",
+                &if self.replication_password.is_empty() {
+                    ""
+                } else {
+                    REDACTED
+                },
+            )
+            .field("admin_user", &self.admin_user)
+            .field(
+                "admin_password",
+                &if self.admin_password.is_empty() {
+                    ""
+                } else {
+                    REDACTED
+                },
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -269,6 +327,15 @@ impl ReplicaSettings {
     }
     pub fn max_lag(&self) -> Duration {
         Duration::from_millis(self.max_lag_ms)
+    }
+    pub fn hold_writes(&self) -> Duration {
+        Duration::from_millis(self.hold_writes_ms)
+    }
+    pub fn auto_failover_after(&self) -> Duration {
+        Duration::from_millis(self.auto_failover_after_ms)
+    }
+    pub fn catch_up(&self) -> Duration {
+        Duration::from_millis(self.catch_up_ms)
     }
     /// Fallback reads the writer takes at once (at least 1).
     pub fn fallback_slots(&self, max_concurrent: usize) -> usize {
