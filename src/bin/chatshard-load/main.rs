@@ -134,6 +134,10 @@ enum Scenario {
         /// service's 200 concurrent streams per connection).
         #[arg(long, default_value_t = 1, requires = "http2")]
         streams_per_connection: usize,
+        /// Posts outstanding at most: 1 (the default) waits for each answer
+        /// before the next post; more keep the rate while answers are slow.
+        #[arg(long, default_value_t = 1)]
+        posts_in_flight: usize,
     },
     /// P pollers of one chat while messages are posted at a fixed rate: shard
     /// event queries per published event, and how polls were answered.
@@ -380,7 +384,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             service_pid,
             http2,
             streams_per_connection,
+            posts_in_flight,
         } => {
+            anyhow::ensure!(
+                (1..=64).contains(&posts_in_flight),
+                "--posts-in-flight must be 1 to 64"
+            );
             anyhow::ensure!(
                 (1..=200).contains(&streams_per_connection),
                 "--streams-per-connection must be 1 to 200"
@@ -408,6 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration: seconds(s)?,
                 service_pid,
                 protocol,
+                posts_in_flight,
             };
             let report = scenarios::fanout(&target, &recorder, run).await;
             if let Ok(r) = &report {

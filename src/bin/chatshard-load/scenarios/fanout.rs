@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Target, run_id};
-use crate::procfs::process_usage;
+use crate::procfs::{process_usage, process_writes};
 use crate::report::Recorder;
 use crate::sse;
 
@@ -45,6 +45,8 @@ pub struct Fanout {
     /// The service's pid, for its memory and CPU (same machine).
     pub service_pid: Option<u32>,
     pub protocol: StreamProtocol,
+    /// Posts outstanding at most (1: each waits for the previous answer).
+    pub posts_in_flight: usize,
 }
 
 /// `fanout`: `subscribers` SSE streams of one chat on one instance while
@@ -61,6 +63,7 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
         duration,
         service_pid,
         protocol,
+        posts_in_flight,
     } = run;
     anyhow::ensure!(
         target.admin_token.is_some(),
@@ -175,6 +178,7 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
     }
     let open = opened.load(Ordering::Relaxed);
     let open_usage = service_pid.and_then(process_usage);
+    let open_writes = service_pid.and_then(process_writes);
     let tool_open = process_usage(std::process::id());
     let queries_before = queries().await?;
     recorder.mark("posting starts");
@@ -183,16 +187,34 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let posting_until = Instant::now() + duration;
     let mut posted = 0u64;
+    // Each post on its own task, at most `posts_in_flight` at once: with 1,
+    // a post waits for the previous answer (the rate then depends on the
+    // service's answer time); with more, a slow answer does not delay the
+    // next tick until that many are outstanding.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut sent = 0u64;
     while Instant::now() < posting_until {
         tick.tick().await;
-        let started = Instant::now();
+        while in_flight.len() >= posts_in_flight.max(1) {
+            if let Some(Ok(ok)) = in_flight.join_next().await {
+                posted += u64::from(ok);
+            }
+        }
+        let (target, recorder) = (target.clone(), recorder.clone());
         let request = target
             .http
             .post(format!("{}/v1/chats/{chat}/messages", target.base))
-            .json(&json!({"senderId": "poster", "clientMessageId": format!("f{posted}"), "text": "fan-out"}));
-        let (answer, ok) = target.call(request).await;
-        recorder.record("post", started.elapsed(), &answer, ok);
-        posted += u64::from(ok);
+            .json(&json!({"senderId": "poster", "clientMessageId": format!("f{sent}"), "text": "fan-out"}));
+        sent += 1;
+        in_flight.spawn(async move {
+            let started = Instant::now();
+            let (answer, ok) = target.call(request).await;
+            recorder.record("post", started.elapsed(), &answer, ok);
+            ok
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        posted += u64::from(done.unwrap_or(false));
     }
     // Until every open stream has every message (or 30 s).
     let want = posted * open;
@@ -202,6 +224,7 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
     }
     let reads = queries().await? - queries_before;
     let end_usage = service_pid.and_then(process_usage);
+    let end_writes = service_pid.and_then(process_writes);
     let tool_end = process_usage(std::process::id());
     stop.notify_waiters();
     for s in streams {
@@ -223,6 +246,10 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
             "serviceCpuSecondsWhilePosting": b - a,
             "cores": (b - a) / duration.as_secs_f64(),
             "serviceMicrosPerDelivery": per_delivery(b - a, delivered),
+            "serviceWritesPerDelivery": match (open_writes, end_writes) {
+                (Some(a), Some(b)) if delivered > 0 => json!(b.saturating_sub(a) as f64 / delivered as f64),
+                _ => Value::Null,
+            },
         }),
         _ => Value::Null,
     };
@@ -246,6 +273,7 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
         "tailRevisionPollsTotal": polls,
         "streamsOpen": open,
         "messagesPerSecond": rate,
+        "postsInFlight": posts_in_flight,
         "posted": posted,
         "delivered": delivered,
         "expected": want,
