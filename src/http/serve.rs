@@ -199,9 +199,14 @@ pub async fn serve(
                 load: load.clone(),
                 certificate,
             };
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), tracked)
-                .into_owned();
+            // On the heap, and only there: moved by value into `supervise`,
+            // hyper's connection (about 1.5 KiB) would take its room twice
+            // in this task's future, for as long as the connection lives.
+            let connection = Box::pin(
+                builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), tracked)
+                    .into_owned(),
+            );
             match supervise(connection, &load, stopped, limits).await {
                 Ended::Closed(Ok(())) => {}
                 Ended::Closed(Err(e)) => {
@@ -333,12 +338,11 @@ impl Limits {
 /// without a request for its limit or on shutdown (`stop`), and dropping it
 /// if it then does not close.
 async fn supervise(
-    connection: Connection,
+    mut connection: Pin<Box<Connection>>,
     load: &watch::Sender<Load>,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
 ) -> Ended {
-    tokio::pin!(connection);
     // Never fails while `load` (the sender) lives, which it does here.
     let mut changes = load.subscribe();
     let mut closing: Option<(Instant, Why)> = None;
