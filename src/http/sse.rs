@@ -1,5 +1,7 @@
 //! The body of a chat's event stream: whole SSE messages as shared bytes,
-//! and a keep-alive comment when nothing was sent for a while.
+//! and a keep-alive comment when nothing was sent for a while. Its answer is
+//! marked `AfterHead`: on HTTP/1 the serving loop writes it on the
+//! connection without hyper once the head is out.
 //!
 //! What it must keep cheap, since one published event is written to every
 //! subscriber: a frame is bytes made elsewhere (an event's message is encoded
@@ -22,6 +24,13 @@ use futures_util::stream::BoxStream;
 use hyper::body::Frame;
 use tokio::time::{Instant, Sleep};
 
+/// Set on an event stream's answer: on HTTP/1 its body may be written on the
+/// connection itself once hyper has written its head (see
+/// `serve::answer_head_alone`), which frees hyper's buffers for the stream's
+/// lifetime.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AfterHead;
+
 /// The comment an idle stream sends to keep its connection (and the
 /// proxies on the way) from timing out: the same as axum's.
 const KEEP_ALIVE: &[u8] = b":\n\n";
@@ -39,6 +48,7 @@ pub fn response(
         last_sent: Instant::now(),
     };
     let mut response = Response::new(Body::new(body));
+    response.extensions_mut().insert(AfterHead);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
