@@ -199,6 +199,9 @@ pub async fn serve(
                     }
                 }
             };
+            // The first request is due within its limit of now (of the
+            // handshake's end, over TLS), telling the protocol included.
+            let serving = Instant::now();
             // HTTP/1 or HTTP/2 (prior knowledge, or ALPN's choice: the
             // client then starts with the preface all the same).
             let sniffed = tokio::select! {
@@ -222,7 +225,7 @@ pub async fn serve(
             let load = Arc::new(watch::Sender::new(Load {
                 open: 0,
                 started: false,
-                since: Instant::now(),
+                since: serving,
             }));
             let after_head = Arc::new(std::sync::Mutex::new(None));
             let tracked = Tracked {
