@@ -356,7 +356,17 @@ pub struct Event {
     /// The event as a stream sends it, made once by the first subscriber that
     /// needs it and shared by every copy of the event (the tail hands out
     /// copies), so a thousand subscribers cost one encoding, not a thousand.
-    pub encoded: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>>,
+    pub encoded: std::sync::Arc<std::sync::OnceLock<EncodedEvent>>,
+}
+
+/// An event as the streams send it: its whole SSE message on the chat's own
+/// stream (`id: <revision>`, then its JSON as `data`), and where the JSON is
+/// in it (a multiplexed stream numbers its messages itself and sends the JSON
+/// in its own message). Cloning it shares the bytes.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub message: bytes::Bytes,
+    pub json: std::ops::Range<usize>,
 }
 
 #[cfg(test)]

@@ -153,6 +153,14 @@ pub struct StreamsConfig {
     #[serde(alias = "keep_alive_seconds")]
     #[schema(minimum = 1, maximum = 300)]
     pub keep_alive_seconds: u64,
+    /// A chat's event stream writes to its connection at most once per this
+    /// many milliseconds: the events published meanwhile go out together, in
+    /// one write. Fewer writes per delivered event on a busy chat, for up to
+    /// this much more delay; a quiet chat's event goes out at once. 0: every
+    /// event as soon as it is read. Multiplexed streams do not batch.
+    #[serde(alias = "batch_ms")]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub batch_ms: u64,
     /// Chats one multiplexed stream may follow at most; one more is refused
     /// with 429 `too_many_chats_in_stream`.
     #[serde(alias = "max_chats_per_stream")]
@@ -182,6 +190,7 @@ impl Default for StreamsConfig {
             max_subscribers: 20_000,
             max_per_chat: 10_000,
             keep_alive_seconds: 15,
+            batch_ms: 50,
             max_chats_per_stream: 10_000,
             resync_revisions: 1_000,
             resume_seconds: 120,
@@ -378,6 +387,9 @@ impl LiveConfig {
             if !(1..=max).contains(&value) {
                 p.push(format!("{name} must be between 1 and {max}"));
             }
+        }
+        if st.batch_ms > 1000 {
+            p.push("streams.batchMs must be between 0 and 1000".to_owned());
         }
         if st.resync_revisions > 1_000_000_000 {
             p.push("streams.resyncRevisions must be between 0 and 1000000000".to_owned());

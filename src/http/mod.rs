@@ -19,6 +19,7 @@ pub mod mux;
 pub mod problem;
 pub mod serve;
 pub mod shape;
+mod sse;
 pub mod stream;
 pub mod tls;
 pub mod trace;

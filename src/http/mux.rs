@@ -299,6 +299,9 @@ pub async fn connect_stream(
     let mut response = Sse::new(futures_util::stream::unfold(connection, next))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(config.keep_alive_seconds)))
         .into_response();
+    // On HTTP/1, written on the connection without hyper once the head is
+    // out (as a chat's stream: see `serve::answer_head_alone`).
+    response.extensions_mut().insert(super::sse::AfterHead);
     stream_headers(&mut response);
     Ok(response)
 }

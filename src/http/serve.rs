@@ -39,8 +39,9 @@
 //! - a connection whose client takes none of the bytes written to it for
 //!   `write_stall_timeout_ms` is closed ([`StallGuard`]): a stream subscriber
 //!   that stopped reading holds its socket's send buffer (the kernel's, or
-//!   `socket_send_buffer_bytes`), the server's `send_buffer_bytes` and one
-//!   page of events, and then nothing;
+//!   `socket_send_buffer_bytes`), the server's `send_buffer_bytes` (HTTP/2;
+//!   on HTTP/1 the frame being written) and one page of events, and then
+//!   nothing;
 //! - on shutdown the listener closes, connections still in their TLS
 //!   handshake are closed, connections are asked to finish their request in
 //!   flight, and whatever is still open after `shutdown_grace_ms` is closed.
@@ -48,6 +49,15 @@
 //! Each connection is watched by its own task ([`supervise`]); its service
 //! ([`Tracked`]) counts the requests open on it, a request being open from
 //! its headers until its response body is dropped (sent, or the stream reset).
+//!
+//! The loop tells HTTP/2 from HTTP/1 by the first bytes (`sniff`) and
+//! serves each with hyper's own connection for it. An event stream on
+//! HTTP/1 is answered in two parts (`answer_head_alone`): hyper writes its
+//! head, as HTTP/1.0 with `Connection: close` and no length, then the
+//! connection is taken back from hyper and the stream written to it directly,
+//! so hyper's buffers for the connection are not held for the stream's
+//! lifetime (hyper gives a connection back only once it has served its last
+//! request, or after an upgrade, which a stream is not).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -59,9 +69,9 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,6 +80,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::problem::{Code, Problem};
+use super::sse::AfterHead;
 use super::tls::{ClientCertificate, Tls};
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
@@ -87,13 +98,12 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout())
         .max_buf_size(settings.send_buffer_bytes);
-    let mut http2 = builder.http2();
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2.timer(TokioTimer::new());
     if settings.ping_interval_ms > 0 {
         http2
@@ -105,7 +115,7 @@ pub async fn serve(
         idle: settings.idle_timeout(),
         close: settings.ping_timeout(),
     };
-    let builder = Arc::new(builder);
+    let builders = Arc::new((http1, http2));
     let handshake = settings.tls.handshake_timeout();
     let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
@@ -153,7 +163,7 @@ pub async fn serve(
             stalled: None,
         };
         let service = service.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let metrics = metrics.clone();
         let mut stopped = stopped.clone();
@@ -189,20 +199,68 @@ pub async fn serve(
                     }
                 }
             };
+            // The first request is due within its limit of now (of the
+            // handshake's end, over TLS), telling the protocol included.
+            let serving = Instant::now();
+            // HTTP/1 or HTTP/2 (prior knowledge, or ALPN's choice: the
+            // client then starts with the preface all the same).
+            let sniffed = tokio::select! {
+                sniffed = tokio::time::timeout(limits.first_request, sniff(io)) => sniffed,
+                _ = stopped.changed() => return,
+            };
+            let (protocol, io) = match sniffed {
+                Ok(Ok(sniffed)) => sniffed,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "client connection ended before its first request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        why = Why::NoRequest.as_str(),
+                        "a client connection is closed"
+                    );
+                    return;
+                }
+            };
             let load = Arc::new(watch::Sender::new(Load {
                 open: 0,
                 started: false,
-                since: Instant::now(),
+                since: serving,
             }));
+            let after_head = Arc::new(std::sync::Mutex::new(None));
             let tracked = Tracked {
                 inner: service,
                 load: load.clone(),
                 certificate,
+                after_head: (protocol == Protocol::Http1).then(|| after_head.clone()),
             };
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), tracked)
-                .into_owned();
-            match supervise(connection, &load, stopped, limits).await {
+            // On the heap, and only there: moved by value into `supervise`,
+            // hyper's connection (1.5 KiB and more) would take its room twice
+            // in this task's future, for as long as the connection lives.
+            let io = TokioIo::new(io);
+            let mut connection = match protocol {
+                Protocol::Http1 => {
+                    Served::Http1(Box::new(builders.0.serve_connection(io, tracked)))
+                }
+                Protocol::Http2 => {
+                    Served::Http2(Box::pin(builders.1.serve_connection(io, tracked)))
+                }
+            };
+            let ended = supervise(&mut connection, &load, stopped, limits).await;
+            let ended = match (ended, connection) {
+                // An HTTP/1 connection that served its last request: its
+                // stream goes on here, without hyper, or it is closed.
+                (Ended::Closed(Ok(())), Served::Http1(connection)) => {
+                    let io = connection.into_parts().io.into_inner();
+                    let taken = after_head.lock().ok().and_then(|mut slot| slot.take());
+                    Ended::Closed(match taken {
+                        Some(stream) => stream.send(io).await.map_err(Into::into),
+                        None => close(io).await.map_err(Into::into),
+                    })
+                }
+                (ended, _) => ended,
+            };
+            match ended {
                 Ended::Closed(Ok(())) => {}
                 Ended::Closed(Err(e)) => {
                     // Timeouts, resets and protocol errors of one client.
@@ -259,8 +317,135 @@ fn handshake_failure(e: &io::Error) -> &'static str {
     }
 }
 
-/// A client connection as the loop serves it.
-type Connection = auto::UpgradeableConnection<'static, TokioIo<Io>, Tracked, TokioExecutor>;
+/// A client connection as the loop serves it. An HTTP/1 connection is
+/// polled without hyper closing its socket at the end, so that an event
+/// stream can go on on it once hyper has written the stream's head (see
+/// [`AfterHead`]).
+enum Served {
+    Http1(Box<http1::Connection<TokioIo<Rewound>, Tracked>>),
+    Http2(Pin<Box<http2::Connection<TokioIo<Rewound>, Tracked, TokioExecutor>>>),
+}
+
+impl Served {
+    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        match self {
+            Self::Http1(c) => c.poll_without_shutdown(cx),
+            Self::Http2(c) => c.as_mut().poll(cx),
+        }
+    }
+
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Self::Http1(c) => Pin::new(&mut **c).graceful_shutdown(),
+            Self::Http2(c) => c.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
+/// The protocol a client speaks, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What an HTTP/2 client sends first (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's
+/// preface (as hyper-util's HTTP/1-or-2 builder does); the protocol, and the
+/// connection with those bytes put back.
+async fn sniff(mut io: Io) -> io::Result<(Protocol, Rewound)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 || buf[..filled + n] != H2_PREFACE[..filled + n] {
+            filled += n;
+            break;
+        }
+        filled += n;
+    }
+    let protocol = if buf[..filled] == *H2_PREFACE {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let prefix = Bytes::copy_from_slice(&buf[..filled]);
+    Ok((protocol, Rewound { prefix, io }))
+}
+
+/// A connection whose first bytes, read to tell its protocol, are read again.
+struct Rewound {
+    prefix: Bytes,
+    io: Io,
+}
+
+impl Rewound {
+    /// The connection (whatever of the prefix was not read again is dropped:
+    /// only hyper reads it, and it has by then).
+    fn into_io(self) -> Io {
+        self.io
+    }
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Closes a connection hyper has finished with (it leaves the socket open
+/// when polled without shutdown); a client that does not take the close is
+/// not waited for.
+async fn close(io: Rewound) -> io::Result<()> {
+    let mut io = io.into_io();
+    match tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await {
+        Ok(done) => done,
+        Err(_) => Ok(()),
+    }
+}
 
 /// How long a connection may go without a request.
 #[derive(Debug, Clone, Copy)]
@@ -333,12 +518,11 @@ impl Limits {
 /// without a request for its limit or on shutdown (`stop`), and dropping it
 /// if it then does not close.
 async fn supervise(
-    connection: Connection,
+    connection: &mut Served,
     load: &watch::Sender<Load>,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
 ) -> Ended {
-    tokio::pin!(connection);
     // Never fails while `load` (the sender) lives, which it does here.
     let mut changes = load.subscribe();
     let mut closing: Option<(Instant, Why)> = None;
@@ -351,11 +535,13 @@ async fn supervise(
             }
         };
         tokio::select! {
-            served = connection.as_mut() => return Ended::Closed(served),
+            served = std::future::poll_fn(|cx| connection.poll_served(cx)) => {
+                return Ended::Closed(served.map_err(Into::into));
+            }
             _ = changes.changed() => {}
             // A closed channel (the loop is gone) means stop too.
             _ = stop.changed(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 closing = Some((Instant::now(), Why::Shutdown));
             }
             () = timer => {
@@ -372,7 +558,7 @@ async fn supervise(
                 }
                 let why = if now.started { Why::Idle } else { Why::NoRequest };
                 tracing::debug!(why = why.as_str(), "asking a client connection to close");
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 closing = Some((Instant::now(), why));
             }
         }
@@ -380,11 +566,14 @@ async fn supervise(
 }
 
 /// The router, counting the requests open on its connection in `load`, and
-/// giving each request the connection's verified client certificate.
+/// giving each request the connection's verified client certificate. On an
+/// HTTP/1 connection, an event stream's body is put in `after_head` and its
+/// head answered alone (see [`AfterHead`]).
 struct Tracked {
     inner: TowerToHyperService<axum::Router>,
     load: Arc<watch::Sender<Load>>,
     certificate: Option<ClientCertificate>,
+    after_head: Option<Arc<std::sync::Mutex<Option<AfterHeadStream>>>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -397,11 +586,128 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
         if let Some(certificate) = &self.certificate {
             request.extensions_mut().insert(certificate.clone());
         }
+        let after_head = self
+            .after_head
+            .clone()
+            .filter(|_| request.method() == hyper::Method::GET);
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
-            Ok(response.map(|body| TrackedBody { body, _open: open }))
+            if let Some(slot) = after_head
+                && response.extensions().get::<AfterHead>().is_some()
+            {
+                return Ok(answer_head_alone(response, &slot, open));
+            }
+            Ok(response.map(|body| TrackedBody {
+                body,
+                _open: Some(open),
+            }))
         })
+    }
+}
+
+/// An event stream on HTTP/1, answered in two parts: hyper writes its head,
+/// as HTTP/1.0 with `Connection: close` and no length, so that its body is
+/// the bytes that follow until the connection closes; then the connection
+/// is taken back from hyper and the body written straight to it. hyper's
+/// buffers for the connection (its read buffer, the one for response heads,
+/// its state) are freed for the stream's lifetime: an open stream then costs
+/// its own state and the socket (docs/benchmarks.md).
+///
+/// HTTP/1.1 clients read such an answer as they read any other without a
+/// length; an HTTP/2 stream is answered by hyper as every other response.
+fn answer_head_alone(
+    response: Response<Body>,
+    slot: &std::sync::Mutex<Option<AfterHeadStream>>,
+    open: Open,
+) -> Response<TrackedBody> {
+    let (mut head, body) = response.into_parts();
+    // Never poisoned (nothing panics while holding it); if it were, the
+    // stream would end after its head.
+    if let Ok(mut slot) = slot.lock() {
+        *slot = Some(AfterHeadStream { body, _open: open });
+    }
+    head.version = hyper::Version::HTTP_10;
+    head.headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    Response::from_parts(
+        head,
+        TrackedBody {
+            body: Body::new(HeadOnly),
+            _open: None,
+        },
+    )
+}
+
+/// An event stream's body waiting for its connection to be taken back from
+/// hyper, with its request counted open until it ends.
+struct AfterHeadStream {
+    body: Body,
+    _open: Open,
+}
+
+impl AfterHeadStream {
+    /// Writes the body to `io` frame by frame until it ends (then closes the
+    /// connection), the client closes it, or a write fails (a stalled client:
+    /// [`StallGuard`]). Bytes the client sends meanwhile are read and
+    /// dropped: a request sent behind a stream is not answered.
+    async fn send(self, io: Rewound) -> io::Result<()> {
+        use futures_util::StreamExt as _;
+        use tokio::io::AsyncReadExt as _;
+        let (mut reader, mut writer) = tokio::io::split(io.into_io());
+        let mut frames = self.body.into_data_stream();
+        let mut scratch = [0u8; 64];
+        loop {
+            tokio::select! {
+                frame = frames.next() => match frame {
+                    Some(Ok(frame)) => {
+                        write_frame(&mut writer, &frame).await?;
+                        writer.flush().await?;
+                    }
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    None => break,
+                },
+                read = reader.read(&mut scratch) => match read {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+        Ok(())
+    }
+}
+
+/// Writes one frame with `writev`, as hyper writes (a plain `write` of a
+/// socket is a `send`, which `/proc/PID/io` does not count among writes).
+async fn write_frame(writer: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> io::Result<()> {
+    let mut rest = frame;
+    while !rest.is_empty() {
+        let n = writer.write_vectored(&[io::IoSlice::new(rest)]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// The body of a head answered alone: ends at once, of no stated length (so
+/// hyper writes no `Content-Length`).
+struct HeadOnly;
+
+impl hyper::body::Body for HeadOnly {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(None)
     }
 }
 
@@ -437,7 +743,7 @@ impl Drop for Open {
 /// dropped: an event stream is a request open for as long as it streams.
 struct TrackedBody {
     body: Body,
-    _open: Open,
+    _open: Option<Open>,
 }
 
 impl hyper::body::Body for TrackedBody {

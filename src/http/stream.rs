@@ -10,6 +10,12 @@
 //! the tail, or from the log if it fell behind the tail. It never skips a
 //! revision.
 //!
+//! - Each event's message is encoded once and its bytes shared by every
+//!   subscriber; the events waiting for a subscriber when it is written to
+//!   go out as one frame (one write), however many there are. A stream
+//!   writes at most once per `streams.batchMs`: on a busy chat an event that
+//!   comes sooner waits for the rest of it, and what comes meanwhile shares
+//!   its write; a quiet chat's event goes out at once.
 //! - Idle streams get a keep-alive comment every `streams.keepAliveSeconds`.
 //! - While the chat's shard is broken the stream stays open and delivers again
 //!   when the shard is back.
@@ -20,23 +26,23 @@
 //!   `streams.maxPerChat` per chat; past them 503 `too_many_subscribers`.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::AppState;
 use super::extract::{ChatPath, PageQuery};
 use super::model::{ChatIdParam, EventStreamParams};
 use super::problem::{Code, Problem};
-use crate::domain::{ChatId, PageLimit, Revision};
+use crate::domain::{ChatId, EncodedEvent, PageLimit, Revision};
 use crate::service::mux::{Setback, setback};
-use crate::service::{Event, ServiceError};
+use crate::service::{Event, EventPage, ServiceError};
 
 /// The places of the open streams (kept by the service).
 pub use crate::service::subscribers::{ChatSlot, Limit, StreamSlot, Subscribers};
@@ -116,11 +122,11 @@ pub async fn chat_stream(
         finished: false,
         _subscription: subscription,
         keep_alive: Duration::from_secs(config.keep_alive_seconds),
+        batch: Duration::from_millis(config.batch_ms),
+        written: Instant::now(),
     };
     let stream = futures_util::stream::unfold(follow, next);
-    let mut response = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(config.keep_alive_seconds)))
-        .into_response();
+    let mut response = super::sse::response(stream, Duration::from_secs(config.keep_alive_seconds));
     stream_headers(&mut response);
     Ok(response)
 }
@@ -134,6 +140,10 @@ struct Follow {
     closing: watch::Receiver<bool>,
     finished: bool,
     keep_alive: Duration,
+    /// At most one frame per `batch` (`streams.batchMs`).
+    batch: Duration,
+    /// When the last frame was handed to the connection.
+    written: Instant,
     _subscription: (StreamSlot, ChatSlot),
 }
 
@@ -146,25 +156,24 @@ impl Drop for Follow {
     }
 }
 
-/// The next message of a stream, or its end.
-async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
+/// The next frame of a stream (every event waiting, or its end), or
+/// nothing once it has ended.
+async fn next(mut f: Follow) -> Option<(Bytes, Follow)> {
     loop {
-        if let Some(event) = f.pending.pop_front() {
-            f.after = Revision(event.revision);
-            let lag = (chrono::Utc::now() - event.created_at).as_seconds_f64();
-            f.state.metrics.stream_event(lag);
-            return Some((Ok(message(event)), f));
+        if !f.pending.is_empty() {
+            f.written = Instant::now();
+            return Some((frame(&mut f), f));
         }
         if f.finished {
             return None;
         }
         if *f.closing.borrow() {
             return Some((
-                Ok(end(
+                end(
                     &mut f,
                     "shutdown",
                     "the instance is shutting down: reconnect with Last-Event-ID",
-                )),
+                ),
                 f,
             ));
         }
@@ -177,16 +186,13 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
         };
         match page {
             // A page made for this call alone is taken as is, not copied.
-            Ok(page) => match Arc::try_unwrap(page) {
-                Ok(page) => f.pending.extend(page.events),
-                Err(page) => f.pending.extend(page.events.iter().cloned()),
-            },
+            Ok(page) => {
+                take(&mut f.pending, page);
+                batch(&mut f).await;
+            }
             Err(e) => match setback(&e) {
                 Setback::Gone => {
-                    return Some((
-                        Ok(end(&mut f, "chat_not_found", "the chat does not exist")),
-                        f,
-                    ));
+                    return Some((end(&mut f, "chat_not_found", "the chat does not exist"), f));
                 }
                 Setback::Purged { first_revision } => {
                     let detail = format!(
@@ -195,7 +201,7 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
                          after its revision",
                         f.chat
                     );
-                    return Some((Ok(end(&mut f, "revision_purged", &detail)), f));
+                    return Some((end(&mut f, "revision_purged", &detail), f));
                 }
                 Setback::Retry => {
                     // The shard is broken or busy: stay open, try again shortly.
@@ -208,11 +214,11 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
                 Setback::Failed => {
                     tracing::warn!(error = %crate::error::chain(&e), "event stream ended by an error");
                     return Some((
-                        Ok(end(
+                        end(
                             &mut f,
                             "error",
                             "an internal error ended the stream: reconnect with Last-Event-ID",
-                        )),
+                        ),
                         f,
                     ));
                 }
@@ -221,25 +227,104 @@ async fn next(mut f: Follow) -> Option<(Result<SseEvent, Infallible>, Follow)> {
     }
 }
 
-/// One event as an SSE message.
-fn message(event: Event) -> SseEvent {
-    SseEvent::default()
-        .id(event.revision.to_string())
-        .data(event_json(&event).as_ref())
+/// The events of a page, after those already waiting.
+fn take(pending: &mut VecDeque<Event>, page: Arc<EventPage>) {
+    match Arc::try_unwrap(page) {
+        // A page made for this call alone is taken as is, not copied.
+        Ok(page) => pending.extend(page.events),
+        Err(page) => pending.extend(page.events.iter().cloned()),
+    }
 }
 
-/// An event's JSON for streams. It is made once per event, by the first
-/// subscriber to send it, and shared by the others (see `Event::encoded`).
-pub(super) fn event_json(event: &Event) -> Arc<str> {
-    event
-        .encoded
-        .get_or_init(|| {
-            let body = super::model::Event::from(event.clone());
-            serde_json::to_string(&body)
-                .unwrap_or_else(|_| "{}".to_owned())
-                .into()
-        })
-        .clone()
+/// On a busy stream (its last write less than `streams.batchMs` ago), waits
+/// out the rest of the batch and takes what was published meanwhile, so that
+/// it goes out in the same write. A quiet stream wrote long ago and does not
+/// wait: only events that come faster than one per batch are delayed.
+async fn batch(f: &mut Follow) {
+    let due = f.written + f.batch;
+    let Some(last) = f.pending.back().map(|e| Revision(e.revision)) else {
+        return;
+    };
+    if due <= Instant::now() {
+        return;
+    }
+    let mut closing = f.closing.clone();
+    tokio::select! {
+        () = tokio::time::sleep_until(due) => {}
+        // Shutdown: what is waiting goes out now, then the end.
+        _ = closing.changed() => return,
+    }
+    // Whatever the tail holds now; waits (briefly) only if nothing came.
+    let more = f
+        .state
+        .service
+        .events(&f.chat, last, PageLimit::largest(), BATCH_READ_WAIT)
+        .await;
+    if let Ok(page) = more {
+        take(&mut f.pending, page);
+    }
+}
+
+/// How long the read at the end of a batch waits when nothing was published
+/// during it (a read without a wait would be a plain poll, subject to the
+/// hot-chat throttle).
+const BATCH_READ_WAIT: Duration = Duration::from_millis(1);
+
+/// Every event waiting for the stream, as one frame: a single event's shared
+/// message as it is (no copy), several copied into one buffer, so that they
+/// cost the connection one write, not one each.
+fn frame(f: &mut Follow) -> Bytes {
+    let now = chrono::Utc::now();
+    if f.pending.len() == 1
+        && let Some(event) = f.pending.pop_front()
+    {
+        return sent(f, &event, now).clone();
+    }
+    let mut frame = BytesMut::new();
+    while let Some(event) = f.pending.pop_front() {
+        frame.extend_from_slice(sent(f, &event, now));
+    }
+    frame.freeze()
+}
+
+/// Counts `event` as sent on the stream at `now`; its message.
+fn sent<'e>(f: &mut Follow, event: &'e Event, now: chrono::DateTime<chrono::Utc>) -> &'e Bytes {
+    f.after = Revision(event.revision);
+    let lag = (now - event.created_at).as_seconds_f64();
+    f.state.metrics.stream_event(lag);
+    &event_message(event).message
+}
+
+/// An event as streams send it: made once per event, by the first subscriber
+/// to send it, and shared by the others (see `Event::encoded`).
+pub(super) fn event_message(event: &Event) -> &EncodedEvent {
+    event.encoded.get_or_init(|| encode(event))
+}
+
+/// An event's JSON for streams (within its shared message).
+pub(super) fn event_json(event: &Event) -> &str {
+    let encoded = event_message(event);
+    std::str::from_utf8(&encoded.message[encoded.json.clone()]).unwrap_or("{}")
+}
+
+/// An event's SSE message on its chat's stream: `id: <revision>`, then its
+/// JSON as `data` (one line: JSON as serde writes it has no line breaks).
+fn encode(event: &Event) -> EncodedEvent {
+    let body = super::model::Event::from(event.clone());
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    let id = event.revision.to_string();
+    let mut message = BytesMut::with_capacity(json.len() + id.len() + 13);
+    message.extend_from_slice(b"id: ");
+    message.extend_from_slice(id.as_bytes());
+    message.extend_from_slice(b"\ndata: ");
+    let start = message.len();
+    message.extend_from_slice(&json);
+    let json = start..message.len();
+    message.extend_from_slice(b"\n\n");
+    EncodedEvent {
+        message: message.freeze(),
+        json,
+    }
 }
 
 /// The `Last-Event-ID` header of a reconnect, the same on both streams: an
@@ -278,7 +363,7 @@ pub(super) fn stream_headers(response: &mut Response) {
 }
 
 /// The final event of a stream.
-fn end(f: &mut Follow, reason: &'static str, detail: &str) -> SseEvent {
+fn end(f: &mut Follow, reason: &'static str, detail: &str) -> Bytes {
     f.finished = true;
     f.state.metrics.stream_ended(reason);
     let event = if reason == "shutdown" {
@@ -286,10 +371,39 @@ fn end(f: &mut Follow, reason: &'static str, detail: &str) -> SseEvent {
     } else {
         "error"
     };
-    SseEvent::default()
-        .event(event)
-        .json_data(
-            serde_json::json!({"reason": reason, "detail": detail, "lastEventId": f.after.0}),
-        )
-        .unwrap_or_default()
+    let data = serde_json::json!({"reason": reason, "detail": detail, "lastEventId": f.after.0});
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(revision: u64, text: &str) -> Event {
+        Event {
+            revision,
+            kind: crate::domain::EventType::MessageSent,
+            user_id: "u-1".into(),
+            message_id: Some(revision),
+            text: Some(text.into()),
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            encoded: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_event_is_one_sse_message_made_once() {
+        let e = event(7, "line one\nline \"two\"");
+        let json = serde_json::to_string(&super::super::model::Event::from(e.clone())).unwrap();
+        let expected = format!("id: 7\ndata: {json}\n\n");
+        let encoded = event_message(&e);
+        assert_eq!(encoded.message, expected.as_bytes());
+        assert_eq!(event_json(&e), json);
+        // A copy of the event (the tail hands out copies) shares the bytes.
+        let copy = e.clone();
+        assert_eq!(
+            event_message(&copy).message.as_ptr(),
+            event_message(&e).message.as_ptr()
+        );
+    }
 }

@@ -127,6 +127,17 @@ enum Scenario {
         /// The service's pid, to report its memory and CPU (same machine).
         #[arg(long)]
         service_pid: Option<u32>,
+        /// Open the streams over HTTP/2 (prior knowledge; plain HTTP only).
+        #[arg(long)]
+        http2: bool,
+        /// With --http2, the streams that share one connection (at most the
+        /// service's 200 concurrent streams per connection).
+        #[arg(long, default_value_t = 1, requires = "http2")]
+        streams_per_connection: usize,
+        /// Posts outstanding at most: 1 (the default) waits for each answer
+        /// before the next post; more keep the rate while answers are slow.
+        #[arg(long, default_value_t = 1)]
+        posts_in_flight: usize,
     },
     /// P pollers of one chat while messages are posted at a fixed rate: shard
     /// event queries per published event, and how polls were answered.
@@ -371,7 +382,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             seconds: s,
             service_pid,
+            http2,
+            streams_per_connection,
+            posts_in_flight,
         } => {
+            anyhow::ensure!(
+                (1..=64).contains(&posts_in_flight),
+                "--posts-in-flight must be 1 to 64"
+            );
+            anyhow::ensure!(
+                (1..=200).contains(&streams_per_connection),
+                "--streams-per-connection must be 1 to 200"
+            );
+            let protocol = if http2 {
+                scenarios::StreamProtocol::Http2 {
+                    per_connection: streams_per_connection,
+                }
+            } else {
+                scenarios::StreamProtocol::Http1
+            };
             anyhow::ensure!(
                 (1..=20_000).contains(&subscribers),
                 "--subscribers must be 1 to 20000"
@@ -381,16 +410,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "--rate must be above 0 and at most 10000"
             );
             anyhow::ensure!(mux_chats <= 10_000, "--mux-chats must be at most 10000");
-            let report = scenarios::fanout(
-                &target,
-                &recorder,
+            let run = scenarios::Fanout {
                 subscribers,
                 mux_chats,
                 rate,
-                seconds(s)?,
+                duration: seconds(s)?,
                 service_pid,
-            )
-            .await;
+                protocol,
+                posts_in_flight,
+            };
+            let report = scenarios::fanout(&target, &recorder, run).await;
             if let Ok(r) = &report {
                 eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
             }

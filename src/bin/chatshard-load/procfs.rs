@@ -1,6 +1,7 @@
 //! What `/proc` says of a process (the service's, or this tool's own): its
 //! resident memory and the CPU time it has used, for the figures per
-//! subscriber and per request.
+//! subscriber and per request, and the write calls it has made (a socket
+//! write is most of what a delivery costs the kernel).
 
 /// What `/proc` says of a process: resident memory (bytes) and CPU time used
 /// (seconds).
@@ -8,6 +9,22 @@ pub fn process_usage(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     usage(&status, &stat)
+}
+
+/// The write-type system calls (`write`, `writev`, `sendmsg`, ...) the
+/// process has made, all its threads together (`syscw` of `/proc/PID/io`).
+pub fn process_writes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    writes(&io)
+}
+
+/// [`process_writes`] from the text of `/proc/PID/io`.
+fn writes(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// [`process_usage`] from the text of `/proc/PID/status` and `/proc/PID/stat`.
@@ -37,6 +54,13 @@ mod tests {
         let status = "Name:\tchatshard\nVmPeak:\t  90000 kB\nVmRSS:\t   51200 kB\nThreads:\t9\n";
         let stat = "4242 (chat shard) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 9 0";
         assert_eq!(usage(status, stat), Some((51200 * 1024, 3.0)));
+    }
+
+    #[test]
+    fn reads_the_write_calls() {
+        let io = "rchar: 6976\nwchar: 12\nsyscr: 10\nsyscw: 42\nread_bytes: 0\n";
+        assert_eq!(writes(io), Some(42));
+        assert_eq!(writes("rchar: 1\n"), None);
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub struct HttpSettings {
     /// it for this long is closed (a stream subscriber that stopped reading).
     pub write_stall_timeout_ms: u64,
     /// What the server buffers for one connection beyond the kernel's socket
-    /// buffer, at least 8192: a stream that does not drain waits at this
-    /// (also the largest request head accepted).
+    /// buffer, at least 8192: an answer that does not drain waits at this
+    /// (also the largest request head accepted). An event stream on HTTP/1 is
+    /// written without it once its head is out, one frame at a time.
     pub send_buffer_bytes: usize,
     /// The kernel's send buffer of each client socket (SO_SNDBUF); 0 leaves
     /// it to the kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum,

@@ -1,6 +1,7 @@
 //! `fanout`: SSE subscribers of one chat (plain streams or multiplexed ones)
 //! while messages are posted at a fixed rate: delivery lag, shard reads per
-//! published event, and the service's memory and CPU.
+//! published event, and the service's memory and CPU (per delivery, apart
+//! from this tool's own).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,24 +10,61 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Target, run_id};
-use crate::procfs::process_usage;
+use crate::procfs::{process_usage, process_writes};
 use crate::report::Recorder;
 use crate::sse;
+
+/// How the subscribers reach the service.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamProtocol {
+    /// HTTP/1.1: a connection per stream.
+    Http1,
+    /// HTTP/2 with prior knowledge: `per_connection` streams share each
+    /// connection (1: a connection per stream, as a browser tab's).
+    Http2 { per_connection: usize },
+}
+
+/// Stream requests in flight at once while the streams open: a burst of
+/// thousands of connects starves the requests of the ones already accepted
+/// (this tool shares the cores), and the service closes a connection whose
+/// request does not arrive within its header-read timeout.
+const OPENING_AT_ONCE: usize = 256;
+
+/// What a `fanout` run does.
+#[derive(Debug, Clone, Copy)]
+pub struct Fanout {
+    /// Streams of the posted chat.
+    pub subscribers: usize,
+    /// Above 0: each stream is a multiplexed one following the posted chat
+    /// and this many chats in all (the others quiet).
+    pub mux_chats: usize,
+    /// Messages posted per second.
+    pub rate: f64,
+    /// How long messages are posted.
+    pub duration: Duration,
+    /// The service's pid, for its memory and CPU (same machine).
+    pub service_pid: Option<u32>,
+    pub protocol: StreamProtocol,
+    /// Posts outstanding at most (1: each waits for the previous answer).
+    pub posts_in_flight: usize,
+}
 
 /// `fanout`: `subscribers` SSE streams of one chat on one instance while
 /// messages are posted at `rate` per second for `duration`. Reports the
 /// delivery lag (commit to received), the event reads the chat's shard saw
 /// per published event (from the admin view's `fetchQueries`), and, given the
-/// service's pid, its memory per subscriber and its CPU.
-pub async fn fanout(
-    target: &Target,
-    recorder: &Recorder,
-    subscribers: usize,
-    mux_chats: usize,
-    rate: f64,
-    duration: Duration,
-    service_pid: Option<u32>,
-) -> anyhow::Result<Value> {
+/// service's pid, its memory per subscriber and its CPU per delivery (this
+/// tool's own apart).
+pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow::Result<Value> {
+    let Fanout {
+        subscribers,
+        mux_chats,
+        rate,
+        duration,
+        service_pid,
+        protocol,
+        posts_in_flight,
+    } = run;
     anyhow::ensure!(
         target.admin_token.is_some(),
         "fanout needs --admin-token (it reads the shard reads from the admin view)"
@@ -43,7 +81,10 @@ pub async fn fanout(
     }
     let quiet = Arc::new(quiet);
     let before_usage = service_pid.and_then(process_usage);
-    // A client per subscriber: every stream its own connection.
+    // Over HTTP/1 one client opens a connection per stream (a stream holds
+    // its connection); over HTTP/2 a client per `per_connection` streams.
+    let clients = stream_clients(protocol, subscribers)?;
+    let opening = Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE));
     let opened = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -56,6 +97,11 @@ pub async fn fanout(
     };
     let streams: Vec<_> = (0..subscribers)
         .map(|i| {
+            let http = match protocol {
+                StreamProtocol::Http1 => clients[0].clone(),
+                StreamProtocol::Http2 { per_connection } => clients[i / per_connection].clone(),
+            };
+            let opening = opening.clone();
             let (base, chat, recorder, opened, received, stop, quiet) = (
                 stream_base(i),
                 chat.clone(),
@@ -66,7 +112,10 @@ pub async fn fanout(
                 quiet.clone(),
             );
             tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                // Held until the stream's answer (or refusal) has arrived.
+                let Ok(_opening) = opening.acquire_owned().await else {
+                    return;
+                };
                 let path = if mux_chats == 0 {
                     format!("/v1/chats/{chat}/events/stream?after=1")
                 } else {
@@ -96,6 +145,7 @@ pub async fn fanout(
                     }
                 };
                 opened.fetch_add(1, Ordering::Relaxed);
+                drop(_opening);
                 // Only what the figures need is read from each message (its
                 // commit time): the tool's CPU is shared with the service.
                 let mut buffer: Vec<u8> = Vec::new();
@@ -128,6 +178,7 @@ pub async fn fanout(
     }
     let open = opened.load(Ordering::Relaxed);
     let open_usage = service_pid.and_then(process_usage);
+    let open_writes = service_pid.and_then(process_writes);
     let tool_open = process_usage(std::process::id());
     let queries_before = queries().await?;
     recorder.mark("posting starts");
@@ -136,16 +187,34 @@ pub async fn fanout(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let posting_until = Instant::now() + duration;
     let mut posted = 0u64;
+    // Each post on its own task, at most `posts_in_flight` at once: with 1,
+    // a post waits for the previous answer (the rate then depends on the
+    // service's answer time); with more, a slow answer does not delay the
+    // next tick until that many are outstanding.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut sent = 0u64;
     while Instant::now() < posting_until {
         tick.tick().await;
-        let started = Instant::now();
+        while in_flight.len() >= posts_in_flight.max(1) {
+            if let Some(Ok(ok)) = in_flight.join_next().await {
+                posted += u64::from(ok);
+            }
+        }
+        let (target, recorder) = (target.clone(), recorder.clone());
         let request = target
             .http
             .post(format!("{}/v1/chats/{chat}/messages", target.base))
-            .json(&json!({"senderId": "poster", "clientMessageId": format!("f{posted}"), "text": "fan-out"}));
-        let (answer, ok) = target.call(request).await;
-        recorder.record("post", started.elapsed(), &answer, ok);
-        posted += u64::from(ok);
+            .json(&json!({"senderId": "poster", "clientMessageId": format!("f{sent}"), "text": "fan-out"}));
+        sent += 1;
+        in_flight.spawn(async move {
+            let started = Instant::now();
+            let (answer, ok) = target.call(request).await;
+            recorder.record("post", started.elapsed(), &answer, ok);
+            ok
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        posted += u64::from(done.unwrap_or(false));
     }
     // Until every open stream has every message (or 30 s).
     let want = posted * open;
@@ -155,6 +224,7 @@ pub async fn fanout(
     }
     let reads = queries().await? - queries_before;
     let end_usage = service_pid.and_then(process_usage);
+    let end_writes = service_pid.and_then(process_writes);
     let tool_end = process_usage(std::process::id());
     stop.notify_waiters();
     for s in streams {
@@ -168,34 +238,83 @@ pub async fn fanout(
         }),
         _ => Value::Null,
     };
+    let delivered = received.load(Ordering::Relaxed);
+    // From the first post until every message was delivered (or the wait
+    // above gave up): the service's CPU per delivery, this tool's apart.
     let cpu = match (open_usage, end_usage) {
-        (Some((_, a)), Some((_, b))) => {
-            json!({"serviceCpuSecondsWhilePosting": b - a, "cores": (b - a) / duration.as_secs_f64()})
-        }
+        (Some((_, a)), Some((_, b))) => json!({
+            "serviceCpuSecondsWhilePosting": b - a,
+            "cores": (b - a) / duration.as_secs_f64(),
+            "serviceMicrosPerDelivery": per_delivery(b - a, delivered),
+            "serviceWritesPerDelivery": match (open_writes, end_writes) {
+                (Some(a), Some(b)) if delivered > 0 => json!(b.saturating_sub(a) as f64 / delivered as f64),
+                _ => Value::Null,
+            },
+        }),
         _ => Value::Null,
     };
-    let tool_cores = match (tool_open, tool_end) {
-        (Some((_, a)), Some((_, b))) => json!((b - a) / duration.as_secs_f64()),
-        _ => Value::Null,
+    let (tool_cores, tool_per_delivery) = match (tool_open, tool_end) {
+        (Some((_, a)), Some((_, b))) => (
+            json!((b - a) / duration.as_secs_f64()),
+            per_delivery(b - a, delivered),
+        ),
+        _ => (Value::Null, Value::Null),
     };
     let polls = target.metric("chatshard_tail_revision_polls_total").await;
     Ok(json!({
         "name": "fanout",
         "subscribers": subscribers,
+        "protocol": match protocol {
+            StreamProtocol::Http1 => json!("http1"),
+            StreamProtocol::Http2 { per_connection } => json!({"http2": {"streamsPerConnection": per_connection}}),
+        },
         "crossInstance": !target.others.is_empty(),
         "muxChatsPerStream": mux_chats,
         "tailRevisionPollsTotal": polls,
         "streamsOpen": open,
         "messagesPerSecond": rate,
+        "postsInFlight": posts_in_flight,
         "posted": posted,
-        "delivered": received.load(Ordering::Relaxed),
+        "delivered": delivered,
         "expected": want,
         "eventReads": reads,
         "eventReadsPerPublishedEvent": if posted > 0 { reads as f64 / posted as f64 } else { 0.0 },
         "memory": memory,
         "cpu": cpu,
         "loadToolCores": tool_cores,
+        "loadToolMicrosPerDelivery": tool_per_delivery,
     }))
+}
+
+/// CPU seconds spent per delivery, in microseconds.
+fn per_delivery(cpu_seconds: f64, deliveries: u64) -> Value {
+    if deliveries == 0 {
+        return Value::Null;
+    }
+    json!(cpu_seconds * 1e6 / deliveries as f64)
+}
+
+/// The clients the streams are opened with: one for every stream over
+/// HTTP/1, one per `per_connection` streams over HTTP/2 (each holds one
+/// connection). No timeout: a stream lasts the run.
+fn stream_clients(
+    protocol: StreamProtocol,
+    subscribers: usize,
+) -> anyhow::Result<Vec<reqwest::Client>> {
+    let count = match protocol {
+        StreamProtocol::Http1 => 1,
+        StreamProtocol::Http2 { per_connection } => subscribers.div_ceil(per_connection.max(1)),
+    };
+    (0..count)
+        .map(|_| {
+            let builder = reqwest::Client::builder();
+            let builder = match protocol {
+                StreamProtocol::Http1 => builder.http1_only(),
+                StreamProtocol::Http2 { .. } => builder.http2_prior_knowledge(),
+            };
+            Ok(builder.build()?)
+        })
+        .collect()
 }
 
 /// Makes a multiplexed stream following `chat` after revision 1 and the

@@ -20,7 +20,7 @@ mod tls_cost;
 
 pub use autoinc::autoinc;
 pub use direct_sql::direct_sql;
-pub use fanout::fanout;
+pub use fanout::{Fanout, StreamProtocol, fanout};
 pub use fetch_spike::fetch_spike;
 pub use isolation::isolation;
 pub use join_spike::join_spike;
