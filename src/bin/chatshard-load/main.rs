@@ -27,6 +27,8 @@
 //! - `seed.rs`: rows written straight to a shard (an old log, many small
 //!   chats).
 //! - `procfs.rs`: a process's memory and CPU time from `/proc`.
+//! - `prom.rs`: histograms read off the service's `/metrics`: a phase's
+//!   buckets and their quantiles.
 //! - `sse.rs`: whole SSE messages off a buffer, and an event's commit time.
 //! - `zipf.rs`: Zipf-distributed picks of a chat.
 //! - `report.rs`: the [`Recorder`]: histograms, answers, throughput, the
@@ -38,6 +40,7 @@
 mod client;
 mod plot;
 mod procfs;
+mod prom;
 mod proxy;
 mod report;
 mod scenarios;
@@ -143,7 +146,9 @@ enum Scenario {
         seconds: f64,
     },
     /// Steady traffic on a chat of shard B alone, then during a join spike on
-    /// a chat of shard A: B's p50 and p99 during the spike over alone.
+    /// a chat of shard A: B's p50 and p99 during the spike over alone, end to
+    /// end and split (from the service's `/metrics`) between chatshard's own
+    /// part, its waits, and the database's.
     Isolation {
         /// Clients of the spike on shard A.
         #[arg(long, default_value_t = 64)]
@@ -154,6 +159,10 @@ enum Scenario {
         /// Both halves together.
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
+        /// The service's pid, to report its cores and its threads' wait for
+        /// a CPU in each half (same machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
     },
     /// The answer time of refused requests (join_throttled, fetch_throttled)
     /// while the refusing condition holds.
@@ -417,13 +426,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             steady_clients,
             seconds: s,
+            service_pid,
         } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
             anyhow::ensure!(
                 (1..=256).contains(&steady_clients),
                 "--steady-clients must be 1 to 256"
             );
-            scenarios::isolation(&target, &recorder, clients, steady_clients, seconds(s)?).await
+            let report = scenarios::isolation(
+                &target,
+                &recorder,
+                clients,
+                steady_clients,
+                seconds(s)?,
+                service_pid,
+            )
+            .await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
         }
         Scenario::Refusals {
             clients,
