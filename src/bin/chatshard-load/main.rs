@@ -144,6 +144,10 @@ enum Scenario {
         wait_ms: u64,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// The service's pid, to report its CPU per answered poll (same
+        /// machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
     },
     /// Steady traffic on a chat of shard B alone, then during a join spike on
     /// a chat of shard A: B's p50 and p99 during the spike over alone, end to
@@ -189,6 +193,14 @@ enum Scenario {
         celebrity_reads: f64,
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
+        /// The service's pid, to report its memory per chat in use (same
+        /// machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
+        /// The pid of the service's Redis, to report its CPU per notice
+        /// published (same machine).
+        #[arg(long)]
+        redis_pid: Option<u32>,
     },
     /// The incident's database lesson: two local shards started by the tool,
     /// innodb_autoinc_lock_mode=1 and =2, each with W writers inserting
@@ -320,6 +332,11 @@ enum Scenario {
         seconds: f64,
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// Chats joined: 1, every connection on one chat (its row lock sets
+        /// the pace); more, connection c on chat c % N (the shard's commits
+        /// set it).
+        #[arg(long, default_value_t = 1)]
+        chats: usize,
     },
 }
 
@@ -410,6 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             wait_ms,
             seconds: s,
+            service_pid,
         } => {
             anyhow::ensure!(
                 (1..=10_000).contains(&pollers),
@@ -420,7 +438,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "--rate must be above 0 and at most 10000"
             );
             anyhow::ensure!(wait_ms <= 30_000, "--wait-ms must be at most 30000");
-            scenarios::fetch_spike(&target, &recorder, pollers, rate, wait_ms, seconds(s)?).await
+            scenarios::fetch_spike(
+                &target,
+                &recorder,
+                pollers,
+                rate,
+                wait_ms,
+                seconds(s)?,
+                service_pid,
+            )
+            .await
         }
         Scenario::Isolation {
             clients,
@@ -460,6 +487,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             celebrity_joins,
             celebrity_reads,
             seconds: s,
+            service_pid,
+            redis_pid,
         } => {
             anyhow::ensure!(
                 (1..=10_000_000).contains(&chats),
@@ -480,9 +509,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &recorder,
                 chats,
                 clients,
-                celebrity_joins,
-                celebrity_reads,
+                (celebrity_joins, celebrity_reads),
                 seconds(s)?,
+                scenarios::Pids {
+                    service: service_pid,
+                    redis: redis_pid,
+                },
             )
             .await
         }
@@ -612,10 +644,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             seconds: s,
             batch,
+            chats,
         } => {
             anyhow::ensure!((1..=512).contains(&clients), "--clients must be 1 to 512");
             anyhow::ensure!((1..=1000).contains(&batch), "--batch must be 1 to 1000");
-            scenarios::direct_sql(&shard_url, &recorder, clients, seconds(s)?, batch).await
+            anyhow::ensure!((1..=512).contains(&chats), "--chats must be 1 to 512");
+            scenarios::direct_sql(&shard_url, &recorder, clients, seconds(s)?, batch, chats).await
         }
     };
     let _ = done_tx.send(true);

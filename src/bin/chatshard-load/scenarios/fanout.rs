@@ -17,7 +17,8 @@ use crate::sse;
 /// messages are posted at `rate` per second for `duration`. Reports the
 /// delivery lag (commit to received), the event reads the chat's shard saw
 /// per published event (from the admin view's `fetchQueries`), and, given the
-/// service's pid, its memory per subscriber and its CPU.
+/// service's pid, its memory per subscriber (per chat subscription with
+/// `mux_chats`) and its CPU (per delivery too).
 pub async fn fanout(
     target: &Target,
     recorder: &Recorder,
@@ -127,6 +128,7 @@ pub async fn fanout(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let open = opened.load(Ordering::Relaxed);
+    let received_at_open = received.load(Ordering::Relaxed);
     let open_usage = service_pid.and_then(process_usage);
     let tool_open = process_usage(std::process::id());
     let queries_before = queries().await?;
@@ -155,23 +157,37 @@ pub async fn fanout(
     }
     let reads = queries().await? - queries_before;
     let end_usage = service_pid.and_then(process_usage);
+    let delivered = received.load(Ordering::Relaxed) - received_at_open;
     let tool_end = process_usage(std::process::id());
     stop.notify_waiters();
     for s in streams {
         s.abort();
     }
     let memory = match (before_usage, open_usage) {
-        (Some((before, _)), Some((with_streams, _))) if open > 0 => json!({
-            "serviceRssBeforeBytes": before,
-            "serviceRssWithStreamsBytes": with_streams,
-            "bytesPerSubscriber": with_streams.saturating_sub(before) / open,
-        }),
+        (Some((before, _)), Some((with_streams, _))) if open > 0 => {
+            let grown = with_streams.saturating_sub(before);
+            // A multiplexed stream's growth spread over its chats: its
+            // subscriptions' cost, the stream's own share included.
+            let per_subscription = (mux_chats > 0).then(|| grown / (open * mux_chats as u64));
+            json!({
+                "serviceRssBeforeBytes": before,
+                "serviceRssWithStreamsBytes": with_streams,
+                "bytesPerSubscriber": grown / open,
+                "bytesPerChatSubscription": per_subscription,
+            })
+        }
         _ => Value::Null,
     };
+    // Every delivery in the window, the posts' own share of the CPU included
+    // (tens a second against tens of thousands of deliveries); only when the
+    // streams are on the instance measured.
+    let local = target.others.is_empty() && delivered > 0;
     let cpu = match (open_usage, end_usage) {
-        (Some((_, a)), Some((_, b))) => {
-            json!({"serviceCpuSecondsWhilePosting": b - a, "cores": (b - a) / duration.as_secs_f64()})
-        }
+        (Some((_, a)), Some((_, b))) => json!({
+            "serviceCpuSecondsWhilePosting": b - a,
+            "cores": (b - a) / duration.as_secs_f64(),
+            "serviceCpuMicrosPerDelivery": local.then(|| (b - a) * 1e6 / delivered as f64),
+        }),
         _ => Value::Null,
     };
     let tool_cores = match (tool_open, tool_end) {

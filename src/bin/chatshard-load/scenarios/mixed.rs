@@ -1,6 +1,8 @@
 //! `mixed`: a day in a minute. Zipf-popular background traffic over many
 //! chats, and a celebrity chat spiking to the reference incident's load in
-//! the middle third of the run, offered open loop.
+//! the middle third of the run, offered open loop. Given the service's pid,
+//! its memory per chat in use (over the first third, before the celebrity);
+//! given Redis's, Redis's CPU per notice published.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,24 +10,31 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Target, run_id};
+use crate::procfs::process_usage;
 use crate::report::Recorder;
 use crate::zipf::Zipf;
 
 /// `mixed`: a day in a minute. `clients` clients make background traffic
 /// over `chats` chats whose popularity follows a Zipf law (member-count
 /// reads, event polls, joins, messages, leaves; a chat is created on its first
-/// use), while one celebrity chat goes from quiet to `celebrity_joins` joins/s
-/// and `celebrity_reads` reads/s for the middle third of the run, then back.
+/// use), while one celebrity chat goes from quiet to `celebrity` = (joins/s,
+/// reads/s) for the middle third of the run, then back.
+/// `pids` are the service's and Redis's (same machine), for the memory the
+/// service holds per chat in use and the CPU Redis spends per notice.
 pub async fn mixed(
     target: &Target,
     recorder: &Recorder,
     chats: usize,
     clients: usize,
-    celebrity_joins: f64,
-    celebrity_reads: f64,
+    celebrity: (f64, f64),
     duration: Duration,
+    pids: Pids,
 ) -> anyhow::Result<Value> {
+    let (celebrity_joins, celebrity_reads) = celebrity;
     let run = run_id("mixed");
+    let service_at_start = pids.service.and_then(process_usage);
+    let redis_at_start = pids.redis.and_then(process_usage);
+    let notices_at_start = notices_sent(target).await;
     let zipf = Arc::new(Zipf::new(chats));
     let created: Arc<dashmap::DashSet<usize>> = Arc::new(dashmap::DashSet::new());
     let start = Instant::now();
@@ -94,6 +103,8 @@ pub async fn mixed(
     target.set_join_throttle(&celebrity, false).await?;
     let spike_from = start + duration / 3;
     tokio::time::sleep_until(spike_from.into()).await;
+    let service_before_spike = pids.service.and_then(process_usage);
+    let chats_before_spike = created.len();
     recorder.mark("celebrity spike");
     let spike_until = start + duration * 2 / 3;
     let joiners = (celebrity_joins / 100.0).ceil().max(1.0) as usize;
@@ -146,6 +157,30 @@ pub async fn mixed(
     for t in background {
         let _ = t.await;
     }
+    // What one more chat in use costs the instance (its tail, its join
+    // window and hot-chat bucket, its queue while written), over the first
+    // third: the growth of the resident memory by the chats used by then.
+    let memory = match (service_at_start, service_before_spike) {
+        (Some((before, _)), Some((after, _))) if chats_before_spike > 0 => json!({
+            "serviceRssAtStartBytes": before,
+            "serviceRssBeforeSpikeBytes": after,
+            "chatsUsedBeforeSpike": chats_before_spike,
+            "bytesPerTrackedChat": after.saturating_sub(before) / chats_before_spike as u64,
+        }),
+        _ => Value::Null,
+    };
+    let notices = match (notices_at_start, notices_sent(target).await) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let redis = match (redis_at_start, pids.redis.and_then(process_usage), notices) {
+        (Some((_, a)), Some((_, b)), Some(n)) if n > 0.0 => json!({
+            "cpuSeconds": b - a,
+            "noticesSent": n,
+            "cpuMicrosPerNotice": (b - a) * 1e6 / n,
+        }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "name": "mixed",
         "chats": chats,
@@ -154,7 +189,27 @@ pub async fn mixed(
         "celebrityJoinsPerSecond": celebrity_joins,
         "celebrityReadsPerSecond": celebrity_reads,
         "celebrityJoined": recorder.ok_count("celebrity_join"),
+        "memory": memory,
+        "redis": redis,
     }))
+}
+
+/// The processes `mixed` reads from `/proc`, when given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pids {
+    pub service: Option<u32>,
+    pub redis: Option<u32>,
+}
+
+/// The notices this instance has published through Redis, from its
+/// `/metrics` (`None` without a fleet).
+async fn notices_sent(target: &Target) -> Option<f64> {
+    target
+        .metric_where(
+            "chatshard_fleet_messages_total",
+            &["kind=\"notice\"", "direction=\"sent\""],
+        )
+        .await
 }
 
 /// Calls `step` at `tasks` x `per_task` calls per second until `until`, open

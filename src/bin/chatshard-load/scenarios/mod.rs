@@ -25,7 +25,7 @@ pub use fetch_spike::fetch_spike;
 pub use isolation::isolation;
 pub use join_spike::join_spike;
 pub use lifecycle::lifecycle;
-pub use mixed::mixed;
+pub use mixed::{Pids, mixed};
 pub use move_buckets::move_buckets;
 pub use move_chat::{MoveLoad, move_chat};
 pub use quiet::quiet;
