@@ -130,6 +130,10 @@ enum Scenario {
         /// The service's pid, to report its memory and CPU (same machine).
         #[arg(long)]
         service_pid: Option<u32>,
+        /// The pid of the service's Redis, to report its CPU per notice
+        /// (same machine).
+        #[arg(long)]
+        redis_pid: Option<u32>,
     },
     /// P pollers of one chat while messages are posted at a fixed rate: shard
     /// event queries per published event, and how polls were answered.
@@ -193,8 +197,8 @@ enum Scenario {
         celebrity_reads: f64,
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
-        /// The service's pid, to report its memory per chat in use (same
-        /// machine).
+        /// The service's pid, to report its memory per chat in use and its
+        /// CPU per background request (same machine).
         #[arg(long)]
         service_pid: Option<u32>,
         /// The pid of the service's Redis, to report its CPU per notice
@@ -397,6 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             seconds: s,
             service_pid,
+            redis_pid,
         } => {
             anyhow::ensure!(
                 (1..=20_000).contains(&subscribers),
@@ -414,7 +419,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mux_chats,
                 rate,
                 seconds(s)?,
-                service_pid,
+                scenarios::Pids {
+                    service: service_pid,
+                    redis: redis_pid,
+                },
             )
             .await;
             if let Ok(r) = &report {

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::client::{Target, run_id};
 use crate::procfs::process_usage;
 use crate::report::Recorder;
+use crate::scenarios::Pids;
 use crate::sse;
 
 /// `fanout`: `subscribers` SSE streams of one chat on one instance while
@@ -18,7 +19,8 @@ use crate::sse;
 /// delivery lag (commit to received), the event reads the chat's shard saw
 /// per published event (from the admin view's `fetchQueries`), and, given the
 /// service's pid, its memory per subscriber (per chat subscription with
-/// `mux_chats`) and its CPU (per delivery too).
+/// `mux_chats`) and its CPU (per delivery too); given its Redis's, Redis's
+/// CPU per notice with every instance that holds streams subscribed.
 pub async fn fanout(
     target: &Target,
     recorder: &Recorder,
@@ -26,8 +28,9 @@ pub async fn fanout(
     mux_chats: usize,
     rate: f64,
     duration: Duration,
-    service_pid: Option<u32>,
+    pids: Pids,
 ) -> anyhow::Result<Value> {
+    let service_pid = pids.service;
     anyhow::ensure!(
         target.admin_token.is_some(),
         "fanout needs --admin-token (it reads the shard reads from the admin view)"
@@ -131,6 +134,8 @@ pub async fn fanout(
     let received_at_open = received.load(Ordering::Relaxed);
     let open_usage = service_pid.and_then(process_usage);
     let tool_open = process_usage(std::process::id());
+    let redis_open = pids.redis.and_then(process_usage);
+    let notices_open = notices_sent(target).await;
     let queries_before = queries().await?;
     recorder.mark("posting starts");
     let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
@@ -157,6 +162,11 @@ pub async fn fanout(
     }
     let reads = queries().await? - queries_before;
     let end_usage = service_pid.and_then(process_usage);
+    let redis_end = pids.redis.and_then(process_usage);
+    let notices = match (notices_open, notices_sent(target).await) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0.0,
+    };
     let delivered = received.load(Ordering::Relaxed) - received_at_open;
     let tool_end = process_usage(std::process::id());
     stop.notify_waiters();
@@ -195,6 +205,17 @@ pub async fn fanout(
         _ => Value::Null,
     };
     let polls = target.metric("chatshard_tail_revision_polls_total").await;
+    // Redis's CPU per notice while every instance with streams follows the
+    // chat: the posting instance alone, or each of --also.
+    let redis = match (redis_open, redis_end) {
+        (Some((_, a)), Some((_, b))) if notices > 0.0 => json!({
+            "cpuSeconds": b - a,
+            "noticesSent": notices,
+            "subscribedInstances": target.others.len().max(1),
+            "cpuMicrosPerNotice": (b - a) * 1e6 / notices,
+        }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "name": "fanout",
         "subscribers": subscribers,
@@ -211,7 +232,19 @@ pub async fn fanout(
         "memory": memory,
         "cpu": cpu,
         "loadToolCores": tool_cores,
+        "redis": redis,
     }))
+}
+
+/// The notices this instance has published through Redis, from its
+/// `/metrics` (`None` without a fleet).
+pub async fn notices_sent(target: &Target) -> Option<f64> {
+    target
+        .metric_where(
+            "chatshard_fleet_messages_total",
+            &["kind=\"notice\"", "direction=\"sent\""],
+        )
+        .await
 }
 
 /// Makes a multiplexed stream following `chat` after revision 1 and the

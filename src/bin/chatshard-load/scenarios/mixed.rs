@@ -1,8 +1,9 @@
 //! `mixed`: a day in a minute. Zipf-popular background traffic over many
 //! chats, and a celebrity chat spiking to the reference incident's load in
 //! the middle third of the run, offered open loop. Given the service's pid,
-//! its memory per chat in use (over the first third, before the celebrity);
-//! given Redis's, Redis's CPU per notice published.
+//! its memory per chat in use and its CPU per background request (over the
+//! first third, before the celebrity); given Redis's, Redis's CPU per notice
+//! published.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,8 @@ use serde_json::{Value, json};
 use crate::client::{Target, run_id};
 use crate::procfs::process_usage;
 use crate::report::Recorder;
+use crate::scenarios::Pids;
+use crate::scenarios::fanout::notices_sent;
 use crate::zipf::Zipf;
 
 /// `mixed`: a day in a minute. `clients` clients make background traffic
@@ -105,6 +108,7 @@ pub async fn mixed(
     tokio::time::sleep_until(spike_from.into()).await;
     let service_before_spike = pids.service.and_then(process_usage);
     let chats_before_spike = created.len();
+    let requests_before_spike: u64 = BACKGROUND.iter().map(|kind| recorder.ok_count(kind)).sum();
     recorder.mark("celebrity spike");
     let spike_until = start + duration * 2 / 3;
     let joiners = (celebrity_joins / 100.0).ceil().max(1.0) as usize;
@@ -169,6 +173,17 @@ pub async fn mixed(
         }),
         _ => Value::Null,
     };
+    // The service's CPU per request of the background mix over the same
+    // third, each chat's creation counted as its two requests (the chat,
+    // its first member).
+    let requests = requests_before_spike + 2 * chats_before_spike as u64;
+    let cpu = match (service_at_start, service_before_spike) {
+        (Some((_, a)), Some((_, b))) if requests > 0 => json!({
+            "backgroundRequestsBeforeSpike": requests,
+            "serviceCpuMicrosPerBackgroundRequest": (b - a) * 1e6 / requests as f64,
+        }),
+        _ => Value::Null,
+    };
     let notices = match (notices_at_start, notices_sent(target).await) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -190,27 +205,13 @@ pub async fn mixed(
         "celebrityReadsPerSecond": celebrity_reads,
         "celebrityJoined": recorder.ok_count("celebrity_join"),
         "memory": memory,
+        "cpu": cpu,
         "redis": redis,
     }))
 }
 
-/// The processes `mixed` reads from `/proc`, when given.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Pids {
-    pub service: Option<u32>,
-    pub redis: Option<u32>,
-}
-
-/// The notices this instance has published through Redis, from its
-/// `/metrics` (`None` without a fleet).
-async fn notices_sent(target: &Target) -> Option<f64> {
-    target
-        .metric_where(
-            "chatshard_fleet_messages_total",
-            &["kind=\"notice\"", "direction=\"sent\""],
-        )
-        .await
-}
+/// The kinds of the background traffic.
+const BACKGROUND: [&str; 5] = ["bg_count", "bg_poll", "bg_join", "bg_post", "bg_leave"];
 
 /// Calls `step` at `tasks` x `per_task` calls per second until `until`, open
 /// loop: each call runs on its own task, so a slow answer does not lower the

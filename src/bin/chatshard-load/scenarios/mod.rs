@@ -6,7 +6,7 @@
 
 mod autoinc;
 mod direct_sql;
-mod fanout;
+pub(crate) mod fanout;
 mod fetch_spike;
 mod isolation;
 mod join_spike;
@@ -25,9 +25,17 @@ pub use fetch_spike::fetch_spike;
 pub use isolation::isolation;
 pub use join_spike::join_spike;
 pub use lifecycle::lifecycle;
-pub use mixed::{Pids, mixed};
+pub use mixed::mixed;
 pub use move_buckets::move_buckets;
 pub use move_chat::{MoveLoad, move_chat};
 pub use quiet::quiet;
 pub use refusals::refusals;
 pub use tls_cost::tls_cost;
+
+/// The processes a scenario reads from `/proc` (same machine), when given:
+/// the service's and its Redis's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pids {
+    pub service: Option<u32>,
+    pub redis: Option<u32>,
+}
