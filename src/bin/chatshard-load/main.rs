@@ -11,6 +11,7 @@
 //! chatshard-load --url http://127.0.0.1:8080 quiet --shard-url mysql://root@127.0.0.1:3307/chatshard
 //! chatshard-load direct-sql --shard-url mysql://root@127.0.0.1:3307/chatshard --clients 16
 //! chatshard-load tls-cost --rounds 3 --clients 16 --seconds 10
+//! chatshard-load capacity docs/capacity/*.json --set streams=100000
 //! ```
 //!
 //! # Files
@@ -35,8 +36,11 @@
 //!   progress line, the table and the JSON report.
 //! - `plot.rs`: `--plot`, the SVG chart drawn from the JSON report.
 //! - `proxy.rs`: `proxy`, a TCP proxy that delays what it forwards.
+//! - `capacity.rs`: `capacity`, the sizing model fed by the reports' per-unit
+//!   costs (docs/capacity.md).
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod client;
 mod plot;
 mod procfs;
@@ -325,6 +329,22 @@ enum Scenario {
         #[arg(long)]
         chatshard_bin: Option<PathBuf>,
     },
+    /// Not a scenario: sizes a deployment for a workload from the per-unit
+    /// costs in the given reports (the median where several measure the
+    /// same cost), and prints it as markdown with the limit reached first
+    /// (docs/capacity.md).
+    Capacity {
+        /// Reports of the load tool (`--json` files) holding the costs.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The workload: a TOML (`.toml`) or JSON file of fields to change
+        /// from the defaults.
+        #[arg(long)]
+        workload: Option<PathBuf>,
+        /// One field to change, `key=value` (repeatable; after --workload).
+        #[arg(long)]
+        set: Vec<String>,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -348,6 +368,49 @@ fn main() -> ExitCode {
     chatshard::cli::block_on_main(run(Cli::parse()))
 }
 
+/// `capacity`: the sizing of the workload (`workload` file, then `sets`) from
+/// the costs in `reports`, as markdown.
+fn capacity_table(
+    reports: &[PathBuf],
+    workload: Option<&std::path::Path>,
+    sets: &[String],
+) -> anyhow::Result<String> {
+    let mut read = Vec::new();
+    for path in reports {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        read.push((name, json));
+    }
+    let file = match workload {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            } else {
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            };
+            Some(value)
+        }
+        None => None,
+    };
+    let workload = capacity::Workload::build(file.as_ref(), sets).map_err(anyhow::Error::msg)?;
+    let costs = capacity::Costs::from_reports(&read).map_err(anyhow::Error::msg)?;
+    Ok(capacity::size(&workload, &costs).markdown())
+}
+
+/// `capacity` is answered before any scenario starts.
+fn unreachable_capacity() -> anyhow::Result<serde_json::Value> {
+    anyhow::bail!("capacity runs no scenario")
+}
+
 fn seconds(s: f64) -> anyhow::Result<Duration> {
     anyhow::ensure!(
         s > 0.0 && s <= 3600.0,
@@ -357,6 +420,15 @@ fn seconds(s: f64) -> anyhow::Result<Duration> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Scenario::Capacity {
+        reports,
+        workload,
+        set,
+    } = &cli.scenario
+    {
+        print!("{}", capacity_table(reports, workload.as_deref(), set)?);
+        return Ok(());
+    }
     let target = Target {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -647,6 +719,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(delay_ms <= 60_000, "--delay-ms must be at most 60000");
             proxy::run(listen, to, Duration::from_millis(delay_ms), seconds(s)?).await
         }
+        Scenario::Capacity { .. } => unreachable_capacity(),
         Scenario::DirectSql {
             shard_url,
             clients,
