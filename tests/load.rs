@@ -90,6 +90,8 @@ async fn every_scenario_runs_and_reports() {
                 "0.5",
                 "--batch",
                 "8",
+                "--chats",
+                "2",
             ],
             &dir.join("direct.json"),
         );
@@ -143,6 +145,8 @@ async fn every_scenario_runs_and_reports() {
                 "20",
                 "--seconds",
                 "0.5",
+                "--service-pid",
+                &pid,
             ],
             &dir.join("fetch.json"),
         );
@@ -159,6 +163,8 @@ async fn every_scenario_runs_and_reports() {
                 "1",
                 "--seconds",
                 "1",
+                "--service-pid",
+                &pid,
                 "--plot",
                 dir.join("isolation.svg").to_str().expect("utf-8 path"),
             ],
@@ -196,6 +202,8 @@ async fn every_scenario_runs_and_reports() {
                 "50",
                 "--seconds",
                 "1.5",
+                "--service-pid",
+                &pid,
             ],
             &dir.join("mixed.json"),
         );
@@ -306,6 +314,30 @@ async fn every_scenario_runs_and_reports() {
         isolation["scenario"]["shardBP99Ratio"].is_f64(),
         "{isolation}"
     );
+    // B's requests as the service saw them: every part, both halves.
+    let parts = &isolation["scenario"]["shardBInService"];
+    for part in ["own", "database", "bulkheadWait", "groupCommitWait"] {
+        for half in ["requestsAlone", "requestsDuringSpike"] {
+            assert!(
+                parts[part][half].as_f64().is_some_and(|n| n > 0.0),
+                "{part} {half}: {isolation}"
+            );
+        }
+    }
+    assert!(
+        isolation["scenario"]["serviceThreads"]["duringSpike"]["cores"].is_f64(),
+        "{isolation}"
+    );
+    assert!(
+        fetch["scenario"]["cpu"]["serviceCpuMicrosPerPoll"].is_f64(),
+        "{fetch}"
+    );
+    let m = &mixed["scenario"];
+    assert!(m["memory"]["bytesPerTrackedChat"].is_u64(), "{mixed}");
+    assert!(
+        m["cpu"]["serviceCpuMicrosPerBackgroundRequest"].is_f64(),
+        "{mixed}"
+    );
     for kind in ["refused_join", "refused_fetch"] {
         let answers = &refusals["kinds"][kind]["answers"];
         let code = if kind == "refused_join" {
@@ -323,9 +355,14 @@ async fn every_scenario_runs_and_reports() {
     assert!(f["posted"].as_u64().unwrap_or(0) > 0, "{fanout}");
     assert_eq!(f["delivered"], f["expected"], "{fanout}");
     assert!(f["memory"]["bytesPerSubscriber"].is_u64(), "{fanout}");
+    assert!(f["cpu"]["serviceCpuMicrosPerDelivery"].is_f64(), "{fanout}");
     assert!(ok(&fanout, "delivery_lag") > 0, "{fanout}");
     assert!(ok(&spike, "join") > 0, "{spike}");
     assert_eq!(spike["scenario"]["joinThrottle"], false);
+    assert!(
+        spike["scenario"]["commits"]["joinsPerTransaction"].is_f64(),
+        "{spike}"
+    );
     assert!(
         spike["kinds"]["join"]["latencyMs"]["p99"]
             .as_f64()
@@ -345,7 +382,39 @@ async fn every_scenario_runs_and_reports() {
     for kind in ["direct_join", "direct_batched"] {
         assert!(ok(&direct, kind) > 0, "{kind}: {direct}");
     }
+    let d = &direct["scenario"];
+    assert_eq!(d["runs"][0]["chats"], 2, "{direct}");
+    assert!(d["runs"][0]["commitsPerSecond"].is_f64(), "{direct}");
+    assert!(d["storage"]["memberBytesPerRow"].is_f64(), "{direct}");
     app.shut_down().await;
+}
+
+/// The capacity model runs on the reports docs/capacity.md was made from:
+/// they still hold every cost it needs, and it names its first limit.
+#[test]
+fn capacity_sizes_the_reference_workload_from_the_committed_reports() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/capacity");
+    let mut reports: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .expect("docs/capacity")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    reports.sort();
+    let out = Command::new(env!("CARGO_BIN_EXE_chatshard-load"))
+        .arg("capacity")
+        .args(&reports)
+        .args(["--set", "streams=60000"])
+        .output()
+        .expect("run chatshard-load capacity");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("| chatshard instances | **"), "{table}");
+    assert!(table.contains("| streams | 60,000 |"), "{table}");
+    assert!(table.contains("First limit: **"), "{table}");
 }
 
 /// Two instances of a fleet whose Redis is reached through the tool's own

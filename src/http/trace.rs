@@ -7,6 +7,10 @@
 //! same id is the span's `trace_id` field, so every log line of the request
 //! carries it. With export off and no caller trace, the id is random: it still
 //! ties the response to the request's log lines.
+//!
+//! A short request of one chat (not a stream nor a long-poll) is also timed
+//! for the chat's shard, and carries a tally of its waits and database work
+//! ([`Spent`]): the metrics split its time between chatshard and the database.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
 use super::problem::{Code, Problem};
+use crate::shard::Spent;
 use axum::response::IntoResponse as _;
 
 /// The chat of a request, set by the extractor that reads it from the path.
@@ -79,6 +84,8 @@ pub async fn trace_request(
     if let Some(slot) = &timed {
         req.extensions_mut().insert(slot.clone());
     }
+    // Its shard operations tell it where its time went.
+    let tally = timed.as_ref().map(|_| Arc::new(Spent::default()));
     let mut response = if too_long(&req, state.http.max_uri_bytes) {
         let _in_span = span.enter();
         Problem::new(
@@ -90,7 +97,11 @@ pub async fn trace_request(
         )
         .into_response()
     } else {
-        next.run(req).instrument(span.clone()).await
+        let run = next.run(req).instrument(span.clone());
+        match &tally {
+            Some(tally) => Spent::scope(tally.clone(), run).await,
+            None => run.await,
+        }
     };
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
@@ -101,8 +112,9 @@ pub async fn trace_request(
     state
         .metrics
         .record_http(took.as_secs_f64(), route, &method, status);
-    if let Some(chat) = timed.as_ref().and_then(|slot| slot.0.get()) {
-        state.service.record_request(chat, took);
+    if let (Some(chat), Some(tally)) = (timed.as_ref().and_then(|slot| slot.0.get()), &tally) {
+        let shard = state.service.record_request(chat, took);
+        state.metrics.record_shard_request(shard, took, tally);
     }
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&trace_id) {

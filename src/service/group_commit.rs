@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::sync::oneshot;
@@ -36,18 +37,24 @@ use super::tail::Tails;
 use super::write::{self, Committed, WriteOutcome};
 use crate::config::GroupCommitSettings;
 use crate::domain::ChatId;
-use crate::shard::{Shard, ShardError, is_deadlock};
+use crate::shard::{Shard, ShardError, Spent, is_deadlock};
 
 /// Attempts of a batch that keeps hitting deadlocks.
 const DEADLOCK_ATTEMPTS: usize = 3;
 
 type Reply = oneshot::Sender<Result<WriteOutcome, ServiceError>>;
 
-/// A queued write: what to do, whom to answer, and the span of the request
-/// that asked (a batch's database span hangs under its first request).
-/// A write, its answer, its request's span, and the shard its writer
-/// routed it to (a chat that moves changes shard between two writes).
-type Queued = (WriteOp, Reply, tracing::Span, Arc<Shard>);
+/// A queued write: what to do, whom to answer, the span of the request that
+/// asked (a batch's database span hangs under its first request), the shard
+/// its writer routed it to (a chat that moves changes shard between two
+/// writes), and its request's tally with the moment it was queued.
+struct Queued {
+    op: WriteOp,
+    reply: Reply,
+    span: tracing::Span,
+    shard: Arc<Shard>,
+    tally: Option<(Arc<Spent>, Instant)>,
+}
 
 #[derive(Default)]
 struct ChatQueue {
@@ -112,9 +119,13 @@ impl GroupCommit {
             if state.pending.len() >= self.settings.max_pending_per_chat {
                 return Err(ServiceError::ChatQueueFull);
             }
-            state
-                .pending
-                .push_back((op, reply, tracing::Span::current(), shard.clone()));
+            state.pending.push_back(Queued {
+                op,
+                reply,
+                span: tracing::Span::current(),
+                shard: shard.clone(),
+                tally: Spent::current().map(|t| (t, Instant::now())),
+            });
             !std::mem::replace(&mut state.flushing, true)
         };
         if start_flusher {
@@ -129,6 +140,9 @@ impl GroupCommit {
 
     /// Commits batches until the queue is empty, then retires the queue.
     async fn flush(self: Arc<Self>, chat: ChatId, queue: Arc<ChatQueue>) {
+        // When the last batch came back from the shard: a write queued
+        // before then waited that long behind it (see `Spent`).
+        let mut last_back: Option<Instant> = None;
         loop {
             // A batch goes to one shard: the writes queued for the first
             // one's shard, in order.
@@ -138,27 +152,49 @@ impl GroupCommit {
                     state.flushing = false;
                     break;
                 };
-                let shard = first.3.clone();
+                let shard = first.shard.clone();
                 let n = state
                     .pending
                     .iter()
                     .take(self.settings.max_batch)
-                    .take_while(|q| Arc::ptr_eq(&q.3, &shard))
+                    .take_while(|q| Arc::ptr_eq(&q.shard, &shard))
                     .count();
                 (shard, state.pending.drain(..n).collect())
             };
             // The batch's database span is a child of its first request; the
             // others are linked to it, so each request's trace shows the
             // transaction that committed it.
-            let parent = batch[0].2.clone();
-            for (_, _, span, _) in &batch[1..] {
-                span.follows_from(&parent);
+            let parent = batch[0].span.clone();
+            for queued in &batch[1..] {
+                queued.span.follows_from(&parent);
             }
-            let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch
-                .into_iter()
-                .map(|(op, reply, _, _)| (op, reply))
-                .unzip();
-            match commit(&shard, &chat, ops).instrument(parent).await {
+            let mut ops = Vec::with_capacity(batch.len());
+            let mut replies = Vec::with_capacity(batch.len());
+            let mut tallies = Vec::new();
+            for Queued {
+                op, reply, tally, ..
+            } in batch
+            {
+                ops.push(op);
+                replies.push(reply);
+                tallies.extend(tally);
+            }
+            // The batch keeps its own tally, added to each of its writes'
+            // with how long that write waited for the batch to start.
+            let spent = Arc::new(Spent::default());
+            let started = Instant::now();
+            let committed = Spent::scope(spent.clone(), commit(&shard, &chat, ops))
+                .instrument(parent)
+                .await;
+            for (tally, queued_at) in tallies {
+                let behind = last_back.map_or(Duration::ZERO, |back| {
+                    back.saturating_duration_since(queued_at)
+                });
+                let waited = started.saturating_duration_since(queued_at);
+                tally.add_batch(waited.saturating_sub(behind), behind, &spent);
+            }
+            last_back = Some(Instant::now());
+            match committed {
                 Ok(Committed { outcomes, events }) => {
                     // Before the answers: a writer that then reads finds its
                     // own events in the tail.

@@ -172,10 +172,11 @@ impl ChatService {
     }
 
     /// Counts one request of `chat` on its shard, from its arrival to its
-    /// answer (see [`Shard::request_latency`]).
-    pub fn record_request(&self, chat: &ChatId, took: std::time::Duration) {
-        self.shard(chat)
-            .record_request(crate::routing::chat_key(chat), took);
+    /// answer (see [`Shard::request_latency`]); the shard's name.
+    pub fn record_request(&self, chat: &ChatId, took: std::time::Duration) -> &str {
+        let shard = self.shard(chat);
+        shard.record_request(crate::routing::chat_key(chat), took);
+        shard.name()
     }
 
     /// Creates a chat, or returns the existing one. A given `max_members` is

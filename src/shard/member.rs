@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 use super::error::{self, OUTCOMES, OpError, OutcomeCause, ShardError};
 use super::manager::MySqlManager;
 use super::share::ChatShares;
+use super::spent::Spent;
 use super::stats::{Refusal, ShardStats};
 use super::{Access, BoxFuture, Breaker, BreakerState, InnodbSettings, Instruments, ShardStatus};
 use crate::config::{BreakerSettings, PoolSettings};
@@ -354,6 +355,7 @@ impl Member {
                     .acquire(chat, self.settings.max_wait())
                     .await
                     .map_err(|_| {
+                        Spent::note_bulkhead(start.elapsed());
                         self.stats.refused(Refusal::ChatBusy);
                         tracing::debug!(reason = "chat_busy", "bulkhead_rejected");
                         ShardError::ChatBusy {
@@ -380,23 +382,19 @@ impl Member {
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<T, OpError>>,
     {
         // 3. Admission: refuse at once rather than queue without bound.
-        let _permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| self.busy())?;
+        let _permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            Spent::note_bulkhead(start.elapsed());
+            self.busy()
+        })?;
         // 4. The pool, within what is left of the caller's bounded wait.
         let timeouts = Timeouts {
             wait: Some(wait_until.saturating_duration_since(Instant::now())),
             create: Some(self.settings.connect_timeout()),
             recycle: Some(self.settings.connect_timeout()),
         };
-        let mut conn = InUse(Some(
-            self.pool
-                .timeout_get(&timeouts)
-                .await
-                .map_err(|e| self.pool_error(e))?,
-        ));
+        let pooled = self.pool.timeout_get(&timeouts).await;
+        Spent::note_bulkhead(start.elapsed());
+        let mut conn = InUse(Some(pooled.map_err(|e| self.pool_error(e))?));
         let _in_flight = self.stats.start();
         let span = tracing::Span::current();
         span.record(
@@ -412,7 +410,10 @@ impl Member {
         let Some(connection) = conn.0.as_deref_mut() else {
             return Err(self.busy());
         };
-        match tokio::time::timeout(deadline, op(connection)).await {
+        let working = Instant::now();
+        let worked = tokio::time::timeout(deadline, op(connection)).await;
+        Spent::note_database(working.elapsed());
+        match worked {
             Ok(Ok(value)) => {
                 conn.release();
                 Ok(value)

@@ -25,6 +25,9 @@
 //!
 //! Outside this module the shard is seen through [`ShardStatus`] snapshots and
 //! the [`Instruments`] it records into; its counters and pool stay private.
+//! Each operation also adds its wait at steps 1 to 4 and its database work
+//! (step 5) to the tally of the request it runs for ([`Spent`]), so a
+//! request's time can be split between chatshard and the database.
 //!
 //! A shard may be replicated (docs/replicas.md): it is then several
 //! [`member`]s, each one server behind all of the protections above, its
@@ -41,6 +44,7 @@ mod monitor;
 pub mod reparent;
 mod set;
 mod share;
+mod spent;
 mod stats;
 pub mod topology;
 
@@ -65,6 +69,7 @@ pub use error::{
 use member::Member;
 pub use monitor::{MemberRole, MemberStatus};
 pub use set::ShardSet;
+pub use spent::Spent;
 use stats::ShardStats;
 pub use stats::{RECENT_SECS, Rejections, ShardStatus};
 use topology::Gate;

@@ -124,6 +124,49 @@ async fn metrics_are_served_in_prometheus_text() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chats_requests_are_split_between_chatshard_and_its_shard() {
+    let app = TestApp::spawn().await;
+    let chat = app.new_chat("split").await;
+    let shard = format!("shard=\"{}\"", app.shard_name_of(&chat).await);
+    let read = || async {
+        let mut out = Vec::new();
+        for (metric, stage) in [
+            ("chatshard_shard_request_own_duration_seconds_count", ""),
+            (
+                "chatshard_shard_request_database_duration_seconds_count",
+                "",
+            ),
+            ("chatshard_shard_request_database_duration_seconds_sum", ""),
+            (
+                "chatshard_shard_request_wait_duration_seconds_count",
+                "stage=\"bulkhead\"",
+            ),
+            (
+                "chatshard_shard_request_wait_duration_seconds_count",
+                "stage=\"group_commit\"",
+            ),
+        ] {
+            out.push(app.metric_sum(metric, &[&shard, stage]).await);
+        }
+        out
+    };
+    let before = read().await;
+    // A write (through the group commit) and a read.
+    assert_eq!(app.join(&chat, "u").await.status(), 201);
+    assert_eq!(app.count(&chat).await, 1);
+    let after = read().await;
+    let added: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(added[0], 2.0, "own: {added:?}");
+    assert_eq!(added[1], 2.0, "database: {added:?}");
+    assert!(added[2] > 0.0, "the database took no time: {added:?}");
+    assert_eq!(added[3], 2.0, "bulkhead waits: {added:?}");
+    assert_eq!(
+        added[4], 1.0,
+        "only the join went through the group commit: {added:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_carries_the_request_trace_id() {
     let app = TestApp::spawn().await;
     let chat = app.new_chat("reqid").await;

@@ -160,6 +160,18 @@ impl Target {
         self.call(request).await
     }
 
+    /// The text of `/metrics`, if it can be read.
+    pub async fn metrics_text(&self) -> Option<String> {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    }
+
     /// The sum of a metric's samples on `/metrics`, if it can be read.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         self.metric_where(name, &[]).await
@@ -168,15 +180,7 @@ impl Target {
     /// The sum of the samples of `name` whose labels hold every one of
     /// `labels` (each `key="value"`).
     pub async fn metric_where(&self, name: &str, labels: &[&str]) -> Option<f64> {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = self.metrics_text().await?;
         Some(
             text.lines()
                 .filter(|l| {

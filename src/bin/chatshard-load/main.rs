@@ -11,6 +11,7 @@
 //! chatshard-load --url http://127.0.0.1:8080 quiet --shard-url mysql://root@127.0.0.1:3307/chatshard
 //! chatshard-load direct-sql --shard-url mysql://root@127.0.0.1:3307/chatshard --clients 16
 //! chatshard-load tls-cost --rounds 3 --clients 16 --seconds 10
+//! chatshard-load capacity docs/capacity/*.json --set streams=100000
 //! ```
 //!
 //! # Files
@@ -27,17 +28,23 @@
 //! - `seed.rs`: rows written straight to a shard (an old log, many small
 //!   chats).
 //! - `procfs.rs`: a process's memory and CPU time from `/proc`.
+//! - `prom.rs`: histograms read off the service's `/metrics`: a phase's
+//!   buckets and their quantiles.
 //! - `sse.rs`: whole SSE messages off a buffer, and an event's commit time.
 //! - `zipf.rs`: Zipf-distributed picks of a chat.
 //! - `report.rs`: the [`Recorder`]: histograms, answers, throughput, the
 //!   progress line, the table and the JSON report.
 //! - `plot.rs`: `--plot`, the SVG chart drawn from the JSON report.
 //! - `proxy.rs`: `proxy`, a TCP proxy that delays what it forwards.
+//! - `capacity.rs`: `capacity`, the sizing model fed by the reports' per-unit
+//!   costs (docs/capacity.md).
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod client;
 mod plot;
 mod procfs;
+mod prom;
 mod proxy;
 mod report;
 mod scenarios;
@@ -138,6 +145,10 @@ enum Scenario {
         /// before the next post; more keep the rate while answers are slow.
         #[arg(long, default_value_t = 1)]
         posts_in_flight: usize,
+        /// The pid of the service's Redis, to report its CPU per notice
+        /// (same machine).
+        #[arg(long)]
+        redis_pid: Option<u32>,
     },
     /// P pollers of one chat while messages are posted at a fixed rate: shard
     /// event queries per published event, and how polls were answered.
@@ -152,9 +163,15 @@ enum Scenario {
         wait_ms: u64,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// The service's pid, to report its CPU per answered poll (same
+        /// machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
     },
     /// Steady traffic on a chat of shard B alone, then during a join spike on
-    /// a chat of shard A: B's p50 and p99 during the spike over alone.
+    /// a chat of shard A: B's p50 and p99 during the spike over alone, end to
+    /// end and split (from the service's `/metrics`) between chatshard's own
+    /// part, its waits, and the database's.
     Isolation {
         /// Clients of the spike on shard A.
         #[arg(long, default_value_t = 64)]
@@ -165,6 +182,10 @@ enum Scenario {
         /// Both halves together.
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
+        /// The service's pid, to report its cores and its threads' wait for
+        /// a CPU in each half (same machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
     },
     /// The answer time of refused requests (join_throttled, fetch_throttled)
     /// while the refusing condition holds.
@@ -191,6 +212,14 @@ enum Scenario {
         celebrity_reads: f64,
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
+        /// The service's pid, to report its memory per chat in use and its
+        /// CPU per background request (same machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
+        /// The pid of the service's Redis, to report its CPU per notice
+        /// published (same machine).
+        #[arg(long)]
+        redis_pid: Option<u32>,
     },
     /// The incident's database lesson: two local shards started by the tool,
     /// innodb_autoinc_lock_mode=1 and =2, each with W writers inserting
@@ -311,6 +340,22 @@ enum Scenario {
         #[arg(long)]
         chatshard_bin: Option<PathBuf>,
     },
+    /// Not a scenario: sizes a deployment for a workload from the per-unit
+    /// costs in the given reports (the median where several measure the
+    /// same cost), and prints it as markdown with the limit reached first
+    /// (docs/capacity.md).
+    Capacity {
+        /// Reports of the load tool (`--json` files) holding the costs.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The workload: a TOML (`.toml`) or JSON file of fields to change
+        /// from the defaults.
+        #[arg(long)]
+        workload: Option<PathBuf>,
+        /// One field to change, `key=value` (repeatable; after --workload).
+        #[arg(long)]
+        set: Vec<String>,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -322,11 +367,59 @@ enum Scenario {
         seconds: f64,
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// Chats joined: 1, every connection on one chat (its row lock sets
+        /// the pace); more, connection c on chat c % N (the shard's commits
+        /// set it).
+        #[arg(long, default_value_t = 1)]
+        chats: usize,
     },
 }
 
 fn main() -> ExitCode {
     chatshard::cli::block_on_main(run(Cli::parse()))
+}
+
+/// `capacity`: the sizing of the workload (`workload` file, then `sets`) from
+/// the costs in `reports`, as markdown.
+fn capacity_table(
+    reports: &[PathBuf],
+    workload: Option<&std::path::Path>,
+    sets: &[String],
+) -> anyhow::Result<String> {
+    let mut read = Vec::new();
+    for path in reports {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        read.push((name, json));
+    }
+    let file = match workload {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            } else {
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            };
+            Some(value)
+        }
+        None => None,
+    };
+    let workload = capacity::Workload::build(file.as_ref(), sets).map_err(anyhow::Error::msg)?;
+    let costs = capacity::Costs::from_reports(&read).map_err(anyhow::Error::msg)?;
+    Ok(capacity::size(&workload, &costs).markdown())
+}
+
+/// `capacity` is answered before any scenario starts.
+fn unreachable_capacity() -> anyhow::Result<serde_json::Value> {
+    anyhow::bail!("capacity runs no scenario")
 }
 
 fn seconds(s: f64) -> anyhow::Result<Duration> {
@@ -338,6 +431,15 @@ fn seconds(s: f64) -> anyhow::Result<Duration> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Scenario::Capacity {
+        reports,
+        workload,
+        set,
+    } = &cli.scenario
+    {
+        print!("{}", capacity_table(reports, workload.as_deref(), set)?);
+        return Ok(());
+    }
     let target = Target {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -385,6 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http2,
             streams_per_connection,
             posts_in_flight,
+            redis_pid,
         } => {
             anyhow::ensure!(
                 (1..=64).contains(&posts_in_flight),
@@ -415,7 +518,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mux_chats,
                 rate,
                 duration: seconds(s)?,
-                service_pid,
+                pids: scenarios::Pids {
+                    service: service_pid,
+                    redis: redis_pid,
+                },
                 protocol,
                 posts_in_flight,
             };
@@ -430,6 +536,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             wait_ms,
             seconds: s,
+            service_pid,
         } => {
             anyhow::ensure!(
                 (1..=10_000).contains(&pollers),
@@ -440,19 +547,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "--rate must be above 0 and at most 10000"
             );
             anyhow::ensure!(wait_ms <= 30_000, "--wait-ms must be at most 30000");
-            scenarios::fetch_spike(&target, &recorder, pollers, rate, wait_ms, seconds(s)?).await
+            scenarios::fetch_spike(
+                &target,
+                &recorder,
+                pollers,
+                rate,
+                wait_ms,
+                seconds(s)?,
+                service_pid,
+            )
+            .await
         }
         Scenario::Isolation {
             clients,
             steady_clients,
             seconds: s,
+            service_pid,
         } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
             anyhow::ensure!(
                 (1..=256).contains(&steady_clients),
                 "--steady-clients must be 1 to 256"
             );
-            scenarios::isolation(&target, &recorder, clients, steady_clients, seconds(s)?).await
+            let report = scenarios::isolation(
+                &target,
+                &recorder,
+                clients,
+                steady_clients,
+                seconds(s)?,
+                service_pid,
+            )
+            .await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
         }
         Scenario::Refusals {
             clients,
@@ -467,6 +596,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             celebrity_joins,
             celebrity_reads,
             seconds: s,
+            service_pid,
+            redis_pid,
         } => {
             anyhow::ensure!(
                 (1..=10_000_000).contains(&chats),
@@ -487,9 +618,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &recorder,
                 chats,
                 clients,
-                celebrity_joins,
-                celebrity_reads,
+                (celebrity_joins, celebrity_reads),
                 seconds(s)?,
+                scenarios::Pids {
+                    service: service_pid,
+                    redis: redis_pid,
+                },
             )
             .await
         }
@@ -614,15 +748,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(delay_ms <= 60_000, "--delay-ms must be at most 60000");
             proxy::run(listen, to, Duration::from_millis(delay_ms), seconds(s)?).await
         }
+        Scenario::Capacity { .. } => unreachable_capacity(),
         Scenario::DirectSql {
             shard_url,
             clients,
             seconds: s,
             batch,
+            chats,
         } => {
             anyhow::ensure!((1..=512).contains(&clients), "--clients must be 1 to 512");
             anyhow::ensure!((1..=1000).contains(&batch), "--batch must be 1 to 1000");
-            scenarios::direct_sql(&shard_url, &recorder, clients, seconds(s)?, batch).await
+            anyhow::ensure!((1..=512).contains(&chats), "--chats must be 1 to 512");
+            scenarios::direct_sql(&shard_url, &recorder, clients, seconds(s)?, batch, chats).await
         }
     };
     let _ = done_tx.send(true);

@@ -173,9 +173,21 @@ fn ticks(max: f64, step: f64) -> Vec<f64> {
 /// A tick's label: the value itself, in thousands as `k` from 1,000 on
 /// (`2.5k`, never rounded to another tick's value).
 fn label(v: f64) -> String {
+    /// With as many decimals as the value has (a tick is a whole number of
+    /// a 1-2-5 step, so a few at most), without trailing zeros.
     fn plain(v: f64) -> String {
-        let s = format!("{:.3}", (v * 1000.0).round() / 1000.0);
-        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        let decimals = (0..12)
+            .find(|d| {
+                let scaled = v * 10f64.powi(*d);
+                (scaled - scaled.round()).abs() <= 1e-6 * scaled.abs().max(1.0)
+            })
+            .unwrap_or(12) as usize;
+        let s = format!("{v:.decimals$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        }
     }
     if v >= 1000.0 {
         format!("{}k", plain(v / 1000.0))
@@ -236,6 +248,48 @@ mod tests {
                 [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-9),
                 "{max}: {step}"
             );
+        }
+        assert_eq!(
+            labels(0.0009),
+            ["0", "0.0002", "0.0004", "0.0006", "0.0008", "0.001"]
+        );
+    }
+
+    /// A label read back: `2.5k` is 2,500.
+    fn read_back(label: &str) -> f64 {
+        match label.strip_suffix('k') {
+            Some(thousands) => thousands.parse::<f64>().unwrap_or(f64::NAN) * 1000.0,
+            None => label.parse().unwrap_or(f64::NAN),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_axis_has_three_to_six_round_ticks_that_say_their_value(
+            max in 1e-3f64..1e8,
+        ) {
+            let (top, step) = axis(max);
+            let values = ticks(top, step);
+            proptest::prop_assert!(top >= max);
+            // About five steps: the top is at most one step above the data.
+            proptest::prop_assert!(top - step < max);
+            proptest::prop_assert!((3..=6).contains(&values.len()), "{values:?}");
+            let mantissa = step / 10f64.powf(step.log10().floor());
+            proptest::prop_assert!(
+                [1.0, 2.0, 5.0, 10.0].iter().any(|m| (mantissa - m).abs() < 1e-9),
+                "{step}"
+            );
+            let labels: Vec<String> = values.iter().copied().map(label).collect();
+            for (value, label) in values.iter().zip(&labels) {
+                let back = read_back(label);
+                proptest::prop_assert!(
+                    (back - value).abs() <= 1e-9 * value.abs().max(1.0),
+                    "{label} for {value}"
+                );
+            }
+            let mut distinct = labels.clone();
+            distinct.dedup();
+            proptest::prop_assert_eq!(distinct.len(), labels.len());
         }
     }
 }

@@ -1,7 +1,8 @@
 //! What `/proc` says of a process (the service's, or this tool's own): its
 //! resident memory and the CPU time it has used, for the figures per
-//! subscriber and per request, and the write calls it has made (a socket
-//! write is most of what a delivery costs the kernel).
+//! subscriber and per request, the write calls it has made (a socket
+//! write is most of what a delivery costs the kernel), and how long its
+//! threads waited for a CPU.
 
 /// What `/proc` says of a process: resident memory (bytes) and CPU time used
 /// (seconds).
@@ -25,6 +26,33 @@ fn writes(io: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// What the scheduler says of a process's threads, summed: seconds run on a
+/// CPU, and seconds spent runnable but waiting for one (from each
+/// `/proc/PID/task/TID/schedstat`; threads that ended are not counted).
+pub fn scheduler_times(pid: u32) -> Option<(f64, f64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = (0.0, 0.0);
+    for task in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some((ran, waited)) = schedstat(&text) {
+            total.0 += ran;
+            total.1 += waited;
+        }
+    }
+    Some(total)
+}
+
+/// Seconds on a CPU and waiting for one, from a `schedstat` line
+/// (nanoseconds run, nanoseconds waited, time slices).
+fn schedstat(text: &str) -> Option<(f64, f64)> {
+    let mut fields = text.split_whitespace();
+    let ran: u64 = fields.next()?.parse().ok()?;
+    let waited: u64 = fields.next()?.parse().ok()?;
+    Some((ran as f64 / 1e9, waited as f64 / 1e9))
 }
 
 /// [`process_usage`] from the text of `/proc/PID/status` and `/proc/PID/stat`.
@@ -67,6 +95,12 @@ mod tests {
     fn nothing_from_a_partial_file() {
         assert_eq!(usage("Name:\tx\n", "1 (x) S 1 2 3"), None);
         assert_eq!(usage("VmRSS:\t1 kB\n", "1 (x) S 1 2 3"), None);
+    }
+
+    #[test]
+    fn a_schedstat_line_is_seconds_run_and_waited() {
+        assert_eq!(schedstat("2500000000 500000000 42\n"), Some((2.5, 0.5)));
+        assert_eq!(schedstat("12"), None);
     }
 
     #[cfg(target_os = "linux")]

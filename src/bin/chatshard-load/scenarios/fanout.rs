@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::client::{Target, run_id};
 use crate::procfs::{process_usage, process_writes};
 use crate::report::Recorder;
+use crate::scenarios::Pids;
 use crate::sse;
 
 /// How the subscribers reach the service.
@@ -42,8 +43,9 @@ pub struct Fanout {
     pub rate: f64,
     /// How long messages are posted.
     pub duration: Duration,
-    /// The service's pid, for its memory and CPU (same machine).
-    pub service_pid: Option<u32>,
+    /// The service's pid, for its memory and CPU, and its Redis's, for
+    /// Redis's CPU per notice (same machine).
+    pub pids: Pids,
     pub protocol: StreamProtocol,
     /// Posts outstanding at most (1: each waits for the previous answer).
     pub posts_in_flight: usize,
@@ -61,10 +63,11 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
         mux_chats,
         rate,
         duration,
-        service_pid,
+        pids,
         protocol,
         posts_in_flight,
     } = run;
+    let service_pid = pids.service;
     anyhow::ensure!(
         target.admin_token.is_some(),
         "fanout needs --admin-token (it reads the shard reads from the admin view)"
@@ -180,6 +183,8 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
     let open_usage = service_pid.and_then(process_usage);
     let open_writes = service_pid.and_then(process_writes);
     let tool_open = process_usage(std::process::id());
+    let redis_open = pids.redis.and_then(process_usage);
+    let notices_open = notices_sent(target).await;
     let queries_before = queries().await?;
     recorder.mark("posting starts");
     let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
@@ -226,26 +231,40 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
     let end_usage = service_pid.and_then(process_usage);
     let end_writes = service_pid.and_then(process_writes);
     let tool_end = process_usage(std::process::id());
+    let redis_end = pids.redis.and_then(process_usage);
+    let notices = match (notices_open, notices_sent(target).await) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0.0,
+    };
     stop.notify_waiters();
     for s in streams {
         s.abort();
     }
     let memory = match (before_usage, open_usage) {
-        (Some((before, _)), Some((with_streams, _))) if open > 0 => json!({
-            "serviceRssBeforeBytes": before,
-            "serviceRssWithStreamsBytes": with_streams,
-            "bytesPerSubscriber": with_streams.saturating_sub(before) / open,
-        }),
+        (Some((before, _)), Some((with_streams, _))) if open > 0 => {
+            let grown = with_streams.saturating_sub(before);
+            // A multiplexed stream's growth spread over its chats: its
+            // subscriptions' cost, the stream's own share included.
+            let per_subscription = (mux_chats > 0).then(|| grown / (open * mux_chats as u64));
+            json!({
+                "serviceRssBeforeBytes": before,
+                "serviceRssWithStreamsBytes": with_streams,
+                "bytesPerSubscriber": grown / open,
+                "bytesPerChatSubscription": per_subscription,
+            })
+        }
         _ => Value::Null,
     };
     let delivered = received.load(Ordering::Relaxed);
     // From the first post until every message was delivered (or the wait
-    // above gave up): the service's CPU per delivery, this tool's apart.
+    // above gave up): the service's CPU per delivery, this tool's apart;
+    // only when the streams are on the instance measured.
+    let local = target.others.is_empty();
     let cpu = match (open_usage, end_usage) {
         (Some((_, a)), Some((_, b))) => json!({
             "serviceCpuSecondsWhilePosting": b - a,
             "cores": (b - a) / duration.as_secs_f64(),
-            "serviceMicrosPerDelivery": per_delivery(b - a, delivered),
+            "serviceCpuMicrosPerDelivery": if local { per_delivery(b - a, delivered) } else { Value::Null },
             "serviceWritesPerDelivery": match (open_writes, end_writes) {
                 (Some(a), Some(b)) if delivered > 0 => json!(b.saturating_sub(a) as f64 / delivered as f64),
                 _ => Value::Null,
@@ -261,6 +280,17 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
         _ => (Value::Null, Value::Null),
     };
     let polls = target.metric("chatshard_tail_revision_polls_total").await;
+    // Redis's CPU per notice while every instance with streams follows the
+    // chat: the posting instance alone, or each of --also.
+    let redis = match (redis_open, redis_end) {
+        (Some((_, a)), Some((_, b))) if notices > 0.0 => json!({
+            "cpuSeconds": b - a,
+            "noticesSent": notices,
+            "subscribedInstances": target.others.len().max(1),
+            "cpuMicrosPerNotice": (b - a) * 1e6 / notices,
+        }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "name": "fanout",
         "subscribers": subscribers,
@@ -283,7 +313,19 @@ pub async fn fanout(target: &Target, recorder: &Recorder, run: Fanout) -> anyhow
         "cpu": cpu,
         "loadToolCores": tool_cores,
         "loadToolMicrosPerDelivery": tool_per_delivery,
+        "redis": redis,
     }))
+}
+
+/// The notices this instance has published through Redis, from its
+/// `/metrics` (`None` without a fleet).
+pub async fn notices_sent(target: &Target) -> Option<f64> {
+    target
+        .metric_where(
+            "chatshard_fleet_messages_total",
+            &["kind=\"notice\"", "direction=\"sent\""],
+        )
+        .await
 }
 
 /// CPU seconds spent per delivery, in microseconds.

@@ -1,19 +1,23 @@
 //! `fetch-spike`: pollers of one chat (plain polls or long-polls) while
 //! messages are posted at a fixed rate: shard event queries per published
-//! event, and how the polls were answered.
+//! event, how the polls were answered, and (given the service's pid) its
+//! CPU per answered poll.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::client::{Target, problem_code, run_id};
+use crate::procfs::process_usage;
 use crate::report::Recorder;
 
 /// `fetch-spike`: `pollers` clients poll one chat's events as fast as they
 /// are answered (a plain poll, `waitMs=0`, ignoring `Retry-After`, as the
 /// reference incident's clients did; or long-polls with `wait_ms` > 0) while
 /// messages are posted at `rate`. Reports the event queries the shard saw per
-/// published event, and how the polls were answered.
+/// published event, and how the polls were answered; with `service_pid`
+/// (same machine), the service's CPU per answered poll (the posts' share of
+/// it included: a few per second against thousands of polls).
 pub async fn fetch_spike(
     target: &Target,
     recorder: &Recorder,
@@ -21,10 +25,12 @@ pub async fn fetch_spike(
     rate: f64,
     wait_ms: u64,
     duration: Duration,
+    service_pid: Option<u32>,
 ) -> anyhow::Result<Value> {
     let chat = run_id("fetch");
     target.chat_with_poster(&chat, "poster").await?;
     let queries_before = target.fetch_queries().await?;
+    let cpu_before = service_pid.and_then(process_usage);
     let until = Instant::now() + duration;
     recorder.mark("polling starts");
     let polls: Vec<_> = (0..pollers)
@@ -66,6 +72,14 @@ pub async fn fetch_spike(
     for p in polls {
         let _ = p.await;
     }
+    let answered = recorder.ok_count("poll");
+    let cpu = match (cpu_before, service_pid.and_then(process_usage)) {
+        (Some((_, a)), Some((_, b))) if answered > 0 => json!({
+            "serviceCores": (b - a) / duration.as_secs_f64(),
+            "serviceCpuMicrosPerPoll": (b - a) * 1e6 / answered as f64,
+        }),
+        _ => Value::Null,
+    };
     let queries = target.fetch_queries().await? - queries_before;
     Ok(json!({
         "name": "fetch-spike",
@@ -75,6 +89,7 @@ pub async fn fetch_spike(
         "posted": posted,
         "eventQueries": queries,
         "eventQueriesPerPublishedEvent": if posted > 0 { queries as f64 / posted as f64 } else { 0.0 },
+        "cpu": cpu,
     }))
 }
 

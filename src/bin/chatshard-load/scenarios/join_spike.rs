@@ -1,6 +1,7 @@
 //! `join-spike`: clients join new users to one chat as fast as they are
 //! admitted, moving to a fresh chat every [`MEMBERS_PER_CHAT`] members; with
-//! the service's pid, its CPU per committed join.
+//! the service's pid, its CPU per committed join; from its `/metrics`, the
+//! group-commit transactions the joins took.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ pub async fn join_spike(
     let users = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let cpu_before = service_pid.and_then(process_usage);
+    let batches_before = commit_batches(target).await;
     recorder.mark("spike start");
     // With --also, the clients are spread over the fleet's instances.
     let tasks: Vec<_> = (0..clients)
@@ -61,6 +63,18 @@ pub async fn join_spike(
         task.await??;
     }
     let joined = recorder.ok_count("join");
+    // The instance measured takes every join only without --also.
+    let commits = match (batches_before, commit_batches(target).await) {
+        (Some((n0, s0)), Some((n1, s1))) if target.others.is_empty() && n1 > n0 => {
+            let n = n1 - n0;
+            json!({
+                "transactions": n,
+                "joinsPerTransaction": joined as f64 / n,
+                "meanTransactionMs": (s1 - s0) * 1000.0 / n,
+            })
+        }
+        _ => Value::Null,
+    };
     let cpu = match (cpu_before, service_pid.and_then(process_usage)) {
         (Some((_, a)), Some((_, b))) if joined > 0 => json!({
             "serviceCores": (b - a) / duration.as_secs_f64(),
@@ -71,12 +85,30 @@ pub async fn join_spike(
     Ok(json!({
         "name": "join-spike",
         "cpu": cpu,
+        "commits": commits,
         "clients": clients,
         "instances": target.others.len() + 1,
         "durationSeconds": duration.as_secs_f64(),
         "joinThrottle": if target.admin_token.is_some() { json!(throttle) } else { json!("as configured") },
         "chats": chats.created().await,
     }))
+}
+
+/// The group-commit transactions the instance has run (`commit_batch`
+/// operations that reached a shard) and their total seconds, from its
+/// `/metrics`.
+async fn commit_batches(target: &Target) -> Option<(f64, f64)> {
+    let text = target.metrics_text().await?;
+    let sum_of = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("operation=\"commit_batch\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        sum_of("chatshard_shard_operation_duration_seconds_count{"),
+        sum_of("chatshard_shard_operation_duration_seconds_sum{"),
+    ))
 }
 
 /// The chats of a spike: a fresh one every [`MEMBERS_PER_CHAT`] members.

@@ -1,6 +1,9 @@
 //! `mixed`: a day in a minute. Zipf-popular background traffic over many
 //! chats, and a celebrity chat spiking to the reference incident's load in
-//! the middle third of the run, offered open loop.
+//! the middle third of the run, offered open loop. Given the service's pid,
+//! its memory per chat in use and its CPU per background request (over the
+//! first third, before the celebrity); given Redis's, Redis's CPU per notice
+//! published.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,24 +11,33 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Target, run_id};
+use crate::procfs::process_usage;
 use crate::report::Recorder;
+use crate::scenarios::Pids;
+use crate::scenarios::fanout::notices_sent;
 use crate::zipf::Zipf;
 
 /// `mixed`: a day in a minute. `clients` clients make background traffic
 /// over `chats` chats whose popularity follows a Zipf law (member-count
 /// reads, event polls, joins, messages, leaves; a chat is created on its first
-/// use), while one celebrity chat goes from quiet to `celebrity_joins` joins/s
-/// and `celebrity_reads` reads/s for the middle third of the run, then back.
+/// use), while one celebrity chat goes from quiet to `celebrity` = (joins/s,
+/// reads/s) for the middle third of the run, then back.
+/// `pids` are the service's and Redis's (same machine), for the memory the
+/// service holds per chat in use and the CPU Redis spends per notice.
 pub async fn mixed(
     target: &Target,
     recorder: &Recorder,
     chats: usize,
     clients: usize,
-    celebrity_joins: f64,
-    celebrity_reads: f64,
+    celebrity: (f64, f64),
     duration: Duration,
+    pids: Pids,
 ) -> anyhow::Result<Value> {
+    let (celebrity_joins, celebrity_reads) = celebrity;
     let run = run_id("mixed");
+    let service_at_start = pids.service.and_then(process_usage);
+    let redis_at_start = pids.redis.and_then(process_usage);
+    let notices_at_start = notices_sent(target).await;
     let zipf = Arc::new(Zipf::new(chats));
     let created: Arc<dashmap::DashSet<usize>> = Arc::new(dashmap::DashSet::new());
     let start = Instant::now();
@@ -94,6 +106,9 @@ pub async fn mixed(
     target.set_join_throttle(&celebrity, false).await?;
     let spike_from = start + duration / 3;
     tokio::time::sleep_until(spike_from.into()).await;
+    let service_before_spike = pids.service.and_then(process_usage);
+    let chats_before_spike = created.len();
+    let requests_before_spike: u64 = BACKGROUND.iter().map(|kind| recorder.ok_count(kind)).sum();
     recorder.mark("celebrity spike");
     let spike_until = start + duration * 2 / 3;
     let joiners = (celebrity_joins / 100.0).ceil().max(1.0) as usize;
@@ -146,6 +161,41 @@ pub async fn mixed(
     for t in background {
         let _ = t.await;
     }
+    // What one more chat in use costs the instance (its tail, its join
+    // window and hot-chat bucket, its queue while written), over the first
+    // third: the growth of the resident memory by the chats used by then.
+    let memory = match (service_at_start, service_before_spike) {
+        (Some((before, _)), Some((after, _))) if chats_before_spike > 0 => json!({
+            "serviceRssAtStartBytes": before,
+            "serviceRssBeforeSpikeBytes": after,
+            "chatsUsedBeforeSpike": chats_before_spike,
+            "bytesPerTrackedChat": after.saturating_sub(before) / chats_before_spike as u64,
+        }),
+        _ => Value::Null,
+    };
+    // The service's CPU per request of the background mix over the same
+    // third, each chat's creation counted as its two requests (the chat,
+    // its first member).
+    let requests = requests_before_spike + 2 * chats_before_spike as u64;
+    let cpu = match (service_at_start, service_before_spike) {
+        (Some((_, a)), Some((_, b))) if requests > 0 => json!({
+            "backgroundRequestsBeforeSpike": requests,
+            "serviceCpuMicrosPerBackgroundRequest": (b - a) * 1e6 / requests as f64,
+        }),
+        _ => Value::Null,
+    };
+    let notices = match (notices_at_start, notices_sent(target).await) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let redis = match (redis_at_start, pids.redis.and_then(process_usage), notices) {
+        (Some((_, a)), Some((_, b)), Some(n)) if n > 0.0 => json!({
+            "cpuSeconds": b - a,
+            "noticesSent": n,
+            "cpuMicrosPerNotice": (b - a) * 1e6 / n,
+        }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "name": "mixed",
         "chats": chats,
@@ -154,8 +204,14 @@ pub async fn mixed(
         "celebrityJoinsPerSecond": celebrity_joins,
         "celebrityReadsPerSecond": celebrity_reads,
         "celebrityJoined": recorder.ok_count("celebrity_join"),
+        "memory": memory,
+        "cpu": cpu,
+        "redis": redis,
     }))
 }
+
+/// The kinds of the background traffic.
+const BACKGROUND: [&str; 5] = ["bg_count", "bg_poll", "bg_join", "bg_post", "bg_leave"];
 
 /// Calls `step` at `tasks` x `per_task` calls per second until `until`, open
 /// loop: each call runs on its own task, so a slow answer does not lower the

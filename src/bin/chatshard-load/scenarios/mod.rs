@@ -6,7 +6,7 @@
 
 mod autoinc;
 mod direct_sql;
-mod fanout;
+pub(crate) mod fanout;
 mod fetch_spike;
 mod isolation;
 mod join_spike;
@@ -31,3 +31,11 @@ pub use move_chat::{MoveLoad, move_chat};
 pub use quiet::quiet;
 pub use refusals::refusals;
 pub use tls_cost::tls_cost;
+
+/// The processes a scenario reads from `/proc` (same machine), when given:
+/// the service's and its Redis's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pids {
+    pub service: Option<u32>,
+    pub redis: Option<u32>,
+}
