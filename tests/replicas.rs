@@ -322,23 +322,7 @@ async fn a_killed_primary_is_followed_to_the_promoted_replica_without_a_restart(
     let other_writer = joiner(base.clone(), other.clone(), "o", stop.clone());
     // A reader of the failing shard's chat, without a token: replicas serve
     // it through the gap.
-    let reader = {
-        let (base, stop, chat) = (base.clone(), stop.clone(), failing.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut statuses = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let r = http
-                    .get(format!("{base}/v1/chats/{chat}/member-count"))
-                    .send()
-                    .await
-                    .expect("the service answers");
-                statuses.push(r.status().as_u16());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            statuses
-        })
-    };
+    let reading = reader(base.clone(), failing.clone(), stop.clone());
     eventually(
         Duration::from_secs(20),
         "writes before the failover",
@@ -375,7 +359,7 @@ async fn a_killed_primary_is_followed_to_the_promoted_replica_without_a_restart(
     stop.store(true, Ordering::Relaxed);
     let (acked, refused) = failing_writer.await.expect("failing writer");
     let (other_acked, other_refused) = other_writer.await.expect("other writer");
-    let reads = reader.await.expect("reader");
+    let reads = reading.await.expect("reader");
 
     // Every acknowledged join is on the new primary, once; count = rows;
     // revisions gapless.
