@@ -681,8 +681,11 @@ async fn a_switchover_whose_driver_died_is_rolled_back_or_finished_by_a_survivor
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Killed after it promoted the target: a survivor finishes it.
-    chatshard::storage::reparent::start(&mut db, "switchover", &old, &target, "dead", 0)
+    // Killed after it promoted the target: a survivor finishes it. The
+    // lease runs out only after the promotion below (before it, a survivor
+    // would rightly roll the record back).
+    let lease_until = chrono::Utc::now().timestamp_millis() + 10_000;
+    chatshard::storage::reparent::start(&mut db, "switchover", &old, &target, "dead", lease_until)
         .await
         .expect("record")
         .expect("no other reparent");
@@ -700,7 +703,7 @@ async fn a_switchover_whose_driver_died_is_rolled_back_or_finished_by_a_survivor
     chatshard::storage::replication::promote(&mut replica)
         .await
         .expect("promote");
-    Wait::new(Duration::from_secs(20), "writes go to the promoted member")
+    Wait::new(Duration::from_secs(40), "writes go to the promoted member")
         .until_true(|| async {
             shard_view(&app, 0).await["address"] == target.as_str()
                 && app.join(&chat, "carol").await.status().is_success()
