@@ -641,6 +641,87 @@ async fn a_planned_switchover_under_load_holds_writes_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn writes_whose_hold_runs_out_during_a_slow_switchover_are_refused_not_lost() {
+    let mut app = TestApp::builder()
+        .replicated_shards(1, 1)
+        .configure(|s| {
+            fast_monitor(s);
+            s.replicas.hold_writes_ms = 200;
+            s.replicas.catch_up_ms = 20_000;
+        })
+        .start()
+        .await;
+    let chat = app.new_chat("slow-sw").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = joiner(base_of(&app), chat.clone(), "u", stop.clone());
+    eventually(
+        Duration::from_secs(20),
+        "writes before the switchover",
+        || async { app.count(&chat).await >= 30 },
+    )
+    .await;
+    // The target stops applying: the switchover waits for it well past the
+    // hold, while the joins go on.
+    app.own_shard_servers().replicas(0)[0]
+        .stop_sql_thread()
+        .await
+        .expect("stop the target's SQL thread");
+    let target = address(&app.own_shard_servers().replicas(0)[0]);
+    let mut target_db = app.own_shard_servers().replicas(0)[0]
+        .connect(chatshard::localdb::DEFAULT_DATABASE)
+        .await
+        .expect("connect to the target");
+    let switch = app.send(
+        app.admin(reqwest::Method::POST, "/v1/admin/shards/shard-0/switchover")
+            .json(&serde_json::json!({ "to": target })),
+    );
+    let probes = std::sync::atomic::AtomicUsize::new(0);
+    let refused_while_switching = async {
+        // Past the hold, a write is refused: never sent to the writer being
+        // fenced (the test's account, root, would still commit there).
+        Wait::new(Duration::from_secs(20), "a write refused past the hold")
+            .until_true(|| async {
+                let user = format!("probe{}", probes.fetch_add(1, Ordering::Relaxed));
+                let r = app.join(&chat, &user).await;
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or_default();
+                status == StatusCode::SERVICE_UNAVAILABLE && body["code"] == "shard_unavailable"
+            })
+            .await;
+        chatshard::storage::replication::start_sql_thread(&mut target_db)
+            .await
+            .expect("start the target's SQL thread");
+    };
+    let (r, ()) = tokio::join!(switch, refused_while_switching);
+    let status = r.status();
+    let done: Value = r.json().await.expect("json");
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(shard_view(&app, 0).await["address"], target.as_str());
+    eventually(
+        Duration::from_secs(10),
+        "writes after the switchover",
+        || async { app.join(&chat, "after").await.status().is_success() },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused) = writer.await.expect("writer");
+    assert!(refused.iter().all(|s| *s == 503), "{refused:?}");
+    let mut db = app.own_shard_servers().replicas(0)[0]
+        .connect(chatshard::localdb::DEFAULT_DATABASE)
+        .await
+        .expect("connect to the new writer");
+    let joined: HashSet<String> = common::joined_users(&mut db, &chat)
+        .await
+        .into_iter()
+        .collect();
+    for user in &acked {
+        assert!(joined.contains(user), "acknowledged join {user} lost");
+    }
+    assert_chat_consistent(&mut db, &chat).await;
+    app.shut_down().await;
+}
+
+#[tokio::test]
 async fn a_switchover_whose_driver_died_is_rolled_back_or_finished_by_a_survivor() {
     let mut app = TestApp::builder()
         .replicated_shards(1, 1)

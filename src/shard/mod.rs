@@ -146,8 +146,12 @@ pub struct Shard {
     role_changes: AtomicU64,
     /// Until when this instance holds the shard's writes (a switchover).
     hold: tokio::sync::watch::Sender<Option<std::time::Instant>>,
-    /// A switchover driven here owns the gate: the monitor leaves it be.
+    /// A switchover driven here owns the gate: the monitor leaves it be,
+    /// and writes that are not held are refused.
     switching: std::sync::atomic::AtomicBool,
+    /// Writes past the hold and on their way to the writer: a switchover
+    /// fences the writer only once none is left.
+    writes_entered: AtomicU64,
     /// One change of the gate at a time (the monitor or a reparent).
     gate_lock: Mutex<()>,
     /// The heartbeat's connection; a switchover holds it so that no beat
@@ -249,6 +253,7 @@ impl Shard {
             role_changes: AtomicU64::new(0),
             hold: tokio::sync::watch::channel(None).0,
             switching: std::sync::atomic::AtomicBool::new(false),
+            writes_entered: AtomicU64::new(0),
             gate_lock: Mutex::new(()),
             beat: Arc::new(tokio::sync::Mutex::new(monitor::Beat::default())),
             members,
@@ -399,6 +404,15 @@ impl Shard {
         if self.hold.borrow().is_some() {
             self.wait_for_hold().await;
         }
+        // Counted before `switching` is read, as the switchover sets
+        // `switching` before it counts (both SeqCst): either it waits for
+        // this write, or this write sees it and is refused, never sent to a
+        // writer being fenced (an account with `READ_ONLY ADMIN` would still
+        // commit there). A write whose hold ran out is refused the same way.
+        let _entered = Entered::new(&self.writes_entered);
+        if self.switching.load(Ordering::SeqCst) {
+            return Err(self.no_writer());
+        }
         let writer = match self.gate() {
             Gate::Writer(i) => &self.members[i],
             Gate::SplitBrain => {
@@ -418,6 +432,11 @@ impl Shard {
             return Err(self.no_writer());
         }
         result
+    }
+
+    /// Writes counted by [`Self::write`] that have not ended.
+    pub(crate) fn writes_entered(&self) -> u64 {
+        self.writes_entered.load(Ordering::SeqCst)
     }
 
     fn no_writer(&self) -> ShardError {
@@ -533,6 +552,22 @@ impl Shard {
     /// Asks the monitor for a round now.
     pub fn nudge(&self) {
         self.nudge.notify_one();
+    }
+}
+
+/// One write counted in [`Shard::write`] until it ends.
+struct Entered<'a>(&'a AtomicU64);
+
+impl<'a> Entered<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

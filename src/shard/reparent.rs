@@ -255,10 +255,20 @@ impl Shard {
         // 2. Hold, drain, fence. No heartbeat runs meanwhile.
         let _beat = self.beat.lock().await;
         let paused = Instant::now();
-        self.switching.store(true, Ordering::Release);
         self.hold_writes(Some(paused + self.settings.hold_writes()));
-        let drained = paused + self.settings.hold_writes() / 4;
-        while self.members[from].status().in_flight > 0 && Instant::now() < drained {
+        self.switching.store(true, Ordering::SeqCst);
+        // Every write that passed the hold ends before the writer is fenced:
+        // one still running could commit after its last GTID was read.
+        let drained = paused + self.settings.hold_writes() / 2;
+        while self.writes_entered() > 0 {
+            if Instant::now() >= drained {
+                let why = "writes in flight did not end in time; nothing was fenced".to_owned();
+                let _ = reparent::finish(&mut old, id, "rolled_back", &why).await;
+                self.switching.store(false, Ordering::SeqCst);
+                self.hold_writes(None);
+                tracing::error!(shard = %self.name, why, "switchover_failed");
+                return Err(self.member_error(from, why));
+            }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let fenced = async {
