@@ -161,7 +161,7 @@ pub async fn mixed(
 /// loop: each call runs on its own task, so a slow answer does not lower the
 /// offered rate (at most 4,096 calls in flight; a call past that is counted
 /// under `kind` as `not_sent`).
-fn paced<F, Fut>(
+pub(super) fn paced<F, Fut>(
     recorder: &Recorder,
     kind: &'static str,
     tasks: usize,
