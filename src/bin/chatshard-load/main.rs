@@ -356,6 +356,29 @@ enum Scenario {
         #[arg(long)]
         set: Vec<String>,
     },
+    /// A replicated shard (docs/replicas.md): `read` measures the share of
+    /// reads replicas serve and the writer's CPU; `switchover` and
+    /// `failover` join at --rate while the shard is reparented mid-run (by
+    /// the admin route, or by this tool over SQL as an orchestrator would:
+    /// the writer's mariadbd killed, the most advanced replica promoted).
+    /// Each run ends by checking every acknowledged join is there once.
+    Replicas {
+        #[arg(long, value_enum, default_value = "read")]
+        mode: scenarios::ReplicasMode,
+        #[arg(long, default_value_t = 200)]
+        chats: usize,
+        /// Closed-loop readers (with some joins in `read`).
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Joins per second, open loop (`switchover`, `failover`).
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// The service's pid, to report its CPU (same machine).
+        #[arg(long)]
+        service_pid: Option<u32>,
+    },
     /// The shard without chatshard: one transaction per join on one chat with
     /// C connections, then `--batch` joins per transaction.
     DirectSql {
@@ -749,6 +772,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             proxy::run(listen, to, Duration::from_millis(delay_ms), seconds(s)?).await
         }
         Scenario::Capacity { .. } => unreachable_capacity(),
+        Scenario::Replicas {
+            mode,
+            chats,
+            clients,
+            rate,
+            seconds: s,
+            service_pid,
+        } => {
+            anyhow::ensure!(
+                (1..=100_000).contains(&chats),
+                "--chats must be 1 to 100000"
+            );
+            anyhow::ensure!((0..=1024).contains(&clients), "--clients must be 0 to 1024");
+            anyhow::ensure!(
+                rate > 0.0 && rate <= 20_000.0,
+                "--rate must be above 0 and at most 20000"
+            );
+            let report = scenarios::replicas(
+                &target,
+                &recorder,
+                scenarios::ReplicasOptions {
+                    mode,
+                    chats,
+                    clients,
+                    rate,
+                    duration: seconds(s)?,
+                    service_pid,
+                },
+            )
+            .await;
+            if let Ok(r) = &report {
+                eprintln!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+            report
+        }
         Scenario::DirectSql {
             shard_url,
             clients,

@@ -119,6 +119,11 @@ impl Recorder {
         (!s.ok.is_empty()).then(|| s.ok.value_at_quantile(q) as f64 / 1000.0)
     }
 
+    /// The time since the run started (the timeline's origin).
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Marks a moment (spike start, fault) on the timeline.
     pub fn mark(&self, what: &str) {
         let at = self.started.elapsed().as_secs_f64();

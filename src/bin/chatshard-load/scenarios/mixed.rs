@@ -217,7 +217,7 @@ const BACKGROUND: [&str; 5] = ["bg_count", "bg_poll", "bg_join", "bg_post", "bg_
 /// loop: each call runs on its own task, so a slow answer does not lower the
 /// offered rate (at most 4,096 calls in flight; a call past that is counted
 /// under `kind` as `not_sent`).
-fn paced<F, Fut>(
+pub(super) fn paced<F, Fut>(
     recorder: &Recorder,
     kind: &'static str,
     tasks: usize,

@@ -16,6 +16,7 @@ mod move_buckets;
 mod move_chat;
 mod quiet;
 mod refusals;
+mod replicas;
 mod tls_cost;
 
 pub use autoinc::autoinc;
@@ -30,6 +31,7 @@ pub use move_buckets::move_buckets;
 pub use move_chat::{MoveLoad, move_chat};
 pub use quiet::quiet;
 pub use refusals::refusals;
+pub use replicas::{Mode as ReplicasMode, Options as ReplicasOptions, replicas};
 pub use tls_cost::tls_cost;
 
 /// The processes a scenario reads from `/proc` (same machine), when given:
