@@ -83,17 +83,25 @@ impl Target {
         Ok(total)
     }
 
-    async fn fetch_queries_here(&self) -> anyhow::Result<u64> {
+    /// `GET` of an admin route on this instance, as JSON (`what` says why
+    /// the token is needed when it is missing).
+    pub async fn admin_json(&self, path: &str, what: &str) -> anyhow::Result<Value> {
         let Some(token) = &self.admin_token else {
-            anyhow::bail!("--admin-token is needed to read the shard queries");
+            anyhow::bail!("--admin-token is needed to read {what}");
         };
-        let v: Value = self
+        Ok(self
             .http
-            .get(format!("{}/v1/admin/hot-chats", self.base))
+            .get(format!("{}{path}", self.base))
             .bearer_auth(token)
             .send()
             .await?
             .json()
+            .await?)
+    }
+
+    async fn fetch_queries_here(&self) -> anyhow::Result<u64> {
+        let v = self
+            .admin_json("/v1/admin/hot-chats", "the shard queries")
             .await?;
         Ok(v["decisions"]["fetchQueries"].as_u64().unwrap_or(0))
     }

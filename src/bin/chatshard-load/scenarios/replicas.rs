@@ -390,16 +390,8 @@ async fn member_count(target: &Target, chat: &str) -> Option<u64> {
 
 /// `GET /v1/admin/shards`, its first shard.
 async fn shard_view(target: &Target) -> anyhow::Result<Value> {
-    let Some(token) = &target.admin_token else {
-        anyhow::bail!("--admin-token is needed to read the shard's members");
-    };
-    let v: Value = target
-        .http
-        .get(format!("{}/v1/admin/shards", target.base))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .json()
+    let v = target
+        .admin_json("/v1/admin/shards", "the shard's members")
         .await?;
     Ok(v["shards"][0].clone())
 }
