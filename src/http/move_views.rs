@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::service::buckets::{BucketMoveStatus, BucketTable, RangeStats, ShardRanges};
+use crate::service::buckets::{BucketMoveStatus, BucketTable, PassStats, RangeStats, ShardRanges};
 use crate::service::moves::{MoveStatus, RelocatedChat};
 
 /// A move as the admin view shows it.
@@ -188,6 +188,20 @@ pub struct RangeStatsView {
     pub p99_during_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_after_ms: Option<f64>,
+    /// The digest check of the chats in step before the fence: its time
+    /// (ms) and the chats it compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_ms: Option<u64>,
+    pub chats_verified: u64,
+    /// Seconds from the start of the copy to the flip (the range's writes
+    /// go to the target from then on), and of the source's clean-up after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flip_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean_seconds: Option<f64>,
+    /// The bulk copy (the first pass), timed as a pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<PassView>,
 }
 
 /// One catch-up pass of a range move.
@@ -199,6 +213,14 @@ pub struct PassView {
     pub revisions: u64,
     pub rows: u64,
     pub ms: u64,
+    /// Reading both sides' chats to decide the pass (ms).
+    pub diff_ms: u64,
+    /// The source's reads and the target's writes, each added up (ms);
+    /// they overlap, as the next batch is read while one is written.
+    pub read_ms: u64,
+    pub write_ms: u64,
+    /// The pacer's pauses (ms).
+    pub pause_ms: u64,
 }
 
 impl From<RangeStats> for RangeStatsView {
@@ -211,22 +233,33 @@ impl From<RangeStats> for RangeStatsView {
             rows_per_second: s.rows_per_second,
             chats_per_second: s.chats_per_second,
             pass_count: s.pass_count,
-            passes: s
-                .passes
-                .into_iter()
-                .map(|p| PassView {
-                    chats: p.chats,
-                    revisions: p.revisions,
-                    rows: p.rows,
-                    ms: p.ms,
-                })
-                .collect(),
+            passes: s.passes.into_iter().map(PassView::from).collect(),
+            bulk: s.bulk.map(PassView::from),
+            flip_seconds: s.flip_seconds,
+            clean_seconds: s.clean_seconds,
             converging: s.converging,
             fences: s.fences,
             fence_ms: s.fence_ms,
             p99_before_ms: s.p99_before_ms,
             p99_during_ms: s.p99_during_ms,
             p99_after_ms: s.p99_after_ms,
+            verify_ms: s.verify_ms,
+            chats_verified: s.chats_verified,
+        }
+    }
+}
+
+impl From<PassStats> for PassView {
+    fn from(p: PassStats) -> Self {
+        Self {
+            chats: p.chats,
+            revisions: p.revisions,
+            rows: p.rows,
+            ms: p.ms,
+            diff_ms: p.diff_ms,
+            read_ms: p.read_ms,
+            write_ms: p.write_ms,
+            pause_ms: p.pause_ms,
         }
     }
 }

@@ -55,6 +55,17 @@ pub struct RangeStats {
     pub p99_before_ms: Option<f64>,
     pub p99_during_ms: Option<f64>,
     pub p99_after_ms: Option<f64>,
+    /// The digest check of every chat in step with its copy, before the
+    /// fence: how long it took and the chats it compared.
+    pub verify_ms: Option<u64>,
+    pub chats_verified: u64,
+    /// Seconds from the start of the copy to the flip, and the clean-up of
+    /// the source after it.
+    pub flip_seconds: Option<f64>,
+    pub clean_seconds: Option<f64>,
+    /// The bulk copy (the first pass) as a pass: its reads, writes and
+    /// pauses.
+    pub bulk: Option<PassStats>,
 }
 
 /// One catch-up pass.
@@ -66,6 +77,14 @@ pub struct PassStats {
     pub revisions: u64,
     pub rows: u64,
     pub ms: u64,
+    /// Reading both sides' chats to decide the pass.
+    pub diff_ms: u64,
+    /// The source's reads and the target's writes, each added up (they
+    /// overlap: the next batch is read while one is written).
+    pub read_ms: u64,
+    pub write_ms: u64,
+    /// The pacer's pauses.
+    pub pause_ms: u64,
 }
 
 /// A range move as recorded on the coordinator.

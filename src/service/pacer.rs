@@ -291,6 +291,49 @@ impl Drop for Pacer {
     }
 }
 
+/// Sizes a range move's batches by how long they take, so that one batch
+/// stays well inside the shard's operation deadline whatever the load: a
+/// batch that took longer than `aim` makes the next one smaller in
+/// proportion (a quarter at most), one that took under half of it makes the
+/// next a quarter larger, and a failed one (a deadline overrun) makes it a
+/// quarter. The scale multiplies the batch sizes the settings give.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Sizer {
+    scale: f64,
+}
+
+impl Default for Sizer {
+    fn default() -> Self {
+        Self { scale: 1.0 }
+    }
+}
+
+impl Sizer {
+    /// The smallest and largest scale.
+    pub(super) const MIN: f64 = 1.0 / 32.0;
+    pub(super) const MAX: f64 = 4.0;
+
+    pub(super) fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// A batch of the current size took `took`; one should take `aim`.
+    pub(super) fn took(&mut self, took: Duration, aim: Duration) {
+        let (took, aim) = (took.as_secs_f64(), aim.as_secs_f64().max(1e-3));
+        if took > aim {
+            self.scale *= (aim / took).max(0.25);
+        } else if took < aim / 2.0 {
+            self.scale *= 1.25;
+        }
+        self.scale = self.scale.clamp(Self::MIN, Self::MAX);
+    }
+
+    /// A batch failed (its deadline, most likely).
+    pub(super) fn failed(&mut self) {
+        self.scale = (self.scale / 4.0).clamp(Self::MIN, Self::MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,5 +487,68 @@ mod tests {
             pause > Duration::from_secs(9) && pause <= Duration::from_secs(10),
             "{pause:?}"
         );
+    }
+
+    mod sizer {
+        use super::super::Sizer;
+        use proptest::prelude::*;
+        use std::time::Duration;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Took(u64),
+            Failed,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![(0u64..5_000).prop_map(Step::Took), Just(Step::Failed)]
+        }
+
+        proptest! {
+            #[test]
+            fn the_scale_follows_the_batches_times_within_its_bounds(
+                steps in proptest::collection::vec(step(), 0..200),
+                aim_ms in 10u64..2_000,
+            ) {
+                let aim = Duration::from_millis(aim_ms);
+                let mut s = Sizer::default();
+                for step in steps {
+                    let before = s.scale();
+                    match step {
+                        Step::Took(ms) => {
+                            s.took(Duration::from_millis(ms), aim);
+                            if ms > aim_ms {
+                                prop_assert!(s.scale() <= before);
+                                prop_assert!(s.scale() >= (before / 4.0).max(Sizer::MIN));
+                            } else if 2 * ms < aim_ms {
+                                prop_assert!(s.scale() >= before);
+                            } else {
+                                prop_assert_eq!(s.scale(), before);
+                            }
+                        }
+                        Step::Failed => {
+                            s.failed();
+                            prop_assert!(s.scale() < before || before == Sizer::MIN);
+                        }
+                    }
+                    prop_assert!((Sizer::MIN..=Sizer::MAX).contains(&s.scale()));
+                }
+            }
+        }
+
+        #[test]
+        fn slow_batches_shrink_it_to_fit_and_fast_ones_grow_it_back() {
+            let aim = Duration::from_millis(250);
+            let mut s = Sizer::default();
+            // Each batch takes time in proportion to its size: 1 s at scale 1.
+            for _ in 0..20 {
+                s.took(Duration::from_secs_f64(s.scale()), aim);
+            }
+            assert!(s.scale() <= 0.25 && s.scale() >= 0.125, "{}", s.scale());
+            for _ in 0..40 {
+                s.took(Duration::from_millis(10), aim);
+            }
+            assert_eq!(s.scale(), Sizer::MAX);
+        }
     }
 }

@@ -15,6 +15,7 @@ use sqlx::Connection;
 
 use super::buckets::PassStats;
 use super::now;
+use super::pacer::{Pacer, Sizer};
 use super::range_diff::{self, Behind, Diff};
 use super::range_move::{RangeMove, RangeStop};
 use super::replay;
@@ -25,12 +26,19 @@ use crate::storage::{buckets, server};
 
 /// Range chats read per statement when a pass reads a side.
 const READ_PAGE: u32 = 5_000;
+/// Replay batches written (and read) at once.
+const REPLAY_LANES: usize = 2;
 /// Chats dropped or given markers per target transaction.
 const REPLAY_CHATS: usize = 100;
-/// Chats whose digests are compared per read.
+/// Chats whose digests are compared per read, at the sizer's scale 1.
 const VERIFY_CHATS: usize = 500;
-/// Chats replayed per target transaction, at most.
-const MAX_REPLAY_CHATS: usize = 100;
+/// Digest reads at once (each reads both sides).
+const VERIFY_LANES: usize = 4;
+/// Digest reads in a row that may fail before the check gives up.
+const PASS_RETRIES_VERIFY: u32 = 5;
+/// Chats replayed per target transaction at the sizer's scale 1 (so 400 at
+/// most, at its largest).
+const REPLAY_BATCH_CHATS: f64 = 100.0;
 /// Chat rows filled with their bucket per statement.
 const FILL_PAGE: u32 = 1_000;
 
@@ -112,18 +120,67 @@ pub(super) struct Pass {
     pub revisions: u64,
     pub rows: u64,
     pub took: Duration,
+    /// Reading both sides' chats to decide the pass.
+    pub diff: Duration,
+    /// The source's reads and the target's writes, each added up (a read
+    /// runs while the batch before it is written, so both can exceed
+    /// `took` together).
+    pub read: Duration,
+    pub write: Duration,
+    /// The pacer's pauses.
+    pub paused: Duration,
 }
 
 impl Pass {
     pub(super) fn stats(&self) -> PassStats {
+        let ms = |d: Duration| d.as_millis() as u64;
         PassStats {
             chats: self.copied + self.replayed,
             revisions: self.revisions,
             rows: self.rows,
-            ms: self.took.as_millis() as u64,
+            ms: ms(self.took),
+            diff_ms: ms(self.diff),
+            read_ms: ms(self.read),
+            write_ms: ms(self.write),
+            pause_ms: ms(self.paused),
         }
     }
 }
+
+/// One batch's work: what it wrote and where its time went.
+#[derive(Debug, Clone, Copy, Default)]
+struct Work {
+    chats: u64,
+    rows: u64,
+    revisions: u64,
+    read: Duration,
+    write: Duration,
+}
+
+impl Work {
+    fn add(&mut self, o: Work) {
+        self.chats += o.chats;
+        self.rows += o.rows;
+        self.revisions += o.revisions;
+        self.read += o.read;
+        self.write += o.write;
+    }
+}
+
+impl Pass {
+    /// Adds a batch's rows, revisions and times (not its chats: the caller
+    /// knows whether they were copied or replayed).
+    fn note(&mut self, w: &Work) {
+        self.rows += w.rows;
+        self.revisions += w.revisions;
+        self.read += w.read;
+        self.write += w.write;
+    }
+}
+
+/// The logs read for a replay batch: each chat with its copy's revision
+/// and the source's rows after it (up to its `to`).
+type Logs = Vec<(Behind, Vec<LogRow>)>;
 
 impl RangeMove<'_> {
     fn span(&self) -> (u16, u16) {
@@ -150,31 +207,14 @@ impl RangeMove<'_> {
 
     /// The range's chats on `shard`, in index order.
     async fn side(&self, shard: &Arc<Shard>) -> Result<Vec<RangeChat>, RangeStop> {
-        let span = self.span();
-        let mut all: Vec<RangeChat> = Vec::new();
-        loop {
-            let after = all
-                .last()
-                .map_or((span.0, String::new()), |c| (c.bucket, c.chat_id.clone()));
-            let page = shard
-                .read(None, "move_range_chats", move |conn| {
-                    Box::pin(async move {
-                        Ok(range_copy::chats(conn, span, (after.0, &after.1), READ_PAGE).await?)
-                    })
-                })
-                .await?;
-            let full = page.len() as u32 == READ_PAGE;
-            all.extend(page);
-            if !full {
-                return Ok(all);
-            }
-        }
+        side_of(shard, self.span()).await
     }
 
     /// What the next pass must do.
     pub(super) async fn diff(&self) -> Result<Diff, RangeStop> {
-        let source = self.side(&self.source).await?;
-        let target = self.side(&self.target).await?;
+        // Both sides at once: they are different servers.
+        let (source, target) = tokio::join!(self.side(&self.source), self.side(&self.target));
+        let (source, target) = (source?, target?);
         let d = range_diff::diff(&source, &target, self.source.name(), self.target.name());
         if let Some(chat) = d.conflicts.first() {
             return Err(RangeStop::Failed(format!(
@@ -234,59 +274,161 @@ impl RangeMove<'_> {
                 at += ids.len();
                 round.push(self.copy_snapshot(ids));
             }
-            let (mut copied, mut rows, mut revisions) = (0, 0, 0);
+            let mut work = Work::default();
+            let mut slowest = Duration::ZERO;
             for done in futures_util::future::join_all(round).await {
-                let (c, r, v) = done?;
-                (copied, rows, revisions) = (copied + c, rows + r, revisions + v);
+                let done = done?;
+                slowest = slowest.max(done.read).max(done.write);
+                work.add(done);
             }
-            if copied > 0 {
-                self.rows_per_chat = rows as f64 / copied as f64;
+            self.sizer.took(slowest, self.aim());
+            if work.chats > 0 {
+                self.rows_per_chat = work.rows as f64 / work.chats as f64;
             }
-            pass.copied += copied;
-            pass.rows += rows;
-            pass.revisions += revisions;
-            self.stats.chats_copied += copied;
-            self.stats.rows_copied += rows;
-            self.after_batch(fenced, revisions).await?;
+            pass.copied += work.chats;
+            pass.note(&work);
+            self.stats.chats_copied += work.chats;
+            self.stats.rows_copied += work.rows;
+            pass.paused += self.after_batch(fenced, work.revisions).await?;
         }
-        // Replays run one batch at a time: concurrent replay batches on the
-        // target overran the shard's deadline under 16 writers (measured).
-        let chunks = self.replay_chunks(&d.behind, fenced);
-        for round in chunks.chunks(1) {
-            let replays = round.iter().map(|chunk| self.replay(chunk.to_vec()));
-            let (mut rows, mut revisions) = (0, 0);
-            for done in futures_util::future::join_all(replays).await {
-                let (r, v) = done?;
-                (rows, revisions) = (rows + r, revisions + v);
-            }
-            pass.replayed += round.iter().map(|c| c.len() as u64).sum::<u64>();
-            pass.rows += rows;
-            pass.revisions += revisions;
-            self.stats.rows_copied += rows;
-            self.stats.revisions_replayed += revisions;
-            self.after_batch(fenced, revisions).await?;
-        }
+        self.replay_behind(&d.behind, fenced, &mut pass).await?;
         pass.took = began.elapsed();
         Ok(pass)
     }
 
-    /// The behind chats in batches of about three times the pacer's batch
-    /// of revisions (3,000 at the default), at most [`MAX_REPLAY_CHATS`].
-    fn replay_chunks<'b>(&self, behind: &'b [Behind], fenced: bool) -> Vec<&'b [Behind]> {
-        let budget = u64::from(self.batch(fenced)) * 3;
-        let mut chunks = Vec::new();
-        let (mut start, mut sum) = (0, 0);
-        for (i, b) in behind.iter().enumerate() {
-            if i > start && (sum + (b.to - b.from) > budget || i - start >= MAX_REPLAY_CHATS) {
-                chunks.push(&behind[start..i]);
-                (start, sum) = (i, 0);
+    /// Replays the behind chats in batches, pipelined: while
+    /// [`REPLAY_LANES`] batches are written to the target (one transaction
+    /// each), the next ones' logs are read from the source (one statement
+    /// each). Batches are sized by the sizer, so each stays well inside the
+    /// shards' deadline. A chat whose log was longer than
+    /// its share of a batch goes on in a later batch from where it then
+    /// stands.
+    async fn replay_behind(
+        &mut self,
+        behind: &[Behind],
+        fenced: bool,
+        pass: &mut Pass,
+    ) -> Result<(), RangeStop> {
+        let mut rest = behind;
+        let mut left: Vec<Behind> = Vec::new();
+        let first = self.replay_group(&mut rest, &mut left, fenced);
+        if first.is_empty() {
+            return Ok(());
+        }
+        let mut logs = self.read_group(first, fenced, pass).await?;
+        loop {
+            let next = self.replay_group(&mut rest, &mut left, fenced);
+            let writes = logs.into_iter().map(|l| self.apply_logs(l));
+            let (applied, read) = tokio::join!(futures_util::future::join_all(writes), async {
+                let reads = next.into_iter().map(|chunk| self.read_logs(chunk, fenced));
+                futures_util::future::join_all(reads).await
+            });
+            let mut work = Work::default();
+            let mut slowest = Duration::ZERO;
+            for done in applied {
+                let (w, behind_still) = done?;
+                slowest = slowest.max(w.write);
+                work.add(w);
+                left.extend(behind_still);
+            }
+            self.sizer.took(slowest, self.aim());
+            pass.replayed += work.chats;
+            pass.note(&work);
+            self.stats.rows_copied += work.rows;
+            self.stats.revisions_replayed += work.revisions;
+            pass.paused += self.after_batch(fenced, work.revisions).await?;
+            let mut read_now = Vec::with_capacity(read.len());
+            for r in read {
+                let (l, took) = r?;
+                pass.read += took;
+                read_now.push(l);
+            }
+            logs = if read_now.is_empty() {
+                let next = self.replay_group(&mut rest, &mut left, fenced);
+                if next.is_empty() {
+                    return Ok(());
+                }
+                self.read_group(next, fenced, pass).await?
+            } else {
+                read_now
+            };
+        }
+    }
+
+    /// The next [`REPLAY_LANES`] replay batches (fewer at the end).
+    fn replay_group(
+        &self,
+        rest: &mut &[Behind],
+        left: &mut Vec<Behind>,
+        fenced: bool,
+    ) -> Vec<Vec<Behind>> {
+        (0..REPLAY_LANES)
+            .map(|_| self.replay_chunk(rest, left, fenced))
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
+    /// Reads a group's logs, its batches at once.
+    async fn read_group(
+        &self,
+        group: Vec<Vec<Behind>>,
+        fenced: bool,
+        pass: &mut Pass,
+    ) -> Result<Vec<Logs>, RangeStop> {
+        let reads = group.into_iter().map(|chunk| self.read_logs(chunk, fenced));
+        let mut all = Vec::new();
+        for r in futures_util::future::join_all(reads).await {
+            let (l, took) = r?;
+            pass.read += took;
+            all.push(l);
+        }
+        Ok(all)
+    }
+
+    /// The next replay batch: chats left over from earlier batches first,
+    /// then the next of `rest`, up to about three times the batch of
+    /// revisions (3,000 at the default) and [`REPLAY_BATCH_CHATS`] chats,
+    /// both times the sizer's scale.
+    fn replay_chunk(
+        &self,
+        rest: &mut &[Behind],
+        left: &mut Vec<Behind>,
+        fenced: bool,
+    ) -> Vec<Behind> {
+        let (chats, budget) = self.replay_limits(fenced);
+        let mut chunk: Vec<Behind> = Vec::new();
+        let mut sum = 0;
+        while chunk.len() < chats {
+            let Some(b) = left.last().or_else(|| rest.first()).cloned() else {
+                break;
+            };
+            if !chunk.is_empty() && sum + (b.to - b.from) > budget {
+                break;
             }
             sum += b.to - b.from;
+            if left.pop().is_none() {
+                *rest = &rest[1..];
+            }
+            chunk.push(b);
         }
-        if start < behind.len() {
-            chunks.push(&behind[start..]);
-        }
-        chunks
+        chunk
+    }
+
+    /// Chats and revisions per replay batch, at the sizer's scale.
+    fn replay_limits(&self, fenced: bool) -> (usize, u64) {
+        let scale = self.sizer.scale();
+        let chats = (REPLAY_BATCH_CHATS * scale).round().max(1.0) as usize;
+        let budget = (f64::from(self.batch(fenced)) * 3.0 * scale).max(10.0) as u64;
+        (chats, budget)
+    }
+
+    /// What one batch's statements should take: a quarter of the shard's
+    /// operation deadline (250 ms at the default 1 s).
+    pub(super) fn aim(&self) -> Duration {
+        self.target
+            .operation_timeout()
+            .min(self.source.operation_timeout())
+            / 4
     }
 
     fn batch(&self, fenced: bool) -> u32 {
@@ -299,18 +441,22 @@ impl RangeMove<'_> {
 
     /// Chats per snapshot batch: about five times the pacer's batch of
     /// revisions in rows (5,000 at the default 1,000), by the rows per chat
-    /// the last batch had; at least one, at most 500.
+    /// the last batch had, times the sizer's scale; at least one, at most
+    /// 2,000.
     fn chats_per_batch(&self, fenced: bool) -> usize {
-        let n = f64::from(self.batch(fenced)) * 5.0 / self.rows_per_chat.max(1.0);
-        (n as usize).clamp(1, 500)
+        let n =
+            f64::from(self.batch(fenced)) * 5.0 * self.sizer.scale() / self.rows_per_chat.max(1.0);
+        (n as usize).clamp(1, 2_000)
     }
 
     /// After each batch: the pause (none under the fence), the record (at
     /// most every 500 ms, with the p99 the others see) and a cancel check.
-    async fn after_batch(&mut self, fenced: bool, revisions: u64) -> Result<(), RangeStop> {
+    /// The pause taken.
+    async fn after_batch(&mut self, fenced: bool, revisions: u64) -> Result<Duration, RangeStop> {
+        let mut paused = Duration::ZERO;
         if !fenced {
-            let pause = self.pacer.pace(&self.service.move_settings, revisions);
-            tokio::time::sleep(pause).await;
+            paused = self.pacer.pace(&self.service.move_settings, revisions);
+            tokio::time::sleep(paused).await;
             self.note_p99_during();
         }
         if self.last_record.elapsed() >= Duration::from_millis(500) {
@@ -320,13 +466,14 @@ impl RangeMove<'_> {
                 return Err(RangeStop::Cancelled);
             }
         }
-        Ok(())
+        Ok(paused)
     }
 
     /// Copies `ids` whole: one consistent read on the source, one write
     /// transaction on the target. The chats copied (those still live on the
     /// source), the rows and the revisions.
-    async fn copy_snapshot(&self, ids: Vec<String>) -> Result<(u64, u64, u64), RangeStop> {
+    async fn copy_snapshot(&self, ids: Vec<String>) -> Result<Work, RangeStop> {
+        let began = Instant::now();
         let snap: Snapshot = self
             .source
             .read(None, "move_range_read", move |conn| {
@@ -339,6 +486,7 @@ impl RangeMove<'_> {
                 })
             })
             .await?;
+        let read = began.elapsed();
         let (chats, rows) = (snap.chats.len() as u64, snap.rows());
         let revisions = snap
             .chats
@@ -346,9 +494,13 @@ impl RangeMove<'_> {
             .map(|c| c.revision + 1 - c.first_revision.min(c.revision + 1))
             .sum();
         if chats == 0 {
-            return Ok((0, 0, 0));
+            return Ok(Work {
+                read,
+                ..Work::default()
+            });
         }
         let source = self.source.name().to_owned();
+        let began = Instant::now();
         let written = self
             .target
             .write(None, "move_range_write", move |conn| {
@@ -373,121 +525,269 @@ impl RangeMove<'_> {
                 self.target.name()
             )));
         }
-        Ok((chats, rows, revisions))
+        Ok(Work {
+            chats,
+            rows,
+            revisions,
+            read,
+            write: began.elapsed(),
+        })
     }
 
-    /// Replays the log of `behind` chats onto their copies until each
-    /// reaches its revision: each round one read of every chat's next
-    /// events and one target transaction. The rows and revisions written.
-    async fn replay(&self, mut behind: Vec<Behind>) -> Result<(u64, u64), RangeStop> {
-        let (mut rows_written, mut revisions) = (0, 0);
-        // About three times the batch of revisions per transaction, over
-        // the chats.
-        let limit = (self.service.move_settings.batch * 3 / behind.len().max(1) as u32).max(10);
-        while !behind.is_empty() {
-            let from: Vec<(String, u64)> =
-                behind.iter().map(|b| (b.chat.clone(), b.from)).collect();
-            let read = self
-                .source
-                .read(None, "move_read_log", move |conn| {
-                    Box::pin(async move { Ok(range_copy::logs_after(conn, &from, limit).await?) })
-                })
-                .await?;
-            let mut logs: HashMap<String, Vec<LogRow>> = HashMap::new();
-            for (chat, row) in read {
-                logs.entry(chat).or_default().push(row);
-            }
-            let batches: Vec<(String, u64, Vec<LogRow>)> = behind
-                .iter()
-                .map(|b| {
-                    let rows: Vec<LogRow> = logs
-                        .remove(&b.chat)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|r| r.revision <= b.to)
-                        .collect();
-                    (b.chat.clone(), b.from, rows)
-                })
-                .collect();
-            let n: u64 = batches.iter().map(|(_, _, r)| r.len() as u64).sum();
-            let applied = self
-                .target
-                .write(None, "move_replay", move |conn| {
-                    Box::pin(async move {
-                        let mut tx = conn.begin().await?;
-                        let parts: Vec<(&str, u64, &[LogRow])> = batches
-                            .iter()
-                            .map(|(c, at, rows)| (c.as_str(), *at, rows.as_slice()))
-                            .collect();
-                        let applied = replay_many(&mut tx, &parts).await?;
-                        tx.commit().await.map_err(OpError::Commit)?;
-                        Ok(applied)
-                    })
-                })
-                .await?;
-            rows_written += applied.1;
-            revisions += n;
-            let reached: HashMap<String, u64> = applied.0.into_iter().collect();
-            // A chat goes on from where it now stands; one whose copy stood
-            // elsewhere (or whose log ended short) is left to the next pass.
-            behind = behind
-                .into_iter()
-                .filter_map(|b| {
-                    let at = *reached.get(&b.chat)?;
-                    (at > b.from && at < b.to).then_some(Behind { from: at, ..b })
-                })
-                .collect();
-        }
-        Ok((rows_written, revisions))
-    }
-
-    /// Compares each chat in step with its copy by digest (revision, count,
-    /// JOINED rows and a checksum of every table, as a single move
-    /// verifies), a batch at a time, each side read in one snapshot; chats
-    /// that changed between the two reads are left to the fenced check.
-    /// The chats that differ.
-    pub(super) async fn verify(&mut self) -> Result<Vec<String>, RangeStop> {
-        let source = self.side(&self.source).await?;
-        let live: Vec<String> = source
-            .iter()
-            .filter(|c| c.moved_to.is_none())
-            .map(|c| c.chat_id.clone())
-            .collect();
-        let mut differ = Vec::new();
-        for chunk in live.chunks(VERIFY_CHATS) {
-            let there = self.digests(&self.source, chunk.to_vec()).await?;
-            let here = self.digests(&self.target, chunk.to_vec()).await?;
-            for (chat, d) in &there {
-                // Not copied yet, or changed since: the next pass copies it.
-                let Some(h) = here.get(chat).filter(|h| h.revision == d.revision) else {
-                    continue;
-                };
-                if h != d {
-                    tracing::warn!(chat = %chat, source = ?d, target = ?h, "a chat of a range differs from its copy");
-                    differ.push(chat.clone());
-                }
-            }
-            let pause = self.pacer.pace(&self.service.move_settings, 0);
-            tokio::time::sleep(pause).await;
-        }
-        Ok(differ)
-    }
-
-    async fn digests(
+    /// One read of the next events of every chat of `behind` (after its
+    /// copy's revision, up to the revision the diff saw, at most its share
+    /// of about three times the batch of revisions), and its time.
+    async fn read_logs(
         &self,
-        shard: &Arc<Shard>,
-        ids: Vec<String>,
-    ) -> Result<HashMap<String, Digest>, RangeStop> {
-        Ok(shard
-            .read(None, "move_digest", move |conn| {
+        behind: Vec<Behind>,
+        fenced: bool,
+    ) -> Result<(Logs, Duration), RangeStop> {
+        let began = Instant::now();
+        let budget = self.replay_limits(fenced).1;
+        let limit =
+            u32::try_from((budget / behind.len().max(1) as u64).max(10)).unwrap_or(u32::MAX);
+        let from: Vec<(String, u64, u64)> = behind
+            .iter()
+            .map(|b| (b.chat.clone(), b.from, b.to))
+            .collect();
+        let read = self
+            .source
+            .read(None, "move_read_log", move |conn| {
+                Box::pin(async move { Ok(range_copy::logs_after(conn, &from, limit).await?) })
+            })
+            .await?;
+        let mut logs: HashMap<String, Vec<LogRow>> = HashMap::new();
+        for (chat, row) in read {
+            logs.entry(chat).or_default().push(row);
+        }
+        let logs = behind
+            .into_iter()
+            .map(|b| {
+                let rows = logs.remove(&b.chat).unwrap_or_default();
+                (b, rows)
+            })
+            .collect();
+        Ok((logs, began.elapsed()))
+    }
+
+    /// Writes read logs onto their copies in one target transaction. The
+    /// work done, and the chats left behind their `to` (their log was
+    /// longer than their share), each from where it now stands; a chat
+    /// whose copy stood elsewhere (or whose log ended short) is left to the
+    /// next pass.
+    async fn apply_logs(&self, logs: Logs) -> Result<(Work, Vec<Behind>), RangeStop> {
+        let began = Instant::now();
+        let n: u64 = logs.iter().map(|(_, r)| r.len() as u64).sum();
+        let chats = logs.len() as u64;
+        let batches: Vec<(String, u64, Vec<LogRow>)> = logs
+            .iter()
+            .map(|(b, rows)| (b.chat.clone(), b.from, rows.clone()))
+            .collect();
+        let (reached, rows) = self
+            .target
+            .write(None, "move_replay", move |conn| {
                 Box::pin(async move {
-                    server::repeatable_read_next(&mut *conn).await?;
                     let mut tx = conn.begin().await?;
-                    let all = moves::digests(&mut tx, &ids).await?;
-                    tx.commit().await?;
-                    Ok(all)
+                    let parts: Vec<(&str, u64, &[LogRow])> = batches
+                        .iter()
+                        .map(|(c, at, rows)| (c.as_str(), *at, rows.as_slice()))
+                        .collect();
+                    let applied = replay_many(&mut tx, &parts).await?;
+                    tx.commit().await.map_err(OpError::Commit)?;
+                    Ok(applied)
                 })
             })
-            .await?)
+            .await?;
+        let reached: HashMap<String, u64> = reached.into_iter().collect();
+        let left = logs
+            .into_iter()
+            .filter_map(|(b, _)| {
+                let at = *reached.get(&b.chat)?;
+                (at > b.from && at < b.to).then_some(Behind { from: at, ..b })
+            })
+            .collect();
+        let work = Work {
+            chats,
+            rows,
+            revisions: n,
+            read: Duration::ZERO,
+            write: began.elapsed(),
+        };
+        Ok((work, left))
     }
+
+    /// Starts the digest check of every chat in step with its copy (see
+    /// [`verify_range`]), beside the catch-up passes.
+    pub(super) fn start_verify(&self) -> Verifier {
+        let settings = self.service.move_settings.clone();
+        let pacer = Pacer::watching(self.watch(), self.pacer.baseline(), &settings);
+        let (source, target, span) = (self.source.clone(), self.target.clone(), self.span());
+        Verifier {
+            task: tokio::spawn(verify_range(
+                source,
+                target,
+                span,
+                (pacer, self.aim()),
+                settings,
+            )),
+        }
+    }
+}
+
+/// The range `span`'s chats on `shard`, in index order.
+async fn side_of(shard: &Arc<Shard>, span: (u16, u16)) -> Result<Vec<RangeChat>, RangeStop> {
+    let mut all: Vec<RangeChat> = Vec::new();
+    loop {
+        let after = all
+            .last()
+            .map_or((span.0, String::new()), |c| (c.bucket, c.chat_id.clone()));
+        let page = shard
+            .read(None, "move_range_chats", move |conn| {
+                Box::pin(async move {
+                    Ok(range_copy::chats(conn, span, (after.0, &after.1), READ_PAGE).await?)
+                })
+            })
+            .await?;
+        let full = page.len() as u32 == READ_PAGE;
+        all.extend(page);
+        if !full {
+            return Ok(all);
+        }
+    }
+}
+
+/// A range's digest check running beside its passes; dropping it stops it.
+pub(super) struct Verifier {
+    task: tokio::task::JoinHandle<Result<Verified, RangeStop>>,
+}
+
+impl Verifier {
+    /// Whether it has ended.
+    pub(super) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Its outcome, once [`Self::is_finished`] (waits otherwise).
+    pub(super) async fn outcome(&mut self) -> Result<Verified, RangeStop> {
+        match (&mut self.task).await {
+            Ok(done) => done,
+            Err(e) => Err(RangeStop::Failed(format!("the digest check stopped: {e}"))),
+        }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the digest check found.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Verified {
+    /// Chats that differ from their copy at the same revision.
+    pub differ: Vec<String>,
+    /// Chats compared (in step when read).
+    pub compared: u64,
+    pub took: Duration,
+}
+
+/// Compares each live chat of the range in step with its copy by digest
+/// (revision, count, JOINED rows and a checksum of every table, as a single
+/// move verifies), up to 500 chats per read (sized by how long reads
+/// take), both sides read at once, each in one snapshot, four such reads at
+/// once; paced like a copy. A chat not in step when read (behind,
+/// or changed between the two reads) is left: a second round takes the
+/// chats the first did not compare (those, and chats created since); what
+/// neither compared is left to the revision check under the fence. It runs
+/// beside the catch-up passes (each of its reads sees whatever the passes
+/// have written; only equal revisions are compared), so the passes never
+/// stop for it.
+async fn verify_range(
+    source: Arc<Shard>,
+    target: Arc<Shard>,
+    span: (u16, u16),
+    (mut pacer, aim): (Pacer, Duration),
+    settings: super::moves::MoveSettings,
+) -> Result<Verified, RangeStop> {
+    let began = Instant::now();
+    let mut sizer = Sizer::default();
+    let mut compared: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut differ = Vec::new();
+    for _round in 0..2 {
+        let live: Vec<String> = side_of(&source, span)
+            .await?
+            .into_iter()
+            .filter(|c| c.moved_to.is_none() && !compared.contains(&c.chat_id))
+            .map(|c| c.chat_id)
+            .collect();
+        // Four reads at once, each sized by how long reads take (the sizer,
+        // as the copy's batches), so none overruns the shards' deadline;
+        // a read that failed is made again, smaller.
+        let mut at = 0;
+        let mut failures = 0;
+        while at < live.len() {
+            let n = ((VERIFY_CHATS as f64 * sizer.scale()) as usize).max(10);
+            let lanes: Vec<&[String]> = live[at..].chunks(n).take(VERIFY_LANES).collect();
+            let taken: usize = lanes.iter().map(|l| l.len()).sum();
+            let began = Instant::now();
+            let reads = lanes.iter().map(|chunk| async {
+                let (there, here) = tokio::join!(
+                    digests(&source, chunk.to_vec()),
+                    digests(&target, chunk.to_vec())
+                );
+                Ok::<_, RangeStop>((there?, here?))
+            });
+            let reads = futures_util::future::join_all(reads).await;
+            if let Some(Err(e)) = reads.iter().find(|r| r.is_err()) {
+                failures += 1;
+                sizer.failed();
+                if failures > PASS_RETRIES_VERIFY {
+                    return Err(RangeStop::Failed(format!(
+                        "the digest check failed {failures} times in a row: {e}"
+                    )));
+                }
+                tracing::warn!(error = %e, "a read of the range's digest check failed; reading again, smaller");
+                continue;
+            }
+            failures = 0;
+            sizer.took(began.elapsed(), aim);
+            at += taken;
+            for (there, here) in reads.into_iter().flatten() {
+                for (chat, d) in &there {
+                    let Some(h) = here.get(chat).filter(|h| h.revision == d.revision) else {
+                        continue;
+                    };
+                    compared.insert(chat.clone());
+                    if h != d {
+                        tracing::warn!(chat = %chat, source = ?d, target = ?h, "a chat of a range differs from its copy");
+                        differ.push(chat.clone());
+                    }
+                }
+            }
+            tokio::time::sleep(pacer.pace(&settings, 0)).await;
+        }
+    }
+    Ok(Verified {
+        differ,
+        compared: compared.len() as u64,
+        took: began.elapsed(),
+    })
+}
+
+async fn digests(
+    shard: &Arc<Shard>,
+    ids: Vec<String>,
+) -> Result<HashMap<String, Digest>, RangeStop> {
+    Ok(shard
+        .read(None, "move_digest", move |conn| {
+            Box::pin(async move {
+                server::repeatable_read_next(&mut *conn).await?;
+                let mut tx = conn.begin().await?;
+                let all = moves::digests(&mut tx, &ids).await?;
+                tx.commit().await?;
+                Ok(all)
+            })
+        })
+        .await?)
 }

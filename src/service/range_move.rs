@@ -16,7 +16,8 @@ use sqlx::Connection;
 use super::buckets::RangeStats;
 use super::move_driver::{self, Outcome};
 use super::move_plan::{Act, Phase, Run, Seen, Unit};
-use super::pacer::{Pacer, Signals, Watch};
+use super::pacer::{Pacer, Signals, Sizer, Watch};
+use super::range_copy::{Pass, Verifier};
 use super::range_diff::Diff;
 use super::{ChatService, ServiceError, now};
 use crate::routing::{BucketMap, BucketRange};
@@ -34,6 +35,9 @@ const NOT_SHRINKING: usize = 3;
 /// connection) before the copy gives up: every step of a pass can run
 /// again.
 const PASS_RETRIES: u32 = 5;
+/// Times a step of the fence or the flip runs again when a shard refused
+/// it as busy (nothing was sent), 50 ms more apart each time.
+const BUSY_RETRIES: u32 = 10;
 /// Tombstoned chats cleaned per round at the source.
 const CLEAN_CHATS: u32 = 200;
 
@@ -211,6 +215,8 @@ pub(super) struct RangeMove<'a> {
     /// paced against, and what the view's p99s are.
     watch: Watch,
     pub(super) pacer: Pacer,
+    /// Sizes the batches by how long they take (see [`Sizer`]).
+    pub(super) sizer: Sizer,
     pub(super) stats: RangeStats,
     /// Rows per chat in the last snapshot batch: how many chats the next
     /// one takes.
@@ -251,6 +257,7 @@ impl<'a> RangeMove<'a> {
             target,
             watch,
             pacer,
+            sizer: Sizer::default(),
             stats,
             rows_per_chat: 50.0,
             chats_total: 0,
@@ -285,6 +292,11 @@ impl<'a> RangeMove<'a> {
         }
     }
 
+    /// What the copy is paced against.
+    pub(super) fn watch(&self) -> Watch {
+        self.watch.clone()
+    }
+
     /// The highest p99 the other chats saw during the copy, kept.
     pub(super) fn note_p99_during(&mut self) {
         let now = p99_ms(&self.watch.now(Duration::from_secs(2)));
@@ -314,28 +326,38 @@ impl<'a> RangeMove<'a> {
 
     /// Whether a pass was short enough that the next, under the fence, holds
     /// the range's writes briefly: its revisions within `moves.fence_lag`,
-    /// or its time within a quarter of `moves.hold_writes_ms`.
+    /// or its time (its pauses left out) within half of
+    /// `moves.hold_writes_ms`: the pass under the fence then replays about
+    /// as much, as fast.
     fn caught_up(&self, work: u64, took: Duration) -> bool {
         let settings = &self.service.move_settings;
         work <= settings.fence_lag
-            || took <= (settings.hold_writes / 4).max(Duration::from_millis(50))
+            || took <= (settings.hold_writes / 2).max(Duration::from_millis(50))
     }
 
-    /// Copy passes until one is short (see [`Self::caught_up`]), then the
-    /// digest check of every chat in step, then one more pass. A range whose
-    /// passes stop shrinking says so in its view; after [`MAX_PASSES`] it
-    /// is given up.
+    /// Copy passes until one is short (see [`Self::caught_up`]) and the
+    /// digest check, which starts after the bulk copy and runs beside the
+    /// passes, has ended clean. A range whose passes stop shrinking says so
+    /// in its view; after [`MAX_PASSES`] it is given up.
     async fn copy(&mut self) -> Result<(), RangeStop> {
+        let mut verifier: Option<Verifier> = None;
         let mut verified = false;
         let mut failures = 0;
+        let mut verify_failures = 0;
         loop {
+            let diffing = Instant::now();
             let d = self.diff().await?;
+            let diffed = diffing.elapsed();
             self.chats_total = d.chats;
             let first = self.stats.pass_count == 0;
             let pass = match self.pass(&d, false).await {
-                Ok(pass) => pass,
+                Ok(pass) => Pass {
+                    diff: diffed,
+                    ..pass
+                },
                 Err(RangeStop::Service(e)) if failures < PASS_RETRIES => {
                     failures += 1;
+                    self.sizer.failed();
                     tracing::warn!(id = self.id, error = %crate::error::chain(&e), failures, "a range pass failed; passing again");
                     tokio::time::sleep(Duration::from_millis(200) * failures).await;
                     continue;
@@ -350,6 +372,7 @@ impl<'a> RangeMove<'a> {
                 let secs = self.began.elapsed().as_secs_f64().max(1e-3);
                 self.stats.rows_per_second = (self.stats.rows_copied as f64 / secs).round();
                 self.stats.chats_per_second = (self.stats.chats_copied as f64 / secs).round();
+                self.stats.bulk = Some(pass.stats());
             } else {
                 self.stats.passes.push(pass.stats());
                 if self.stats.passes.len() > 20 {
@@ -363,38 +386,69 @@ impl<'a> RangeMove<'a> {
                         .take(NOT_SHRINKING)
                         .any(|w| w[1] < w[0]);
             }
+            if !verified && verifier.is_none() {
+                verifier = Some(self.start_verify());
+            }
             self.record_now().await;
             if self.service.cancel_asked(self.id).await {
                 return Err(RangeStop::Cancelled);
             }
-            if !first && self.caught_up(pass.revisions, pass.took) {
-                if verified {
-                    return Ok(());
-                }
-                let differ = self.verify().await?;
-                if let Some(chat) = differ.first() {
+            if first || !self.caught_up(pass.revisions, pass.took.saturating_sub(pass.paused)) {
+                if self.stats.pass_count as usize > MAX_PASSES {
+                    let sizes: Vec<String> = self
+                        .stats
+                        .passes
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .map(|p| p.revisions.to_string())
+                        .collect();
                     return Err(RangeStop::Failed(format!(
-                        "{} chat(s) differ from their copy on {}, e.g. {chat}",
-                        differ.len(),
-                        self.target.name()
+                        "the range changes faster than it is copied: {MAX_PASSES} catch-up passes, the last of {} revisions",
+                        sizes.join(", ")
                     )));
                 }
-                verified = true;
+                continue;
             }
-            if self.stats.pass_count as usize > MAX_PASSES {
-                let sizes: Vec<String> = self
-                    .stats
-                    .passes
-                    .iter()
-                    .rev()
-                    .take(5)
-                    .map(|p| p.revisions.to_string())
-                    .collect();
-                return Err(RangeStop::Failed(format!(
-                    "the range changes faster than it is copied: {MAX_PASSES} catch-up passes, the last of {} revisions",
-                    sizes.join(", ")
-                )));
+            // Caught up: fenced once the digest check has ended clean. While
+            // it runs, the passes go on (each waits a little for it first).
+            let Some(check) = verifier.as_mut() else {
+                return Ok(());
+            };
+            if !check.is_finished() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while !check.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                if !check.is_finished() {
+                    continue;
+                }
             }
+            let outcome = check.outcome().await;
+            verifier = None;
+            match outcome {
+                Ok(v) => {
+                    self.stats.verify_ms = Some(v.took.as_millis() as u64);
+                    self.stats.chats_verified = v.compared;
+                    if let Some(chat) = v.differ.first() {
+                        return Err(RangeStop::Failed(format!(
+                            "{} chat(s) differ from their copy on {}, e.g. {chat}",
+                            v.differ.len(),
+                            self.target.name()
+                        )));
+                    }
+                    verified = true;
+                }
+                Err(RangeStop::Service(e)) if verify_failures < PASS_RETRIES => {
+                    verify_failures += 1;
+                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's digest check failed; checking again");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            // The check took a while: pass once more before the fence.
         }
     }
 
@@ -430,13 +484,26 @@ impl<'a> RangeMove<'a> {
     /// The last pass, under the fence, and the check that every chat the
     /// fence froze is in step on the target.
     async fn copy_fenced(&mut self) -> Result<Seen, RangeStop> {
-        let d = self.diff().await?;
+        let diffing = Instant::now();
+        let d = match self.diff().await {
+            Ok(d) => d,
+            Err(RangeStop::Service(e)) => {
+                tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last diff failed; fencing again");
+                return Ok(Seen::Lapsed);
+            }
+            Err(e) => return Err(e),
+        };
+        let diffed = diffing.elapsed();
         self.chats_total = d.chats;
         let pass = match self.pass(&d, true).await {
-            Ok(pass) => pass,
+            Ok(pass) => Pass {
+                diff: diffed,
+                ..pass
+            },
             // A shard's error under the fence: the fence is set again (three
             // times at most), and the pass runs again under it.
             Err(RangeStop::Service(e)) => {
+                self.sizer.failed();
                 tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last pass failed; fencing again");
                 return Ok(Seen::Lapsed);
             }
@@ -444,7 +511,14 @@ impl<'a> RangeMove<'a> {
         };
         self.stats.pass_count += 1;
         self.stats.passes.push(pass.stats());
-        let again: Diff = self.diff().await?;
+        let again: Diff = match self.diff().await {
+            Ok(d) => d,
+            Err(RangeStop::Service(e)) => {
+                tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last diff failed; fencing again");
+                return Ok(Seen::Lapsed);
+            }
+            Err(e) => return Err(e),
+        };
         if again.is_empty() {
             return Ok(Seen::Verified);
         }
@@ -533,6 +607,8 @@ impl<'a> RangeMove<'a> {
                 if let Some((at, _)) = &self.fenced {
                     self.stats.fence_ms = Some(at.elapsed().as_millis() as u64);
                 }
+                self.stats.flip_seconds =
+                    Some((self.began.elapsed().as_secs_f64() * 10.0).round() / 10.0);
                 self.version = Some(version);
                 self.ranges = Some(ranges);
                 Ok(Seen::Switched)
@@ -607,6 +683,7 @@ impl<'a> RangeMove<'a> {
             self.target.name().to_owned(),
         );
         let settings = &self.service.move_settings;
+        let cleaning = Instant::now();
         let mut after = String::new();
         loop {
             let (from, to) = (after.clone(), to.clone());
@@ -634,19 +711,32 @@ impl<'a> RangeMove<'a> {
                 CleanTable::Messages,
                 CleanTable::Members,
             ] {
+                let mut busy = 0;
                 loop {
-                    let (ids, n) = (page.clone(), self.pacer.clean_batch(settings).max(1000));
+                    // Sized like the copy's batches, by how long they take.
+                    let n = (f64::from(self.pacer.clean_batch(settings).max(1000))
+                        * self.sizer.scale()) as u32;
+                    let ids = page.clone();
+                    let began = Instant::now();
                     let deleted = self
                         .source
                         .write(None, "move_clean", move |conn| {
-                            Box::pin(
-                                async move { Ok(range_copy::clean(conn, table, &ids, n).await?) },
-                            )
+                            Box::pin(async move {
+                                Ok(range_copy::clean(conn, table, &ids, n.max(100)).await?)
+                            })
                         })
                         .await;
                     match deleted {
-                        Ok(n) if n > 0 => tokio::time::sleep(self.pacer.pace(settings, 0)).await,
+                        Ok(n) if n > 0 => {
+                            self.sizer.took(began.elapsed(), self.aim());
+                            tokio::time::sleep(self.pacer.pace(settings, 0)).await;
+                        }
                         Ok(_) => break,
+                        // Refused before it was sent: the source is busy.
+                        Err(crate::shard::ShardError::Busy { .. }) if busy < BUSY_RETRIES => {
+                            busy += 1;
+                            tokio::time::sleep(Duration::from_millis(50) * busy).await;
+                        }
                         Err(e) => {
                             tracing::warn!(id = self.id, error = %crate::error::chain(&e), "cleaning the range's rows at its source stopped; they stay behind its tombstones");
                             return;
@@ -655,6 +745,7 @@ impl<'a> RangeMove<'a> {
                 }
             }
         }
+        self.stats.clean_seconds = Some((cleaning.elapsed().as_secs_f64() * 10.0).round() / 10.0);
         self.stats.p99_after_ms = p99_ms(&self.watch.now(Duration::from_secs(2)));
     }
 
@@ -751,6 +842,23 @@ fn seen(done: Result<(), RangeStop>, then: Seen) -> Seen {
     }
 }
 
+/// Awaits a step again while a shard's bulkhead refused it as busy (nothing
+/// was sent), [`BUSY_RETRIES`] times at most, 50 ms more apart each time.
+macro_rules! unless_busy {
+    ($step:expr) => {{
+        let mut tries = 0;
+        loop {
+            match $step.await {
+                Err(RangeStop::Service(ServiceError::ShardBusy { .. })) if tries < BUSY_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50) * tries).await;
+                }
+                done => break done,
+            }
+        }
+    }};
+}
+
 impl move_driver::Mover for RangeMove<'_> {
     fn unit(&self) -> Unit {
         Unit::Range
@@ -761,9 +869,11 @@ impl move_driver::Mover for RangeMove<'_> {
             Act::Nothing | Act::Confirm => Seen::Recorded,
             Act::Open => self.open().await.unwrap_or_else(Seen::from),
             Act::Copy => seen(self.copy().await, Seen::CaughtUp),
-            Act::Fence => seen(self.fence().await, Seen::Fenced),
+            // Under load the shards' bulkheads may refuse the move's own
+            // statements as busy; those were not sent, so they run again.
+            Act::Fence => seen(unless_busy!(self.fence()), Seen::Fenced),
             Act::CopyFenced => self.copy_fenced().await.unwrap_or_else(Seen::from),
-            Act::Switch => self.switch().await.unwrap_or_else(Seen::from),
+            Act::Switch => unless_busy!(self.switch()).unwrap_or_else(Seen::from),
             Act::FinishSwitch => {
                 self.finish().await;
                 Seen::Finished

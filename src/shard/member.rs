@@ -141,6 +141,11 @@ impl Member {
         &self.url
     }
 
+    /// How long one operation may take before its caller stops waiting.
+    pub(crate) fn operation_timeout(&self) -> std::time::Duration {
+        self.settings.operation_timeout()
+    }
+
     /// How long making a connection may take.
     pub(crate) fn connect_timeout(&self) -> std::time::Duration {
         self.settings.connect_timeout()

@@ -296,6 +296,12 @@ impl Shard {
         }
     }
 
+    /// How long one operation on the writer may take (its deadline): what a
+    /// move sizes its batches against.
+    pub fn operation_timeout(&self) -> std::time::Duration {
+        self.primary().operation_timeout()
+    }
+
     /// The writer, or the last one: what views and the pacer describe.
     fn primary(&self) -> &Member {
         &self.members[self.last_writer.load(Ordering::Acquire)]

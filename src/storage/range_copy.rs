@@ -245,19 +245,19 @@ pub async fn drop_rows(
     Ok(marked.len() as u64)
 }
 
-/// The logs of several chats, each after its revision, at most `limit`
-/// events of each, oldest first per chat: one statement (a `UNION ALL` of
-/// primary-key ranges).
+/// The logs of several chats, each after its revision and up to its
+/// `upto`, at most `limit` events of each, oldest first per chat: one
+/// statement (a `UNION ALL` of primary-key ranges).
 pub async fn logs_after(
     conn: &mut MySqlConnection,
-    from: &[(String, u64)],
+    from: &[(String, u64, u64)],
     limit: u32,
 ) -> sqlx::Result<Vec<(String, LogRow)>> {
     if from.is_empty() {
         return Ok(Vec::new());
     }
     let mut q = QueryBuilder::new("");
-    for (i, (chat, after)) in from.iter().enumerate() {
+    for (i, (chat, after, upto)) in from.iter().enumerate() {
         if i > 0 {
             q.push(" UNION ALL ");
         }
@@ -273,6 +273,8 @@ pub async fn logs_after(
         .push_bind(chat.as_str())
         .push(" AND e.revision > ")
         .push_bind(*after)
+        .push(" AND e.revision <= ")
+        .push_bind(*upto)
         .push(" ORDER BY e.revision LIMIT ")
         .push_bind(limit)
         .push(")");

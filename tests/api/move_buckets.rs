@@ -175,6 +175,22 @@ async fn a_bucket_range_moves_to_a_new_shard_online_and_every_instance_follows()
     stop.store(true, Ordering::Relaxed);
     assert_eq!(ended["phase"], "done", "{ended}");
     assert_eq!(ended["version"], 2, "{ended}");
+    // The view says where the move's time went: the bulk copy timed as a
+    // pass, the digest check (run beside the passes) with the chats it
+    // compared, the flip's time and the clean-up's.
+    let stats = &ended["stats"];
+    assert!(stats["bulk"]["chats"].as_u64().unwrap() > 0, "{ended}");
+    assert!(stats["bulk"]["writeMs"].is_u64(), "{ended}");
+    assert!(stats["chatsVerified"].as_u64().unwrap() > 0, "{ended}");
+    assert!(stats["verifyMs"].is_u64(), "{ended}");
+    let flipped = stats["flipSeconds"].as_f64().unwrap();
+    assert!(flipped >= stats["copySeconds"].as_f64().unwrap(), "{ended}");
+    assert!(stats["cleanSeconds"].is_f64(), "{ended}");
+    for pass in stats["passes"].as_array().unwrap() {
+        for k in ["diffMs", "readMs", "writeMs", "pauseMs"] {
+            assert!(pass[k].is_u64(), "{k} of {pass}");
+        }
+    }
     let mut acknowledged = Vec::new();
     for w in writers {
         acknowledged.push(w.await.unwrap());

@@ -343,7 +343,7 @@ pub async fn move_buckets(
         }
     }
     let stats = &ended["stats"];
-    Ok(json!({
+    let mut report = json!({
         "name": "move-buckets",
         "buckets": range.to_string(),
         "from": from,
@@ -385,7 +385,13 @@ pub async fn move_buckets(
         "otherP99Ratio": if before > 0.0 { during / before } else { 0.0 },
         "otherP99AfterMs": after,
         "otherP99AfterRatio": if before > 0.0 { after / before } else { 0.0 },
-    }))
+    });
+    report["verifyMs"] = stats["verifyMs"].clone();
+    report["chatsVerified"] = stats["chatsVerified"].clone();
+    report["bulkCopy"] = stats["bulk"].clone();
+    report["flipSeconds"] = stats["flipSeconds"].clone();
+    report["cleanSeconds"] = stats["cleanSeconds"].clone();
+    Ok(report)
 }
 
 /// Chat ids of this run whose bucket is within `range`, `n` of them.
