@@ -145,6 +145,15 @@ impl Pass {
             pause_ms: ms(self.paused),
         }
     }
+
+    /// Adds a batch's rows, revisions and times (not its chats: the caller
+    /// knows whether they were copied or replayed).
+    fn note(&mut self, w: &Work) {
+        self.rows += w.rows;
+        self.revisions += w.revisions;
+        self.read += w.read;
+        self.write += w.write;
+    }
 }
 
 /// One batch's work: what it wrote and where its time went.
@@ -167,15 +176,32 @@ impl Work {
     }
 }
 
-impl Pass {
-    /// Adds a batch's rows, revisions and times (not its chats: the caller
-    /// knows whether they were copied or replayed).
-    fn note(&mut self, w: &Work) {
-        self.rows += w.rows;
-        self.revisions += w.revisions;
-        self.read += w.read;
-        self.write += w.write;
+/// The next replay batch (pure): chats left over from earlier batches
+/// first, then the next of `rest`, at most `chats` chats and `budget`
+/// revisions (a single chat further behind goes alone: its log is read in
+/// parts). Every chat given is taken exactly once.
+fn next_chunk(
+    rest: &mut &[Behind],
+    left: &mut Vec<Behind>,
+    chats: usize,
+    budget: u64,
+) -> Vec<Behind> {
+    let mut chunk: Vec<Behind> = Vec::new();
+    let mut sum = 0;
+    while chunk.len() < chats.max(1) {
+        let Some(b) = left.last().or_else(|| rest.first()).cloned() else {
+            break;
+        };
+        if !chunk.is_empty() && sum + (b.to - b.from) > budget {
+            break;
+        }
+        sum += b.to - b.from;
+        if left.pop().is_none() {
+            *rest = &rest[1..];
+        }
+        chunk.push(b);
     }
+    chunk
 }
 
 /// The logs read for a replay batch: each chat with its copy's revision
@@ -396,22 +422,7 @@ impl RangeMove<'_> {
         fenced: bool,
     ) -> Vec<Behind> {
         let (chats, budget) = self.replay_limits(fenced);
-        let mut chunk: Vec<Behind> = Vec::new();
-        let mut sum = 0;
-        while chunk.len() < chats {
-            let Some(b) = left.last().or_else(|| rest.first()).cloned() else {
-                break;
-            };
-            if !chunk.is_empty() && sum + (b.to - b.from) > budget {
-                break;
-            }
-            sum += b.to - b.from;
-            if left.pop().is_none() {
-                *rest = &rest[1..];
-            }
-            chunk.push(b);
-        }
-        chunk
+        next_chunk(rest, left, chats, budget)
     }
 
     /// Chats and revisions per replay batch, at the sizer's scale.
@@ -790,4 +801,55 @@ async fn digests(
             })
         })
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn behind(gaps: &[u64], tag: &str) -> Vec<Behind> {
+        gaps.iter()
+            .enumerate()
+            .map(|(i, g)| Behind {
+                chat: format!("{tag}{i}"),
+                from: 10,
+                to: 10 + g,
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn every_behind_chat_is_batched_once_within_the_limits(
+            gaps in proptest::collection::vec(1u64..5_000, 0..300),
+            lefts in proptest::collection::vec(1u64..5_000, 0..20),
+            chats in 1usize..400,
+            budget in 10u64..20_000,
+        ) {
+            let all = behind(&gaps, "c");
+            let mut left = behind(&lefts, "l");
+            let mut rest: &[Behind] = &all;
+            let mut seen: Vec<String> = Vec::new();
+            loop {
+                let chunk = next_chunk(&mut rest, &mut left, chats, budget);
+                if chunk.is_empty() {
+                    break;
+                }
+                prop_assert!(chunk.len() <= chats);
+                let sum: u64 = chunk.iter().map(|b| b.to - b.from).sum();
+                prop_assert!(chunk.len() == 1 || sum <= budget, "{} chats, {sum} revisions", chunk.len());
+                seen.extend(chunk.into_iter().map(|b| b.chat));
+            }
+            let mut want: Vec<String> = lefts
+                .iter()
+                .enumerate()
+                .map(|(i, _)| format!("l{i}"))
+                .chain(gaps.iter().enumerate().map(|(i, _)| format!("c{i}")))
+                .collect();
+            want.sort();
+            seen.sort();
+            prop_assert_eq!(seen, want);
+        }
+    }
 }
