@@ -319,10 +319,12 @@ impl Sizer {
 
     /// A batch of the current size took `took`; one should take `aim`.
     pub(super) fn took(&mut self, took: Duration, aim: Duration) {
-        let (took, aim) = (took.as_secs_f64(), aim.as_secs_f64().max(1e-3));
+        // The comparisons on the durations themselves, so a batch exactly at
+        // a bound is not moved by floating-point rounding.
+        let aim = aim.max(Duration::from_millis(1));
         if took > aim {
-            self.scale *= (aim / took).max(0.25);
-        } else if took < aim / 2.0 {
+            self.scale *= (aim.as_secs_f64() / took.as_secs_f64()).max(0.25);
+        } else if took * 2 < aim {
             self.scale *= 1.25;
         }
         self.scale = self.scale.clamp(Self::MIN, Self::MAX);

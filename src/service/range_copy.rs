@@ -673,12 +673,8 @@ pub(super) struct Verifier {
 }
 
 impl Verifier {
-    /// Whether it has ended.
-    pub(super) fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// Its outcome, once [`Self::is_finished`] (waits otherwise).
+    /// Its outcome, once it has ended. Cancel-safe: a wait cut short (a
+    /// timeout) loses nothing, the next wait gets the outcome.
     pub(super) async fn outcome(&mut self) -> Result<Verified, RangeStop> {
         match (&mut self.task).await {
             Ok(done) => done,

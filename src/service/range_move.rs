@@ -415,18 +415,10 @@ impl<'a> RangeMove<'a> {
             let Some(check) = verifier.as_mut() else {
                 return Ok(());
             };
-            if !check.is_finished() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while !check.is_finished() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-                .await;
-                if !check.is_finished() {
-                    continue;
-                }
-            }
-            let outcome = check.outcome().await;
+            let Ok(outcome) = tokio::time::timeout(Duration::from_secs(1), check.outcome()).await
+            else {
+                continue;
+            };
             verifier = None;
             match outcome {
                 Ok(v) => {
