@@ -21,7 +21,10 @@ const PYTHON_CLIENT: &str = "0.29.1";
 /// The generated package's name: the directory it is written to.
 const PACKAGE: &str = "chatshard_client";
 
-/// The virtualenv with both tools; created and filled once.
+/// The virtualenv with both tools; created and filled once. Tests that
+/// need it at the same time (in this process or another) take a file lock
+/// first: on a machine without it, two of them creating it at once failed
+/// (`File exists`).
 async fn tools() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("openapi-tools-{SPEC_VALIDATOR}-{PYTHON_CLIENT}"));
@@ -29,6 +32,16 @@ async fn tools() -> PathBuf {
     if installed.exists() {
         return venv;
     }
+    let mut lock_path = venv.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock = std::fs::File::create(lock_path).expect("create the tools' lock");
+    // Held until this function returns (dropped with `lock`).
+    lock.lock().expect("take the tools' lock");
+    if installed.exists() {
+        return venv;
+    }
+    // Left half-made by a run that stopped while installing.
+    let _ = std::fs::remove_dir_all(&venv);
     let out = run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).await;
     assert!(
         out.status.success(),
