@@ -260,6 +260,11 @@ impl Pacer {
         u32::try_from(scaled).unwrap_or(settings.clean_batch).max(1)
     }
 
+    /// Whether it still paces against a baseline (it has not given way).
+    pub(super) fn throttling(&self) -> bool {
+        self.baseline.iter().any(Option::is_some)
+    }
+
     /// The copy does not catch up while throttled (the chat is written
     /// faster than the throttled copy goes): the p99 throttle gives way for
     /// the rest of the move, since a move that never converges holds its
@@ -288,6 +293,45 @@ impl Drop for Pacer {
                 "a move's copy paced"
             );
         }
+    }
+}
+
+/// How a range move's failed work runs again. A refusal by a busy bulkhead
+/// (nothing was sent: the shard sheds load) is back-pressure, not a fault:
+/// wait, longer each time (250 ms doubling to 2 s), and run again, up to
+/// [`Self::BUSY`] times in a row (about two minutes). Any other failure (a
+/// deadline, a lost connection) runs again [`Self::FAILURES`] times in a row
+/// at most, 200 ms more apart each time. A success starts both counts again.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(super) struct Retries {
+    failed: u32,
+    busy: u32,
+}
+
+impl Retries {
+    pub(super) const FAILURES: u32 = 5;
+    pub(super) const BUSY: u32 = 64;
+
+    /// The wait before running again after a failure (`busy`: refused by a
+    /// busy bulkhead), or `None`: give up.
+    pub(super) fn after_failure(&mut self, busy: bool) -> Option<Duration> {
+        if busy {
+            if self.busy >= Self::BUSY {
+                return None;
+            }
+            self.busy += 1;
+            Some(Duration::from_millis(250) * 2u32.pow((self.busy - 1).min(3)))
+        } else {
+            if self.failed >= Self::FAILURES {
+                return None;
+            }
+            self.failed += 1;
+            Some(Duration::from_millis(200) * self.failed)
+        }
+    }
+
+    pub(super) fn succeeded(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -379,12 +423,14 @@ mod tests {
         assert_eq!(pacer.batch, 1000);
         // Giving way: the throttle is off for the rest of the move.
         pacer.next(calls(Some((ms(60), 500))), &settings, 1000);
+        assert!(pacer.throttling());
         pacer.give_way(&settings);
         assert_eq!((pacer.pause, pacer.batch), (ms(5), 1000));
         assert_eq!(
             pacer.next(calls(Some((ms(60), 500))), &settings, 1000),
             ms(5)
         );
+        assert!(!pacer.throttling());
     }
 
     /// Only the shard's calls seen.
@@ -489,6 +535,67 @@ mod tests {
             pause > Duration::from_secs(9) && pause <= Duration::from_secs(10),
             "{pause:?}"
         );
+    }
+
+    mod retries {
+        use super::super::Retries;
+        use proptest::prelude::*;
+        use std::time::Duration;
+
+        #[test]
+        fn a_busy_shard_is_waited_out_longer_than_a_failing_one() {
+            let mut r = Retries::default();
+            let waits: Vec<_> = (0..6).map(|_| r.after_failure(true)).collect();
+            assert_eq!(
+                waits,
+                [250, 500, 1000, 2000, 2000, 2000].map(|ms| Some(Duration::from_millis(ms)))
+            );
+            // Other failures counted apart, five at most.
+            let waits: Vec<_> = (0..6).map(|_| r.after_failure(false)).collect();
+            assert_eq!(
+                waits[..5],
+                [200, 400, 600, 800, 1000].map(|ms| Some(Duration::from_millis(ms)))
+            );
+            assert_eq!(waits[5], None);
+            r.succeeded();
+            assert_eq!(r.after_failure(false), Some(Duration::from_millis(200)));
+            // Busy for about two minutes in a row at most.
+            let mut r = Retries::default();
+            let total: Duration = std::iter::from_fn(|| r.after_failure(true)).sum();
+            assert!(
+                total > Duration::from_secs(100) && total < Duration::from_secs(150),
+                "{total:?}"
+            );
+        }
+
+        proptest! {
+            /// Whatever the failures, a give-up comes only after the most
+            /// allowed in a row of its kind since the last success, and
+            /// every wait is between 200 ms and 2 s.
+            #[test]
+            fn gives_up_only_past_its_allowance(steps in prop::collection::vec(0u8..3, 0..400)) {
+                let mut r = Retries::default();
+                let (mut busy, mut failed) = (0u32, 0u32);
+                for step in steps {
+                    match step {
+                        0 => { r.succeeded(); busy = 0; failed = 0; }
+                        kind => {
+                            let is_busy = kind == 1;
+                            let seen = if is_busy { &mut busy } else { &mut failed };
+                            let most = if is_busy { Retries::BUSY } else { Retries::FAILURES };
+                            match r.after_failure(is_busy) {
+                                Some(wait) => {
+                                    prop_assert!(*seen < most);
+                                    prop_assert!(wait >= Duration::from_millis(200) && wait <= Duration::from_secs(2));
+                                    *seen += 1;
+                                }
+                                None => prop_assert_eq!(*seen, most),
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     mod sizer {

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 
 use super::buckets::PassStats;
-use super::now;
-use super::pacer::{Pacer, Sizer};
+use super::pacer::{Pacer, Retries, Sizer};
 use super::range_diff::{self, Behind, Diff};
 use super::range_move::{RangeMove, RangeStop};
 use super::replay;
+use super::{ServiceError, now};
 use crate::shard::{OpError, Shard};
 use crate::storage::moves::{self, Digest, LogRow};
 use crate::storage::range_copy::{self, RangeChat, Snapshot};
@@ -34,8 +34,6 @@ const REPLAY_CHATS: usize = 100;
 const VERIFY_CHATS: usize = 500;
 /// Digest reads at once (each reads both sides).
 const VERIFY_LANES: usize = 4;
-/// Digest reads in a row that may fail before the check gives up.
-const PASS_RETRIES_VERIFY: u32 = 5;
 /// Chats replayed per target transaction at the sizer's scale 1 (so 400 at
 /// most, at its largest).
 const REPLAY_BATCH_CHATS: f64 = 100.0;
@@ -732,7 +730,7 @@ async fn verify_range(
         // as the copy's batches), so none overruns the shards' deadline;
         // a read that failed is made again, smaller.
         let mut at = 0;
-        let mut failures = 0;
+        let mut retries = Retries::default();
         while at < live.len() {
             let n = ((VERIFY_CHATS as f64 * sizer.scale()) as usize).max(10);
             let lanes: Vec<&[String]> = live[at..].chunks(n).take(VERIFY_LANES).collect();
@@ -747,17 +745,22 @@ async fn verify_range(
             });
             let reads = futures_util::future::join_all(reads).await;
             if let Some(Err(e)) = reads.iter().find(|r| r.is_err()) {
-                failures += 1;
-                sizer.failed();
-                if failures > PASS_RETRIES_VERIFY {
+                // A busy bulkhead is waited out; another failure reads again,
+                // smaller (see [`Retries`]).
+                let busy = matches!(e, RangeStop::Service(ServiceError::ShardBusy { .. }));
+                let Some(wait) = retries.after_failure(busy) else {
                     return Err(RangeStop::Failed(format!(
-                        "the digest check failed {failures} times in a row: {e}"
+                        "the digest check failed too many times in a row: {e}"
                     )));
+                };
+                if !busy {
+                    sizer.failed();
                 }
-                tracing::warn!(error = %e, "a read of the range's digest check failed; reading again, smaller");
+                tracing::warn!(error = %e, busy, "a read of the range's digest check failed; reading again");
+                tokio::time::sleep(wait).await;
                 continue;
             }
-            failures = 0;
+            retries.succeeded();
             sizer.took(began.elapsed(), aim);
             at += taken;
             for (there, here) in reads.into_iter().flatten() {

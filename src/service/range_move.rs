@@ -16,7 +16,7 @@ use sqlx::Connection;
 use super::buckets::RangeStats;
 use super::move_driver::{self, Outcome};
 use super::move_plan::{Act, Phase, Run, Seen, Unit};
-use super::pacer::{Pacer, Signals, Sizer, Watch};
+use super::pacer::{Pacer, Retries, Signals, Sizer, Watch};
 use super::range_copy::{Pass, Verifier};
 use super::range_diff::Diff;
 use super::{ChatService, ServiceError, now};
@@ -31,10 +31,6 @@ const MAX_PASSES: usize = 60;
 /// Passes in a row that did not shrink: the view says the move does not
 /// converge.
 const NOT_SHRINKING: usize = 3;
-/// Passes in a row that may fail on a shard's error (a deadline, a lost
-/// connection) before the copy gives up: every step of a pass can run
-/// again.
-const PASS_RETRIES: u32 = 5;
 /// Times a step of the fence or the flip runs again when a shard refused
 /// it as busy (nothing was sent), 50 ms more apart each time.
 const BUSY_RETRIES: u32 = 10;
@@ -342,29 +338,46 @@ impl<'a> RangeMove<'a> {
     async fn copy(&mut self) -> Result<(), RangeStop> {
         let mut verifier: Option<Verifier> = None;
         let mut verified = false;
-        let mut failures = 0;
+        let mut retries = Retries::default();
         let mut verify_failures = 0;
         loop {
             let diffing = Instant::now();
-            let d = self.diff().await?;
-            let diffed = diffing.elapsed();
-            self.chats_total = d.chats;
+            let attempt = match self.diff().await {
+                Ok(d) => {
+                    let diffed = diffing.elapsed();
+                    self.chats_total = d.chats;
+                    self.pass(&d, false).await.map(|pass| Pass {
+                        diff: diffed,
+                        ..pass
+                    })
+                }
+                Err(e) => Err(e),
+            };
             let first = self.stats.pass_count == 0;
-            let pass = match self.pass(&d, false).await {
-                Ok(pass) => Pass {
-                    diff: diffed,
-                    ..pass
-                },
-                Err(RangeStop::Service(e)) if failures < PASS_RETRIES => {
-                    failures += 1;
-                    self.sizer.failed();
-                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), failures, "a range pass failed; passing again");
-                    tokio::time::sleep(Duration::from_millis(200) * failures).await;
+            let pass = match attempt {
+                Ok(pass) => pass,
+                // Every step of a pass can run again; a busy bulkhead (the
+                // shard shedding load) is waited out (see [`Retries`]).
+                Err(RangeStop::Service(e)) => {
+                    let busy = matches!(e, ServiceError::ShardBusy { .. });
+                    let Some(wait) = retries.after_failure(busy) else {
+                        return Err(RangeStop::Service(e));
+                    };
+                    if !busy {
+                        self.sizer.failed();
+                    }
+                    tracing::warn!(id = self.id, error = %crate::error::chain(&e), busy, wait_ms = wait.as_millis() as u64, "a range pass failed; passing again");
+                    tokio::time::sleep(wait).await;
+                    // The record is the lease: kept while the pass waits.
+                    self.record_now().await;
+                    if self.service.cancel_asked(self.id).await {
+                        return Err(RangeStop::Cancelled);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            failures = 0;
+            retries.succeeded();
             self.stats.pass_count += 1;
             if first {
                 self.stats.copy_seconds =
@@ -385,6 +398,14 @@ impl<'a> RangeMove<'a> {
                         .rev()
                         .take(NOT_SHRINKING)
                         .any(|w| w[1] < w[0]);
+                // Held back by the pacer, the passes no longer shrink: the
+                // range is written faster than the paced passes replay it,
+                // and a move that never converges holds its cost forever.
+                // The passes' pacer gives way for the rest of the move (as a
+                // chat's copy does).
+                if !self.stats.converging && self.pacer.throttling() {
+                    self.pacer.give_way(&self.service.move_settings);
+                }
             }
             if !verified && verifier.is_none() {
                 verifier = Some(self.start_verify());
@@ -433,7 +454,7 @@ impl<'a> RangeMove<'a> {
                     }
                     verified = true;
                 }
-                Err(RangeStop::Service(e)) if verify_failures < PASS_RETRIES => {
+                Err(RangeStop::Service(e)) if verify_failures < Retries::FAILURES => {
                     verify_failures += 1;
                     tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's digest check failed; checking again");
                     continue;

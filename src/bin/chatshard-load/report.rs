@@ -119,6 +119,21 @@ impl Recorder {
         (!s.ok.is_empty()).then(|| s.ok.value_at_quantile(q) as f64 / 1000.0)
     }
 
+    /// The `q` quantile of the successes of `kind` recorded in the whole
+    /// seconds from `from` up to `to` (seconds since the start; a second
+    /// counts when it begins within them), in ms.
+    pub fn quantile_ms_between(&self, kind: &str, q: f64, from: f64, to: f64) -> Option<f64> {
+        let all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = all.get(kind)?;
+        let mut merged = histogram();
+        let first = from.max(0.0).ceil() as usize;
+        let end = (to.max(0.0).ceil() as usize).min(s.second_hist.len());
+        for h in s.second_hist.get(first..end).unwrap_or_default() {
+            let _ = merged.add(h);
+        }
+        (!merged.is_empty()).then(|| merged.value_at_quantile(q) as f64 / 1000.0)
+    }
+
     /// The time since the run started (the timeline's origin).
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
