@@ -31,6 +31,11 @@ const MAX_PASSES: usize = 60;
 /// Passes in a row that did not shrink: the view says the move does not
 /// converge.
 const NOT_SHRINKING: usize = 3;
+/// Catch-up passes after which a range's passes have settled at the size
+/// the range's writes keep them at (see [`RangeMove::caught_up`]): a
+/// converging range's passes shrink about three times each, so six take
+/// the first one's thousands of chats down to a few hundred.
+const SETTLED_PASSES: usize = 6;
 /// Times a step of the fence or the flip runs again when a shard refused
 /// it as busy (nothing was sent), 50 ms more apart each time.
 const BUSY_RETRIES: u32 = 10;
@@ -324,11 +329,15 @@ impl<'a> RangeMove<'a> {
     /// the range's writes briefly: its revisions within `moves.fence_lag`,
     /// or its time (its pauses left out) within half of
     /// `moves.hold_writes_ms`: the pass under the fence then replays about
-    /// as much, as fast.
-    fn caught_up(&self, work: u64, took: Duration) -> bool {
+    /// as much, as fast. Once the passes have `settled` (the range is
+    /// written about as fast as a pass replays it; see [`SETTLED_PASSES`]),
+    /// one within the whole of `moves.hold_writes_ms` will do: waiting for a
+    /// shorter one would only run passes until the move gives up.
+    fn caught_up(&self, work: u64, took: Duration, settled: bool) -> bool {
         let settings = &self.service.move_settings;
         work <= settings.fence_lag
             || took <= (settings.hold_writes / 2).max(Duration::from_millis(50))
+            || (settled && took <= settings.hold_writes)
     }
 
     /// Copy passes until one is short (see [`Self::caught_up`]) and the
@@ -414,7 +423,17 @@ impl<'a> RangeMove<'a> {
             if self.service.cancel_asked(self.id).await {
                 return Err(RangeStop::Cancelled);
             }
-            if first || !self.caught_up(pass.revisions, pass.took.saturating_sub(pass.paused)) {
+            // Settled: as many passes as a converging range needs (each
+            // about a third of the one before), or three in a row that did
+            // not shrink.
+            let settled = !self.stats.converging || self.stats.passes.len() >= SETTLED_PASSES;
+            if first
+                || !self.caught_up(
+                    pass.revisions,
+                    pass.took.saturating_sub(pass.paused),
+                    settled,
+                )
+            {
                 if self.stats.pass_count as usize > MAX_PASSES {
                     let sizes: Vec<String> = self
                         .stats
