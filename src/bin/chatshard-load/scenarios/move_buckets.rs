@@ -286,6 +286,9 @@ pub async fn move_buckets(
     // range flipped, on the recorder's clock: the others' p99 per step.
     let move_began = recorder.elapsed().as_secs_f64();
     let (mut bulk_ended, mut flipped) = (None, None);
+    // Once flipped: how long each instance (this one, then `--also`) takes
+    // to route by the new bucket table.
+    let mut seen_by: Vec<tokio::task::JoinHandle<Option<f64>>> = Vec::new();
     let ended = loop {
         let m: Value = target
             .http
@@ -301,6 +304,13 @@ pub async fn move_buckets(
         }
         if flipped.is_none() && matches!(m["phase"].as_str(), Some("flipped" | "done")) {
             flipped = Some(now);
+            if let Some(version) = m["version"].as_u64() {
+                seen_by = target
+                    .instances()
+                    .into_iter()
+                    .map(|instance| tokio::spawn(table_seen(instance, token.clone(), version)))
+                    .collect();
+            }
         }
         if m["phase"] == "done" || m["phase"] == "failed" {
             break m;
@@ -431,6 +441,11 @@ pub async fn move_buckets(
             json!(if before > 0.0 { p99 / before } else { 0.0 });
     }
     report["chatsWithUnknownOutcomesApplied"] = json!(unknown_applied);
+    let mut table_seen_ms = Vec::new();
+    for task in seen_by {
+        table_seen_ms.push(task.await.ok().flatten());
+    }
+    report["flipSeenByInstancesMs"] = json!(table_seen_ms);
     report["verifyMs"] = stats["verifyMs"].clone();
     report["chatsVerified"] = stats["chatsVerified"].clone();
     report["bulkCopy"] = stats["bulk"].clone();
@@ -489,4 +504,27 @@ async fn create_until_done(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// How long after it is called `instance` routes by bucket table `version`
+/// or a later one (its `GET /v1/admin/buckets`, every 10 ms), in ms; `None`
+/// if not within 60 s.
+async fn table_seen(instance: Target, token: String, version: u64) -> Option<f64> {
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(60) {
+        let seen = instance
+            .http
+            .get(format!("{}/v1/admin/buckets", instance.base))
+            .bearer_auth(&token)
+            .send()
+            .await;
+        if let Ok(r) = seen
+            && let Ok(v) = r.json::<Value>().await
+            && v["version"].as_u64().is_some_and(|v| v >= version)
+        {
+            return Some(began.elapsed().as_secs_f64() * 1e3);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
