@@ -325,19 +325,16 @@ impl<'a> RangeMove<'a> {
         Ok(Seen::Opened)
     }
 
-    /// Whether a pass was short enough that the next, under the fence, holds
-    /// the range's writes briefly: its revisions within `moves.fence_lag`,
-    /// or its time (its pauses left out) within half of
-    /// `moves.hold_writes_ms`: the pass under the fence then replays about
-    /// as much, as fast. Once the passes have `settled` (the range is
-    /// written about as fast as a pass replays it; see [`SETTLED_PASSES`]),
-    /// one within the whole of `moves.hold_writes_ms` will do: waiting for a
-    /// shorter one would only run passes until the move gives up.
+    /// Whether a pass was short enough for the fence (see [`caught_up`]).
     fn caught_up(&self, work: u64, took: Duration, settled: bool) -> bool {
         let settings = &self.service.move_settings;
-        work <= settings.fence_lag
-            || took <= (settings.hold_writes / 2).max(Duration::from_millis(50))
-            || (settled && took <= settings.hold_writes)
+        caught_up(
+            work,
+            took,
+            settled,
+            settings.fence_lag,
+            settings.hold_writes,
+        )
     }
 
     /// Copy passes until one is short (see [`Self::caught_up`]) and the
@@ -874,6 +871,26 @@ fn seen(done: Result<(), RangeStop>, then: Seen) -> Seen {
     }
 }
 
+/// Whether a catch-up pass of `work` revisions that took `took` (its
+/// pauses left out) was short enough that the next, under the fence, holds
+/// the range's writes briefly: its revisions within `fence_lag`, or its
+/// time within half of `hold_writes`: the pass under the fence then
+/// replays about as much, as fast. Once the passes have `settled` (the
+/// range is written about as fast as a pass replays it; see
+/// [`SETTLED_PASSES`]), one within the whole of `hold_writes` will do:
+/// waiting for a shorter one would only run passes until the move gives up.
+fn caught_up(
+    work: u64,
+    took: Duration,
+    settled: bool,
+    fence_lag: u64,
+    hold_writes: Duration,
+) -> bool {
+    work <= fence_lag
+        || took <= (hold_writes / 2).max(Duration::from_millis(50))
+        || (settled && took <= hold_writes)
+}
+
 /// Awaits a step again while a shard's bulkhead refused it as busy (nothing
 /// was sent), [`BUSY_RETRIES`] times at most, 50 ms more apart each time.
 macro_rules! unless_busy {
@@ -936,5 +953,28 @@ impl move_driver::Mover for RangeMove<'_> {
             ..self.progress(phase)
         };
         self.service.record_range(self.id, p).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caught_up;
+    use std::time::Duration;
+
+    #[test]
+    fn a_settled_range_fences_at_the_whole_hold_and_a_shrinking_one_at_half() {
+        let ms = Duration::from_millis;
+        let (lag, hold) = (500, ms(800));
+        // Few revisions, or within half the hold: short enough.
+        assert!(caught_up(400, ms(2000), false, lag, hold));
+        assert!(caught_up(5000, ms(400), false, lag, hold));
+        // 600 ms, still shrinking: another pass.
+        assert!(!caught_up(900, ms(600), false, lag, hold));
+        // Settled: within the whole hold will do, beyond it will not.
+        assert!(caught_up(900, ms(600), true, lag, hold));
+        assert!(caught_up(900, ms(800), true, lag, hold));
+        assert!(!caught_up(900, ms(801), true, lag, hold));
+        // A hold of 0 (writes answered at once) still fences a 50 ms pass.
+        assert!(caught_up(900, ms(50), false, lag, Duration::ZERO));
     }
 }
