@@ -180,6 +180,9 @@ pub struct RangeStatsView {
     /// flip.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fence_ms: Option<u64>,
+    /// Where the last fence's time went, up to the flip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fence_steps: Option<FenceStepsView>,
     /// The source's other chats' p99 (ms) before the move, the highest
     /// 2 s window during its copy, and after its clean-up.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -202,6 +205,22 @@ pub struct RangeStatsView {
     /// The bulk copy (the first pass), timed as a pass.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk: Option<PassView>,
+}
+
+/// The steps of a range's last fence (ms each): its transaction (the
+/// range's writes already wait on its row locks; not in `fenceMs`), the
+/// diff under it, the last pass, the check that the copy is whole, and the
+/// flip (its record, the bucket tables read, the source's transaction).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FenceStepsView {
+    pub set_ms: u64,
+    pub diff_ms: u64,
+    pub pass_ms: u64,
+    pub check_ms: u64,
+    pub flip_ms: u64,
+    /// After the flip: the copies made live on the target.
+    pub live_ms: u64,
 }
 
 /// One catch-up pass of a range move.
@@ -240,6 +259,14 @@ impl From<RangeStats> for RangeStatsView {
             converging: s.converging,
             fences: s.fences,
             fence_ms: s.fence_ms,
+            fence_steps: s.fence_steps.map(|f| FenceStepsView {
+                set_ms: f.set_ms,
+                diff_ms: f.diff_ms,
+                pass_ms: f.pass_ms,
+                check_ms: f.check_ms,
+                flip_ms: f.flip_ms,
+                live_ms: f.live_ms,
+            }),
             p99_before_ms: s.p99_before_ms,
             p99_during_ms: s.p99_during_ms,
             p99_after_ms: s.p99_after_ms,

@@ -49,6 +49,8 @@ pub struct RangeStats {
     /// From the last fence to the flip: how long the range's writes were
     /// held.
     pub fence_ms: Option<u64>,
+    /// Where the last fence's time went, up to the flip.
+    pub fence_steps: Option<FenceSteps>,
     /// The p99 of the source's other chats (this instance's requests, else
     /// the shard's calls) before the move, the highest 2 s window during
     /// the copy, and after the clean-up.
@@ -66,6 +68,24 @@ pub struct RangeStats {
     /// The bulk copy (the first pass) as a pass: its reads, writes and
     /// pauses.
     pub bulk: Option<PassStats>,
+}
+
+/// The steps of a range's last fence, in milliseconds: its transaction
+/// (the range's writes wait on its row locks already, so it is not part of
+/// `fence_ms`), the diff under it, the last pass, the check that the copy
+/// is whole, and the flip (its record on the coordinator, the bucket tables
+/// read, the source's transaction).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FenceSteps {
+    pub set_ms: u64,
+    pub diff_ms: u64,
+    pub pass_ms: u64,
+    pub check_ms: u64,
+    pub flip_ms: u64,
+    /// After the flip: the copies made live on the target (the range's
+    /// writes reach them from then on).
+    pub live_ms: u64,
 }
 
 /// One catch-up pass.

@@ -260,6 +260,16 @@ impl Pacer {
         u32::try_from(scaled).unwrap_or(settings.clean_batch).max(1)
     }
 
+    /// Batches in flight at once, out of `most`: cut with the batch (half
+    /// the batch, half the lanes; one at a quarter), so a throttled copy
+    /// sends one small batch at a time instead of bursts of several.
+    pub(super) fn lanes(&self, settings: &MoveSettings, most: usize) -> usize {
+        let most = most.max(1);
+        let scaled =
+            (most as u64 * u64::from(self.batch)).div_ceil(u64::from(settings.batch.max(1)));
+        usize::try_from(scaled).unwrap_or(most).clamp(1, most)
+    }
+
     /// Whether it still paces against a baseline (it has not given way).
     pub(super) fn throttling(&self) -> bool {
         self.baseline.iter().any(Option::is_some)
@@ -374,6 +384,17 @@ impl Sizer {
         self.scale = self.scale.clamp(Self::MIN, Self::MAX);
     }
 
+    /// The batches in flight at once rise from `from` to `to` (a pacer
+    /// that throttled less, see [`Pacer::lanes`]): the scale shrinks by as
+    /// much, so the batches at once take together what they took before
+    /// instead of each taking its old share of the shards at once, and the
+    /// times of the next ones regrow it.
+    pub(super) fn spread(&mut self, from: usize, to: usize) {
+        if to > from && from > 0 {
+            self.scale = (self.scale * from as f64 / to as f64).clamp(Self::MIN, Self::MAX);
+        }
+    }
+
     /// A batch failed (its deadline, most likely).
     pub(super) fn failed(&mut self) {
         self.scale = (self.scale / 4.0).clamp(Self::MIN, Self::MAX);
@@ -431,6 +452,49 @@ mod tests {
             ms(5)
         );
         assert!(!pacer.throttling());
+    }
+
+    #[test]
+    fn a_throttled_copy_sends_fewer_batches_at_once() {
+        let settings = MoveSettings {
+            revisions_per_second: 0,
+            ..MoveSettings::default()
+        };
+        let mut pacer = Pacer::new(calls(Some((ms(4), 500))), &settings);
+        assert_eq!(pacer.lanes(&settings, 4), 4);
+        assert_eq!(pacer.lanes(&settings, 2), 2);
+        let mut lanes = Vec::new();
+        for _ in 0..4 {
+            pacer.next(calls(Some((ms(60), 500))), &settings, 1000);
+            lanes.push((pacer.lanes(&settings, 4), pacer.lanes(&settings, 2)));
+        }
+        // Half the batch, half the lanes; one from a quarter down.
+        assert_eq!(lanes, [(2, 1), (1, 1), (1, 1), (1, 1)]);
+        // Back to all of them once the others are fast again.
+        for _ in 0..4 {
+            pacer.next(calls(Some((ms(4), 500))), &settings, 1000);
+        }
+        assert_eq!(pacer.lanes(&settings, 4), 4);
+        // Never none, whatever is asked for.
+        assert_eq!(pacer.lanes(&settings, 0), 1);
+    }
+
+    #[test]
+    fn more_batches_at_once_make_each_smaller() {
+        let mut sizer = Sizer::default();
+        sizer.took(ms(10), ms(250));
+        assert_eq!(sizer.scale(), 1.25);
+        sizer.spread(1, 2);
+        assert_eq!(sizer.scale(), 0.625);
+        // Fewer at once: the throttle's cut is kept, nothing grows.
+        sizer.spread(4, 1);
+        assert_eq!(sizer.scale(), 0.625);
+        sizer.spread(0, 4);
+        assert_eq!(sizer.scale(), 0.625);
+        for _ in 0..10 {
+            sizer.spread(1, 4);
+        }
+        assert_eq!(sizer.scale(), Sizer::MIN);
     }
 
     /// Only the shard's calls seen.

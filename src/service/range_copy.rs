@@ -28,6 +28,11 @@ use crate::storage::{buckets, server};
 const READ_PAGE: u32 = 5_000;
 /// Replay batches written (and read) at once.
 const REPLAY_LANES: usize = 2;
+/// Under the fence, where the range's own writes are held and the pass is
+/// all that keeps them waiting: more at once, each smaller.
+const FENCED_REPLAY_LANES: usize = 4;
+/// Stretches of a range's buckets a diff reads at once on each side.
+const DIFF_SLICES: usize = 4;
 /// Chats dropped or given markers per target transaction.
 const REPLAY_CHATS: usize = 100;
 /// Chats whose digests are compared per read, at the sizer's scale 1.
@@ -229,17 +234,36 @@ impl RangeMove<'_> {
         }
     }
 
-    /// The range's chats on `shard`, in index order.
-    async fn side(&self, shard: &Arc<Shard>) -> Result<Vec<RangeChat>, RangeStop> {
-        side_of(shard, self.span()).await
+    /// The range's chats on `shard`, in index order, read in `slices`
+    /// stretches of buckets at once.
+    async fn side(&self, shard: &Arc<Shard>, slices: usize) -> Result<Vec<RangeChat>, RangeStop> {
+        let reads = slices_of(self.span(), slices)
+            .into_iter()
+            .map(|span| side_of(shard, span));
+        let mut all = Vec::new();
+        for side in futures_util::future::try_join_all(reads).await? {
+            all.extend(side);
+        }
+        Ok(all)
     }
 
-    /// What the next pass must do.
-    pub(super) async fn diff(&self) -> Result<Diff, RangeStop> {
+    /// What the next pass must do. `fenced`: the range's writes wait for
+    /// it, so each side is read in [`DIFF_SLICES`] stretches at once (fewer
+    /// while the pacer throttles).
+    pub(super) async fn diff(&self, fenced: bool) -> Result<Diff, RangeStop> {
+        let slices = self.lanes(fenced, DIFF_SLICES);
         // Both sides at once: they are different servers.
-        let (source, target) = tokio::join!(self.side(&self.source), self.side(&self.target));
-        let (source, target) = (source?, target?);
-        let d = range_diff::diff(&source, &target, self.source.name(), self.target.name());
+        let (source, target) = tokio::join!(
+            self.side(&self.source, slices),
+            self.side(&self.target, slices)
+        );
+        self.diffed(&source?, &target?)
+    }
+
+    /// The pass `source` and `target` (both sides' chats) call for, unless
+    /// a chat of it is live on both sides.
+    fn diffed(&self, source: &[RangeChat], target: &[RangeChat]) -> Result<Diff, RangeStop> {
+        let d = range_diff::diff(source, target, self.source.name(), self.target.name());
         if let Some(chat) = d.conflicts.first() {
             return Err(RangeStop::Failed(format!(
                 "{} chat(s) of the range are live on both {} and {}, e.g. {chat}",
@@ -249,6 +273,36 @@ impl RangeMove<'_> {
             )));
         }
         Ok(d)
+    }
+
+    /// [`Self::diff`] of only the chats `named`, both sides read by id:
+    /// under the fence, where nothing but the move changes the range, what
+    /// a fenced pass must have left in step.
+    pub(super) async fn diff_named(&self, named: Vec<String>) -> Result<Diff, RangeStop> {
+        let named = Arc::new(named);
+        let side = |shard: &Arc<Shard>| {
+            let (shard, named, span) = (shard.clone(), named.clone(), self.span());
+            async move {
+                let mut all = Vec::new();
+                for chunk in named.chunks(READ_PAGE as usize) {
+                    let ids = chunk.to_vec();
+                    let page = shard
+                        .read(None, "move_range_chats", move |conn| {
+                            Box::pin(
+                                async move { Ok(range_copy::chats_named(conn, span, &ids).await?) },
+                            )
+                        })
+                        .await?;
+                    all.extend(page);
+                }
+                all.sort_by(|a: &RangeChat, b: &RangeChat| {
+                    (a.bucket, &a.chat_id).cmp(&(b.bucket, &b.chat_id))
+                });
+                Ok::<_, RangeStop>(all)
+            }
+        };
+        let (source, target) = tokio::join!(side(&self.source), side(&self.target));
+        self.diffed(&source?, &target?)
     }
 
     /// One pass: drops stale copies, writes markers, copies the chats with
@@ -288,9 +342,9 @@ impl RangeMove<'_> {
         }
         // `moves.concurrent_chats` snapshot batches at once, each its own
         // transactions; the pause (and the record) after each round.
-        let lanes = self.service.move_settings.concurrent_batches.max(1);
         let mut at = 0;
         while at < d.snapshot.len() {
+            let lanes = self.lanes(fenced, self.service.move_settings.concurrent_batches);
             let n = self.chats_per_batch(fenced);
             let mut round = Vec::new();
             while at < d.snapshot.len() && round.len() < lanes {
@@ -386,7 +440,12 @@ impl RangeMove<'_> {
         left: &mut Vec<Behind>,
         fenced: bool,
     ) -> Vec<Vec<Behind>> {
-        (0..REPLAY_LANES)
+        let most = if fenced {
+            FENCED_REPLAY_LANES
+        } else {
+            REPLAY_LANES
+        };
+        (0..self.lanes(fenced, most))
             .map(|_| self.replay_chunk(rest, left, fenced))
             .filter(|c| !c.is_empty())
             .collect()
@@ -440,6 +499,16 @@ impl RangeMove<'_> {
             / 4
     }
 
+    /// Batches in flight at once, out of `most`: all of them under the
+    /// fence, fewer while the pacer throttles (see [`Pacer::lanes`]).
+    fn lanes(&self, fenced: bool, most: usize) -> usize {
+        if fenced {
+            most.max(1)
+        } else {
+            self.pacer.lanes(&self.service.move_settings, most)
+        }
+    }
+
     fn batch(&self, fenced: bool) -> u32 {
         if fenced {
             self.service.move_settings.batch
@@ -464,7 +533,13 @@ impl RangeMove<'_> {
     async fn after_batch(&mut self, fenced: bool, revisions: u64) -> Result<Duration, RangeStop> {
         let mut paused = Duration::ZERO;
         if !fenced {
-            paused = self.pacer.pace(&self.service.move_settings, revisions);
+            let settings = &self.service.move_settings;
+            let lanes = self.pacer.lanes(settings, settings.concurrent_batches);
+            paused = self.pacer.pace(settings, revisions);
+            self.sizer.spread(
+                lanes,
+                self.pacer.lanes(settings, settings.concurrent_batches),
+            );
             tokio::time::sleep(paused).await;
             self.note_p99_during();
         }
@@ -643,6 +718,23 @@ impl RangeMove<'_> {
     }
 }
 
+/// `span` cut into at most `n` stretches of buckets, in order, together
+/// covering it once.
+pub(super) fn slices_of((first, last): (u16, u16), n: usize) -> Vec<(u16, u16)> {
+    let buckets = usize::from(last.saturating_sub(first)) + 1;
+    let n = n.clamp(1, buckets);
+    let mut at = first;
+    (0..n)
+        .map(|i| {
+            // The first `buckets % n` stretches take one bucket more.
+            let len = buckets / n + usize::from(i < buckets % n);
+            let stretch = (at, at + (len - 1) as u16);
+            at = stretch.1.saturating_add(1);
+            stretch
+        })
+        .collect()
+}
+
 /// The range `span`'s chats on `shard`, in index order.
 async fn side_of(shard: &Arc<Shard>, span: (u16, u16)) -> Result<Vec<RangeChat>, RangeStop> {
     let mut all: Vec<RangeChat> = Vec::new();
@@ -726,14 +818,18 @@ async fn verify_range(
             .filter(|c| c.moved_to.is_none() && !compared.contains(&c.chat_id))
             .map(|c| c.chat_id)
             .collect();
-        // Four reads at once, each sized by how long reads take (the sizer,
-        // as the copy's batches), so none overruns the shards' deadline;
-        // a read that failed is made again, smaller.
+        // Four reads at once (fewer while the pacer throttles), each sized
+        // by how long reads take (the sizer, as the copy's batches), so none
+        // overruns the shards' deadline; a read that failed is made again,
+        // smaller.
         let mut at = 0;
         let mut retries = Retries::default();
         while at < live.len() {
             let n = ((VERIFY_CHATS as f64 * sizer.scale()) as usize).max(10);
-            let lanes: Vec<&[String]> = live[at..].chunks(n).take(VERIFY_LANES).collect();
+            let lanes: Vec<&[String]> = live[at..]
+                .chunks(n)
+                .take(pacer.lanes(&settings, VERIFY_LANES))
+                .collect();
             let taken: usize = lanes.iter().map(|l| l.len()).sum();
             let began = Instant::now();
             let reads = lanes.iter().map(|chunk| async {
@@ -775,7 +871,10 @@ async fn verify_range(
                     }
                 }
             }
-            tokio::time::sleep(pacer.pace(&settings, 0)).await;
+            let lanes = pacer.lanes(&settings, VERIFY_LANES);
+            let pause = pacer.pace(&settings, 0);
+            sizer.spread(lanes, pacer.lanes(&settings, VERIFY_LANES));
+            tokio::time::sleep(pause).await;
         }
     }
     Ok(Verified {
@@ -819,6 +918,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_range_is_read_in_stretches_that_cover_it_once_in_order(
+            first in 0u16..1024,
+            len in 0u16..1024,
+            n in 0usize..70,
+        ) {
+            let last = (first + len).min(1023);
+            let slices = slices_of((first, last), n);
+            prop_assert_eq!(slices.len(), n.clamp(1, usize::from(last - first) + 1));
+            prop_assert_eq!(slices.first().map(|s| s.0), Some(first));
+            prop_assert_eq!(slices.last().map(|s| s.1), Some(last));
+            for w in slices.windows(2) {
+                prop_assert_eq!(w[1].0, w[0].1 + 1);
+            }
+            let sizes: Vec<u16> = slices.iter().map(|(a, b)| b - a + 1).collect();
+            prop_assert!(sizes.iter().all(|s| *s >= 1));
+            prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        }
+
         #[test]
         fn every_behind_chat_is_batched_once_within_the_limits(
             gaps in proptest::collection::vec(1u64..5_000, 0..300),

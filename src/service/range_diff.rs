@@ -47,6 +47,22 @@ impl Diff {
         self.behind.iter().map(|b| b.to - b.from).sum()
     }
 
+    /// Every chat the pass acts on, once each: the chats whose copy a
+    /// check after the pass reads again.
+    pub fn named(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .snapshot
+            .iter()
+            .chain(self.behind.iter().map(|b| &b.chat))
+            .chain(self.markers.iter().map(|(chat, _)| chat))
+            .chain(&self.drop)
+            .cloned()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// Whether the pass has nothing to copy.
     pub fn is_empty(&self) -> bool {
         self.snapshot.is_empty()
@@ -179,6 +195,27 @@ mod tests {
         }
     }
 
+    /// Two sides with no chat live on both (and no copy on the source).
+    fn without_conflicts(
+        source: Vec<RangeChat>,
+        target: Vec<RangeChat>,
+    ) -> (Vec<RangeChat>, Vec<RangeChat>) {
+        let source: Vec<RangeChat> = source
+            .into_iter()
+            .filter(|s| s.moved_to.as_deref() != Some("a"))
+            .collect();
+        let target = target
+            .into_iter()
+            .filter(|t| {
+                let live_at_source = source
+                    .iter()
+                    .any(|s| s.chat_id == t.chat_id && s.moved_to.is_none());
+                !(live_at_source && t.moved_to.is_none())
+            })
+            .collect();
+        (source, target)
+    }
+
     fn side() -> impl Strategy<Value = Vec<RangeChat>> {
         let one = (
             0u8..12,
@@ -205,11 +242,7 @@ mod tests {
         /// source in step, and a second pass finds nothing to do.
         #[test]
         fn a_pass_brings_every_live_chat_in_step(source in side(), target in side()) {
-            let source: Vec<RangeChat> = source.into_iter().filter(|s| s.moved_to.as_deref() != Some("a")).collect();
-            let mut target: Vec<RangeChat> = target.into_iter().filter(|t| {
-                let live_at_source = source.iter().any(|s| s.chat_id == t.chat_id && s.moved_to.is_none());
-                !(live_at_source && t.moved_to.is_none())
-            }).collect();
+            let (source, mut target) = without_conflicts(source, target);
             let d = diff(&source, &target, "a", "b");
             prop_assert!(d.conflicts.is_empty());
             apply(&source, &mut target, &d);
@@ -217,6 +250,37 @@ mod tests {
             prop_assert!(again.is_empty(), "{again:?}");
             let live = source.iter().filter(|s| s.moved_to.is_none()).count() as u64;
             prop_assert_eq!(again.in_step, live);
+        }
+
+        /// Under the fence (nothing but the pass changes either side), the
+        /// check of only the chats a diff named judges a pass, whole or cut
+        /// short anywhere, as a diff of the whole range would.
+        #[test]
+        fn the_named_chats_judge_a_fenced_pass_as_the_whole_range_would(
+            source in side(),
+            target in side(),
+            done in proptest::collection::vec(any::<bool>(), 12),
+        ) {
+            let (source, mut target) = without_conflicts(source, target);
+            let d = diff(&source, &target, "a", "b");
+            let named = d.named();
+            // The pass applied to some of its chats only.
+            let applied: std::collections::HashSet<&String> = named.iter().zip(&done).filter(|(_, d)| **d).map(|(c, _)| c).collect();
+            let part = Diff {
+                snapshot: d.snapshot.iter().filter(|c| applied.contains(c)).cloned().collect(),
+                behind: d.behind.iter().filter(|b| applied.contains(&b.chat)).cloned().collect(),
+                markers: d.markers.iter().filter(|(c, _)| applied.contains(c)).cloned().collect(),
+                drop: d.drop.iter().filter(|c| applied.contains(c)).cloned().collect(),
+                ..Diff::default()
+            };
+            apply(&source, &mut target, &part);
+            let whole = diff(&source, &target, "a", "b");
+            let of_named = |side: &[RangeChat]| -> Vec<RangeChat> {
+                side.iter().filter(|c| named.contains(&c.chat_id)).cloned().collect()
+            };
+            let checked = diff(&of_named(&source), &of_named(&target), "a", "b");
+            prop_assert_eq!(whole.is_empty(), checked.is_empty(), "{:?} / {:?}", whole, checked);
+            prop_assert_eq!(checked.named(), whole.named());
         }
 
         /// A behind chat is replayed only from a revision its source's log

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 
-use super::buckets::RangeStats;
+use super::buckets::{FenceSteps, RangeStats};
 use super::move_driver::{self, Outcome};
 use super::move_plan::{Act, Phase, Run, Seen, Unit};
 use super::pacer::{Pacer, Retries, Signals, Sizer, Watch};
@@ -39,6 +39,8 @@ const SETTLED_PASSES: usize = 6;
 /// Times a step of the fence or the flip runs again when a shard refused
 /// it as busy (nothing was sent), 50 ms more apart each time.
 const BUSY_RETRIES: u32 = 10;
+/// Stretches of the range made live on the target at once after the flip.
+const GO_LIVE_SLICES: usize = 4;
 /// Tombstoned chats cleaned per round at the source.
 const CLEAN_CHATS: u32 = 200;
 
@@ -227,6 +229,9 @@ pub(super) struct RangeMove<'a> {
     pub(super) last_record: Instant,
     /// When the current fence was set, and the chats and revisions it froze.
     fenced: Option<(Instant, Vec<(String, u64)>)>,
+    /// How long the current fence's transaction took (the range's writes
+    /// already wait on its row locks).
+    fence_set: Duration,
     /// When the copy began.
     began: Instant,
     /// The bucket table version the flip made (or found).
@@ -264,6 +269,7 @@ impl<'a> RangeMove<'a> {
             chats_total: 0,
             last_record: Instant::now(),
             fenced: None,
+            fence_set: Duration::ZERO,
             began: Instant::now(),
             version: None,
             ranges: None,
@@ -348,7 +354,7 @@ impl<'a> RangeMove<'a> {
         let mut verify_failures = 0;
         loop {
             let diffing = Instant::now();
-            let attempt = match self.diff().await {
+            let attempt = match self.diff(false).await {
                 Ok(d) => {
                     let diffed = diffing.elapsed();
                     self.chats_total = d.chats;
@@ -493,6 +499,7 @@ impl<'a> RangeMove<'a> {
             (self.range.first, self.range.last),
             self.fence_ms(),
         );
+        let setting = Instant::now();
         let frozen = self
             .source
             .write(None, "bucket_fence", move |conn| {
@@ -506,6 +513,7 @@ impl<'a> RangeMove<'a> {
             })
             .await?;
         self.stats.fences += 1;
+        self.fence_set = setting.elapsed();
         self.fenced = Some((Instant::now(), frozen));
         Ok(())
     }
@@ -514,7 +522,7 @@ impl<'a> RangeMove<'a> {
     /// fence froze is in step on the target.
     async fn copy_fenced(&mut self) -> Result<Seen, RangeStop> {
         let diffing = Instant::now();
-        let d = match self.diff().await {
+        let d = match self.diff(true).await {
             Ok(d) => d,
             Err(RangeStop::Service(e)) => {
                 tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last diff failed; fencing again");
@@ -540,7 +548,12 @@ impl<'a> RangeMove<'a> {
         };
         self.stats.pass_count += 1;
         self.stats.passes.push(pass.stats());
-        let again: Diff = match self.diff().await {
+        // Only the chats the pass acted on can be out of step now: the
+        // fence holds the range's writes and creations at the source, and
+        // only this move writes its copies (a lapsed fence is the flip's
+        // to find, from the revisions it froze).
+        let checking = Instant::now();
+        let again: Diff = match self.diff_named(d.named()).await {
             Ok(d) => d,
             Err(RangeStop::Service(e)) => {
                 tracing::warn!(id = self.id, error = %crate::error::chain(&e), "the range's last diff failed; fencing again");
@@ -549,6 +562,14 @@ impl<'a> RangeMove<'a> {
             Err(e) => return Err(e),
         };
         if again.is_empty() {
+            self.stats.fence_steps = Some(FenceSteps {
+                set_ms: self.fence_set.as_millis() as u64,
+                diff_ms: diffed.as_millis() as u64,
+                pass_ms: pass.took.as_millis() as u64,
+                check_ms: checking.elapsed().as_millis() as u64,
+                flip_ms: 0,
+                live_ms: 0,
+            });
             return Ok(Seen::Verified);
         }
         let lapsed = self
@@ -575,6 +596,7 @@ impl<'a> RangeMove<'a> {
     /// live chat's tombstone.
     async fn switch(&mut self) -> Result<Seen, RangeStop> {
         let (service, id) = (self.service, self.id);
+        let flipping = Instant::now();
         let began = service
             .coordinator()
             .write(None, "bucket_move_flipping", move |conn| {
@@ -584,11 +606,13 @@ impl<'a> RangeMove<'a> {
         if !began {
             return Ok(Seen::Cancelled);
         }
+        let recorded = flipping.elapsed();
         if !service.refresh_bucket_map().await {
             return Err(RangeStop::Failed(
                 "a shard did not answer before the flip; run the move again".to_owned(),
             ));
         }
+        let refreshed = flipping.elapsed();
         let current = service.shards.router();
         let version = current.0 + 1;
         let moved = current
@@ -636,6 +660,17 @@ impl<'a> RangeMove<'a> {
                 if let Some((at, _)) = &self.fenced {
                     self.stats.fence_ms = Some(at.elapsed().as_millis() as u64);
                 }
+                if let Some(steps) = self.stats.fence_steps.as_mut() {
+                    steps.flip_ms = flipping.elapsed().as_millis() as u64;
+                }
+                tracing::info!(
+                    id,
+                    recorded_ms = recorded.as_millis() as u64,
+                    tables_read_ms = (refreshed - recorded).as_millis() as u64,
+                    flip_ms = flipping.elapsed().as_millis() as u64,
+                    steps = ?self.stats.fence_steps,
+                    "the range's flip committed"
+                );
                 self.stats.flip_seconds =
                     Some((self.began.elapsed().as_secs_f64() * 10.0).round() / 10.0);
                 self.version = Some(version);
@@ -666,16 +701,28 @@ impl<'a> RangeMove<'a> {
             self.source.name().to_owned(),
         );
         let mut pause = Duration::from_millis(20);
+        let living = Instant::now();
         loop {
-            let from = source.clone();
-            let live = self
-                .target
-                .write(None, "bucket_go_live", move |conn| {
-                    Box::pin(async move { Ok(range_copy::go_live(conn, span, &from).await?) })
-                })
-                .await;
+            // The range's writes wait for this (the source's tombstones point
+            // here, the copies still name the source): its stretches at once.
+            let lives = super::range_copy::slices_of(span, GO_LIVE_SLICES)
+                .into_iter()
+                .map(|stretch| {
+                    let from = source.clone();
+                    self.target.write(None, "bucket_go_live", move |conn| {
+                        Box::pin(
+                            async move { Ok(range_copy::go_live(conn, stretch, &from).await?) },
+                        )
+                    })
+                });
+            let live = futures_util::future::try_join_all(lives).await;
             match live {
-                Ok(_) => break,
+                Ok(_) => {
+                    if let Some(steps) = self.stats.fence_steps.as_mut() {
+                        steps.live_ms = living.elapsed().as_millis() as u64;
+                    }
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(id = self.id, error = %crate::error::chain(&e), "cannot make the range's copies live yet; retrying");
                     tokio::time::sleep(pause).await;

@@ -47,6 +47,27 @@ pub async fn chats(
     .await
 }
 
+/// The range's chats among `ids` (any order): a pass's own chats read
+/// again, on either side.
+pub async fn chats_named(
+    conn: &mut MySqlConnection,
+    (first, last): (u16, u16),
+    ids: &[String],
+) -> sqlx::Result<Vec<RangeChat>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q = QueryBuilder::new(
+        "SELECT bucket, chat_id, revision, first_revision, moved_to FROM chat WHERE bucket BETWEEN ",
+    );
+    q.push_bind(first)
+        .push(" AND ")
+        .push_bind(last)
+        .push(" AND chat_id IN ");
+    in_list(&mut q, ids);
+    q.build_query_as().fetch_all(conn).await
+}
+
 /// A chat's row and count as the copy takes them.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ChatHead {

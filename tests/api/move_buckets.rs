@@ -438,7 +438,23 @@ async fn a_killed_move_buckets_process_is_taken_over_and_the_range_moves_to_the_
     // The view's figures are the last driver's: the range's chats, and
     // how long its one fence held their writes.
     assert_eq!(ended["chatsTotal"], 8, "{ended}");
-    assert!(ended["stats"]["fenceMs"].as_u64().is_some(), "{ended}");
+    let fence = ended["stats"]["fenceMs"].as_u64();
+    assert!(fence.is_some(), "{ended}");
+    // Where the fence went: its steps add up to no more than the fence
+    // (each rounded down to a millisecond).
+    let steps = &ended["stats"]["fenceSteps"];
+    let within: Vec<u64> = ["diffMs", "passMs", "checkMs", "flipMs"]
+        .iter()
+        .map(|k| steps[k].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert!(
+        within.iter().sum::<u64>() <= fence.unwrap_or(0) + 1,
+        "{ended}"
+    );
+    assert!(
+        steps["setMs"].as_u64().is_some() && steps["liveMs"].as_u64().is_some(),
+        "{ended}"
+    );
     app.shut_down().await;
 }
 

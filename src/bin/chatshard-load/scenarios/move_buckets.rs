@@ -449,6 +449,7 @@ pub async fn move_buckets(
     report["verifyMs"] = stats["verifyMs"].clone();
     report["chatsVerified"] = stats["chatsVerified"].clone();
     report["bulkCopy"] = stats["bulk"].clone();
+    report["fenceSteps"] = stats["fenceSteps"].clone();
     report["flipSeconds"] = stats["flipSeconds"].clone();
     report["cleanSeconds"] = stats["cleanSeconds"].clone();
     Ok(report)
