@@ -247,9 +247,9 @@ impl RangeMove<'_> {
         Ok(all)
     }
 
-    /// What the next pass must do. `fenced`: the range's writes wait for
-    /// it, so each side is read in [`DIFF_SLICES`] stretches at once (fewer
-    /// while the pacer throttles).
+    /// What the next pass must do: each side read in [`DIFF_SLICES`]
+    /// stretches at once, fewer while the pacer throttles (never under the
+    /// fence, `fenced`, where the range's writes wait for it).
     pub(super) async fn diff(&self, fenced: bool) -> Result<Diff, RangeStop> {
         let slices = self.lanes(fenced, DIFF_SLICES);
         // Both sides at once: they are different servers.
