@@ -606,13 +606,11 @@ impl<'a> RangeMove<'a> {
         if !began {
             return Ok(Seen::Cancelled);
         }
-        let recorded = flipping.elapsed();
         if !service.refresh_bucket_map().await {
             return Err(RangeStop::Failed(
                 "a shard did not answer before the flip; run the move again".to_owned(),
             ));
         }
-        let refreshed = flipping.elapsed();
         let current = service.shards.router();
         let version = current.0 + 1;
         let moved = current
@@ -663,14 +661,6 @@ impl<'a> RangeMove<'a> {
                 if let Some(steps) = self.stats.fence_steps.as_mut() {
                     steps.flip_ms = flipping.elapsed().as_millis() as u64;
                 }
-                tracing::info!(
-                    id,
-                    recorded_ms = recorded.as_millis() as u64,
-                    tables_read_ms = (refreshed - recorded).as_millis() as u64,
-                    flip_ms = flipping.elapsed().as_millis() as u64,
-                    steps = ?self.stats.fence_steps,
-                    "the range's flip committed"
-                );
                 self.stats.flip_seconds =
                     Some((self.began.elapsed().as_secs_f64() * 10.0).round() / 10.0);
                 self.version = Some(version);
@@ -739,7 +729,7 @@ impl<'a> RangeMove<'a> {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the bucket table just written"),
             }
-            tracing::info!(id = self.id, version, buckets = %self.range, fence_ms = self.stats.fence_ms, "bucket_range_flipped");
+            tracing::info!(id = self.id, version, buckets = %self.range, fence_ms = self.stats.fence_ms, fence_steps = ?self.stats.fence_steps, "bucket_range_flipped");
         } else {
             self.service.refresh_bucket_map().await;
         }
