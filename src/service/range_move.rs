@@ -238,6 +238,9 @@ pub(super) struct RangeMove<'a> {
     version: Option<u64>,
     /// That version's table, as stored.
     ranges: Option<String>,
+    /// This driver made the copies live (a driver that took the move over
+    /// after that makes sure of it again before it cleans).
+    live: bool,
 }
 
 impl<'a> RangeMove<'a> {
@@ -273,6 +276,7 @@ impl<'a> RangeMove<'a> {
             began: Instant::now(),
             version: None,
             ranges: None,
+            live: false,
         }
     }
 
@@ -708,6 +712,7 @@ impl<'a> RangeMove<'a> {
             let live = futures_util::future::try_join_all(lives).await;
             match live {
                 Ok(_) => {
+                    self.live = true;
                     if let Some(steps) = self.stats.fence_steps.as_mut() {
                         steps.live_ms = living.elapsed().as_millis() as u64;
                     }
@@ -738,7 +743,9 @@ impl<'a> RangeMove<'a> {
     /// After the flip: every other shard told, then the source's rows of
     /// the range deleted behind their tombstones, paced.
     async fn clean(&mut self) {
-        self.finish().await;
+        if !self.live {
+            self.finish().await;
+        }
         if let Some(version) = self.version {
             self.service
                 .tell_every_shard(version, (&self.source, &self.target))

@@ -186,6 +186,15 @@ async fn a_bucket_range_moves_to_a_new_shard_online_and_every_instance_follows()
     let flipped = stats["flipSeconds"].as_f64().unwrap();
     assert!(flipped >= stats["copySeconds"].as_f64().unwrap(), "{ended}");
     assert!(stats["cleanSeconds"].is_f64(), "{ended}");
+    // The copies were made live once, a statement per stretch of the range
+    // (four), by the driver that flipped it: not again before its clean-up.
+    let live = app
+        .metric_sum(
+            "chatshard_shard_operation_duration_seconds_count",
+            &["operation=\"bucket_go_live\"", "outcome=\"ok\""],
+        )
+        .await;
+    assert_eq!(live, 4.0, "{ended}");
     for pass in stats["passes"].as_array().unwrap() {
         for k in ["diffMs", "readMs", "writeMs", "pauseMs"] {
             assert!(pass[k].is_u64(), "{k} of {pass}");
