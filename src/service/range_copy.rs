@@ -340,6 +340,33 @@ impl RangeMove<'_> {
                 })
                 .await?;
         }
+        if fenced {
+            // Under the fence the chats with no copy (made since the last
+            // pass) and the chats behind are different chats: their copies
+            // and their replays run at once, so the pass the range's writes
+            // wait for takes the longer of the two, not both.
+            let batches: Vec<Vec<String>> = d
+                .snapshot
+                .chunks(self.chats_per_batch(true))
+                .map(<[String]>::to_vec)
+                .collect();
+            let lanes = self.lanes(true, self.service.move_settings.concurrent_batches);
+            let copies = copy_all(self.source.clone(), self.target.clone(), batches, lanes);
+            let (copied, replayed) =
+                tokio::join!(copies, self.replay_behind(&d.behind, true, &mut pass));
+            replayed?;
+            let (work, slowest) = copied?;
+            if work.chats > 0 {
+                self.sizer.took(slowest, self.aim());
+                self.rows_per_chat = work.rows as f64 / work.chats as f64;
+            }
+            pass.copied += work.chats;
+            pass.note(&work);
+            self.stats.chats_copied += work.chats;
+            self.stats.rows_copied += work.rows;
+            pass.took = began.elapsed();
+            return Ok(pass);
+        }
         // `moves.concurrent_chats` snapshot batches at once, each its own
         // transactions; the pause (and the record) after each round.
         let mut at = 0;
@@ -553,69 +580,9 @@ impl RangeMove<'_> {
         Ok(paused)
     }
 
-    /// Copies `ids` whole: one consistent read on the source, one write
-    /// transaction on the target. The chats copied (those still live on the
-    /// source), the rows and the revisions.
+    /// Copies `ids` whole (see [`copy_snapshot`]).
     async fn copy_snapshot(&self, ids: Vec<String>) -> Result<Work, RangeStop> {
-        let began = Instant::now();
-        let snap: Snapshot = self
-            .source
-            .read(None, "move_range_read", move |conn| {
-                Box::pin(async move {
-                    server::repeatable_read_next(&mut *conn).await?;
-                    let mut tx = conn.begin().await?;
-                    let snap = range_copy::read_snapshot(&mut tx, &ids).await?;
-                    tx.commit().await?;
-                    Ok(snap)
-                })
-            })
-            .await?;
-        let read = began.elapsed();
-        let (chats, rows) = (snap.chats.len() as u64, snap.rows());
-        let revisions = snap
-            .chats
-            .iter()
-            .map(|c| c.revision + 1 - c.first_revision.min(c.revision + 1))
-            .sum();
-        if chats == 0 {
-            return Ok(Work {
-                read,
-                ..Work::default()
-            });
-        }
-        let source = self.source.name().to_owned();
-        let began = Instant::now();
-        let written = self
-            .target
-            .write(None, "move_range_write", move |conn| {
-                Box::pin(async move {
-                    let mut tx = conn.begin().await?;
-                    match range_copy::write_snapshot(&mut tx, &snap, &source).await {
-                        Ok(()) => {}
-                        Err(range_copy::WriteError::Live(chat)) => {
-                            tx.rollback().await?;
-                            return Ok(Err(chat));
-                        }
-                        Err(range_copy::WriteError::Sql(e)) => return Err(e.into()),
-                    }
-                    tx.commit().await.map_err(OpError::Commit)?;
-                    Ok(Ok(()))
-                })
-            })
-            .await?;
-        if let Err(chat) = written {
-            return Err(RangeStop::Failed(format!(
-                "chat {chat} of the range is live on {} already",
-                self.target.name()
-            )));
-        }
-        Ok(Work {
-            chats,
-            rows,
-            revisions,
-            read,
-            write: began.elapsed(),
-        })
+        copy_snapshot(self.source.clone(), self.target.clone(), ids).await
     }
 
     /// One read of the next events of every chat of `behind` (after its
@@ -716,6 +683,98 @@ impl RangeMove<'_> {
             )),
         }
     }
+}
+
+/// Copies `ids` whole: one consistent read on the source, one write
+/// transaction on the target. The chats copied (those still live on the
+/// source), the rows and the revisions.
+async fn copy_snapshot(
+    source: Arc<Shard>,
+    target: Arc<Shard>,
+    ids: Vec<String>,
+) -> Result<Work, RangeStop> {
+    let began = Instant::now();
+    let snap: Snapshot = source
+        .read(None, "move_range_read", move |conn| {
+            Box::pin(async move {
+                server::repeatable_read_next(&mut *conn).await?;
+                let mut tx = conn.begin().await?;
+                let snap = range_copy::read_snapshot(&mut tx, &ids).await?;
+                tx.commit().await?;
+                Ok(snap)
+            })
+        })
+        .await?;
+    let read = began.elapsed();
+    let (chats, rows) = (snap.chats.len() as u64, snap.rows());
+    let revisions = snap
+        .chats
+        .iter()
+        .map(|c| c.revision + 1 - c.first_revision.min(c.revision + 1))
+        .sum();
+    if chats == 0 {
+        return Ok(Work {
+            read,
+            ..Work::default()
+        });
+    }
+    let from = source.name().to_owned();
+    let began = Instant::now();
+    let written = target
+        .write(None, "move_range_write", move |conn| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                match range_copy::write_snapshot(&mut tx, &snap, &from).await {
+                    Ok(()) => {}
+                    Err(range_copy::WriteError::Live(chat)) => {
+                        tx.rollback().await?;
+                        return Ok(Err(chat));
+                    }
+                    Err(range_copy::WriteError::Sql(e)) => return Err(e.into()),
+                }
+                tx.commit().await.map_err(OpError::Commit)?;
+                Ok(Ok(()))
+            })
+        })
+        .await?;
+    if let Err(chat) = written {
+        return Err(RangeStop::Failed(format!(
+            "chat {chat} of the range is live on {} already",
+            target.name()
+        )));
+    }
+    Ok(Work {
+        chats,
+        rows,
+        revisions,
+        read,
+        write: began.elapsed(),
+    })
+}
+
+/// Copies `batches` whole, `lanes` at once (each as [`copy_snapshot`]):
+/// the work done, and the slowest batch's read or write.
+async fn copy_all(
+    source: Arc<Shard>,
+    target: Arc<Shard>,
+    batches: Vec<Vec<String>>,
+    lanes: usize,
+) -> Result<(Work, Duration), RangeStop> {
+    let mut work = Work::default();
+    let mut slowest = Duration::ZERO;
+    let mut batches = batches.into_iter().peekable();
+    while batches.peek().is_some() {
+        let round = batches
+            .by_ref()
+            .take(lanes.max(1))
+            .map(|ids| copy_snapshot(source.clone(), target.clone(), ids));
+        for done in futures_util::future::join_all(round).await {
+            let done = done?;
+            slowest = slowest.max(done.read).max(done.write);
+            work.add(done);
+        }
+    }
+    Ok((work, slowest))
 }
 
 /// `span` cut into at most `n` stretches of buckets, in order, together

@@ -28,8 +28,8 @@ use crate::storage::range_copy;
 
 /// Catch-up passes before a range that does not converge is given up.
 const MAX_PASSES: usize = 60;
-/// Passes in a row that did not shrink: the view says the move does not
-/// converge.
+/// Passes in a row that did not go below the smallest pass before them:
+/// the view says the move does not converge.
 const NOT_SHRINKING: usize = 3;
 /// Catch-up passes after which a range's passes have settled at the size
 /// the range's writes keep them at (see [`RangeMove::caught_up`]): a
@@ -408,12 +408,7 @@ impl<'a> RangeMove<'a> {
                     self.stats.passes.remove(0);
                 }
                 let recent: Vec<u64> = self.stats.passes.iter().map(|p| p.revisions).collect();
-                self.stats.converging = recent.len() <= NOT_SHRINKING
-                    || recent
-                        .windows(2)
-                        .rev()
-                        .take(NOT_SHRINKING)
-                        .any(|w| w[1] < w[0]);
+                self.stats.converging = converging(&recent);
                 // Held back by the pacer, the passes no longer shrink: the
                 // range is written faster than the paced passes replay it,
                 // and a move that never converges holds its cost forever.
@@ -935,6 +930,20 @@ fn caught_up(
         || (settled && took <= hold_writes)
 }
 
+/// Whether catch-up passes of these sizes (revisions, oldest first) still
+/// converge: one of the last [`NOT_SHRINKING`] went below every pass
+/// before them. Passes that only wander (one a little under the one before
+/// it, then back up), as paced passes of a range written about as fast as
+/// they replay it do, have stopped converging even though some shrank.
+fn converging(passes: &[u64]) -> bool {
+    let Some(split) = passes.len().checked_sub(NOT_SHRINKING).filter(|s| *s > 0) else {
+        return true;
+    };
+    let (before, last) = passes.split_at(split);
+    let low = before.iter().min().copied().unwrap_or(u64::MAX);
+    last.iter().any(|p| *p < low)
+}
+
 /// Awaits a step again while a shard's bulkhead refused it as busy (nothing
 /// was sent), [`BUSY_RETRIES`] times at most, 50 ms more apart each time.
 macro_rules! unless_busy {
@@ -1002,8 +1011,47 @@ impl move_driver::Mover for RangeMove<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::caught_up;
+    use super::{NOT_SHRINKING, caught_up, converging};
+    use proptest::prelude::*;
     use std::time::Duration;
+
+    #[test]
+    fn passes_that_only_wander_have_stopped_converging() {
+        // Too few to say.
+        assert!(converging(&[]));
+        assert!(converging(&[900, 950, 990]));
+        // Each a third of the one before.
+        assert!(converging(&[9000, 3000, 1000, 330, 110]));
+        // Noisy, but a new low within the last three.
+        assert!(converging(&[9000, 6000, 7000, 6500, 5900]));
+        // A paced run's passes (measured): one shrinks a little now and
+        // then, none goes below the 4,959 before them.
+        assert!(!converging(&[
+            9246, 12847, 11622, 8849, 6444, 7592, 9277, 7115, 6919, 5749, 4959, 7400, 8903, 7851,
+            9424
+        ]));
+        // Settled and flat.
+        assert!(!converging(&[5000, 2000, 700, 700, 700, 700]));
+    }
+
+    proptest! {
+        #[test]
+        fn passes_converge_exactly_while_the_last_three_reach_a_new_low(
+            passes in prop::collection::vec(0u64..10_000, 0..30),
+        ) {
+            let n = passes.len();
+            let expected = n <= NOT_SHRINKING
+                || passes[n - NOT_SHRINKING..]
+                    .iter()
+                    .any(|p| passes[..n - NOT_SHRINKING].iter().all(|b| p < b));
+            prop_assert_eq!(converging(&passes), expected);
+            // Shrinking every time always converges.
+            let mut falling = passes.clone();
+            falling.sort_unstable_by(|a, b| b.cmp(a));
+            falling.dedup();
+            prop_assert!(converging(&falling));
+        }
+    }
 
     #[test]
     fn a_settled_range_fences_at_the_whole_hold_and_a_shrinking_one_at_half() {
