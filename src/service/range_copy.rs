@@ -355,15 +355,7 @@ impl RangeMove<'_> {
             let (copied, replayed) =
                 tokio::join!(copies, self.replay_behind(&d.behind, true, &mut pass));
             replayed?;
-            let (work, slowest) = copied?;
-            if work.chats > 0 {
-                self.sizer.took(slowest, self.aim());
-                self.rows_per_chat = work.rows as f64 / work.chats as f64;
-            }
-            pass.copied += work.chats;
-            pass.note(&work);
-            self.stats.chats_copied += work.chats;
-            self.stats.rows_copied += work.rows;
+            self.copied(copied?, &mut pass);
             pass.took = began.elapsed();
             return Ok(pass);
         }
@@ -377,24 +369,11 @@ impl RangeMove<'_> {
             while at < d.snapshot.len() && round.len() < lanes {
                 let ids: Vec<String> = d.snapshot[at..(at + n).min(d.snapshot.len())].to_vec();
                 at += ids.len();
-                round.push(self.copy_snapshot(ids));
+                round.push(ids);
             }
-            let mut work = Work::default();
-            let mut slowest = Duration::ZERO;
-            for done in futures_util::future::join_all(round).await {
-                let done = done?;
-                slowest = slowest.max(done.read).max(done.write);
-                work.add(done);
-            }
-            self.sizer.took(slowest, self.aim());
-            if work.chats > 0 {
-                self.rows_per_chat = work.rows as f64 / work.chats as f64;
-            }
-            pass.copied += work.chats;
-            pass.note(&work);
-            self.stats.chats_copied += work.chats;
-            self.stats.rows_copied += work.rows;
-            pass.paused += self.after_batch(fenced, work.revisions).await?;
+            let copied = copy_all(self.source.clone(), self.target.clone(), round, lanes).await?;
+            let revisions = self.copied(copied, &mut pass);
+            pass.paused += self.after_batch(fenced, revisions).await?;
         }
         self.replay_behind(&d.behind, fenced, &mut pass).await?;
         pass.took = began.elapsed();
@@ -580,9 +559,19 @@ impl RangeMove<'_> {
         Ok(paused)
     }
 
-    /// Copies `ids` whole (see [`copy_snapshot`]).
-    async fn copy_snapshot(&self, ids: Vec<String>) -> Result<Work, RangeStop> {
-        copy_snapshot(self.source.clone(), self.target.clone(), ids).await
+    /// Counts chats copied whole ([`copy_all`]'s work and slowest batch)
+    /// in the pass and the move, and sizes the next batches by them; the
+    /// revisions copied.
+    fn copied(&mut self, (work, slowest): (Work, Duration), pass: &mut Pass) -> u64 {
+        if work.chats > 0 {
+            self.sizer.took(slowest, self.aim());
+            self.rows_per_chat = work.rows as f64 / work.chats as f64;
+        }
+        pass.copied += work.chats;
+        pass.note(&work);
+        self.stats.chats_copied += work.chats;
+        self.stats.rows_copied += work.rows;
+        work.revisions
     }
 
     /// One read of the next events of every chat of `behind` (after its
