@@ -187,6 +187,12 @@ struct ServeArgs {
     /// join the fleet through it, as an instance of a fleet would.
     #[arg(long, requires = "dev")]
     redis: bool,
+    /// With --dev, each local server's InnoDB buffer pool
+    /// (`--innodb-buffer-pool-size`): a size with K, M or G, 16M to 64G. A
+    /// production shard's pool holds its working set; one smaller than the
+    /// data reads pages back from disk on every pass of a move or a purge.
+    #[arg(long, default_value = "512M", value_parser = parse_pool_size)]
+    shard_buffer_pool: String,
     /// Address to listen on (overrides the configuration).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -740,7 +746,10 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
         args.shards,
         args.replicas,
         Location::Persistent(args.data_dir.clone()),
-        &[],
+        &[format!(
+            "--innodb-buffer-pool-size={}",
+            args.shard_buffer_pool
+        )],
     )
     .await?;
     for schema in shards.schemas() {
@@ -781,6 +790,38 @@ async fn serve_dev(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// `--shard-buffer-pool`: digits and a unit (K, M or G; bytes without one),
+/// 16 MiB to 64 GiB, given back as `mariadbd` reads it.
+fn parse_pool_size(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => return Err(format!("{s:?}: the unit must be K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512M or 2G"))?;
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n);
+    match bytes {
+        Some(b) if ((16 << 20)..=(64 << 30)).contains(&b) => Ok(format!(
+            "{n}{}",
+            if shift == 0 {
+                String::new()
+            } else {
+                unit.to_string()
+            }
+        )),
+        _ => Err(format!("{s:?}: the buffer pool must be 16M to 64G")),
+    }
+}
+
 /// A random admin token for `serve --dev`: 32 hex characters.
 fn generate_token() -> String {
     use rand::Rng;
@@ -815,4 +856,29 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pool_size;
+
+    #[test]
+    fn a_buffer_pool_size_is_read_as_mariadbd_reads_it_and_bounded() {
+        assert_eq!(parse_pool_size("512M").as_deref(), Ok("512M"));
+        assert_eq!(parse_pool_size("2g").as_deref(), Ok("2G"));
+        assert_eq!(parse_pool_size("16777216").as_deref(), Ok("16777216"));
+        assert_eq!(parse_pool_size("65536K").as_deref(), Ok("65536K"));
+        for bad in [
+            "",
+            "M",
+            "8M",
+            "65G",
+            "1T",
+            "-1G",
+            "1.5G",
+            "99999999999999999999G",
+        ] {
+            assert!(parse_pool_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

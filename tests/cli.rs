@@ -2,6 +2,7 @@
 //! client meet it: the real binary, its own local shard, raw sockets.
 //!
 //! - a configured admin token is never printed; a generated one is;
+//! - `--shard-buffer-pool` reaches the local `mariadbd`;
 //! - a second `serve --dev` on the same directory stops at once, in one line,
 //!   naming the process that holds it;
 //! - a client that never finishes its headers, sits idle after a request, or
@@ -41,7 +42,15 @@ impl Serve {
             .expect("free port")
             .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatshard"))
-            .args(["serve", "--dev", "--shards", "1", "--listen"])
+            .args([
+                "serve",
+                "--dev",
+                "--shards",
+                "1",
+                "--shard-buffer-pool",
+                "32M",
+            ])
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(dir)
@@ -169,6 +178,27 @@ fn serve_dev_from_outside() {
         "a configured token was printed: {:?}",
         serve.seen
     );
+
+    // The buffer pool asked for is the local server's.
+    let url = serve
+        .seen
+        .iter()
+        .find_map(|l| Some(l.trim().strip_prefix("shard-0 (")?.split_once(')')?.0))
+        .unwrap_or_else(|| panic!("no line names shard-0's URL: {:?}", serve.seen))
+        .to_owned();
+    let pool: u64 = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&url)
+                .await
+                .expect("connect to the local shard");
+            sqlx::query_scalar("SELECT @@innodb_buffer_pool_size")
+                .fetch_one(&mut conn)
+                .await
+                .expect("read the buffer pool size")
+        });
+    assert_eq!(pool, 32 << 20, "the local shard's buffer pool");
 
     // A second serve --dev on the same directory: at once, one line.
     let started = Instant::now();
