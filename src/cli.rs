@@ -191,7 +191,7 @@ struct ServeArgs {
     /// (`--innodb-buffer-pool-size`): a size with K, M or G, 16M to 64G. A
     /// production shard's pool holds its working set; one smaller than the
     /// data reads pages back from disk on every pass of a move or a purge.
-    #[arg(long, default_value = "512M", value_parser = parse_pool_size)]
+    #[arg(long, default_value = "512M", requires = "dev", value_parser = parse_pool_size)]
     shard_buffer_pool: String,
     /// Address to listen on (overrides the configuration).
     #[arg(long)]
