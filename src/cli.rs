@@ -809,15 +809,13 @@ fn parse_pool_size(s: &str) -> Result<String, String> {
         .parse()
         .map_err(|_| format!("{s:?}: expected a size such as 512M or 2G"))?;
     let bytes = n.checked_shl(shift).filter(|b| b >> shift == n);
+    let unit = if shift == 0 {
+        String::new()
+    } else {
+        unit.to_string()
+    };
     match bytes {
-        Some(b) if ((16 << 20)..=(64 << 30)).contains(&b) => Ok(format!(
-            "{n}{}",
-            if shift == 0 {
-                String::new()
-            } else {
-                unit.to_string()
-            }
-        )),
+        Some(b) if ((16 << 20)..=(64 << 30)).contains(&b) => Ok(format!("{n}{unit}")),
         _ => Err(format!("{s:?}: the buffer pool must be 16M to 64G")),
     }
 }
